@@ -1,0 +1,347 @@
+"""
+GPT-2 in plain PyTorch, read top to bottom.
+
+    token ids -> token + position embeddings -> n_layer x Block -> final LayerNorm -> lm_head -> logits
+
+A Block is pre-norm attention followed by a pre-norm MLP, each added back onto the residual stream
+(Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", §2.3). Every projection
+that LoRA may adapt is its own `nn.Linear` with a stable name:
+
+    transformer.h[i].attn.q_proj   query       (n_embd -> n_embd)
+    transformer.h[i].attn.k_proj   key         (n_embd -> n_embd)
+    transformer.h[i].attn.v_proj   value       (n_embd -> n_embd)
+    transformer.h[i].attn.o_proj   attn output (n_embd -> n_embd)
+    transformer.h[i].mlp.fc_in     MLP up      (n_embd -> 4 n_embd)
+    transformer.h[i].mlp.fc_out    MLP down    (4 n_embd -> n_embd)
+
+OpenAI's checkpoint fuses q, k and v into one `c_attn` and stores weights transposed (a "Conv1D");
+`GPT.from_pretrained` undoes both in a few lines.
+"""
+
+import json
+import math
+import os
+import urllib.request
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the position table covers
+    vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+
+
+class KVCache:
+    """Keys and values of every token already processed, one (k, v) pair per layer.
+
+    Generating token t+1 only needs the new token's query against all earlier keys and values;
+    keeping them means each step costs O(T) instead of recomputing the whole O(T^2) prefix."""
+
+    def __init__(self, n_layer):
+        self.keys = [None] * n_layer
+        self.values = [None] * n_layer
+
+    def __len__(self):
+        return self.length(-1)  # the last layer is updated last, so it never counts a half-done step
+
+    def length(self, layer):
+        return 0 if self.keys[layer] is None else self.keys[layer].size(2)
+
+    def update(self, layer, k, v):
+        """Append this step's (B, n_head, T, head_size) keys and values; return all of them."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head scaled dot-product attention, softmax(QK^T / sqrt(d_k)) V, where each position sees
+    only itself and the positions before it (Vaswani et al. 2017, §3.2)."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.shape
+        # (B, T, C) -> (B, n_head, T, head_size): each head attends in its own subspace
+        q = self.q_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length(self.layer_idx)
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        dropout = self.dropout if self.training else 0.0
+        if past == 0:  # plain causal attention over the T new tokens
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:  # one new token may look at everything in the cache
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:  # several new tokens after a cached prefix: new token i sees the past and new tokens <= i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.o_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: up to 4x width, GELU, back down (Vaswani et al. §3.3)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc_in = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.fc_out = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2 uses the tanh approximation of GELU; the exact erf form differs by ~1e-3
+        return self.dropout(self.fc_out(F.gelu(self.fc_in(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """x + attn(ln(x)), then x + mlp(ln(x)): GPT-2 moved LayerNorm to each sub-block's input."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+PRETRAINED = {  # name -> (n_layer, n_head, n_embd); all share block_size 1024 and vocab 50257
+    "gpt2": (12, 12, 768),  # 124M
+    "gpt2-medium": (24, 16, 1024),  # 355M
+    "gpt2-large": (36, 20, 1280),  # 774M
+    "gpt2-xl": (48, 25, 1600),  # 1558M
+}
+HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017): reading a token in and writing it out share one matrix.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 §2.3: scale the init of layers that write into the residual stream by 1/sqrt(N),
+        # N = 2 n_layer residual additions, so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("o_proj.weight") or name.endswith("fc_out.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=False):
+        """Parameter count (the tied lm_head is counted once, as wte)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def hidden_states(self, idx, kv_cache=None):
+        """(B, T) token ids -> (B, T, n_embd) final-LayerNorm outputs, the input to any head."""
+        B, T = idx.shape
+        past = len(kv_cache) if kv_cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {past + T} tokens is longer than block_size={self.config.block_size}; "
+                f"crop the input to its last {self.config.block_size - past} tokens or use a model with a larger block_size"
+            )
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """Logits for every position, (B, T, vocab_size); with targets, also the mean cross-entropy
+        of predicting targets[:, t] from idx[:, :t+1], ignoring targets equal to -100."""
+        logits = self.lm_head(self.hidden_states(idx, kv_cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None, use_cache=True, generator=None):
+        """Extend each row of idx (B, T) by up to max_new_tokens sampled tokens. temperature=0 is greedy.
+        With eos_token_id, a row that emits it stops (later positions repeat eos) and generation ends
+        once every row has. The KV cache gives the same tokens as recomputing the whole prefix."""
+        cache = KVCache(self.config.n_layer) if use_cache else None
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        new_tokens = idx
+        for _ in range(max_new_tokens):
+            if cache is not None and len(cache) + new_tokens.size(1) > self.config.block_size:
+                cache = None  # the window has to slide: positions shift, so the cache is no longer valid
+            if cache is None:
+                logits, _ = self(idx[:, -self.config.block_size :])
+            else:
+                logits, _ = self(new_tokens, kv_cache=cache)
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                next_token = torch.where(finished[:, None], torch.full_like(next_token, eos_token_id), next_token)
+                finished |= next_token[:, 0] == eos_token_id
+            idx = torch.cat([idx, next_token], dim=1)
+            new_tokens = next_token
+            if eos_token_id is not None and finished.all():
+                break
+        return idx
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, cache_dir=None):
+        """OpenAI's GPT-2 weights: a name in PRETRAINED (downloaded once from the Hugging Face hub) or a
+        local directory holding an HF-format config.json and model.safetensors (no network)."""
+        from safetensors.torch import load_file
+
+        if os.path.isdir(name_or_path):
+            directory = name_or_path
+        elif name_or_path in PRETRAINED:
+            directory = download_pretrained(name_or_path, cache_dir)
+        else:
+            raise ValueError(
+                f"unknown model {name_or_path!r}: use one of {', '.join(PRETRAINED)} "
+                f"or a directory containing config.json and model.safetensors"
+            )
+        for file in ("config.json", "model.safetensors"):
+            if not os.path.isfile(os.path.join(directory, file)):
+                raise FileNotFoundError(f"{directory} has no {file}; an HF GPT-2 directory needs config.json and model.safetensors")
+        with open(os.path.join(directory, "config.json")) as f:
+            hf = json.load(f)
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+        model = cls(config)
+        model.load_weights(hf_to_ours(load_file(os.path.join(directory, "model.safetensors")), config.n_layer))
+        return model
+
+    def load_weights(self, state_dict):
+        """load_state_dict that names the first missing, unexpected or wrongly shaped tensor."""
+        ours = self.state_dict()
+        ours.pop("lm_head.weight")  # tied to transformer.wte.weight
+        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+        missing = [k for k in ours if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in ours]
+        if missing:
+            raise KeyError(f"checkpoint is missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+        if unexpected:
+            raise KeyError(f"checkpoint has unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all); is it for another model?")
+        for k, v in state_dict.items():
+            if v.shape != ours[k].shape:
+                raise ValueError(f"tensor {k!r} has shape {tuple(v.shape)} in the checkpoint but {tuple(ours[k].shape)} in the model")
+        self.load_state_dict(state_dict, strict=False)
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token id per row of (B, vocab) logits.
+    temperature: divide logits before softmax (<1 sharper, >1 flatter, 0 = argmax).
+    top_k: keep only the k most likely tokens. top_p (nucleus sampling, Holtzman et al. 2019 §3.1):
+    keep the smallest set of most-likely tokens whose probabilities sum to at least p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked above it already reach p (the top token always stays)
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+
+
+def hf_to_ours(hf, n_layer):
+    """Map an HF GPT-2 state dict onto GPT's names. HF's Conv1D stores weights as (in, out), the
+    transpose of nn.Linear, and fuses q, k, v into one c_attn of width 3 n_embd."""
+    hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
+    sd = {f"transformer.{k}": hf[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    for i in range(n_layer):
+        h, ours = f"h.{i}.", f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            sd[ours + ln + ".weight"], sd[ours + ln + ".bias"] = hf[h + ln + ".weight"], hf[h + ln + ".bias"]
+        q, k, v = hf[h + "attn.c_attn.weight"].t().chunk(3, dim=0)
+        qb, kb, vb = hf[h + "attn.c_attn.bias"].chunk(3)
+        for name, w, b in (("q_proj", q, qb), ("k_proj", k, kb), ("v_proj", v, vb)):
+            sd[ours + f"attn.{name}.weight"], sd[ours + f"attn.{name}.bias"] = w.contiguous(), b
+        for hf_name, name in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.fc_in"), ("mlp.c_proj", "mlp.fc_out")):
+            sd[ours + name + ".weight"] = hf[h + hf_name + ".weight"].t().contiguous()
+            sd[ours + name + ".bias"] = hf[h + hf_name + ".bias"]
+    return sd
+
+
+def default_cache_dir():
+    return os.environ.get("NANOQLORA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanoqlora"))
+
+
+def download_pretrained(name, cache_dir=None, url_template=HF_URL):
+    """Fetch config.json and model.safetensors of openai-community/<name> into cache_dir/<name>."""
+    directory = os.path.join(cache_dir or default_cache_dir(), name)
+    os.makedirs(directory, exist_ok=True)
+    for file in ("config.json", "model.safetensors"):
+        download_file(url_template.format(name=name, file=file), os.path.join(directory, file))
+    return directory
+
+
+def download_file(url, path):
+    """Download url to path with a progress bar. The bytes go to path + '.part' and are renamed only
+    once their count matches the server's Content-Length, so an interrupted download is never loaded."""
+    if os.path.exists(path):
+        return path
+    from tqdm import tqdm
+
+    partial = path + ".part"
+    with urllib.request.urlopen(url, timeout=60) as response:
+        expected = response.headers.get("Content-Length")
+        expected = int(expected) if expected is not None else None
+        received = 0
+        with open(partial, "wb") as f, tqdm(total=expected, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    if expected is not None and received != expected:
+        os.remove(partial)
+        raise IOError(f"download of {url} stopped at {received} of {expected} bytes; run again to retry")
+    os.replace(partial, path)
+    return path
