@@ -1,0 +1,115 @@
+"""
+Instruction data: Alpaca-style prompts, dataset loading, and the collate function that pads and masks.
+
+An example {"instruction", "input", "output"} becomes one token sequence
+
+    prompt(instruction, input) + output + <|endoftext|>
+
+and the model learns to continue a prompt with its response and then stop. Targets are the inputs shifted by
+one; padding positions get the target -100, which cross-entropy ignores. With mask_prompt the prompt's positions
+get -100 too, so the loss (and the gradient) comes only from the response (compare both with --mask_prompt).
+"""
+
+import json
+import os
+
+import torch
+
+PROMPT_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+
+DATASETS = {  # name -> (canonical URL, file name under data/downloads)
+    "instruction-data": (
+        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json",
+        "instruction-data.json",
+    ),
+    "alpaca": ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json", "alpaca_data.json"),
+}
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+EMBEDDED_PATH = os.path.join(REPO_DIR, "data", "instructions.json")
+DOWNLOAD_DIR = os.path.join(REPO_DIR, "data", "downloads")
+
+
+def format_prompt(example):
+    """The Alpaca prompt (Taori et al. 2023), with the '### Input:' section only when there is an input."""
+    prompt = f"{PROMPT_HEADER}\n\n### Instruction:\n{example['instruction']}"
+    if example.get("input"):
+        prompt += f"\n\n### Input:\n{example['input']}"
+    return prompt + "\n\n### Response:\n"
+
+
+def validate_examples(examples, source):
+    """Raise a ValueError naming the first malformed entry."""
+    if not isinstance(examples, list) or not examples:
+        raise ValueError(f"{source}: expected a non-empty JSON list of {{'instruction', 'input', 'output'}} objects")
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, dict):
+            raise ValueError(f"{source}: entry {i} is a {type(ex).__name__}, expected an object with 'instruction' and 'output'")
+        for key in ("instruction", "output"):
+            if not isinstance(ex.get(key), str) or not ex[key].strip():
+                raise ValueError(f"{source}: entry {i} has no non-empty string '{key}': {json.dumps(ex)[:200]}")
+        if not isinstance(ex.get("input", ""), str):
+            raise ValueError(f"{source}: entry {i} has an 'input' that is not a string: {json.dumps(ex)[:200]}")
+    return examples
+
+
+def dataset_path(name):
+    """Local path of a dataset: 'embedded' ships with the repo, a DATASETS name is downloaded once, else a file path."""
+    if name == "embedded":
+        return EMBEDDED_PATH
+    if name in DATASETS:
+        from model import download_file
+
+        url, filename = DATASETS[name]
+        os.makedirs(DOWNLOAD_DIR, exist_ok=True)
+        return download_file(url, os.path.join(DOWNLOAD_DIR, filename))
+    if os.path.isfile(name):
+        return name
+    raise ValueError(f"unknown dataset {name!r}: use 'embedded', {', '.join(repr(d) for d in DATASETS)} or a path to an Alpaca-format .json file")
+
+
+def load_examples(name):
+    path = dataset_path(name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            examples = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); expected a list of {{'instruction', 'input', 'output'}} objects") from e
+    return validate_examples(examples, path)
+
+
+def split_examples(examples, train_frac=0.85, val_frac=0.05):
+    """The fixed split, in file order: first 85% train, next 5% validation, last 10% test."""
+    n_train = int(len(examples) * train_frac)
+    n_val = int(len(examples) * val_frac)
+    return examples[:n_train], examples[n_train : n_train + n_val], examples[n_train + n_val :]
+
+
+def tokenize_examples(examples, tokenizer, max_length):
+    """Each example -> (token ids, prompt length). Examples longer than max_length tokens are dropped (cutting
+    one would cut its response and its end-of-text token); returns (kept, number dropped)."""
+    kept, dropped = [], 0
+    for ex in examples:
+        prompt = tokenizer.encode(format_prompt(ex))
+        ids = prompt + tokenizer.encode(ex["output"]) + [tokenizer.eot_token]
+        if len(ids) > max_length:
+            dropped += 1
+        else:
+            kept.append((ids, len(prompt)))
+    return kept, dropped
+
+
+def collate(batch, pad_token, mask_prompt=False, ignore_index=-100):
+    """A list of (ids, prompt_length) -> (inputs, targets), each (B, longest - 1).
+    inputs are ids[:-1] padded with pad_token; targets are ids[1:] padded with ignore_index. With mask_prompt the
+    targets that are still prompt tokens become ignore_index: position t predicts token t+1, so the first kept target
+    is the first response token, predicted from the last prompt token."""
+    width = max(len(ids) for ids, _ in batch) - 1
+    inputs = torch.full((len(batch), width), pad_token, dtype=torch.long)
+    targets = torch.full((len(batch), width), ignore_index, dtype=torch.long)
+    for row, (ids, prompt_length) in enumerate(batch):
+        ids = torch.tensor(ids, dtype=torch.long)
+        inputs[row, : len(ids) - 1] = ids[:-1]
+        targets[row, : len(ids) - 1] = ids[1:]
+        if mask_prompt:
+            targets[row, : prompt_length - 1] = ignore_index
+    return inputs, targets

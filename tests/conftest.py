@@ -1,0 +1,33 @@
+"""Shared test setup: import the repo's modules, find ../shared offline, never touch the network."""
+import os
+import socket
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+TIKTOKEN_CACHE = os.path.join(SHARED, "tiktoken_cache")
+if os.path.isdir(TIKTOKEN_CACHE):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def shared_data(name):
+    """Path of a reference file in ../shared/data, or skip the test when this checkout has none."""
+    path = os.path.join(SHARED, "data", name)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not present")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test instead of reaching out."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("tests must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

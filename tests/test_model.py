@@ -1,0 +1,147 @@
+"""model.py against Hugging Face's GPT2LMHeadModel, plus the KV cache, sampling, loading and its errors."""
+import io
+import os
+
+import pytest
+import torch
+
+import model as model_module
+from model import GPT, GPTConfig, KVCache, download_file, sample_next_token
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A randomly initialised HF GPT-2 (3 layers, GPT-2's vocabulary) saved as config.json + model.safetensors."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=3, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    directory = tmp_path_factory.mktemp("hf_gpt2")
+    hf.save_pretrained(directory, safe_serialization=True)
+    return str(directory), hf
+
+
+def test_logits_and_loss_match_hf(hf_dir):
+    directory, hf = hf_dir
+    ours = GPT.from_pretrained(directory).eval()
+    idx = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = hf(idx, labels=idx)
+        targets = torch.cat([idx[:, 1:], torch.full((2, 1), -100)], dim=1)  # HF shifts labels internally
+        logits, loss = ours(idx, targets)
+    assert logits.shape == (2, 40, 50257)
+    assert (logits - theirs.logits).abs().max().item() <= 1e-4
+    assert abs(loss.item() - theirs.loss.item()) <= 1e-5
+
+
+def test_greedy_generation_matches_hf_and_cache_matches_no_cache(hf_dir):
+    directory, hf = hf_dir
+    ours = GPT.from_pretrained(directory).eval()
+    prompt = torch.randint(0, 50257, (2, 7), generator=torch.Generator().manual_seed(2))
+    cached = ours.generate(prompt, 30, temperature=0)
+    uncached = ours.generate(prompt, 30, temperature=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assert torch.equal(cached, theirs)
+
+
+def test_cache_chunked_prefill_equals_full_forward():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
+    idx = torch.randint(0, 50, (1, 20))
+    full, _ = model(idx)
+    cache = KVCache(2)
+    first, _ = model(idx[:, :8], kv_cache=cache)
+    second, _ = model(idx[:, 8:15], kv_cache=cache)  # several new tokens after a cached prefix
+    third, _ = model(idx[:, 15:16], kv_cache=cache)
+    assert torch.allclose(torch.cat([first, second, third], dim=1), full[:, :16], atol=1e-5)
+
+
+def test_cached_generation_past_block_size_equals_uncached():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
+    prompt = torch.randint(0, 50, (1, 10))
+    assert torch.equal(model.generate(prompt, 20, temperature=0), model.generate(prompt, 20, temperature=0, use_cache=False))
+
+
+def test_generation_stops_at_eos():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=20, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt = torch.zeros((1, 3), dtype=torch.long)
+    greedy = model.generate(prompt, 10, temperature=0)
+    eos = greedy[0, 5].item()  # whatever the model emits third becomes the stop token
+    stopped = model.generate(prompt, 10, temperature=0, eos_token_id=eos)
+    first_eos = (greedy[0, 3:] == eos).nonzero()[0].item() + 3
+    assert stopped.size(1) == first_eos + 1 and stopped[0, -1].item() == eos
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]])
+    assert sample_next_token(logits, temperature=0).item() == 1
+    g = torch.Generator().manual_seed(0)
+    drawn = {sample_next_token(logits, top_k=2, generator=g).item() for _ in range(200)}
+    assert drawn == {1, 3}
+    # probabilities ~ [.03, .64, .09, .23, .01]: top_p=0.8 keeps tokens 1 and 3 (0.64 < 0.8 <= 0.87)
+    drawn = {sample_next_token(logits, top_p=0.8, generator=g).item() for _ in range(200)}
+    assert drawn == {1, 3}
+    assert {sample_next_token(logits, top_p=0.01, generator=g).item() for _ in range(50)} == {1}
+
+
+def test_too_long_sequence_is_a_clear_error():
+    model = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ValueError, match="longer than block_size=8"):
+        model(torch.zeros((1, 9), dtype=torch.long))
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ValueError, match="gpt2, gpt2-medium, gpt2-large, gpt2-xl"):
+        GPT.from_pretrained("gpt3")
+
+
+def test_missing_or_wrong_tensor_is_named():
+    model = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=2, n_head=1, n_embd=8))
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    broken = dict(state)
+    del broken["transformer.h.1.attn.v_proj.weight"]
+    with pytest.raises(KeyError, match="transformer.h.1.attn.v_proj.weight"):
+        model.load_weights(broken)
+    broken = dict(state, **{"transformer.h.0.mlp.fc_in.bias": torch.zeros(5)})
+    with pytest.raises(ValueError, match=r"transformer.h.0.mlp.fc_in.bias.*\(5,\).*\(32,\)"):
+        model.load_weights(broken)
+    with pytest.raises(KeyError, match="transformer.h.7.ln_1.weight"):
+        model.load_weights(dict(state, **{"transformer.h.7.ln_1.weight": torch.zeros(8)}))
+
+
+def test_download_then_load_offline_from_file_urls(hf_dir, tmp_path, monkeypatch):
+    """The real download path, fed from local files: pretend the hub lives in hf_dir."""
+    directory, hf = hf_dir
+    monkeypatch.setattr(model_module, "HF_URL", "file://" + directory + "/{file}")
+    ours = GPT.from_pretrained("gpt2", cache_dir=str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "gpt2")) == ["config.json", "model.safetensors"]
+    idx = torch.randint(0, 50257, (1, 10))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max() <= 1e-4
+
+
+def test_interrupted_download_is_never_kept(tmp_path, monkeypatch):
+    class Truncated(io.BytesIO):
+        headers = {"Content-Length": "100"}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+    monkeypatch.setattr(model_module.urllib.request, "urlopen", lambda url, timeout: Truncated(b"x" * 60))
+    target = tmp_path / "model.safetensors"
+    with pytest.raises(IOError, match="stopped at 60 of 100 bytes"):
+        download_file("https://example.invalid/model.safetensors", str(target))
+    assert not target.exists() and not (tmp_path / "model.safetensors.part").exists()
+
+
+def test_weight_tying_and_parameter_count():
+    model = GPT(GPTConfig())  # GPT-2 124M
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.num_params() == 124_439_808
