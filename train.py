@@ -66,6 +66,7 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0 = off)"})
     # evaluation, logging, checkpoints
     eval_interval: int = field(default=0, metadata={"help": "evaluate and checkpoint every N steps (0 = 10 times per run)"})
+    eval_batches: int = field(default=0, metadata={"help": "validation batches per evaluation (0 = the whole validation split)"})
     num_samples: int = field(default=3, metadata={"help": "held-out instructions answered before and after fine-tuning"})
     max_new_tokens: int = field(default=80, metadata={"help": "tokens generated per answer"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt (same seed: same trajectory)"})
@@ -316,15 +317,6 @@ def learning_rate(step, cfg):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - min_lr)
 
 
-def count_parameters(model):
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    for buffer_name, b in model.named_buffers():  # 4-bit weights are buffers: count their parameters too
-        if buffer_name.endswith("packed"):
-            total += b.numel() * 2
-    return trainable, total
-
-
 def training_state_bytes(model, optimizer):
     """Bytes of trainable parameters' gradients and optimizer state plus all weights: what training must hold."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
@@ -416,6 +408,8 @@ def train(cfg):
         data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt)
     data.grad_accum = cfg.grad_accum
     optimizer = make_optimizer(model, cfg)
+    from lora import count_parameters
+
     trainable, total = count_parameters(model)
     print(f"{mode}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%) on {device}; {data.describe()}")
 
@@ -432,6 +426,7 @@ def train(cfg):
         print(f"resumed from {ckpt_path} at step {start}")
     run_model = torch.compile(model) if cfg.compile else model
     val_batches = data.val_batches(cfg.batch_size)
+    val_batches = val_batches[: cfg.eval_batches] if cfg.eval_batches else val_batches
 
     if not before:  # measured once, before the first step, and carried through resumes
         before["val_loss"] = evaluate(model, val_batches, device)
@@ -515,7 +510,7 @@ def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, bef
         from lora import save_adapter
 
         ckpt["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        save_adapter(model, os.path.join(os.path.dirname(path), "adapter.safetensors"))
+        save_adapter(model, os.path.dirname(path))  # adapter_model.safetensors + adapter_config.json
     else:
         ckpt["model"] = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_atomic(ckpt, path)
@@ -526,17 +521,24 @@ def answer_prompt(cfg):
     from tokenizer import get_tokenizer
 
     device = pick_device(cfg.device)
-    init_from = cfg.init_from
+    init_from, trained_as = cfg.init_from, None
     if cfg.adapter:
         summary_path = os.path.join(cfg.adapter, "summary.json")
-        if os.path.isfile(summary_path) and init_from == "tiny":
+        if os.path.isfile(summary_path):
             with open(summary_path) as f:
-                init_from = json.load(f)["init_from"]  # the base the adapter was trained on
+                summary = json.load(f)
+            init_from = summary["init_from"] if init_from == "tiny" else init_from  # the base the adapter was trained on
+            trained_as = summary["finetune"]
     model, tokenizer_name = load_base_model(init_from, device)
     if cfg.adapter:
         from lora import load_adapter
 
-        load_adapter(model, os.path.join(cfg.adapter, "adapter.safetensors"))
+        if trained_as == "qlora":  # the adapter learned to correct a 4-bit base: give it that base
+            from quantize import quantize_model
+
+            quantize_model(model)
+
+        load_adapter(model, cfg.adapter)
     model.eval()
     print(answer(model, get_tokenizer(tokenizer_name), cfg.prompt, device, cfg.max_new_tokens))
 

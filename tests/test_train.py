@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_pretrain_config(out_dir, **overrides):
     settings = dict(init_from="scratch", dataset="stdlib", out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=64,
-                    batch_size=8, max_iters=30, eval_interval=10, learning_rate=3e-3, progress=False, device="cpu")
+                    batch_size=8, max_iters=30, eval_interval=10, eval_batches=4, learning_rate=3e-3, progress=False, device="cpu")
     settings.update(overrides)
     return resolve_defaults(TrainConfig(**settings))
 
@@ -76,3 +76,80 @@ def test_bad_combinations_are_clear_errors():
         train.check_config(TrainConfig(init_from="scratch", dataset="embedded"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train.load_checkpoint_model("/nonexistent/ckpt.pt")
+
+
+# ------------------------------------------------------------------------------------- instruction fine-tuning
+
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory):
+    """A small byte-level base, pretrained for a few steps, with room for Alpaca prompts (384 bytes)."""
+    out = tmp_path_factory.mktemp("base")
+    train.train(tiny_pretrain_config(out, n_embd=48, block_size=384, max_iters=25, eval_interval=25))
+    return str(out)
+
+
+def finetune_config(base, out_dir, **overrides):
+    settings = dict(init_from=base, dataset="embedded", out_dir=str(out_dir), lora_rank=4, lora_alpha=8, batch_size=8, max_iters=15,
+                    eval_interval=15, eval_batches=3, learning_rate=3e-3, num_samples=2, max_new_tokens=24, progress=False, device="cpu")
+    settings.update(overrides)
+    return resolve_defaults(TrainConfig(**settings))
+
+
+def test_lora_finetuning_lowers_loss_saves_only_the_adapter_and_reloads(small_base, tmp_path, capsys):
+    summary = train.train(finetune_config(small_base, tmp_path))
+    assert summary["finetune"] == "lora" and summary["val_loss_after"] < summary["val_loss_before"]
+    for key in ("init_from", "lora_rank", "lora_alpha", "lora_targets", "trainable_params", "total_params", "train_examples",
+                "val_loss_before", "val_loss_after", "seconds", "peak_memory_bytes"):
+        assert summary[key] is not None, key
+    # rank 4 on q and v of 2 layers, 48 wide: 2 layers x 2 targets x (4x48 + 48x4)
+    assert summary["trainable_params"] == 2 * 2 * (4 * 48 + 48 * 4)
+    import torch
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert "model" not in ckpt and all("lora_" in k for k in ckpt["trainable"])
+    assert (tmp_path / "adapter_model.safetensors").stat().st_size < 20_000
+
+    samples = json.load(open(tmp_path / "samples.json"))
+    capsys.readouterr()
+    train.answer_prompt(TrainConfig(adapter=str(tmp_path), prompt=samples[0]["instruction"], max_new_tokens=24, device="cpu"))
+    assert capsys.readouterr().out.strip() == samples[0]["after"]
+
+
+def test_qlora_trains_only_adapters(small_base, tmp_path):
+    import torch
+
+    from quantize import Linear4bit
+
+    cfg = finetune_config(small_base, tmp_path, quantize="nf4", max_iters=6, eval_interval=6)
+    model, _, mode = train.prepare_model(cfg, "cpu")
+    assert mode == "qlora" and any(isinstance(m, Linear4bit) for m in model.modules())
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    summary = train.train(cfg)
+    assert summary["finetune"] == "qlora" and summary["trainable_params"] == 2 * 2 * (4 * 48 + 48 * 4)
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+
+
+def test_full_finetuning_trains_everything(small_base, tmp_path):
+    summary = train.train(finetune_config(small_base, tmp_path, finetune="full", max_iters=4, eval_interval=4, learning_rate=3e-4))
+    assert summary["finetune"] == "full" and summary["trainable_params"] == summary["total_params"]
+
+
+def test_lora_resume_continues_the_identical_trajectory(small_base, tmp_path, monkeypatch):
+    import csv
+
+    common = dict(max_iters=8, eval_interval=4, lora_dropout=0.1)
+    train.train(finetune_config(small_base, tmp_path / "straight", **common))
+    real_save = train.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(finetune_config(small_base, tmp_path / "resumed", **common))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.train(finetune_config(small_base, tmp_path / "resumed", resume=True, **common))
+    losses = lambda d: [float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / d / "log.csv"))]
+    assert len(losses("resumed")) == 8 and losses("resumed") == losses("straight")

@@ -1,0 +1,73 @@
+"""instructions.py: the prompt format, the collate function's padding and masking, loading and its errors."""
+import json
+
+import pytest
+import torch
+
+from conftest import shared_data
+from instructions import collate, format_prompt, load_examples, split_examples, tokenize_examples, validate_examples
+from tokenizer import ByteTokenizer
+
+
+def test_prompt_format_with_and_without_input():
+    with_input = format_prompt({"instruction": "Translate.", "input": "chat", "output": "cat"})
+    assert with_input.endswith("### Instruction:\nTranslate.\n\n### Input:\nchat\n\n### Response:\n")
+    without = format_prompt({"instruction": "Name a colour.", "input": "", "output": "Red."})
+    assert "### Input:" not in without and without.endswith("### Instruction:\nName a colour.\n\n### Response:\n")
+
+
+def test_collate_pads_and_masks_exactly():
+    # two sequences: [prompt 1 2 3 | response 4 5 | eot 9] and [prompt 6 7 | response 8 | eot 9]
+    batch = [([1, 2, 3, 4, 5, 9], 3), ([6, 7, 8, 9], 2)]
+    inputs, targets = collate(batch, pad_token=9)
+    assert torch.equal(inputs, torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 9]]))
+    assert torch.equal(targets, torch.tensor([[2, 3, 4, 5, 9], [7, 8, 9, -100, -100]]))
+    inputs, targets = collate(batch, pad_token=9, mask_prompt=True)
+    assert torch.equal(inputs, torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 9]]))
+    # targets that are still prompt tokens (2, 3 and 7) are ignored; the first response token is still predicted
+    assert torch.equal(targets, torch.tensor([[-100, -100, 4, 5, 9], [-100, 8, 9, -100, -100]]))
+
+
+def test_tokenize_drops_overlong_examples_with_a_count():
+    tok = ByteTokenizer()
+    examples = [{"instruction": "Say hi.", "input": "", "output": "Hi."}, {"instruction": "x" * 500, "input": "", "output": "y"}]
+    kept, dropped = tokenize_examples(examples, tok, max_length=200)
+    assert dropped == 1 and len(kept) == 1
+    ids, prompt_length = kept[0]
+    assert tok.decode(ids[:prompt_length]) == format_prompt(examples[0])
+    assert ids[prompt_length:] == tok.encode("Hi.") + [tok.eot_token]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], "entry 1 has no non-empty string 'output'"),
+    ([{"instruction": "a", "output": "b", "input": 3}], "entry 0 has an 'input' that is not a string"),
+    (["just text"], "entry 0 is a str"),
+    ([], "non-empty JSON list"),
+])
+def test_malformed_entries_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        validate_examples(bad, "test.json")
+
+
+def test_bad_dataset_names_and_files(tmp_path):
+    with pytest.raises(ValueError, match="'embedded', 'instruction-data', 'alpaca'"):
+        load_examples("no-such-dataset")
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{]")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_examples(str(broken))
+
+
+def test_embedded_set_split():
+    train, val, test = split_examples(load_examples("embedded"))
+    assert len(train) + len(val) + len(test) >= 500
+    assert len(val) > 0 and len(test) > len(val)
+
+
+def test_real_instruction_set_loads_and_splits():
+    examples = load_examples(shared_data("instruction-data.json"))
+    assert len(examples) == 1100
+    train, val, test = split_examples(examples)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    kept, dropped = tokenize_examples(train, ByteTokenizer(), max_length=513)
+    assert len(kept) + dropped == 935 and dropped < 935 * 0.2
