@@ -314,12 +314,12 @@ def default_cache_dir():
     return os.environ.get("NANOQLORA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanoqlora"))
 
 
-def download_pretrained(name, cache_dir=None, url_template=HF_URL):
+def download_pretrained(name, cache_dir=None):
     """Fetch config.json and model.safetensors of openai-community/<name> into cache_dir/<name>."""
     directory = os.path.join(cache_dir or default_cache_dir(), name)
     os.makedirs(directory, exist_ok=True)
     for file in ("config.json", "model.safetensors"):
-        download_file(url_template.format(name=name, file=file), os.path.join(directory, file))
+        download_file(HF_URL.format(name=name, file=file), os.path.join(directory, file))
     return directory
 
 
