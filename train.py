@@ -329,12 +329,10 @@ def training_state_bytes(model, optimizer):
 
 
 def plot_losses(rows, path, title):
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: works headless and leaves a notebook's backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
     ax.plot([r["iter"] for r in rows], [r["train_loss"] for r in rows], label="train", alpha=0.6)
     evals = [r for r in rows if r["val_loss"] != ""]
     ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
@@ -344,7 +342,6 @@ def plot_losses(rows, path, title):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
     os.replace(path + ".tmp.png", path)
 
 

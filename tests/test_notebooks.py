@@ -15,6 +15,7 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
 def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("NANOQLORA_SMALL", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel is one more process on a small CI machine: don't oversubscribe it
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOK_DIR}})
     client.execute()  # raises CellExecutionError naming the failing cell
