@@ -1,0 +1,462 @@
+"""lora.py: equivalence with HF PEFT, the zero-start property, freezing, merge, adapter files, switching."""
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora import (
+    LoRALinear,
+    adapter_size_report,
+    apply_lora,
+    count_parameters,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    lora_param_groups,
+    merge_lora,
+    save_adapter,
+    set_adapter,
+    subspace_similarity,
+    unmerge_lora,
+)
+from model import GPT, GPTConfig
+
+TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(TINY).eval()
+
+
+def tokens(seed=1):
+    return torch.randint(0, TINY.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_lora(model, seed=2, scale=0.05):
+    """Give every adapter a nonzero B (and perturbed A, DoRA m), as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("lora_A", "lora_B", "lora_magnitude")):
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+class Classifier(nn.Module):
+    """GPT body plus a new head, the shape of finetune_classifier.py."""
+
+    def __init__(self, gpt, num_classes=2):
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.config.n_embd, num_classes)
+
+    def forward(self, idx):
+        return self.head(self.gpt.hidden_states(idx)[:, -1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One layer against HF PEFT
+
+
+class OneLayer(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("use_rslora,use_dora", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("dropout,training,bias", [(0.0, False, True), (0.25, True, True), (0.25, True, False)])
+def test_layer_matches_peft(use_rslora, use_dora, dropout, training, bias):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40, bias=bias)
+    if bias:
+        nn.init.normal_(base.bias)
+    rank, alpha = 6, 12
+    ours = LoRALinear(copy.deepcopy(base), rank, alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"], lora_dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
+    theirs = peft.get_peft_model(OneLayer(copy.deepcopy(base)), config).base_model.model.proj
+    assert ours.scaling["default"] == theirs.scaling["default"]
+    with torch.no_grad():
+        A, B = 0.1 * torch.randn(rank, 48), 0.1 * torch.randn(40, rank)
+        ours.lora_A["default"].copy_(A), theirs.lora_A["default"].weight.copy_(A)
+        ours.lora_B["default"].copy_(B), theirs.lora_B["default"].weight.copy_(B)
+        if use_dora:  # both start m at the same row norms of W0; then move m off them
+            m = theirs.lora_magnitude_vector["default"].weight
+            torch.testing.assert_close(ours.lora_magnitude["default"], m, rtol=0, atol=1e-6)
+            m.mul_(1 + 0.1 * torch.randn_like(m))
+            ours.lora_magnitude["default"].copy_(m)
+    ours.train(training), theirs.train(training)
+    x = torch.randn(3, 5, 48)
+    torch.manual_seed(1)  # the same dropout mask for both
+    y_ours = ours(x)
+    torch.manual_seed(1)
+    y_theirs = theirs(x)
+    assert (y_ours - y_theirs).abs().max().item() <= 1e-6
+    assert not torch.allclose(y_ours, base(x), atol=1e-3)  # the adapter did something
+    y_ours.square().mean().backward()
+    y_theirs.square().mean().backward()
+    torch.testing.assert_close(ours.lora_A["default"].grad, theirs.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.lora_B["default"].grad, theirs.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
+    if use_dora:
+        torch.testing.assert_close(ours.lora_magnitude["default"].grad, theirs.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-6)
+    assert base.weight.grad is None and ours.base.weight.grad is None  # W0 stays frozen
+
+
+def test_layer_init_and_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(20, 30)
+    layer = LoRALinear(base, rank=4, alpha=8)
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    assert A.shape == (4, 20) and B.shape == (30, 4) and layer.scaling["default"] == 2.0
+    assert torch.all(B == 0) and A.abs().max() <= 1 / math.sqrt(20)  # kaiming_uniform(a=sqrt(5)) bound
+    assert not base.weight.requires_grad and A.requires_grad and B.requires_grad
+    with torch.no_grad():
+        B.normal_()
+    x = torch.randn(7, 20)
+    torch.testing.assert_close(layer(x), x @ (base.weight + 2.0 * B @ A).T + base.bias)
+    assert LoRALinear(nn.Linear(20, 30), rank=4, alpha=8, use_rslora=True).scaling["default"] == 4.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A whole model: start, freezing, training
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(use_rslora=True), dict(use_dora=True), dict(targets="all-linear", dropout=0.1)])
+def test_fresh_lora_leaves_logits_unchanged(kwargs):
+    model, idx = tiny_gpt(), tokens()
+    before, _ = model(idx)
+    apply_lora(model, rank=4, alpha=8, **kwargs)
+    after, _ = model(idx)
+    assert torch.equal(before, after)
+
+
+def test_targets_select_layers():
+    model = apply_lora(tiny_gpt(), rank=2, targets=("q", "mlp_out"))
+    wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear))
+    assert wrapped == [f"transformer.h.{i}.{s}" for i in range(2) for s in ("attn.q_proj", "mlp.fc_out")]
+    model = apply_lora(tiny_gpt(), rank=2, targets="all-linear")
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 6 * TINY.n_layer
+    assert isinstance(model.lm_head, nn.Linear)  # the tied output head is never a target
+
+
+def test_one_step_changes_only_lora_and_kept_modules():
+    torch.manual_seed(0)
+    model = Classifier(GPT(TINY))
+    apply_lora(model, rank=4, alpha=8, targets=("q", "v"), trainable=("head",))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in dict(model.named_parameters()) if "lora_" in n or n.startswith("head.")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    idx, labels = tokens(), torch.tensor([0, 1])
+
+    def step():
+        optimizer.zero_grad()
+        F.cross_entropy(model(idx), labels).backward()
+        optimizer.step()
+        return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+    changed = step()
+    # B = 0 at the start, so A gets no gradient in the first step; B and the head move
+    assert changed == {n for n in trainable if "lora_B" in n or n.startswith("head.")}
+    changed = step()
+    assert changed == trainable
+
+
+def test_count_parameters_gpt2_124m():
+    with torch.device("meta"):  # GPT-2's shapes without allocating its 500 MB
+        model = GPT(GPTConfig())
+    _, total = count_parameters(model)
+    assert total == 124_439_808
+    apply_lora(model, rank=8, alpha=16, targets=("q", "v"))
+    assert count_parameters(model) == (2 * 12 * 768 * 8 * 2, 124_439_808 + 294_912)
+    report = adapter_size_report(model)
+    assert report["adapter_bytes"] == 294_912 * 4 and report["model_bytes"] == 124_439_808 * 4
+
+
+def test_count_parameters_tiny_all_linear():
+    model = apply_lora(tiny_gpt(), rank=2, targets="all-linear", use_dora=True)
+    d = TINY.n_embd
+    per_block = 4 * (2 * d + d * 2 + d) + (2 * d + 4 * d * 2 + 4 * d) + (2 * 4 * d + d * 2 + d)
+    assert count_parameters(model)[0] == TINY.n_layer * per_block
+
+
+def test_lora_param_groups_loraplus():
+    torch.manual_seed(0)
+    model = apply_lora(Classifier(GPT(TINY)), rank=4, use_dora=True, trainable=("head",))
+    groups = {g["name"]: g for g in lora_param_groups(model, lr=1e-3, loraplus_lr_ratio=16, weight_decay=0.1)}
+    assert groups["lora_B"]["lr"] == pytest.approx(1.6e-2) and groups["lora_A"]["lr"] == 1e-3
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["lora_B"]["weight_decay"] == 0.1
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    assert all("lora_B" in by_id[id(p)] for p in groups["lora_B"]["params"])
+    assert {by_id[id(p)] for p in groups["other"]["params"]} == {"head.weight"}
+    assert "head.bias" in {by_id[id(p)] for p in groups["no_decay"]["params"]}
+    assert sum(len(g["params"]) for g in groups.values()) == sum(p.requires_grad for p in model.parameters())
+    torch.optim.AdamW(list(groups.values()))  # a valid optimizer argument
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Merge
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(use_rslora=True, targets="all-linear"), dict(use_dora=True, targets=("q", "k", "mlp_in"))])
+def test_merge_matches_unmerged(kwargs):
+    model, idx = apply_lora(tiny_gpt(), rank=4, alpha=8, **kwargs), tokens()
+    randomize_lora(model)
+    original = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("base.weight")}
+    unmerged, _ = model(idx)
+    merge_lora(model)
+    merged, _ = model(idx)
+    assert (merged - unmerged).abs().max().item() <= 1e-5
+    assert not torch.allclose(original["transformer.h.0.attn.q_proj.base.weight"], model.transformer.h[0].attn.q_proj.base.weight)
+    unmerge_lora(model)
+    for n, p in model.named_parameters():
+        if n in original:
+            torch.testing.assert_close(p, original[n], rtol=0, atol=1e-6)
+    assert (model(idx)[0] - unmerged).abs().max().item() <= 1e-5
+
+    plain = merge_lora(model, unload=True)
+    assert not any(isinstance(m, LoRALinear) for m in plain.modules())
+    assert set(plain.state_dict()) == set(GPT(TINY).state_dict())
+    fresh = GPT(TINY).eval()
+    fresh.load_weights(plain.state_dict())
+    assert (fresh(idx)[0] - unmerged).abs().max().item() <= 1e-5
+
+
+def test_merge_errors():
+    model = apply_lora(tiny_gpt(), rank=2)
+    with pytest.raises(ValueError, match="nothing to unmerge"):
+        unmerge_lora(model)
+    merge_lora(model)
+    with pytest.raises(RuntimeError, match="unmerge_lora"):
+        set_adapter(model, "default")
+    disable_adapters(unmerge_lora(model))
+    with pytest.raises(ValueError, match="no active"):
+        merge_lora(model)
+
+
+class FakeLinear4bit(nn.Module):
+    """Stands in for quantize.Linear4bit: a linear layer whose weight is only reachable via dequantize()."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("stored", linear.weight.detach().clone())
+        self.bias = linear.bias
+
+    def dequantize(self):
+        return self.stored.clone()
+
+    def forward(self, x):
+        return F.linear(x, self.dequantize(), self.bias)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_quantized_base_uses_dequantize_and_refuses_merge(use_dora):
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 16)
+    dense = LoRALinear(copy.deepcopy(linear), 4, 8, use_dora=use_dora)
+    quant = LoRALinear(FakeLinear4bit(copy.deepcopy(linear)), 4, 8, use_dora=use_dora)
+    quant.load_state_dict({k.replace("base.weight", "base.stored"): v for k, v in dense.state_dict().items()})
+    randomize_lora(dense), randomize_lora(quant)
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(quant(x), dense(x))
+    model = nn.Sequential()
+    model.add_module("proj", quant)
+    with pytest.raises(TypeError, match="merge_lora_into_dequantized"):
+        merge_lora(model)
+    assert quant.merged_adapter is None
+
+
+def test_real_linear4bit_if_available():
+    quantize = pytest.importorskip("quantize")
+    if not hasattr(quantize, "Linear4bit"):
+        pytest.skip("quantize.py has no Linear4bit yet")
+    model, idx = tiny_gpt(), tokens()
+    quantize.quantize_model(model)
+    before, _ = model(idx)
+    apply_lora(model, rank=4, alpha=8, use_dora=True)
+    assert torch.equal(model(idx)[0], before)
+    randomize_lora(model)
+    assert not torch.allclose(model(idx)[0], before)
+    with pytest.raises(TypeError, match="merge_lora_into_dequantized"):
+        merge_lora(model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adapter files and switching
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(use_dora=True, use_rslora=True, targets="all-linear", dropout=0.1)])
+def test_save_load_round_trip(tmp_path, kwargs):
+    torch.manual_seed(0)
+    base_state = Classifier(GPT(TINY)).state_dict()
+    model = Classifier(GPT(TINY))
+    model.load_state_dict(base_state)
+    apply_lora(model, rank=4, alpha=8, trainable=("head",), **kwargs)
+    randomize_lora(model)
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    model.eval()
+    idx = tokens()
+    expected = model(idx)
+    path = save_adapter(model, tmp_path / "adapter")
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files left
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["rank"] == 4 and config["alpha"] == 8 and config["trainable"] == ["head.bias", "head.weight"]
+    assert config["use_dora"] == kwargs.get("use_dora", False) and config["adapter_name"] == "default"
+
+    fresh = Classifier(GPT(TINY))
+    fresh.load_state_dict(base_state)
+    load_adapter(fresh, tmp_path / "adapter")
+    fresh.eval()
+    assert torch.equal(fresh(idx), expected)
+    theirs = fresh.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
+    from safetensors.torch import load_file
+
+    stored = load_file(path)
+    assert all("lora_" in k or k.startswith("head.") for k in stored)  # nothing of the frozen base
+    assert os.path.getsize(path) < adapter_size_report(model)["adapter_bytes"] + 16_384  # tensors plus a small header
+
+
+def test_load_adapter_errors(tmp_path):
+    model = apply_lora(tiny_gpt(), rank=4, alpha=8)
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(tiny_gpt(), tmp_path / "missing")
+    wider = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=48))
+    with pytest.raises(ValueError, match="shape|is \\("):
+        load_adapter(wider, tmp_path / "a")
+    assert not any(isinstance(m, LoRALinear) for m in wider.modules())  # a failed load leaves no half adapter
+    deeper = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=3, n_head=2, n_embd=32))
+    with pytest.raises(KeyError, match="lacks tensor"):
+        load_adapter(deeper, tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text('{"rank": 4}')
+    with pytest.raises(ValueError, match="not an adapter config"):
+        load_adapter(tiny_gpt(), tmp_path / "a")
+    save_adapter(model, tmp_path / "a")
+    other = apply_lora(tiny_gpt(), rank=2, alpha=8)
+    with pytest.raises(ValueError, match="another adapter_name"):
+        load_adapter(other, tmp_path / "a")
+    load_adapter(other, tmp_path / "a", adapter_name="second")  # fine under a new name
+    assert other.transformer.h[0].attn.q_proj.active_adapter == "second"
+
+
+def test_switching_adapters(tmp_path):
+    model, idx = tiny_gpt(), tokens()
+    base, _ = model(idx)
+    apply_lora(model, rank=4, alpha=8, adapter_name="a")
+    randomize_lora(model, seed=10)
+    apply_lora(model, rank=2, alpha=4, targets=("k", "mlp_in"), adapter_name="b")
+    randomize_lora(model, seed=11)  # also moves a's weights: fine, both are just nonzero
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".b") for n in trainable)  # only the newest adapter trains
+    out_b, _ = model(idx)
+    set_adapter(model, "a")
+    out_a, _ = model(idx)
+    assert not torch.allclose(out_a, out_b, atol=1e-4) and not torch.allclose(out_a, base, atol=1e-4)
+    assert model.transformer.h[0].attn.k_proj.active_adapter is None  # b's layers, not covered by a
+    disable_adapters(model)
+    assert torch.equal(model(idx)[0], base)
+    set_adapter(model, "b")
+    assert torch.equal(model(idx)[0], out_b)
+    save_adapter(model, tmp_path / "b")  # the active one
+    with pytest.raises(ValueError, match="no adapter named 'c'.*'a', 'b'"):
+        set_adapter(model, "c")
+    delete_adapter(model, "b")
+    set_adapter(model, "a")
+    assert torch.equal(model(idx)[0], out_a)
+    delete_adapter(model, "a")
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert torch.equal(model(idx)[0], base)
+    load_adapter(model, tmp_path / "b")
+    assert torch.equal(model(idx)[0], out_b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("rank", [0, -3, 2.5, True])
+def test_bad_rank(rank):
+    with pytest.raises(ValueError, match="positive integer"):
+        apply_lora(tiny_gpt(), rank=rank)
+
+
+def test_rank_larger_than_layer_allows():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match=r"min\(in, out\) = 32"):
+        apply_lora(model, rank=33)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # nothing changed
+    with pytest.raises(ValueError, match="rank <= 3"):
+        LoRALinear(nn.Linear(3, 100), rank=4, alpha=8)
+
+
+def test_unknown_target_lists_valid_ones():
+    with pytest.raises(ValueError, match="'query'.*q, k, v, o, mlp_in, mlp_out and 'all-linear'"):
+        apply_lora(tiny_gpt(), targets=("q", "query"))
+    with pytest.raises(ValueError, match="trainable='classifier'"):
+        apply_lora(tiny_gpt(), trainable=("classifier",))
+
+
+def test_applying_lora_twice():
+    model = apply_lora(tiny_gpt(), rank=2)
+    with pytest.raises(ValueError, match="twice"):
+        apply_lora(model, rank=2)
+    with pytest.raises(TypeError, match="already has LoRA"):
+        LoRALinear(model.transformer.h[0].attn.q_proj, rank=2, alpha=4)
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+        model.transformer.h[0].attn.q_proj.add_adapter("default", 2, 4)
+
+
+def test_bad_hyperparameters():
+    with pytest.raises(ValueError, match="alpha"):
+        apply_lora(tiny_gpt(), alpha=0)
+    with pytest.raises(ValueError, match="dropout"):
+        apply_lora(tiny_gpt(), dropout=1.0)
+    with pytest.raises(ValueError, match="adapter name"):
+        apply_lora(tiny_gpt(), adapter_name="a.b")
+    with pytest.raises(TypeError, match="nn.Linear"):
+        LoRALinear(nn.Conv1d(3, 3, 1), rank=1, alpha=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Subspace similarity (LoRA §7.2)
+
+
+def test_subspace_similarity_with_itself():
+    A = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    for i in range(1, 9):
+        assert subspace_similarity(A, A, i, i) == pytest.approx(1.0, abs=1e-9)
+    assert subspace_similarity(A, A, 2, 6) == pytest.approx(1.0, abs=1e-9)  # the top 2 lie inside the top 6
+    assert subspace_similarity(A, 3 * A, 8, 8) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_subspace_similarity_random_subspaces():
+    # E ||U1^T U2||_F^2 = i j / d for independent random subspaces, so phi ~ max(i, j) / d (std ~5% here)
+    g = torch.Generator().manual_seed(0)
+    d = 512
+    A1, A2 = torch.randn(32, d, generator=g), torch.randn(32, d, generator=g)
+    assert subspace_similarity(A1, A2, 32, 32) == pytest.approx(32 / d, rel=0.25)
+    assert subspace_similarity(A1, A2, 16, 32) == pytest.approx(32 / d, rel=0.3)
+
+
+def test_subspace_similarity_by_hand():
+    # A1's strongest right singular vector is e2 (singular value 3); A2 spans (1, sqrt 3) / 2, at 30 degrees
+    # from e2: phi(1, 1) = cos^2(30 deg) = 3/4; with both of A1's directions the plane contains it: phi = 1.
+    A1 = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    A2 = torch.tensor([[1.0, math.sqrt(3.0)]], dtype=torch.float64)
+    assert subspace_similarity(A1, A2, 1, 1) == pytest.approx(0.75, abs=1e-12)
+    assert subspace_similarity(A1, A2, 2, 1) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="1 <= j <= 1"):
+        subspace_similarity(A1, A2, 1, 2)
