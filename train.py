@@ -46,7 +46,7 @@ class TrainConfig:
     loraplus_ratio: float = field(default=1.0, metadata={"help": "LoRA+: learning rate of B = ratio x that of A (arXiv 2402.12354 suggests 16); 1 = plain LoRA"})
     # data
     mask_prompt: bool = field(default=False, metadata={"help": "leave the prompt out of the loss (train on responses only)"})
-    batch_size: int = field(default=0, metadata={"help": "sequences per micro-batch (0 = 16 when pretraining, 8 when fine-tuning)"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     # model shape when --init_from scratch (the tiny base: 4 layers x 256 wide, byte-level, 3.3M parameters;
     # 512 bytes of context because an Alpaca prompt alone is ~150 bytes)
@@ -56,7 +56,7 @@ class TrainConfig:
     block_size: int = 512
     dropout: float = 0.0
     # optimisation
-    max_iters: int = field(default=0, metadata={"help": "optimizer steps (0 = 1500 when pretraining, 300 when fine-tuning)"})
+    max_iters: int = field(default=0, metadata={"help": "optimizer steps (0 = 450 when pretraining, 300 when fine-tuning)"})
     learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = 2e-3 pretraining, 2e-3 LoRA, 3e-4 full)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at learning_rate x this"})
     warmup_iters: int = field(default=0, metadata={"help": "linear warmup steps (0 = 5% of max_iters)"})
@@ -87,8 +87,7 @@ class TrainConfig:
 def resolve_defaults(cfg):
     """Fill in the settings whose sensible value depends on the job (the 0 defaults above)."""
     pre, full = cfg.pretraining, cfg.finetune == "full"
-    cfg.batch_size = cfg.batch_size or (16 if pre else 8)
-    cfg.max_iters = cfg.max_iters or (1500 if pre else 300)
+    cfg.max_iters = cfg.max_iters or (450 if pre else 300)
     cfg.learning_rate = cfg.learning_rate or (2e-3 if pre else 3e-4 if full else 2e-3)
     cfg.warmup_iters = cfg.warmup_iters or max(1, cfg.max_iters // 20)
     cfg.eval_interval = cfg.eval_interval or max(1, cfg.max_iters // 10)
@@ -179,12 +178,21 @@ def load_checkpoint_model(path, device="cpu"):
 
 
 def ensure_tiny_base(device="cpu"):
-    """The default starting point: pretrain the tiny base on the stdlib corpus if it is not there yet."""
+    """The default starting point: pretrain the tiny base on the stdlib corpus if it is not there yet, and finish
+    it if an earlier pretraining was interrupted (its checkpoint is then from before the last step)."""
     path = os.path.join(TINY_BASE_DIR, "ckpt.pt")
+    base_config = TrainConfig(init_from="scratch", dataset="stdlib", out_dir=TINY_BASE_DIR, device=device)
     if not os.path.isfile(path):
         print(f"No tiny base model at {path}: pretraining it first on the standard library's docstrings "
               f"(a few minutes on a laptop CPU; `python train.py --init_from scratch --dataset stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}` does the same).")
-        train(resolve_defaults(TrainConfig(init_from="scratch", dataset="stdlib", out_dir=TINY_BASE_DIR, device=device)))
+        train(resolve_defaults(base_config))
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        done, planned = ckpt["iter"], ckpt["train_config"]["max_iters"]
+        if done < planned:
+            print(f"The tiny base at {path} stopped at step {done} of {planned}: resuming its pretraining first.")
+            base_config = TrainConfig(**{**ckpt["train_config"], "resume": True, "device": device, "out_dir": TINY_BASE_DIR})
+            train(resolve_defaults(base_config))
     return path
 
 
