@@ -56,7 +56,7 @@ class TrainConfig:
     block_size: int = 512
     dropout: float = 0.0
     # optimisation
-    max_iters: int = field(default=0, metadata={"help": "optimizer steps (0 = 450 when pretraining, 300 when fine-tuning)"})
+    max_iters: int = field(default=0, metadata={"help": "optimizer steps (0 = 300 when pretraining, 200 when fine-tuning)"})
     learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = 2e-3 pretraining, 2e-3 LoRA, 3e-4 full)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at learning_rate x this"})
     warmup_iters: int = field(default=0, metadata={"help": "linear warmup steps (0 = 5% of max_iters)"})
@@ -87,7 +87,7 @@ class TrainConfig:
 def resolve_defaults(cfg):
     """Fill in the settings whose sensible value depends on the job (the 0 defaults above)."""
     pre, full = cfg.pretraining, cfg.finetune == "full"
-    cfg.max_iters = cfg.max_iters or (450 if pre else 300)
+    cfg.max_iters = cfg.max_iters or (300 if pre else 200)
     cfg.learning_rate = cfg.learning_rate or (2e-3 if pre else 3e-4 if full else 2e-3)
     cfg.warmup_iters = cfg.warmup_iters or max(1, cfg.max_iters // 20)
     cfg.eval_interval = cfg.eval_interval or max(1, cfg.max_iters // 10)
