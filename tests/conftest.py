@@ -4,6 +4,11 @@ import socket
 import sys
 
 import pytest
+import torch
+
+# Test models are tiny: a second thread gains little and, on a busy 2-core machine, oversubscription makes
+# every op many times slower. One thread keeps the suite's time steady.
+torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
