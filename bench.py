@@ -4,7 +4,7 @@ through our model.py / lora.py / quantize.py and through Hugging Face transforme
 + bitsandbytes NF4), in one process, on one machine, alternating the two, and prints medians and ratios:
 
     python bench.py                       # GPT-2 124M's shape, batch 4 x 128 tokens, every row (~10 min on 2 CPU cores)
-    python bench.py --quick               # 4 layers x 256 wide, 2 repeats: a check that runs in about a minute
+    python bench.py --quick               # the tiny base's shape (4 layers x 256, bytes), 2 repeats: about a minute
     python bench.py --only train,nf4 --repeats 10
     python bench.py --device cuda         # the same on a GPU (fp32 everywhere, as on the CPU)
 
@@ -61,18 +61,18 @@ MODE_LABELS = {
     "qlora_qv": "QLoRA NF4+DQ, LoRA r=8: ours q,v; PEFT c_attn",
     "qlora_qkv": "QLoRA NF4+DQ, LoRA r=8: ours q,k,v; PEFT c_attn",
 }
-GROUPS = ("train", "infer", "generate", "nf4", "memory")
-
-
-def row_ids():
-    """Every row the full benchmark reports, grouped; --only takes group names or these ids."""
-    return {
-        "train": [f"train_{m}" for m in TRAIN_MODES] + [f"params_{m}" for m in TRAIN_MODES],
-        "infer": ["infer_base", "infer_lora", "infer_lora_merged", "infer_qlora"],
-        "generate": ["generate"],
-        "nf4": ["nf4_quantize", "nf4_dequantize"],
-        "memory": [f"state_{m}" for m in TRAIN_MODES] + [f"peak_{m}" for m in TRAIN_MODES],
-    }
+TRAIN_ROWS = [f"train_{m}" for m in TRAIN_MODES]  # seconds per step
+PARAM_ROWS = [f"params_{m}" for m in TRAIN_MODES]  # trainable parameters
+STATE_ROWS = [f"state_{m}" for m in TRAIN_MODES]  # bytes of weights + gradients + AdamW state
+PEAK_ROWS = [f"peak_{m}" for m in TRAIN_MODES]  # peak memory of a training step
+ROW_GROUPS = {  # --only takes these group names or the row ids; the table lists rows in this order
+    "train": TRAIN_ROWS + PARAM_ROWS,
+    "infer": ["infer_base", "infer_lora", "infer_lora_merged", "infer_qlora"],
+    "generate": ["generate"],
+    "nf4": ["nf4_quantize", "nf4_dequantize"],
+    "memory": STATE_ROWS + PEAK_ROWS,
+}
+ALL_ROWS = [row for rows in ROW_GROUPS.values() for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------- the two models
@@ -189,7 +189,7 @@ def random_tokens(shape, rows, length, device, seed=1):
 
 
 def synchronize(device):
-    if device.startswith("cuda"):
+    if device == "cuda":
         torch.cuda.synchronize()
 
 
@@ -225,8 +225,8 @@ def record(results, row, label, unit, ours, hf, higher_is_better=None, **extra):
     print(f"  {label:<58} ours {format_value(entry['ours'], unit):>12}   HF {format_value(entry['hf'], unit):>12}   ours/HF {ratio}", flush=True)
 
 
-def free(*objects):
-    del objects
+def release():
+    """Hand back the memory of the models the caller has just deleted, before building the next ones."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -260,7 +260,8 @@ def bench_training(args, shape, weights_dir, wanted, results):
                    (w_o + g_o + s_o) / 2**20, (w_h + g_h + s_h) / 2**20, False,
                    ours_parts_MiB=dict(weights=w_o / 2**20, grads=g_o / 2**20, optimizer=s_o / 2**20),
                    hf_parts_MiB=dict(weights=w_h / 2**20, grads=g_h / 2**20, optimizer=s_h / 2**20))
-        free(ours, hf, ours_opt, hf_opt, ours_step, hf_step)
+        del ours, hf, ours_opt, hf_opt, ours_step, hf_step
+        release()
 
 
 @torch.no_grad()
@@ -285,7 +286,8 @@ def bench_inference(args, shape, weights_dir, wanted, results):
         for name, p in [*ours.named_parameters(), *hf.named_parameters()]:
             if "lora_B" in name:  # B = 0 at init would make the adapters no-ops; give them something to add
                 p.normal_(std=0.02)
-        ours.eval(), hf.eval()
+        ours.eval()  # the new LoRA layers start in training mode
+        hf.eval()
         if "infer_lora" in wanted:
             t_ours, t_hf = alternate(ours_forward, hf_forward, args.repeats, args.warmup, args.device)
             record(results, "infer_lora", "forward, LoRA r=8 unmerged: ours q,v; PEFT c_attn", "ms", scale(t_ours, 1e3), scale(t_hf, 1e3), False)
@@ -293,14 +295,19 @@ def bench_inference(args, shape, weights_dir, wanted, results):
             merge_lora(ours)
             hf.merge_adapter()
             t_ours, t_hf = alternate(ours_forward, hf_forward, args.repeats, args.warmup, args.device)
-            record(results, "infer_lora_merged", "forward, LoRA r=8 merged", "ms", scale(t_ours, 1e3), scale(t_hf, 1e3), False)
-    free(ours, hf)
+            extra = {}
+            if "infer_base" in results:  # LoRA §4.1: a merged adapter adds no latency, so this should be about 1
+                extra["merged_over_base"] = {side: statistics.median(t) * 1e3 / results["infer_base"][side] for side, t in (("ours", t_ours), ("hf", t_hf))}
+            record(results, "infer_lora_merged", "forward, LoRA r=8 merged", "ms", scale(t_ours, 1e3), scale(t_hf, 1e3), False, **extra)
+    del ours, hf, ours_forward, hf_forward
+    release()
     if "infer_qlora" in wanted:
         ours, hf = build_ours("qlora_qv", weights_dir, args.device).eval(), build_hf("qlora_qv", weights_dir, args.device).eval()
         t_ours, t_hf = alternate(lambda: ours(x), lambda: hf(input_ids=x), args.repeats, args.warmup, args.device)
         record(results, "infer_qlora", "forward, QLoRA NF4+DQ + LoRA unmerged: ours q,v; PEFT c_attn", "ms",
                scale(t_ours, 1e3), scale(t_hf, 1e3), False)
-        free(ours, hf)
+        del ours, hf
+        release()
 
 
 @torch.no_grad()
@@ -326,7 +333,8 @@ def bench_generation(args, shape, weights_dir, results):
     same = (outputs["ours"] == outputs["hf"]).float().mean().item()
     record(results, "generate", f"generation, batch 1, {shape['seq']}-token prompt + {n} new (higher is better)", "tok/s",
            [n / t for t in t_ours], [n / t for t in t_hf], True, same_tokens_fraction=same)
-    free(ours, hf)
+    del ours, hf
+    release()
 
 
 def bench_nf4(args, weights_dir, wanted, results):
@@ -336,7 +344,8 @@ def bench_nf4(args, weights_dir, wanted, results):
 
     model = GPT.from_pretrained(weights_dir)
     weights = [m.weight.detach().to(args.device) for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head]
-    free(model)
+    del model
+    release()
     gigabytes = sum(w.numel() * 4 for w in weights) / 1e9
 
     def ours_quantize():
@@ -358,14 +367,15 @@ def bench_nf4(args, weights_dir, wanted, results):
                                  args.repeats, args.warmup, args.device)
         record(results, "nf4_dequantize", f"NF4+DQ dequantize, all {len(weights)} linear weights (higher is better)", "GB/s",
                [gigabytes / t for t in t_ours], [gigabytes / t for t in t_hf], True, max_difference=difference, gigabytes=gigabytes)
-    free(weights, ours_q, bnb_q)
+    del weights, ours_q, bnb_q
+    release()
 
 
 # ---------------------------------------------------------------------------------------------- peak memory
 
 
 def current_memory_bytes(device):
-    if device.startswith("cuda"):
+    if device == "cuda":
         return torch.cuda.memory_allocated()
     with open("/proc/self/status") as f:
         for line in f:
@@ -390,7 +400,8 @@ def measure_peak(mode, impl, weights_dir, shape, device, steps=2, warm_up=True):
         step()
     synchronize(device)
     peak = peak_memory_bytes(device) - baseline
-    free(model, optimizer, step)
+    del model, optimizer, step
+    release()
     return peak
 
 
@@ -468,7 +479,7 @@ def machine_description(args):
     info = dict(cpu=cpu, logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), device=args.device,
                 python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                 peft=peft.__version__, bitsandbytes=bitsandbytes.__version__, platform=platform.platform())
-    if args.device.startswith("cuda"):
+    if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
@@ -495,6 +506,9 @@ def write_markdown(path, results, machine, command, shape_name, shape, args):
         ratio = f"{entry['ratio']:.2f}" if entry["ratio"] is not None else "-"
         lines.append(f"| {entry['label']} ({entry['unit']}) | {format_value(entry['ours'], entry['unit'])} | "
                      f"{format_value(entry['hf'], entry['unit'])} | {ratio} | {verdict(entry)} |")
+    merged = results.get("infer_lora_merged", {}).get("merged_over_base")
+    if merged:
+        lines += ["", f"LoRA merged / base model forward time (LoRA §4.1: merging adds no latency): ours {merged['ours']:.2f}, HF {merged['hf']:.2f}."]
     lines += [
         "",
         "HF = transformers `GPT2LMHeadModel` (sdpa attention), + peft LoRA on the fused `c_attn` (q, k and v share one",
@@ -514,10 +528,11 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row and library (default 5; 2 with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each before timing (default 1)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads for both (default: torch's default)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where both run (default: cuda if available)")
     parser.add_argument("--memory", choices=("process", "reset", "off"), default=None,
                         help="peak memory: a fresh process per measurement (default), one process with resets (--quick), or off")
-    parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups ({', '.join(GROUPS)}) or row ids (default: all)")
+    parser.add_argument("--only", default=",".join(ROW_GROUPS), help=f"comma-separated groups ({', '.join(ROW_GROUPS)}) or row ids (default: all)")
     parser.add_argument("--out", default=os.path.join(REPO_DIR, "benchmarks", "results.json"),
                         help="JSON path; the Markdown table goes beside it with .md (default: benchmarks/results.json)")
     args = parser.parse_args(argv)
@@ -528,22 +543,18 @@ def parse_args(argv=None):
     args.memory = args.memory or ("reset" if args.quick else "process")
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be at least 1, --warmup at least 0")
-    if not (args.device == "cpu" or args.device.startswith("cuda")):
-        parser.error(f"--device {args.device!r}: use cpu or cuda")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
-    groups = row_ids()
     wanted = set()
     for item in filter(None, (s.strip() for s in args.only.split(","))):
-        if item in groups:
-            wanted.update(groups[item])
-        elif any(item in ids for ids in groups.values()):
+        if item in ROW_GROUPS:
+            wanted.update(ROW_GROUPS[item])
+        elif item in ALL_ROWS:
             wanted.add(item)
         else:
-            known = ", ".join([*groups, *(i for ids in groups.values() for i in ids)])
-            parser.error(f"--only {item!r}: not a group or row; choose from {known}")
+            parser.error(f"--only {item!r}: not a group or row; choose from {', '.join([*ROW_GROUPS, *ALL_ROWS])}")
     if args.memory == "off":
-        wanted -= set(groups["memory"][len(TRAIN_MODES):])
+        wanted -= set(PEAK_ROWS)
     args.wanted = wanted
     return args
 
@@ -562,23 +573,22 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="nanoqlora-bench-") as weights_dir:
         save_random_gpt2(shape, weights_dir)
         wanted = args.wanted
-        if wanted & set(row_ids()["train"] + row_ids()["memory"][: len(TRAIN_MODES)]):
+        if wanted & set(TRAIN_ROWS + PARAM_ROWS + STATE_ROWS):
             print("training: forward + backward + AdamW step")
             bench_training(args, shape, weights_dir, wanted, results)
-        if wanted & set(row_ids()["infer"]):
+        if wanted & set(ROW_GROUPS["infer"]):
             print("inference: forward latency, no grad")
             bench_inference(args, shape, weights_dir, wanted, results)
         if "generate" in wanted:
             print("generation")
             bench_generation(args, shape, weights_dir, results)
-        if wanted & set(row_ids()["nf4"]):
+        if wanted & set(ROW_GROUPS["nf4"]):
             print(f"NF4 on {args.device}")
             bench_nf4(args, weights_dir, wanted, results)
-        if wanted & set(row_ids()["memory"][len(TRAIN_MODES):]):
+        if wanted & set(PEAK_ROWS):
             print(f"peak memory ({args.memory})")
             bench_memory(args, shape, weights_dir, wanted, results)
-    order = [r for ids in row_ids().values() for r in ids]
-    results = {r: results[r] for r in order if r in results}
+    results = {r: results[r] for r in ALL_ROWS if r in results}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     report = dict(command=command, machine=machine, shape_name=args.shape, shape=shape, repeats=args.repeats, warmup=args.warmup,
                   memory_method=args.memory, seconds=round(time.time() - started, 1), rows=results)
