@@ -19,6 +19,7 @@ quantization, fp32 compute, LoRA r=8 on top.
 """
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -374,6 +375,21 @@ def bench_nf4(args, weights_dir, wanted, results):
 # ---------------------------------------------------------------------------------------------- peak memory
 
 
+def return_freed_memory(device):
+    """Make the resident set size track the memory in use (Linux with glibc; elsewhere nothing to do). glibc's malloc
+    keeps freed blocks to reuse, and raises its mmap threshold (up to 32 MiB) whenever a large block is freed, so
+    later tensors would land in memory that is already resident and a peak would go unseen. Fix the threshold at
+    128 KiB, so every larger block is mapped when allocated and unmapped when freed, and trim what is free now."""
+    if device != "cpu":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 128 * 1024)  # -3 = M_MMAP_THRESHOLD
+    libc.malloc_trim(0)
+
+
 def current_memory_bytes(device):
     if device == "cuda":
         return torch.cuda.memory_allocated()
@@ -391,6 +407,7 @@ def measure_peak(mode, impl, weights_dir, shape, device, steps=2, warm_up=True):
     if warm_up:  # first use maps library code and sets up thread pools and caches: not the model's memory
         measure_peak(mode, impl, weights_dir, shape, device, steps=1, warm_up=False)
     gc.collect()
+    return_freed_memory(device)
     baseline = current_memory_bytes(device)
     model = build_ours(mode, weights_dir, device) if impl == "ours" else build_hf(mode, weights_dir, device)
     optimizer = make_optimizer(model)
@@ -420,7 +437,7 @@ def memory_worker(argv):
 def bench_memory(args, shape, weights_dir, wanted, results):
     """Peak training memory per mode. --memory process (default): every (mode, library) in a fresh Python process,
     since a process never hands all freed memory back and its peaks would pile up. --memory reset: all in this
-    process, resetting the peak counter in between (quicker; on the CPU an underestimate after earlier rows)."""
+    process, resetting the peak counter in between (quicker, and close on the CPU, as return_freed_memory says)."""
     for mode in TRAIN_MODES:
         if f"peak_{mode}" not in wanted:
             continue
@@ -429,10 +446,7 @@ def bench_memory(args, shape, weights_dir, wanted, results):
             if args.memory == "process":
                 command = [sys.executable, os.path.abspath(__file__), "--memory-worker", mode, impl, weights_dir, args.shape,
                            args.device, str(args.threads)]
-                # a fixed mmap threshold stops glibc from raising it as big blocks are freed, so every block over
-                # 128 KiB goes back to the system when freed and the warm-up's leftovers cannot hide later peaks
-                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-                done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_DIR, env=env)
+                done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_DIR)
                 if done.returncode != 0:
                     raise RuntimeError(f"memory worker for {mode}/{impl} failed:\n{done.stderr[-3000:]}")
                 peaks[impl] = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
