@@ -368,7 +368,10 @@ def answer(model, tokenizer, instruction, device, max_new_tokens=80, input_text=
 
     prompt = tokenizer.encode(format_prompt({"instruction": instruction, "input": input_text}))
     prompt = prompt[-(model.config.block_size - max_new_tokens) :] if len(prompt) + max_new_tokens > model.config.block_size else prompt
+    was_training = model.training
+    model.eval()  # greedy answers must not depend on dropout (e.g. LoRA's), or a reloaded adapter could not reproduce them
     out = model.generate(torch.tensor([prompt], device=device), max_new_tokens, temperature=0, eos_token_id=tokenizer.eot_token)
+    model.train(was_training)
     new = [t for t in out[0, len(prompt) :].tolist() if t != tokenizer.eot_token]
     return tokenizer.decode(new).strip()
 
