@@ -230,6 +230,33 @@ def test_linear4bit_gradient_reaches_input_not_weight():
     assert torch.allclose(x.grad, expected)
 
 
+def test_linear4bit_keeps_no_dense_weight_between_forward_and_backward():
+    # QLoRA's memory saving holds in training only if autograd does not save the dequantized weight for backward
+    torch.manual_seed(0)
+    layer = Q.Linear4bit.from_linear(nn.Linear(512, 256, bias=False))
+    x = torch.randn(2, 512, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    dense_bytes = 512 * 256 * 4
+    saved_bytes = sum(t.numel() * t.element_size() for t in saved)
+    assert saved_bytes < dense_bytes / 4, f"autograd saved {saved_bytes} bytes, a dense weight is {dense_bytes}"
+    y.square().sum().backward()
+    expected = torch.func.grad(lambda x_: F.linear(x_, layer.dequantize()).square().sum())(x.detach())
+    assert torch.allclose(x.grad, expected)
+
+
+def test_linear4bit_unfrozen_bias_gets_its_gradient():
+    torch.manual_seed(0)
+    layer = Q.Linear4bit.from_linear(nn.Linear(64, 32))
+    layer.bias.requires_grad_(True)
+    x = torch.randn(3, 5, 64)
+    layer(x).square().sum().backward()
+    bias = layer.bias.detach().clone()
+    expected = torch.func.grad(lambda b: F.linear(x, layer.dequantize(), b).square().sum())(bias)
+    assert torch.allclose(layer.bias.grad, expected, atol=1e-5)
+
+
 def test_linear4bit_compute_dtype():
     layer = Q.Linear4bit.from_linear(nn.Linear(64, 16), compute_dtype=torch.bfloat16)
     x = torch.randn(2, 64)
