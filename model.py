@@ -215,11 +215,10 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if cache is not None and len(cache) + new_tokens.size(1) > self.config.block_size:
                 cache = None  # the window has to slide: positions shift, so the cache is no longer valid
-            if cache is None:
-                logits, _ = self(idx[:, -self.config.block_size :])
-            else:
-                logits, _ = self(new_tokens, kv_cache=cache)
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            context = idx[:, -self.config.block_size :] if cache is None else new_tokens
+            # only the last position's logits choose the next token: skip lm_head's vocab-wide matmul for the rest
+            logits = self.lm_head(self.hidden_states(context, kv_cache=cache)[:, -1, :])
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 next_token = torch.where(finished[:, None], torch.full_like(next_token, eos_token_id), next_token)
                 finished |= next_token[:, 0] == eos_token_id
