@@ -461,7 +461,7 @@ def train(cfg):
             x, y = data.train_batch(step, micro, cfg.batch_size)
             x, y = x.to(device), y.to(device)
             with autocast_context(device):
-                _, loss = run_model(x, y)
+                loss = run_model(x, y)[1]  # drop the logits now: `_` would keep B x T x vocab floats alive through backward
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
             tokens_seen += x.numel()
