@@ -142,7 +142,8 @@ def quantize_blocks(flat, code, block_size):
     if padding:
         flat = F.pad(flat, (0, padding))  # zeros never raise a block's absmax
     blocks = flat.view(-1, block_size)
-    absmax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=1)  # max |w| of each block, in one pass
+    # abs().amax() rather than vector_norm(ord=inf), which gives the same (NaN included) but is 5-10x slower on the CPU
+    absmax = blocks.abs().amax(dim=1)
     scaled = blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]  # clamp: an all-zero block stays 0, not NaN
     midpoints = (code[:-1] + code[1:]) / 2
     # no need to clamp `scaled` to [-1, 1]: anything past the outer midpoints lands on the end codes anyway
