@@ -524,29 +524,37 @@ def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, bef
     save_atomic(ckpt, path)
 
 
+def load_finetuned(adapter_dir, init_from, device):
+    """The base model with a LoRA adapter from `adapter_dir` loaded into it -> (model, tokenizer name), in eval mode.
+    init_from "tiny" means: the base the adapter was trained on (from its summary.json). A QLoRA adapter learned to
+    correct a 4-bit base, so the base is quantized again (deterministically: the same codes as in training)."""
+    from lora import load_adapter
+
+    trained_as = None
+    summary_path = os.path.join(adapter_dir, "summary.json")
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        init_from = summary["init_from"] if init_from == "tiny" else init_from
+        trained_as = summary["finetune"]
+    model, tokenizer_name = load_base_model(init_from, device)
+    if trained_as == "qlora":
+        from quantize import quantize_model
+
+        quantize_model(model)
+    load_adapter(model, adapter_dir)
+    return model.eval(), tokenizer_name
+
+
 def answer_prompt(cfg):
     """--prompt: load the base (and the adapter of a LoRA run) and answer one instruction."""
     from tokenizer import get_tokenizer
 
     device = pick_device(cfg.device)
-    init_from, trained_as = cfg.init_from, None
     if cfg.adapter:
-        summary_path = os.path.join(cfg.adapter, "summary.json")
-        if os.path.isfile(summary_path):
-            with open(summary_path) as f:
-                summary = json.load(f)
-            init_from = summary["init_from"] if init_from == "tiny" else init_from  # the base the adapter was trained on
-            trained_as = summary["finetune"]
-    model, tokenizer_name = load_base_model(init_from, device)
-    if cfg.adapter:
-        from lora import load_adapter
-
-        if trained_as == "qlora":  # the adapter learned to correct a 4-bit base: give it that base
-            from quantize import quantize_model
-
-            quantize_model(model)
-
-        load_adapter(model, cfg.adapter)
+        model, tokenizer_name = load_finetuned(cfg.adapter, cfg.init_from, device)
+    else:
+        model, tokenizer_name = load_base_model(cfg.init_from, device)
     model.eval()
     print(answer(model, get_tokenizer(tokenizer_name), cfg.prompt, device, cfg.max_new_tokens))
 

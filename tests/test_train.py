@@ -110,10 +110,40 @@ def test_lora_finetuning_lowers_loss_saves_only_the_adapter_and_reloads(small_ba
     assert "model" not in ckpt and all("lora_" in k for k in ckpt["trainable"])
     assert (tmp_path / "adapter_model.safetensors").stat().st_size < 20_000
 
+    assert reloaded_val_loss(tmp_path, finetune_config(small_base, tmp_path)) == pytest.approx(summary["val_loss_after"], abs=1e-6)
     samples = json.load(open(tmp_path / "samples.json"))
     capsys.readouterr()
     train.answer_prompt(TrainConfig(adapter=str(tmp_path), prompt=samples[0]["instruction"], max_new_tokens=24, device="cpu"))
     assert capsys.readouterr().out.strip() == samples[0]["after"]
+
+
+def reloaded_val_loss(adapter_dir, cfg):
+    """Validation loss of base + the saved adapter, loaded afresh, on the batches training evaluated on."""
+    from tokenizer import get_tokenizer
+
+    model, tokenizer_name = train.load_finetuned(str(adapter_dir), "tiny", "cpu")
+    data = train.InstructionData(cfg.dataset, get_tokenizer(tokenizer_name), model.config.block_size, cfg.seed, cfg.mask_prompt)
+    return train.evaluate(model, data.val_batches(cfg.batch_size)[: cfg.eval_batches], "cpu")
+
+
+def test_answer_is_greedy_in_eval_mode_whatever_mode_the_model_is_in():
+    import torch
+
+    from lora import apply_lora
+    from model import GPT, GPTConfig
+    from tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, vocab_size=257, n_layer=2, n_head=2, n_embd=32))
+    apply_lora(model, rank=4, alpha=8, targets=("q", "v"), dropout=0.5)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=5.0)  # large: with B = 0 (or small) dropout on the adapter could not change a greedy answer
+    tokenizer = ByteTokenizer()
+    in_train_mode = train.answer(model.train(), tokenizer, "Name a colour.", "cpu", max_new_tokens=16)
+    assert model.training  # the caller's mode is restored
+    in_eval_mode = train.answer(model.eval(), tokenizer, "Name a colour.", "cpu", max_new_tokens=16)
+    assert in_train_mode == in_eval_mode and in_eval_mode != ""
 
 
 def test_qlora_trains_only_adapters(small_base, tmp_path):
@@ -128,6 +158,8 @@ def test_qlora_trains_only_adapters(small_base, tmp_path):
     summary = train.train(cfg)
     assert summary["finetune"] == "qlora" and summary["trainable_params"] == 2 * 2 * (4 * 48 + 48 * 4)
     assert summary["val_loss_after"] < summary["val_loss_before"]
+    # reloading re-quantizes the base; the adapter must meet the same 4-bit weights it was trained on
+    assert reloaded_val_loss(tmp_path, cfg) == pytest.approx(summary["val_loss_after"], abs=1e-6)
 
 
 def test_full_finetuning_trains_everything(small_base, tmp_path):
