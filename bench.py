@@ -577,7 +577,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
-    command = "python bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = ("python bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
     machine = machine_description(args)  # imports transformers, peft and bitsandbytes
     quiet_transformers()
     gc.freeze()  # the imported modules' objects are never garbage: keep gc.collect from scanning them each time
