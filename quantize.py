@@ -273,12 +273,13 @@ class DequantizedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer, dtype, bias):
-        ctx.layer, ctx.dtype = layer, dtype
+        ctx.layer = layer
         return F.linear(x, layer.dequantize(dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_x = grad_output @ ctx.layer.dequantize(ctx.dtype) if ctx.needs_input_grad[0] else None
+        # under autocast the forward may have run in a lower precision than the layer's compute dtype: match the gradient
+        grad_x = grad_output @ ctx.layer.dequantize(grad_output.dtype) if ctx.needs_input_grad[0] else None
         # a bias is frozen in QLoRA, but if a user unfreezes it, it must still get its gradient
         grad_bias = grad_output.reshape(-1, grad_output.size(-1)).sum(0) if ctx.needs_input_grad[3] else None
         return grad_x, None, None, grad_bias

@@ -246,6 +246,18 @@ def test_linear4bit_keeps_no_dense_weight_between_forward_and_backward():
     assert torch.allclose(x.grad, expected)
 
 
+def test_linear4bit_backward_under_autocast():
+    # autocast runs the forward matmul in bf16 even with fp32 compute: backward must take a bf16 gradient
+    torch.manual_seed(0)
+    layer = Q.Linear4bit.from_linear(nn.Linear(64, 32), compute_dtype=torch.float32)
+    x = torch.randn(4, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().sum().backward()
+    expected = torch.func.grad(lambda x_: F.linear(x_, layer.dequantize(), layer.bias).square().sum())(x.detach())
+    assert x.grad.dtype == torch.float32 and torch.allclose(x.grad, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+
+
 def test_linear4bit_unfrozen_bias_gets_its_gradient():
     torch.manual_seed(0)
     layer = Q.Linear4bit.from_linear(nn.Linear(64, 32))
