@@ -27,7 +27,6 @@ Modes (what trains; everything else stays frozen):
 """
 
 import argparse
-import csv
 import math
 import os
 import random
@@ -45,7 +44,8 @@ import torch.nn.functional as F
 import lora
 from model import PRETRAINED, download_file
 from train import (REPO_DIR, autocast_context, load_base_model, learning_rate, make_optimizer, peak_memory_bytes,
-                   pick_device, reset_peak_memory, save_atomic, training_state_bytes, write_json_atomic)
+                   pick_device, reset_peak_memory, save_atomic, save_figure_atomic, training_state_bytes, write_csv_atomic,
+                   write_json_atomic)
 
 LABELS = ("ham", "spam")  # class index -> name; spam = 1 is the "positive" class
 MODES = ("head", "last_block", "lora", "qlora", "full")
@@ -426,12 +426,7 @@ def describe_data(cfg):
 
 
 def write_log(rows, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    write_csv_atomic(rows, path, list(rows[0]))
 
 
 def plot_curves(rows, path, title):
@@ -448,8 +443,7 @@ def plot_curves(rows, path, title):
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    os.replace(path + ".tmp.png", path)
+    save_figure_atomic(fig, path)
 
 
 def base_fingerprint(gpt):

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from lora import atomic_write
 from model import GPT, PRETRAINED, GPTConfig
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -147,17 +148,30 @@ def peak_memory_bytes(device):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file beside path, then rename: a crash mid-write never leaves a broken checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through a temporary file and a rename: a crash mid-write never leaves a broken checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_json_atomic(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    atomic_write(path, write)
+
+
+def write_csv_atomic(rows, path, fieldnames):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def save_figure_atomic(fig, path):
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -349,17 +363,11 @@ def plot_losses(rows, path, title):
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    os.replace(path + ".tmp.png", path)
+    save_figure_atomic(fig, path)
 
 
 def write_log(rows, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["iter", "lr", "train_loss", "val_loss", "tokens", "seconds"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    write_csv_atomic(rows, path, ["iter", "lr", "train_loss", "val_loss", "tokens", "seconds"])
 
 
 def answer(model, tokenizer, instruction, device, max_new_tokens=80, input_text=""):

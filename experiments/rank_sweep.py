@@ -83,12 +83,7 @@ def read_rows(path):
 
 
 def write_rows(rows, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    train.write_csv_atomic(rows, path, COLUMNS)
 
 
 def main(argv=None):
