@@ -72,7 +72,7 @@ def plot(rows, task, metric_name, path):
     axes[0].legend(title="targets")
     fig.suptitle(f"{task}: {metric_name.replace('_', ' ')} by rank and target set (same seed and budget)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    train.save_figure_atomic(fig, path)
 
 
 def read_rows(path):

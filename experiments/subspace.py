@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lora import subspace_similarity  # noqa: E402
-from train import load_base_model  # noqa: E402
+from train import load_base_model, save_figure_atomic  # noqa: E402
 
 
 def load_run(runs_dir, task, rank, targets, seed):
@@ -97,7 +97,7 @@ def main(argv=None):
     image, grid = heat_map(axes[0], t8[f"{layer}.lora_A"], t64[f"{layer}.lora_A"], 8, 64, f"phi(A_r=8, A_r=64, i, j), {layer}")
     _, seeds = heat_map(axes[1], t64[f"{layer}.lora_A"], t64b[f"{layer}.lora_A"], 64, 64, f"phi(A_r=64 seed {seed_a}, A_r=64 seed {seed_b}, i, j)")
     fig.colorbar(image, ax=list(axes))
-    fig.savefig(args.out, dpi=100)
+    save_figure_atomic(fig, args.out)
     print(f"wrote {args.out}")
     d = W.shape[1]
     print(f"phi(A8, A64, 1, 1) = {grid[0, 0]:.3f}; phi(A8, A64, 8, 8) = {grid[7, 7]:.3f}; random subspaces give ~j/d = {8 / d:.3f} at j=8")
