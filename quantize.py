@@ -115,6 +115,12 @@ def code_book_tables(quant_type, device):
     return code.to(device), pairs.to(device)
 
 
+@functools.lru_cache(maxsize=None)
+def dynamic_8bit_code_on(device):
+    """DYNAMIC_8BIT_CODE_BOOK on `device`, copied there once (dequantize runs in every forward and backward)."""
+    return DYNAMIC_8BIT_CODE_BOOK.to(device)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Blockwise absmax quantization (§2 Eq. 1-2): one outlier only spoils the scale of its own block.
 
@@ -219,7 +225,7 @@ def double_quantize_absmax(absmax):
     blockwise quantization with the dynamic code, blocks of 256. Costs 8/64 + 32/(64*256) = 0.127 instead of
     32/64 = 0.5 bits per parameter. Returns (uint8 indices, fp32 scale per 256 blocks, fp32 mean)."""
     mean = absmax.mean()
-    indices, scale = quantize_blocks(absmax - mean, DYNAMIC_8BIT_CODE_BOOK.to(absmax.device), DOUBLE_QUANT_BLOCK_SIZE)
+    indices, scale = quantize_blocks(absmax - mean, dynamic_8bit_code_on(absmax.device), DOUBLE_QUANT_BLOCK_SIZE)
     return indices[: absmax.numel()], scale, mean
 
 
@@ -228,7 +234,7 @@ def dequantize_absmax(q):
     # .float(): a no-op unless model.to(torch.bfloat16) has cast these floating-point buffers as well
     if not q.double_quant:
         return q.absmax.float()
-    code = DYNAMIC_8BIT_CODE_BOOK.to(q.absmax.device)
+    code = dynamic_8bit_code_on(q.absmax.device)
     values = code[q.absmax.long()]
     padding = -values.numel() % DOUBLE_QUANT_BLOCK_SIZE
     scaled = F.pad(values, (0, padding)).view(-1, DOUBLE_QUANT_BLOCK_SIZE) * q.absmax_scale.float()[:, None]
