@@ -26,7 +26,6 @@ Modes (what trains; everything else stays frozen):
 `python finetune_classifier.py --help` lists every setting with its default.
 """
 
-import argparse
 import math
 import os
 import random
@@ -34,7 +33,7 @@ import sys
 import time
 import zipfile
 from collections import namedtuple
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 
 import lora
 from model import PRETRAINED, download_file
-from train import (REPO_DIR, autocast_context, load_base_model, learning_rate, make_optimizer, peak_memory_bytes,
+from train import (REPO_DIR, autocast_context, load_base_model, learning_rate, make_optimizer, parse_config, peak_memory_bytes,
                    pick_device, reset_peak_memory, save_atomic, save_figure_atomic, training_state_bytes, write_csv_atomic,
                    write_json_atomic)
 
@@ -379,7 +378,7 @@ def train_classifier(cfg):
             correct += (logits.argmax(dim=-1) == y).sum().item()
             seen += len(y)
             if cfg.progress:
-                batches.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}")
+                batches.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}", refresh=False)
         val = evaluate(model, eval_batches["val"], device)
         rows.append({"epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                      "val_loss": val["loss"], "val_accuracy": val["accuracy"], "seconds": round(time.time() - t0, 3)})
@@ -514,16 +513,7 @@ def classify(model, tokenizer, text, max_length, device="cpu"):
 
 
 def parse_args(argv=None):
-    """Every ClassifierConfig field becomes a --flag with its default in --help; unknown flags are errors."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(ClassifierConfig):
-        help_text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
-    return ClassifierConfig(**vars(parser.parse_args(argv)))
+    return parse_config(ClassifierConfig, argv, __doc__)
 
 
 def main(argv=None):

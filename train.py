@@ -484,7 +484,7 @@ def train(cfg):
         rows.append(row)
         if cfg.progress:
             tokens_per_second = (tokens_seen - tokens_at_start) / max(time.time() - t0, 1e-9)
-            steps.set_postfix(loss=f"{step_loss:.3f}", val=f"{row['val_loss']:.3f}" if row["val_loss"] != "" else "-", tok_s=f"{tokens_per_second:.0f}")
+            steps.set_postfix(loss=f"{step_loss:.3f}", val=f"{row['val_loss']:.3f}" if row["val_loss"] != "" else "-", tok_s=f"{tokens_per_second:.0f}", refresh=False)
         if row["val_loss"] != "":
             save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step + 1, rows, before, ckpt_path)
             write_log(rows, os.path.join(cfg.out_dir, "log.csv"))
@@ -563,21 +563,25 @@ def answer_prompt(cfg):
         model, tokenizer_name = load_finetuned(cfg.adapter, cfg.init_from, device)
     else:
         model, tokenizer_name = load_base_model(cfg.init_from, device)
-    model.eval()
     print(answer(model, get_tokenizer(tokenizer_name), cfg.prompt, device, cfg.max_new_tokens))
 
 
-def parse_args(argv=None):
-    """Every TrainConfig field becomes a --flag with its default in --help; unknown flags are errors."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
+def parse_config(config_class, argv=None, description=__doc__):
+    """Every field of a config dataclass becomes a --flag with its default in --help; unknown flags are errors.
+    (finetune_classifier.py builds its command line from ClassifierConfig the same way.)"""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(config_class):
         help_text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")  # argparse formats help with %
         if f.type is bool or f.type == "bool":
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    return config_class(**vars(parser.parse_args(argv)))
+
+
+def parse_args(argv=None):
+    return parse_config(TrainConfig, argv)
 
 
 if __name__ == "__main__":
