@@ -24,7 +24,6 @@ Which layers: apply_lora's target short names map onto model.GPT's projections (
 import json
 import math
 import os
-import tempfile
 
 import torch
 import torch.nn as nn
@@ -440,8 +439,9 @@ def adapter_config(model, name):
 
 def atomic_write(path, write):
     """Call write(temporary path) and rename the result onto path, so a crash never leaves a half file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
+    # beside path (a rename within one file system is atomic); named by the process id so two runs cannot collide;
+    # written by `write` itself, so it gets the usual permissions (mkstemp's file would be private to its owner)
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         write(tmp)
         os.replace(tmp, path)
