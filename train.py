@@ -6,6 +6,7 @@ One training loop for the jobs of this repository (nanoGPT's train.py is the mod
     python train.py --quantize nf4                    # QLoRA: LoRA on a 4-bit NF4 base
     python train.py --init_from scratch --dataset stdlib --out_dir checkpoints/tiny-base   # pretrain the tiny base
     python train.py --adapter out/instruct --prompt "Give an antonym of 'hot'."             # answer with base + adapter
+    python train.py --adapter out/instruct --answer_file my.json --answers_out answered.json  # answer a whole file
 
 `python train.py --help` lists every hyperparameter with its default.
 """
@@ -33,6 +34,7 @@ TINY_BASE_DIR = os.path.join(REPO_DIR, "checkpoints", "tiny-base")
 class TrainConfig:
     # what to start from, what to learn
     init_from: str = field(default="tiny", metadata={"help": "'tiny' (the offline base in checkpoints/tiny-base, pretrained first if missing), 'scratch', one of " + ", ".join(PRETRAINED) + ", or a checkpoint file/directory"})
+    corpus: str = field(default="docstrings", metadata={"help": "pretraining text, comma-separated: docstrings, comments, topics, code (see corpus.py)"})
     dataset: str = field(default="embedded", metadata={"help": "'stdlib' (pretraining corpus), 'embedded' (data/instructions.json), 'instruction-data' or 'alpaca' (downloaded), or a path to an Alpaca-format .json"})
     out_dir: str = field(default="out/instruct", metadata={"help": "where the log, plots, samples, summary.json and checkpoints go"})
     finetune: str = field(default="lora", metadata={"help": "'lora' (train adapters only) or 'full' (train every weight); ignored when pretraining"})
@@ -47,6 +49,7 @@ class TrainConfig:
     loraplus_ratio: float = field(default=1.0, metadata={"help": "LoRA+: learning rate of B = ratio x that of A (arXiv 2402.12354 suggests 16); 1 = plain LoRA"})
     # data
     mask_prompt: bool = field(default=False, metadata={"help": "leave the prompt out of the loss (train on responses only)"})
+    prompt_template: str = field(default="auto", metadata={"help": "'alpaca', 'compact' (Alpaca's without its preamble sentence), or 'auto': compact for the byte-level tiny base, alpaca for GPT-2"})
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     # model shape when --init_from scratch (the tiny base: 4 layers x 256 wide, byte-level, 3.3M parameters;
@@ -68,7 +71,8 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_interval: int = field(default=0, metadata={"help": "evaluate and checkpoint every N steps (0 = 10 times per run)"})
     eval_batches: int = field(default=0, metadata={"help": "validation batches per evaluation (0 = the whole validation split)"})
-    num_samples: int = field(default=3, metadata={"help": "held-out instructions answered before and after fine-tuning"})
+    num_samples: int = field(default=3, metadata={"help": "held-out answers printed before and after fine-tuning"})
+    answer_limit: int = field(default=500, metadata={"help": "test examples answered greedily and scored before and after fine-tuning (the first N; 0 = none)"})
     max_new_tokens: int = field(default=80, metadata={"help": "tokens generated per answer"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt (same seed: same trajectory)"})
     seed: int = 1337
@@ -79,6 +83,8 @@ class TrainConfig:
     # inference only
     adapter: str = field(default="", metadata={"help": "a LoRA run's out_dir: load base + adapter (with --prompt)"})
     prompt: str = field(default="", metadata={"help": "answer this instruction with the model (and --adapter) and exit"})
+    answer_file: str = field(default="", metadata={"help": "answer every example of this Alpaca-format JSON file (with --adapter) and exit"})
+    answers_out: str = field(default="", metadata={"help": "where --answer_file writes its examples with a 'response' added (default: IN.answers.json)"})
 
     @property
     def pretraining(self):
@@ -228,10 +234,10 @@ class PretrainingData:
     """The stdlib corpus as one long token stream. A training batch is batch_size random windows whose positions
     depend only on (seed, step), so a resumed run sees exactly the batches the uninterrupted run would have."""
 
-    def __init__(self, tokenizer, block_size, seed):
+    def __init__(self, tokenizer, block_size, seed, sources="docstrings"):
         from corpus import stdlib_corpus
 
-        train_text, val_text = stdlib_corpus()
+        train_text, val_text = stdlib_corpus(sources)
         self.train = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
         self.val = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
         self.block_size, self.seed = block_size, seed
@@ -258,14 +264,14 @@ class PretrainingData:
 class InstructionData:
     """Alpaca-format examples, split 85/5/10, tokenized, each epoch shuffled by (seed, epoch)."""
 
-    def __init__(self, dataset, tokenizer, block_size, seed, mask_prompt):
+    def __init__(self, dataset, tokenizer, block_size, seed, mask_prompt, template="alpaca"):
         from instructions import load_examples, split_examples, tokenize_examples
 
         self.train_examples, self.val_examples, self.test_examples = split_examples(load_examples(dataset))
         max_length = block_size + 1  # inputs and targets are the sequence shifted by one
-        self.train, dropped = tokenize_examples(self.train_examples, tokenizer, max_length)
-        self.val, dropped_val = tokenize_examples(self.val_examples, tokenizer, max_length)
-        self.test, dropped_test = tokenize_examples(self.test_examples, tokenizer, max_length)
+        self.train, dropped = tokenize_examples(self.train_examples, tokenizer, max_length, template)
+        self.val, dropped_val = tokenize_examples(self.val_examples, tokenizer, max_length, template)
+        self.test, dropped_test = tokenize_examples(self.test_examples, tokenizer, max_length, template)
         self.dropped = dropped + dropped_val + dropped_test
         if not self.train or not self.val:
             raise ValueError(f"dataset {dataset!r} leaves no train or validation examples within {block_size} tokens")
@@ -370,18 +376,80 @@ def write_log(rows, path):
     write_csv_atomic(rows, path, ["iter", "lr", "train_loss", "val_loss", "tokens", "seconds"])
 
 
-def answer(model, tokenizer, instruction, device, max_new_tokens=80, input_text=""):
-    """Greedy response to one instruction, cut at the end-of-text token."""
+def resolve_template(template, tokenizer_name):
+    """--prompt_template auto: the compact template for the byte-level base, Alpaca's for GPT-2's tokenizer."""
+    if template == "auto":
+        return "compact" if tokenizer_name == "bytes" else "alpaca"
+    return template
+
+
+def answer_examples(model, tokenizer, examples, device, max_new_tokens=80, template="alpaca", batch_size=64):
+    """Greedy responses to a list of {"instruction", "input"} examples, each cut at the end-of-text token.
+    Prompts of equal length share a batch, so no row needs padding and each row gets exactly the tokens it
+    would get alone."""
     from instructions import format_prompt
 
-    prompt = tokenizer.encode(format_prompt({"instruction": instruction, "input": input_text}))
-    prompt = prompt[-(model.config.block_size - max_new_tokens) :] if len(prompt) + max_new_tokens > model.config.block_size else prompt
+    keep = model.config.block_size - max_new_tokens  # room for the answer; a longer prompt keeps its end
+    if keep < 1:
+        raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in a context of {model.config.block_size} tokens")
+    prompts = [tokenizer.encode(format_prompt(ex, template))[-keep:] for ex in examples]
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    responses = [""] * len(examples)
     was_training = model.training
     model.eval()  # greedy answers must not depend on dropout (e.g. LoRA's), or a reloaded adapter could not reproduce them
-    out = model.generate(torch.tensor([prompt], device=device), max_new_tokens, temperature=0, eos_token_id=tokenizer.eot_token)
+    for length, rows in by_length.items():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            out = model.generate(torch.tensor([prompts[i] for i in batch], device=device), max_new_tokens, temperature=0, eos_token_id=tokenizer.eot_token)
+            for i, tokens in zip(batch, out[:, length:].tolist()):
+                tokens = tokens[: tokens.index(tokenizer.eot_token)] if tokenizer.eot_token in tokens else tokens
+                responses[i] = tokenizer.decode(tokens).strip()
     model.train(was_training)
-    new = [t for t in out[0, len(prompt) :].tolist() if t != tokenizer.eot_token]
-    return tokenizer.decode(new).strip()
+    return responses
+
+
+def answer(model, tokenizer, instruction, device, max_new_tokens=80, input_text="", template="alpaca"):
+    """Greedy response to one instruction, cut at the end-of-text token."""
+    return answer_examples(model, tokenizer, [{"instruction": instruction, "input": input_text}], device, max_new_tokens, template)[0]
+
+
+def answer_report(examples, before, after):
+    """Score the test answers before and after training -> (summary fields, per-kind rows, per-example records)."""
+    from instructions import score_responses
+
+    overall_before, kinds_before, rows_before = score_responses(examples, before)
+    overall_after, kinds_after, rows_after = score_responses(examples, after)
+    fields = {}
+    for metric in ("accuracy", "exact_match", "f1"):
+        if metric in overall_after:
+            fields[f"test_{metric}_before"], fields[f"test_{metric}_after"] = overall_before[metric], overall_after[metric]
+    by_kind = []
+    for kind, after_scores in kinds_after.items():
+        row = {"kind": kind, "examples": after_scores["examples"]}
+        for metric in ("accuracy", "exact_match", "f1"):
+            if metric in after_scores:
+                row[f"{metric}_before"], row[f"{metric}_after"] = kinds_before[kind][metric], after_scores[metric]
+        by_kind.append(row)
+    records = []
+    for ex, b, a, rb, ra in zip(examples, before, after, rows_before, rows_after):
+        record = {**ex, "before": b, "after": a}
+        if "correct" in ra:
+            record["correct_before"], record["correct_after"] = rb["correct"], ra["correct"]
+        records.append(record)
+    return fields, by_kind, records
+
+
+def print_answer_table(by_kind, fields):
+    metric = "accuracy" if "test_accuracy_after" in fields else "f1"
+    print(f"\nanswers on the test split ({metric}{': key answer in the response' if metric == 'accuracy' else ' against the reference'}, exact match):")
+    print(f"  {'kind':14s} {'n':>4s}  {metric + ' before -> after':>24s}  {'exact before -> after':>22s}")
+    for row in by_kind:
+        print(f"  {row['kind']:14s} {row['examples']:4d}  {row[metric + '_before']:10.2f} -> {row[metric + '_after']:<10.2f}  "
+              f"{row['exact_match_before']:9.2f} -> {row['exact_match_after']:<9.2f}")
+    print(f"  {'all':14s} {sum(r['examples'] for r in by_kind):4d}  {fields['test_' + metric + '_before']:10.2f} -> {fields['test_' + metric + '_after']:<10.2f}  "
+          f"{fields['test_exact_match_before']:9.2f} -> {fields['test_exact_match_after']:<9.2f}")
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -417,11 +485,13 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     model, tokenizer_name, mode = prepare_model(cfg, device)
     tokenizer = get_tokenizer(tokenizer_name)
+    template = resolve_template(cfg.prompt_template, tokenizer_name)
     block_size = model.config.block_size
     if cfg.pretraining:
-        data = PretrainingData(tokenizer, block_size, cfg.seed)
+        data = PretrainingData(tokenizer, block_size, cfg.seed, cfg.corpus)
     else:
-        data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt)
+        data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt, template)
+        answered = data.test_examples[: cfg.answer_limit]
     data.grad_accum = cfg.grad_accum
     optimizer = make_optimizer(model, cfg)
     from lora import count_parameters
@@ -448,7 +518,7 @@ def train(cfg):
         before["val_loss"] = evaluate(model, val_batches, device)
         if not cfg.pretraining:
             before["test_loss"] = evaluate(model, data.val_batches(cfg.batch_size, "test"), device)
-            before["samples"] = [answer(model, tokenizer, ex["instruction"], device, cfg.max_new_tokens, ex.get("input", "")) for ex in data.test_examples[: cfg.num_samples]]
+            before["answers"] = answer_examples(model, tokenizer, answered, device, cfg.max_new_tokens, template)
         print(f"validation loss before training: {before['val_loss']:.4f}")
 
     reset_peak_memory(device)
@@ -504,13 +574,18 @@ def train(cfg):
     if not cfg.pretraining:
         summary["test_loss_before"] = before["test_loss"]
         summary["test_loss_after"] = evaluate(model, data.val_batches(cfg.batch_size, "test"), device)
-        samples = []
-        for ex, response_before in zip(data.test_examples[: cfg.num_samples], before["samples"]):
-            response_after = answer(model, tokenizer, ex["instruction"], device, cfg.max_new_tokens, ex.get("input", ""))
-            samples.append({**ex, "before": response_before, "after": response_after})
-            print(f"\n### {ex['instruction']}" + (f"\n    input:    {ex['input']}" if ex.get("input") else "")
-                  + f"\n    expected: {ex['output']}\n    before:   {response_before}\n    after:    {response_after}")
-        write_json_atomic(samples, os.path.join(cfg.out_dir, "samples.json"))
+        summary["prompt_template"] = template
+        after = answer_examples(model, tokenizer, answered, device, cfg.max_new_tokens, template)
+        fields, by_kind, records = answer_report(answered, before["answers"], after)
+        summary.update(fields)
+        summary["test_by_kind"] = by_kind
+        for record in records[: cfg.num_samples]:
+            print(f"\n### {record['instruction']}" + (f"\n    input:    {record['input']}" if record.get("input") else "")
+                  + f"\n    expected: {record['output']}\n    before:   {record['before']}\n    after:    {record['after']}")
+        write_json_atomic(records, os.path.join(cfg.out_dir, "samples.json"))
+        if by_kind:
+            write_csv_atomic(by_kind, os.path.join(cfg.out_dir, "answers.csv"), list(by_kind[0]))
+            print_answer_table(by_kind, fields)
         print(f"\ntest loss: {summary['test_loss_before']:.4f} before -> {summary['test_loss_after']:.4f} after")
     print(f"{mode}: {trainable:,} trainable / {total:,} total parameters; outputs in {cfg.out_dir}")
     write_json_atomic(summary, os.path.join(cfg.out_dir, "summary.json"))
@@ -554,16 +629,50 @@ def load_finetuned(adapter_dir, init_from, device):
     return model.eval(), tokenizer_name
 
 
-def answer_prompt(cfg):
-    """--prompt: load the base (and the adapter of a LoRA run) and answer one instruction."""
+def load_for_answering(cfg, device):
+    """The base (with --adapter: base + the run's adapter) -> (model, tokenizer, prompt template). An adapter
+    answers in the template it was trained with (its summary.json), unless --prompt_template names another."""
     from tokenizer import get_tokenizer
 
-    device = pick_device(cfg.device)
+    template = cfg.prompt_template
     if cfg.adapter:
         model, tokenizer_name = load_finetuned(cfg.adapter, cfg.init_from, device)
+        summary_path = os.path.join(cfg.adapter, "summary.json")
+        if template == "auto" and os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                template = json.load(f).get("prompt_template", "alpaca")  # runs from before templates existed used Alpaca's
     else:
         model, tokenizer_name = load_base_model(cfg.init_from, device)
-    print(answer(model, get_tokenizer(tokenizer_name), cfg.prompt, device, cfg.max_new_tokens))
+    return model, get_tokenizer(tokenizer_name), resolve_template(template, tokenizer_name)
+
+
+def answer_prompt(cfg):
+    """--prompt: load the base (and the adapter of a LoRA run) and answer one instruction."""
+    device = pick_device(cfg.device)
+    model, tokenizer, template = load_for_answering(cfg, device)
+    print(answer(model, tokenizer, cfg.prompt, device, cfg.max_new_tokens, template=template))
+
+
+def answer_file(cfg):
+    """--answer_file: answer every example of an Alpaca-format JSON list greedily (its 'input' used) and write the
+    list back with a 'response' added to each example, every other key kept. Examples with an 'answer' key are
+    scored for accuracy, examples with an 'output' for exact match and token F1."""
+    from instructions import load_answer_file
+
+    examples = load_answer_file(cfg.answer_file)
+    out_path = cfg.answers_out or os.path.splitext(cfg.answer_file)[0] + ".answers.json"
+    device = pick_device(cfg.device)
+    model, tokenizer, template = load_for_answering(cfg, device)
+    responses = answer_examples(model, tokenizer, examples, device, cfg.max_new_tokens, template)
+    write_json_atomic([{**ex, "response": r} for ex, r in zip(examples, responses)], out_path)
+    print(f"answered {len(examples)} examples from {cfg.answer_file} ({template} template); written to {out_path}")
+    scored = [(ex, r) for ex, r in zip(examples, responses) if ex.get("answer") or ex.get("output")]
+    if scored:
+        from instructions import score_responses
+
+        overall, by_kind, _ = score_responses([ex for ex, _ in scored], [r for _, r in scored])
+        for kind, scores in list(by_kind.items()) + [("all", overall)]:
+            print(f"  {kind:14s} " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
 
 
 def parse_config(config_class, argv=None, description=__doc__):
@@ -589,6 +698,8 @@ if __name__ == "__main__":
     try:
         if config.prompt:
             answer_prompt(config)
+        elif config.answer_file:
+            answer_file(config)
         else:
             train(resolve_defaults(config))
     except (ValueError, FileNotFoundError, KeyError) as e:

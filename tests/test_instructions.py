@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import shared_data
-from instructions import collate, format_prompt, load_examples, split_examples, tokenize_examples, validate_examples
+from instructions import (PROMPT_HEADER, collate, contains_answer, exact_match, format_prompt, load_examples, score_responses,
+                          split_examples, token_f1, tokenize_examples, validate_examples)
 from tokenizer import ByteTokenizer
 
 
@@ -71,3 +72,48 @@ def test_real_instruction_set_loads_and_splits():
     assert (len(train), len(val), len(test)) == (935, 55, 110)
     kept, dropped = tokenize_examples(train, ByteTokenizer(), max_length=513)
     assert len(kept) + dropped == 935 and dropped < 935 * 0.2
+
+
+def test_compact_template_is_alpaca_without_its_preamble():
+    ex = {"instruction": "Translate.", "input": "chat", "output": "cat"}
+    assert format_prompt(ex, "compact") == "### Instruction:\nTranslate.\n\n### Input:\nchat\n\n### Response:\n"
+    assert format_prompt(ex, "alpaca") == PROMPT_HEADER + "\n\n" + format_prompt(ex, "compact")
+    with pytest.raises(ValueError, match="use one of alpaca, compact"):
+        format_prompt(ex, "chatml")
+
+
+@pytest.mark.parametrize("response, answer, correct", [
+    ('The plural of "box" is "boxes".', "boxes", True),     # the answer inside a longer sentence, quoted
+    ("BOXES!", "boxes", True),                              # case and punctuation do not matter
+    ('The plural of "box" is "boxs".', "boxes", False),     # a wrong answer
+    ("", "boxes", False),                                   # an empty response
+    ("The number after 119 is 120.", "20", False),          # a number inside another number is not the answer
+    ("1234567 is written 1234567.", "1,234,567", False),    # separators inside a word are kept
+    ("The capital of Peru is Lima.", "Lima", True),
+    ("Can the dog swim?", "Can the dog swim?", True),       # a whole-sentence answer
+    ("The dog can swim?", "Can the dog swim?", False),
+])
+def test_contains_answer_on_hand_made_responses(response, answer, correct):
+    assert contains_answer(response, answer) is correct
+
+
+def test_exact_match_and_token_f1():
+    assert exact_match('the plural of "box" is "boxes".', 'The plural of "box" is "boxes".')
+    assert not exact_match("The plural is boxes.", 'The plural of "box" is "boxes".')
+    assert token_f1("", "") == 1.0 and token_f1("", "a b") == 0.0 and token_f1("x y", "a b") == 0.0
+    # 3 common words; precision 3/3, recall 3/4
+    assert token_f1("the cat sat", "the cat sat down") == pytest.approx(2 * 1 * 0.75 / 1.75)
+
+
+def test_score_responses_overall_and_per_kind():
+    examples = [{"instruction": "q", "output": "It is even.", "answer": "even", "kind": "parity"},
+                {"instruction": "q", "output": "It is odd.", "answer": "odd", "kind": "parity"},
+                {"instruction": "q", "output": "Lima.", "answer": "Lima", "kind": "capital"},
+                {"instruction": "q", "output": "A free answer."}]  # no key answer: exact match and F1 only
+    overall, by_kind, rows = score_responses(examples, ["It is even.", "It is even.", "Paris", "A free answer."])
+    assert overall["examples"] == 4 and overall["accuracy"] == pytest.approx(1 / 3) and overall["exact_match"] == 0.5
+    assert by_kind["parity"]["accuracy"] == 0.5 and by_kind["capital"]["accuracy"] == 0.0
+    assert by_kind["all"] == {"examples": 1, "exact_match": 1.0, "f1": 1.0}
+    assert [r.get("correct") for r in rows] == [True, False, False, None]
+    with pytest.raises(ValueError):
+        score_responses(examples, ["one response too few"] * 3)

@@ -91,7 +91,8 @@ def small_base(tmp_path_factory):
 
 def finetune_config(base, out_dir, **overrides):
     settings = dict(init_from=base, dataset="embedded", out_dir=str(out_dir), lora_rank=4, lora_alpha=8, batch_size=8, max_iters=15,
-                    eval_interval=15, eval_batches=3, learning_rate=3e-3, num_samples=2, max_new_tokens=24, progress=False, device="cpu")
+                    eval_interval=15, eval_batches=3, learning_rate=3e-3, num_samples=2, max_new_tokens=24, answer_limit=24,
+                    progress=False, device="cpu")
     settings.update(overrides)
     return resolve_defaults(TrainConfig(**settings))
 
@@ -117,12 +118,53 @@ def test_lora_finetuning_lowers_loss_saves_only_the_adapter_and_reloads(small_ba
     assert capsys.readouterr().out.strip() == samples[0]["after"]
 
 
+def test_answers_are_scored_before_and_after_and_a_file_is_answered_the_same_way(small_base, tmp_path, capsys):
+    from instructions import contains_answer
+
+    run = tmp_path / "run"
+    summary = train.train(finetune_config(small_base, run, max_iters=4, eval_interval=4))
+    assert summary["prompt_template"] == "compact"  # the byte-level base gets the short template
+    for key in ("test_accuracy_before", "test_accuracy_after", "test_exact_match_before", "test_exact_match_after", "test_f1_after"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    records = json.load(open(run / "samples.json"))
+    assert len(records) == 24 and sum(r["correct_after"] for r in records) / 24 == summary["test_accuracy_after"]
+    assert all(r["correct_after"] == contains_answer(r["after"], r["answer"]) for r in records)
+    kinds = {row["kind"]: row for row in summary["test_by_kind"]}
+    assert sum(row["examples"] for row in kinds.values()) == 24 and (run / "answers.csv").exists()
+
+    # --answer_file: the same 24 test examples in a file of our own, plus an extra key and one without an output
+    questions = [{k: r[k] for k in ("instruction", "input", "output", "answer", "kind")} | {"note": i} for i, r in enumerate(records)]
+    questions.append({"instruction": "Name a colour."})
+    (tmp_path / "in.json").write_text(json.dumps(questions))
+    capsys.readouterr()
+    train.answer_file(TrainConfig(adapter=str(run), answer_file=str(tmp_path / "in.json"), answers_out=str(tmp_path / "out.json"),
+                                  max_new_tokens=24, device="cpu"))
+    answered = json.load(open(tmp_path / "out.json"))
+    assert [{k: v for k, v in a.items() if k != "response"} for a in answered] == questions  # every other key kept
+    assert [a["response"] for a in answered[:24]] == [r["after"] for r in records]  # the run's own greedy answers
+    assert f"accuracy {summary['test_accuracy_after']:.2f}" in capsys.readouterr().out
+
+
+def test_batched_answers_equal_one_at_a_time(small_base):
+    from instructions import format_prompt, load_examples
+    from tokenizer import get_tokenizer
+
+    model, tokenizer_name = train.load_checkpoint_model(small_base)
+    tokenizer, examples = get_tokenizer(tokenizer_name), load_examples("embedded")[:40]
+    lengths = [len(tokenizer.encode(format_prompt(ex, "compact"))) for ex in examples]
+    assert len(set(lengths)) < len(lengths) - 5  # several prompts share a length, so some batches hold several rows
+    batched = train.answer_examples(model, tokenizer, examples, "cpu", max_new_tokens=16, template="compact")
+    alone = [train.answer(model, tokenizer, ex["instruction"], "cpu", 16, ex["input"], template="compact") for ex in examples]
+    assert batched == alone
+
+
 def reloaded_val_loss(adapter_dir, cfg):
     """Validation loss of base + the saved adapter, loaded afresh, on the batches training evaluated on."""
     from tokenizer import get_tokenizer
 
     model, tokenizer_name = train.load_finetuned(str(adapter_dir), "tiny", "cpu")
-    data = train.InstructionData(cfg.dataset, get_tokenizer(tokenizer_name), model.config.block_size, cfg.seed, cfg.mask_prompt)
+    template = train.resolve_template(cfg.prompt_template, tokenizer_name)
+    data = train.InstructionData(cfg.dataset, get_tokenizer(tokenizer_name), model.config.block_size, cfg.seed, cfg.mask_prompt, template)
     return train.evaluate(model, data.val_batches(cfg.batch_size)[: cfg.eval_batches], "cpu")
 
 
