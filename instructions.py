@@ -72,6 +72,8 @@ def load_examples(name):
     try:
         with open(path, encoding="utf-8") as f:
             examples = json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}); save the dataset as UTF-8") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); expected a list of {{'instruction', 'input', 'output'}} objects") from e
     return validate_examples(examples, path)
