@@ -58,11 +58,11 @@ def load_tensor_file(path, what="checkpoint", fix="delete it and train again"):
         raise FileNotFoundError(f"no {what} at {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refused a global, or the bytes are not a pickle at all
-        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+    except pickle.UnpicklingError as e:  # weights_only refused a global (a class or function), or the bytes do not unpickle
+        if "Unsupported global" in str(e):
             raise UserError(f"{path} holds more than tensors and plain containers (e.g. a pickled object, which could run code "
                             f"as it loads), so it is not loaded: a {what} written by this repository never does; {fix}") from None
-        raise UserError(f"{path} is not a readable {what} (corrupt: {first_line(e)}); {fix}") from None
+        raise UserError(f"{path} is not a readable {what} (empty, truncated or corrupt: its bytes do not unpickle); {fix}") from None
     except (EOFError, OSError, RuntimeError, UnicodeDecodeError, IndexError, KeyError, ValueError, zipfile.BadZipFile) as e:
         # what torch.load raises on a zero-byte, truncated or random file depends on where the bytes stop making sense
         raise UserError(f"{path} is not a readable {what} (empty, truncated or corrupt: {first_line(e) or type(e).__name__}); {fix}") from None

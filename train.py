@@ -549,6 +549,14 @@ def load_resume_checkpoint(path, cfg):
     return ckpt
 
 
+def restore_random_state(ckpt, device):
+    """The random generators as the checkpoint left them: the CPU's (batches, dropout on the CPU) and, on a GPU, the
+    CUDA ones (dropout there draws from them), so a resumed run repeats the uninterrupted one."""
+    torch.set_rng_state(ckpt["rng"])
+    if device.startswith("cuda") and ckpt.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+
+
 def load_trained_tensors(model, ckpt, path):
     """The checkpoint's tensors into the model, every one accounted for: exactly the parameters that train (LoRA),
     or every weight (pretraining, full fine-tuning), each with its shape."""
@@ -605,9 +613,7 @@ def run_training(cfg):
         ckpt = load_resume_checkpoint(ckpt_path, cfg)
         load_trained_tensors(model, ckpt, ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        if ckpt.get("cuda_rng") and device.startswith("cuda"):  # dropout on the GPU draws from the CUDA generators
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        restore_random_state(ckpt, device)
         start, rows, before = ckpt["iter"], ckpt["log"], ckpt["before"]
         run_id = ckpt.get("run_id", run_id)  # checkpoints written before run ids get one now
         print(f"resumed from {ckpt_path} at step {start}")
