@@ -59,7 +59,7 @@ def check_rank(rank, in_features, out_features):
 
 
 def check_hyperparameters(alpha, dropout, adapter_name):
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a positive number, got {alpha!r}; alpha = 2 * rank is a common choice")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
@@ -376,7 +376,7 @@ def lora_param_groups(model, lr, loraplus_lr_ratio=16.0, weight_decay=0.0):
     small for efficient feature learning; its experiments suggest a ratio around 2^4 = 16 (1 = plain LoRA).
     Only trainable parameters are included. No weight decay on 1-d tensors (biases, LayerNorm weights, DoRA
     magnitudes: decaying m to 0 would shrink the pretrained weights). PEFT instead puts 1-d tensors at B's rate."""
-    if lr <= 0 or loraplus_lr_ratio <= 0:
+    if not (math.isfinite(lr) and math.isfinite(loraplus_lr_ratio)) or lr <= 0 or loraplus_lr_ratio <= 0:
         raise ValueError(f"lr and loraplus_lr_ratio must be positive, got lr={lr}, loraplus_lr_ratio={loraplus_lr_ratio}")
     groups = {"lora_A": [], "lora_B": [], "other": [], "no_decay": []}
     for name, p in model.named_parameters():
