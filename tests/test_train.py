@@ -449,3 +449,34 @@ def test_cuda_random_state_is_saved_and_restored(tmp_path, monkeypatch):
     assert restored == []  # a CPU run leaves CUDA alone
     train.restore_random_state(torch.load(tmp_path / "ckpt.pt", weights_only=True), "cuda")
     assert len(restored) == 1 and torch.equal(restored[0][0], state[0])
+
+
+def test_killed_at_random_points_and_resumed_a_run_ends_as_if_never_killed(small_base, tmp_path):
+    """Fault injection: SIGKILL a training process at random moments (twice per seed), start again (--resume once a
+    checkpoint exists), and require the log, adapter and answers of an uninterrupted run. The processes are forked
+    from this one, so each start costs no fresh `import torch`."""
+    import multiprocessing
+    import random
+    import signal
+    import time
+
+    settings = dict(max_iters=6, eval_interval=2, eval_batches=1, lora_dropout=0.1, num_samples=1, max_new_tokens=4)
+    started = time.time()
+    train.train(finetune_config(small_base, tmp_path / "straight", **settings))
+    duration = time.time() - started
+    fork = multiprocessing.get_context("fork")
+    for seed in range(3):
+        rng, out = random.Random(seed), tmp_path / f"killed-{seed}"
+        for _ in range(2):
+            child = fork.Process(target=train.train, args=(finetune_config(small_base, out, resume=(out / "ckpt.pt").exists(), **settings),))
+            child.start()
+            time.sleep(rng.uniform(0, duration))
+            os.kill(child.pid, signal.SIGKILL)  # a no-op if it already finished
+            child.join()
+        train.train(finetune_config(small_base, out, resume=(out / "ckpt.pt").exists(), **settings))
+        leftovers = [name for name in os.listdir(out) if name.endswith(".tmp") or name == "run.lock"]
+        assert leftovers == [], f"seed {seed}"
+        for name in ("adapter_model.safetensors", "samples.json"):
+            assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), f"seed {seed}: {name}"
+        log = lambda d: [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(d / "log.csv"))]
+        assert log(out) == log(tmp_path / "straight"), f"seed {seed}"
