@@ -252,7 +252,8 @@ def test_no_loading_path_unpickles_objects_from_a_checkpoint(small_base, tmp_pat
         assert not marker.exists(), f"{name} ran code from a checkpoint"
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", bytes(range(256)) * 8, "héllo wörld".encode("latin-1")])
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", bytes(range(256)) * 8, "héllo wörld".encode("latin-1")],
+                         ids=["zero bytes", "truncated zip", "random bytes", "latin-1 text"])
 def test_unreadable_checkpoints_are_named(tmp_path, content):
     path = tmp_path / "ckpt.pt"
     path.write_bytes(content)
