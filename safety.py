@@ -62,10 +62,12 @@ def load_tensor_file(path, what="checkpoint", fix="delete it and train again"):
         if "Unsupported global" in str(e):
             raise UserError(f"{path} holds more than tensors and plain containers (e.g. a pickled object, which could run code "
                             f"as it loads), so it is not loaded: a {what} written by this repository never does; {fix}") from None
-        raise UserError(f"{path} is not a readable {what} (empty, truncated or corrupt: its bytes do not unpickle); {fix}") from None
-    except (EOFError, OSError, RuntimeError, UnicodeDecodeError, IndexError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not a readable {what} ({os.path.getsize(path):,} bytes that torch.load cannot read: empty, "
+                        f"truncated or not written by torch.save); {fix}") from None
+    except (EOFError, OSError, RuntimeError, UnicodeDecodeError, IndexError, KeyError, ValueError, zipfile.BadZipFile):
         # what torch.load raises on a zero-byte, truncated or random file depends on where the bytes stop making sense
-        raise UserError(f"{path} is not a readable {what} (empty, truncated or corrupt: {first_line(e) or type(e).__name__}); {fix}") from None
+        raise UserError(f"{path} is not a readable {what} ({os.path.getsize(path):,} bytes that torch.load cannot read: empty, "
+                        f"truncated or not written by torch.save); {fix}") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not the dict a {what} is; {fix}")
     return obj
