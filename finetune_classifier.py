@@ -338,16 +338,21 @@ CLASSIFIER_FILES = ("classifier.json", "classifier.pt", "adapter/adapter_model.s
 
 def train_classifier(cfg):
     """Fine-tune one classifier end to end; returns the summary also written to out_dir/summary.json. The run owns
-    out_dir while it lasts (safety.lock_out_dir), and replaces an earlier run's files there when it starts."""
+    out_dir while it lasts (safety.lock_out_dir), and replaces an earlier run's files there once its base and data
+    have loaded."""
     check_config(cfg)
     pick_device(cfg.device)  # a --device this machine lacks is refused before anything is loaded
     with lock_out_dir(cfg.out_dir):
-        earlier = [name for name in CLASSIFIER_FILES if os.path.exists(os.path.join(cfg.out_dir, name))]
-        if earlier:
-            print(f"{cfg.out_dir} holds an earlier run ({', '.join(earlier)}): replacing it")
-            for name in earlier:
-                os.remove(os.path.join(cfg.out_dir, name))
         return run_classifier_training(cfg)
+
+
+def remove_earlier_run(out_dir):
+    """Otherwise an earlier run's files would sit beside this run's until overwritten (or forever, if it is killed)."""
+    earlier = [name for name in CLASSIFIER_FILES if os.path.exists(os.path.join(out_dir, name))]
+    if earlier:
+        print(f"{out_dir} holds an earlier run ({', '.join(earlier)}): replacing it")
+        for name in earlier:
+            os.remove(os.path.join(out_dir, name))
 
 
 def run_classifier_training(cfg):
@@ -379,6 +384,7 @@ def run_classifier_training(cfg):
     model = build_classifier(gpt, cfg.mode, cfg.lora_rank, cfg.lora_alpha, parse_targets(cfg.lora_targets), cfg.lora_dropout)
     trainable, total = lora.count_parameters(model)
     print(f"{cfg.mode}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%) on {device}")
+    remove_earlier_run(cfg.out_dir)
 
     steps_per_epoch = -(-len(splits["train"]) // cfg.batch_size)
     max_iters = cfg.epochs * steps_per_epoch

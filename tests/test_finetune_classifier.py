@@ -408,3 +408,14 @@ def test_unreadable_or_mixed_classifier_files_are_named(tiny_base, tmp_path):
     torch.save({k: v + 1 for k, v in trained.items()}, tmp_path / "classifier.pt")  # e.g. another run's weights
     with pytest.raises(UserError, match="classifier.pt is not the file .*classifier.json was saved with"):
         fc.load_classifier(str(tmp_path))
+
+
+def test_a_new_run_replaces_the_earlier_runs_files_and_one_run_owns_the_folder(tiny_base, tmp_path):
+    data = two_class_file(tmp_path)
+    fc.train_classifier(config(tiny_base, tmp_path / "out", mode="lora", lora_rank=2, data_path=data))
+    fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", data_path=data))
+    assert not (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()  # the LoRA run's weights are gone
+    assert sorted(os.listdir(tmp_path / "out")) == ["adapter", "classifier.json", "classifier.pt", "curves.png", "log.csv", "summary.json"]
+    (tmp_path / "out" / "run.lock").write_text(f"{os.getppid()}\n")  # a live process holds the folder
+    with pytest.raises(UserError, match="is in use by another run"):
+        fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", data_path=data))
