@@ -1,6 +1,8 @@
 """finetune_classifier.py: the loader reads the real format, the head reads the last real token, each mode
 trains exactly what it claims, and a trained classifier is saved, reloaded and used from the command line."""
+import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,9 +13,11 @@ import pytest
 import torch
 
 import finetune_classifier as fc
+import train
 from conftest import shared_data
 from model import GPT, GPTConfig
 from quantize import Linear4bit
+from safety import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -321,12 +325,6 @@ def test_flags_mirror_the_config_and_unknown_flags_fail(capsys):
 
 # ---------------------------------------------------------------------------------------------- hostile and careless inputs
 # (issue 17) each test failed before the check it exercises existed
-
-import hashlib
-import math
-
-import train
-from safety import UserError
 
 
 def two_class_file(tmp_path):

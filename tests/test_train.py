@@ -1,12 +1,18 @@
-"""train.py: pretraining lowers the loss, resuming continues the same trajectory, the CLI's contract."""
+"""train.py: pretraining lowers the loss, resuming continues the same trajectory, the CLI's contract, and every
+hostile or careless input is refused with a clear one-line error (issue 17)."""
+import csv
 import json
+import math
 import os
+import runpy
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import train
+from safety import UserError
 from train import TrainConfig, parse_args, resolve_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,14 +195,6 @@ def test_lora_resume_continues_the_identical_trajectory(small_base, tmp_path, mo
 
 # ------------------------------------------------------------------------------------- hostile and careless inputs
 # Each test below failed before the checks it exercises existed (issue 17).
-
-import csv
-import math
-import runpy
-
-import torch
-
-from safety import UserError
 
 
 def run_main(script, *args, monkeypatch):
