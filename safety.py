@@ -35,9 +35,11 @@ class UserError(ValueError):
 
 
 def main_errors():
-    """The exceptions a script's __main__ turns into one `error: ...` line: ours, and the ValueError /
-    FileNotFoundError / KeyError / ConnectionError that the modules raise with a message meant for the user."""
-    return (UserError, ValueError, FileNotFoundError, KeyError, ConnectionError)
+    """The exceptions a script's __main__ turns into one `error: ...` line: ours, the ValueError / FileNotFoundError /
+    KeyError / ConnectionError that the modules raise with a message meant for the user, and the errors of a path
+    that cannot be used as given (their message names the path)."""
+    return (UserError, ValueError, FileNotFoundError, KeyError, ConnectionError, PermissionError, FileExistsError,
+            IsADirectoryError, NotADirectoryError)
 
 
 def error_line(e):
