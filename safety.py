@@ -91,7 +91,7 @@ def read_json(path, required=(), what="file"):
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}), so not the {what} it should be") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; empty or cut short?), "
+        raise UserError(f"{path} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}; empty or cut short?), "
                         f"so not the {what} it should be") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a JSON {type(obj).__name__}, but a {what} is a JSON object")
