@@ -25,6 +25,8 @@ import torch
 
 from lora import atomic_write
 from model import GPT, PRETRAINED, GPTConfig
+from safety import (UserError, check_finite_settings, error_line, load_tensor_file, lock_out_dir, main_errors, new_run_id,
+                    read_json)
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 TINY_BASE_DIR = os.path.join(REPO_DIR, "checkpoints", "tiny-base")
@@ -82,7 +84,7 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     # inference only
     adapter: str = field(default="", metadata={"help": "a LoRA run's out_dir: load base + adapter (with --prompt)"})
-    prompt: str = field(default="", metadata={"help": "answer this instruction with the model (and --adapter) and exit"})
+    prompt: str = field(default=None, metadata={"help": "answer this instruction with the model (and --adapter) and exit"})
     answer_file: str = field(default="", metadata={"help": "answer every example of this Alpaca-format JSON file (with --adapter) and exit"})
     answers_out: str = field(default="", metadata={"help": "where --answer_file writes its examples with a 'response' added (default: IN.answers.json)"})
 
@@ -110,12 +112,70 @@ def check_config(cfg):
         raise ValueError("--quantize nf4 freezes the base in 4 bits, so only adapters can train: use it with --finetune lora")
     if cfg.pretraining != (cfg.dataset == "stdlib"):
         raise ValueError("pretraining and the stdlib corpus go together: use --init_from scratch --dataset stdlib, or fine-tune on an instruction dataset")
+    check_values(cfg)
+
+
+def check_values(cfg):
+    """Each setting within its valid range: a value outside it would train nothing, train on NaN, or be ignored,
+    and the run would still end as if all were well."""
+    check_finite_settings(cfg)
+    at_least = {"batch_size": 1, "grad_accum": 1, "lora_rank": 1, "n_layer": 1, "n_head": 1, "n_embd": 1, "block_size": 1,
+                "max_new_tokens": 1, "max_iters": 0, "warmup_iters": 0, "eval_interval": 0, "eval_batches": 0, "num_samples": 0}
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            zero = " (0 = the default for the job)" if low == 0 and name in ("max_iters", "warmup_iters", "eval_interval", "eval_batches") else ""
+            raise UserError(f"--{name} {getattr(cfg, name)}: use an integer >= {low}{zero}")
+    ranges = {  # name -> (valid?, what is valid)
+        "learning_rate": (cfg.learning_rate >= 0, ">= 0 (0 = the default for the job)"),
+        "lora_alpha": (cfg.lora_alpha > 0, "> 0 (2 x --lora_rank is a common choice)"),
+        "lora_dropout": (0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+        "dropout": (0 <= cfg.dropout < 1, "in [0, 1)"),
+        "loraplus_ratio": (cfg.loraplus_ratio > 0, "> 0 (1 = plain LoRA)"),
+        "min_lr_ratio": (0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+        "weight_decay": (cfg.weight_decay >= 0, ">= 0"),
+        "beta1": (0 <= cfg.beta1 < 1, "in [0, 1)"),
+        "beta2": (0 <= cfg.beta2 < 1, "in [0, 1)"),
+        "grad_clip": (cfg.grad_clip >= 0, ">= 0 (0 = no clipping)"),
+    }
+    for name, (valid, description) in ranges.items():
+        if not valid:
+            raise UserError(f"--{name} {getattr(cfg, name)}: use a number {description}")
+    if not cfg.pretraining:
+        from lora import resolve_targets
+
+        resolve_targets(tuple(t.strip() for t in cfg.lora_targets.split(",")))  # names the first unknown target
+        defaults = TrainConfig()
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout"):  # a fine-tuned model keeps its base's shape
+            if getattr(cfg, name) != getattr(defaults, name):
+                hint = "; dropout on the adapters is --lora_dropout" if name == "dropout" else ""
+                raise UserError(f"--{name} {getattr(cfg, name)} shapes a model trained from scratch (--init_from scratch); fine-tuning "
+                                f"keeps the shape of its base ({cfg.init_from}), so drop the flag{hint}")
+
+
+def check_inference_flags(cfg):
+    """--prompt answers one instruction and --answer_file a whole file, then exit; --adapter only says which adapter
+    to answer with, so it needs one of them (a training run would silently ignore it)."""
+    if cfg.prompt is not None and not cfg.prompt.strip():
+        raise UserError("--prompt is empty: give the instruction to answer, e.g. --prompt \"Give an antonym of 'cold'.\"")
+    if cfg.prompt is not None and cfg.answer_file:
+        raise UserError("--prompt and --answer_file both ask for answers: give one of them")
+    if cfg.answers_out and not cfg.answer_file:
+        raise UserError(f"--answers_out {cfg.answers_out} is where --answer_file writes its answers: give --answer_file IN.json too")
+    if cfg.adapter and cfg.prompt is None and not cfg.answer_file:
+        raise UserError(f"--adapter {cfg.adapter} needs --prompt \"...\" (one instruction) or --answer_file IN.json (a file of them) to "
+                        f"answer with it; it does not train. To continue that run's training use --out_dir {cfg.adapter} --resume")
 
 
 # ---------------------------------------------------------------------------------------------- system helpers
 
 
 def pick_device(name="auto"):
+    if name not in ("auto", "cuda", "mps", "cpu") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise UserError(f"--device {name!r}: use auto, cuda (or cuda:N), mps or cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps: this PyTorch sees no Apple GPU (torch.backends.mps.is_available() is False); use --device cpu or auto")
     if name != "auto":
         return name
     if torch.cuda.is_available():
@@ -161,7 +221,10 @@ def save_atomic(obj, path):
 def write_json_atomic(obj, path):
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+            try:  # a bare NaN or Infinity is not JSON: refuse to write a file that JSON readers would reject
+                json.dump(obj, f, indent=2, allow_nan=False)
+            except ValueError as e:
+                raise ValueError(f"not writing {path}: {e} (a NaN or infinite number)") from None
 
     atomic_write(path, write)
 
@@ -187,13 +250,17 @@ def load_checkpoint_model(path, device="cpu"):
     """A full-weight checkpoint written by this script -> (GPT, tokenizer name)."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "model" not in ckpt:
+    ckpt = load_tensor_file(path, fix="point --init_from at a checkpoint written by train.py")
+    if "model" not in ckpt and "trainable" in ckpt:
         raise ValueError(f"{path} holds only LoRA adapter weights; load its base with --init_from and the adapter with --adapter {os.path.dirname(path)}")
+    for key in ("model", "model_config", "tokenizer"):
+        if key not in ckpt:
+            raise UserError(f"{path} has no {key!r}: it is not a checkpoint written by train.py")
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_weights(ckpt["model"])
+    bad = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"{path}: tensor {bad!r} holds NaN or infinite values; the training that saved it diverged")
     return model.to(device), ckpt["tokenizer"]
 
 
@@ -207,7 +274,10 @@ def ensure_tiny_base(device="cpu"):
               f"(a few minutes on a laptop CPU; `python train.py --init_from scratch --dataset stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}` does the same).")
         train(resolve_defaults(base_config))
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_tensor_file(path, fix=f"delete {TINY_BASE_DIR} to pretrain the tiny base again")
+        if "iter" not in ckpt or "max_iters" not in ckpt.get("train_config", {}):
+            raise UserError(f"{path} records no training progress (iter, train_config): it is not a checkpoint of train.py; "
+                            f"delete {TINY_BASE_DIR} to pretrain the tiny base again")
         done, planned = ckpt["iter"], ckpt["train_config"]["max_iters"]
         if done < planned:
             print(f"The tiny base at {path} stopped at step {done} of {planned}: resuming its pretraining first.")
@@ -268,13 +338,19 @@ class InstructionData:
         from instructions import load_examples, split_examples, tokenize_examples
 
         self.train_examples, self.val_examples, self.test_examples = split_examples(load_examples(dataset))
+        sizes = [len(self.train_examples), len(self.val_examples), len(self.test_examples)]
+        if not all(sizes):
+            raise UserError(f"dataset {dataset!r} has {sum(sizes)} examples, which the 85/5/10 split cuts into {sizes[0]} train / "
+                            f"{sizes[1]} validation / {sizes[2]} test; every split needs one or more, so use at least 20 examples")
         max_length = block_size + 1  # inputs and targets are the sequence shifted by one
         self.train, dropped = tokenize_examples(self.train_examples, tokenizer, max_length, template)
         self.val, dropped_val = tokenize_examples(self.val_examples, tokenizer, max_length, template)
         self.test, dropped_test = tokenize_examples(self.test_examples, tokenizer, max_length, template)
         self.dropped = dropped + dropped_val + dropped_test
-        if not self.train or not self.val:
-            raise ValueError(f"dataset {dataset!r} leaves no train or validation examples within {block_size} tokens")
+        for split, kept, examples in (("train", self.train, self.train_examples), ("validation", self.val, self.val_examples), ("test", self.test, self.test_examples)):
+            if not kept:  # an empty split would train on nothing or report a loss of 0
+                raise UserError(f"dataset {dataset!r}: all {len(examples)} {split} examples are longer than the model's context of "
+                                f"{block_size} tokens; use shorter examples or a base with a longer block_size")
         self.pad, self.seed, self.mask_prompt = tokenizer.eot_token, seed, mask_prompt
 
     def train_batch(self, step, micro, batch_size):
@@ -312,7 +388,9 @@ def evaluate(model, batches, device):
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
         total, count = total + loss.item(), count + n
     model.train()
-    return total / max(count, 1)
+    if count == 0:
+        raise ValueError("no target tokens to evaluate on: an empty split, or every target masked")
+    return total / count
 
 
 # ---------------------------------------------------------------------------------------------- optimisation
@@ -389,9 +467,8 @@ def answer_examples(model, tokenizer, examples, device, max_new_tokens=80, templ
     would get alone."""
     from instructions import format_prompt
 
+    check_max_new_tokens(max_new_tokens, model.config.block_size)
     keep = model.config.block_size - max_new_tokens  # room for the answer; a longer prompt keeps its end
-    if keep < 1:
-        raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in a context of {model.config.block_size} tokens")
     prompts = [tokenizer.encode(format_prompt(ex, template))[-keep:] for ex in examples]
     by_length = {}
     for i, prompt in enumerate(prompts):
@@ -475,18 +552,121 @@ def prepare_model(cfg, device):
     return model, tokenizer_name, "qlora" if cfg.quantize == "nf4" else "lora"
 
 
+def check_max_new_tokens(max_new_tokens, block_size):
+    if not 1 <= max_new_tokens < block_size:
+        raise UserError(f"--max_new_tokens {max_new_tokens}: the model sees {block_size} tokens at a time and the prompt needs "
+                        f"some of them, so use 1 to {block_size - 1}")
+
+
+def clip_gradients(model, max_norm):
+    """Scale the trainable parameters' gradients to a global norm of at most max_norm (0 = no clipping); returns the
+    norm before clipping, which the loop checks for NaN and infinity."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # max_norm = inf only measures: the scale factor min(1, inf / norm) is exactly 1
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+
+
+def check_finite(step, what, values, rows, cfg):
+    """Stop the run at the first NaN or infinity, before it reaches the weights or any saved file: out_dir keeps the
+    checkpoint and adapter of the last good evaluation, from which --resume can go on (with other settings)."""
+    if all(math.isfinite(v) for v in values):
+        return
+    saved = [r["iter"] for r in rows if r["val_loss"] != ""]
+    kept = f"{cfg.out_dir} keeps the checkpoint of step {saved[-1]}" if saved else "nothing of this run was saved"
+    raise UserError(f"step {step}: {what}: training diverged, so it stops here and {kept}; "
+                    f"try a lower --learning_rate (this run: {cfg.learning_rate:g}) or --grad_clip")
+
+
+RUN_FILES = ("ckpt.pt", "adapter_model.safetensors", "adapter_config.json", "log.csv", "loss.png", "samples.json", "summary.json")
+
+
+def remove_earlier_run(out_dir):
+    """A fresh run replaces whatever an earlier run left in out_dir, at its start: otherwise the earlier run's
+    summary or checkpoint would sit beside this run's files until it overwrote them (or forever, if killed)."""
+    earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    if earlier:
+        print(f"{out_dir} holds an earlier run ({', '.join(earlier)}): replacing it (--resume continues it instead)")
+        for name in earlier:
+            os.remove(os.path.join(out_dir, name))
+
+
+def settings_that_shape_the_run(cfg):
+    """The settings a checkpoint's tensors and optimizer state were made with: --resume must use the same ones.
+    (optimizer.load_state_dict would also silently bring back the saved weight decay and betas.)"""
+    names = ["init_from", "dataset", "loraplus_ratio", "weight_decay", "beta1", "beta2"]
+    if cfg.pretraining:
+        return names + ["n_layer", "n_head", "n_embd", "block_size"]
+    names.append("finetune")
+    if cfg.finetune == "lora":
+        names += ["quantize", "lora_rank", "lora_alpha", "lora_targets", "use_rslora", "use_dora"]
+    return names
+
+
+def load_resume_checkpoint(path, cfg):
+    """out_dir/ckpt.pt for --resume; refused unless it was made with this run's settings_that_shape_the_run."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}; run once without --resume first")
+    ckpt = load_tensor_file(path, fix="start the run afresh, without --resume")
+    for key in ("train_config", "iter", "optimizer", "rng", "log", "before"):
+        if key not in ckpt:
+            raise UserError(f"{path} has no {key!r}, so --resume cannot continue from it; start the run afresh, without --resume")
+    saved = ckpt["train_config"]
+    differ = [f"--{name} {saved.get(name, '(not recorded)')} (now {getattr(cfg, name)})" for name in settings_that_shape_the_run(cfg)
+              if saved.get(name) != getattr(cfg, name)]
+    if differ:
+        raise UserError(f"--resume: {path} was trained with {', '.join(differ)}; resume with the saved settings, "
+                        f"or start a new run in another --out_dir")
+    return ckpt
+
+
+def restore_random_state(ckpt, device):
+    """The random generators as the checkpoint left them: the CPU's (batches, dropout on the CPU) and, on a GPU, the
+    CUDA ones (dropout there draws from them), so a resumed run repeats the uninterrupted one."""
+    torch.set_rng_state(ckpt["rng"])
+    if device.startswith("cuda") and ckpt.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+
+
+def load_trained_tensors(model, ckpt, path):
+    """The checkpoint's tensors into the model, every one accounted for: exactly the parameters that train (LoRA),
+    or every weight (pretraining, full fine-tuning), each with its shape."""
+    if "model" in ckpt:
+        model.load_weights(ckpt["model"])  # checks missing, unexpected and wrongly shaped tensors
+        return
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    stored = ckpt.get("trainable", {})
+    missing, unexpected = [n for n in trainable if n not in stored], [n for n in stored if n not in trainable]
+    if missing or unexpected:
+        raise UserError(f"{path} does not fit this model: " + "; ".join(
+            part for part in (missing and f"{len(missing)} trained tensors missing, e.g. {missing[0]!r}",
+                              unexpected and f"{len(unexpected)} it has no place for, e.g. {unexpected[0]!r}") if part))
+    for n, v in stored.items():
+        if v.shape != trainable[n].shape:
+            raise UserError(f"{path}: tensor {n!r} is {tuple(v.shape)} but the model's is {tuple(trainable[n].shape)}")
+    model.load_state_dict(stored, strict=False)  # not strict only because the frozen base is not in the file: checked above
+
+
 def train(cfg):
-    """Run one job end to end; returns the summary dict that is also written to out_dir/summary.json."""
+    """Run one job end to end; returns the summary dict that is also written to out_dir/summary.json. The run owns
+    out_dir while it lasts: a second run on the same folder is refused (safety.lock_out_dir)."""
+    check_config(cfg)
+    pick_device(cfg.device)  # a --device this machine lacks is refused before anything is loaded
+    with lock_out_dir(cfg.out_dir):
+        return run_training(cfg)
+
+
+def run_training(cfg):
+    """train() without the lock."""
     from tokenizer import get_tokenizer
 
-    check_config(cfg)
     device = pick_device(cfg.device)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model, tokenizer_name, mode = prepare_model(cfg, device)
     tokenizer = get_tokenizer(tokenizer_name)
     template = resolve_template(cfg.prompt_template, tokenizer_name)
     block_size = model.config.block_size
+    if not cfg.pretraining:  # fine-tuning answers held-out instructions before and after
+        check_max_new_tokens(cfg.max_new_tokens, block_size)
     if cfg.pretraining:
         data = PretrainingData(tokenizer, block_size, cfg.seed, cfg.corpus)
     else:
@@ -500,16 +680,17 @@ def train(cfg):
     print(f"{mode}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%) on {device}; {data.describe()}")
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    start, rows, before = 0, [], {}
+    start, rows, before, run_id = 0, [], {}, new_run_id()
     if cfg.resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; run once without --resume first")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["trainable"] if "trainable" in ckpt else ckpt["model"], strict=False)
+        ckpt = load_resume_checkpoint(ckpt_path, cfg)
+        load_trained_tensors(model, ckpt, ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
+        restore_random_state(ckpt, device)
         start, rows, before = ckpt["iter"], ckpt["log"], ckpt["before"]
+        run_id = ckpt.get("run_id", run_id)  # checkpoints written before run ids get one now
         print(f"resumed from {ckpt_path} at step {start}")
+    else:
+        remove_earlier_run(cfg.out_dir)
     run_model = torch.compile(model) if cfg.compile else model
     val_batches = data.val_batches(cfg.batch_size)
     val_batches = val_batches[: cfg.eval_batches] if cfg.eval_batches else val_batches
@@ -543,20 +724,21 @@ def train(cfg):
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
             tokens_seen += x.numel()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        grad_norm = clip_gradients(model, cfg.grad_clip)
+        check_finite(step + 1, f"the training loss is {step_loss:g} and the gradient norm {grad_norm:g}", [step_loss, grad_norm], rows, cfg)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = elapsed_before + time.time() - t0
         row = {"iter": step + 1, "lr": lr, "train_loss": step_loss, "val_loss": "", "tokens": tokens_seen, "seconds": round(seconds, 3)}
         if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters:
             row["val_loss"] = evaluate(model, val_batches, device)
+            check_finite(step + 1, f"the validation loss is {row['val_loss']:g}", [row["val_loss"]], rows, cfg)
         rows.append(row)
         if cfg.progress:
             tokens_per_second = (tokens_seen - tokens_at_start) / max(time.time() - t0, 1e-9)
             steps.set_postfix(loss=f"{step_loss:.3f}", val=f"{row['val_loss']:.3f}" if row["val_loss"] != "" else "-", tok_s=f"{tokens_per_second:.0f}", refresh=False)
         if row["val_loss"] != "":
-            save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step + 1, rows, before, ckpt_path)
+            save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step + 1, rows, before, ckpt_path, run_id)
             write_log(rows, os.path.join(cfg.out_dir, "log.csv"))
             plot_losses(rows, os.path.join(cfg.out_dir, "loss.png"), f"{mode} on {cfg.dataset}")
 
@@ -567,13 +749,14 @@ def train(cfg):
         "val_loss_before": before["val_loss"], "val_loss_after": rows[-1]["val_loss"] if rows else before["val_loss"],
         "steps": cfg.max_iters, "tokens": tokens_seen, "seconds": rows[-1]["seconds"] if rows else 0.0,
         "seconds_per_step": (rows[-1]["seconds"] / len(rows)) if rows else None, "peak_memory_bytes": peak_memory_bytes(device),
-        "training_state_bytes": training_state_bytes(model, optimizer), "device": device, "config": asdict(cfg),
+        "training_state_bytes": training_state_bytes(model, optimizer), "device": device, "config": asdict(cfg), "run_id": run_id,
     }
     print(f"validation loss: {summary['val_loss_before']:.4f} before -> {summary['val_loss_after']:.4f} after "
           f"{cfg.max_iters} steps in {summary['seconds']:.0f} s; peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
     if not cfg.pretraining:
         summary["test_loss_before"] = before["test_loss"]
         summary["test_loss_after"] = evaluate(model, data.val_batches(cfg.batch_size, "test"), device)
+        check_finite(cfg.max_iters, f"the test loss is {summary['test_loss_after']:g}", [summary["test_loss_after"]], rows, cfg)
         summary["prompt_template"] = template
         after = answer_examples(model, tokenizer, answered, device, cfg.max_new_tokens, template)
         fields, by_kind, records = answer_report(answered, before["answers"], after)
@@ -592,16 +775,21 @@ def train(cfg):
     return summary
 
 
-def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, before, path):
+def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, before, path, run_id=None):
     """Pretraining and full fine-tuning save every weight; LoRA saves only what trained (the adapter file is the
-    shareable artefact, ckpt.pt adds the optimizer state needed to resume)."""
+    shareable artefact, ckpt.pt adds the optimizer state needed to resume). Everything in ckpt.pt is a tensor or a
+    plain container, so it loads with torch.load(weights_only=True)."""
     ckpt = {"model_config": vars(model.config).copy(), "tokenizer": tokenizer_name, "train_config": asdict(cfg), "mode": mode,
-            "iter": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "log": rows, "before": before}
+            "iter": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "log": rows, "before": before,
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None, "run_id": run_id}
     if mode in ("lora", "qlora"):
         from lora import save_adapter
 
         ckpt["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        save_adapter(model, os.path.dirname(path))  # adapter_model.safetensors + adapter_config.json
+        # the adapter describes its own base, so --adapter needs no other file of the run
+        trained_on = {"run_id": run_id, "init_from": cfg.init_from, "finetune": mode, "step": step,
+                      "prompt_template": resolve_template(cfg.prompt_template, tokenizer_name)}
+        save_adapter(model, os.path.dirname(path), metadata=trained_on)  # adapter_model.safetensors + adapter_config.json
     else:
         ckpt["model"] = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_atomic(ckpt, path)
@@ -609,19 +797,24 @@ def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, bef
 
 def load_finetuned(adapter_dir, init_from, device):
     """The base model with a LoRA adapter from `adapter_dir` loaded into it -> (model, tokenizer name), in eval mode.
-    init_from "tiny" means: the base the adapter was trained on (from its summary.json). A QLoRA adapter learned to
-    correct a 4-bit base, so the base is quantized again (deterministically: the same codes as in training)."""
-    from lora import load_adapter
+    init_from "tiny" means: the base the adapter was trained on (recorded in its adapter_config.json). A QLoRA adapter
+    learned to correct a 4-bit base, so the base is quantized again (deterministically: the same codes as in training)."""
+    from lora import load_adapter, read_adapter_config
 
-    trained_as = None
+    config = read_adapter_config(adapter_dir)
+    trained_on = config["metadata"]  # written by save_checkpoint: run_id, init_from, finetune, step
+    if not {"run_id", "init_from", "finetune"} <= set(trained_on):
+        raise UserError(f"{adapter_dir}/adapter_config.json does not say which base it was trained on (no run_id, init_from and "
+                        f"finetune in its metadata): it was not saved by train.py; load it with lora.load_adapter")
     summary_path = os.path.join(adapter_dir, "summary.json")
-    if os.path.isfile(summary_path):
-        with open(summary_path) as f:
-            summary = json.load(f)
-        init_from = summary["init_from"] if init_from == "tiny" else init_from
-        trained_as = summary["finetune"]
+    if os.path.isfile(summary_path):  # the folder's summary must describe this adapter's run, not another one
+        summary = read_json(summary_path, ["run_id"], what="summary of a train.py run")
+        if summary["run_id"] != trained_on["run_id"]:
+            raise UserError(f"{summary_path} is from run {summary['run_id']} but the adapter in {adapter_dir} from run "
+                            f"{trained_on['run_id']}: the folder mixes two runs' files; train again in an empty --out_dir")
+    init_from = trained_on["init_from"] if init_from == "tiny" else init_from
     model, tokenizer_name = load_base_model(init_from, device)
-    if trained_as == "qlora":
+    if trained_on["finetune"] == "qlora":
         from quantize import quantize_model
 
         quantize_model(model)
@@ -631,16 +824,16 @@ def load_finetuned(adapter_dir, init_from, device):
 
 def load_for_answering(cfg, device):
     """The base (with --adapter: base + the run's adapter) -> (model, tokenizer, prompt template). An adapter
-    answers in the template it was trained with (its summary.json), unless --prompt_template names another."""
+    answers in the template it was trained with (recorded in its adapter_config.json), unless --prompt_template
+    names another."""
+    from lora import read_adapter_config
     from tokenizer import get_tokenizer
 
     template = cfg.prompt_template
     if cfg.adapter:
         model, tokenizer_name = load_finetuned(cfg.adapter, cfg.init_from, device)
-        summary_path = os.path.join(cfg.adapter, "summary.json")
-        if template == "auto" and os.path.isfile(summary_path):
-            with open(summary_path) as f:
-                template = json.load(f).get("prompt_template", "alpaca")  # runs from before templates existed used Alpaca's
+        if template == "auto":
+            template = read_adapter_config(cfg.adapter)["metadata"].get("prompt_template", "auto")
     else:
         model, tokenizer_name = load_base_model(cfg.init_from, device)
     return model, get_tokenizer(tokenizer_name), resolve_template(template, tokenizer_name)
@@ -696,11 +889,12 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     config = parse_args()
     try:
-        if config.prompt:
+        check_inference_flags(config)
+        if config.prompt is not None:
             answer_prompt(config)
         elif config.answer_file:
             answer_file(config)
         else:
             train(resolve_defaults(config))
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    except main_errors() as e:
+        sys.exit(error_line(e))
