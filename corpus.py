@@ -1,15 +1,26 @@
 """
-An English pretraining corpus that exists on every machine with Python: the docstrings of the standard library.
+An English pretraining corpus that exists on every machine with Python: the standard library's own text.
 
-A fresh offline machine cannot download GPT-2 or a web corpus, but the interpreter running this file ships about
-1.5 MB of carefully written English prose in its own source. We read the source files with `ast` (nothing is
-imported or executed), in sorted order, so the corpus is the same on every run of the same Python version.
+A fresh offline machine cannot download GPT-2 or a web corpus, but the interpreter running this file ships its
+standard library as source. We read it without importing or executing anything, in sorted order, so the corpus is
+the same on every run of the same Python version. Four sources, each a list of documents:
+
+- "docstrings": module, class and function docstrings (~1.5 MB of carefully written English prose);
+- "comments":   each file's `#` comments, one document per file (~1.8 MB of terse English about code);
+- "topics":     `pydoc_data/topics.py`, the language reference pages that `help("if")` prints (~0.7 MB);
+- "code":       the source files themselves (~10 MB; code repeats its identifiers within a few lines, which
+                teaches a small model to copy from its context, the skill every rule-following answer needs).
+
+Validation is always the same held-out docstrings (every 20th), whatever the training mix, so losses of bases
+trained on different mixes are comparable.
 """
 
 import ast
 import functools
+import io
 import os
 import sysconfig
+import tokenize
 
 from tokenizer import EOT_TEXT
 
@@ -17,37 +28,112 @@ from tokenizer import EOT_TEXT
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "tkinter", "turtledemo",
              "ensurepip", "pydoc_data", "__pycache__"}
 MIN_DOCSTRING_CHARS = 40  # one-liners like "Return x." teach little
+SOURCES = ("docstrings", "comments", "topics", "code")
+VAL_EVERY = 20  # every 20th docstring is held out for validation
 
 
-@functools.lru_cache(maxsize=1)  # parsing ~600 files takes seconds; the result never changes within a run
-def stdlib_docstrings(root=None):
-    """Every module, class and function docstring of at least MIN_DOCSTRING_CHARS characters, in a fixed order."""
+@functools.lru_cache(maxsize=1)  # reading ~560 files takes seconds; the result never changes within a run
+def stdlib_sources(root=None):
+    """(path, source text) of every readable .py file of the standard library, in a fixed order."""
     root = root or sysconfig.get_paths()["stdlib"]
-    docs = []
+    files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
         for filename in sorted(f for f in filenames if f.endswith(".py")):
             try:
                 with open(os.path.join(dirpath, filename), encoding="utf-8") as f:
-                    tree = ast.parse(f.read())
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue  # a few stdlib files are deliberately invalid (e.g. bad-encoding test data)
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc and len(doc) >= MIN_DOCSTRING_CHARS:
-                        docs.append(doc)
-    if not docs:
-        raise RuntimeError(f"found no docstrings under {root}; is this a full Python installation with its .py sources?")
+                    files.append((os.path.join(dirpath, filename), f.read()))
+            except (UnicodeDecodeError, OSError):
+                continue
+    if not files:
+        raise RuntimeError(f"found no .py files under {root}; is this a full Python installation with its sources?")
+    return tuple(files)
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_docstrings(root=None):
+    """Every module, class and function docstring of at least MIN_DOCSTRING_CHARS characters, in a fixed order."""
+    docs = []
+    for _, source in stdlib_sources(root):
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            continue  # a few stdlib files are deliberately invalid (e.g. bad-encoding test data)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= MIN_DOCSTRING_CHARS:
+                    docs.append(doc)
     return tuple(docs)
 
 
-def stdlib_corpus(val_fraction=0.05):
-    """(train_text, val_text): docstrings separated by <|endoftext|>, so the model meets the token that later ends
-    every fine-tuning response. Every 1/val_fraction-th docstring is held out, so
-    validation covers the whole library rather than its alphabetical tail."""
+def stdlib_comments(root=None):
+    """Each file's comments (without the '#'), one document per file, lines in file order."""
+    docs = []
+    for _, source in stdlib_sources(root):
+        lines = []
+        try:
+            for token in tokenize.generate_tokens(io.StringIO(source).readline):
+                if token.type == tokenize.COMMENT and not token.string.startswith("#!"):
+                    text = token.string.lstrip("#").strip()
+                    if len(text) > 3:
+                        lines.append(text)
+        except (tokenize.TokenError, SyntaxError):
+            continue
+        if lines:
+            docs.append("\n".join(lines))
+    return docs
+
+
+def code_without_docstrings(source):
+    """A source file with its docstrings cut out, so that the held-out docstrings never reach training as code."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return source
+    lines, cut = source.splitlines(keepends=True), set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node, clean=False) is not None:
+            first = node.body[0]
+            cut.update(range(first.lineno - 1, first.end_lineno))
+    return "".join(line for i, line in enumerate(lines) if i not in cut)
+
+
+def reference_topics():
+    """The language reference pages of pydoc_data/topics.py, read as data with ast (not imported)."""
+    path = os.path.join(sysconfig.get_paths()["stdlib"], "pydoc_data", "topics.py")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "topics":
+            return [text for _, text in sorted(ast.literal_eval(node.value).items())]
+    return []
+
+
+def documents(source):
+    if source == "docstrings":
+        docs = stdlib_docstrings()
+        return [d for i, d in enumerate(docs) if i % VAL_EVERY != VAL_EVERY - 1]
+    if source == "comments":
+        return stdlib_comments()
+    if source == "topics":
+        return reference_topics()
+    if source == "code":
+        return [code_without_docstrings(text) for _, text in stdlib_sources()]
+    raise ValueError(f"unknown corpus source {source!r}: use any of {', '.join(SOURCES)}, comma-separated")
+
+
+def stdlib_corpus(sources=("docstrings",)):
+    """(train_text, val_text): documents separated by <|endoftext|>, so the model meets the token that later ends
+    every fine-tuning response. Training text is the chosen sources, one after the other; validation is every
+    VAL_EVERY-th docstring, held out of the training text whatever the sources."""
+    if isinstance(sources, str):
+        sources = tuple(s.strip() for s in sources.split(","))
     docs = stdlib_docstrings()
-    every = round(1 / val_fraction)
-    train = [d for i, d in enumerate(docs) if i % every != every - 1]
-    val = [d for i, d in enumerate(docs) if i % every == every - 1]
+    if not docs:
+        raise RuntimeError("found no docstrings in the standard library; is this a full Python installation?")
+    train = [d for source in sources for d in documents(source)]
+    val = [d for i, d in enumerate(docs) if i % VAL_EVERY == VAL_EVERY - 1]
     return EOT_TEXT.join(train), EOT_TEXT.join(val)

@@ -143,17 +143,19 @@ def collate(batch, pad_token, mask_prompt=False, ignore_index=-100):
 # ---------------------------------------------------------------------------------------------- scoring answers
 
 
-def normalized_words(text):
+def normalized_words(text, keep_case=False):
     """Lower-case words with the punctuation around them stripped, so '"Cats".' and 'cats' compare equal while
     punctuation inside a word stays ('1,234' is not '1234', "don't" is not 'dont')."""
-    words = (w.strip(".,;:!?\"'()[]") for w in text.lower().split())
+    words = (w.strip(".,;:!?\"'()[]") for w in (text if keep_case else text.lower()).split())
     return [w for w in words if w]
 
 
 def contains_answer(response, answer):
     """True when the key answer appears in the response as whole words: 'cats' is in 'The plural is "cats".',
-    but not in 'cat' or 'catsup', and '20' is not in '120'."""
-    key, words = normalized_words(answer), normalized_words(response)
+    but not in 'cat' or 'catsup', and '20' is not in '120'. Case is ignored, except for an answer written in
+    capitals, where the capitals are the answer ('PEPPER' is not in 'pepper')."""
+    keep_case = answer.isupper() and len(answer) > 1
+    key, words = normalized_words(answer, keep_case), normalized_words(response, keep_case)
     if not key:
         raise ValueError(f"empty key answer {answer!r}")
     return any(words[i : i + len(key)] == key for i in range(len(words) - len(key) + 1))

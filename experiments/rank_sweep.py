@@ -24,7 +24,7 @@ from finetune_classifier import ClassifierConfig, train_classifier  # noqa: E402
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 TARGET_SETS = ("q", "q,v", "q,k,v,o", "all-linear")
 COLUMNS = ["task", "dataset", "rank", "targets", "seed", "trainable_params", "adapter_bytes", "metric_name", "metric",
-           "seconds", "peak_memory_bytes"]
+           "answer_accuracy", "seconds", "peak_memory_bytes"]
 
 
 def run_name(task, rank, targets, seed):
@@ -37,7 +37,7 @@ def run_instruct(rank, targets, args, seed, out_dir):
         lora_targets=targets, lora_dropout=0.0, max_iters=args.instruct_iters, eval_interval=args.instruct_iters, num_samples=0,
         seed=seed, progress=False, device=args.device))
     summary = train.train(cfg)
-    return summary, "val_loss", summary["val_loss_after"]
+    return summary, "val_loss", summary["val_loss_after"], summary.get("test_accuracy_after", "")
 
 
 def run_classify(rank, targets, args, seed, out_dir):
@@ -45,7 +45,7 @@ def run_classify(rank, targets, args, seed, out_dir):
                            lora_alpha=2 * rank if args.alpha == 0 else args.alpha, lora_targets=targets, epochs=args.classify_epochs,
                            seed=seed, progress=False, device=args.device)
     summary = train_classifier(cfg)
-    return summary, "test_accuracy", summary["test_accuracy"]
+    return summary, "test_accuracy", summary["test_accuracy"], summary["test_accuracy"]
 
 
 def adapter_bytes(out_dir):
@@ -55,15 +55,15 @@ def adapter_bytes(out_dir):
     return ""
 
 
-def plot(rows, task, metric_name, path):
+def plot(rows, task, metric_name, path, column="metric"):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
     for targets in dict.fromkeys(r["targets"] for r in rows):
         mine = sorted((r for r in rows if r["targets"] == targets), key=lambda r: int(r["rank"]))
-        axes[0].plot([int(r["rank"]) for r in mine], [float(r["metric"]) for r in mine], "o-", label=targets)
-        axes[1].plot([int(r["trainable_params"]) for r in mine], [float(r["metric"]) for r in mine], "o-", label=targets)
+        axes[0].plot([int(r["rank"]) for r in mine], [float(r[column]) for r in mine], "o-", label=targets)
+        axes[1].plot([int(r["trainable_params"]) for r in mine], [float(r[column]) for r in mine], "o-", label=targets)
     for ax, xlabel in zip(axes, ("LoRA rank r", "trainable parameters")):
         ax.set_xscale("log", base=2 if xlabel.startswith("LoRA") else 10)
         ax.set_xlabel(xlabel)
@@ -120,16 +120,18 @@ def main(argv=None):
                     out_dir = os.path.join(args.out_dir, "runs", run_name(task, rank, targets, seed))
                     print(f"\n=== {task}: rank {rank}, targets {targets}, seed {seed} ===", flush=True)
                     runner = run_instruct if task == "instruct" else run_classify
-                    summary, metric_name, metric = runner(rank, targets, args, seed, out_dir)
+                    summary, metric_name, metric, accuracy = runner(rank, targets, args, seed, out_dir)
                     rows.append(dict(task=task, dataset=dataset, rank=rank, targets=targets, seed=seed,
                                      trainable_params=summary["trainable_params"], adapter_bytes=adapter_bytes(out_dir),
-                                     metric_name=metric_name, metric=metric, seconds=summary["seconds"],
+                                     metric_name=metric_name, metric=metric, answer_accuracy=accuracy, seconds=summary["seconds"],
                                      peak_memory_bytes=summary["peak_memory_bytes"]))
                     write_rows(rows, csv_path)
         # plot one seed: the one the CSV's first run used, so an extra-seed run (for subspace.py) leaves the plot alone
         measured = [r for r in rows if r["dataset"] == dataset and rows and r["seed"] == rows[0]["seed"]]
         if measured:
             plot(measured, task, measured[0]["metric_name"], os.path.join(args.out_dir, f"rank_sweep_{task}.png"))
+            if task == "instruct" and all(r.get("answer_accuracy") not in ("", None) for r in measured):
+                plot(measured, task, "answer_accuracy", os.path.join(args.out_dir, "rank_sweep_instruct_accuracy.png"), "answer_accuracy")
             print_table(measured)
 
 

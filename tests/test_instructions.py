@@ -92,6 +92,8 @@ def test_compact_template_is_alpaca_without_its_preamble():
     ("The capital of Peru is Lima.", "Lima", True),
     ("Can the dog swim?", "Can the dog swim?", True),       # a whole-sentence answer
     ("The dog can swim?", "Can the dog swim?", False),
+    ('In capital letters: "PEPPER".', "PEPPER", True),      # an answer in capitals must be in capitals
+    ('In capital letters: "pepper".', "PEPPER", False),
 ])
 def test_contains_answer_on_hand_made_responses(response, answer, correct):
     assert contains_answer(response, answer) is correct

@@ -63,7 +63,7 @@ def test_help_lists_every_flag_with_its_default_and_unknown_flags_fail():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     for flag in ("--lora_rank", "--lora_alpha", "--lora_targets", "--quantize", "--init_from", "--resume", "--device", "--mask_prompt"):
         assert flag in out
-    assert "(default: 8)" in out and "(default: q,v)" in out
+    assert "(default: 32)" in out and "(default: all-linear)" in out
     bad = subprocess.run([sys.executable, "train.py", "--lora_rnak", "4"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "unrecognized arguments: --lora_rnak" in bad.stderr
 
@@ -96,7 +96,7 @@ def small_base(tmp_path_factory):
 
 
 def finetune_config(base, out_dir, **overrides):
-    settings = dict(init_from=base, dataset="embedded", out_dir=str(out_dir), lora_rank=4, lora_alpha=8, batch_size=8, max_iters=15,
+    settings = dict(init_from=base, dataset="embedded", out_dir=str(out_dir), lora_rank=4, lora_alpha=8, lora_targets="q,v", batch_size=8, max_iters=15,
                     eval_interval=15, eval_batches=3, learning_rate=3e-3, num_samples=2, max_new_tokens=24, answer_limit=24,
                     progress=False, device="cpu")
     settings.update(overrides)
