@@ -19,7 +19,7 @@ from collections import Counter
 import torch
 
 PROMPT_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-# Two prompt templates. "alpaca" is Alpaca's own (what GPT-2 runs use); "compact" drops its 99-byte preamble sentence
+# Two prompt templates. "alpaca" is Alpaca's own (what GPT-2 runs use); "compact" drops its 105-byte preamble sentence
 # and keeps the three section markers. A byte-level model pays for every byte of the prompt on every example and
 # learns nothing from a sentence that never changes, so the tiny base uses "compact" (train.py: --prompt_template).
 TEMPLATES = ("alpaca", "compact")

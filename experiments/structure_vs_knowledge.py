@@ -1,0 +1,163 @@
+"""
+"Fine-tuning is for structure, not knowledge", measured.
+
+Two kinds of question, each split into items that fine-tuning shows (seen) and items it never shows (unseen):
+- RULE kinds (regular plurals, regular past tenses): the answer follows from the word by a rule;
+- FACT kinds (capitals, animal classes): the answer is a fact about the world that the prompt does not give away.
+After fine-tuning, every item is asked once, seen items in a phrasing that item was never trained with, and each
+response is scored twice:
+- format: the response has the trained shape (the reference sentence with its item and answer as wildcards);
+- content: the key answer is in the response (instructions.contains_answer).
+The sentence predicts: format ~100% everywhere; content high for seen facts and for unseen rule items; for
+unseen facts, no better than a guess. LoRA and full fine-tuning run side by side on the same data and budget.
+
+    python -m experiments.structure_vs_knowledge                  # LoRA and full, the default base and budget
+    python -m experiments.structure_vs_knowledge --modes lora --max_iters 100      # a quick look
+
+Results: experiments/results/structure_vs_knowledge.csv and .png.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train  # noqa: E402
+from instructions import contains_answer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = {"plural": "rule", "past_tense": "rule", "capital": "fact", "animal_class": "fact"}
+COLUMNS = ["mode", "kind", "family", "items", "examples", "format_accuracy", "content_accuracy", "seconds"]
+
+
+def generator():
+    """data/make_instructions.py, whose word lists, facts and phrasings this experiment reuses."""
+    spec = importlib.util.spec_from_file_location("make_instructions", os.path.join(ROOT, "data", "make_instructions.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def shape_pattern(example):
+    """The reference output as a regular expression in which the item and the answer may be anything."""
+    pattern = re.escape(example["output"])
+    for value in sorted({example["answer"], example["item"]}, key=len, reverse=True):
+        pattern = pattern.replace(re.escape(value), ".+?")
+    return pattern
+
+
+def build(seed, per_kind, trained_phrasings=2):
+    """-> (train examples, {(kind, 'seen'|'unseen'): test examples}). Each seen item is trained in
+    `trained_phrasings` phrasings and tested in another one; unseen items are only tested."""
+    gen = generator()
+    rng = random.Random(seed)
+    kinds = gen.kinds(rng)
+    train_examples, tests = [], {}
+    for kind, family in KINDS.items():
+        _, items, make = kinds[kind]
+        items = list(dict.fromkeys(items))
+        rng.shuffle(items)
+        items = items[:per_kind]
+        seen, unseen = items[: len(items) // 2], items[len(items) // 2 :]
+        for item in seen:
+            prompts = {}
+            for _ in range(50):  # draw phrasings until there is one more than training uses
+                instruction, input_text, output, answer = make(item, rng)
+                prompts.setdefault((instruction, input_text), (output, answer))
+                if len(prompts) > trained_phrasings:
+                    break
+            (*trained, tested) = [dict(instruction=i, input=x, output=o, answer=a, kind=kind, item=gen.item_key(item))
+                                  for (i, x), (o, a) in prompts.items()]
+            train_examples += trained
+            tests.setdefault((kind, "seen"), []).append(tested)
+        for item in unseen:
+            instruction, input_text, output, answer = make(item, rng)
+            tests.setdefault((kind, "unseen"), []).append(dict(instruction=instruction, input=input_text, output=output,
+                                                               answer=answer, kind=kind, item=gen.item_key(item)))
+    rng.shuffle(train_examples)
+    return train_examples, tests
+
+
+def dataset_file(train_examples, held_out, path):
+    """An Alpaca-format file whose 85% training part (train.py's split, in file order) is exactly train_examples;
+    the validation and test parts (never trained on) are filled with held-out examples."""
+    n = len(train_examples)
+    while int(0.85 * n) < len(train_examples) or n - len(train_examples) < 2:
+        n += 1
+    filler = [held_out[i % len(held_out)] for i in range(n - len(train_examples))]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(train_examples + filler, f, indent=1)
+    return path
+
+
+def run(mode, args, train_examples, tests):
+    out_dir = os.path.join(args.out_dir, "runs", f"structure_{mode}")
+    os.makedirs(out_dir, exist_ok=True)
+    held_out = [ex for examples in tests.values() for ex in examples]
+    data_path = dataset_file(train_examples, held_out, os.path.join(out_dir, "data.json"))
+    cfg = train.resolve_defaults(train.TrainConfig(
+        init_from=args.init_from, dataset=data_path, out_dir=out_dir, finetune="full" if mode == "full" else "lora",
+        max_iters=args.max_iters, answer_limit=0, num_samples=0, seed=args.seed, progress=False, device=args.device))
+    summary = train.train(cfg)
+    if mode == "full":
+        model, tokenizer_name = train.load_checkpoint_model(out_dir, summary["device"])
+    else:
+        model, tokenizer_name = train.load_finetuned(out_dir, args.init_from, summary["device"])
+    from tokenizer import get_tokenizer
+
+    tokenizer, rows = get_tokenizer(tokenizer_name), []
+    for (kind, part), examples in tests.items():
+        responses = train.answer_examples(model, tokenizer, examples, summary["device"], 64, summary["prompt_template"])
+        form = sum(bool(re.fullmatch(shape_pattern(ex), r)) for ex, r in zip(examples, responses)) / len(examples)
+        content = sum(contains_answer(r, ex["answer"]) for ex, r in zip(examples, responses)) / len(examples)
+        rows.append(dict(mode=mode, kind=kind, family=KINDS[kind], items=part, examples=len(examples),
+                         format_accuracy=round(form, 4), content_accuracy=round(content, 4), seconds=round(summary["seconds"], 1)))
+        print(f"{mode:5s} {kind:13s} {part:7s} format {form:.2f}  content {content:.2f}  e.g. {responses[0]!r}")
+    return rows
+
+
+def plot(rows, path):
+    from matplotlib.figure import Figure
+
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig = Figure(figsize=(5 * len(modes), 4))
+    axes = fig.subplots(1, len(modes), squeeze=False)[0]
+    for ax, mode in zip(axes, modes):
+        mine = [r for r in rows if r["mode"] == mode]
+        labels = [f"{r['kind']}\n{r['items']}" for r in mine]
+        x = range(len(mine))
+        ax.bar([i - 0.2 for i in x], [r["format_accuracy"] for r in mine], width=0.4, label="format")
+        ax.bar([i + 0.2 for i in x], [r["content_accuracy"] for r in mine], width=0.4, label="content")
+        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{mode} fine-tuning")
+        ax.legend()
+    fig.suptitle("structure, not knowledge: seen and unseen items of rule and fact kinds")
+    fig.tight_layout()
+    train.save_figure_atomic(fig, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", default="lora,full", help="comma-separated: lora, full (default: %(default)s)")
+    parser.add_argument("--init_from", default="tiny", help="the base model (default: %(default)s)")
+    parser.add_argument("--per_kind", type=int, default=80, help="items per kind, half seen, half unseen (default: %(default)s)")
+    parser.add_argument("--max_iters", type=int, default=0, help="optimizer steps (default 0: train.py's fine-tuning default)")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--out_dir", default=os.path.join(ROOT, "experiments", "results"))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    train_examples, tests = build(args.seed, args.per_kind)
+    print(f"{len(train_examples)} training examples; tested: " + ", ".join(f"{k[0]}/{k[1]} {len(v)}" for k, v in tests.items()))
+    rows = [row for mode in args.modes.split(",") for row in run(mode.strip(), args, train_examples, tests)]
+    train.write_csv_atomic(rows, os.path.join(args.out_dir, "structure_vs_knowledge.csv"), COLUMNS)
+    plot(rows, os.path.join(args.out_dir, "structure_vs_knowledge.png"))
+
+
+if __name__ == "__main__":
+    main()
