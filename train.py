@@ -6,6 +6,8 @@ One training loop for the jobs of this repository (nanoGPT's train.py is the mod
     python train.py --quantize nf4                    # QLoRA: LoRA on a 4-bit NF4 base
     python train.py --init_from scratch --dataset stdlib --out_dir checkpoints/tiny-base   # pretrain the tiny base
     python train.py --adapter out/instruct --prompt "Give an antonym of 'hot'."             # answer with base + adapter
+    python train.py --adapter out/instruct --export_peft out/peft                           # the adapter in PEFT's format
+    torchrun --nproc_per_node=4 train.py --init_from gpt2 --dataset instruction-data --grad_accum 8   # data-parallel
 
 `python train.py --help` lists every hyperparameter with its default.
 """
@@ -33,7 +35,7 @@ TINY_BASE_DIR = os.path.join(REPO_DIR, "checkpoints", "tiny-base")
 class TrainConfig:
     # what to start from, what to learn
     init_from: str = field(default="tiny", metadata={"help": "'tiny' (the offline base in checkpoints/tiny-base, pretrained first if missing), 'scratch', one of " + ", ".join(PRETRAINED) + ", or a checkpoint file/directory"})
-    dataset: str = field(default="embedded", metadata={"help": "'stdlib' (pretraining corpus), 'embedded' (data/instructions.json), 'instruction-data' or 'alpaca' (downloaded), or a path to an Alpaca-format .json"})
+    dataset: str = field(default="embedded", metadata={"help": "'stdlib' (pretraining corpus), 'embedded' (data/instructions.json), 'instruction-data' or 'alpaca' (downloaded), or a path to an Alpaca-format or chat ({'messages': [...]}) .json/.jsonl"})
     out_dir: str = field(default="out/instruct", metadata={"help": "where the log, plots, samples, summary.json and checkpoints go"})
     finetune: str = field(default="lora", metadata={"help": "'lora' (train adapters only) or 'full' (train every weight); ignored when pretraining"})
     quantize: str = field(default="none", metadata={"help": "'none' or 'nf4' (QLoRA: 4-bit NF4 base with double quantization; needs --finetune lora)"})
@@ -46,9 +48,10 @@ class TrainConfig:
     use_dora: bool = field(default=False, metadata={"help": "DoRA magnitude/direction decomposition (arXiv 2402.09353)"})
     loraplus_ratio: float = field(default=1.0, metadata={"help": "LoRA+: learning rate of B = ratio x that of A (arXiv 2402.12354 suggests 16); 1 = plain LoRA"})
     # data
-    mask_prompt: bool = field(default=False, metadata={"help": "leave the prompt out of the loss (train on responses only)"})
+    mask_prompt: bool = field(default=False, metadata={"help": "leave the prompt out of the loss (train on responses only; for chat data: on assistant turns only)"})
+    pack: bool = field(default=False, metadata={"help": "pack several training examples per row up to the context (best-fit decreasing), each attending only to itself"})
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (over all processes under torchrun)"})
     # model shape when --init_from scratch (the tiny base: 4 layers x 256 wide, byte-level, 3.3M parameters;
     # 512 bytes of context because an Alpaca prompt alone is ~150 bytes)
     n_layer: int = 4
@@ -76,9 +79,12 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "'auto' (cuda, then mps, then cpu), 'cuda', 'mps' or 'cpu'"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (worth it on GPU for long runs)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in backward instead of storing them (less memory, ~1 more forward)"})
     # inference only
     adapter: str = field(default="", metadata={"help": "a LoRA run's out_dir: load base + adapter (with --prompt)"})
     prompt: str = field(default="", metadata={"help": "answer this instruction with the model (and --adapter) and exit"})
+    export_peft: str = field(default="", metadata={"help": "write the --adapter run's adapter in PEFT's format to this directory and exit"})
+    export_hf: str = field(default="", metadata={"help": "write the model (--init_from, with the --adapter run's adapter merged) as an HF GPT-2 directory and exit"})
 
     @property
     def pretraining(self):
@@ -104,6 +110,8 @@ def check_config(cfg):
         raise ValueError("--quantize nf4 freezes the base in 4 bits, so only adapters can train: use it with --finetune lora")
     if cfg.pretraining != (cfg.dataset == "stdlib"):
         raise ValueError("pretraining and the stdlib corpus go together: use --init_from scratch --dataset stdlib, or fine-tune on an instruction dataset")
+    if cfg.pack and cfg.pretraining:
+        raise ValueError("--pack packs instruction examples; pretraining windows are full already: drop --pack")
 
 
 # ---------------------------------------------------------------------------------------------- system helpers
@@ -256,9 +264,11 @@ class PretrainingData:
 
 
 class InstructionData:
-    """Alpaca-format examples, split 85/5/10, tokenized, each epoch shuffled by (seed, epoch)."""
+    """Alpaca-format examples or chat conversations, split 85/5/10, tokenized, each epoch shuffled by (seed, epoch).
+    With pack, the training examples are packed once into rows of up to block_size positions (best-fit decreasing)
+    and the rows are shuffled instead; validation and test batches stay unpacked (the loss is the same either way)."""
 
-    def __init__(self, dataset, tokenizer, block_size, seed, mask_prompt):
+    def __init__(self, dataset, tokenizer, block_size, seed, mask_prompt, pack=False):
         from instructions import load_examples, split_examples, tokenize_examples
 
         self.train_examples, self.val_examples, self.test_examples = split_examples(load_examples(dataset))
@@ -270,16 +280,25 @@ class InstructionData:
         if not self.train or not self.val:
             raise ValueError(f"dataset {dataset!r} leaves no train or validation examples within {block_size} tokens")
         self.pad, self.seed, self.mask_prompt = tokenizer.eot_token, seed, mask_prompt
+        self.packed, self.block_size = None, block_size
+        if pack:
+            from instructions import pack_examples
+
+            self.packed = pack_examples(self.train, block_size)
 
     def train_batch(self, step, micro, batch_size):
-        from instructions import collate
+        """(inputs, targets) of one micro-batch; with packing also segment_ids (see GPT.hidden_states)."""
+        from instructions import collate, collate_packed
 
+        units = self.train if self.packed is None else self.packed  # examples, or rows of packed examples
         index = (step * self.grad_accum + micro) * batch_size  # position in the endless stream of epochs
         rows = []
         for i in range(index, index + batch_size):
-            epoch, offset = divmod(i, len(self.train))
-            order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.seed + epoch))
-            rows.append(self.train[order[offset]])
+            epoch, offset = divmod(i, len(units))
+            order = torch.randperm(len(units), generator=torch.Generator().manual_seed(self.seed + epoch))
+            rows.append(units[order[offset]])
+        if self.packed is not None:
+            return collate_packed(rows, self.pad, self.mask_prompt)
         return collate(rows, self.pad, self.mask_prompt)
 
     def val_batches(self, batch_size, split="val"):
@@ -289,8 +308,12 @@ class InstructionData:
         return [collate(rows[i : i + batch_size], self.pad, self.mask_prompt) for i in range(0, len(rows), batch_size)]
 
     def describe(self):
+        packed = ""
+        if self.packed is not None:
+            positions = sum(len(ids) - 1 for ids, _ in self.train)
+            packed = f"; packed into {len(self.packed)} rows ({positions / (len(self.packed) * self.block_size):.0%} full)"
         return (f"{len(self.train)} train / {len(self.val)} validation / {len(self.test)} test examples"
-                + (f" ({self.dropped} longer than the block size dropped)" if self.dropped else ""))
+                + (f" ({self.dropped} longer than the block size dropped)" if self.dropped else "") + packed)
 
 
 @torch.no_grad()
@@ -374,7 +397,31 @@ def answer(model, tokenizer, instruction, device, max_new_tokens=80, input_text=
     """Greedy response to one instruction, cut at the end-of-text token."""
     from instructions import format_prompt
 
-    prompt = tokenizer.encode(format_prompt({"instruction": instruction, "input": input_text}))
+    return complete(model, tokenizer, format_prompt({"instruction": instruction, "input": input_text}), device, max_new_tokens)
+
+
+def answer_example(model, tokenizer, example, device, max_new_tokens=80):
+    """Greedy response to a held-out example: an Alpaca instruction, or a conversation's last assistant turn."""
+    if "messages" not in example:
+        return answer(model, tokenizer, example["instruction"], device, max_new_tokens, example.get("input", ""))
+    from instructions import chat_prompt
+
+    return complete(model, tokenizer, chat_prompt(example["messages"])[0], device, max_new_tokens)
+
+
+def chat_display(example):
+    """A conversation shown like an Alpaca sample: the user turn before the last assistant turn, and that turn."""
+    from instructions import chat_prompt
+
+    messages = example["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    users = [m["content"] for m in messages[:last] if m["role"] == "user"]
+    return {"instruction": users[-1] if users else "(no user turn)", "output": chat_prompt(messages)[1]}
+
+
+def complete(model, tokenizer, prompt_text, device, max_new_tokens=80):
+    """Greedy continuation of a prompt, cut at the end-of-text token."""
+    prompt = tokenizer.encode(prompt_text)
     prompt = prompt[-(model.config.block_size - max_new_tokens) :] if len(prompt) + max_new_tokens > model.config.block_size else prompt
     was_training = model.training
     model.eval()  # greedy answers must not depend on dropout (e.g. LoRA's), or a reloaded adapter could not reproduce them
@@ -421,8 +468,9 @@ def train(cfg):
     if cfg.pretraining:
         data = PretrainingData(tokenizer, block_size, cfg.seed)
     else:
-        data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt)
+        data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt, pack=cfg.pack)
     data.grad_accum = cfg.grad_accum
+    model.gradient_checkpointing = cfg.grad_checkpointing
     optimizer = make_optimizer(model, cfg)
     from lora import count_parameters
 
@@ -448,7 +496,7 @@ def train(cfg):
         before["val_loss"] = evaluate(model, val_batches, device)
         if not cfg.pretraining:
             before["test_loss"] = evaluate(model, data.val_batches(cfg.batch_size, "test"), device)
-            before["samples"] = [answer(model, tokenizer, ex["instruction"], device, cfg.max_new_tokens, ex.get("input", "")) for ex in data.test_examples[: cfg.num_samples]]
+            before["samples"] = [answer_example(model, tokenizer, ex, device, cfg.max_new_tokens) for ex in data.test_examples[: cfg.num_samples]]
         print(f"validation loss before training: {before['val_loss']:.4f}")
 
     reset_peak_memory(device)
@@ -466,10 +514,11 @@ def train(cfg):
             group["lr"] = lr * group["lr_scale"]
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = data.train_batch(step, micro, cfg.batch_size)
+            x, y, *segments = data.train_batch(step, micro, cfg.batch_size)  # segment ids only with --pack
             x, y = x.to(device), y.to(device)
+            segment_ids = segments[0].to(device) if segments else None
             with autocast_context(device):
-                loss = run_model(x, y)[1]  # drop the logits now: `_` would keep B x T x vocab floats alive through backward
+                loss = run_model(x, y, segment_ids=segment_ids)[1]  # drop the logits now: `_` would keep B x T x vocab floats alive through backward
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
             tokens_seen += x.numel()
@@ -506,10 +555,11 @@ def train(cfg):
         summary["test_loss_after"] = evaluate(model, data.val_batches(cfg.batch_size, "test"), device)
         samples = []
         for ex, response_before in zip(data.test_examples[: cfg.num_samples], before["samples"]):
-            response_after = answer(model, tokenizer, ex["instruction"], device, cfg.max_new_tokens, ex.get("input", ""))
+            response_after = answer_example(model, tokenizer, ex, device, cfg.max_new_tokens)
             samples.append({**ex, "before": response_before, "after": response_after})
-            print(f"\n### {ex['instruction']}" + (f"\n    input:    {ex['input']}" if ex.get("input") else "")
-                  + f"\n    expected: {ex['output']}\n    before:   {response_before}\n    after:    {response_after}")
+            shown = ex if "messages" not in ex else chat_display(ex)
+            print(f"\n### {shown['instruction']}" + (f"\n    input:    {shown['input']}" if shown.get("input") else "")
+                  + f"\n    expected: {shown['output']}\n    before:   {response_before}\n    after:    {response_after}")
         write_json_atomic(samples, os.path.join(cfg.out_dir, "samples.json"))
         print(f"\ntest loss: {summary['test_loss_before']:.4f} before -> {summary['test_loss_after']:.4f} after")
     print(f"{mode}: {trainable:,} trainable / {total:,} total parameters; outputs in {cfg.out_dir}")
@@ -566,6 +616,36 @@ def answer_prompt(cfg):
     print(answer(model, get_tokenizer(tokenizer_name), cfg.prompt, device, cfg.max_new_tokens))
 
 
+def export_run(cfg):
+    """--export_peft / --export_hf: write a run in Hugging Face's formats (interop.py) and exit.
+    --export_peft needs --adapter; when the base is not an HF model (the tiny base, a checkpoint of this script), the
+    base is written beside the adapter, in OUT_DIR/base, for PEFT to load it from. --export_hf writes --init_from's
+    model, with --adapter's adapter merged when given."""
+    from interop import export_merged_hf, export_peft, hf_base_name
+
+    if cfg.export_peft and not cfg.adapter:
+        raise ValueError("--export_peft needs --adapter RUN_DIR, the out_dir of a LoRA or QLoRA run")
+    if cfg.adapter:
+        model, _ = load_finetuned(cfg.adapter, cfg.init_from, "cpu")
+    else:
+        model, _ = load_base_model(cfg.init_from, "cpu")
+    if cfg.export_hf:
+        export_merged_hf(model, cfg.export_hf)
+        print(f"wrote {cfg.export_hf}: load it with transformers.GPT2LMHeadModel.from_pretrained({cfg.export_hf!r})")
+    if cfg.export_peft:
+        init_from = cfg.init_from
+        summary_path = os.path.join(cfg.adapter, "summary.json")
+        if init_from == "tiny" and os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                init_from = json.load(f)["init_from"]
+        base_name = hf_base_name(init_from)
+        if base_name is None:  # PEFT needs an HF base: write ours (full precision; QLoRA users load it in 4 bits)
+            base_name = os.path.abspath(os.path.join(cfg.export_peft, "base"))
+            load_base_model(init_from, "cpu")[0].save_pretrained(base_name)
+        export_peft(model, cfg.export_peft, base_model_name_or_path=base_name)
+        print(f"wrote {cfg.export_peft}: peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base_name!r}), {cfg.export_peft!r})")
+
+
 def parse_config(config_class, argv=None, description=__doc__):
     """Every field of a config dataclass becomes a --flag with its default in --help; unknown flags are errors.
     (finetune_classifier.py builds its command line from ClassifierConfig the same way.)"""
@@ -587,7 +667,9 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     config = parse_args()
     try:
-        if config.prompt:
+        if config.export_peft or config.export_hf:
+            export_run(config)
+        elif config.prompt:
             answer_prompt(config)
         else:
             train(resolve_defaults(config))

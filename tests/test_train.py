@@ -185,3 +185,56 @@ def test_lora_resume_continues_the_identical_trajectory(small_base, tmp_path, mo
     train.train(finetune_config(small_base, tmp_path / "resumed", resume=True, **common))
     losses = lambda d: [float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / d / "log.csv"))]
     assert len(losses("resumed")) == 8 and losses("resumed") == losses("straight")
+
+
+def test_packing_and_gradient_checkpointing_train(small_base, tmp_path, capsys):
+    summary = train.train(finetune_config(small_base, tmp_path, pack=True, grad_checkpointing=True, mask_prompt=True, max_iters=6, eval_interval=6))
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert "packed into" in capsys.readouterr().out
+
+
+def test_packed_rows_hold_every_training_example_once():
+    from tokenizer import get_tokenizer
+
+    data = train.InstructionData("embedded", get_tokenizer("bytes"), 512, 1337, mask_prompt=False, pack=True)
+    data.grad_accum = 1
+    assert sorted(ex[0] for row in data.packed for ex in row) == sorted(ex[0] for ex in data.train)
+    assert all(sum(len(ids) - 1 for ids, _ in row) <= 512 for row in data.packed)
+    assert len(data.packed) < 0.6 * len(data.train)  # ~220-byte examples: about two per 512-byte row
+    x, y, segments = data.train_batch(0, 0, 8)
+    assert x.shape == y.shape == segments.shape and x.shape[0] == 8 and x.shape[1] <= 512
+
+
+def test_export_peft_and_hf_from_the_command_line(small_base, tmp_path):
+    import torch
+    from transformers import GPT2LMHeadModel
+    from peft import PeftModel
+
+    run = tmp_path / "run"
+    train.train(finetune_config(small_base, run, max_iters=3, eval_interval=3, lora_targets="q,k,o"))
+    train.export_run(parse_args(["--adapter", str(run), "--export_peft", str(tmp_path / "peft"), "--export_hf", str(tmp_path / "hf")]))
+    ours, _ = train.load_finetuned(str(run), "tiny", "cpu")
+    idx = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours(idx)[0]
+        base = GPT2LMHeadModel.from_pretrained(tmp_path / "peft" / "base")  # the tiny base is not an HF model: written beside the adapter
+        base_logits = base.eval()(idx).logits
+        peft_logits = PeftModel.from_pretrained(base, tmp_path / "peft").eval()(idx).logits
+        merged_logits = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()(idx).logits
+    assert (expected - base_logits).abs().max().item() > 1e-3  # the adapter matters, so the comparisons below do
+    assert (expected - peft_logits).abs().max().item() <= 1e-4
+    assert (expected - merged_logits).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="--export_peft needs --adapter"):
+        train.export_run(parse_args(["--export_peft", str(tmp_path / "x")]))
+
+
+def test_chat_dataset_trains_on_assistant_turns_and_answers(small_base, tmp_path):
+    conversations = [{"messages": [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": f"What is {i} plus {i}?"},
+                                   {"role": "assistant", "content": str(2 * i)}, {"role": "user", "content": "And doubled?"},
+                                   {"role": "assistant", "content": str(4 * i)}]} for i in range(40)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in conversations))
+    summary = train.train(finetune_config(small_base, tmp_path / "run", dataset=str(path), mask_prompt=True, pack=True, max_iters=4, eval_interval=4))
+    assert summary["val_loss_after"] < summary["val_loss_before"] and summary["train_examples"] == 34
+    samples = json.load(open(tmp_path / "run" / "samples.json"))
+    assert samples[0]["messages"] == conversations[36]["messages"] and isinstance(samples[0]["after"], str)
