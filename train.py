@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from ddp import init_world
 from lora import atomic_write
 from model import GPT, PRETRAINED, GPTConfig
 
@@ -204,6 +205,9 @@ def ensure_tiny_base(device="cpu"):
     it if an earlier pretraining was interrupted (its checkpoint is then from before the last step)."""
     path = os.path.join(TINY_BASE_DIR, "ckpt.pt")
     base_config = TrainConfig(init_from="scratch", dataset="stdlib", out_dir=TINY_BASE_DIR, device=device)
+    if not os.path.isfile(path) and "RANK" in os.environ:  # every torchrun process would pretrain (and write) it at once
+        raise FileNotFoundError(f"no tiny base model at {path}: pretrain it first in one process (python train.py --init_from scratch "
+                                f"--dataset stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}), then start torchrun")
     if not os.path.isfile(path):
         print(f"No tiny base model at {path}: pretraining it first on the standard library's docstrings "
               f"(a few minutes on a laptop CPU; `python train.py --init_from scratch --dataset stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}` does the same).")
@@ -460,6 +464,9 @@ def train(cfg):
 
     check_config(cfg)
     device = pick_device(cfg.device)
+    world = init_world(device)  # under torchrun: this process's rank among world.size (ddp.py); else rank 0 of 1
+    if not world.is_main:
+        cfg.progress = False  # rank 0 alone reports (its stdout is the only one kept, see ddp.init_world)
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model, tokenizer_name, mode = prepare_model(cfg, device)
@@ -488,11 +495,13 @@ def train(cfg):
         torch.set_rng_state(ckpt["rng"])
         start, rows, before = ckpt["iter"], ckpt["log"], ckpt["before"]
         print(f"resumed from {ckpt_path} at step {start}")
-    run_model = torch.compile(model) if cfg.compile else model
+    run_model = world.wrap(torch.compile(model) if cfg.compile else model)
+    if world.size > 1:  # each rank its own dropout masks, reproducible from (seed, rank, step resumed at)
+        torch.manual_seed(cfg.seed + world.rank + 1_000_003 * start)
     val_batches = data.val_batches(cfg.batch_size)
     val_batches = val_batches[: cfg.eval_batches] if cfg.eval_batches else val_batches
 
-    if not before:  # measured once, before the first step, and carried through resumes
+    if not before and world.is_main:  # measured once, before the first step, and carried through resumes
         before["val_loss"] = evaluate(model, val_batches, device)
         if not cfg.pretraining:
             before["test_loss"] = evaluate(model, data.val_batches(cfg.batch_size, "test"), device)
@@ -512,23 +521,27 @@ def train(cfg):
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum):
+        step_loss, step_tokens = 0.0, 0
+        micro_batches = world.micro_batches(cfg.grad_accum)  # all of them for one process
+        for micro in micro_batches:
             x, y, *segments = data.train_batch(step, micro, cfg.batch_size)  # segment ids only with --pack
             x, y = x.to(device), y.to(device)
             segment_ids = segments[0].to(device) if segments else None
-            with autocast_context(device):
+            with world.sync_unless(run_model, last=micro == micro_batches[-1]), autocast_context(device):
                 loss = run_model(x, y, segment_ids=segment_ids)[1]  # drop the logits now: `_` would keep B x T x vocab floats alive through backward
-            (loss / cfg.grad_accum).backward()
+                # x world.size: DDP averages the ranks' gradients, and the step's gradient is the mean over all grad_accum micro-batches
+                (loss * world.size / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
-            tokens_seen += x.numel()
+            step_tokens += x.numel()
+        step_loss, step_tokens = world.sum(step_loss, step_tokens)
+        tokens_seen += int(step_tokens)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = elapsed_before + time.time() - t0
         row = {"iter": step + 1, "lr": lr, "train_loss": step_loss, "val_loss": "", "tokens": tokens_seen, "seconds": round(seconds, 3)}
-        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters:
+        if world.is_main and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters):
             row["val_loss"] = evaluate(model, val_batches, device)
         rows.append(row)
         if cfg.progress:
@@ -539,6 +552,9 @@ def train(cfg):
             write_log(rows, os.path.join(cfg.out_dir, "log.csv"))
             plot_losses(rows, os.path.join(cfg.out_dir, "loss.png"), f"{mode} on {cfg.dataset}")
 
+    if not world.is_main:  # rank 0 evaluates and writes the results
+        world.close()
+        return None
     summary = {
         "init_from": cfg.init_from, "finetune": mode, "dataset": cfg.dataset, "lora_rank": cfg.lora_rank if mode in ("lora", "qlora") else None,
         "lora_alpha": cfg.lora_alpha if mode in ("lora", "qlora") else None, "lora_targets": cfg.lora_targets if mode in ("lora", "qlora") else None,
@@ -564,6 +580,7 @@ def train(cfg):
         print(f"\ntest loss: {summary['test_loss_before']:.4f} before -> {summary['test_loss_after']:.4f} after")
     print(f"{mode}: {trainable:,} trainable / {total:,} total parameters; outputs in {cfg.out_dir}")
     write_json_atomic(summary, os.path.join(cfg.out_dir, "summary.json"))
+    world.close()
     return summary
 
 
