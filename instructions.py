@@ -84,18 +84,19 @@ def load_examples(name):
     path = dataset_path(name)
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    try:
-        examples = json.loads(text)
-    except json.JSONDecodeError as e:
-        lines = [line for line in text.splitlines() if line.strip()]
-        if len(lines) < 2 or not lines[0].lstrip().startswith("{"):  # not JSON Lines either
-            raise ValueError(f"{path} is not valid JSON ({e}); expected a list of {{'instruction', 'input', 'output'}} objects or JSON Lines of {{'messages': [...]}}") from e
-        examples = []
-        for number, line in enumerate(lines, 1):
-            try:
-                examples.append(json.loads(line))
-            except json.JSONDecodeError as line_error:
-                raise ValueError(f"{path} line {number} is not valid JSON ({line_error}); a JSON Lines file holds one object per line") from line_error
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not path.endswith(".jsonl"):
+        try:
+            return validate_examples(json.loads(text), path)
+        except json.JSONDecodeError as e:
+            if len(lines) < 2 or not lines[0].lstrip().startswith("{"):  # not JSON Lines either
+                raise ValueError(f"{path} is not valid JSON ({e}); expected a list of {{'instruction', 'input', 'output'}} objects or JSON Lines of {{'messages': [...]}}") from e
+    examples = []
+    for number, line in enumerate(lines, 1):
+        try:
+            examples.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number} is not valid JSON ({e}); a JSON Lines file holds one object per line") from e
     return validate_examples(examples, path)
 
 

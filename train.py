@@ -465,6 +465,7 @@ def train(cfg):
     check_config(cfg)
     device = pick_device(cfg.device)
     world = init_world(device)  # under torchrun: this process's rank among world.size (ddp.py); else rank 0 of 1
+    world.micro_batches(cfg.grad_accum)  # a --grad_accum the processes cannot share fails here, before any work
     if not world.is_main:
         cfg.progress = False  # rank 0 alone reports (its stdout is the only one kept, see ddp.init_world)
     os.makedirs(cfg.out_dir, exist_ok=True)
