@@ -7,7 +7,7 @@ import torch
 from interop import export_merged_hf, export_peft, import_peft
 from lora import apply_lora, load_adapter, save_adapter
 from model import GPT, GPTConfig
-from quantize import merge_lora_into_dequantized, quantize_model
+from quantize import quantize_model
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -94,14 +94,18 @@ def test_qlora_adapter_exports_the_same_way(tmp_path):
     apply_lora(model, rank=4, alpha=8, targets=("q", "v"))
     trained_looking(model)
     # PEFT on the 4-bit base (bitsandbytes' NF4 codes equal ours) sees the dequantized weights: compare on those
-    merge_lora_into_dequantized(model).save_pretrained(tmp_path / "unused")  # merged export works too
     from lora import disable_adapters, set_adapter
 
     disable_adapters(model)
     export_merged_hf(model, tmp_path / "base")  # the dequantized base alone
     set_adapter(model, "default")
     export_peft(model, tmp_path / "peft")
-    assert (our_logits(model) - peft_logits(tmp_path / "base", tmp_path / "peft")).abs().max().item() <= 1e-4
+    ours = our_logits(model)
+    assert (ours - peft_logits(tmp_path / "base", tmp_path / "peft")).abs().max().item() <= 1e-4
+    export_merged_hf(model, tmp_path / "merged")  # the adapter merged into a dequantized copy, the model left as it was
+    with torch.no_grad():
+        merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()(tokens()).logits
+    assert (ours - merged).abs().max().item() <= 1e-4 and torch.equal(our_logits(model), ours)
 
 
 def peft_adapter(tmp_path, **lora_config):
