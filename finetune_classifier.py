@@ -42,9 +42,11 @@ import torch.nn.functional as F
 
 import lora
 from model import PRETRAINED, download_file
-from train import (REPO_DIR, autocast_context, load_base_model, learning_rate, make_optimizer, parse_config, peak_memory_bytes,
-                   pick_device, reset_peak_memory, save_atomic, save_figure_atomic, training_state_bytes, write_csv_atomic,
-                   write_json_atomic)
+from safety import (UserError, check_finite_settings, error_line, file_sha256, load_tensor_file, lock_out_dir, main_errors,
+                    new_run_id, read_json)
+from train import (REPO_DIR, autocast_context, check_finite, clip_gradients, load_base_model, learning_rate, make_optimizer,
+                   parse_config, peak_memory_bytes, pick_device, reset_peak_memory, save_atomic, save_figure_atomic,
+                   training_state_bytes, write_csv_atomic, write_json_atomic)
 
 LABELS = ("ham", "spam")  # class index -> name; spam = 1 is the "positive" class
 MODES = ("head", "last_block", "lora", "qlora", "full")
@@ -87,7 +89,7 @@ class ClassifierConfig:
     device: str = field(default="auto", metadata={"help": "'auto' (cuda, then mps, then cpu), 'cuda', 'mps' or 'cpu'"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     # inference only
-    classify: str = field(default="", metadata={"help": "classify this message with the model saved in --out_dir and exit"})
+    classify: str = field(default=None, metadata={"help": "classify this message with the model saved in --out_dir and exit"})
 
 
 def check_config(cfg):
@@ -104,6 +106,31 @@ def check_config(cfg):
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_length < 0:
         raise ValueError(f"--max_length must be positive (or 0 for the model's block size), got {cfg.max_length}")
+    check_values(cfg)
+
+
+def check_values(cfg):
+    """Each setting within its valid range (train.check_values does the same for train.py)."""
+    check_finite_settings(cfg)
+    if cfg.lora_rank < 1:
+        raise UserError(f"--lora_rank {cfg.lora_rank}: use an integer >= 1")
+    ranges = {  # name -> (valid?, what is valid)
+        "learning_rate": (cfg.learning_rate >= 0, ">= 0 (0 = the default for the mode)"),
+        "lora_alpha": (cfg.lora_alpha > 0, "> 0"),
+        "lora_dropout": (0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+        "loraplus_ratio": (cfg.loraplus_ratio > 0, "> 0 (1 = plain LoRA)"),
+        "warmup_ratio": (0 <= cfg.warmup_ratio <= 1, "in [0, 1]"),
+        "min_lr_ratio": (0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+        "weight_decay": (cfg.weight_decay >= 0, ">= 0"),
+        "beta1": (0 <= cfg.beta1 < 1, "in [0, 1)"),
+        "beta2": (0 <= cfg.beta2 < 1, "in [0, 1)"),
+        "grad_clip": (cfg.grad_clip >= 0, ">= 0 (0 = no clipping)"),
+    }
+    for name, (valid, description) in ranges.items():
+        if not valid:
+            raise UserError(f"--{name} {getattr(cfg, name)}: use a number {description}")
+    if cfg.mode in ("lora", "qlora"):
+        lora.resolve_targets(parse_targets(cfg.lora_targets))  # names the first unknown target
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -305,13 +332,35 @@ def format_confusion(confusion):
     return "\n".join(lines)
 
 
+CLASSIFIER_FILES = ("classifier.json", "classifier.pt", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                    "summary.json", "log.csv", "curves.png")
+
+
 def train_classifier(cfg):
-    """Fine-tune one classifier end to end; returns the summary also written to out_dir/summary.json."""
+    """Fine-tune one classifier end to end; returns the summary also written to out_dir/summary.json. The run owns
+    out_dir while it lasts (safety.lock_out_dir), and replaces an earlier run's files there once its base and data
+    have loaded."""
+    check_config(cfg)
+    pick_device(cfg.device)  # a --device this machine lacks is refused before anything is loaded
+    with lock_out_dir(cfg.out_dir):
+        return run_classifier_training(cfg)
+
+
+def remove_earlier_run(out_dir):
+    """Otherwise an earlier run's files would sit beside this run's until overwritten (or forever, if it is killed)."""
+    earlier = [name for name in CLASSIFIER_FILES if os.path.exists(os.path.join(out_dir, name))]
+    if earlier:
+        print(f"{out_dir} holds an earlier run ({', '.join(earlier)}): replacing it")
+        for name in earlier:
+            os.remove(os.path.join(out_dir, name))
+
+
+def run_classifier_training(cfg):
+    """train_classifier() without the lock."""
     from tokenizer import get_tokenizer
 
-    check_config(cfg)
     device = pick_device(cfg.device)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    run_id = new_run_id()
     t_start = time.time()
     gpt, tokenizer_name = load_base_model(cfg.init_from, device)
     tokenizer = get_tokenizer(tokenizer_name)
@@ -335,12 +384,14 @@ def train_classifier(cfg):
     model = build_classifier(gpt, cfg.mode, cfg.lora_rank, cfg.lora_alpha, parse_targets(cfg.lora_targets), cfg.lora_dropout)
     trainable, total = lora.count_parameters(model)
     print(f"{cfg.mode}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%) on {device}")
+    remove_earlier_run(cfg.out_dir)
 
     steps_per_epoch = -(-len(splits["train"]) // cfg.batch_size)
     max_iters = cfg.epochs * steps_per_epoch
     schedule = SimpleNamespace(learning_rate=cfg.learning_rate or DEFAULT_LEARNING_RATES[cfg.mode], min_lr_ratio=cfg.min_lr_ratio,
                                warmup_iters=max(1, int(cfg.warmup_ratio * max_iters)), max_iters=max_iters)
-    optimizer = make_optimizer(model, SimpleNamespace(**{**asdict(cfg), "learning_rate": schedule.learning_rate}))
+    settings = SimpleNamespace(**{**asdict(cfg), "learning_rate": schedule.learning_rate})  # cfg with the mode's default filled in
+    optimizer = make_optimizer(model, settings)
     pad = tokenizer.eot_token
     eval_batches = {name: make_batches(rows, cfg.batch_size, pad) for name, rows in splits.items()}
 
@@ -369,8 +420,9 @@ def train_classifier(cfg):
                 logits = model(x, lengths)
             loss = F.cross_entropy(logits.float(), y)
             loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            grad_norm = clip_gradients(model, cfg.grad_clip)
+            check_finite(step + 1, f"the training loss is {loss.item():g} and the gradient norm {grad_norm:g}", [loss.item(), grad_norm],
+                         saved_rows(rows), settings)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -380,17 +432,20 @@ def train_classifier(cfg):
             if cfg.progress:
                 batches.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}", refresh=False)
         val = evaluate(model, eval_batches["val"], device)
+        check_finite(step, f"the validation loss after epoch {epoch} is {val['loss']:g}", [val["loss"]], saved_rows(rows), settings)
         rows.append({"epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                      "val_loss": val["loss"], "val_accuracy": val["accuracy"], "seconds": round(time.time() - t0, 3)})
         print(f"epoch {epoch}: train loss {loss_sum / seen:.4f}, accuracy {correct / seen:.1%} (during the epoch) | "
               f"validation loss {val['loss']:.4f}, accuracy {val['accuracy']:.1%}")
-        save_trained(model, cfg, tokenizer_name, max_length, fingerprint)
+        save_trained(model, cfg, tokenizer_name, max_length, fingerprint, run_id)
         write_log(rows, os.path.join(cfg.out_dir, "log.csv"))
         plot_curves(rows, os.path.join(cfg.out_dir, "curves.png"), f"{cfg.mode} on {describe_data(cfg)}")
     seconds = time.time() - t0
     peak = peak_memory_bytes(device)
 
     after = {name: evaluate(model, eval_batches[name], device) for name in ("train", "val", "test")}
+    check_finite(step, "the train / validation / test loss after training is " + " / ".join(f"{after[n]['loss']:g}" for n in after),
+                 [after[name]["loss"] for name in after], saved_rows(rows), settings)
     summary = {
         "mode": cfg.mode, "init_from": cfg.init_from, "dataset": describe_data(cfg), "device": device,
         "lora_rank": cfg.lora_rank if cfg.mode in ("lora", "qlora") else None,
@@ -406,7 +461,7 @@ def train_classifier(cfg):
                              **{name: after[name]["confusion"] for name in ("train", "val", "test")}},
         "epochs": cfg.epochs, "steps": step, "learning_rate": schedule.learning_rate,
         "seconds": round(seconds, 3), "total_seconds": round(time.time() - t_start, 3),
-        "peak_memory_bytes": peak, "training_state_bytes": training_state_bytes(model, optimizer), "config": asdict(cfg),
+        "peak_memory_bytes": peak, "training_state_bytes": training_state_bytes(model, optimizer), "config": asdict(cfg), "run_id": run_id,
     }
     write_json_atomic(summary, os.path.join(cfg.out_dir, "summary.json"))
     print(f"\naccuracy: train {summary['train_accuracy']:.1%}, validation {summary['val_accuracy']:.1%}, test {summary['test_accuracy']:.1%} "
@@ -415,6 +470,11 @@ def train_classifier(cfg):
     print(f"{cfg.mode}: {trainable:,} trainable / {total:,} total parameters; {seconds:.0f} s of training, "
           f"peak memory {peak / 2**20:.0f} MiB; outputs in {cfg.out_dir}")
     return summary
+
+
+def saved_rows(rows):
+    """The log rows in train.check_finite's terms: each epoch (not row 0, before training) ended with a save."""
+    return [{"iter": r["step"], "val_loss": r["val_loss"] if r["epoch"] else ""} for r in rows]
 
 
 def describe_data(cfg):
@@ -451,33 +511,45 @@ def base_fingerprint(gpt):
     return [sum(t.numel() for t in tensors), sum(float(t.detach().cpu().double().square().sum()) for t in tensors)]
 
 
-def save_trained(model, cfg, tokenizer_name, max_length, fingerprint):
+def save_trained(model, cfg, tokenizer_name, max_length, fingerprint, run_id=None):
     """Save what fine-tuning changed, and how to rebuild the rest. LoRA modes: the adapter directory (A, B and
     the head, via lora.save_adapter). Other modes: the trained tensors in classifier.pt. classifier.json
-    names the base, so --classify can load base + trained parts."""
+    names the base, so --classify can load base + trained parts. It is written last and records the run id and
+    the SHA-256 of the weights file written before it: a folder left half-updated by a killed run is refused."""
     init_from = os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
     info = {"mode": cfg.mode, "init_from": init_from, "tokenizer": tokenizer_name, "labels": list(LABELS), "max_length": max_length,
-            "base_fingerprint": fingerprint}
+            "base_fingerprint": fingerprint, "run_id": run_id}
     if cfg.mode in ("lora", "qlora"):
-        lora.save_adapter(model, os.path.join(cfg.out_dir, "adapter"))
+        weights_path = lora.save_adapter(model, os.path.join(cfg.out_dir, "adapter"), metadata={"run_id": run_id})
     else:
-        save_atomic({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, os.path.join(cfg.out_dir, "classifier.pt"))
+        weights_path = os.path.join(cfg.out_dir, "classifier.pt")
+        save_atomic({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, weights_path)
+    info["weights_sha256"] = file_sha256(weights_path)
     write_json_atomic(info, os.path.join(cfg.out_dir, "classifier.json"))
 
 
 def load_classifier(out_dir, device="cpu"):
     """A classifier saved by train_classifier -> (model in eval mode, tokenizer, info from classifier.json)."""
-    import json
-
     from tokenizer import get_tokenizer
 
     info_path = os.path.join(out_dir, "classifier.json")
     if not os.path.isfile(info_path):
         raise FileNotFoundError(f"no classifier in {out_dir} ({info_path} missing); train one with `python finetune_classifier.py --out_dir {out_dir}`")
-    with open(info_path) as f:
-        info = json.load(f)
-    if tuple(info["labels"]) != LABELS:
+    needed = ("mode", "init_from", "tokenizer", "labels", "max_length", "base_fingerprint", "run_id", "weights_sha256")
+    info = read_json(info_path, needed, what="classifier description written by finetune_classifier.py (train it again)")
+    if info["mode"] not in MODES:
+        raise UserError(f"{info_path}: 'mode' is {info['mode']!r}, but must be one of {', '.join(MODES)}")
+    if info["labels"] != list(LABELS):
         raise ValueError(f"{out_dir} was trained with labels {info['labels']}, this script classifies {list(LABELS)}")
+    weights_path = os.path.join(out_dir, "adapter", lora.ADAPTER_WEIGHTS) if info["mode"] in ("lora", "qlora") else os.path.join(out_dir, "classifier.pt")
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"{weights_path} is missing: {info_path} says it holds the trained weights; train the classifier again")
+    if file_sha256(weights_path) != info["weights_sha256"]:
+        raise UserError(f"{weights_path} is not the file {info_path} was saved with (its checksum differs: a run killed while "
+                        f"saving, or files copied in by hand); train the classifier again")
+    summary_path = os.path.join(out_dir, "summary.json")
+    if os.path.isfile(summary_path) and read_json(summary_path, ["run_id"], what="classifier summary")["run_id"] != info["run_id"]:
+        raise UserError(f"{summary_path} and {info_path} come from different runs; train the classifier again in an empty --out_dir")
     gpt, tokenizer_name = load_base_model(info["init_from"], device)
     count, square_sum = base_fingerprint(gpt)
     if count != info["base_fingerprint"][0] or not math.isclose(square_sum, info["base_fingerprint"][1], rel_tol=1e-6):
@@ -492,11 +564,14 @@ def load_classifier(out_dir, device="cpu"):
         lora.load_adapter(model, os.path.join(out_dir, "adapter"))  # adds the adapters and fills in A, B and the head
     else:
         model = build_classifier(gpt, info["mode"])
-        trained = torch.load(os.path.join(out_dir, "classifier.pt"), map_location=device, weights_only=True)
+        trained = load_tensor_file(weights_path, what="classifier weights file", fix="train the classifier again")
         expected = {n for n, p in model.named_parameters() if p.requires_grad}
         if set(trained) != expected:
             raise KeyError(f"{out_dir}/classifier.pt holds {len(trained)} tensors but mode {info['mode']} trains {len(expected)}; is the base in classifier.json the one it was trained on?")
-        model.load_state_dict(trained, strict=False)
+        bad = next((n for n, v in trained.items() if not (torch.is_tensor(v) and v.is_floating_point() and torch.isfinite(v).all())), None)
+        if bad is not None:
+            raise UserError(f"{weights_path}: {bad!r} is not a tensor of finite floats; train the classifier again")
+        model.load_state_dict({n: v.to(device) for n, v in trained.items()}, strict=False)
     return model.eval().requires_grad_(False), get_tokenizer(tokenizer_name), info
 
 
@@ -508,6 +583,8 @@ def classify(model, tokenizer, text, max_length, device="cpu"):
         raise ValueError("the message is empty; give some text to classify")
     logits = model(torch.tensor([ids], device=device))
     probabilities = logits.float().softmax(dim=-1)[0]
+    if not torch.isfinite(probabilities).all():
+        raise UserError(f"the classifier's output for this message is {probabilities.tolist()}: its weights are broken; train it again")
     label = int(probabilities.argmax())
     return LABELS[label], probabilities[label].item()
 
@@ -518,7 +595,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    if cfg.classify:
+    if cfg.classify is not None:
+        if not cfg.classify.strip():
+            raise UserError("--classify is empty: give the message to classify, e.g. --classify \"WIN a free cruise! Call now\"")
         device = pick_device(cfg.device)
         model, tokenizer, info = load_classifier(cfg.out_dir, device)
         label, probability = classify(model, tokenizer, cfg.classify, info["max_length"], device)
@@ -530,5 +609,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, KeyError, ConnectionError) as e:
-        sys.exit(f"error: {e}")
+    except main_errors() as e:
+        sys.exit(error_line(e))

@@ -1,6 +1,6 @@
 """
-Instruction data: Alpaca-style prompts and chat conversations, dataset loading, and the collate functions that pad
-(or pack) and mask.
+Instruction data: Alpaca-style prompts and chat conversations, dataset loading, the collate functions that pad
+(or pack) and mask, and the scorer that checks answers.
 
 An example {"instruction", "input", "output"} becomes one token sequence
 
@@ -13,6 +13,8 @@ get -100 too, so the loss (and the gradient) comes only from the response (compa
 A conversation in TRL's conversational format, {"messages": [{"role": "system" | "user" | "assistant", "content"}, ...]},
 becomes one sequence through CHAT_TEMPLATE (below), a plain-text template for models that have no chat tokens (GPT-2,
 the byte-level base); with mask_prompt only the assistant turns (and the <|endoftext|> ending each) are learned.
+The prompt templates of TEMPLATES ("alpaca", "compact") apply to Alpaca examples; conversations always use
+CHAT_TEMPLATE, and are answered and scored at their last assistant turn (example_prompt, score_responses).
 
 Packing (pack_examples, collate_packed) puts several examples in one row, each still computed as if alone.
 """
@@ -20,10 +22,19 @@ Packing (pack_examples, collate_packed) puts several examples in one row, each s
 import bisect
 import json
 import os
+import re
+from collections import Counter
 
 import torch
 
 PROMPT_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+# Two prompt templates. "alpaca" is Alpaca's own (what GPT-2 runs use); "compact" drops its 99-byte preamble sentence
+# and keeps the three section markers. A byte-level model pays for every byte of the prompt on every example and
+# learns nothing from a sentence that never changes, so the tiny base uses "compact" (train.py: --prompt_template).
+TEMPLATES = ("alpaca", "compact")
+# Kinds of the embedded set whose answer is a fact about the world rather than a rule applied to the prompt
+# (see data/make_instructions.py): on held-out items fine-tuning cannot teach them, only guess.
+FACT_KINDS = ("capital", "animal_class", "antonym")
 
 DATASETS = {  # name -> (canonical URL, file name under data/downloads)
     "instruction-data": (
@@ -37,25 +48,29 @@ EMBEDDED_PATH = os.path.join(REPO_DIR, "data", "instructions.json")
 DOWNLOAD_DIR = os.path.join(REPO_DIR, "data", "downloads")
 
 
-def format_prompt(example):
-    """The Alpaca prompt (Taori et al. 2023), with the '### Input:' section only when there is an input."""
-    prompt = f"{PROMPT_HEADER}\n\n### Instruction:\n{example['instruction']}"
+def format_prompt(example, template="alpaca"):
+    """The Alpaca prompt (Taori et al. 2023), with the '### Input:' section only when there is an input;
+    template="compact" leaves out the preamble sentence."""
+    if template not in TEMPLATES:
+        raise ValueError(f"prompt template {template!r}: use one of {', '.join(TEMPLATES)}")
+    prompt = (f"{PROMPT_HEADER}\n\n" if template == "alpaca" else "") + f"### Instruction:\n{example['instruction']}"
     if example.get("input"):
         prompt += f"\n\n### Input:\n{example['input']}"
     return prompt + "\n\n### Response:\n"
 
 
-def validate_examples(examples, source):
+def validate_examples(examples, source, required=("instruction", "output")):
     """Raise a ValueError naming the first malformed entry. A list whose first entry has "messages" is a chat
-    dataset (validate_conversations); otherwise every entry must be Alpaca's {"instruction", "input", "output"}."""
+    dataset (validate_conversations); otherwise every entry must be Alpaca's {"instruction", "input", "output"}, with
+    the keys in `required` non-empty strings."""
     if isinstance(examples, list) and examples and isinstance(examples[0], dict) and "messages" in examples[0]:
         return validate_conversations(examples, source)
     if not isinstance(examples, list) or not examples:
         raise ValueError(f"{source}: expected a non-empty JSON list of {{'instruction', 'input', 'output'}} objects")
     for i, ex in enumerate(examples):
         if not isinstance(ex, dict):
-            raise ValueError(f"{source}: entry {i} is a {type(ex).__name__}, expected an object with 'instruction' and 'output'")
-        for key in ("instruction", "output"):
+            raise ValueError(f"{source}: entry {i} is a {type(ex).__name__}, expected an object with {' and '.join(map(repr, required))}")
+        for key in required:
             if not isinstance(ex.get(key), str) or not ex[key].strip():
                 raise ValueError(f"{source}: entry {i} has no non-empty string '{key}': {json.dumps(ex)[:200]}")
         if not isinstance(ex.get("input", ""), str):
@@ -78,16 +93,18 @@ def dataset_path(name):
     raise ValueError(f"unknown dataset {name!r}: use 'embedded', {', '.join(repr(d) for d in DATASETS)} or a path to an Alpaca-format or chat .json/.jsonl file")
 
 
-def load_examples(name):
-    """The examples of a dataset: a JSON list, or JSON Lines (one object per line, as TRL's datasets often come), of
-    Alpaca examples or of {"messages": [...]} conversations."""
-    path = dataset_path(name)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+def read_json_list(path):
+    """The entries of a dataset file: a JSON list, or JSON Lines (one object per line, as TRL's datasets often come).
+    A .jsonl file is always read as JSON Lines, anything else as JSON first."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}); save the dataset as UTF-8") from None
     lines = [line for line in text.splitlines() if line.strip()]
     if not path.endswith(".jsonl"):
         try:
-            return validate_examples(json.loads(text), path)
+            return json.loads(text)
         except json.JSONDecodeError as e:
             if len(lines) < 2 or not lines[0].lstrip().startswith("{"):  # not JSON Lines either
                 raise ValueError(f"{path} is not valid JSON ({e}); expected a list of {{'instruction', 'input', 'output'}} objects or JSON Lines of {{'messages': [...]}}") from e
@@ -97,7 +114,21 @@ def load_examples(name):
             examples.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {number} is not valid JSON ({e}); a JSON Lines file holds one object per line") from e
-    return validate_examples(examples, path)
+    return examples
+
+
+def load_examples(name):
+    """The examples of a dataset (read_json_list): Alpaca examples or {"messages": [...]} conversations."""
+    path = dataset_path(name)
+    return validate_examples(read_json_list(path), path)
+
+
+def load_answer_file(path):
+    """Examples to answer: like a dataset, but an Alpaca example's 'output' is optional (a reference, if present).
+    A chat file's conversations are answered at their last assistant turn, which is the reference."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--answer_file {path}: no such file; give a JSON list of {{'instruction', 'input'}} objects")
+    return validate_examples(read_json_list(path), path, required=("instruction",))
 
 
 def split_examples(examples, train_frac=0.85, val_frac=0.05):
@@ -107,17 +138,18 @@ def split_examples(examples, train_frac=0.85, val_frac=0.05):
     return examples[:n_train], examples[n_train : n_train + n_val], examples[n_train + n_val :]
 
 
-def tokenize_examples(examples, tokenizer, max_length):
-    """Each example -> (token ids, what to learn): for Alpaca the prompt length (the ids after it are the response),
-    for a conversation one bool per token, True on assistant turns (tokenize_conversation). Examples longer than
-    max_length tokens are dropped (cutting one would cut its response and its end-of-text token); returns (kept,
-    number dropped)."""
+def tokenize_examples(examples, tokenizer, max_length, template="alpaca"):
+    """Each example -> (token ids, what to learn): for Alpaca the prompt length (the ids after it are the response;
+    the prompt is format_prompt's in `template`), for a conversation one bool per token, True on assistant turns
+    (tokenize_conversation; conversations have their own CHAT_TEMPLATE, so `template` does not apply to them).
+    Examples longer than max_length tokens are dropped (cutting one would cut its response and its end-of-text
+    token); returns (kept, number dropped)."""
     kept, dropped = [], 0
     for ex in examples:
         if "messages" in ex:
             ids, learned = tokenize_conversation(ex["messages"], tokenizer)
         else:
-            prompt = tokenizer.encode(format_prompt(ex))
+            prompt = tokenizer.encode(format_prompt(ex, template))
             ids, learned = prompt + tokenizer.encode(ex["output"]) + [tokenizer.eot_token], len(prompt)
         if len(ids) > max_length:
             dropped += 1
@@ -281,3 +313,78 @@ def chat_prompt(messages):
         if message["role"] == "assistant":
             text += "<|endoftext|>"
     return text + (CHAT_SEPARATOR if last else "") + CHAT_HEADERS["assistant"], messages[last]["content"]
+
+
+def example_prompt(example, template="alpaca"):
+    """(prompt text a model continues, reference response or None) of an example to answer: an Alpaca example's
+    format_prompt in `template` and its 'output' (if any); a conversation's chat_prompt (always CHAT_TEMPLATE,
+    whatever `template` says) and its last assistant turn."""
+    if "messages" in example:
+        return chat_prompt(example["messages"])
+    return format_prompt(example, template), example.get("output")
+
+
+# ---------------------------------------------------------------------------------------------- scoring answers
+
+
+def normalized_words(text):
+    """Lower-case words with the punctuation around them stripped, so '"Cats".' and 'cats' compare equal while
+    punctuation inside a word stays ('1,234' is not '1234', "don't" is not 'dont')."""
+    words = (w.strip(".,;:!?\"'()[]") for w in text.lower().split())
+    return [w for w in words if w]
+
+
+def contains_answer(response, answer):
+    """True when the key answer appears in the response as whole words: 'cats' is in 'The plural is "cats".',
+    but not in 'cat' or 'catsup', and '20' is not in '120'."""
+    key, words = normalized_words(answer), normalized_words(response)
+    if not key:
+        raise ValueError(f"empty key answer {answer!r}")
+    return any(words[i : i + len(key)] == key for i in range(len(words) - len(key) + 1))
+
+
+def exact_match(response, reference):
+    return normalized_words(response) == normalized_words(reference)
+
+
+def token_f1(response, reference):
+    """Harmonic mean of word precision and recall against the reference (the SQuAD metric, Rajpurkar et al. 2016)."""
+    got, want = normalized_words(response), normalized_words(reference)
+    if not got or not want:
+        return float(got == want)
+    common = sum((Counter(got) & Counter(want)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(got), common / len(want)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score_responses(examples, responses):
+    """Score responses against their examples -> (overall, per kind, per example).
+    Every example with an 'output' gets exact match and token F1 against it; one with an 'answer' key also gets
+    accuracy (the key answer is in the response). Examples without a 'kind' are counted under 'all'.
+    A conversation ({"messages": [...]}) was answered at its last assistant turn (example_prompt), so that turn is
+    its reference output: exact match and token F1 against it; chat data has no key answers, so no accuracy."""
+    per_example = []
+    for ex, response in zip(examples, responses, strict=True):
+        row = {"kind": ex.get("kind", "all")}
+        reference = example_prompt(ex)[1]
+        if reference:
+            row["exact_match"] = exact_match(response, reference)
+            row["f1"] = token_f1(response, reference)
+        if ex.get("answer"):
+            row["correct"] = contains_answer(response, ex["answer"])
+        per_example.append(row)
+
+    def mean_of(rows):
+        out = {"examples": len(rows)}
+        for metric, name in (("correct", "accuracy"), ("exact_match", "exact_match"), ("f1", "f1")):
+            values = [float(r[metric]) for r in rows if metric in r]
+            if values:
+                out[name] = sum(values) / len(values)
+        return out
+
+    by_kind = {}
+    for row in per_example:
+        by_kind.setdefault(row["kind"], []).append(row)
+    return mean_of(per_example), {k: mean_of(v) for k, v in sorted(by_kind.items())}, per_example

@@ -62,8 +62,11 @@ def hf_base_name(init_from):
 # ---------------------------------------------------------------------------------------------- export
 
 
-def export_peft(model, directory, base_model_name_or_path=None, adapter_name=None):
+def export_peft(model, directory, base_model_name_or_path=None, adapter_name=None, metadata=None):
     """Write the adapter `adapter_name` (default: the active one) of a GPT with LoRA (or QLoRA) in PEFT's layout.
+    `metadata` (a JSON-able dict, e.g. what train.py records in its adapter_config.json: run id, base, prompt
+    template) goes into the safetensors header under "nanoqlora", not into adapter_config.json, whose keys PEFT
+    reads as LoraConfig fields (an unknown key there makes PEFT warn that it is too old).
 
     Adapters on o, mlp_in and mlp_out map one to one onto attn.c_proj, mlp.c_fc and mlp.c_proj. q, k and v are the
     interesting part: ours has a separate (A_q, B_q), (A_k, B_k), (A_v, B_v) of rank r each, PEFT has one (A, B) for
@@ -141,7 +144,8 @@ def export_peft(model, directory, base_model_name_or_path=None, adapter_name=Non
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
     os.makedirs(directory, exist_ok=True)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    header = {"format": "pt", **({"nanoqlora": json.dumps(metadata, allow_nan=False)} if metadata else {})}
+    atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
     def write_config(tmp):
         with open(tmp, "w") as f:

@@ -21,6 +21,7 @@ Three additions people use today, each a few lines below:
 Which layers: apply_lora's target short names map onto model.GPT's projections (see TARGETS).
 """
 
+import hashlib
 import json
 import math
 import os
@@ -58,7 +59,7 @@ def check_rank(rank, in_features, out_features):
 
 
 def check_hyperparameters(alpha, dropout, adapter_name):
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a positive number, got {alpha!r}; alpha = 2 * rank is a common choice")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
@@ -216,11 +217,11 @@ def resolve_targets(targets):
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if not targets:
         raise ValueError(f"targets is empty; choose from {', '.join(TARGETS)} or 'all-linear'")
+    for t in targets:  # every entry, so a typo next to 'all-linear' is not ignored
+        if t not in TARGETS and t != "all-linear":
+            raise ValueError(f"unknown LoRA target {t!r}; valid targets are {', '.join(TARGETS)} and 'all-linear'")
     if "all-linear" in targets:
         return tuple(TARGETS.values())
-    for t in targets:
-        if t not in TARGETS:
-            raise ValueError(f"unknown LoRA target {t!r}; valid targets are {', '.join(TARGETS)} and 'all-linear'")
     return tuple(TARGETS[t] for t in dict.fromkeys(targets))
 
 
@@ -375,7 +376,7 @@ def lora_param_groups(model, lr, loraplus_lr_ratio=16.0, weight_decay=0.0):
     small for efficient feature learning; its experiments suggest a ratio around 2^4 = 16 (1 = plain LoRA).
     Only trainable parameters are included. No weight decay on 1-d tensors (biases, LayerNorm weights, DoRA
     magnitudes: decaying m to 0 would shrink the pretrained weights). PEFT instead puts 1-d tensors at B's rate."""
-    if lr <= 0 or loraplus_lr_ratio <= 0:
+    if not (math.isfinite(lr) and math.isfinite(loraplus_lr_ratio)) or lr <= 0 or loraplus_lr_ratio <= 0:
         raise ValueError(f"lr and loraplus_lr_ratio must be positive, got lr={lr}, loraplus_lr_ratio={loraplus_lr_ratio}")
     groups = {"lora_A": [], "lora_B": [], "other": [], "no_decay": []}
     for name, p in model.named_parameters():
@@ -441,54 +442,131 @@ def atomic_write(path, write):
     """Call write(temporary path) and rename the result onto path, so a crash never leaves a half file."""
     # beside path (a rename within one file system is atomic); named by the process id so two runs cannot collide;
     # written by `write` itself, so it gets the usual permissions (mkstemp's file would be private to its owner)
+    # (a killed writer's file is removed by the next run on the folder: safety.remove_stale_temporary_files)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # the data reach the disk before the rename makes them the file: a power cut
+            os.fsync(f.fileno())   # after the rename can then not leave an empty file under the real name
         os.replace(tmp, path)
+        sync_directory(os.path.dirname(path))
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
 
 
-def save_adapter(model, directory, adapter_name=None):
+def sync_directory(directory):
+    """fsync a directory, so a rename inside it is on disk too (POSIX; Windows cannot open a directory)."""
+    if os.name == "posix":
+        fd = os.open(directory or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_adapter(model, directory, adapter_name=None, metadata=None):
     """Write one adapter (default: the active one) to directory/adapter_model.safetensors, with its
     hyperparameters in directory/adapter_config.json. The file holds A, B (and DoRA's m) of every adapted
     layer plus the kept-trainable parameters (e.g. a classification head): everything fine-tuning changed,
-    nothing of the frozen base. Returns the weights file's path."""
-    from safetensors.torch import save_file
+    nothing of the frozen base. `metadata` (a JSON-able dict, e.g. the run id and base of a training run) is
+    stored in the config as is. Returns the weights file's path.
+
+    The two files cannot be renamed into place at once, so the config is written last and records the SHA-256
+    of the weights: it is the manifest of the pair. A crash between the two renames leaves an old config beside
+    new weights, which load_adapter then refuses instead of loading a mix of two saves."""
+    from safetensors.torch import save
 
     adapter_name = adapter_name or active_adapter_name(model)
     config = adapter_config(model, adapter_name)
     tensors = {**adapter_tensors(model, adapter_name), **kept_trainable_parameters(model)}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    os.makedirs(directory, exist_ok=True)
+    weights = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})  # bytes: we create the file, so it
+    os.makedirs(directory, exist_ok=True)                                          # gets the usual permissions (0644)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    atomic_write(weights_path, lambda tmp: save_file(tensors, tmp))
+    atomic_write(weights_path, lambda tmp: write_bytes(tmp, weights))
+    config.update(weights_sha256=hashlib.sha256(weights).hexdigest(), metadata=metadata or {})
 
     def write_json(tmp):
         with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
+            json.dump(config, f, indent=2, allow_nan=False)
 
     atomic_write(os.path.join(directory, ADAPTER_CONFIG), write_json)
     return weights_path
 
 
+def write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+ADAPTER_CONFIG_TYPES = {  # key -> (check, what it must be)
+    "adapter_name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "rank": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0, "a positive number"),
+    "dropout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "targets": (lambda v: isinstance(v, list) and v and all(isinstance(t, str) for t in v), f"a list of target names ({', '.join(TARGETS)})"),
+    "trainable": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of parameter names"),
+    "weights_sha256": (lambda v: isinstance(v, str) and len(v) == 64, f"the SHA-256 of {ADAPTER_WEIGHTS} (hex)"),
+    "metadata": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def read_adapter_config(directory):
+    """adapter_config.json of an adapter directory, every field checked; -> dict."""
+    from safety import UserError, read_json
+
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; save_adapter writes {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} into a directory")
+    config = read_json(path, what="adapter config written by save_adapter")
+    if "peft_type" in config:  # interop.export_peft's output, or any adapter saved by PEFT
+        raise UserError(f"{path} is a PEFT adapter (peft_type {config['peft_type']!r}), not an adapter config written by save_adapter: "
+                        f"put it onto a model with interop.import_peft (save_adapter then writes it in this repository's format)")
+    missing = [k for k in ADAPTER_CONFIG_TYPES if k not in config]
+    if missing == ["weights_sha256", "metadata"]:
+        raise UserError(f"{path} records no checksum of its weights (written by an older version of save_adapter); "
+                        f"save the adapter again, or train it again")
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(map(repr, missing))}: it is not an adapter config written by save_adapter")
+    for key, (valid, description) in ADAPTER_CONFIG_TYPES.items():
+        if not valid(config[key]):
+            raise UserError(f"{path}: {key!r} is {json.dumps(config[key])}, but must be {description}")
+    return config
+
+
 def load_adapter(model, directory, adapter_name=None):
     """Load an adapter written by save_adapter and make it active. A model without that adapter (e.g. a
     fresh base model) first gets LoRA applied as adapter_config.json describes; a model that has it gets
-    its weights replaced. Names and shapes are checked against the file."""
-    from safetensors.torch import load_file
+    its weights replaced. The config's fields, the weights' checksum, names, shapes, dtypes and values
+    (finite floats only) are checked against the files."""
+    from safetensors.torch import load
 
-    paths = [os.path.join(directory, f) for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found; save_adapter writes {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} into a directory")
-    with open(paths[0]) as f:
-        config = json.load(f)
-    needed = ("adapter_name", "rank", "alpha", "dropout", "use_rslora", "use_dora", "targets", "trainable")
-    if not isinstance(config, dict) or any(k not in config for k in needed):
-        raise ValueError(f"{paths[0]} is not an adapter config written by save_adapter: it needs the keys {', '.join(needed)}")
+    from safety import UserError, first_line
+
+    config = read_adapter_config(directory)
+    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"{weights_path} not found; save_adapter writes {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} into a directory")
+    with open(weights_path, "rb") as f:
+        weights = f.read()
+    if hashlib.sha256(weights).hexdigest() != config["weights_sha256"]:
+        raise UserError(f"{weights_path} is not the file {ADAPTER_CONFIG} beside it was saved with (its checksum differs: the two "
+                        f"come from different saves, e.g. a run killed between writing them, or a file copied in by hand); "
+                        f"save or train the adapter again")
+    try:
+        stored = load(weights)
+    except Exception as e:  # safetensors raises its own error type for a corrupt header or data
+        raise UserError(f"{weights_path} is not a readable safetensors file ({first_line(e)}); save or train the adapter again") from None
+    for k, v in stored.items():
+        if not v.is_floating_point():
+            raise UserError(f"{weights_path}: tensor {k!r} is {v.dtype}, but adapter weights are floating point; save or train it again")
+        if not torch.isfinite(v).all():
+            raise UserError(f"{weights_path}: tensor {k!r} holds NaN or infinite values; the training that saved it diverged, "
+                            f"train again (e.g. with a lower learning rate)")
+    paths = [os.path.join(directory, ADAPTER_CONFIG), weights_path]
     hyperparameters = {k: config[k] for k in ("rank", "alpha", "dropout", "use_rslora", "use_dora")}
     name = adapter_name or config["adapter_name"]
     created = name not in adapter_names(model)
@@ -505,7 +583,6 @@ def load_adapter(model, directory, adapter_name=None):
         if missing_kept:
             raise KeyError(f"the adapter also stores {missing_kept[0]!r}, which this model does not have")
         expected = {**adapter_tensors(model, name), **{n: all_parameters[n] for n in config["trainable"]}}
-        stored = load_file(paths[1])
         missing, unexpected = [k for k in expected if k not in stored], [k for k in stored if k not in expected]
         if missing:
             raise KeyError(f"{paths[1]} lacks tensor {missing[0]!r} ({len(missing)} missing); was it saved from another model?")

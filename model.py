@@ -279,11 +279,29 @@ class GPT(nn.Module):
         for file in ("config.json", "model.safetensors"):
             if not os.path.isfile(os.path.join(directory, file)):
                 raise FileNotFoundError(f"{directory} has no {file}; an HF GPT-2 directory needs config.json and model.safetensors")
-        with open(os.path.join(directory, "config.json")) as f:
-            hf = json.load(f)
+        from safety import UserError, first_line, read_json
+
+        config_path, weights_path = os.path.join(directory, "config.json"), os.path.join(directory, "model.safetensors")
+        shape = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+        hf = read_json(config_path, shape, what="Hugging Face GPT-2 config")
+        for key in shape:
+            if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] < 1:
+                raise UserError(f"{config_path}: {key!r} is {json.dumps(hf[key])}, but must be a positive integer")
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+        try:
+            weights = load_file(weights_path)
+        except Exception as e:  # safetensors raises its own error type for a corrupt header or data
+            raise UserError(f"{weights_path} is not a readable safetensors file ({first_line(e)}); download or save it again") from None
+        layers = {int(k.split(".")[1]) for k in (k.removeprefix("transformer.") for k in weights) if k.startswith("h.") and k.split(".")[1].isdigit()}
+        if layers != set(range(config.n_layer)):  # otherwise extra layers would be dropped, or a missing one named by a bare KeyError
+            raise UserError(f"{config_path} says n_layer={config.n_layer} but {weights_path} holds {len(layers)} layers "
+                            f"(numbered {min(layers, default=0)}..{max(layers, default=-1)}); the two files do not belong together")
+        try:
+            state_dict = hf_to_ours(weights, config.n_layer)
+        except KeyError as e:
+            raise UserError(f"{weights_path} is not a GPT-2 checkpoint: it has no tensor {e.args[0]!r}") from None
         model = cls(config)
-        model.load_weights(hf_to_ours(load_file(os.path.join(directory, "model.safetensors")), config.n_layer))
+        model.load_weights(state_dict)
         return model
 
     def save_pretrained(self, directory):

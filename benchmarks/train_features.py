@@ -55,7 +55,9 @@ def packing(datasets, steps, rounds):
         model = GPT(GPTConfig(block_size=512, vocab_size=257, n_layer=4, n_head=4, n_embd=256))
         apply_lora(model, rank=8, alpha=16, targets=("q", "v"), dropout=0.05)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        data = {pack: InstructionData(name, get_tokenizer("bytes"), 512, 1337, mask_prompt=False, pack=pack) for pack in (False, True)}
+        # the Alpaca template, as when train_features.json was measured (on the embedded set before its regeneration);
+        # train.py now prompts the byte-level base in the shorter 'compact' template by default (--prompt_template)
+        data = {pack: InstructionData(name, get_tokenizer("bytes"), 512, 1337, mask_prompt=False, template="alpaca", pack=pack) for pack in (False, True)}
         totals = {pack: {"seconds": 0.0, "real_tokens": 0, "positions": 0, "steps": 0} for pack in (False, True)}
         step_of = {False: 0, True: 0}
         for pack in (False, True):  # warm-up step each

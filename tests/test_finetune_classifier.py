@@ -1,6 +1,8 @@
 """finetune_classifier.py: the loader reads the real format, the head reads the last real token, each mode
 trains exactly what it claims, and a trained classifier is saved, reloaded and used from the command line."""
+import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,9 +13,11 @@ import pytest
 import torch
 
 import finetune_classifier as fc
+import train
 from conftest import shared_data
 from model import GPT, GPTConfig
 from quantize import Linear4bit
+from safety import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -317,3 +321,99 @@ def test_flags_mirror_the_config_and_unknown_flags_fail(capsys):
     with pytest.raises(SystemExit):
         fc.parse_args(["--no_such_flag"])
     assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- hostile and careless inputs
+# (issue 17) each test failed before the check it exercises existed
+
+
+def two_class_file(tmp_path):
+    return write(tmp_path, "".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'home soon'} {i}\n" for i in range(40)))
+
+
+class WritesMarker:
+    """Unpickling this runs open(path, "w"): the file appears iff a loader unpickled arbitrary objects."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_no_loading_path_unpickles_objects_from_a_checkpoint(tiny_base, tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    trap = {"iter": 1, "train_config": {"max_iters": 5}, "model": {}, "trap": WritesMarker(marker)}
+    tiny_dir = tmp_path / "tiny-base"
+    tiny_dir.mkdir()
+    torch.save(trap, tiny_dir / "ckpt.pt")
+    monkeypatch.setattr(train, "TINY_BASE_DIR", str(tiny_dir))
+    out = tmp_path / "out"
+    fc.train_classifier(config(tiny_base, out, mode="head", data_path=two_class_file(tmp_path)))
+    info = json.loads((out / "classifier.json").read_text())
+    (out / "classifier.json").write_text(json.dumps({**info, "init_from": "tiny"}))  # trained on the (now booby-trapped) tiny base
+    with pytest.raises(UserError, match="more than tensors and plain containers"):
+        fc.train_classifier(config("tiny", tmp_path / "out2", mode="head", data_path=two_class_file(tmp_path)))
+    assert not marker.exists(), "training from the tiny base ran code from its checkpoint"
+    with pytest.raises(UserError, match="more than tensors and plain containers"):
+        fc.main(["--classify", "hello", "--out_dir", str(out)])
+    assert not marker.exists(), "--classify ran code from the tiny base's checkpoint"
+    torch.save(trap, out / "classifier.pt")
+    (out / "classifier.json").write_text(json.dumps({**info, "weights_sha256": hashlib.sha256((out / "classifier.pt").read_bytes()).hexdigest()}))
+    with pytest.raises(UserError, match="classifier.pt holds more than tensors"):
+        fc.load_classifier(str(out))
+    assert not marker.exists(), "--classify ran code from classifier.pt"
+
+
+def test_classify_with_an_empty_message_is_an_error_not_a_training_run(tmp_path):
+    with pytest.raises(UserError, match="--classify is empty"):
+        fc.main(["--classify", "", "--out_dir", str(tmp_path), "--init_from", str(tmp_path / "no-base")])
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("lora_alpha", float("nan"), "--lora_alpha nan: must be a finite number"),
+    ("weight_decay", float("inf"), "--weight_decay inf: must be a finite number"),
+    ("loraplus_ratio", float("nan"), "--loraplus_ratio nan: must be a finite number"),
+    ("learning_rate", -1.0, "--learning_rate -1.0: use a number >= 0"),
+    ("lora_targets", "all-linear,zz", "unknown LoRA target 'zz'"),
+])
+def test_bad_settings_are_refused_before_anything_runs(tiny_base, tmp_path, flag, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fc.train_classifier(config(tiny_base, tmp_path, **{flag: value}))
+
+
+def test_a_diverging_run_stops_before_saving_nan(tiny_base, tmp_path):
+    with pytest.raises(UserError, match=r"^step \d+: the (training|validation) loss .* training diverged"):
+        fc.train_classifier(config(tiny_base, tmp_path, mode="head", learning_rate=1e12, grad_clip=0.0, data_path=two_class_file(tmp_path)))
+    if (tmp_path / "classifier.json").exists():  # an epoch ended well before: what it saved is finite and loads
+        model, tokenizer, info = fc.load_classifier(str(tmp_path))
+        assert math.isfinite(fc.classify(model, tokenizer, "WIN cash now", info["max_length"])[1])
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_unreadable_or_mixed_classifier_files_are_named(tiny_base, tmp_path):
+    fc.train_classifier(config(tiny_base, tmp_path, mode="head", data_path=two_class_file(tmp_path)))
+    info_path = tmp_path / "classifier.json"
+    info = info_path.read_text()
+    for text, problem in [("", "is not valid JSON"), (info[:30], "is not valid JSON"), ('{"mode": "head"}', "lacks 'init_from'")]:
+        info_path.write_text(text)
+        with pytest.raises(UserError, match=f"classifier.json {problem}"):
+            fc.load_classifier(str(tmp_path))
+    info_path.write_text(info)
+    fc.load_classifier(str(tmp_path))
+    trained = torch.load(tmp_path / "classifier.pt", weights_only=True)
+    torch.save({k: v + 1 for k, v in trained.items()}, tmp_path / "classifier.pt")  # e.g. another run's weights
+    with pytest.raises(UserError, match="classifier.pt is not the file .*classifier.json was saved with"):
+        fc.load_classifier(str(tmp_path))
+
+
+def test_a_new_run_replaces_the_earlier_runs_files_and_one_run_owns_the_folder(tiny_base, tmp_path):
+    data = two_class_file(tmp_path)
+    fc.train_classifier(config(tiny_base, tmp_path / "out", mode="lora", lora_rank=2, data_path=data))
+    fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", data_path=data))
+    assert not (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()  # the LoRA run's weights are gone
+    assert sorted(os.listdir(tmp_path / "out")) == ["adapter", "classifier.json", "classifier.pt", "curves.png", "log.csv", "summary.json"]
+    (tmp_path / "out" / "run.lock").write_text(f"{os.getppid()}\n")  # a live process holds the folder
+    with pytest.raises(UserError, match="is in use by another run"):
+        fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", data_path=data))

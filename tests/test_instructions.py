@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import shared_data
-from instructions import (CHAT_TEMPLATE, chat_prompt, collate, collate_packed, format_prompt, load_examples, pack_examples, split_examples,
+from instructions import (CHAT_TEMPLATE, PROMPT_HEADER, chat_prompt, collate, collate_packed, contains_answer, exact_match, example_prompt,
+                          format_prompt, load_answer_file, load_examples, pack_examples, score_responses, split_examples, token_f1,
                           tokenize_conversation, tokenize_examples, validate_examples)
 from tokenizer import ByteTokenizer
 
@@ -182,3 +183,74 @@ def test_packed_loss_equals_unpacked_loss(mask_prompt):
         change = (without_segments - model(x, segment_ids=segments)[0]).abs().max().item()
     assert abs(packed.item() - unpacked.item()) <= 1e-5
     assert change > 1e-2
+
+
+def test_compact_template_is_alpaca_without_its_preamble():
+    ex = {"instruction": "Translate.", "input": "chat", "output": "cat"}
+    assert format_prompt(ex, "compact") == "### Instruction:\nTranslate.\n\n### Input:\nchat\n\n### Response:\n"
+    assert format_prompt(ex, "alpaca") == PROMPT_HEADER + "\n\n" + format_prompt(ex, "compact")
+    with pytest.raises(ValueError, match="use one of alpaca, compact"):
+        format_prompt(ex, "chatml")
+
+
+@pytest.mark.parametrize("response, answer, correct", [
+    ('The plural of "box" is "boxes".', "boxes", True),     # the answer inside a longer sentence, quoted
+    ("BOXES!", "boxes", True),                              # case and punctuation do not matter
+    ('The plural of "box" is "boxs".', "boxes", False),     # a wrong answer
+    ("", "boxes", False),                                   # an empty response
+    ("The number after 119 is 120.", "20", False),          # a number inside another number is not the answer
+    ("1234567 is written 1234567.", "1,234,567", False),    # separators inside a word are kept
+    ("The capital of Peru is Lima.", "Lima", True),
+    ("Can the dog swim?", "Can the dog swim?", True),       # a whole-sentence answer
+    ("The dog can swim?", "Can the dog swim?", False),
+])
+def test_contains_answer_on_hand_made_responses(response, answer, correct):
+    assert contains_answer(response, answer) is correct
+
+
+def test_exact_match_and_token_f1():
+    assert exact_match('the plural of "box" is "boxes".', 'The plural of "box" is "boxes".')
+    assert not exact_match("The plural is boxes.", 'The plural of "box" is "boxes".')
+    assert token_f1("", "") == 1.0 and token_f1("", "a b") == 0.0 and token_f1("x y", "a b") == 0.0
+    # 3 common words; precision 3/3, recall 3/4
+    assert token_f1("the cat sat", "the cat sat down") == pytest.approx(2 * 1 * 0.75 / 1.75)
+
+
+def test_score_responses_overall_and_per_kind():
+    examples = [{"instruction": "q", "output": "It is even.", "answer": "even", "kind": "parity"},
+                {"instruction": "q", "output": "It is odd.", "answer": "odd", "kind": "parity"},
+                {"instruction": "q", "output": "Lima.", "answer": "Lima", "kind": "capital"},
+                {"instruction": "q", "output": "A free answer."}]  # no key answer: exact match and F1 only
+    overall, by_kind, rows = score_responses(examples, ["It is even.", "It is even.", "Paris", "A free answer."])
+    assert overall["examples"] == 4 and overall["accuracy"] == pytest.approx(1 / 3) and overall["exact_match"] == 0.5
+    assert by_kind["parity"]["accuracy"] == 0.5 and by_kind["capital"]["accuracy"] == 0.0
+    assert by_kind["all"] == {"examples": 1, "exact_match": 1.0, "f1": 1.0}
+    assert [r.get("correct") for r in rows] == [True, False, False, None]
+    with pytest.raises(ValueError):
+        score_responses(examples, ["one response too few"] * 3)
+
+
+def test_chat_examples_are_answered_and_scored_at_their_last_assistant_turn(tmp_path):
+    conversation = {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]}
+    alpaca = {"instruction": "Name a colour.", "output": "Red."}
+    # the Alpaca template applies to Alpaca examples only; a conversation always uses CHAT_TEMPLATE
+    assert example_prompt(alpaca, "compact") == (format_prompt(alpaca, "compact"), "Red.")
+    assert example_prompt(conversation, "compact") == example_prompt(conversation, "alpaca") == chat_prompt(conversation["messages"])
+    overall, by_kind, rows = score_responses([conversation, alpaca], ["lima", "Blue."])
+    assert rows == [{"kind": "all", "exact_match": True, "f1": 1.0}, {"kind": "all", "exact_match": False, "f1": 0.0}]
+    assert "accuracy" not in overall and overall["exact_match"] == 0.5  # no key answers: no accuracy
+    path = tmp_path / "ask.jsonl"  # --answer_file reads chat files (and JSON Lines) as datasets are read
+    path.write_text(json.dumps(conversation) + "\n" + json.dumps(conversation) + "\n")
+    assert load_answer_file(str(path)) == [conversation, conversation]
+
+
+def test_packing_uses_the_run_template():
+    examples = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(4)]
+    tok = ByteTokenizer()
+    for template in ("alpaca", "compact"):
+        kept, _ = tokenize_examples(examples, tok, max_length=1025, template=template)
+        rows = pack_examples(kept, capacity=1024)
+        assert len(rows) == 1  # equal lengths: one row, in file order
+        inputs, _, segments = collate_packed(rows, tok.eot_token)
+        for i, ex in enumerate(examples):  # each segment is its example's inputs: the prompt in this template, the output
+            assert tok.decode(inputs[0][segments[0] == i].tolist()) == format_prompt(ex, template) + ex["output"]

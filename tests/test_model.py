@@ -216,3 +216,41 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode):
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], rtol=0, atol=1e-6), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile and careless inputs (issue 17)
+
+
+def copy_hf_dir(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_config_with_fewer_layers_than_the_weights_is_refused(hf_dir, tmp_path):
+    import json
+
+    directory = copy_hf_dir(hf_dir[0], tmp_path / "hf")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "n_layer": 2}))  # the weights hold 3 layers
+    with pytest.raises(ValueError, match=r"config.json says n_layer=2 but .*model.safetensors holds 3 layers"):
+        GPT.from_pretrained(str(directory))
+    (directory / "config.json").write_text(json.dumps({**config, "n_layer": 4}))
+    with pytest.raises(ValueError, match=r"config.json says n_layer=4 but .*model.safetensors holds 3 layers"):
+        GPT.from_pretrained(str(directory))
+
+
+def test_unreadable_hf_files_are_named(hf_dir, tmp_path):
+    directory = copy_hf_dir(hf_dir[0], tmp_path / "hf")
+    config = (directory / "config.json").read_text()
+    for text, problem in [("", "is not valid JSON"), (config[:40], "is not valid JSON"), ('{"n_layer": 3}', "lacks 'n_positions'")]:
+        (directory / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=f"config.json {problem}"):
+            GPT.from_pretrained(str(directory))
+    (directory / "config.json").write_text(config)
+    weights = (directory / "model.safetensors").read_bytes()
+    (directory / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        GPT.from_pretrained(str(directory))

@@ -1,12 +1,18 @@
-"""train.py: pretraining lowers the loss, resuming continues the same trajectory, the CLI's contract."""
+"""train.py: pretraining lowers the loss, resuming continues the same trajectory, the CLI's contract, and every
+hostile or careless input is refused with a clear one-line error (issue 17)."""
+import csv
 import json
+import math
 import os
+import runpy
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import train
+from safety import UserError
 from train import TrainConfig, parse_args, resolve_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +97,8 @@ def small_base(tmp_path_factory):
 
 def finetune_config(base, out_dir, **overrides):
     settings = dict(init_from=base, dataset="embedded", out_dir=str(out_dir), lora_rank=4, lora_alpha=8, batch_size=8, max_iters=15,
-                    eval_interval=15, eval_batches=3, learning_rate=3e-3, num_samples=2, max_new_tokens=24, progress=False, device="cpu")
+                    eval_interval=15, eval_batches=3, learning_rate=3e-3, num_samples=2, max_new_tokens=24, answer_limit=24,
+                    progress=False, device="cpu")
     settings.update(overrides)
     return resolve_defaults(TrainConfig(**settings))
 
@@ -117,12 +124,53 @@ def test_lora_finetuning_lowers_loss_saves_only_the_adapter_and_reloads(small_ba
     assert capsys.readouterr().out.strip() == samples[0]["after"]
 
 
+def test_answers_are_scored_before_and_after_and_a_file_is_answered_the_same_way(small_base, tmp_path, capsys):
+    from instructions import contains_answer
+
+    run = tmp_path / "run"
+    summary = train.train(finetune_config(small_base, run, max_iters=4, eval_interval=4))
+    assert summary["prompt_template"] == "compact"  # the byte-level base gets the short template
+    for key in ("test_accuracy_before", "test_accuracy_after", "test_exact_match_before", "test_exact_match_after", "test_f1_after"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    records = json.load(open(run / "samples.json"))
+    assert len(records) == 24 and sum(r["correct_after"] for r in records) / 24 == summary["test_accuracy_after"]
+    assert all(r["correct_after"] == contains_answer(r["after"], r["answer"]) for r in records)
+    kinds = {row["kind"]: row for row in summary["test_by_kind"]}
+    assert sum(row["examples"] for row in kinds.values()) == 24 and (run / "answers.csv").exists()
+
+    # --answer_file: the same 24 test examples in a file of our own, plus an extra key and one without an output
+    questions = [{k: r[k] for k in ("instruction", "input", "output", "answer", "kind")} | {"note": i} for i, r in enumerate(records)]
+    questions.append({"instruction": "Name a colour."})
+    (tmp_path / "in.json").write_text(json.dumps(questions))
+    capsys.readouterr()
+    train.answer_file(TrainConfig(adapter=str(run), answer_file=str(tmp_path / "in.json"), answers_out=str(tmp_path / "out.json"),
+                                  max_new_tokens=24, device="cpu"))
+    answered = json.load(open(tmp_path / "out.json"))
+    assert [{k: v for k, v in a.items() if k != "response"} for a in answered] == questions  # every other key kept
+    assert [a["response"] for a in answered[:24]] == [r["after"] for r in records]  # the run's own greedy answers
+    assert f"accuracy {summary['test_accuracy_after']:.2f}" in capsys.readouterr().out
+
+
+def test_batched_answers_equal_one_at_a_time(small_base):
+    from instructions import format_prompt, load_examples
+    from tokenizer import get_tokenizer
+
+    model, tokenizer_name = train.load_checkpoint_model(small_base)
+    tokenizer, examples = get_tokenizer(tokenizer_name), load_examples("embedded")[:40]
+    lengths = [len(tokenizer.encode(format_prompt(ex, "compact"))) for ex in examples]
+    assert len(set(lengths)) < len(lengths) - 5  # several prompts share a length, so some batches hold several rows
+    batched = train.answer_examples(model, tokenizer, examples, "cpu", max_new_tokens=16, template="compact")
+    alone = [train.answer(model, tokenizer, ex["instruction"], "cpu", 16, ex["input"], template="compact") for ex in examples]
+    assert batched == alone
+
+
 def reloaded_val_loss(adapter_dir, cfg):
     """Validation loss of base + the saved adapter, loaded afresh, on the batches training evaluated on."""
     from tokenizer import get_tokenizer
 
     model, tokenizer_name = train.load_finetuned(str(adapter_dir), "tiny", "cpu")
-    data = train.InstructionData(cfg.dataset, get_tokenizer(tokenizer_name), model.config.block_size, cfg.seed, cfg.mask_prompt)
+    template = train.resolve_template(cfg.prompt_template, tokenizer_name)
+    data = train.InstructionData(cfg.dataset, get_tokenizer(tokenizer_name), model.config.block_size, cfg.seed, cfg.mask_prompt, template)
     return train.evaluate(model, data.val_batches(cfg.batch_size)[: cfg.eval_batches], "cpu")
 
 
@@ -151,7 +199,7 @@ def test_qlora_trains_only_adapters(small_base, tmp_path):
 
     from quantize import Linear4bit
 
-    cfg = finetune_config(small_base, tmp_path, quantize="nf4", max_iters=6, eval_interval=6)
+    cfg = finetune_config(small_base, tmp_path, quantize="nf4", max_iters=12, eval_interval=12, mask_prompt=True)
     model, _, mode = train.prepare_model(cfg, "cpu")
     assert mode == "qlora" and any(isinstance(m, Linear4bit) for m in model.modules())
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -226,6 +274,16 @@ def test_export_peft_and_hf_from_the_command_line(small_base, tmp_path):
     assert (expected - merged_logits).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="--export_peft needs --adapter"):
         train.export_run(parse_args(["--export_peft", str(tmp_path / "x")]))
+    # the run's metadata travel in the safetensors header (PEFT reads only adapter_config.json's LoraConfig keys)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "peft" / "adapter_model.safetensors", "pt") as f:
+        header = json.loads(f.metadata()["nanoqlora"])
+    adapter_metadata = json.load(open(run / "adapter_config.json"))["metadata"]
+    assert header == adapter_metadata and header["prompt_template"] == "compact" and header["finetune"] == "lora"
+    assert "metadata" not in json.load(open(tmp_path / "peft" / "adapter_config.json"))
+    with pytest.raises(UserError, match="is a PEFT adapter .*interop.import_peft"):  # not loadable as one of ours
+        train.load_finetuned(str(tmp_path / "peft"), "tiny", "cpu")
 
 
 def test_chat_dataset_trains_on_assistant_turns_and_answers(small_base, tmp_path):
@@ -238,3 +296,306 @@ def test_chat_dataset_trains_on_assistant_turns_and_answers(small_base, tmp_path
     assert summary["val_loss_after"] < summary["val_loss_before"] and summary["train_examples"] == 34
     samples = json.load(open(tmp_path / "run" / "samples.json"))
     assert samples[0]["messages"] == conversations[36]["messages"] and isinstance(samples[0]["after"], str)
+    # every test conversation is answered at its last assistant turn and scored against it (no key answers: no accuracy)
+    assert [s["messages"] for s in samples] == [c["messages"] for c in conversations[36:]]
+    assert summary["test_by_kind"] == [{"kind": "all", "examples": 4, "exact_match_before": summary["test_exact_match_before"],
+                                        "exact_match_after": summary["test_exact_match_after"], "f1_before": summary["test_f1_before"],
+                                        "f1_after": summary["test_f1_after"]}]
+    assert "test_accuracy_after" not in summary and (tmp_path / "run" / "answers.csv").exists()
+
+
+# ------------------------------------------------------------------------------------- hostile and careless inputs
+# Each test below failed before the checks it exercises existed (issue 17).
+
+
+def run_main(script, *args, monkeypatch):
+    """Run a script's __main__ in this process (no second torch import) -> what it exits with. A user error must end
+    in sys.exit("error: ...") (status 1, one line, no traceback), never in an exception."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    return exited.value.code
+
+
+class WritesMarker:
+    """Unpickling this runs open(path, "w"): the file appears iff a loader unpickled arbitrary objects."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def booby_trapped_checkpoint(path, marker):
+    torch.save({"iter": 1, "train_config": {"max_iters": 5}, "model_config": {}, "tokenizer": "bytes", "model": {},
+                "trainable": {}, "optimizer": {}, "rng": torch.get_rng_state(), "log": [], "before": {}, "trap": WritesMarker(marker)}, path)
+
+
+def test_no_loading_path_unpickles_objects_from_a_checkpoint(small_base, tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    tiny_base = tmp_path / "tiny-base"
+    tiny_base.mkdir()
+    booby_trapped_checkpoint(tiny_base / "ckpt.pt", marker)
+    monkeypatch.setattr(train, "TINY_BASE_DIR", str(tiny_base))
+    resume_dir = tmp_path / "resume"
+    resume_dir.mkdir()
+    booby_trapped_checkpoint(resume_dir / "ckpt.pt", marker)
+    adapter_dir = tmp_path / "adapter"
+    train.train(finetune_config(small_base, adapter_dir, max_iters=2, eval_interval=2, num_samples=0))
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["metadata"]["init_from"] = "tiny"  # an adapter trained on the (now booby-trapped) tiny base
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    (adapter_dir / "summary.json").unlink()
+
+    paths = {
+        "--resume": lambda: train.train(finetune_config(small_base, resume_dir, resume=True)),
+        "the tiny-base check of a default run": lambda: train.ensure_tiny_base(),
+        "--prompt": lambda: train.answer_prompt(TrainConfig(prompt="Hi", device="cpu")),
+        "--adapter --prompt": lambda: train.answer_prompt(TrainConfig(adapter=str(adapter_dir), prompt="Hi", device="cpu")),
+        "--init_from a checkpoint": lambda: train.load_checkpoint_model(str(resume_dir)),
+    }
+    for name, load in paths.items():
+        with pytest.raises(UserError, match="more than tensors and plain containers"):
+            load()
+        assert not marker.exists(), f"{name} ran code from a checkpoint"
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", bytes(range(256)) * 8, "héllo wörld".encode("latin-1")],
+                         ids=["zero bytes", "truncated zip", "random bytes", "latin-1 text"])
+def test_unreadable_checkpoints_are_named(tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=f"{path} is not a readable checkpoint"):
+        train.load_checkpoint_model(str(path))
+
+
+def test_truncated_checkpoint_is_named_on_resume(tmp_path):
+    cfg = tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1)
+    train.train(cfg)
+    whole = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "ckpt.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match="ckpt.pt is not a readable checkpoint .*truncated"):
+        train.train(tiny_pretrain_config(tmp_path, max_iters=4, eval_interval=2, eval_batches=1, resume=True))
+
+
+def test_a_huge_learning_rate_stops_the_run_without_saving_nan(tmp_path):
+    with pytest.raises(UserError, match=r"^step 1: the validation loss is (nan|inf): training diverged, so it stops here and "
+                                        r"nothing of this run was saved; try a lower --learning_rate \(this run: 1e\+06\)"):
+        train.train(tiny_pretrain_config(tmp_path, learning_rate=1e6, max_iters=6, eval_interval=1, eval_batches=1))
+    assert sorted(os.listdir(tmp_path)) == []  # no checkpoint, log or summary (and the lock is released)
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from model import GPT
+
+    real_forward, training_forwards = GPT.forward, []
+
+    def nan_at_step_3(self, idx, targets=None, kv_cache=None, segment_ids=None):
+        logits, loss = real_forward(self, idx, targets, kv_cache, segment_ids)
+        if targets is not None:  # a training step (evaluation passes no targets)
+            training_forwards.append(1)
+            if len(training_forwards) == 3:
+                loss = loss * float("nan")
+        return logits, loss
+
+    common = dict(max_iters=6, eval_interval=1, eval_batches=1)
+    monkeypatch.setattr(GPT, "forward", nan_at_step_3)
+    with pytest.raises(UserError, match=r"^step 3: the training loss is nan and the gradient norm nan: training diverged, so it "
+                                        r"stops here and .* keeps the checkpoint of step 2"):
+        train.train(tiny_pretrain_config(tmp_path, **common))
+    monkeypatch.setattr(GPT, "forward", real_forward)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "summary.json").exists()
+    log = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert len(log) == 2 and all(math.isfinite(float(r["train_loss"])) for r in log)
+    summary = train.train(tiny_pretrain_config(tmp_path, resume=True, **common))  # the last good checkpoint goes on
+    assert math.isfinite(summary["val_loss_after"]) and json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
+
+
+def test_summary_json_never_holds_nan(tmp_path):
+    with pytest.raises(ValueError, match="not writing .*summary.json"):
+        train.write_json_atomic({"val_loss_after": float("nan")}, str(tmp_path / "summary.json"))
+    assert os.listdir(tmp_path) == []
+
+
+BAD_FLAGS = [  # (flags, what the one-line error must say)
+    (["--grad_accum", "0"], "--grad_accum 0: use an integer >= 1"),
+    (["--grad_accum", "-2"], "--grad_accum -2: use an integer >= 1"),
+    (["--max_iters", "-5"], "--max_iters -5: use an integer >= 0"),
+    (["--batch_size", "0"], "--batch_size 0: use an integer >= 1"),
+    (["--learning_rate", "nan"], "--learning_rate nan: must be a finite number"),
+    (["--learning_rate", "inf"], "--learning_rate inf: must be a finite number"),
+    (["--lora_alpha", "nan"], "--lora_alpha nan: must be a finite number"),
+    (["--lora_alpha", "inf"], "--lora_alpha inf: must be a finite number"),
+    (["--weight_decay", "nan"], "--weight_decay nan: must be a finite number"),
+    (["--loraplus_ratio", "nan"], "--loraplus_ratio nan: must be a finite number"),
+    (["--lora_dropout", "1.5"], "--lora_dropout 1.5: use a number in [0, 1)"),
+    (["--lora_targets", "all-linear,zz"], "unknown LoRA target 'zz'"),
+    (["--block_size", "128"], "--block_size 128 shapes a model trained from scratch"),
+    (["--adapter", "out/somewhere"], "--adapter out/somewhere needs --prompt"),
+    (["--export_peft", "out/peft"], "--export_peft needs --adapter"),
+    (["--adapter", "out/somewhere", "--export_hf", "out/hf", "--prompt", "Hi"], "--export_peft / --export_hf write the model and exit"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--device", "gpu"], "--device 'gpu': use auto, cuda (or cuda:N), mps or cpu"),
+]
+
+
+def test_export_flags_are_valid_uses_of_adapter():
+    for flags in (["--export_peft", "out/peft"], ["--export_hf", "out/hf"], ["--export_peft", "out/peft", "--export_hf", "out/hf"]):
+        train.check_inference_flags(parse_args(["--adapter", "out/somewhere", *flags]))  # no error
+    train.check_inference_flags(parse_args(["--export_hf", "out/hf"]))  # the base alone, no adapter
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flags_are_one_line_errors(flags, message, monkeypatch):
+    # --init_from a missing path: had the flag been accepted, the run would stop at loading the base instead
+    exit_message = run_main("train.py", "--init_from", "/nonexistent/base", "--no-progress", *flags, monkeypatch=monkeypatch)
+    assert exit_message.startswith("error: ") and "\n" not in exit_message
+    assert message in exit_message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_a_clear_error(monkeypatch):
+    exit_message = run_main("train.py", "--init_from", "/nonexistent/base", "--device", "cuda", monkeypatch=monkeypatch)
+    assert exit_message.startswith("error: --device cuda: this PyTorch sees no CUDA GPU")
+
+
+def test_max_new_tokens_beyond_the_context_is_a_clear_error(small_base, monkeypatch):
+    exit_message = run_main("train.py", "--init_from", small_base, "--prompt", "Hi", "--max_new_tokens", "100000", monkeypatch=monkeypatch)
+    assert exit_message == "error: --max_new_tokens 100000: the model sees 384 tokens at a time and the prompt needs some of them, so use 1 to 383"
+
+
+def write_examples(path, examples):
+    path.write_text(json.dumps(examples))
+    return str(path)
+
+
+def test_datasets_that_leave_a_split_empty_are_clear_errors(small_base, tmp_path):
+    few = write_examples(tmp_path / "few.json", [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(12)])
+    with pytest.raises(UserError, match=r"has 12 examples, which the 85/5/10 split cuts into 10 train / 0 validation / 2 test.*at least 20"):
+        train.train(finetune_config(small_base, tmp_path / "out", dataset=few))
+    long_test = [{"instruction": f"Say {i}.", "input": "", "output": str(i) if i < 18 else "x" * 500} for i in range(20)]
+    with pytest.raises(UserError, match=r"all 2 test examples are longer than the model's context of 384 tokens"):
+        train.train(finetune_config(small_base, tmp_path / "out", dataset=write_examples(tmp_path / "long.json", long_test)))
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('[{"instruction": "Café?", "output": "oui"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{latin1} is not valid UTF-8"):
+        train.train(finetune_config(small_base, tmp_path / "out", dataset=str(latin1)))
+
+
+def test_resume_refuses_other_model_or_optimizer_settings(small_base, tmp_path):
+    train.train(finetune_config(small_base, tmp_path, max_iters=4, eval_interval=2))
+    changed = dict(lora_targets="k,o", lora_alpha=4.0, quantize="nf4", pack=True, prompt_template="alpaca")
+    with pytest.raises(UserError) as refused:
+        train.train(finetune_config(small_base, tmp_path, max_iters=4, eval_interval=2, resume=True, **changed))
+    message = refused.value.args[0]
+    assert message.startswith("--resume: ") and "--lora_targets q,v (now k,o)" in message
+    assert "--lora_alpha 8 (now 4.0)" in message and "--quantize none (now nf4)" in message and "--lora_rank" not in message
+    assert "--pack False (now True)" in message and "--prompt_template auto (now alpaca)" in message  # other batches, other prompts
+    with pytest.raises(UserError, match="--init_from"):
+        train.train(finetune_config(small_base + "/ckpt.pt", tmp_path, max_iters=4, eval_interval=2, resume=True))
+
+
+def test_resume_loads_strictly(small_base, tmp_path):
+    train.train(finetune_config(small_base, tmp_path, max_iters=4, eval_interval=2))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["trainable"].pop(next(iter(ckpt["trainable"])))
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(UserError, match="ckpt.pt does not fit this model: 1 trained tensors missing"):
+        train.train(finetune_config(small_base, tmp_path, max_iters=6, eval_interval=2, resume=True))
+
+
+def test_one_run_owns_an_out_dir_and_a_dead_runs_leftovers_go(tmp_path, capsys):
+    alive, dead = os.getppid(), dead_pid()  # the parent of this test process lives; a reaped child does not
+    (tmp_path / "run.lock").write_text(f"{alive}\n")
+    with pytest.raises(UserError, match=f"in use by another run \\(process {alive}"):
+        train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1))
+    (tmp_path / "run.lock").write_text(f"{dead}\n")  # a killed run's lock
+    (tmp_path / f"ckpt.pt.{dead}.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / f"notes.txt.{alive}.tmp").write_text("a live process's temporary file")
+    train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1))
+    out = capsys.readouterr().out
+    assert f"(process {dead}) is gone" in out and f"ckpt.pt.{dead}.tmp" in out
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", "log.csv", "loss.png", "summary.json", f"notes.txt.{alive}.tmp"])
+
+
+def dead_pid():
+    """The id of a process that has exited and been reaped."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_fresh_run_replaces_the_earlier_runs_files_and_the_adapter_names_its_own_base(small_base, tmp_path, monkeypatch):
+    """A LoRA run finishes; a QLoRA run in the same folder is killed after its first checkpoint. --adapter must load
+    the QLoRA adapter onto a 4-bit base: the earlier run's summary.json (which says 'lora') is gone."""
+    from quantize import Linear4bit
+
+    train.train(finetune_config(small_base, tmp_path, max_iters=2, eval_interval=2, num_samples=0))
+    real_save = train.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(finetune_config(small_base, tmp_path, quantize="nf4", max_iters=4, eval_interval=2, num_samples=0))
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "run.lock").exists()
+    model, _ = train.load_finetuned(str(tmp_path), "tiny", "cpu")
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+
+
+def test_files_of_two_runs_are_not_loaded_as_one(small_base, tmp_path):
+    train.train(finetune_config(small_base, tmp_path / "a", max_iters=2, eval_interval=2, num_samples=0))
+    train.train(finetune_config(small_base, tmp_path / "b", max_iters=2, eval_interval=2, num_samples=0))
+    (tmp_path / "b" / "summary.json").replace(tmp_path / "a" / "summary.json")
+    with pytest.raises(UserError, match="summary.json is from run .* but the adapter in .* from run"):
+        train.load_finetuned(str(tmp_path / "a"), "tiny", "cpu")
+
+
+def test_cuda_random_state_is_saved_and_restored(tmp_path, monkeypatch):
+    """No GPU here: stand-ins for the CUDA generator functions record what train.py does with them."""
+    state, restored = [torch.arange(16, dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=1, eval_batches=1))
+    assert torch.equal(torch.load(tmp_path / "ckpt.pt", weights_only=True)["cuda_rng"][0], state[0])
+    train.restore_random_state({"rng": torch.get_rng_state(), "cuda_rng": state}, "cpu")
+    assert restored == []  # a CPU run leaves CUDA alone
+    train.restore_random_state(torch.load(tmp_path / "ckpt.pt", weights_only=True), "cuda")
+    assert len(restored) == 1 and torch.equal(restored[0][0], state[0])
+
+
+def test_killed_at_random_points_and_resumed_a_run_ends_as_if_never_killed(small_base, tmp_path):
+    """Fault injection: SIGKILL a training process at random moments (twice per seed), start again (--resume once a
+    checkpoint exists), and require the log, adapter and answers of an uninterrupted run. The processes are forked
+    from this one, so each start costs no fresh `import torch`."""
+    import multiprocessing
+    import random
+    import signal
+    import time
+
+    settings = dict(max_iters=6, eval_interval=2, eval_batches=1, lora_dropout=0.1, num_samples=1, max_new_tokens=4)
+    started = time.time()
+    train.train(finetune_config(small_base, tmp_path / "straight", **settings))
+    duration = time.time() - started
+    fork = multiprocessing.get_context("fork")
+    for seed in range(3):
+        rng, out = random.Random(seed), tmp_path / f"killed-{seed}"
+        for _ in range(2):
+            child = fork.Process(target=train.train, args=(finetune_config(small_base, out, resume=(out / "ckpt.pt").exists(), **settings),))
+            child.start()
+            time.sleep(rng.uniform(0, duration))
+            os.kill(child.pid, signal.SIGKILL)  # a no-op if it already finished
+            child.join()
+        train.train(finetune_config(small_base, out, resume=(out / "ckpt.pt").exists(), **settings))
+        leftovers = [name for name in os.listdir(out) if name.endswith(".tmp") or name == "run.lock"]
+        assert leftovers == [], f"seed {seed}"
+        for name in ("adapter_model.safetensors", "samples.json"):
+            assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), f"seed {seed}: {name}"
+        log = lambda d: [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(d / "log.csv"))]
+        assert log(out) == log(tmp_path / "straight"), f"seed {seed}"

@@ -1,0 +1,201 @@
+"""
+What keeps the scripts honest about their inputs and their output folders:
+
+- UserError: a bad flag, file or setting. Its message names the input and what would be valid; the scripts print
+  it as one `error: ...` line and exit 1, without a traceback.
+- load_tensor_file: torch.load with weights_only=True. A checkpoint is a pickle, and unpickling an arbitrary object
+  runs arbitrary code; our checkpoints hold only tensors and plain containers, so anything else is refused.
+- read_json: a JSON file that must be an object with some keys; an empty, partial or foreign file is named.
+- lock_out_dir: one run owns an output folder at a time (a lock file holding the owner's process id; the lock of a
+  process that no longer exists is stale and taken over), and the temporary files a killed writer left behind are
+  removed when the next run starts.
+- new_run_id / file_sha256: the files of one run are tied together by a run id, and a manifest written last records
+  the checksum of the weights written before it, so a pair from two different saves is never loaded as one.
+- check_finite_settings: NaN and infinity are refused for every float setting.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import uuid
+import zipfile
+from dataclasses import fields
+
+LOCK_FILE = "run.lock"
+TMP_NAME = re.compile(r"\.(\d+)\.tmp$")  # lora.atomic_write names its temporary files <path>.<pid>.tmp
+
+
+class UserError(ValueError):
+    """A bad input (flag, file, setting) or a run that cannot go on; the message says what is wrong and how to fix
+    it. A ValueError, so code that already catches ValueError keeps working."""
+
+
+def main_errors():
+    """The exceptions a script's __main__ turns into one `error: ...` line: ours, the ValueError / FileNotFoundError /
+    KeyError / ConnectionError that the modules raise with a message meant for the user, and the errors of a path
+    that cannot be used as given (their message names the path)."""
+    return (UserError, ValueError, FileNotFoundError, KeyError, ConnectionError, PermissionError, FileExistsError,
+            IsADirectoryError, NotADirectoryError)
+
+
+def error_line(e):
+    """The one-line message for an exception in main_errors (a KeyError's str() would wrap it in quotes)."""
+    return f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}"
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+
+def load_tensor_file(path, what="checkpoint", fix="delete it and train again"):
+    """torch.load(path) with weights_only=True, for files that hold tensors in plain containers (dict, list, str,
+    numbers). Anything else in the file, e.g. a pickled object that would run code as it loads, is refused, as is a
+    truncated or corrupt file; the error names the file."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a global (a class or function), or the bytes do not unpickle
+        if "Unsupported global" in str(e):
+            raise UserError(f"{path} holds more than tensors and plain containers (e.g. a pickled object, which could run code "
+                            f"as it loads), so it is not loaded: a {what} written by this repository never does; {fix}") from None
+        raise UserError(f"{path} is not a readable {what} ({os.path.getsize(path):,} bytes that torch.load cannot read: empty, "
+                        f"truncated or not written by torch.save); {fix}") from None
+    except (EOFError, OSError, RuntimeError, UnicodeDecodeError, IndexError, KeyError, ValueError, zipfile.BadZipFile):
+        # what torch.load raises on a zero-byte, truncated or random file depends on where the bytes stop making sense
+        raise UserError(f"{path} is not a readable {what} ({os.path.getsize(path):,} bytes that torch.load cannot read: empty, "
+                        f"truncated or not written by torch.save); {fix}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not the dict a {what} is; {fix}")
+    return obj
+
+
+def first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+def read_json(path, required=(), what="file"):
+    """A JSON object from path, with every key in `required`; a missing, empty, partial or foreign file is a
+    UserError that names it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}), so not the {what} it should be") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}; empty or cut short?), "
+                        f"so not the {what} it should be") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a JSON {type(obj).__name__}, but a {what} is a JSON object")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(repr(k) for k in missing)}: it is not a complete {what}")
+    return obj
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def new_run_id():
+    """A fresh id for a training run; it stays the same through --resume and is written into every file of the run."""
+    return uuid.uuid4().hex[:16]
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+def check_finite_settings(cfg):
+    """Every float setting of a config dataclass must be a finite number: `--learning_rate nan` parses as a float
+    but trains nothing, and a NaN never compares false to a range check that would catch it."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name} {value}: must be a finite number")
+
+
+# ---------------------------------------------------------------------------------------------- output folders
+
+
+def process_is_alive(pid):
+    """Whether a process with this id exists and has not exited (a zombie waiting to be reaped has exited)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): os.kill said it exists
+
+
+def remove_stale_temporary_files(directory):
+    """Delete `<name>.<pid>.tmp` files (half-written by lora.atomic_write) whose writer no longer runs; returns them."""
+    removed = []
+    for root, _, files in os.walk(directory):
+        for name in files:
+            match = TMP_NAME.search(name)
+            if match and not process_is_alive(int(match.group(1))):
+                os.remove(os.path.join(root, name))
+                removed.append(os.path.join(root, name))
+    return removed
+
+
+@contextlib.contextmanager
+def lock_out_dir(directory):
+    """Hold `directory/run.lock` for the duration of a run. The lock file holds the owner's process id; a second
+    run on the same folder is refused while that process lives, and takes over the lock once it is gone (killed
+    runs leave their lock behind). Stale temporary files are removed once the lock is ours."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK_FILE)
+    mine = f"{path}.{os.getpid()}.tmp"
+    with open(mine, "w") as f:  # the lock appears with our pid already in it: hard-linking it into place is atomic
+        f.write(f"{os.getpid()}\n")
+    try:
+        for _ in range(3):  # a stale lock is removed and the link retried; another starter may win that race
+            try:
+                os.link(mine, path)
+                break
+            except FileExistsError:
+                owner = read_lock_owner(path)
+                if owner is not None and process_is_alive(owner):
+                    raise UserError(f"{directory} is in use by another run (process {owner}, see {path}); wait for it to finish "
+                                    f"or choose another --out_dir (if no such run exists, delete {path})") from None
+                print(f"{path}: the run that held it (process {owner}) is gone; taking over its folder")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+        else:
+            raise UserError(f"could not lock {directory}: other runs keep creating {path}; choose another --out_dir")
+    finally:
+        os.remove(mine)
+    try:
+        for stale in remove_stale_temporary_files(directory):
+            print(f"removed {stale}, left half-written by a run that was killed")
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def read_lock_owner(path):
+    """The process id in a lock file, or None if it is empty or unreadable (a writer killed before writing it)."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
