@@ -42,10 +42,16 @@ def stdlib_docstrings(root=None):
     return tuple(docs)
 
 
-def stdlib_corpus(val_fraction=0.05):
+def stdlib_corpus(sources=("docstrings",), val_fraction=0.05):
     """(train_text, val_text): docstrings separated by <|endoftext|>, so the model meets the token that later ends
     every fine-tuning response. Every 1/val_fraction-th docstring is held out, so
-    validation covers the whole library rather than its alphabetical tail."""
+    validation covers the whole library rather than its alphabetical tail. `sources` (train.py's --corpus, a
+    comma-separated string or a tuple) names the texts to train on; this file has only "docstrings"."""
+    if isinstance(sources, str):
+        sources = tuple(s.strip() for s in sources.split(","))
+    unknown = [s for s in sources if s != "docstrings"]
+    if unknown or not sources:
+        raise ValueError(f"--corpus {','.join(sources)}: this corpus.py has only the 'docstrings' source")
     docs = stdlib_docstrings()
     every = round(1 / val_fraction)
     train = [d for i, d in enumerate(docs) if i % every != every - 1]
