@@ -1,6 +1,6 @@
 """
-Instruction data: Alpaca-style prompts, dataset loading, the collate function that pads and masks, and the scorer
-that checks answers.
+Instruction data: Alpaca-style prompts and chat conversations, dataset loading, the collate functions that pad
+(or pack) and mask, and the scorer that checks answers.
 
 An example {"instruction", "input", "output"} becomes one token sequence
 
@@ -9,8 +9,17 @@ An example {"instruction", "input", "output"} becomes one token sequence
 and the model learns to continue a prompt with its response and then stop. Targets are the inputs shifted by
 one; padding positions get the target -100, which cross-entropy ignores. With mask_prompt the prompt's positions
 get -100 too, so the loss (and the gradient) comes only from the response (compare both with --mask_prompt).
+
+A conversation in TRL's conversational format, {"messages": [{"role": "system" | "user" | "assistant", "content"}, ...]},
+becomes one sequence through CHAT_TEMPLATE (below), a plain-text template for models that have no chat tokens (GPT-2,
+the byte-level base); with mask_prompt only the assistant turns (and the <|endoftext|> ending each) are learned.
+The prompt templates of TEMPLATES ("alpaca", "compact") apply to Alpaca examples; conversations always use
+CHAT_TEMPLATE, and are answered and scored at their last assistant turn (example_prompt, score_responses).
+
+Packing (pack_examples, collate_packed) puts several examples in one row, each still computed as if alone.
 """
 
+import bisect
 import json
 import os
 import re
@@ -51,7 +60,11 @@ def format_prompt(example, template="alpaca"):
 
 
 def validate_examples(examples, source, required=("instruction", "output")):
-    """Raise a ValueError naming the first malformed entry."""
+    """Raise a ValueError naming the first malformed entry. A list whose first entry has "messages" is a chat
+    dataset (validate_conversations); otherwise every entry must be Alpaca's {"instruction", "input", "output"}, with
+    the keys in `required` non-empty strings."""
+    if isinstance(examples, list) and examples and isinstance(examples[0], dict) and "messages" in examples[0]:
+        return validate_conversations(examples, source)
     if not isinstance(examples, list) or not examples:
         raise ValueError(f"{source}: expected a non-empty JSON list of {{'instruction', 'input', 'output'}} objects")
     for i, ex in enumerate(examples):
@@ -77,26 +90,42 @@ def dataset_path(name):
         return download_file(url, os.path.join(DOWNLOAD_DIR, filename))
     if os.path.isfile(name):
         return name
-    raise ValueError(f"unknown dataset {name!r}: use 'embedded', {', '.join(repr(d) for d in DATASETS)} or a path to an Alpaca-format .json file")
+    raise ValueError(f"unknown dataset {name!r}: use 'embedded', {', '.join(repr(d) for d in DATASETS)} or a path to an Alpaca-format or chat .json/.jsonl file")
 
 
 def read_json_list(path):
+    """The entries of a dataset file: a JSON list, or JSON Lines (one object per line, as TRL's datasets often come).
+    A .jsonl file is always read as JSON Lines, anything else as JSON first."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            text = f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}); save the dataset as UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); expected a list of {{'instruction', 'input', 'output'}} objects") from e
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not path.endswith(".jsonl"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            if len(lines) < 2 or not lines[0].lstrip().startswith("{"):  # not JSON Lines either
+                raise ValueError(f"{path} is not valid JSON ({e}); expected a list of {{'instruction', 'input', 'output'}} objects or JSON Lines of {{'messages': [...]}}") from e
+    examples = []
+    for number, line in enumerate(lines, 1):
+        try:
+            examples.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number} is not valid JSON ({e}); a JSON Lines file holds one object per line") from e
+    return examples
 
 
 def load_examples(name):
+    """The examples of a dataset (read_json_list): Alpaca examples or {"messages": [...]} conversations."""
     path = dataset_path(name)
     return validate_examples(read_json_list(path), path)
 
 
 def load_answer_file(path):
-    """Examples to answer: like a dataset, but 'output' is optional (a reference, if present)."""
+    """Examples to answer: like a dataset, but an Alpaca example's 'output' is optional (a reference, if present).
+    A chat file's conversations are answered at their last assistant turn, which is the reference."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--answer_file {path}: no such file; give a JSON list of {{'instruction', 'input'}} objects")
     return validate_examples(read_json_list(path), path, required=("instruction",))
@@ -110,34 +139,189 @@ def split_examples(examples, train_frac=0.85, val_frac=0.05):
 
 
 def tokenize_examples(examples, tokenizer, max_length, template="alpaca"):
-    """Each example -> (token ids, prompt length). Examples longer than max_length tokens are dropped (cutting
-    one would cut its response and its end-of-text token); returns (kept, number dropped)."""
+    """Each example -> (token ids, what to learn): for Alpaca the prompt length (the ids after it are the response;
+    the prompt is format_prompt's in `template`), for a conversation one bool per token, True on assistant turns
+    (tokenize_conversation; conversations have their own CHAT_TEMPLATE, so `template` does not apply to them).
+    Examples longer than max_length tokens are dropped (cutting one would cut its response and its end-of-text
+    token); returns (kept, number dropped)."""
     kept, dropped = [], 0
     for ex in examples:
-        prompt = tokenizer.encode(format_prompt(ex, template))
-        ids = prompt + tokenizer.encode(ex["output"]) + [tokenizer.eot_token]
+        if "messages" in ex:
+            ids, learned = tokenize_conversation(ex["messages"], tokenizer)
+        else:
+            prompt = tokenizer.encode(format_prompt(ex, template))
+            ids, learned = prompt + tokenizer.encode(ex["output"]) + [tokenizer.eot_token], len(prompt)
         if len(ids) > max_length:
             dropped += 1
         else:
-            kept.append((ids, len(prompt)))
+            kept.append((ids, learned))
     return kept, dropped
 
 
+def example_targets(ids, learned, mask_prompt=False, ignore_index=-100):
+    """One tokenized example -> (inputs, targets) of length len(ids) - 1: inputs are ids[:-1], targets ids[1:]. With
+    mask_prompt, a target that is not a learned token becomes ignore_index. `learned` is a prompt length (the tokens
+    from there on are learned) or one bool per token. Position t predicts token t+1, so the first kept target of a
+    response is its first token, predicted from the last prompt token."""
+    ids = torch.tensor(ids, dtype=torch.long)
+    inputs, targets = ids[:-1], ids[1:].clone()
+    if mask_prompt:
+        if isinstance(learned, int):
+            targets[: learned - 1] = ignore_index
+        else:
+            targets[~torch.tensor(learned[1:], dtype=torch.bool)] = ignore_index
+    return inputs, targets
+
+
 def collate(batch, pad_token, mask_prompt=False, ignore_index=-100):
-    """A list of (ids, prompt_length) -> (inputs, targets), each (B, longest - 1).
+    """A list of (ids, prompt_length or learned flags) -> (inputs, targets), each (B, longest - 1).
     inputs are ids[:-1] padded with pad_token; targets are ids[1:] padded with ignore_index. With mask_prompt the
-    targets that are still prompt tokens become ignore_index: position t predicts token t+1, so the first kept target
-    is the first response token, predicted from the last prompt token."""
+    targets that are still prompt tokens become ignore_index (example_targets)."""
     width = max(len(ids) for ids, _ in batch) - 1
     inputs = torch.full((len(batch), width), pad_token, dtype=torch.long)
     targets = torch.full((len(batch), width), ignore_index, dtype=torch.long)
-    for row, (ids, prompt_length) in enumerate(batch):
-        ids = torch.tensor(ids, dtype=torch.long)
-        inputs[row, : len(ids) - 1] = ids[:-1]
-        targets[row, : len(ids) - 1] = ids[1:]
-        if mask_prompt:
-            targets[row, : prompt_length - 1] = ignore_index
+    for row, (ids, learned) in enumerate(batch):
+        example_inputs, example_targets_ = example_targets(ids, learned, mask_prompt, ignore_index)
+        inputs[row, : len(ids) - 1] = example_inputs
+        targets[row, : len(ids) - 1] = example_targets_
     return inputs, targets
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def pack_examples(examples, capacity):
+    """Group tokenized examples into rows of at most `capacity` input positions (an example of n tokens takes n - 1:
+    its inputs ids[:-1]), by best-fit decreasing, TRL's default packing strategy: longest example first, each into the
+    row whose free space is smallest but still enough, a new row when none has room. Best-fit decreasing never uses
+    more than 11/9 of the optimal number of rows (+ 6/9; Dosa 2007). Returns a list of rows, each a list of examples,
+    longest first. An example longer than the capacity is an error (tokenize_examples drops and counts those)."""
+    order = sorted(range(len(examples)), key=lambda i: -(len(examples[i][0]) - 1))  # stable: ties keep their order
+    rows, free = [], []  # free: sorted (space left, row index) pairs
+    for i in order:
+        size = len(examples[i][0]) - 1
+        if size > capacity:
+            raise ValueError(f"an example of {size + 1} tokens cannot be packed into rows of {capacity} positions; drop examples longer than the context first")
+        slot = bisect.bisect_left(free, (size, -1))  # the row with the least space that still fits
+        if slot == len(free):
+            rows.append([])
+            space, row = capacity, len(rows) - 1
+        else:
+            space, row = free.pop(slot)
+        rows[row].append(examples[i])
+        if space - size > 0:
+            bisect.insort(free, (space - size, row))
+    return rows
+
+
+def collate_packed(batch, pad_token, mask_prompt=False, ignore_index=-100):
+    """A list of packed rows (each a list of (ids, learned) examples) -> (inputs, targets, segment_ids), each (B, width)
+    with width the longest row. Each example contributes exactly what collate would give it alone (example_targets:
+    the same prompt masking, no target crosses into the next example), and segment_ids number the examples of a row
+    0, 1, ... so that GPT.forward restarts positions and blocks attention between them. Padding gets its own segment
+    id and ignored targets. The mean loss over a packed batch equals the mean over the same examples unpacked."""
+    width = max(sum(len(ids) - 1 for ids, _ in row) for row in batch)
+    inputs = torch.full((len(batch), width), pad_token, dtype=torch.long)
+    targets = torch.full((len(batch), width), ignore_index, dtype=torch.long)
+    segment_ids = torch.empty((len(batch), width), dtype=torch.long)
+    for r, row in enumerate(batch):
+        start = 0
+        for segment, (ids, learned) in enumerate(row):
+            end = start + len(ids) - 1
+            inputs[r, start:end], targets[r, start:end] = example_targets(ids, learned, mask_prompt, ignore_index)
+            segment_ids[r, start:end] = segment
+            start = end
+        segment_ids[r, start:] = len(row)
+    return inputs, targets, segment_ids
+
+
+# ---------------------------------------------------------------------------------------------- chat
+
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATE = """A conversation {"messages": [{"role", "content"}, ...]} is rendered as plain text, one block per message,
+blocks separated by a blank line, each assistant turn ended by <|endoftext|> (so generation stops where a turn ends):
+
+    ### System:
+    You answer in one word.
+
+    ### User:
+    Capital of France?
+
+    ### Assistant:
+    Paris.<|endoftext|>
+
+    ### User:
+    And of Italy?
+
+    ### Assistant:
+    Rome.<|endoftext|>
+
+With mask_prompt, the learned tokens are each assistant turn's content and its <|endoftext|>; headers, system and user
+turns are context only. A prompt for generation is the conversation so far followed by "### Assistant:\n"."""
+CHAT_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+CHAT_SEPARATOR = "\n\n"
+
+
+def validate_conversations(examples, source):
+    """Raise a ValueError naming the first malformed conversation: every entry a {"messages": [...]} object, every
+    message {"role": one of CHAT_ROLES, "content": non-empty string}, a system message only first, and at least one
+    assistant turn (without one there is nothing to learn)."""
+    for i, ex in enumerate(examples):
+        messages = ex.get("messages") if isinstance(ex, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{source}: entry {i} has no non-empty 'messages' list; a chat dataset has {{'messages': [{{'role', 'content'}}, ...]}} in every entry")
+        for j, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+                role = message.get("role") if isinstance(message, dict) else message
+                raise ValueError(f"{source}: entry {i} message {j} has role {role!r}; use one of {', '.join(CHAT_ROLES)}")
+            if not isinstance(message.get("content"), str) or not message["content"].strip():
+                raise ValueError(f"{source}: entry {i} message {j} ({message['role']}) has no non-empty string 'content'")
+            if message["role"] == "system" and j > 0:
+                raise ValueError(f"{source}: entry {i} message {j} is a system message after the start; put the system message first")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"{source}: entry {i} has no assistant turn, so nothing to learn; every conversation needs at least one 'assistant' message")
+    return examples
+
+
+def tokenize_conversation(messages, tokenizer):
+    """messages -> (ids, learned): the CHAT_TEMPLATE rendering, tokenized piece by piece (header, content, end), and
+    one bool per token, True for the content and <|endoftext|> of assistant turns. Tokenizing the pieces apart keeps
+    the boundary between context and learned tokens exact. The byte-level tokenizer gives the same ids for the whole
+    text at once (chat_prompt's); GPT-2's BPE does too wherever a piece does not end in whitespace, since the pieces
+    meet at newlines and its pre-tokenizer splits there anyway."""
+    ids, learned = [], []
+    for i, message in enumerate(messages):
+        header = (CHAT_SEPARATOR if i else "") + CHAT_HEADERS[message["role"]]
+        pieces = [(header, False), (message["content"], message["role"] == "assistant")]
+        for text, is_learned in pieces:
+            tokens = tokenizer.encode(text)
+            ids += tokens
+            learned += [is_learned] * len(tokens)
+        if message["role"] == "assistant":
+            ids.append(tokenizer.eot_token)
+            learned.append(True)
+    return ids, learned
+
+
+def chat_prompt(messages):
+    """The text a model continues to answer: the conversation up to its last assistant turn, then the assistant header.
+    Returns (prompt text, the last assistant turn's content: the reference answer)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    text = ""
+    for i, message in enumerate(messages[:last]):
+        text += (CHAT_SEPARATOR if i else "") + CHAT_HEADERS[message["role"]] + message["content"]
+        if message["role"] == "assistant":
+            text += "<|endoftext|>"
+    return text + (CHAT_SEPARATOR if last else "") + CHAT_HEADERS["assistant"], messages[last]["content"]
+
+
+def example_prompt(example, template="alpaca"):
+    """(prompt text a model continues, reference response or None) of an example to answer: an Alpaca example's
+    format_prompt in `template` and its 'output' (if any); a conversation's chat_prompt (always CHAT_TEMPLATE,
+    whatever `template` says) and its last assistant turn."""
+    if "messages" in example:
+        return chat_prompt(example["messages"])
+    return format_prompt(example, template), example.get("output")
 
 
 # ---------------------------------------------------------------------------------------------- scoring answers
@@ -180,13 +364,16 @@ def token_f1(response, reference):
 def score_responses(examples, responses):
     """Score responses against their examples -> (overall, per kind, per example).
     Every example with an 'output' gets exact match and token F1 against it; one with an 'answer' key also gets
-    accuracy (the key answer is in the response). Examples without a 'kind' are counted under 'all'."""
+    accuracy (the key answer is in the response). Examples without a 'kind' are counted under 'all'.
+    A conversation ({"messages": [...]}) was answered at its last assistant turn (example_prompt), so that turn is
+    its reference output: exact match and token F1 against it; chat data has no key answers, so no accuracy."""
     per_example = []
     for ex, response in zip(examples, responses, strict=True):
         row = {"kind": ex.get("kind", "all")}
-        if ex.get("output"):
-            row["exact_match"] = exact_match(response, ex["output"])
-            row["f1"] = token_f1(response, ex["output"])
+        reference = example_prompt(ex)[1]
+        if reference:
+            row["exact_match"] = exact_match(response, reference)
+            row["f1"] = token_f1(response, reference)
         if ex.get("answer"):
             row["correct"] = contains_answer(response, ex["answer"])
         per_example.append(row)

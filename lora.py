@@ -522,6 +522,9 @@ def read_adapter_config(directory):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; save_adapter writes {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} into a directory")
     config = read_json(path, what="adapter config written by save_adapter")
+    if "peft_type" in config:  # interop.export_peft's output, or any adapter saved by PEFT
+        raise UserError(f"{path} is a PEFT adapter (peft_type {config['peft_type']!r}), not an adapter config written by save_adapter: "
+                        f"put it onto a model with interop.import_peft (save_adapter then writes it in this repository's format)")
     missing = [k for k in ADAPTER_CONFIG_TYPES if k not in config]
     if missing == ["weights_sha256", "metadata"]:
         raise UserError(f"{path} records no checksum of its weights (written by an older version of save_adapter); "

@@ -15,7 +15,11 @@ that LoRA may adapt is its own `nn.Linear` with a stable name:
     transformer.h[i].mlp.fc_out    MLP down    (4 n_embd -> n_embd)
 
 OpenAI's checkpoint fuses q, k and v into one `c_attn` and stores weights transposed (a "Conv1D");
-`GPT.from_pretrained` undoes both in a few lines.
+`GPT.from_pretrained` undoes both in a few lines, and `GPT.save_pretrained` redoes them, so any model here can be
+loaded by Hugging Face's `GPT2LMHeadModel`.
+
+Two training aids live in the forward pass: `segment_ids` lets one row hold several packed examples that cannot
+see each other (instructions.pack_examples), and `gradient_checkpointing` trades compute for activation memory.
 """
 
 import json
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -81,7 +86,9 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, attn_mask=None):
+        """attn_mask: optional (B, 1, T, T) booleans, True where query t may attend to key s (packed rows); it
+        replaces the plain causal mask and cannot be combined with a KV cache."""
         B, T, C = x.shape
         # (B, T, C) -> (B, n_head, T, head_size): each head attends in its own subspace
         q = self.q_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -92,7 +99,11 @@ class CausalSelfAttention(nn.Module):
             past = kv_cache.length(self.layer_idx)
             k, v = kv_cache.update(self.layer_idx, k, v)
         dropout = self.dropout if self.training else 0.0
-        if past == 0:  # plain causal attention over the T new tokens
+        if attn_mask is not None:  # packed examples: causal within each example, nothing across them
+            if kv_cache is not None:
+                raise ValueError("attn_mask (packed examples) cannot be combined with a KV cache; generate one example at a time")
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        elif past == 0:  # plain causal attention over the T new tokens
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         elif T == 1:  # one new token may look at everything in the cache
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
@@ -127,8 +138,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv_cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -158,6 +169,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (Press & Wolf 2017): reading a token in and writing it out share one matrix.
         self.transformer.wte.weight = self.lm_head.weight
+        # Recompute each block's activations in backward instead of keeping them (see hidden_states).
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2 §2.3: scale the init of layers that write into the residual stream by 1/sqrt(N),
         # N = 2 n_layer residual additions, so the stream's variance does not grow with depth.
@@ -180,8 +193,20 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx, kv_cache=None):
-        """(B, T) token ids -> (B, T, n_embd) final-LayerNorm outputs, the input to any head."""
+    def hidden_states(self, idx, kv_cache=None, segment_ids=None):
+        """(B, T) token ids -> (B, T, n_embd) final-LayerNorm outputs, the input to any head.
+
+        segment_ids: optional (B, T) integers naming the example each position belongs to, when several examples
+        are packed into one row (each example one contiguous run). Positions then restart at 0 for every example
+        and attention is causal within an example and blocked across examples (a block-diagonal causal mask),
+        so each example is computed exactly as if it were alone in its row.
+
+        With `self.gradient_checkpointing` set, training keeps only each block's input and recomputes the block's
+        activations during backward (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): activation
+        memory per block drops to one (B, T, n_embd) tensor for about one extra forward pass. The non-reentrant
+        variant (torch.utils.checkpoint, use_reentrant=False) works when the block's inputs need no gradient, as
+        with frozen embeddings under LoRA, and replays the RNG state, so dropout masks are the same in the
+        recomputation and the gradients equal those of the plain run."""
         B, T = idx.shape
         past = len(kv_cache) if kv_cache is not None else 0
         if past + T > self.config.block_size:
@@ -190,15 +215,23 @@ class GPT(nn.Module):
                 f"crop the input to its last {self.config.block_size - past} tokens or use a model with a larger block_size"
             )
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        attn_mask = None
+        if segment_ids is not None:
+            pos, attn_mask = segment_positions_and_mask(segment_ids)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, None, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, kv_cache, attn_mask)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, segment_ids=None):
         """Logits for every position, (B, T, vocab_size); with targets, also the mean cross-entropy
-        of predicting targets[:, t] from idx[:, :t+1], ignoring targets equal to -100."""
-        logits = self.lm_head(self.hidden_states(idx, kv_cache))
+        of predicting targets[:, t] from idx[:, :t+1], ignoring targets equal to -100. segment_ids: see
+        hidden_states (packed examples)."""
+        logits = self.lm_head(self.hidden_states(idx, kv_cache, segment_ids))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
@@ -271,6 +304,45 @@ class GPT(nn.Module):
         model.load_weights(state_dict)
         return model
 
+    def save_pretrained(self, directory):
+        """Write this model as a Hugging Face GPT-2 checkpoint: config.json + model.safetensors with HF's names and
+        Conv1D layout (the inverse of hf_to_ours), so transformers.GPT2LMHeadModel.from_pretrained(directory) and
+        GPT.from_pretrained(directory) both load it. Works for GPT-2 sizes and for the byte-level models here
+        (vocab 257); the end-of-text token is the last id in both vocabularies. A model with LoRA layers or 4-bit
+        weights must be merged into plain nn.Linear layers first. Returns the weights file's path."""
+        from safetensors.torch import save_file
+
+        from lora import atomic_write  # lora.py does not import model.py, so there is no cycle
+
+        if not self.config.bias:
+            raise ValueError("HF's GPT-2 has a bias in every Linear and LayerNorm; a model built with bias=False cannot be saved in its format")
+        for name, module in self.named_modules():
+            if name.endswith(PROJECTIONS) and type(module) is not nn.Linear:
+                raise ValueError(
+                    f"{name} is a {type(module).__name__}, not a plain nn.Linear: merge first, with lora.merge_lora(model, unload=True) "
+                    f"for LoRA or quantize.merge_lora_into_dequantized(model) for QLoRA (train.py --export_hf does this)"
+                )
+        c = self.config
+        hf_config = {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size, "n_positions": c.block_size,
+            "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
+            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "layer_norm_epsilon": 1e-5,
+            "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
+            "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1,  # <|endoftext|>: 50256 for GPT-2's BPE, 256 for bytes
+            "dtype": str(self.transformer.wte.weight.dtype).removeprefix("torch."),
+        }
+        tensors = {k: v.detach().cpu().contiguous() for k, v in ours_to_hf(self.state_dict(), c.n_layer).items()}
+        os.makedirs(directory, exist_ok=True)
+
+        def write_config(tmp):
+            with open(tmp, "w") as f:
+                json.dump(hf_config, f, indent=2)
+
+        atomic_write(os.path.join(directory, "config.json"), write_config)
+        weights_path = os.path.join(directory, "model.safetensors")
+        atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        return weights_path
+
     def load_weights(self, state_dict):
         """load_state_dict that names the first missing, unexpected or wrongly shaped tensor."""
         ours = self.state_dict()
@@ -286,6 +358,19 @@ class GPT(nn.Module):
             if v.shape != ours[k].shape:
                 raise ValueError(f"tensor {k!r} has shape {tuple(v.shape)} in the checkpoint but {tuple(ours[k].shape)} in the model")
         self.load_state_dict(state_dict, strict=False)
+
+
+def segment_positions_and_mask(segment_ids):
+    """(B, T) segment ids of packed rows -> (B, T) positions that restart at 0 where a new segment begins, and the
+    (B, 1, T, T) attention mask that lets position t see position s only if s <= t and both are in one segment."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    segment_start = torch.where(starts, index, 0).cummax(dim=1).values  # index of the latest segment start
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return index - segment_start, (same_segment & causal)[:, None]
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -325,6 +410,26 @@ def hf_to_ours(hf, n_layer):
             sd[ours + name + ".weight"] = hf[h + hf_name + ".weight"].t().contiguous()
             sd[ours + name + ".bias"] = hf[h + hf_name + ".bias"]
     return sd
+
+
+PROJECTIONS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.fc_in", "mlp.fc_out")
+HF_NAMES = {"attn.o_proj": "attn.c_proj", "mlp.fc_in": "mlp.c_fc", "mlp.fc_out": "mlp.c_proj"}  # besides q, k, v -> c_attn
+
+
+def ours_to_hf(sd, n_layer):
+    """GPT's state dict -> HF GPT-2's names: q, k, v stacked into c_attn (rows q, then k, then v, the order hf_to_ours
+    splits), every projection transposed to Conv1D's (in, out), lm_head left out (HF ties it to wte as we do)."""
+    hf = {f"transformer.{k}": sd[f"transformer.{k}"] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    for i in range(n_layer):
+        h, ours = f"transformer.h.{i}.", f"transformer.h.{i}."
+        for ln in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"):
+            hf[h + ln] = sd[ours + ln]
+        hf[h + "attn.c_attn.weight"] = torch.cat([sd[ours + f"attn.{p}_proj.weight"] for p in "qkv"], dim=0).t()
+        hf[h + "attn.c_attn.bias"] = torch.cat([sd[ours + f"attn.{p}_proj.bias"] for p in "qkv"])
+        for name, hf_name in HF_NAMES.items():
+            hf[h + hf_name + ".weight"] = sd[ours + name + ".weight"].t()
+            hf[h + hf_name + ".bias"] = sd[ours + name + ".bias"]
+    return hf
 
 
 def default_cache_dir():

@@ -7,6 +7,8 @@ One training loop for the jobs of this repository (nanoGPT's train.py is the mod
     python train.py --init_from scratch --dataset stdlib --out_dir checkpoints/tiny-base   # pretrain the tiny base
     python train.py --adapter out/instruct --prompt "Give an antonym of 'hot'."             # answer with base + adapter
     python train.py --adapter out/instruct --answer_file my.json --answers_out answered.json  # answer a whole file
+    python train.py --adapter out/instruct --export_peft out/peft                           # the adapter in PEFT's format
+    torchrun --nproc_per_node=4 train.py --init_from gpt2 --dataset instruction-data --grad_accum 8   # data-parallel
 
 `python train.py --help` lists every hyperparameter with its default.
 """
@@ -23,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from ddp import init_world
 from lora import atomic_write
 from model import GPT, PRETRAINED, GPTConfig
 from safety import (UserError, check_finite_settings, error_line, load_tensor_file, lock_out_dir, main_errors, new_run_id,
@@ -43,7 +46,7 @@ class TrainConfig:
     # what to start from, what to learn
     init_from: str = field(default="tiny", metadata={"help": "'tiny' (the offline base in checkpoints/tiny-base, pretrained first if missing), 'scratch', one of " + ", ".join(PRETRAINED) + ", or a checkpoint file/directory"})
     corpus: str = field(default="docstrings", metadata={"help": "pretraining text, comma-separated: docstrings, comments, topics, code (see corpus.py)"})
-    dataset: str = field(default="embedded", metadata={"help": "'stdlib' (pretraining corpus), 'embedded' (data/instructions.json), 'instruction-data' or 'alpaca' (downloaded), or a path to an Alpaca-format .json"})
+    dataset: str = field(default="embedded", metadata={"help": "'stdlib' (pretraining corpus), 'embedded' (data/instructions.json), 'instruction-data' or 'alpaca' (downloaded), or a path to an Alpaca-format or chat ({'messages': [...]}) .json/.jsonl"})
     out_dir: str = field(default="out/instruct", metadata={"help": "where the log, plots, samples, summary.json and checkpoints go"})
     finetune: str = field(default="lora", metadata={"help": "'lora' (train adapters only) or 'full' (train every weight); ignored when pretraining"})
     quantize: str = field(default="none", metadata={"help": "'none' or 'nf4' (QLoRA: 4-bit NF4 base with double quantization; needs --finetune lora)"})
@@ -56,10 +59,11 @@ class TrainConfig:
     use_dora: bool = field(default=False, metadata={"help": "DoRA magnitude/direction decomposition (arXiv 2402.09353)"})
     loraplus_ratio: float = field(default=1.0, metadata={"help": "LoRA+: learning rate of B = ratio x that of A (arXiv 2402.12354 suggests 16); 1 = plain LoRA"})
     # data
-    mask_prompt: bool = field(default=True, metadata={"help": "leave the prompt out of the loss (train on responses only, as Alpaca's own training code does)"})
-    prompt_template: str = field(default="auto", metadata={"help": "'alpaca', 'compact' (Alpaca's without its preamble sentence), or 'auto': compact for the byte-level tiny base, alpaca for GPT-2"})
+    mask_prompt: bool = field(default=True, metadata={"help": "leave the prompt out of the loss (train on responses only, as Alpaca's own training code does; for chat data: on assistant turns only)"})
+    prompt_template: str = field(default="auto", metadata={"help": "'alpaca', 'compact' (Alpaca's without its preamble sentence), or 'auto': compact for the byte-level tiny base, alpaca for GPT-2 (chat data always uses instructions.CHAT_TEMPLATE)"})
+    pack: bool = field(default=False, metadata={"help": "pack several training examples per row up to the context (best-fit decreasing), each attending only to itself"})
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (over all processes under torchrun)"})
     # model shape when --init_from scratch: the tiny base, 4 layers x 128 wide, byte-level, 0.86M parameters. Small
     # on purpose: in five CPU minutes a 3.4M model sees too few bytes to get past predicting letters from their
     # frequencies (2.6 nats/byte); this one gets through that stage and on to ~1.6 (README, "the tiny base").
@@ -90,11 +94,14 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "'auto' (cuda, then mps, then cpu), 'cuda', 'mps' or 'cpu'"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (worth it on GPU for long runs)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each block's activations in backward instead of storing them (less memory, ~1 more forward)"})
     # inference only
-    adapter: str = field(default="", metadata={"help": "a LoRA run's out_dir: load base + adapter (with --prompt)"})
+    adapter: str = field(default="", metadata={"help": "a LoRA run's out_dir: load base + adapter (with --prompt, --answer_file, --export_peft or --export_hf)"})
     prompt: str = field(default=None, metadata={"help": "answer this instruction with the model (and --adapter) and exit"})
-    answer_file: str = field(default="", metadata={"help": "answer every example of this Alpaca-format JSON file (with --adapter) and exit"})
+    answer_file: str = field(default="", metadata={"help": "answer every example of this Alpaca-format (or chat) JSON file (with --adapter) and exit"})
     answers_out: str = field(default="", metadata={"help": "where --answer_file writes its examples with a 'response' added (default: IN.answers.json)"})
+    export_peft: str = field(default="", metadata={"help": "write the --adapter run's adapter in PEFT's format to this directory and exit"})
+    export_hf: str = field(default="", metadata={"help": "write the model (--init_from, with the --adapter run's adapter merged) as an HF GPT-2 directory and exit"})
 
     @property
     def pretraining(self):
@@ -123,6 +130,8 @@ def check_config(cfg):
         raise ValueError("--quantize nf4 freezes the base in 4 bits, so only adapters can train: use it with --finetune lora")
     if cfg.pretraining != (cfg.dataset == "stdlib"):
         raise ValueError("pretraining and the stdlib corpus go together: use --init_from scratch --dataset stdlib, or fine-tune on an instruction dataset")
+    if cfg.pack and cfg.pretraining:
+        raise ValueError("--pack packs instruction examples; pretraining windows are full already: drop --pack")
     check_values(cfg)
 
 
@@ -164,17 +173,24 @@ def check_values(cfg):
 
 
 def check_inference_flags(cfg):
-    """--prompt answers one instruction and --answer_file a whole file, then exit; --adapter only says which adapter
-    to answer with, so it needs one of them (a training run would silently ignore it)."""
+    """--prompt answers one instruction and --answer_file a whole file, then exit; --export_peft / --export_hf write
+    the model in Hugging Face's formats and exit. --adapter only says which adapter to answer with or export, so it
+    needs one of them (a training run would silently ignore it)."""
     if cfg.prompt is not None and not cfg.prompt.strip():
         raise UserError("--prompt is empty: give the instruction to answer, e.g. --prompt \"Give an antonym of 'cold'.\"")
     if cfg.prompt is not None and cfg.answer_file:
         raise UserError("--prompt and --answer_file both ask for answers: give one of them")
     if cfg.answers_out and not cfg.answer_file:
         raise UserError(f"--answers_out {cfg.answers_out} is where --answer_file writes its answers: give --answer_file IN.json too")
-    if cfg.adapter and cfg.prompt is None and not cfg.answer_file:
+    exporting = bool(cfg.export_peft or cfg.export_hf)
+    if exporting and (cfg.prompt is not None or cfg.answer_file):
+        raise UserError("--export_peft / --export_hf write the model and exit, --prompt / --answer_file answer with it: give one of them")
+    if cfg.export_peft and not cfg.adapter:
+        raise UserError("--export_peft needs --adapter RUN_DIR, the out_dir of a LoRA or QLoRA run (whose adapter it writes)")
+    if cfg.adapter and cfg.prompt is None and not cfg.answer_file and not exporting:
         raise UserError(f"--adapter {cfg.adapter} needs --prompt \"...\" (one instruction) or --answer_file IN.json (a file of them) to "
-                        f"answer with it; it does not train. To continue that run's training use --out_dir {cfg.adapter} --resume")
+                        f"answer with it, or --export_peft / --export_hf DIR to export it; it does not train. To continue that run's "
+                        f"training use --out_dir {cfg.adapter} --resume")
 
 
 # ---------------------------------------------------------------------------------------------- system helpers
@@ -280,6 +296,9 @@ def ensure_tiny_base(device="cpu"):
     it if an earlier pretraining was interrupted (its checkpoint is then from before the last step)."""
     path = os.path.join(TINY_BASE_DIR, "ckpt.pt")
     base_config = TrainConfig(init_from="scratch", dataset="stdlib", out_dir=TINY_BASE_DIR, device=device)
+    if not os.path.isfile(path) and "RANK" in os.environ:  # every torchrun process would pretrain (and write) it at once
+        raise FileNotFoundError(f"no tiny base model at {path}: pretrain it first in one process (python train.py --init_from scratch "
+                                f"--dataset stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}), then start torchrun")
     if not os.path.isfile(path):
         print(f"No tiny base model at {path}: pretraining it first on the standard library's docstrings "
               f"(a few minutes on a laptop CPU; `python train.py --init_from scratch --dataset stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}` does the same).")
@@ -343,9 +362,11 @@ class PretrainingData:
 
 
 class InstructionData:
-    """Alpaca-format examples, split 85/5/10, tokenized, each epoch shuffled by (seed, epoch)."""
+    """Alpaca-format examples or chat conversations, split 85/5/10, tokenized, each epoch shuffled by (seed, epoch).
+    With pack, the training examples are packed once into rows of up to block_size positions (best-fit decreasing)
+    and the rows are shuffled instead; validation and test batches stay unpacked (the loss is the same either way)."""
 
-    def __init__(self, dataset, tokenizer, block_size, seed, mask_prompt, template="alpaca"):
+    def __init__(self, dataset, tokenizer, block_size, seed, mask_prompt, template="alpaca", pack=False):
         from instructions import load_examples, split_examples, tokenize_examples
 
         self.train_examples, self.val_examples, self.test_examples = split_examples(load_examples(dataset))
@@ -363,16 +384,25 @@ class InstructionData:
                 raise UserError(f"dataset {dataset!r}: all {len(examples)} {split} examples are longer than the model's context of "
                                 f"{block_size} tokens; use shorter examples or a base with a longer block_size")
         self.pad, self.seed, self.mask_prompt = tokenizer.eot_token, seed, mask_prompt
+        self.packed, self.block_size = None, block_size
+        if pack:
+            from instructions import pack_examples
+
+            self.packed = pack_examples(self.train, block_size)
 
     def train_batch(self, step, micro, batch_size):
-        from instructions import collate
+        """(inputs, targets) of one micro-batch; with packing also segment_ids (see GPT.hidden_states)."""
+        from instructions import collate, collate_packed
 
+        units = self.train if self.packed is None else self.packed  # examples, or rows of packed examples
         index = (step * self.grad_accum + micro) * batch_size  # position in the endless stream of epochs
         rows = []
         for i in range(index, index + batch_size):
-            epoch, offset = divmod(i, len(self.train))
-            order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.seed + epoch))
-            rows.append(self.train[order[offset]])
+            epoch, offset = divmod(i, len(units))
+            order = torch.randperm(len(units), generator=torch.Generator().manual_seed(self.seed + epoch))
+            rows.append(units[order[offset]])
+        if self.packed is not None:
+            return collate_packed(rows, self.pad, self.mask_prompt)
         return collate(rows, self.pad, self.mask_prompt)
 
     def val_batches(self, batch_size, split="val"):
@@ -382,8 +412,12 @@ class InstructionData:
         return [collate(rows[i : i + batch_size], self.pad, self.mask_prompt) for i in range(0, len(rows), batch_size)]
 
     def describe(self):
+        packed = ""
+        if self.packed is not None:
+            positions = sum(len(ids) - 1 for ids, _ in self.train)
+            packed = f"; packed into {len(self.packed)} rows ({positions / (len(self.packed) * self.block_size):.0%} full)"
         return (f"{len(self.train)} train / {len(self.val)} validation / {len(self.test)} test examples"
-                + (f" ({self.dropped} longer than the block size dropped)" if self.dropped else ""))
+                + (f" ({self.dropped} longer than the block size dropped)" if self.dropped else "") + packed)
 
 
 @torch.no_grad()
@@ -473,18 +507,24 @@ def resolve_template(template, tokenizer_name):
 
 
 def answer_examples(model, tokenizer, examples, device, max_new_tokens=80, template="alpaca", batch_size=64):
-    """Greedy responses to a list of {"instruction", "input"} examples, each cut at the end-of-text token.
-    Prompts of equal length share a batch, so no row needs padding and each row gets exactly the tokens it
-    would get alone."""
-    from instructions import format_prompt
+    """Greedy responses to a list of examples, each cut at the end-of-text token: Alpaca {"instruction", "input"}
+    examples prompted in `template`, conversations ({"messages": [...]}) answered at their last assistant turn in
+    instructions.CHAT_TEMPLATE (instructions.example_prompt). Batched by complete_prompts."""
+    from instructions import example_prompt
 
+    return complete_prompts(model, tokenizer, [example_prompt(ex, template)[0] for ex in examples], device, max_new_tokens, batch_size)
+
+
+def complete_prompts(model, tokenizer, prompt_texts, device, max_new_tokens=80, batch_size=64):
+    """Greedy continuations of prompt texts, each cut at the end-of-text token. Prompts of equal length share a
+    batch, so no row needs padding and each row gets exactly the tokens it would get alone."""
     check_max_new_tokens(max_new_tokens, model.config.block_size)
     keep = model.config.block_size - max_new_tokens  # room for the answer; a longer prompt keeps its end
-    prompts = [tokenizer.encode(format_prompt(ex, template))[-keep:] for ex in examples]
+    prompts = [tokenizer.encode(text)[-keep:] for text in prompt_texts]
     by_length = {}
     for i, prompt in enumerate(prompts):
         by_length.setdefault(len(prompt), []).append(i)
-    responses = [""] * len(examples)
+    responses = [""] * len(prompts)
     was_training = model.training
     model.eval()  # greedy answers must not depend on dropout (e.g. LoRA's), or a reloaded adapter could not reproduce them
     for length, rows in by_length.items():
@@ -498,13 +538,33 @@ def answer_examples(model, tokenizer, examples, device, max_new_tokens=80, templ
     return responses
 
 
+def complete(model, tokenizer, prompt_text, device, max_new_tokens=80):
+    """Greedy continuation of one prompt text (already in its template: format_prompt's, chat_prompt's, or none),
+    cut at the end-of-text token."""
+    return complete_prompts(model, tokenizer, [prompt_text], device, max_new_tokens)[0]
+
+
+def chat_display(example):
+    """A conversation shown like an Alpaca sample: the user turn before the last assistant turn, and that turn."""
+    from instructions import chat_prompt
+
+    messages = example["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    users = [m["content"] for m in messages[:last] if m["role"] == "user"]
+    return {"instruction": users[-1] if users else "(no user turn)", "output": chat_prompt(messages)[1]}
+
+
 def answer(model, tokenizer, instruction, device, max_new_tokens=80, input_text="", template="alpaca"):
     """Greedy response to one instruction, cut at the end-of-text token."""
     return answer_examples(model, tokenizer, [{"instruction": instruction, "input": input_text}], device, max_new_tokens, template)[0]
 
 
 def answer_report(examples, before, after):
-    """Score the test answers before and after training -> (summary fields, per-kind rows, per-example records)."""
+    """Score the test answers before and after training -> (summary fields, per-kind rows, per-example records).
+    Alpaca examples are scored against their key answer (accuracy), where they have one, and their output (exact
+    match, token F1). A chat dataset's conversations were answered at their last assistant turn, and that turn is the
+    reference they are scored against (exact match and F1 only: chat data has no key answers); their records keep
+    the "messages" (chat_display shows them like an Alpaca sample)."""
     from instructions import score_responses
 
     overall_before, kinds_before, rows_before = score_responses(examples, before)
@@ -603,11 +663,13 @@ def remove_earlier_run(out_dir):
 
 def settings_that_shape_the_run(cfg):
     """The settings a checkpoint's tensors and optimizer state were made with: --resume must use the same ones.
-    (optimizer.load_state_dict would also silently bring back the saved weight decay and betas.)"""
+    (optimizer.load_state_dict would also silently bring back the saved weight decay and betas.) For fine-tuning
+    also those that make the examples' token sequences and batches (--prompt_template, --pack): with others the
+    resumed run would train on other data than the straight run, and score its answers in another template."""
     names = ["init_from", "dataset", "loraplus_ratio", "weight_decay", "beta1", "beta2"]
     if cfg.pretraining:
         return names + ["n_layer", "n_head", "n_embd", "block_size"]
-    names.append("finetune")
+    names += ["finetune", "prompt_template", "pack"]
     if cfg.finetune == "lora":
         names += ["quantize", "lora_rank", "lora_alpha", "lora_targets", "use_rslora", "use_dora"]
     return names
@@ -621,7 +683,7 @@ def load_resume_checkpoint(path, cfg):
     for key in ("train_config", "iter", "optimizer", "rng", "log", "before"):
         if key not in ckpt:
             raise UserError(f"{path} has no {key!r}, so --resume cannot continue from it; start the run afresh, without --resume")
-    saved = ckpt["train_config"]
+    saved = {"pack": False, **ckpt["train_config"]}  # checkpoints written before --pack existed trained unpacked
     differ = [f"--{name} {saved.get(name, '(not recorded)')} (now {getattr(cfg, name)})" for name in settings_that_shape_the_run(cfg)
               if saved.get(name) != getattr(cfg, name)]
     if differ:
@@ -659,17 +721,28 @@ def load_trained_tensors(model, ckpt, path):
 
 def train(cfg):
     """Run one job end to end; returns the summary dict that is also written to out_dir/summary.json. The run owns
-    out_dir while it lasts: a second run on the same folder is refused (safety.lock_out_dir)."""
+    out_dir while it lasts: a second run on the same folder is refused (safety.lock_out_dir). Under torchrun, rank 0
+    alone writes to out_dir, so it holds the lock for all ranks, and the other ranks return None."""
     check_config(cfg)
-    pick_device(cfg.device)  # a --device this machine lacks is refused before anything is loaded
-    with lock_out_dir(cfg.out_dir):
-        return run_training(cfg)
+    device = pick_device(cfg.device)  # a --device this machine lacks is refused before anything is loaded
+    world = init_world(device)  # under torchrun: this process's rank among world.size (ddp.py); else rank 0 of 1
+    try:
+        world.micro_batches(cfg.grad_accum)  # a --grad_accum the processes cannot share fails here, before any work
+        if not world.is_main:
+            cfg.progress = False  # rank 0 alone reports (its stdout is the only one kept, see ddp.init_world)
+            return run_training(cfg, world)
+        with lock_out_dir(cfg.out_dir):
+            return run_training(cfg, world)
+    finally:
+        world.close()
 
 
-def run_training(cfg):
-    """train() without the lock."""
+def run_training(cfg, world=None):
+    """train() without the lock (and, by default, as the only process)."""
+    from ddp import World
     from tokenizer import get_tokenizer
 
+    world = world or World()
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, tokenizer_name, mode = prepare_model(cfg, device)
@@ -681,9 +754,10 @@ def run_training(cfg):
     if cfg.pretraining:
         data = PretrainingData(tokenizer, block_size, cfg.seed, cfg.corpus)
     else:
-        data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt, template)
-        answered = data.test_examples[: cfg.answer_limit]
+        data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt, template, pack=cfg.pack)
+        answered = data.test_examples[: cfg.answer_limit]  # Alpaca examples, or conversations (answered at their last assistant turn)
     data.grad_accum = cfg.grad_accum
+    model.gradient_checkpointing = cfg.grad_checkpointing
     optimizer = make_optimizer(model, cfg)
     from lora import count_parameters
 
@@ -700,13 +774,15 @@ def run_training(cfg):
         start, rows, before = ckpt["iter"], ckpt["log"], ckpt["before"]
         run_id = ckpt.get("run_id", run_id)  # checkpoints written before run ids get one now
         print(f"resumed from {ckpt_path} at step {start}")
-    else:
+    elif world.is_main:  # the other ranks write nothing to out_dir
         remove_earlier_run(cfg.out_dir)
-    run_model = torch.compile(model) if cfg.compile else model
+    run_model = world.wrap(torch.compile(model) if cfg.compile else model)
+    if world.size > 1:  # each rank its own dropout masks, reproducible from (seed, rank, step resumed at)
+        torch.manual_seed(cfg.seed + world.rank + 1_000_003 * start)
     val_batches = data.val_batches(cfg.batch_size)
     val_batches = val_batches[: cfg.eval_batches] if cfg.eval_batches else val_batches
 
-    if not before:  # measured once, before the first step, and carried through resumes
+    if not before and world.is_main:  # measured once, before the first step, and carried through resumes
         before["val_loss"] = evaluate(model, val_batches, device)
         if not cfg.pretraining:
             before["test_loss"] = evaluate(model, data.val_batches(cfg.batch_size, "test"), device)
@@ -726,22 +802,27 @@ def run_training(cfg):
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y = data.train_batch(step, micro, cfg.batch_size)
+        step_loss, step_tokens = 0.0, 0
+        micro_batches = world.micro_batches(cfg.grad_accum)  # all of them for one process
+        for micro in micro_batches:
+            x, y, *segments = data.train_batch(step, micro, cfg.batch_size)  # segment ids only with --pack
             x, y = x.to(device), y.to(device)
-            with autocast_context(device):
-                loss = run_model(x, y)[1]  # drop the logits now: `_` would keep B x T x vocab floats alive through backward
-            (loss / cfg.grad_accum).backward()
+            segment_ids = segments[0].to(device) if segments else None
+            with world.sync_unless(run_model, last=micro == micro_batches[-1]), autocast_context(device):
+                loss = run_model(x, y, segment_ids=segment_ids)[1]  # drop the logits now: `_` would keep B x T x vocab floats alive through backward
+                # x world.size: DDP averages the ranks' gradients, and the step's gradient is the mean over all grad_accum micro-batches
+                (loss * world.size / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
-            tokens_seen += x.numel()
-        grad_norm = clip_gradients(model, cfg.grad_clip)
+            step_tokens += x.numel()
+        step_loss, step_tokens = world.sum(step_loss, step_tokens)
+        tokens_seen += int(step_tokens)
+        grad_norm = clip_gradients(model, cfg.grad_clip)  # of the gradients all ranks share after DDP's all-reduce
         check_finite(step + 1, f"the training loss is {step_loss:g} and the gradient norm {grad_norm:g}", [step_loss, grad_norm], rows, cfg)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = elapsed_before + time.time() - t0
         row = {"iter": step + 1, "lr": lr, "train_loss": step_loss, "val_loss": "", "tokens": tokens_seen, "seconds": round(seconds, 3)}
-        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters:
+        if world.is_main and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters):
             row["val_loss"] = evaluate(model, val_batches, device)
             check_finite(step + 1, f"the validation loss is {row['val_loss']:g}", [row["val_loss"]], rows, cfg)
         rows.append(row)
@@ -753,6 +834,8 @@ def run_training(cfg):
             write_log(rows, os.path.join(cfg.out_dir, "log.csv"))
             plot_losses(rows, os.path.join(cfg.out_dir, "loss.png"), f"{mode} on {cfg.dataset}")
 
+    if not world.is_main:  # rank 0 evaluates and writes the results
+        return None
     summary = {
         "init_from": cfg.init_from, "finetune": mode, "dataset": cfg.dataset, "lora_rank": cfg.lora_rank if mode in ("lora", "qlora") else None,
         "lora_alpha": cfg.lora_alpha if mode in ("lora", "qlora") else None, "lora_targets": cfg.lora_targets if mode in ("lora", "qlora") else None,
@@ -774,8 +857,9 @@ def run_training(cfg):
         summary.update(fields)
         summary["test_by_kind"] = by_kind
         for record in records[: cfg.num_samples]:
-            print(f"\n### {record['instruction']}" + (f"\n    input:    {record['input']}" if record.get("input") else "")
-                  + f"\n    expected: {record['output']}\n    before:   {record['before']}\n    after:    {record['after']}")
+            shown = record if "messages" not in record else chat_display(record)
+            print(f"\n### {shown['instruction']}" + (f"\n    input:    {shown['input']}" if shown.get("input") else "")
+                  + f"\n    expected: {shown['output']}\n    before:   {record['before']}\n    after:    {record['after']}")
         write_json_atomic(records, os.path.join(cfg.out_dir, "samples.json"))
         if by_kind:
             write_csv_atomic(by_kind, os.path.join(cfg.out_dir, "answers.csv"), list(by_kind[0]))
@@ -860,8 +944,9 @@ def answer_prompt(cfg):
 def answer_file(cfg):
     """--answer_file: answer every example of an Alpaca-format JSON list greedily (its 'input' used) and write the
     list back with a 'response' added to each example, every other key kept. Examples with an 'answer' key are
-    scored for accuracy, examples with an 'output' for exact match and token F1."""
-    from instructions import load_answer_file
+    scored for accuracy, examples with an 'output' for exact match and token F1. A chat file's conversations are
+    answered at their last assistant turn and scored against it (instructions.score_responses)."""
+    from instructions import example_prompt, load_answer_file
 
     examples = load_answer_file(cfg.answer_file)
     out_path = cfg.answers_out or os.path.splitext(cfg.answer_file)[0] + ".answers.json"
@@ -870,13 +955,44 @@ def answer_file(cfg):
     responses = answer_examples(model, tokenizer, examples, device, cfg.max_new_tokens, template)
     write_json_atomic([{**ex, "response": r} for ex, r in zip(examples, responses)], out_path)
     print(f"answered {len(examples)} examples from {cfg.answer_file} ({template} template); written to {out_path}")
-    scored = [(ex, r) for ex, r in zip(examples, responses) if ex.get("answer") or ex.get("output")]
+    scored = [(ex, r) for ex, r in zip(examples, responses) if ex.get("answer") or example_prompt(ex)[1]]
     if scored:
         from instructions import score_responses
 
         overall, by_kind, _ = score_responses([ex for ex, _ in scored], [r for _, r in scored])
         for kind, scores in list(by_kind.items()) + [("all", overall)]:
             print(f"  {kind:14s} " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
+
+
+def export_run(cfg):
+    """--export_peft / --export_hf: write a run in Hugging Face's formats (interop.py) and exit.
+    --export_peft needs --adapter; when the base is not an HF model (the tiny base, a checkpoint of this script), the
+    base is written beside the adapter, in OUT_DIR/base, for PEFT to load it from. The adapter's metadata (run id,
+    base, finetune, step, prompt template) travel in the safetensors header, where PEFT ignores them. --export_hf
+    writes --init_from's model, with --adapter's adapter merged when given."""
+    from interop import export_merged_hf, export_peft, hf_base_name
+
+    check_inference_flags(cfg)  # --export_peft without --adapter, or mixed with --prompt / --answer_file
+    if cfg.adapter:
+        from lora import read_adapter_config
+
+        model, _ = load_finetuned(cfg.adapter, cfg.init_from, "cpu")
+        trained_on = read_adapter_config(cfg.adapter)["metadata"]  # load_finetuned checked it names its base
+    else:
+        model, _ = load_base_model(cfg.init_from, "cpu")
+    if cfg.export_hf:
+        export_merged_hf(model, cfg.export_hf)
+        print(f"wrote {cfg.export_hf}: load it with transformers.GPT2LMHeadModel.from_pretrained({cfg.export_hf!r})")
+    if cfg.export_peft:
+        init_from = trained_on["init_from"] if cfg.init_from == "tiny" else cfg.init_from  # as load_finetuned chose it
+        base_name = hf_base_name(init_from)
+        if base_name is None:  # PEFT needs an HF base: write ours (full precision; QLoRA users load it in 4 bits)
+            base_name = os.path.abspath(os.path.join(cfg.export_peft, "base"))
+            load_base_model(init_from, "cpu")[0].save_pretrained(base_name)
+        export_peft(model, cfg.export_peft, base_model_name_or_path=base_name, metadata=trained_on)
+        template = trained_on.get("prompt_template")
+        print(f"wrote {cfg.export_peft}: peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base_name!r}), {cfg.export_peft!r})"
+              + (f"; it was trained on prompts in the {template!r} template (instructions.format_prompt)" if template else ""))
 
 
 def parse_config(config_class, argv=None, description=__doc__):
@@ -901,7 +1017,9 @@ if __name__ == "__main__":
     config = parse_args()
     try:
         check_inference_flags(config)
-        if config.prompt is not None:
+        if config.export_peft or config.export_hf:
+            export_run(config)
+        elif config.prompt is not None:
             answer_prompt(config)
         elif config.answer_file:
             answer_file(config)

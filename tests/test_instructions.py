@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import shared_data
-from instructions import (PROMPT_HEADER, collate, contains_answer, exact_match, format_prompt, load_examples, score_responses,
-                          split_examples, token_f1, tokenize_examples, validate_examples)
+from instructions import (CHAT_TEMPLATE, PROMPT_HEADER, chat_prompt, collate, collate_packed, contains_answer, exact_match, example_prompt,
+                          format_prompt, load_answer_file, load_examples, pack_examples, score_responses, split_examples, token_f1,
+                          tokenize_conversation, tokenize_examples, validate_examples)
 from tokenizer import ByteTokenizer
 
 
@@ -74,6 +75,116 @@ def test_real_instruction_set_loads_and_splits():
     assert len(kept) + dropped == 935 and dropped < 935 * 0.2
 
 
+# ---------------------------------------------------------------------------------------------- chat
+
+
+class CharTokenizer:
+    """One token per character (and <|endoftext|> = 0), so expected ids can be written by hand."""
+
+    eot_token = 0
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+def test_chat_template_renders_as_documented_and_learns_assistant_turns_only():
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Ok"},
+    ]
+    tok = CharTokenizer()
+    ids, learned = tokenize_conversation(messages, tok)
+    text = "### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\nYo\0\n\n### User:\nBye\n\n### Assistant:\nOk\0"
+    assert ids == [ord(c) for c in text]
+    assert "".join(chr(i) for i, keep in zip(ids, learned) if keep) == "Yo\0Ok\0"  # content + end of each assistant turn
+    # targets: the first learned target is "Y", predicted from the newline that ends "### Assistant:\n"
+    inputs, targets = collate([(ids, learned)], pad_token=0, mask_prompt=True)
+    kept = [(t, chr(inputs[0, i])) for i, t in enumerate(targets[0].tolist()) if t != -100]
+    assert [chr(t) if t else "<eot>" for t, _ in kept] == ["Y", "o", "<eot>", "O", "k", "<eot>"]
+    assert [previous for _, previous in kept] == ["\n", "Y", "o", "\n", "O", "k"]
+    assert collate([(ids, learned)], pad_token=0)[1][0].tolist() == ids[1:]  # without mask_prompt: every token
+    prompt, reference = chat_prompt(messages)
+    assert prompt == text[: text.rindex("Ok")].replace("\0", "<|endoftext|>") and reference == "Ok"
+    assert "### Assistant:" in CHAT_TEMPLATE and "<|endoftext|>" in CHAT_TEMPLATE
+
+
+def test_chat_dataset_as_json_and_jsonl(tmp_path):
+    conversations = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": str(i)}]} for i in range(3)]
+    (tmp_path / "chat.json").write_text(json.dumps(conversations))
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in conversations) + "\n")
+    assert load_examples(str(tmp_path / "chat.json")) == conversations == load_examples(str(tmp_path / "chat.jsonl"))
+    kept, dropped = tokenize_examples(conversations, ByteTokenizer(), max_length=100)
+    ids, learned = kept[0]
+    assert dropped == 0 and ByteTokenizer().decode(ids) == "### User:\nSay 0.\n\n### Assistant:\n0<|endoftext|>"
+    assert learned == [False] * (len(ids) - 2) + [True, True]
+    (tmp_path / "broken.jsonl").write_text(json.dumps(conversations[0]) + "\n{oops\n")
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        load_examples(str(tmp_path / "broken.jsonl"))
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": "Hi"}], "entry 0 has no assistant turn"),
+    ([{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "message 0 has role 'human'; use one of system, user, assistant"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}], "message 1 \\(assistant\\) has no non-empty string 'content'"),
+    ([{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be nice."}, {"role": "assistant", "content": "Yo"}], "system message after the start"),
+    ([], "no non-empty 'messages' list"),
+])
+def test_malformed_conversations_are_named(messages, message):
+    with pytest.raises(ValueError, match=message):
+        validate_examples([{"messages": messages}], "chat.json")
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def test_best_fit_decreasing_packing():
+    examples = [([0] * (n + 1), 0) for n in (5, 3, 7, 2, 4, 6, 1)]  # n + 1 tokens take n input positions
+    rows = pack_examples(examples, capacity=10)
+    sizes = [[len(ids) - 1 for ids, _ in row] for row in rows]
+    # 7 -> new row; 6 -> new row; 5 -> new row; 4 fits 6's row best (4 left: exactly); 3 fits 7's (3 left);
+    # 2 fits 5's (5 left, the only room); 1 fits 5+2's row (3 left)
+    assert sizes == [[7, 3], [6, 4], [5, 2, 1]]
+    with pytest.raises(ValueError, match="cannot be packed into rows of 4 positions"):
+        pack_examples(examples, capacity=4)
+
+
+def test_collate_packed_keeps_each_example_as_collate_would():
+    batch = [([1, 2, 3, 4, 5, 9], 3), ([6, 7, 8, 9], 2), ([5, 4, 9], 1)]
+    inputs, targets, segments = collate_packed([[batch[0], batch[1]], [batch[2]]], pad_token=9, mask_prompt=True)
+    assert inputs.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [5, 4, 9, 9, 9, 9, 9, 9]]
+    assert targets.tolist() == [[-100, -100, 4, 5, 9, -100, 8, 9], [4, 9, -100, -100, -100, -100, -100, -100]]
+    assert segments.tolist() == [[0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("mask_prompt", [False, True])
+def test_packed_loss_equals_unpacked_loss(mask_prompt):
+    from model import GPT, GPTConfig
+
+    tok = ByteTokenizer()
+    from instructions import EMBEDDED_PATH
+
+    examples = json.load(open(EMBEDDED_PATH))[:12] + [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ok"}]}
+    ]
+    kept, dropped = tokenize_examples(examples, tok, max_length=385)
+    assert dropped == 0 and len(kept) == 13
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=384, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval()
+    rows = pack_examples(kept, capacity=384)
+    assert len(rows) < len(kept)  # several examples per row
+    with torch.no_grad():
+        x, y, segments = collate_packed(rows, tok.eot_token, mask_prompt)
+        packed = model(x, y, segment_ids=segments)[1]
+        unpacked = model(*collate(kept, tok.eot_token, mask_prompt))[1]
+        without_segments = model(x)[0]  # packed rows without the mask and position restarts: examples see each other
+        change = (without_segments - model(x, segment_ids=segments)[0]).abs().max().item()
+    assert abs(packed.item() - unpacked.item()) <= 1e-5
+    assert change > 1e-2
+
+
 def test_compact_template_is_alpaca_without_its_preamble():
     ex = {"instruction": "Translate.", "input": "chat", "output": "cat"}
     assert format_prompt(ex, "compact") == "### Instruction:\nTranslate.\n\n### Input:\nchat\n\n### Response:\n"
@@ -119,3 +230,29 @@ def test_score_responses_overall_and_per_kind():
     assert [r.get("correct") for r in rows] == [True, False, False, None]
     with pytest.raises(ValueError):
         score_responses(examples, ["one response too few"] * 3)
+
+
+def test_chat_examples_are_answered_and_scored_at_their_last_assistant_turn(tmp_path):
+    conversation = {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]}
+    alpaca = {"instruction": "Name a colour.", "output": "Red."}
+    # the Alpaca template applies to Alpaca examples only; a conversation always uses CHAT_TEMPLATE
+    assert example_prompt(alpaca, "compact") == (format_prompt(alpaca, "compact"), "Red.")
+    assert example_prompt(conversation, "compact") == example_prompt(conversation, "alpaca") == chat_prompt(conversation["messages"])
+    overall, by_kind, rows = score_responses([conversation, alpaca], ["lima", "Blue."])
+    assert rows == [{"kind": "all", "exact_match": True, "f1": 1.0}, {"kind": "all", "exact_match": False, "f1": 0.0}]
+    assert "accuracy" not in overall and overall["exact_match"] == 0.5  # no key answers: no accuracy
+    path = tmp_path / "ask.jsonl"  # --answer_file reads chat files (and JSON Lines) as datasets are read
+    path.write_text(json.dumps(conversation) + "\n" + json.dumps(conversation) + "\n")
+    assert load_answer_file(str(path)) == [conversation, conversation]
+
+
+def test_packing_uses_the_run_template():
+    examples = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(4)]
+    tok = ByteTokenizer()
+    for template in ("alpaca", "compact"):
+        kept, _ = tokenize_examples(examples, tok, max_length=1025, template=template)
+        rows = pack_examples(kept, capacity=1024)
+        assert len(rows) == 1  # equal lengths: one row, in file order
+        inputs, _, segments = collate_packed(rows, tok.eot_token)
+        for i, ex in enumerate(examples):  # each segment is its example's inputs: the prompt in this template, the output
+            assert tok.decode(inputs[0][segments[0] == i].tolist()) == format_prompt(ex, template) + ex["output"]

@@ -147,6 +147,77 @@ def test_weight_tying_and_parameter_count():
     assert model.num_params() == 124_439_808
 
 
+@pytest.mark.parametrize("vocab_size", [257, 50257], ids=["byte-level", "gpt2-bpe"])
+def test_save_pretrained_loads_in_hf_with_equal_logits_and_round_trips(tmp_path, vocab_size):
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=2, n_head=4, n_embd=32)).eval()
+    ours.save_pretrained(tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+    assert hf.config.eos_token_id == vocab_size - 1 and hf.config.n_positions == 64
+    back = GPT.from_pretrained(str(tmp_path))
+    theirs = back.state_dict()
+    assert theirs.keys() == ours.state_dict().keys()
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
+
+
+def test_save_pretrained_refuses_what_gpt2_cannot_hold(tmp_path):
+    from lora import apply_lora, merge_lora
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="bias=False"):
+        GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, bias=False)).save_pretrained(tmp_path)
+    model = apply_lora(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16)), rank=2, alpha=4)
+    with pytest.raises(ValueError, match="attn.q_proj is a LoRALinear.*merge"):
+        model.save_pretrained(tmp_path)
+    merge_lora(model, unload=True).save_pretrained(tmp_path)  # merged: fine
+
+
+def test_packed_rows_compute_each_example_as_if_alone():
+    """segment_ids: restarting positions and a block-diagonal causal mask give each packed example its own logits."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=16)).eval()
+    a, b = torch.randint(0, 257, (1, 7)), torch.randint(0, 257, (1, 5))
+    packed = torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long)], dim=1)  # two examples, then 3 padding positions
+    segments = torch.tensor([[0] * 7 + [1] * 5 + [2] * 3])
+    with torch.no_grad():
+        logits = model(packed, segment_ids=segments)[0]
+        assert (logits[:, :7] - model(a)[0]).abs().max().item() <= 1e-5
+        assert (logits[:, 7:12] - model(b)[0]).abs().max().item() <= 1e-5
+    positions, mask = model_module.segment_positions_and_mask(segments)
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 0, 1, 2]]
+    assert mask.shape == (1, 1, 15, 15) and mask[0, 0, 8, 6].item() is False and mask[0, 0, 8, 7].item() is True
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+def test_gradient_checkpointing_gives_the_same_gradients(mode):
+    from lora import apply_lora
+    from quantize import quantize_model
+
+    def gradients(checkpointing):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=3, n_head=2, n_embd=32, dropout=0.1))
+        if mode == "qlora":
+            quantize_model(model)
+        if mode != "full":
+            apply_lora(model, rank=4, alpha=8, targets="all-linear", dropout=0.1)
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.1)  # B = 0 would give A no gradient
+        model.gradient_checkpointing = checkpointing
+        idx = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)  # same dropout masks in both runs (checkpointing replays them in the recomputation)
+        model(idx, idx)[1].backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], rtol=0, atol=1e-6), name
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Hostile and careless inputs (issue 17)
 

@@ -235,6 +235,75 @@ def test_lora_resume_continues_the_identical_trajectory(small_base, tmp_path, mo
     assert len(losses("resumed")) == 8 and losses("resumed") == losses("straight")
 
 
+def test_packing_and_gradient_checkpointing_train(small_base, tmp_path, capsys):
+    summary = train.train(finetune_config(small_base, tmp_path, pack=True, grad_checkpointing=True, mask_prompt=True, max_iters=6, eval_interval=6))
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert "packed into" in capsys.readouterr().out
+
+
+def test_packed_rows_hold_every_training_example_once():
+    from tokenizer import get_tokenizer
+
+    data = train.InstructionData("embedded", get_tokenizer("bytes"), 512, 1337, mask_prompt=False, pack=True)
+    data.grad_accum = 1
+    assert sorted(ex[0] for row in data.packed for ex in row) == sorted(ex[0] for ex in data.train)
+    assert all(sum(len(ids) - 1 for ids, _ in row) <= 512 for row in data.packed)
+    assert len(data.packed) < 0.6 * len(data.train)  # ~220-byte examples: about two per 512-byte row
+    x, y, segments = data.train_batch(0, 0, 8)
+    assert x.shape == y.shape == segments.shape and x.shape[0] == 8 and x.shape[1] <= 512
+
+
+def test_export_peft_and_hf_from_the_command_line(small_base, tmp_path):
+    import torch
+    from transformers import GPT2LMHeadModel
+    from peft import PeftModel
+
+    run = tmp_path / "run"
+    train.train(finetune_config(small_base, run, max_iters=3, eval_interval=3, lora_targets="q,k,o"))
+    train.export_run(parse_args(["--adapter", str(run), "--export_peft", str(tmp_path / "peft"), "--export_hf", str(tmp_path / "hf")]))
+    ours, _ = train.load_finetuned(str(run), "tiny", "cpu")
+    idx = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours(idx)[0]
+        base = GPT2LMHeadModel.from_pretrained(tmp_path / "peft" / "base")  # the tiny base is not an HF model: written beside the adapter
+        base_logits = base.eval()(idx).logits
+        peft_logits = PeftModel.from_pretrained(base, tmp_path / "peft").eval()(idx).logits
+        merged_logits = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()(idx).logits
+    assert (expected - base_logits).abs().max().item() > 1e-3  # the adapter matters, so the comparisons below do
+    assert (expected - peft_logits).abs().max().item() <= 1e-4
+    assert (expected - merged_logits).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="--export_peft needs --adapter"):
+        train.export_run(parse_args(["--export_peft", str(tmp_path / "x")]))
+    # the run's metadata travel in the safetensors header (PEFT reads only adapter_config.json's LoraConfig keys)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "peft" / "adapter_model.safetensors", "pt") as f:
+        header = json.loads(f.metadata()["nanoqlora"])
+    adapter_metadata = json.load(open(run / "adapter_config.json"))["metadata"]
+    assert header == adapter_metadata and header["prompt_template"] == "compact" and header["finetune"] == "lora"
+    assert "metadata" not in json.load(open(tmp_path / "peft" / "adapter_config.json"))
+    with pytest.raises(UserError, match="is a PEFT adapter .*interop.import_peft"):  # not loadable as one of ours
+        train.load_finetuned(str(tmp_path / "peft"), "tiny", "cpu")
+
+
+def test_chat_dataset_trains_on_assistant_turns_and_answers(small_base, tmp_path):
+    conversations = [{"messages": [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": f"What is {i} plus {i}?"},
+                                   {"role": "assistant", "content": str(2 * i)}, {"role": "user", "content": "And doubled?"},
+                                   {"role": "assistant", "content": str(4 * i)}]} for i in range(40)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in conversations))
+    summary = train.train(finetune_config(small_base, tmp_path / "run", dataset=str(path), mask_prompt=True, pack=True, max_iters=4, eval_interval=4))
+    assert summary["val_loss_after"] < summary["val_loss_before"] and summary["train_examples"] == 34
+    samples = json.load(open(tmp_path / "run" / "samples.json"))
+    assert samples[0]["messages"] == conversations[36]["messages"] and isinstance(samples[0]["after"], str)
+    # every test conversation is answered at its last assistant turn and scored against it (no key answers: no accuracy)
+    assert [s["messages"] for s in samples] == [c["messages"] for c in conversations[36:]]
+    assert summary["test_by_kind"] == [{"kind": "all", "examples": 4, "exact_match_before": summary["test_exact_match_before"],
+                                        "exact_match_after": summary["test_exact_match_after"], "f1_before": summary["test_f1_before"],
+                                        "f1_after": summary["test_f1_after"]}]
+    assert "test_accuracy_after" not in summary and (tmp_path / "run" / "answers.csv").exists()
+
+
 # ------------------------------------------------------------------------------------- hostile and careless inputs
 # Each test below failed before the checks it exercises existed (issue 17).
 
@@ -322,8 +391,8 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
 
     real_forward, training_forwards = GPT.forward, []
 
-    def nan_at_step_3(self, idx, targets=None, kv_cache=None):
-        logits, loss = real_forward(self, idx, targets, kv_cache)
+    def nan_at_step_3(self, idx, targets=None, kv_cache=None, segment_ids=None):
+        logits, loss = real_forward(self, idx, targets, kv_cache, segment_ids)
         if targets is not None:  # a training step (evaluation passes no targets)
             training_forwards.append(1)
             if len(training_forwards) == 3:
@@ -366,9 +435,17 @@ BAD_FLAGS = [  # (flags, what the one-line error must say)
     (["--lora_targets", "all-linear,zz"], "unknown LoRA target 'zz'"),
     (["--block_size", "128"], "--block_size 128 shapes a model trained from scratch"),
     (["--adapter", "out/somewhere"], "--adapter out/somewhere needs --prompt"),
+    (["--export_peft", "out/peft"], "--export_peft needs --adapter"),
+    (["--adapter", "out/somewhere", "--export_hf", "out/hf", "--prompt", "Hi"], "--export_peft / --export_hf write the model and exit"),
     (["--prompt", ""], "--prompt is empty"),
     (["--device", "gpu"], "--device 'gpu': use auto, cuda (or cuda:N), mps or cpu"),
 ]
+
+
+def test_export_flags_are_valid_uses_of_adapter():
+    for flags in (["--export_peft", "out/peft"], ["--export_hf", "out/hf"], ["--export_peft", "out/peft", "--export_hf", "out/hf"]):
+        train.check_inference_flags(parse_args(["--adapter", "out/somewhere", *flags]))  # no error
+    train.check_inference_flags(parse_args(["--export_hf", "out/hf"]))  # the base alone, no adapter
 
 
 @pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
@@ -410,12 +487,13 @@ def test_datasets_that_leave_a_split_empty_are_clear_errors(small_base, tmp_path
 
 def test_resume_refuses_other_model_or_optimizer_settings(small_base, tmp_path):
     train.train(finetune_config(small_base, tmp_path, max_iters=4, eval_interval=2))
-    changed = dict(lora_targets="k,o", lora_alpha=4.0, quantize="nf4")
+    changed = dict(lora_targets="k,o", lora_alpha=4.0, quantize="nf4", pack=True, prompt_template="alpaca")
     with pytest.raises(UserError) as refused:
         train.train(finetune_config(small_base, tmp_path, max_iters=4, eval_interval=2, resume=True, **changed))
     message = refused.value.args[0]
     assert message.startswith("--resume: ") and "--lora_targets q,v (now k,o)" in message
     assert "--lora_alpha 8 (now 4.0)" in message and "--quantize none (now nf4)" in message and "--lora_rank" not in message
+    assert "--pack False (now True)" in message and "--prompt_template auto (now alpaca)" in message  # other batches, other prompts
     with pytest.raises(UserError, match="--init_from"):
         train.train(finetune_config(small_base + "/ckpt.pt", tmp_path, max_iters=4, eval_interval=2, resume=True))
 

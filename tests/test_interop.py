@@ -1,0 +1,175 @@
+"""interop.py: our LoRA adapters in PEFT's format and back, checked against peft.PeftModel on GPT2LMHeadModel."""
+import json
+
+import pytest
+import torch
+
+from interop import export_merged_hf, export_peft, import_peft
+from lora import apply_lora, load_adapter, save_adapter
+from model import GPT, GPTConfig
+from quantize import quantize_model
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+CONFIG = GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=4, n_embd=32)
+
+
+def trained_looking(model, seed=1):
+    """Give every LoRA tensor non-trivial values (B starts at zero, which would make any export look right)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif "lora_magnitude" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def base_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(CONFIG).eval()
+
+
+def tokens():
+    return torch.randint(0, CONFIG.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def peft_logits(hf_base_dir, adapter_dir):
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_base_dir)
+    model = peft.PeftModel.from_pretrained(hf, adapter_dir).eval()
+    with torch.no_grad():
+        return model(tokens()).logits
+
+
+def our_logits(model):
+    with torch.no_grad():
+        return model.eval()(tokens())[0]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(targets=("q", "v")),  # the default: c_attn with a rank-2r block construction
+        dict(targets=("q",)),  # one projection: rank r, no pattern needed
+        dict(targets="all-linear", use_rslora=True),  # rank 3r on c_attn with alpha sqrt(3) alpha, and every other module
+        dict(targets=("q", "k", "o", "mlp_out"), use_dora=True),  # DoRA: v's rows keep magnitude ||W0||
+    ],
+    ids=["lora-qv", "lora-q", "rslora-all", "dora-qko-mlpout"],
+)
+def test_exported_adapter_gives_peft_the_same_logits(tmp_path, settings):
+    model = base_model()
+    model.save_pretrained(tmp_path / "base")
+    apply_lora(model, rank=4, alpha=8, dropout=0.1, **settings)
+    trained_looking(model)
+    export_peft(model, tmp_path / "peft", base_model_name_or_path=str(tmp_path / "base"))
+    theirs = peft_logits(tmp_path / "base", tmp_path / "peft")
+    ours = our_logits(model)
+    assert (ours - our_logits(base_model())).abs().max() > 1e-2  # the adapter changes the output
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_export_writes_the_documented_block_construction(tmp_path):
+    model = apply_lora(base_model(), rank=4, alpha=8, targets=("q", "v"))
+    trained_looking(model)
+    export_peft(model, tmp_path)
+    from safetensors.torch import load_file
+
+    config = json.load(open(tmp_path / "adapter_config.json"))
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]) == (4, 8, {"attn.c_attn": 8}, {"attn.c_attn": 16})
+    assert config["target_modules"] == ["attn.c_attn"] and config["fan_in_fan_out"] is True
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(tensors) == [f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{p}.weight" for i in (0, 1) for p in "AB"]
+    attn = model.transformer.h[1].attn
+    A, B = tensors["base_model.model.transformer.h.1.attn.c_attn.lora_A.weight"], tensors["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"]
+    assert torch.equal(A, torch.cat([attn.q_proj.lora_A["default"], attn.v_proj.lora_A["default"]]).detach())
+    assert torch.equal(B[:32, :4], attn.q_proj.lora_B["default"].detach()) and torch.equal(B[64:, 4:], attn.v_proj.lora_B["default"].detach())
+    assert not B[:32, 4:].any() and not B[32:64].any() and not B[64:, :4].any()
+
+
+def test_qlora_adapter_exports_the_same_way(tmp_path):
+    model = base_model()
+    quantize_model(model)
+    apply_lora(model, rank=4, alpha=8, targets=("q", "v"))
+    trained_looking(model)
+    # PEFT on the 4-bit base (bitsandbytes' NF4 codes equal ours) sees the dequantized weights: compare on those
+    from lora import disable_adapters, set_adapter
+
+    disable_adapters(model)
+    export_merged_hf(model, tmp_path / "base")  # the dequantized base alone
+    set_adapter(model, "default")
+    export_peft(model, tmp_path / "peft")
+    ours = our_logits(model)
+    assert (ours - peft_logits(tmp_path / "base", tmp_path / "peft")).abs().max().item() <= 1e-4
+    export_merged_hf(model, tmp_path / "merged")  # the adapter merged into a dequantized copy, the model left as it was
+    with torch.no_grad():
+        merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()(tokens()).logits
+    assert (ours - merged).abs().max().item() <= 1e-4 and torch.equal(our_logits(model), ours)
+
+
+def peft_adapter(tmp_path, **lora_config):
+    """A PEFT LoRA adapter with random (non-zero) weights on a random GPT-2 of our test shape, saved; returns dirs."""
+    torch.manual_seed(0)
+    base_model().save_pretrained(tmp_path / "base")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(hf, peft.LoraConfig(**lora_config))
+    trained_looking(model, seed=5)
+    model.save_pretrained(tmp_path / "peft")
+    return tmp_path / "base", tmp_path / "peft"
+
+
+@pytest.mark.parametrize(
+    "lora_config",
+    [
+        dict(r=4, lora_alpha=8, target_modules=["c_attn"]),
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], use_rslora=True, rank_pattern={"mlp.c_fc": 2}, alpha_pattern={"c_proj": 3}),
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "attn.c_proj"], use_dora=True),
+    ],
+    ids=["lora-c_attn", "rslora-patterns-all", "dora"],
+)
+def test_imported_peft_adapter_gives_the_same_logits(tmp_path, lora_config):
+    base_dir, adapter_dir = peft_adapter(tmp_path, fan_in_fan_out=True, **lora_config)
+    model = import_peft(GPT.from_pretrained(str(base_dir)), adapter_dir)
+    assert (our_logits(model) - peft_logits(base_dir, adapter_dir)).abs().max().item() <= 1e-4
+
+
+def test_import_without_patterns_is_bit_exact_and_survives_save_adapter(tmp_path):
+    base_dir, adapter_dir = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    model = import_peft(GPT.from_pretrained(str(base_dir)), adapter_dir)
+    from safetensors.torch import load_file
+
+    stored = load_file(adapter_dir / "adapter_model.safetensors")
+    A, B = stored["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"], stored["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    attn = model.transformer.h[0].attn
+    for i, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+        assert torch.equal(proj.lora_A["default"].detach(), A) and torch.equal(proj.lora_B["default"].detach(), B[32 * i : 32 * (i + 1)])
+    save_adapter(model, tmp_path / "ours")  # an imported adapter is an ordinary adapter of ours
+    reloaded = load_adapter(GPT.from_pretrained(str(base_dir)), tmp_path / "ours")
+    assert torch.equal(our_logits(reloaded), our_logits(model))
+
+
+def test_export_then_import_round_trip(tmp_path):
+    model = apply_lora(base_model(), rank=4, alpha=8, targets=("q", "v"), use_rslora=True)
+    trained_looking(model)
+    export_peft(model, tmp_path)
+    back = import_peft(base_model(), tmp_path)
+    assert (our_logits(back) - our_logits(model)).abs().max().item() <= 1e-5
+
+
+def test_what_peft_cannot_express_is_a_clear_error(tmp_path):
+    model = apply_lora(base_model(), rank=4, alpha=8, targets=("q",), trainable=("transformer.ln_f",))
+    with pytest.raises(ValueError, match="transformer.ln_f.*cannot hold"):
+        export_peft(model, tmp_path / "a")
+    torch.manual_seed(0)
+    no_bias = apply_lora(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, bias=False)), rank=2, alpha=4)
+    with pytest.raises(ValueError, match="no biases"):
+        export_peft(no_bias, tmp_path / "b")
+    base_dir, adapter_dir = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, layers_to_transform=[0])
+    with pytest.raises(ValueError, match="layers_to_transform"):
+        import_peft(base_model(), adapter_dir)
+    config = json.load(open(adapter_dir / "adapter_config.json"))
+    config["layers_to_transform"] = None
+    json.dump(config, open(adapter_dir / "adapter_config.json", "w"))
+    with pytest.raises(ValueError, match="not in block 1"):
+        import_peft(base_model(), adapter_dir)
