@@ -158,6 +158,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (Press & Wolf 2017): reading a token in and writing it out share one matrix.
         self.transformer.wte.weight = self.lm_head.weight
+        # Prefix tuning (prefix_tuning.py) puts a module here that fills an empty KVCache with learned keys and
+        # values, as if every sequence were preceded by that many virtual tokens. None: no prefix.
+        self.prefix = None
         self.apply(self._init_weights)
         # GPT-2 §2.3: scale the init of layers that write into the residual stream by 1/sqrt(N),
         # N = 2 n_layer residual additions, so the stream's variance does not grow with depth.
@@ -183,6 +186,8 @@ class GPT(nn.Module):
     def hidden_states(self, idx, kv_cache=None):
         """(B, T) token ids -> (B, T, n_embd) final-LayerNorm outputs, the input to any head."""
         B, T = idx.shape
+        if self.prefix is not None and (kv_cache is None or len(kv_cache) == 0):
+            kv_cache = self.prefix(B, KVCache(self.config.n_layer) if kv_cache is None else kv_cache)
         past = len(kv_cache) if kv_cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(
