@@ -64,6 +64,7 @@ def build_forms(config, bottleneck, prefix_tokens):
     forms = {"base": base}
     for name in FORMS[1:]:
         model = copy.deepcopy(base)
+        torch.manual_seed(1)  # the same adapter in lora_merged and lora_unmerged
         if name.startswith("lora"):
             lora.apply_lora(model, rank=8, alpha=16, targets=("q", "v"))
         elif name in ("houlsby", "pfeiffer"):
