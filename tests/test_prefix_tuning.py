@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapters import adapter_names, disable_adapters, load_adapter, save_adapter, set_adapter
+from adapters import adapter_names, delete_adapter, disable_adapters, load_adapter, save_adapter, set_adapter
 from model import GPT, GPTConfig, KVCache, hf_to_ours
 from prefix_tuning import PrefixTuning, activations_of_tokens, apply_prefix_tuning, prefix_parameter_count
 
@@ -148,6 +148,9 @@ def test_save_load_bit_exact_and_switching(tmp_path):
     load_adapter(fresh, tmp_path / "a")
     assert torch.equal(fresh(idx)[0], logits_a)
     assert adapter_names(fresh) == ["b", "a"]
+    delete_adapter(fresh, "a")
+    delete_adapter(fresh, "b")
+    assert fresh.prefix is None and torch.equal(fresh(idx)[0], tiny_gpt()(idx)[0])  # back to the plain model
 
 
 def test_bake_prefix_keeps_the_output():
