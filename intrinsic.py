@@ -19,8 +19,8 @@ used by Li et al. §2 and Aghajanyan §3), P θ_d = first D entries of
 
     (1/√(L·D)) · H G Π H B · pad(θ_d to length L),      L = the power of two >= D
 
-with B a random diagonal of ±1, H the L x L Walsh-Hadamard matrix (applied in O(L log L) by
-`fast_walsh_hadamard`, never stored), Π a random permutation and G a random Gaussian diagonal rescaled so that
+with B a random diagonal of ±1, H the L x L Walsh-Hadamard matrix (applied by `fast_walsh_hadamard`
+as a few products with small Hadamard matrices, never stored), Π a random permutation and G a random Gaussian diagonal rescaled so that
 |G|² = L. Its storage is 3 vectors of length L, and each column of P has squared length 1 in expectation
 (exactly 1 when D = L), so ||P θ_d|| ≈ ||θ_d||.
 
@@ -36,6 +36,7 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from lora import atomic_write
@@ -43,21 +44,49 @@ from lora import atomic_write
 WEIGHTS, CONFIG = "intrinsic.safetensors", "intrinsic_config.json"
 
 
-def fast_walsh_hadamard(x):
-    """H x along the last dimension (length a power of two), H the unnormalised Sylvester Walsh-Hadamard matrix
-    (H_1 = [1], H_2n = [[H_n, H_n], [H_n, -H_n]]), in log2(L) butterfly passes of additions and subtractions."""
+def hadamard_matrix(n):
+    """The n x n Sylvester Walsh-Hadamard matrix: H_1 = [1], H_2n = [[H_n, H_n], [H_n, -H_n]] (n a power of two)."""
+    H = torch.ones(1, 1)
+    while H.size(0) < n:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return H
+
+
+def walsh_hadamard_transform(x, block_bits=7):
+    """H x along the last dimension, without building H: Sylvester's H_L is a Kronecker product of small Hadamard
+    matrices, H_(ab) = H_a ⊗ H_b, so viewing x as an (a, b, ...) array, H_L x applies H_a along the first axis, then
+    H_b along the next, and so on. Factors of up to 2^block_bits = 128 make each step one small matrix product:
+    O(L x 128) work per factor and about log2(L) / 7 factors, instead of L² for H_L itself."""
     L = x.size(-1)
     if L & (L - 1) or L == 0:
         raise ValueError(f"the Walsh-Hadamard transform needs a power-of-two length, got {L}")
-    batch = x.shape[:-1]
-    h = 1
-    while h < L:
-        # pair entry j with entry j + h inside each block of 2h: (a, b) -> (a + b, a - b)
-        pairs = x.reshape(*batch, L // (2 * h), 2, h)
-        a, b = pairs[..., 0, :], pairs[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2)
-        h *= 2
+    batch, bits, done = x.shape[:-1], L.bit_length() - 1, 0
+    x = x.reshape(-1, L)
+    while done < bits:
+        n = 1 << min(block_bits, bits - done)
+        # axes: (rows x everything already transformed, this factor's n, everything after); H_n acts on the middle one
+        x = torch.matmul(hadamard_matrix(n).to(x), x.reshape(-1, n, L >> (done + n.bit_length() - 1)))
+        done += n.bit_length() - 1
     return x.reshape(*batch, L)
+
+
+class FastWalshHadamard(torch.autograd.Function):
+    """y = H x. H is symmetric, so the gradient is H applied to the incoming gradient: one more transform, and no
+    autograd graph through the reshapes and products of the forward pass."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return walsh_hadamard_transform(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return walsh_hadamard_transform(grad)
+
+
+def fast_walsh_hadamard(x):
+    """H x along the last dimension (a power-of-two length L), H the unnormalised L x L Sylvester Walsh-Hadamard
+    matrix; differentiable; H is never built (walsh_hadamard_transform)."""
+    return FastWalshHadamard.apply(x)
 
 
 class Fastfood(nn.Module):
@@ -80,8 +109,7 @@ class Fastfood(nn.Module):
         self.scale = 1 / math.sqrt(self.L * D)
 
     def forward(self, theta_d):
-        x = torch.zeros(self.L, dtype=theta_d.dtype, device=theta_d.device)
-        x = x.index_copy(0, torch.arange(self.d, device=theta_d.device), theta_d)  # pad θ_d to length L
+        x = F.pad(theta_d, (0, self.L - self.d))  # θ_d followed by zeros, length L
         x = fast_walsh_hadamard(x * self.signs.to(x.dtype))
         x = fast_walsh_hadamard(x[self.permutation] * self.gaussian.to(x.dtype))
         return x[: self.D] * self.scale

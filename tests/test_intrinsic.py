@@ -139,3 +139,10 @@ def test_save_load_bit_exact(tmp_path):
     assert torch.equal(loaded(idx)[0], expected)
     with pytest.raises(ValueError, match="P would project onto different weights"):
         IntrinsicDimension.load(GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32)), tmp_path)
+
+
+def test_fast_walsh_hadamard_gradient():
+    x = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fast_walsh_hadamard, (x,))
+    big = torch.randn(1 << 15, dtype=torch.float64)  # more than one 128-wide factor
+    torch.testing.assert_close(fast_walsh_hadamard(fast_walsh_hadamard(big)), (1 << 15) * big)
