@@ -17,6 +17,7 @@ the prefix length for every method, so the prefix run reads the same data as the
     python experiments/peft_family.py --init_from checkpoints/small-base --sms ../shared/data/sms_spam_collection.tsv
     python experiments/peft_family.py --task classify --methods did_100,said_100     # a few rows; reruns skip done ones
     python experiments/peft_family.py --plot_only                                     # redraw from the CSVs
+    python experiments/peft_family.py --methods head,full,ia3 --time_steps 20         # seconds per step, methods taking turns
 
 Writes --out_dir/peft_family_<task>.csv (one row per method; an existing row is kept, so a sweep resumes),
 peft_family_<task>.png (metric vs trainable parameters) and intrinsic_d90.png (the d sweep with its d90).
@@ -148,6 +149,49 @@ def run(method, task, gpt, tokenizer, args):
                 training_state_bytes=train.training_state_bytes(model, optimizer), peak_rss_bytes=peak, seed=args.seed)
 
 
+def time_steps(methods, task, gpt, tokenizer, args, rounds):
+    """Median seconds of one training step (forward, backward, AdamW) per method on one fixed batch, the methods
+    taking turns in an order that rotates each round: on a shared machine this compares methods fairly where the
+    seconds_per_step of separate runs (measured minutes apart) cannot."""
+    max_length = gpt.config.block_size - args.prefix_tokens
+    pad = tokenizer.eot_token
+    if task == "classify":
+        rows = classification_data(args, tokenizer, max_length)["train"]
+        batch = make_batches(rows, args.batch_size, pad, torch.Generator().manual_seed(args.seed))[0]
+    else:
+        data = train.InstructionData(args.instruct_dataset, tokenizer, max_length - 1, args.seed, mask_prompt=False)
+        data.grad_accum = 1
+        batch = data.train_batch(0, 0, args.batch_size)
+    runs = {}
+    for method in methods:
+        model, _ = build(method, gpt, task, args)
+        params = [p for p in model.parameters() if p.requires_grad]
+        runs[method] = (model.train(), params, torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0))
+
+    def step(method):
+        model, params, optimizer = runs[method]
+        if task == "classify":
+            x, lengths, y = batch
+            loss = F.cross_entropy(model(x, lengths), y)
+        else:
+            x, y = batch
+            logits, _ = model(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = {m: [] for m in methods}
+    for m in methods:
+        step(m)  # warm-up: AdamW creates its state on the first step
+    for r in range(rounds):
+        for m in methods[r % len(methods):] + methods[: r % len(methods)]:
+            t0 = time.perf_counter()
+            step(m)
+            times[m].append(time.perf_counter() - t0)
+    return {m: sorted(t)[len(t) // 2] for m, t in times.items()}
+
+
 def read_rows(path):
     if not os.path.isfile(path):
         return []
@@ -234,6 +278,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--out_dir", default="experiments/results")
     parser.add_argument("--plot_only", action="store_true")
+    parser.add_argument("--time_steps", type=int, default=0, help="instead of training: median time of one step per method over N rotating rounds")
     args = parser.parse_args(argv)
     INTRINSIC_LR = args.intrinsic_lr
     tasks = ("classify", "instruct") if args.task == "both" else (args.task,)
@@ -243,6 +288,16 @@ def main(argv=None):
 
         gpt, tokenizer_name = train.load_base_model(args.init_from, "cpu")
         tokenizer = get_tokenizer(tokenizer_name)
+    if args.time_steps:
+        for task in tasks:
+            methods = [m for m in args.methods.split(",") if m and not (task == "instruct" and m == "head")]
+            medians = time_steps(methods, task, gpt, tokenizer, args, args.time_steps)
+            rows = [dict(task=task, method=m, median_step_seconds=round(t, 4), ratio_to_full=round(t / medians["full"], 3) if "full" in medians else "")
+                    for m, t in medians.items()]
+            train.write_csv_atomic(rows, os.path.join(args.out_dir, f"peft_family_{task}_step_times.csv"), list(rows[0]))
+            for r in rows:
+                print(r)
+        return
     for task in tasks:
         path = os.path.join(args.out_dir, f"peft_family_{task}.csv")
         rows = read_rows(path)

@@ -64,3 +64,12 @@ def test_latency_forms_and_measurement():
     assert not torch.allclose(merged, base, atol=1e-4)  # and the adapter is not a zero one
     times = latency.measure(forms, batch=1, tokens=10, rounds=2, vocab=50)
     assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+
+
+def test_time_steps_gives_one_positive_median_per_method():
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=400, vocab_size=257, n_layer=1, n_head=2, n_embd=16))
+    args = SimpleNamespace(seed=1, bottleneck=4, prefix_tokens=3, sms="", max_train=8, epochs=1, batch_size=4,
+                           instruct_dataset="embedded", instruct_steps=2)
+    medians = peft_family.time_steps(["full", "ia3", "did_20"], "classify", gpt, get_tokenizer("bytes"), args, rounds=3)
+    assert list(medians) == ["full", "ia3", "did_20"] and all(t > 0 for t in medians.values())
