@@ -171,6 +171,9 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         # Recompute each block's activations in backward instead of keeping them (see hidden_states).
         self.gradient_checkpointing = False
+        # Prefix tuning (prefix_tuning.py) puts a module here that fills an empty KVCache with learned keys and
+        # values, as if every sequence were preceded by that many virtual tokens. None: no prefix.
+        self.prefix = None
         self.apply(self._init_weights)
         # GPT-2 §2.3: scale the init of layers that write into the residual stream by 1/sqrt(N),
         # N = 2 n_layer residual additions, so the stream's variance does not grow with depth.
@@ -208,6 +211,8 @@ class GPT(nn.Module):
         with frozen embeddings under LoRA, and replays the RNG state, so dropout masks are the same in the
         recomputation and the gradients equal those of the plain run."""
         B, T = idx.shape
+        if self.prefix is not None and (kv_cache is None or len(kv_cache) == 0):
+            kv_cache = self.prefix(B, KVCache(self.config.n_layer) if kv_cache is None else kv_cache)
         past = len(kv_cache) if kv_cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(

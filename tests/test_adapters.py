@@ -1,0 +1,213 @@
+"""adapters.py: Houlsby/Pfeiffer bottleneck adapters, their parameter count, the identity start, freezing, errors,
+adapter files, and several named adapters (one per task) on one frozen base."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adapters import (AdapterLayerNorm, AdapterLinear, adapter_names, apply_adapters, bottleneck_parameter_count, delete_adapter,
+                      disable_adapters, load_adapter, save_adapter, set_adapter)
+from model import GPT, GPTConfig
+
+TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+
+
+class Classifier(nn.Module):
+    """GPT body plus a new head, the shape of finetune_classifier.py."""
+
+    def __init__(self, gpt, num_classes=2):
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.config.n_embd, num_classes)
+
+    def forward(self, idx):
+        return self.head(self.gpt.hidden_states(idx)[:, -1])
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(TINY).eval()
+
+
+def tokens(seed=1, batch=2, length=12):
+    return torch.randint(0, TINY.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def perturb(model, seed=3, scale=0.1):
+    """Move every adapter parameter off its initial value, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def test_one_adapter_has_2md_plus_d_plus_m_parameters():
+    for d, m in ((32, 4), (768, 64), (128, 16)):
+        layer = AdapterLinear(nn.Linear(d, d))
+        layer.add_adapter("a", dict(bottleneck=m, activation="gelu", init_std=1e-2))
+        assert sum(p.numel() for p in layer.adapter_tensors("a").values()) == bottleneck_parameter_count(d, m) == 2 * m * d + d + m
+
+
+@pytest.mark.parametrize("placement,adapters_per_block,norms", [("houlsby", 2, 2 * TINY.n_layer + 1), ("pfeiffer", 1, 0)])
+def test_placement_and_trainable_count(placement, adapters_per_block, norms):
+    model = apply_adapters(tiny_gpt(), bottleneck=4, placement=placement)
+    wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, AdapterLinear))
+    suffixes = ("attn.o_proj", "mlp.fc_out") if placement == "houlsby" else ("mlp.fc_out",)
+    assert wrapped == sorted(f"transformer.h.{i}.{s}" for i in range(TINY.n_layer) for s in suffixes)
+    assert sum(isinstance(m, AdapterLayerNorm) for m in model.modules()) == norms  # ln_1, ln_2 per block and ln_f
+    d = TINY.n_embd
+    expected = TINY.n_layer * adapters_per_block * (2 * 4 * d + d + 4) + norms * 2 * d
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_fresh_adapter_leaves_logits_unchanged(placement):
+    model, idx = tiny_gpt(), tokens()
+    before, _ = model(idx)
+    apply_adapters(model, bottleneck=8, placement=placement)
+    after, _ = model(idx)
+    assert torch.equal(before, after)
+    perturb(model)  # and a trained one does change them, so the test above could fail
+    assert not torch.allclose(model(idx)[0], before, atol=1e-3)
+
+
+def test_adapter_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 16)
+    layer = AdapterLinear(base)
+    layer.add_adapter("a", dict(bottleneck=3, activation="relu", init_std=1e-2))
+    layer.active_adapter = "a"
+    ad = layer.adapters["a"]
+    with torch.no_grad():
+        ad.up.weight.normal_()
+    x = torch.randn(5, 16)
+    h = base(x)
+    torch.testing.assert_close(layer(x), h + F.linear(F.relu(F.linear(h, ad.down.weight, ad.down.bias)), ad.up.weight, ad.up.bias))
+
+
+def test_one_step_changes_only_adapters_norms_and_head():
+    torch.manual_seed(0)
+    model = Classifier(GPT(TINY))
+    apply_adapters(model, bottleneck=4, trainable=("head",))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in dict(model.named_parameters()) if ".adapters." in n or n.startswith("head.")
+                         or (n.endswith((".weight.default", ".bias.default")) and ("ln_" in n))}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    idx, labels = tokens(), torch.tensor([0, 1])
+
+    def step():
+        optimizer.zero_grad()
+        F.cross_entropy(model(idx), labels).backward()
+        optimizer.step()
+        return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+    changed = step()
+    assert changed <= trainable and any(".up." in n for n in changed) and "head.weight" in changed
+    assert not any(".down." in n for n in changed)  # up = 0 at the start, so down gets no gradient in step 1
+    assert step() == trainable
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bottleneck=0), "bottleneck must be a positive integer"),
+    (dict(bottleneck=-3), "bottleneck must be a positive integer"),
+    (dict(bottleneck=2.5), "bottleneck must be a positive integer"),
+    (dict(placement="parallel"), "unknown placement 'parallel'"),
+    (dict(activation="tanh"), "unknown activation"),
+    (dict(trainable=("heed",)), "names no module"),
+    (dict(adapter_name="a.b"), "without '.'"),
+])
+def test_bad_arguments(kwargs, match):
+    model = tiny_gpt()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        apply_adapters(model, **kwargs)
+    assert not any(isinstance(m, (AdapterLinear, AdapterLayerNorm)) for m in model.modules())  # nothing half-applied
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_applying_twice_is_an_error():
+    model = apply_adapters(tiny_gpt(), bottleneck=4)
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+        apply_adapters(model, bottleneck=4)
+    with pytest.raises(TypeError, match="after an nn.Linear"):
+        AdapterLinear(model.transformer.h[0].attn.o_proj)
+
+
+def test_save_load_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = apply_adapters(Classifier(GPT(TINY)), bottleneck=4, trainable=("head",), adapter_name="spam")
+    perturb(model)
+    idx = tokens()
+    expected = model(idx)
+    save_adapter(model, tmp_path)
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "adapter_model.safetensors")
+    assert "head.weight" in stored and not any(k.endswith("base.weight") or k.startswith("gpt.transformer.wte") for k in stored)
+    torch.manual_seed(0)
+    fresh = Classifier(GPT(TINY))  # the same base and head initialisation; the file supplies the rest
+    with torch.no_grad():
+        fresh.head.weight.zero_()  # so the head must come from the file
+    load_adapter(fresh, tmp_path)
+    assert adapter_names(fresh) == ["spam"]
+    assert torch.equal(fresh(idx), expected)
+    for (n, p), (n2, p2) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert n == n2 and torch.equal(p, p2)
+
+
+def test_load_rejects_another_shape(tmp_path):
+    model = apply_adapters(tiny_gpt(), bottleneck=4)
+    save_adapter(model, tmp_path)
+    other = apply_adapters(tiny_gpt(), bottleneck=8)
+    with pytest.raises(ValueError, match="load it under another adapter_name"):
+        load_adapter(other, tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_adapter(other, tmp_path / "missing")
+
+
+def test_two_tasks_on_one_frozen_base():
+    """AdapterHub's workflow: a spam adapter (with its head) and a language-modelling adapter trained one after the
+    other on one base; switching picks either, and the base's own weights never move."""
+    torch.manual_seed(0)
+    gpt = GPT(TINY)
+    base_state = {k: v.clone() for k, v in gpt.state_dict().items()}
+    classifier = Classifier(gpt)
+    idx, labels = tokens(batch=4), torch.tensor([0, 1, 1, 0])
+    targets = tokens(seed=5, batch=4)
+
+    def train(model, loss_fn, steps=5):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss_fn().backward()
+            optimizer.step()
+
+    apply_adapters(classifier, bottleneck=4, trainable=("head",), adapter_name="spam")
+    train(classifier, lambda: F.cross_entropy(classifier(idx), labels))
+    spam_logits = classifier(idx).detach()
+    spam_state = {k: v.clone() for k, v in classifier.state_dict().items() if ".spam" in k or k.endswith(".spam")}
+
+    apply_adapters(gpt, bottleneck=4, placement="pfeiffer", adapter_name="instruct")
+    trainable_in_gpt = {n for n, p in gpt.named_parameters() if p.requires_grad}
+    assert trainable_in_gpt and all(n.endswith(".instruct") or ".instruct." in n for n in trainable_in_gpt)  # spam's adapter is frozen
+    train(gpt, lambda: gpt(idx, targets)[1])
+    instruct_logits = gpt(idx)[0].detach()
+
+    assert adapter_names(gpt) == ["spam", "instruct"]
+    set_adapter(gpt, "spam")
+    assert torch.equal(classifier(idx), spam_logits)  # training the second task did not touch the first
+    assert all(torch.equal(v, spam_state[k]) for k, v in classifier.state_dict().items() if k in spam_state)
+    set_adapter(gpt, "instruct")
+    assert torch.equal(gpt(idx)[0], instruct_logits)
+    disable_adapters(gpt)
+    plain = GPT(TINY)
+    plain.load_state_dict(base_state)
+    assert torch.equal(gpt(idx)[0], plain(idx)[0])  # the frozen base is untouched
+    delete_adapter(gpt, "spam")
+    delete_adapter(gpt, "instruct")
+    assert not any(isinstance(m, (AdapterLinear, AdapterLayerNorm)) for m in gpt.modules())
+    assert all(torch.equal(v, base_state[k]) for k, v in gpt.state_dict().items())
+    with pytest.raises(ValueError, match="no adapter named 'spam'"):
+        set_adapter(gpt, "spam")
