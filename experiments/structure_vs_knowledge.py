@@ -129,14 +129,14 @@ def plot(rows, path):
     axes = fig.subplots(1, len(modes), squeeze=False)[0]
     for ax, mode in zip(axes, modes):
         mine = [r for r in rows if r["mode"] == mode]
-        labels = [f"{r['kind']}\n{r['items']}" for r in mine]
+        labels = [f"{r['kind'].replace('_', ' ')}\n{r['items']}" for r in mine]
         x = range(len(mine))
         ax.bar([i - 0.2 for i in x], [r["format_accuracy"] for r in mine], width=0.4, label="format")
         ax.bar([i + 0.2 for i in x], [r["content_accuracy"] for r in mine], width=0.4, label="content")
-        ax.set_xticks(list(x), labels, fontsize=7)
-        ax.set_ylim(0, 1.05)
+        ax.set_xticks(list(x), labels, fontsize=7, rotation=45)
+        ax.set_ylim(0, 1.2)
         ax.set_title(f"{mode} fine-tuning")
-        ax.legend()
+        ax.legend(loc="upper center", ncol=2, fontsize=8)
     fig.suptitle("structure, not knowledge: seen and unseen items of rule and fact kinds")
     fig.tight_layout()
     train.save_figure_atomic(fig, path)
