@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import atomic_write
+from lora import atomic_write, copy_stored_tensors
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PLACEMENTS = {  # placement -> the layers whose output gets an adapter, as their names end in model.GPT
@@ -389,17 +389,7 @@ def load_adapter(model, directory, adapter_name=None):
             raise KeyError(f"the adapter also stores {missing_kept[0]!r}, which this model does not have")
         expected = {**adapter_state(model, name), **{n: all_parameters[n] for n in config["trainable"]}}
         stored = load_file(paths[1])
-        missing, unexpected = [k for k in expected if k not in stored], [k for k in stored if k not in expected]
-        if missing:
-            raise KeyError(f"{paths[1]} lacks tensor {missing[0]!r} ({len(missing)} missing); was it saved from another model?")
-        if unexpected:
-            raise KeyError(f"{paths[1]} has tensor {unexpected[0]!r} that this model has no place for ({len(unexpected)} in all)")
-        for k, v in stored.items():
-            if v.shape != expected[k].shape:
-                raise ValueError(f"tensor {k!r} is {tuple(v.shape)} in {paths[1]} but {tuple(expected[k].shape)} in the model")
-        with torch.no_grad():
-            for k, v in stored.items():
-                expected[k].copy_(v)
+        copy_stored_tensors(stored, expected, paths[1])
     except Exception:
         if created:
             delete_adapter(model, name)

@@ -537,6 +537,22 @@ def read_adapter_config(directory):
     return config
 
 
+def copy_stored_tensors(stored, expected, path):
+    """Copy each tensor read from `path` into the model tensor of the same name, after checking that both hold the
+    same names and every shape agrees (the first difference is named). Shared with adapters.load_adapter."""
+    missing, unexpected = [k for k in expected if k not in stored], [k for k in stored if k not in expected]
+    if missing:
+        raise KeyError(f"{path} lacks tensor {missing[0]!r} ({len(missing)} missing); was it saved from another model?")
+    if unexpected:
+        raise KeyError(f"{path} has tensor {unexpected[0]!r} that this model has no place for ({len(unexpected)} in all)")
+    for k, v in stored.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"tensor {k!r} is {tuple(v.shape)} in {path} but {tuple(expected[k].shape)} in the model")
+    with torch.no_grad():
+        for k, v in stored.items():
+            expected[k].copy_(v)
+
+
 def load_adapter(model, directory, adapter_name=None):
     """Load an adapter written by save_adapter and make it active. A model without that adapter (e.g. a
     fresh base model) first gets LoRA applied as adapter_config.json describes; a model that has it gets
@@ -583,17 +599,7 @@ def load_adapter(model, directory, adapter_name=None):
         if missing_kept:
             raise KeyError(f"the adapter also stores {missing_kept[0]!r}, which this model does not have")
         expected = {**adapter_tensors(model, name), **{n: all_parameters[n] for n in config["trainable"]}}
-        missing, unexpected = [k for k in expected if k not in stored], [k for k in stored if k not in expected]
-        if missing:
-            raise KeyError(f"{paths[1]} lacks tensor {missing[0]!r} ({len(missing)} missing); was it saved from another model?")
-        if unexpected:
-            raise KeyError(f"{paths[1]} has tensor {unexpected[0]!r} that this model has no place for ({len(unexpected)} in all)")
-        for k, v in stored.items():
-            if v.shape != expected[k].shape:
-                raise ValueError(f"tensor {k!r} is {tuple(v.shape)} in {paths[1]} but {tuple(expected[k].shape)} in the model")
-        with torch.no_grad():
-            for k, v in stored.items():
-                expected[k].copy_(v)
+        copy_stored_tensors(stored, expected, paths[1])
     except Exception:
         if created:
             delete_adapter(model, name)
