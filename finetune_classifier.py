@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import lora
 from model import PRETRAINED, download_file
-from safety import (UserError, check_finite_settings, error_line, file_sha256, load_tensor_file, lock_out_dir, main_errors,
+from safety import (UserError, check_finite_settings, check_optimizer_ranges, error_line, file_sha256, load_tensor_file, lock_out_dir, main_errors,
                     new_run_id, read_json)
 from train import (REPO_DIR, autocast_context, check_finite, clip_gradients, load_base_model, learning_rate, make_optimizer,
                    parse_config, peak_memory_bytes, pick_device, reset_peak_memory, save_atomic, save_figure_atomic,
@@ -114,21 +114,7 @@ def check_values(cfg):
     check_finite_settings(cfg)
     if cfg.lora_rank < 1:
         raise UserError(f"--lora_rank {cfg.lora_rank}: use an integer >= 1")
-    ranges = {  # name -> (valid?, what is valid)
-        "learning_rate": (cfg.learning_rate >= 0, ">= 0 (0 = the default for the mode)"),
-        "lora_alpha": (cfg.lora_alpha > 0, "> 0"),
-        "lora_dropout": (0 <= cfg.lora_dropout < 1, "in [0, 1)"),
-        "loraplus_ratio": (cfg.loraplus_ratio > 0, "> 0 (1 = plain LoRA)"),
-        "warmup_ratio": (0 <= cfg.warmup_ratio <= 1, "in [0, 1]"),
-        "min_lr_ratio": (0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
-        "weight_decay": (cfg.weight_decay >= 0, ">= 0"),
-        "beta1": (0 <= cfg.beta1 < 1, "in [0, 1)"),
-        "beta2": (0 <= cfg.beta2 < 1, "in [0, 1)"),
-        "grad_clip": (cfg.grad_clip >= 0, ">= 0 (0 = no clipping)"),
-    }
-    for name, (valid, description) in ranges.items():
-        if not valid:
-            raise UserError(f"--{name} {getattr(cfg, name)}: use a number {description}")
+    check_optimizer_ranges(cfg, {"warmup_ratio": (0 <= cfg.warmup_ratio <= 1, "in [0, 1]")})
     if cfg.mode in ("lora", "qlora"):
         lora.resolve_targets(parse_targets(cfg.lora_targets))  # names the first unknown target
 

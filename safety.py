@@ -126,6 +126,26 @@ def check_finite_settings(cfg):
             raise UserError(f"--{f.name} {value}: must be a finite number")
 
 
+def check_optimizer_ranges(cfg, extra=None):
+    """The LoRA and AdamW settings both scripts share, each within its valid range (plus `extra`, name ->
+    (valid?, what is valid)); the first one outside names itself and what would be valid."""
+    ranges = {
+        "learning_rate": (cfg.learning_rate >= 0, ">= 0 (0 = the default for the job)"),
+        "lora_alpha": (cfg.lora_alpha > 0, "> 0 (2 x --lora_rank is a common choice)"),
+        "lora_dropout": (0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+        "loraplus_ratio": (cfg.loraplus_ratio > 0, "> 0 (1 = plain LoRA)"),
+        "min_lr_ratio": (0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+        "weight_decay": (cfg.weight_decay >= 0, ">= 0"),
+        "beta1": (0 <= cfg.beta1 < 1, "in [0, 1)"),
+        "beta2": (0 <= cfg.beta2 < 1, "in [0, 1)"),
+        "grad_clip": (cfg.grad_clip >= 0, ">= 0 (0 = no clipping)"),
+        **(extra or {}),
+    }
+    for name, (valid, description) in ranges.items():
+        if not valid:
+            raise UserError(f"--{name} {getattr(cfg, name)}: use a number {description}")
+
+
 # ---------------------------------------------------------------------------------------------- output folders
 
 

@@ -28,7 +28,7 @@ import torch
 from ddp import init_world
 from lora import atomic_write
 from model import GPT, PRETRAINED, GPTConfig
-from safety import (UserError, check_finite_settings, error_line, load_tensor_file, lock_out_dir, main_errors, new_run_id,
+from safety import (UserError, check_finite_settings, check_optimizer_ranges, error_line, load_tensor_file, lock_out_dir, main_errors, new_run_id,
                     read_json)
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -145,21 +145,7 @@ def check_values(cfg):
         if getattr(cfg, name) < low:
             zero = " (0 = the default for the job)" if low == 0 and name in ("max_iters", "warmup_iters", "eval_interval", "eval_batches") else ""
             raise UserError(f"--{name} {getattr(cfg, name)}: use an integer >= {low}{zero}")
-    ranges = {  # name -> (valid?, what is valid)
-        "learning_rate": (cfg.learning_rate >= 0, ">= 0 (0 = the default for the job)"),
-        "lora_alpha": (cfg.lora_alpha > 0, "> 0 (2 x --lora_rank is a common choice)"),
-        "lora_dropout": (0 <= cfg.lora_dropout < 1, "in [0, 1)"),
-        "dropout": (0 <= cfg.dropout < 1, "in [0, 1)"),
-        "loraplus_ratio": (cfg.loraplus_ratio > 0, "> 0 (1 = plain LoRA)"),
-        "min_lr_ratio": (0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
-        "weight_decay": (cfg.weight_decay >= 0, ">= 0"),
-        "beta1": (0 <= cfg.beta1 < 1, "in [0, 1)"),
-        "beta2": (0 <= cfg.beta2 < 1, "in [0, 1)"),
-        "grad_clip": (cfg.grad_clip >= 0, ">= 0 (0 = no clipping)"),
-    }
-    for name, (valid, description) in ranges.items():
-        if not valid:
-            raise UserError(f"--{name} {getattr(cfg, name)}: use a number {description}")
+    check_optimizer_ranges(cfg, {"dropout": (0 <= cfg.dropout < 1, "in [0, 1)")})
     if not cfg.pretraining:
         from lora import resolve_targets
 
