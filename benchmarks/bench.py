@@ -3,10 +3,12 @@ Is this from-scratch code slower or heavier than what you would otherwise use? T
 through our model.py / lora.py / quantize.py and through Hugging Face transformers' GPT2LMHeadModel (+ peft LoRA,
 + bitsandbytes NF4), in one process, on one machine, alternating the two, and prints medians and ratios:
 
-    python bench.py                       # GPT-2 124M's shape, batch 4 x 128 tokens, every row (~10 min on 2 CPU cores)
-    python bench.py --quick               # the tiny base's shape (4 layers x 256, bytes), 2 repeats: about a minute
-    python bench.py --only train,nf4 --repeats 10
-    python bench.py --device cuda         # the same on a GPU (fp32 everywhere, as on the CPU)
+    python -m benchmarks.bench                   # GPT-2 124M's shape, batch 4 x 128 tokens, every row (~10 min on 2 CPU cores)
+    python -m benchmarks.bench --quick           # the tiny base's shape (4 layers x 256, bytes), 2 repeats: about a minute
+    python -m benchmarks.bench --only train,nf4 --repeats 10
+    python -m benchmarks.bench --device cuda     # the same on a GPU (fp32 everywhere, as on the CPU)
+
+(from the repository root).
 
 It writes benchmarks/results.json (every sample) and benchmarks/results.md (the table the README shows).
 
@@ -33,13 +35,10 @@ import time
 
 import torch
 
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, REPO_DIR)
-
-from lora import apply_lora, count_parameters, merge_lora  # noqa: E402
-from model import GPT  # noqa: E402
-from quantize import dequantize_nf4, quantize_model, quantize_nf4  # noqa: E402
-from train import peak_memory_bytes, reset_peak_memory  # noqa: E402
+from common import REPO_DIR, peak_memory_bytes, reset_peak_memory
+from lora import apply_lora, merge_lora
+from model import GPT, count_parameters
+from quantize import dequantize_nf4, quantize_model, quantize_nf4
 
 SHAPES = {  # model shape, and the work done with it
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, batch=4, seq=128, new_tokens=64),
@@ -423,7 +422,7 @@ def measure_peak(mode, impl, weights_dir, shape, device, steps=2, warm_up=True):
 
 
 def memory_worker(argv):
-    """`bench.py --memory-worker MODE IMPL WEIGHTS_DIR SHAPE DEVICE THREADS`: print one peak, in a fresh process."""
+    """`python -m benchmarks.bench --memory-worker MODE IMPL WEIGHTS_DIR SHAPE DEVICE THREADS`: print one peak, in a fresh process."""
     mode, impl, weights_dir, shape_name, device, threads = argv
     torch.set_num_threads(int(threads))
     if impl == "hf":  # import before the baseline, as ours imported its modules above
@@ -444,7 +443,7 @@ def bench_memory(args, shape, weights_dir, wanted, results):
         peaks = {}
         for impl in ("ours", "hf"):
             if args.memory == "process":
-                command = [sys.executable, os.path.abspath(__file__), "--memory-worker", mode, impl, weights_dir, args.shape,
+                command = [sys.executable, "-m", "benchmarks.bench", "--memory-worker", mode, impl, weights_dir, args.shape,
                            args.device, str(args.threads)]
                 done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_DIR)
                 if done.returncode != 0:
@@ -577,7 +576,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
-    command = ("python bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
+    command = ("python -m benchmarks.bench " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
     machine = machine_description(args)  # imports transformers, peft and bitsandbytes
     quiet_transformers()
     gc.freeze()  # the imported modules' objects are never garbage: keep gc.collect from scanning them each time
