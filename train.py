@@ -73,7 +73,7 @@ class TrainConfig:
     n_embd: int = 128
     block_size: int = 256
     dropout: float = 0.0
-    smear_keys: bool = field(default=False, metadata={"help": "smeared keys (model.CausalSelfAttention.smear): lets a small base learn to copy"})
+    smear_keys: bool = field(default=True, metadata={"help": "smeared keys (model.CausalSelfAttention.smear): each key also carries its predecessor, so the tiny base learns to copy from its context (--no-smear_keys: plain GPT-2 attention)"})
     # optimisation
     max_iters: int = field(default=0, metadata={"help": f"optimizer steps (0 = {PRETRAIN_ITERS} when pretraining, {TINY_FINETUNE_ITERS} when fine-tuning the tiny base, {GPT2_FINETUNE_ITERS} when fine-tuning GPT-2)"})
     learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = 4e-3 pretraining, 3e-3 LoRA, full: 2e-3 on the tiny base, 3e-4 on GPT-2)"})
@@ -967,6 +967,9 @@ def export_run(cfg):
         trained_on = read_adapter_config(cfg.adapter)["metadata"]  # load_finetuned checked it names its base
     else:
         model, _ = load_base_model(cfg.init_from, "cpu")
+    if model.config.smear_keys:
+        raise UserError(f"{cfg.adapter or cfg.init_from}: its base has smeared keys (the tiny base's default), which Hugging Face's GPT-2 "
+                        "cannot hold; to export, pretrain a base with --no-smear_keys and fine-tune on that")
     if cfg.export_hf:
         export_merged_hf(model, cfg.export_hf)
         print(f"wrote {cfg.export_hf}: load it with transformers.GPT2LMHeadModel.from_pretrained({cfg.export_hf!r})")
