@@ -18,6 +18,10 @@ OpenAI's checkpoint fuses q, k and v into one `c_attn` and stores weights transp
 `GPT.from_pretrained` undoes both in a few lines, and `GPT.save_pretrained` redoes them, so any model here can be
 loaded by Hugging Face's `GPT2LMHeadModel`.
 
+One option departs from GPT-2, for small models trained briefly: `smear_keys` (off for OpenAI's weights, on for the
+tiny base that train.py pretrains) mixes each attention key with the previous position's, which lets the model learn
+to copy from its context within minutes (CausalSelfAttention.smear).
+
 Two training aids live in the forward pass: `segment_ids` lets one row hold several packed examples that cannot
 see each other (instructions.pack_examples), and `gradient_checkpointing` trades compute for activation memory.
 """
