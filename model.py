@@ -18,6 +18,10 @@ OpenAI's checkpoint fuses q, k and v into one `c_attn` and stores weights transp
 `GPT.from_pretrained` undoes both in a few lines, and `GPT.save_pretrained` redoes them, so any model here can be
 loaded by Hugging Face's `GPT2LMHeadModel`.
 
+One option departs from GPT-2, for small models trained briefly: `smear_keys` (off for OpenAI's weights, on for the
+tiny base that train.py pretrains) mixes each attention key with the previous position's, which lets the model learn
+to copy from its context within minutes (CausalSelfAttention.smear).
+
 Two training aids live in the forward pass: `segment_ids` lets one row hold several packed examples that cannot
 see each other (instructions.pack_examples), and `gradient_checkpointing` trades compute for activation memory.
 """
@@ -46,6 +50,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+    smear_keys: bool = False  # mix each key with the previous position's key (see CausalSelfAttention.smear)
 
 
 class KVCache:
@@ -88,8 +93,21 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # one mixing logit per head; sigmoid(0) = 1/2 starts each key as the mean of its own and its predecessor's
+        self.key_smear = nn.Parameter(torch.zeros(config.n_head)) if config.smear_keys else None
 
-    def forward(self, x, kv_cache=None, attn_mask=None):
+    def smear(self, k, starts):
+        """Smeared keys (Olsson et al. 2022, "In-context Learning and Induction Heads", §"smeared keys"):
+        key_t <- a * key_t + (1 - a) * key_{t-1}, with a = sigmoid(logit) learned per head. A key that also says
+        which token came *before* its position lets a single attention layer find "the position after the last
+        time the current token occurred" and copy what stands there: an induction head without the two-layer
+        circuit that a plain transformer must first discover. k: (B, n_head, T, head_size) keys of every
+        position so far; starts: (B or 1, 1, T, 1) True where a sequence begins (nothing before it to mix in)."""
+        previous = F.pad(k, (0, 0, 1, 0))[:, :, :-1].masked_fill(starts, 0.0)
+        a = torch.sigmoid(self.key_smear).view(1, -1, 1, 1)
+        return a * k + (1 - a) * previous
+
+    def forward(self, x, kv_cache=None, attn_mask=None, starts=None):
         """attn_mask: optional (B, 1, T, T) booleans, True where query t may attend to key s (packed rows); it
         replaces the plain causal mask and cannot be combined with a KV cache."""
         B, T, C = x.shape
@@ -100,7 +118,12 @@ class CausalSelfAttention(nn.Module):
         past = 0
         if kv_cache is not None:
             past = kv_cache.length(self.layer_idx)
-            k, v = kv_cache.update(self.layer_idx, k, v)
+            k, v = kv_cache.update(self.layer_idx, k, v)  # the cache keeps raw keys; smearing is recomputed below
+        if self.key_smear is not None:
+            if starts is None:  # one sequence per row: only its first position has no predecessor
+                starts = torch.zeros(1, 1, k.size(2), 1, dtype=torch.bool, device=k.device)
+                starts[:, :, 0] = True
+            k = self.smear(k, starts)
         dropout = self.dropout if self.training else 0.0
         if attn_mask is not None:  # packed examples: causal within each example, nothing across them
             if kv_cache is not None:
@@ -141,8 +164,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)
+    def forward(self, x, kv_cache=None, attn_mask=None, starts=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, attn_mask, starts)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -216,16 +239,17 @@ class GPT(nn.Module):
                 f"crop the input to its last {self.config.block_size - past} tokens or use a model with a larger block_size"
             )
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
-        attn_mask = None
+        attn_mask = starts = None
         if segment_ids is not None:
             pos, attn_mask = segment_positions_and_mask(segment_ids)
+            starts = (pos == 0)[:, None, :, None]  # every packed example starts afresh
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for block in self.transformer.h:
             if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(block, x, None, attn_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, None, attn_mask, starts, use_reentrant=False)
             else:
-                x = block(x, kv_cache, attn_mask)
+                x = block(x, kv_cache, attn_mask, starts)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, kv_cache=None, segment_ids=None):
@@ -313,6 +337,8 @@ class GPT(nn.Module):
         weights must be merged into plain nn.Linear layers first. Returns the weights file's path."""
         if not self.config.bias:
             raise ValueError("HF's GPT-2 has a bias in every Linear and LayerNorm; a model built with bias=False cannot be saved in its format")
+        if self.config.smear_keys:
+            raise ValueError("HF's GPT-2 has no smeared keys (smear_keys=True); this model cannot be saved in its format")
         for name, module in self.named_modules():
             if name.endswith(PROJECTIONS) and type(module) is not nn.Linear:
                 raise ValueError(

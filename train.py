@@ -74,6 +74,7 @@ class TrainConfig:
     n_embd: int = 128
     block_size: int = 256
     dropout: float = 0.0
+    smear_keys: bool = field(default=True, metadata={"help": "smeared keys (model.CausalSelfAttention.smear): each key also carries its predecessor, so the tiny base learns to copy from its context (--no-smear_keys: plain GPT-2 attention)"})
     # optimisation
     max_iters: int = field(default=0, metadata={"help": f"optimizer steps (0 = {PRETRAIN_ITERS} when pretraining, {TINY_FINETUNE_ITERS} when fine-tuning the tiny base, {GPT2_FINETUNE_ITERS} when fine-tuning GPT-2)"})
     learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = 4e-3 pretraining, 3e-3 LoRA, full: 2e-3 on the tiny base, 3e-4 on GPT-2)"})
@@ -152,7 +153,7 @@ def check_values(cfg):
 
         resolve_targets(parse_targets(cfg.lora_targets))  # names the first unknown target
         defaults = TrainConfig()
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout"):  # a fine-tuned model keeps its base's shape
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "smear_keys"):  # a fine-tuned model keeps its base's shape
             if getattr(cfg, name) != getattr(defaults, name):
                 hint = "; dropout on the adapters is --lora_dropout" if name == "dropout" else ""
                 raise UserError(f"--{name} {getattr(cfg, name)} shapes a model trained from scratch (--init_from scratch); fine-tuning "
@@ -256,7 +257,7 @@ def print_answer_table(by_kind, fields):
 def prepare_model(cfg, device):
     """Build or load the model and make the chosen parameters trainable -> (model, tokenizer name, finetune label)."""
     if cfg.pretraining:
-        config = GPTConfig(block_size=cfg.block_size, vocab_size=257, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+        config = GPTConfig(block_size=cfg.block_size, vocab_size=257, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, smear_keys=cfg.smear_keys)
         return GPT(config).to(device), "bytes", "pretrain"
     model, tokenizer_name = load_base_model(cfg.init_from, device)
     if cfg.finetune == "full":
@@ -282,7 +283,7 @@ def settings_that_shape_the_run(cfg):
     resumed run would train on other data than the straight run, and score its answers in another template."""
     names = ["init_from", "dataset", "loraplus_ratio", "weight_decay", "beta1", "beta2"]
     if cfg.pretraining:
-        return names + ["n_layer", "n_head", "n_embd", "block_size"]
+        return names + ["n_layer", "n_head", "n_embd", "block_size", "smear_keys"]
     names += ["finetune", "prompt_template", "pack"]
     if cfg.finetune == "lora":
         names += ["quantize", "lora_rank", "lora_alpha", "lora_targets", "use_rslora", "use_dora"]
@@ -572,6 +573,9 @@ def export_run(cfg):
         trained_on = read_adapter_config(cfg.adapter)["metadata"]  # load_finetuned checked it names its base
     else:
         model, _ = load_base_model(cfg.init_from, "cpu")
+    if model.config.smear_keys:
+        raise UserError(f"{cfg.adapter or cfg.init_from}: its base has smeared keys (the tiny base's default), which Hugging Face's GPT-2 "
+                        "cannot hold; to export, pretrain a base with --no-smear_keys and fine-tune on that")
     if cfg.export_hf:
         export_merged_hf(model, cfg.export_hf)
         print(f"wrote {cfg.export_hf}: load it with transformers.GPT2LMHeadModel.from_pretrained({cfg.export_hf!r})")

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 INSTRUCTIONS = DATA / "instructions.json"
+NEW_QUESTIONS = DATA / "new_questions.json"  # hand-written, for --answer_file: same kinds, new items, some new phrasings
 SMS = DATA / "sms_sample.tsv"
 
 
@@ -26,6 +27,13 @@ def load_script(name):
 @pytest.fixture(scope="module")
 def examples():
     with open(INSTRUCTIONS, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module", params=[INSTRUCTIONS, NEW_QUESTIONS], ids=["instructions", "new_questions"])
+def answered(request):
+    """Both files whose key answers the rule checks below recompute."""
+    with open(request.param, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -100,7 +108,8 @@ def word_in_prompt(ex):
     return re.search(r"\bword (\w+)", ex["instruction"]).group(1)  # 'Give the plural of the word box.
 
 
-def test_word_rules(examples):
+def test_word_rules(answered):
+    examples = answered
     for kind, ending in (("plural", ("s",)), ("past_tense", ("d",)), ("comparative", ("r",))):
         for ex in of_kind(examples, kind):
             word, answer = word_in_prompt(ex), ex["answer"]
@@ -111,7 +120,8 @@ def test_word_rules(examples):
         assert ex["answer"] == word_in_prompt(ex).upper(), ex
 
 
-def test_number_rules(examples):
+def test_number_rules(answered):
+    examples = answered
     for ex in of_kind(examples, "parity"):
         n = int(re.search(r"\d+", prompt(ex)).group())
         assert ex["answer"] == ("even" if n % 2 == 0 else "odd"), ex
@@ -124,7 +134,8 @@ def test_number_rules(examples):
         assert ex["answer"].replace(",", "") == digits and all(len(g) == 3 for g in ex["answer"].split(",")[1:]), ex
 
 
-def test_sentence_rules(examples):
+def test_sentence_rules(answered):
+    examples = answered
     for ex in of_kind(examples, "question"):
         statement, question = ex["input"].rstrip("."), ex["answer"].rstrip("?")
         subject_and_rest = statement.split(" ")
@@ -134,6 +145,17 @@ def test_sentence_rules(examples):
         assert ex["answer"].replace(" not", "").replace("cannot", "can") == ex["input"], ex
     for ex in of_kind(examples, "last_word"):
         assert ex["answer"] == ex["input"].rstrip(".").split()[-1], ex
+
+
+def test_new_questions_ask_about_items_the_data_set_never_does(examples):
+    """data/new_questions.json tests the trained adapter on new items: none is an item of its kind in instructions.json,
+    and it covers every kind."""
+    with open(NEW_QUESTIONS, encoding="utf-8") as f:
+        new = json.load(f)
+    seen = {(ex["kind"], ex["item"].lower()) for ex in examples}
+    assert [ex for ex in new if (ex["kind"], ex["item"].lower()) in seen] == []
+    assert {ex["kind"] for ex in new} == {ex["kind"] for ex in examples}
+    assert all(set(ex) == {"instruction", "input", "kind", "answer", "item"} for ex in new)
 
 
 # ---------------------------------------------------------------------------------------------

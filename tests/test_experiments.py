@@ -1,6 +1,10 @@
-"""experiments/: the structure-vs-knowledge experiment's data split and format check."""
+"""experiments/: the structure-vs-knowledge experiment's data split and format check, the copy probe's scoring."""
+import math
 import re
 
+import torch
+
+from experiments.copy_probe import copy_losses
 from experiments.structure_vs_knowledge import KINDS, build, shape_pattern
 
 
@@ -22,3 +26,24 @@ def test_format_pattern_accepts_the_trained_shape_with_any_item_and_answer():
     assert re.fullmatch(pattern, 'The plural of "fox" is "foxs".')  # wrong content, right shape
     assert not re.fullmatch(pattern, "boxes")
     assert not re.fullmatch(pattern, 'The plural of "fox" is "foxes". And more.')
+
+
+class PerfectCopier(torch.nn.Module):
+    """Knows nothing but where the repeat starts: uniform over bytes in the first copy, certain of the next byte in the
+    second. The copy probe must score it ~log(257) on the first copy and ~0 on the second."""
+
+    def forward(self, idx):
+        T = idx.size(1)
+        logits = torch.zeros(1, T, 257)
+        separator = next(t for t in range(T - 1) if idx[0, t] == ord(".") and idx[0, t + 1] == ord(" "))
+        period = separator + 2
+        for t in range(period, T):  # the target at t is the byte at t + 1, which also stood at t + 1 - period
+            logits[0, t, idx[0, t + 1 - period]] = 50.0
+        return logits, None
+
+
+def test_copy_probe_separates_a_copier_from_the_first_copy():
+    from tokenizer import get_tokenizer
+
+    first, second = copy_losses(PerfectCopier(), get_tokenizer("bytes"), lists=4)
+    assert abs(first - math.log(257)) < 1e-4 and second < 1e-6

@@ -45,9 +45,37 @@ def test_greedy_generation_matches_hf_and_cache_matches_no_cache(hf_dir):
     assert torch.equal(cached, theirs)
 
 
-def test_cache_chunked_prefill_equals_full_forward():
+def randomize_key_smear(model):
+    """Smeared keys start at an even mix; random per-head mixes make the tests below see the mixing."""
+    for block in model.transformer.h:
+        if block.attn.key_smear is not None:
+            torch.nn.init.normal_(block.attn.key_smear, std=2.0)
+
+
+@pytest.mark.parametrize("smear_keys", [False, True])
+def test_smeared_keys_mix_each_key_with_its_predecessor(smear_keys):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, smear_keys=smear_keys)).eval()
+    randomize_key_smear(model)
+    attn, seen = model.transformer.h[0].attn, {}
+    attn.register_forward_hook(lambda module, args, out: seen.update(x=args[0]))
+    idx = torch.randint(0, 50, (1, 6))
+    model(idx)
+    k = attn.k_proj(seen["x"]).view(1, 6, 2, 8).transpose(1, 2)
+    assert (attn.key_smear is not None) == smear_keys
+    if smear_keys:
+        a = torch.sigmoid(attn.key_smear).view(1, 2, 1, 1)
+        expected = torch.cat([a * k[:, :, :1], a * k[:, :, 1:] + (1 - a) * k[:, :, :-1]], dim=2)
+        starts = torch.zeros(1, 1, 6, 1, dtype=torch.bool)
+        starts[:, :, 0] = True
+        assert torch.allclose(attn.smear(k, starts), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("smear_keys", [False, True])
+def test_cache_chunked_prefill_equals_full_forward(smear_keys):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16, smear_keys=smear_keys)).eval()
+    randomize_key_smear(model)
     idx = torch.randint(0, 50, (1, 20))
     full, _ = model(idx)
     cache = KVCache(2)
@@ -57,9 +85,11 @@ def test_cache_chunked_prefill_equals_full_forward():
     assert torch.allclose(torch.cat([first, second, third], dim=1), full[:, :16], atol=1e-5)
 
 
-def test_cached_generation_past_block_size_equals_uncached():
+@pytest.mark.parametrize("smear_keys", [False, True])
+def test_cached_generation_past_block_size_equals_uncached(smear_keys):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, smear_keys=smear_keys)).eval()
+    randomize_key_smear(model)
     prompt = torch.randint(0, 50, (1, 10))
     assert torch.equal(model.generate(prompt, 20, temperature=0), model.generate(prompt, 20, temperature=0, use_cache=False))
 
@@ -155,12 +185,17 @@ def test_save_pretrained_refuses_what_gpt2_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="attn.q_proj is a LoRALinear.*merge"):
         model.save_pretrained(tmp_path)
     merge_lora(model, unload=True).save_pretrained(tmp_path)  # merged: fine
+    with pytest.raises(ValueError, match="smeared keys"):
+        GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, smear_keys=True)).save_pretrained(tmp_path)
 
 
-def test_packed_rows_compute_each_example_as_if_alone():
-    """segment_ids: restarting positions and a block-diagonal causal mask give each packed example its own logits."""
+@pytest.mark.parametrize("smear_keys", [False, True])
+def test_packed_rows_compute_each_example_as_if_alone(smear_keys):
+    """segment_ids: restarting positions and a block-diagonal causal mask give each packed example its own logits
+    (with smeared keys, an example's first key is not mixed with the previous example's last)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=16)).eval()
+    model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=16, smear_keys=smear_keys)).eval()
+    randomize_key_smear(model)
     a, b = torch.randint(0, 257, (1, 7)), torch.randint(0, 257, (1, 5))
     packed = torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long)], dim=1)  # two examples, then 3 padding positions
     segments = torch.tensor([[0] * 7 + [1] * 5 + [2] * 3])

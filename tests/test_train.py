@@ -255,13 +255,15 @@ def test_packed_rows_hold_every_training_example_once():
     assert x.shape == y.shape == segments.shape and x.shape[0] == 8 and x.shape[1] <= 512
 
 
-def test_export_peft_and_hf_from_the_command_line(small_base, tmp_path):
+def test_export_peft_and_hf_from_the_command_line(tmp_path):
     import torch
     from transformers import GPT2LMHeadModel
     from peft import PeftModel
 
+    plain_base = tmp_path / "base"  # HF's GPT-2 has no smeared keys: only a base pretrained without them exports
+    train.train(tiny_pretrain_config(plain_base, n_embd=48, block_size=384, max_iters=3, eval_interval=3, smear_keys=False))
     run = tmp_path / "run"
-    train.train(finetune_config(small_base, run, max_iters=3, eval_interval=3, lora_targets="q,k,o"))
+    train.train(finetune_config(str(plain_base), run, max_iters=3, eval_interval=3, lora_targets="q,k,o"))
     train.export_run(parse_args(["--adapter", str(run), "--export_peft", str(tmp_path / "peft"), "--export_hf", str(tmp_path / "hf")]))
     ours, _ = checkpoints.load_finetuned(str(run), "tiny", "cpu")
     idx = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -286,6 +288,12 @@ def test_export_peft_and_hf_from_the_command_line(small_base, tmp_path):
     assert "metadata" not in json.load(open(tmp_path / "peft" / "adapter_config.json"))
     with pytest.raises(UserError, match="is a PEFT adapter .*interop.import_peft"):  # not loadable as one of ours
         checkpoints.load_finetuned(str(tmp_path / "peft"), "tiny", "cpu")
+
+
+def test_a_base_with_smeared_keys_is_not_exported_to_hf(small_base, tmp_path):
+    with pytest.raises(UserError, match="smeared keys.*--no-smear_keys"):
+        train.export_run(parse_args(["--init_from", small_base, "--export_hf", str(tmp_path / "hf")]))
+    assert not (tmp_path / "hf").exists()
 
 
 def test_chat_dataset_trains_on_assistant_turns_and_answers(small_base, tmp_path):
