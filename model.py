@@ -368,7 +368,7 @@ class GPT(nn.Module):
         self.load_state_dict(state_dict, strict=False)
 
 
-LOSS_CHUNK_ELEMENTS = 2**23  # logits computed at once by cross_entropy_at_targets: 32 MiB in fp32 (167 rows of GPT-2's vocabulary)
+LOSS_CHUNK_ELEMENTS = 2**24  # most logits cross_entropy_at_targets computes at once: 64 MiB in fp32, 333 rows of GPT-2's vocabulary
 
 
 def cross_entropy_at_targets(hidden, weight, targets, chunk_elements=None):
@@ -379,14 +379,16 @@ def cross_entropy_at_targets(hidden, weight, targets, chunk_elements=None):
     over computing every logit: positions without a target (a masked prompt, padding) never reach the output layer,
     whose vocab x n_embd matmul is GPT-2's largest, and the rest go through it in chunks of about chunk_elements
     logits (default LOSS_CHUNK_ELEMENTS), so only one chunk of logits exists at a time. When a gradient is wanted, LinearCrossEntropy computes it
-    chunk by chunk in the forward pass, so backward keeps no logits either."""
+    chunk by chunk in the forward pass, so backward keeps no logits either. The chunks are as few as that allows and of
+    equal size: each chunk's matmul reads all of `weight` (154 MB for GPT-2), and matmuls of few rows are inefficient."""
     keep = targets != -100
     hidden, targets = hidden[keep], targets[keep]  # (N, n_embd), (N,): the positions that have a target
-    chunk_rows = max(1, (chunk_elements or LOSS_CHUNK_ELEMENTS) // weight.size(0))
+    chunks = max(1, math.ceil(targets.numel() * weight.size(0) / (chunk_elements or LOSS_CHUNK_ELEMENTS)))
+    chunk_rows = max(1, math.ceil(targets.numel() / chunks))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk_rows):
+    for start in range(0, targets.numel(), chunk_rows):  # no gradient wanted (evaluation): the loss alone
         logits = (hidden[start : start + chunk_rows] @ weight.t()).float()
         total += F.cross_entropy(logits, targets[start : start + chunk_rows], reduction="sum")
     return total / targets.numel()
@@ -405,23 +407,22 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows):
         n = targets.numel()
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, t = hidden[rows], targets[rows]
-            logits = (h @ weight.t()).float()
-            log_normalizer = logits.logsumexp(dim=-1)
-            total += (log_normalizer - logits.gather(1, t[:, None])[:, 0]).sum()
-            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()  # softmax, in the logits' memory
+            log_probs = torch.log_softmax((h @ weight.t()).float(), dim=-1)
+            total -= log_probs.gather(1, t[:, None]).sum()
+            grad_logits = log_probs.exp_()  # softmax, in place: d(sum of the chunk's losses) / d logits = softmax - onehot
             grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
-            grad_logits /= n
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits.to(h.dtype) @ weight
+            del log_probs
+            if grad_hidden is not None:  # the 1/n of the mean is applied to the small results, not to this chunk
+                grad_hidden[rows] = (grad_logits.to(h.dtype) @ weight) / n
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ h.float()
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
+        ctx.save_for_backward(grad_hidden, (grad_weight / n).to(weight.dtype) if grad_weight is not None else None)
         return total / n
 
     @staticmethod
