@@ -586,6 +586,10 @@ def write_markdown(path, results, machine, command, shape_name, shape, args):
         "(NF4, double quantization, fp32 compute) for QLoRA. \"better\": within 3% is a tie. Peak memory is measured above",
         "the memory in use before loading the model" + (", each in a fresh process." if args.memory == "process" else
                                                       ", in one process with the peak counter reset between rows (approximate)."),
+        "\"Half the positions without a target\": the first half of every row's targets are -100 for both libraries (as",
+        "with `train.py --mask_prompt`); ours applies the output layer only where a target is, HF computes every logit.",
+        f"The classification row compares ours with ours: `last_block`, {CLASSIFY_EPOCHS} epochs over {CLASSIFY_MESSAGES} random messages "
+        "with the frozen trunk cached (building the cache counts) in the \"ours\" column, the uncached path in the \"HF\" one.",
     ]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
