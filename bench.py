@@ -6,6 +6,7 @@ through our model.py / lora.py / quantize.py and through Hugging Face transforme
     python bench.py                       # GPT-2 124M's shape, batch 4 x 128 tokens, every row (~10 min on 2 CPU cores)
     python bench.py --quick               # the tiny base's shape (4 layers x 256, bytes), 2 repeats: about a minute
     python bench.py --only train,nf4 --repeats 10
+    python bench.py --only train_lora_qv_masked,peak_lora_qv_masked,classify   # issue 15's rows
     python bench.py --device cuda         # the same on a GPU (fp32 everywhere, as on the CPU)
 
 It writes benchmarks/results.json (every sample) and benchmarks/results.md (the table the README shows).

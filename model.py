@@ -20,6 +20,8 @@ loaded by Hugging Face's `GPT2LMHeadModel`.
 
 Two training aids live in the forward pass: `segment_ids` lets one row hold several packed examples that cannot
 see each other (instructions.pack_examples), and `gradient_checkpointing` trades compute for activation memory.
+Given targets, forward returns only the loss, computed where a target exists and a chunk of logits at a time
+(cross_entropy_at_targets): the B x T x vocab logits would be the step's largest tensor.
 """
 
 import json
