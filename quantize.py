@@ -257,7 +257,8 @@ def dequantize_4bit(q, dtype=None):
     - On the CPU the work goes in chunks of DEQUANTIZE_CHUNK values, each one finished (indices widened to int32,
       gathered, scaled) before the next starts. A whole tensor's int32 indices and gathered values would be several
       MB, so each pass would stream them from and back to main memory; a chunk's stay in the core's cache between the
-      three steps. On a GPU one pass over everything is faster: each step is then a single kernel launch."""
+      three steps. A GPU gets one pass over everything instead: there each step is a kernel launch, and its caches
+      are not what a chunk would be sized for (not measured here: no GPU)."""
     _, pairs = code_book_tables(q.quant_type, q.codes.device)
     pairs_as_int64 = pairs.view(torch.int64).view(-1)
     absmax = dequantize_absmax(q)
