@@ -424,7 +424,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[rows] = (grad_logits.to(h.dtype) @ weight) / n
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ h.float()
-        ctx.save_for_backward(grad_hidden, (grad_weight / n).to(weight.dtype) if grad_weight is not None else None)
+        ctx.save_for_backward(grad_hidden, grad_weight.div_(n).to(weight.dtype) if grad_weight is not None else None)
         return total / n
 
     @staticmethod
