@@ -379,10 +379,11 @@ def cross_entropy_at_targets(hidden, weight, targets, chunk_elements=None):
 
     hidden (..., n_embd), targets (...) of the same leading shape, weight (vocab, n_embd) the output layer. Two savings
     over computing every logit: positions without a target (a masked prompt, padding) never reach the output layer,
-    whose vocab x n_embd matmul is GPT-2's largest, and the rest go through it in chunks of about chunk_elements
-    logits (default LOSS_CHUNK_ELEMENTS), so only one chunk of logits exists at a time. When a gradient is wanted, LinearCrossEntropy computes it
-    chunk by chunk in the forward pass, so backward keeps no logits either. The chunks are as few as that allows and of
-    equal size: each chunk's matmul reads all of `weight` (154 MB for GPT-2), and matmuls of few rows are inefficient."""
+    whose vocab x n_embd matmul is GPT-2's largest, and the rest go through it in chunks of at most chunk_elements
+    logits (default LOSS_CHUNK_ELEMENTS), so only one chunk of logits exists at a time. When a gradient is wanted,
+    LinearCrossEntropy computes it chunk by chunk in the forward pass, so backward keeps no logits either. The chunks
+    are as few as that allows and of equal size: each chunk's matmul reads all of `weight` (154 MB for GPT-2), and
+    matmuls of few rows are inefficient (20-row chunks made GPT-2's loss 2x slower than 256-row ones)."""
     keep = targets != -100
     hidden, targets = hidden[keep], targets[keep]  # (N, n_embd), (N,): the positions that have a target
     chunks = max(1, math.ceil(targets.numel() * weight.size(0) / (chunk_elements or LOSS_CHUNK_ELEMENTS)))
