@@ -234,6 +234,51 @@ def test_parameter_counts_on_the_tiny_base_config():
     assert (expected["last_block"], expected["lora"], total) == (790_786, 295_426, 3_356_930)
 
 
+@pytest.mark.parametrize("mode", fc.MODES)
+def test_frozen_blocks_are_the_ones_below_everything_that_trains(mode):
+    model = fc.build_classifier(tiny_gpt(), mode, lora_rank=4, lora_alpha=8)
+    assert model.frozen_blocks() == {"head": 2, "last_block": 1}.get(mode, 0)
+    dropout = fc.build_classifier(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=32, dropout=0.1)), mode)
+    assert dropout.frozen_blocks() == 0  # random outputs cannot be computed once
+
+
+@pytest.mark.parametrize("mode", ["head", "last_block"])
+def test_cached_trunk_gives_the_same_logits_and_gradients(mode):
+    """Training on cache_trunk's activations (and running the last block at the last position only) computes what
+    the whole model computes on the token ids: the same logits, loss and gradients, whatever the padding."""
+    model = fc.build_classifier(tiny_gpt(), mode)
+    model.gpt.transformer.h[-1].mlp.fc_out.weight.data.normal_(std=0.1)  # make the last block matter
+    messages = [list(b"see u at 6"), list(b"WIN a \xc2\xa31000 prize, call now!"), list(b"ok"), list(b"free entry in 2 a wkly comp")]
+    rows = [(ids, i % 2) for i, ids in enumerate(messages)]
+    n = model.frozen_blocks()
+    cached = fc.cache_trunk(model, rows, n, batch_size=3, pad_id=256, device="cpu")
+    assert [tuple(a.shape) for a, _ in cached] == [(len(ids), 32) for ids in messages] and [y for _, y in cached] == [0, 1, 0, 1]
+    results = []
+    model.train()
+    for x, lengths, y, from_block in (fc.collate(rows, 256) + (0,), fc.collate_activations(cached) + (n,)):
+        model.zero_grad(set_to_none=True)
+        logits = model(x, lengths, from_block=from_block)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        results.append((logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (fast, fast_grads) = results
+    assert (plain - fast).abs().max().item() <= 1e-5
+    assert plain_grads.keys() == fast_grads.keys() and len(plain_grads) > 1
+    for name in plain_grads:
+        assert (plain_grads[name] - fast_grads[name]).abs().max().item() <= 1e-5, name
+
+
+def test_cached_and_uncached_training_runs_agree(tiny_base, tmp_path):
+    """End to end: --cache_trunk (the default) and --no-cache_trunk train the same last_block classifier."""
+    data = write(tmp_path, "".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'home soon'} {i}\n" for i in range(40)))
+    runs = [fc.train_classifier(config(tiny_base, tmp_path / str(cache), mode="last_block", data_path=data, batch_size=4, epochs=2,
+                                       cache_trunk=cache)) for cache in (True, False)]
+    assert (runs[0]["cached_blocks"], runs[1]["cached_blocks"]) == (1, 0)
+    for key in ("train_loss", "val_loss", "test_loss"):
+        assert runs[0][key] == pytest.approx(runs[1][key], abs=1e-5), key
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
+        assert runs[0][key] == runs[1][key], key
+
+
 # ---------------------------------------------------------------------------------------------- training and use
 
 
