@@ -152,14 +152,23 @@ def collate_messages(rows, pad_id):
     return x, lengths, torch.tensor([label for _, label in rows])
 
 
-def make_batches(rows, batch_size, pad_id, generator=None):
+def make_batches(rows, batch_size, pad_id, generator=None, collate_rows=collate_messages):
     """Training: shuffled by `generator` (a torch.Generator). Evaluation (no generator): sorted by length,
-    which changes no metric (padding is never read) but keeps the padding, and so the compute, small."""
+    which changes no metric (padding is never read) but keeps the padding, and so the compute, small.
+    collate_rows: `collate_messages` for (ids, label) rows, `collate_activations` for the rows of cache_trunk."""
     if generator is not None:
         order = torch.randperm(len(rows), generator=generator).tolist()
     else:
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    return [collate_messages([rows[i] for i in order[s : s + batch_size]], pad_id) for s in range(0, len(rows), batch_size)]
+    return [collate_rows([rows[i] for i in order[s : s + batch_size]], pad_id) for s in range(0, len(rows), batch_size)]
+
+
+def collate_activations(rows, pad_id=None):
+    """The collate of cached trunk outputs: [(activations (length, n_embd), label)] -> zero-padded (B, T, n_embd),
+    lengths (B,), labels (B,). As with token ids, the padding sits after each row's last real position and is never read."""
+    lengths = torch.tensor([len(activations) for activations, _ in rows])
+    x = nn.utils.rnn.pad_sequence([activations for activations, _ in rows], batch_first=True)
+    return x, lengths, torch.tensor([label for _, label in rows])
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -176,9 +185,15 @@ class GPTClassifier(nn.Module):
         self.gpt = gpt
         self.head = nn.Linear(gpt.config.n_embd, num_classes)
 
-    def forward(self, idx, lengths=None):
+    def forward(self, idx, lengths=None, from_block=0):
         """(B, T) right-padded ids and each row's real length -> (B, num_classes) logits.
-        Without lengths every row is taken to be unpadded, and the last position is read."""
+        Without lengths every row is taken to be unpadded, and the last position is read.
+
+        from_block k > 0: idx is not token ids but the (B, T, n_embd) residual stream entering block k, as `trunk`
+        computes it (cache_trunk stores it per message); only blocks k.. run, the last of them only where the head reads
+        (last_position_output), so the logits are the same."""
+        if from_block > 0:
+            return self.forward_from_block(idx, lengths, from_block)
         hidden = self.gpt.hidden_states(idx)  # (B, T, n_embd)
         if lengths is None:
             return self.head(hidden[:, -1])
@@ -187,6 +202,63 @@ class GPTClassifier(nn.Module):
             raise ValueError(f"lengths must hold one length in 1..{idx.size(1)} per row of idx, got {lengths.tolist()}")
         last = hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, n_embd)
         return self.head(last)
+
+    def forward_from_block(self, x, lengths, from_block):
+        """forward(x, lengths, from_block) for a from_block > 0 (see forward)."""
+        transformer = self.gpt.transformer
+        lengths = torch.full((x.size(0),), x.size(1), device=x.device) if lengths is None else lengths.to(x.device)
+        if from_block < len(transformer.h):
+            for block in transformer.h[from_block:-1]:
+                x = block(x)
+            last = last_position_output(transformer.h[-1], x, lengths)
+        else:  # head mode: every block is cached
+            last = x[torch.arange(x.size(0), device=x.device), lengths - 1]
+        return self.head(transformer.ln_f(last))
+
+    def trunk(self, idx, n_blocks):
+        """(B, T) token ids -> the (B, T, n_embd) residual stream entering block n_blocks: the first steps of
+        GPT.hidden_states (embeddings, then blocks 0 .. n_blocks - 1), for forward(..., from_block=n_blocks)."""
+        transformer = self.gpt.transformer
+        positions = torch.arange(idx.size(1), device=idx.device)
+        x = transformer.drop(transformer.wte(idx) + transformer.wpe(positions))
+        for block in transformer.h[:n_blocks]:
+            x = block(x)
+        return x
+
+    def frozen_blocks(self):
+        """How many blocks, counted from the input, compute the same function in every epoch: nothing in them or
+        below them (the embeddings) trains, and no dropout or prefix makes them random. Their outputs can be computed
+        once per message (cache_trunk): 0 for lora, qlora and full; n_layer - 1 for last_block; n_layer for head."""
+        gpt = self.gpt
+        if gpt.config.dropout > 0 or gpt.prefix is not None:
+            return 0
+        if any(p.requires_grad for p in (*gpt.transformer.wte.parameters(), *gpt.transformer.wpe.parameters())):
+            return 0
+        frozen = 0
+        for block in gpt.transformer.h:
+            if any(p.requires_grad for p in block.parameters()):
+                break
+            frozen += 1
+        return frozen
+
+
+def last_position_output(block, x, lengths):
+    """block(x)[b, lengths[b] - 1] for each row b, (B, n_embd), computing only what that one position needs.
+
+    The head reads one position per message, so in the last block the other positions are wanted only as keys and
+    values for its attention: their queries, attention outputs, o_proj and MLP (about 5/6 of the block's work) would
+    be thrown away. Causal attention of the last real position = attention to every position up to it, which the
+    key mask below expresses; padding after it is masked out as the causal mask would."""
+    attn, (B, T, C) = block.attn, x.shape
+    rows = torch.arange(B, device=x.device)
+    h = block.ln_1(x)
+    split_heads = lambda t: t.view(B, -1, attn.n_head, C // attn.n_head).transpose(1, 2)  # (B, n_head, length, head_size)
+    q = split_heads(attn.q_proj(h[rows, lengths - 1])[:, None])  # one query per row
+    k, v = split_heads(attn.k_proj(h)), split_heads(attn.v_proj(h))
+    visible = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # (B, T): the keys that position may see
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], dropout_p=attn.dropout if block.training else 0.0)
+    last = x[rows, lengths - 1] + attn.resid_dropout(attn.o_proj(y.transpose(1, 2).reshape(B, C)))
+    return last + block.mlp(block.ln_2(last))
 
 
 def build_classifier(gpt, mode, lora_rank=16, lora_alpha=16.0, lora_targets=("all-linear",), lora_dropout=0.0):
@@ -211,14 +283,36 @@ def build_classifier(gpt, mode, lora_rank=16, lora_alpha=16.0, lora_targets=("al
 
 
 @torch.no_grad()
-def evaluate_classifier(model, batches, device):
-    """Mean cross-entropy, accuracy and confusion matrix (rows: true class, columns: predicted) over all batches."""
+def cache_trunk(model, rows, n_blocks, batch_size, pad_id, device):
+    """Frozen-trunk caching: [(ids, label)] -> [(activations entering block n_blocks, (length, n_embd), label)].
+
+    In head and last_block modes the embeddings and the blocks below the trained ones are frozen and deterministic
+    (GPTClassifier.frozen_blocks), so every epoch would recompute exactly the same activations for a message. Computing
+    them once, here, and training on them with model(x, lengths, from_block=n_blocks) leaves each epoch only the
+    trainable part: the last block and the head, or the head alone. Costs n_embd floats per token of the data."""
+    model.eval()
+    cached = [None] * len(rows)
+    by_length = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # little padding, as make_batches for evaluation
+    for start in range(0, len(rows), batch_size):
+        batch = by_length[start : start + batch_size]
+        x, lengths, _ = collate_messages([rows[i] for i in batch], pad_id)
+        with autocast_context(device):
+            activations = model.trunk(x.to(device), n_blocks)
+        for i, row_activations, length in zip(batch, activations, lengths.tolist()):
+            cached[i] = (row_activations[:length].clone(), rows[i][1])  # clone: keep the row, not the whole padded batch
+    return cached
+
+
+@torch.no_grad()
+def evaluate_classifier(model, batches, device, from_block=0):
+    """Mean cross-entropy, accuracy and confusion matrix (rows: true class, columns: predicted) over all batches.
+    from_block > 0: the batches hold cached trunk activations (see cache_trunk)."""
     model.eval()
     total_loss, confusion = 0.0, torch.zeros(len(LABELS), len(LABELS), dtype=torch.long)
     for x, lengths, y in batches:
         x, lengths, y = x.to(device), lengths.to(device), y.to(device)
         with autocast_context(device):
-            logits = model(x, lengths)
+            logits = model(x, lengths, from_block=from_block)
         total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
         predictions = logits.argmax(dim=-1)
         confusion += torch.bincount(y.cpu() * len(LABELS) + predictions.cpu(), minlength=len(LABELS) ** 2).view(len(LABELS), len(LABELS))

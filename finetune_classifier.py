@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 import lora
 from checkpoints import load_base_model
-from classifier import (LABELS, MODES, SPLIT_SEED, GPTClassifier, balance_classes, build_classifier, classify, encode_messages,
-                        evaluate_classifier, format_confusion, load_messages, make_batches, split_messages)
+from classifier import (LABELS, MODES, SPLIT_SEED, GPTClassifier, balance_classes, build_classifier, cache_trunk, classify, collate_activations,
+                        collate_messages, encode_messages, evaluate_classifier, format_confusion, load_messages, make_batches, split_messages)
 from common import (autocast_context, parse_config, peak_memory_bytes, pick_device, reset_peak_memory, save_atomic, save_figure_atomic,
                     training_state_bytes, write_csv_atomic, write_json_atomic)
 from model import PRETRAINED, count_parameters
@@ -73,6 +73,8 @@ class ClassifierConfig:
     beta2: float = 0.999
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0 = off)"})
     seed: int = field(default=123, metadata={"help": "seed of the head's initialisation, the adapters and the batch order"})
+    cache_trunk: bool = field(default=True, metadata={"help": "compute the frozen blocks below the lowest trainable one once per message and train on their "
+                                                              "outputs (modes head and last_block; same logits, epochs after the first much cheaper)"})
     # system
     device: str = field(default="auto", metadata={"help": "'auto' (cuda, then mps, then cpu), 'cuda', 'mps' or 'cpu'"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -156,9 +158,17 @@ def run_classifier_training(cfg):
     warmup_iters = max(1, int(cfg.warmup_ratio * max_iters))
     optimizer = make_optimizer(model, peak_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.loraplus_ratio)
     pad = tokenizer.eot_token
-    eval_batches = {name: make_batches(rows, cfg.batch_size, pad) for name, rows in splits.items()}
+    from_block = model.frozen_blocks() if cfg.cache_trunk else 0
+    t_cache = time.time()
+    if from_block:  # train and evaluate on the frozen blocks' outputs, computed once here
+        splits = {name: cache_trunk(model, rows, from_block, cfg.batch_size, pad, device) for name, rows in splits.items()}
+        print(f"cached the outputs of the frozen embeddings and blocks 0-{from_block - 1} for every message in "
+              f"{time.time() - t_cache:.1f} s; each epoch runs only the layers above them (--no-cache_trunk: every layer, every epoch)")
+    cache_seconds = time.time() - t_cache
+    collate_rows = collate_activations if from_block else collate_messages
+    eval_batches = {name: make_batches(rows, cfg.batch_size, pad, collate_rows=collate_rows) for name, rows in splits.items()}
 
-    before = {name: evaluate_classifier(model, eval_batches[name], device) for name in ("train", "val", "test")}
+    before = {name: evaluate_classifier(model, eval_batches[name], device, from_block) for name in ("train", "val", "test")}
     print(f"before fine-tuning: accuracy {before['train']['accuracy']:.1%} train, {before['val']['accuracy']:.1%} validation, "
           f"{before['test']['accuracy']:.1%} test (a new head guesses)")
     rows = [{"epoch": 0, "step": 0, "lr": 0.0, "train_loss": before["train"]["loss"], "train_accuracy": before["train"]["accuracy"],
@@ -168,7 +178,7 @@ def run_classifier_training(cfg):
     t0, step = time.time(), 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        batches = make_batches(splits["train"], cfg.batch_size, pad, torch.Generator().manual_seed(cfg.seed + epoch))
+        batches = make_batches(splits["train"], cfg.batch_size, pad, torch.Generator().manual_seed(cfg.seed + epoch), collate_rows)
         if cfg.progress:
             from tqdm import tqdm
 
@@ -179,7 +189,7 @@ def run_classifier_training(cfg):
             set_learning_rate(optimizer, lr)
             x, lengths, y = x.to(device), lengths.to(device), y.to(device)
             with autocast_context(device):
-                logits = model(x, lengths)
+                logits = model(x, lengths, from_block=from_block)
             loss = F.cross_entropy(logits.float(), y)
             loss.backward()
             grad_norm = clip_gradients(model, cfg.grad_clip)
@@ -193,7 +203,7 @@ def run_classifier_training(cfg):
             seen += len(y)
             if cfg.progress:
                 batches.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}", refresh=False)
-        val = evaluate_classifier(model, eval_batches["val"], device)
+        val = evaluate_classifier(model, eval_batches["val"], device, from_block)
         check_finite(step, f"the validation loss after epoch {epoch} is {val['loss']:g}", [val["loss"]], last_saved_step(rows), cfg.out_dir, peak_lr)
         rows.append({"epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                      "val_loss": val["loss"], "val_accuracy": val["accuracy"], "seconds": round(time.time() - t0, 3)})
@@ -205,7 +215,7 @@ def run_classifier_training(cfg):
     seconds = time.time() - t0
     peak = peak_memory_bytes(device)
 
-    after = {name: evaluate_classifier(model, eval_batches[name], device) for name in ("train", "val", "test")}
+    after = {name: evaluate_classifier(model, eval_batches[name], device, from_block) for name in ("train", "val", "test")}
     check_finite(step, "the train / validation / test loss after training is " + " / ".join(f"{after[n]['loss']:g}" for n in after),
                  [after[name]["loss"] for name in after], last_saved_step(rows), cfg.out_dir, peak_lr)
     summary = {
@@ -223,6 +233,7 @@ def run_classifier_training(cfg):
                              **{name: after[name]["confusion"] for name in ("train", "val", "test")}},
         "epochs": cfg.epochs, "steps": step, "learning_rate": peak_lr,
         "seconds": round(seconds, 3), "total_seconds": round(time.time() - t_start, 3),
+        "cached_blocks": from_block, "trunk_cache_seconds": round(cache_seconds, 3),
         "peak_memory_bytes": peak, "training_state_bytes": training_state_bytes(model, optimizer), "config": asdict(cfg), "run_id": run_id,
     }
     write_json_atomic(summary, os.path.join(cfg.out_dir, "summary.json"))

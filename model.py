@@ -24,6 +24,8 @@ to copy from its context within minutes (CausalSelfAttention.smear).
 
 Two training aids live in the forward pass: `segment_ids` lets one row hold several packed examples that cannot
 see each other (instructions.pack_examples), and `gradient_checkpointing` trades compute for activation memory.
+Given targets, forward returns only the loss, computed where a target exists and a chunk of logits at a time
+(cross_entropy_at_targets): the B x T x vocab logits would be the step's largest tensor.
 """
 
 import json
@@ -253,14 +255,17 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, kv_cache=None, segment_ids=None):
-        """Logits for every position, (B, T, vocab_size); with targets, also the mean cross-entropy
-        of predicting targets[:, t] from idx[:, :t+1], ignoring targets equal to -100. segment_ids: see
-        hidden_states (packed examples)."""
-        logits = self.lm_head(self.hidden_states(idx, kv_cache, segment_ids))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        """Without targets: (logits, None), the logits for every position, (B, T, vocab_size).
+
+        With targets (B, T): (None, loss), loss being the mean cross-entropy of predicting targets[:, t] from
+        idx[:, :t+1] over the positions whose target is not -100. The output layer is then applied only at those
+        positions, a chunk of them at a time (cross_entropy_at_targets), so no logits are returned: a B x T x vocab
+        tensor would be the largest activation of the step, and most of it would belong to prompt or padding
+        positions that have no target. Call forward without targets for logits. segment_ids: see hidden_states."""
+        hidden = self.hidden_states(idx, kv_cache, segment_ids)
+        if targets is None:
+            return self.lm_head(hidden), None
+        return None, cross_entropy_at_targets(hidden, self.lm_head.weight, targets)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None, use_cache=True, generator=None):
@@ -401,6 +406,72 @@ def mean_token_loss(model, batches, device):
     if count == 0:
         raise ValueError("no target tokens to evaluate on: an empty split, or every target masked")
     return total / count
+
+
+LOSS_CHUNK_ELEMENTS = 2**24  # most logits cross_entropy_at_targets computes at once: 64 MiB in fp32, 333 rows of GPT-2's vocabulary
+
+
+def cross_entropy_at_targets(hidden, weight, targets, chunk_elements=None):
+    """Mean cross-entropy of the logits hidden @ weight^T against targets, over the positions whose target is not
+    -100; equal to F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100) (NaN if no position has a target).
+
+    hidden (..., n_embd), targets (...) of the same leading shape, weight (vocab, n_embd) the output layer. Two savings
+    over computing every logit: positions without a target (a masked prompt, padding) never reach the output layer,
+    whose vocab x n_embd matmul is GPT-2's largest, and the rest go through it in chunks of at most chunk_elements
+    logits (default LOSS_CHUNK_ELEMENTS), so only one chunk of logits exists at a time. When a gradient is wanted,
+    LinearCrossEntropy computes it chunk by chunk in the forward pass, so backward keeps no logits either. The chunks
+    are as few as that allows and of equal size: each chunk's matmul reads all of `weight` (154 MB for GPT-2), and
+    matmuls of few rows are inefficient (20-row chunks made GPT-2's loss 2x slower than 256-row ones)."""
+    keep = targets != -100
+    hidden, targets = hidden[keep], targets[keep]  # (N, n_embd), (N,): the positions that have a target
+    chunks = max(1, math.ceil(targets.numel() * weight.size(0) / (chunk_elements or LOSS_CHUNK_ELEMENTS)))
+    chunk_rows = max(1, math.ceil(targets.numel() / chunks))
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_rows):  # no gradient wanted (evaluation): the loss alone
+        logits = (hidden[start : start + chunk_rows] @ weight.t()).float()
+        total += F.cross_entropy(logits, targets[start : start + chunk_rows], reduction="sum")
+    return total / targets.numel()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """loss = mean over rows of cross_entropy(hidden @ weight^T, targets), with its gradients computed in forward.
+
+    The gradient of the mean cross-entropy with respect to a row's logits is (softmax(logits) - onehot(target)) / N,
+    so once a chunk's logits exist, its share of d loss / d hidden (that matrix @ weight) and of d loss / d weight
+    (its transpose @ hidden) costs two matmuls, and the chunk can be freed. Backward then only scales the stored
+    (N, n_embd) and (vocab, n_embd) gradients by d(whatever comes after) / d loss, which is exact because the
+    gradients are linear in it. Plain autograd would instead keep every chunk's log-softmax (N x vocab floats) alive
+    until backward. Liger-Kernel's "fused linear cross-entropy" is the same idea on the GPU."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        n = targets.numel()
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h, t = hidden[rows], targets[rows]
+            log_probs = torch.log_softmax((h @ weight.t()).float(), dim=-1)
+            total -= log_probs.gather(1, t[:, None]).sum()
+            grad_logits = log_probs.exp_()  # softmax, in place: d(sum of the chunk's losses) / d logits = softmax - onehot
+            grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
+            del log_probs
+            if grad_hidden is not None:  # the 1/n of the mean is applied to the small results, not to this chunk
+                grad_hidden[rows] = (grad_logits.to(h.dtype) @ weight) / n
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ h.float()
+        ctx.save_for_backward(grad_hidden, grad_weight.div_(n).to(weight.dtype) if grad_weight is not None else None)
+        return total / n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
+                None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype), None, None)
 
 
 def segment_positions_and_mask(segment_ids):

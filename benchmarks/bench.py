@@ -6,6 +6,7 @@ through our model.py / lora.py / quantize.py and through Hugging Face transforme
     python -m benchmarks.bench                   # GPT-2 124M's shape, batch 4 x 128 tokens, every row (~10 min on 2 CPU cores)
     python -m benchmarks.bench --quick           # the tiny base's shape (4 layers x 256, bytes), 2 repeats: about a minute
     python -m benchmarks.bench --only train,nf4 --repeats 10
+    python -m benchmarks.bench --only train_lora_qv_masked,peak_lora_qv_masked,classify   # issue 15's rows
     python -m benchmarks.bench --device cuda     # the same on a GPU (fp32 everywhere, as on the CPU)
 
 (from the repository root).
@@ -54,22 +55,28 @@ TRAIN_MODES = {  # mode -> (our LoRA targets, NF4 base?); PEFT always adapts the
     "qlora_qv": (("q", "v"), True),
     "qlora_qkv": (("q", "k", "v"), True),
 }
+# Issue 15: the same LoRA step when half of every row's positions have no target (-100), as with train.py --mask_prompt:
+# ours skips the output layer there, HF computes every logit. Row mode -> the TRAIN_MODES mode it builds.
+MASKED_MODES = {"lora_qv_masked": "lora_qv"}
 MODE_LABELS = {
     "full": "full fine-tuning",
     "lora_qv": "LoRA r=8: ours q,v; PEFT c_attn",
     "lora_qkv": "LoRA r=8: ours q,k,v; PEFT c_attn",
     "qlora_qv": "QLoRA NF4+DQ, LoRA r=8: ours q,v; PEFT c_attn",
     "qlora_qkv": "QLoRA NF4+DQ, LoRA r=8: ours q,k,v; PEFT c_attn",
+    "lora_qv_masked": "LoRA r=8, half the positions without a target: ours q,v; PEFT c_attn",
 }
-TRAIN_ROWS = [f"train_{m}" for m in TRAIN_MODES]  # seconds per step
+TRAIN_ROWS = [f"train_{m}" for m in (*TRAIN_MODES, *MASKED_MODES)]  # seconds per step
 PARAM_ROWS = [f"params_{m}" for m in TRAIN_MODES]  # trainable parameters
 STATE_ROWS = [f"state_{m}" for m in TRAIN_MODES]  # bytes of weights + gradients + AdamW state
-PEAK_ROWS = [f"peak_{m}" for m in TRAIN_MODES]  # peak memory of a training step
+PEAK_ROWS = [f"peak_{m}" for m in (*TRAIN_MODES, *MASKED_MODES)]  # peak memory of a training step
+CLASSIFY_MESSAGES, CLASSIFY_BATCH, CLASSIFY_EPOCHS = 32, 8, 5  # the classification row: random messages of seq/8 .. seq/4 tokens
 ROW_GROUPS = {  # --only takes these group names or the row ids; the table lists rows in this order
     "train": TRAIN_ROWS + PARAM_ROWS,
     "infer": ["infer_base", "infer_lora", "infer_lora_merged", "infer_qlora"],
     "generate": ["generate"],
     "nf4": ["nf4_quantize", "nf4_dequantize"],
+    "classify": ["classify_last_block"],
     "memory": STATE_ROWS + PEAK_ROWS,
 }
 ALL_ROWS = [row for rows in ROW_GROUPS.values() for row in rows]
@@ -92,8 +99,8 @@ def save_random_gpt2(shape, directory, seed=0):
 
 
 def build_ours(mode, weights_dir, device):
-    """Our GPT for a TRAIN_MODES mode, trainable parameters set, in train mode."""
-    targets, quantized = TRAIN_MODES[mode]
+    """Our GPT for a TRAIN_MODES (or MASKED_MODES) mode, trainable parameters set, in train mode."""
+    targets, quantized = TRAIN_MODES[MASKED_MODES.get(mode, mode)]
     model = GPT.from_pretrained(weights_dir).to(device)
     if quantized:  # fp32 compute, like bnb_4bit_compute_dtype=float32 below (on a GPU ours would default to bf16)
         quantize_model(model, block_size=64, double_quant=True, compute_dtype=torch.float32)
@@ -106,7 +113,7 @@ def build_hf(mode, weights_dir, device):
     """GPT2LMHeadModel for the same mode: + peft LoRA on c_attn, + bitsandbytes NF4 with double quantization."""
     from transformers import BitsAndBytesConfig, GPT2LMHeadModel
 
-    targets, quantized = TRAIN_MODES[mode]
+    targets, quantized = TRAIN_MODES[MASKED_MODES.get(mode, mode)]
     # disable_mmap: read the weights into memory, as ours does. Memory-mapped, HF's weights would sit in the page
     # cache (counted in RSS, including pages of the fp32 weights that were quantized away) instead of in the heap.
     if quantized:
@@ -146,14 +153,20 @@ def make_optimizer(model):
     return torch.optim.AdamW(trainable_parameters(model), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
 
-def training_step(model, optimizer, tokens, is_hf):
-    """A closure doing forward + backward + AdamW step on tokens (B, T + 1)."""
-    x, y = tokens[:, :-1], tokens[:, 1:]
+def training_step(model, optimizer, tokens, is_hf, masked=False):
+    """A closure doing forward + backward + AdamW step on tokens (B, T + 1). masked: the first half of every row's
+    positions have no target (-100), like a masked prompt; the same positions for both libraries."""
+    x, y, labels = tokens[:, :-1], tokens[:, 1:], tokens[:, :-1]
+    if masked:
+        half = x.size(1) // 2
+        y, labels = y.clone(), labels.clone()
+        y[:, :half] = -100  # ours: y[:, t] is position t's target
+        labels[:, : half + 1] = -100  # HF: labels[:, t + 1] is position t's target
 
     def step():
         if is_hf:  # HF shifts labels itself: position t predicts labels[t + 1]
-            loss = model(input_ids=x, labels=x).loss
-        else:  # [1]: drop the logits at once; `_, loss = ...` would keep B x T x vocab floats alive through backward
+            loss = model(input_ids=x, labels=labels).loss
+        else:  # with targets our forward returns no logits (they are computed a chunk at a time, only where a target is)
             loss = model(x, y)[1]
         loss.backward()
         optimizer.step()
@@ -238,13 +251,14 @@ def release():
 def bench_training(args, shape, weights_dir, wanted, results):
     """Training step time, trainable parameters and weights + gradients + AdamW state, per mode."""
     tokens = random_tokens(shape, shape["batch"], shape["seq"] + 1, args.device)
-    for mode in TRAIN_MODES:
+    for mode in (*TRAIN_MODES, *MASKED_MODES):
         rows = [f"train_{mode}", f"params_{mode}", f"state_{mode}"]
         if not any(r in wanted for r in rows):
             continue
         ours, hf = build_ours(mode, weights_dir, args.device), build_hf(mode, weights_dir, args.device)
         ours_opt, hf_opt = make_optimizer(ours), make_optimizer(hf)
-        ours_step, hf_step = training_step(ours, ours_opt, tokens, False), training_step(hf, hf_opt, tokens, True)
+        masked = mode in MASKED_MODES
+        ours_step, hf_step = training_step(ours, ours_opt, tokens, False, masked), training_step(hf, hf_opt, tokens, True, masked)
         if f"train_{mode}" in wanted:
             t_ours, t_hf = alternate(ours_step, hf_step, args.repeats, args.warmup, args.device)
             record(results, f"train_{mode}", f"train step, {MODE_LABELS[mode]}", "s", t_ours, t_hf, False)
@@ -371,6 +385,49 @@ def bench_nf4(args, weights_dir, wanted, results):
     release()
 
 
+def bench_classification(args, shape, weights_dir, results):
+    """Issue 15's frozen-trunk caching: `last_block` classification (finetune_classifier.py's training loop, without its
+    evaluations and logging), CLASSIFY_EPOCHS epochs over CLASSIFY_MESSAGES random messages, with the trunk cached
+    (cache_trunk inside the timed run: its cost counts) against the uncached path, every layer every epoch. Both sides
+    are ours, so the "HF" column holds our uncached path here; no library offers this shortcut to compare with."""
+    import torch.nn.functional as F
+
+    import classifier  # what finetune_classifier.py trains with: the same build, cache and batches
+
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.randint(max(1, shape["seq"] // 8), shape["seq"] // 4 + 1, (CLASSIFY_MESSAGES,), generator=g).tolist()
+    messages = [(torch.randint(shape["vocab_size"], (n,), generator=g).tolist(), i % 2) for i, n in enumerate(lengths)]
+    models = {}
+    for cache in (True, False):
+        torch.manual_seed(0)
+        model = classifier.build_classifier(GPT.from_pretrained(weights_dir).to(args.device), "last_block")
+        models[cache] = (model, torch.optim.AdamW(trainable_parameters(model), lr=5e-4))
+
+    def train_epochs(cache):
+        model, optimizer = models[cache]
+        from_block = model.frozen_blocks() if cache else 0
+        rows = classifier.cache_trunk(model, messages, from_block, CLASSIFY_BATCH, 0, args.device) if from_block else messages
+        model.train()
+        for epoch in range(CLASSIFY_EPOCHS):
+            order = torch.Generator().manual_seed(epoch)
+            for x, lengths, y in classifier.make_batches(rows, CLASSIFY_BATCH, 0, order, classifier.collate_activations if from_block else classifier.collate_messages):
+                F.cross_entropy(model(x.to(args.device), lengths, from_block=from_block), y.to(args.device)).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+    with torch.no_grad():  # both start from the same weights: the cached path must give the uncached logits
+        x, lengths, _ = classifier.collate_messages(messages, 0)
+        from_block = models[True][0].frozen_blocks()
+        cached = classifier.collate_activations(classifier.cache_trunk(models[True][0], messages, from_block, CLASSIFY_BATCH, 0, args.device))[0]
+        difference = (models[True][0].eval()(cached, lengths, from_block=from_block) - models[False][0].eval()(x.to(args.device), lengths)).abs().max().item()
+    t_cached, t_uncached = alternate(lambda: train_epochs(True), lambda: train_epochs(False), args.repeats, args.warmup, args.device)
+    record(results, "classify_last_block", f"last_block classification, {CLASSIFY_EPOCHS} epochs x {CLASSIFY_MESSAGES} messages: "
+           f"ours trunk cached vs (HF column) ours uncached", "s", t_cached, t_uncached, False, max_logit_difference=difference,
+           cached_blocks=from_block)
+    del models
+    release()
+
+
 # ---------------------------------------------------------------------------------------------- peak memory
 
 
@@ -410,7 +467,7 @@ def measure_peak(mode, impl, weights_dir, shape, device, steps=2, warm_up=True):
     baseline = current_memory_bytes(device)
     model = build_ours(mode, weights_dir, device) if impl == "ours" else build_hf(mode, weights_dir, device)
     optimizer = make_optimizer(model)
-    step = training_step(model, optimizer, random_tokens(shape, shape["batch"], shape["seq"] + 1, device), impl == "hf")
+    step = training_step(model, optimizer, random_tokens(shape, shape["batch"], shape["seq"] + 1, device), impl == "hf", mode in MASKED_MODES)
     reset_peak_memory(device)
     for _ in range(steps):
         step()
@@ -437,7 +494,7 @@ def bench_memory(args, shape, weights_dir, wanted, results):
     """Peak training memory per mode. --memory process (default): every (mode, library) in a fresh Python process,
     since a process never hands all freed memory back and its peaks would pile up. --memory reset: all in this
     process, resetting the peak counter in between (quicker, and close on the CPU, as return_freed_memory says)."""
-    for mode in TRAIN_MODES:
+    for mode in (*TRAIN_MODES, *MASKED_MODES):
         if f"peak_{mode}" not in wanted:
             continue
         peaks = {}
@@ -529,6 +586,10 @@ def write_markdown(path, results, machine, command, shape_name, shape, args):
         "(NF4, double quantization, fp32 compute) for QLoRA. \"better\": within 3% is a tie. Peak memory is measured above",
         "the memory in use before loading the model" + (", each in a fresh process." if args.memory == "process" else
                                                       ", in one process with the peak counter reset between rows (approximate)."),
+        "\"Half the positions without a target\": the first half of every row's targets are -100 for both libraries (as",
+        "with `train.py --mask_prompt`); ours applies the output layer only where a target is, HF computes every logit.",
+        f"The classification row compares ours with ours: `last_block`, {CLASSIFY_EPOCHS} epochs over {CLASSIFY_MESSAGES} random messages "
+        "with the frozen trunk cached (building the cache counts) in the \"ours\" column, the uncached path in the \"HF\" one.",
     ]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -595,6 +656,9 @@ def main(argv=None):
         if "generate" in wanted:
             print("generation")
             bench_generation(args, shape, weights_dir, results)
+        if "classify_last_block" in wanted:
+            print("classification: frozen-trunk caching")
+            bench_classification(args, shape, weights_dir, results)
         if wanted & set(ROW_GROUPS["nf4"]):
             print(f"NF4 on {args.device}")
             bench_nf4(args, weights_dir, wanted, results)

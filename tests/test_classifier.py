@@ -205,3 +205,36 @@ def test_parameter_counts_on_the_tiny_base_config():
         counts = count_parameters(classifier.build_classifier(GPT(config), mode, lora_rank=16, lora_targets=("all-linear",)))
         assert counts == (trainable, total + (trainable - 514 if mode == "lora" else 0)), mode
     assert (expected["last_block"], expected["lora"], total) == (790_786, 295_426, 3_356_930)
+
+
+@pytest.mark.parametrize("mode", classifier.MODES)
+def test_frozen_blocks_are_the_ones_below_everything_that_trains(mode):
+    model = classifier.build_classifier(tiny_gpt(), mode, lora_rank=4, lora_alpha=8)
+    assert model.frozen_blocks() == {"head": 2, "last_block": 1}.get(mode, 0)
+    dropout = classifier.build_classifier(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=32, dropout=0.1)), mode)
+    assert dropout.frozen_blocks() == 0  # random outputs cannot be computed once
+
+
+@pytest.mark.parametrize("mode", ["head", "last_block"])
+def test_cached_trunk_gives_the_same_logits_and_gradients(mode):
+    """Training on cache_trunk's activations (and running the last block at the last position only) computes what
+    the whole model computes on the token ids: the same logits, loss and gradients, whatever the padding."""
+    model = classifier.build_classifier(tiny_gpt(), mode)
+    model.gpt.transformer.h[-1].mlp.fc_out.weight.data.normal_(std=0.1)  # make the last block matter
+    messages = [list(b"see u at 6"), list(b"WIN a \xc2\xa31000 prize, call now!"), list(b"ok"), list(b"free entry in 2 a wkly comp")]
+    rows = [(ids, i % 2) for i, ids in enumerate(messages)]
+    n = model.frozen_blocks()
+    cached = classifier.cache_trunk(model, rows, n, batch_size=3, pad_id=256, device="cpu")
+    assert [tuple(a.shape) for a, _ in cached] == [(len(ids), 32) for ids in messages] and [y for _, y in cached] == [0, 1, 0, 1]
+    results = []
+    model.train()
+    for x, lengths, y, from_block in (classifier.collate_messages(rows, 256) + (0,), classifier.collate_activations(cached) + (n,)):
+        model.zero_grad(set_to_none=True)
+        logits = model(x, lengths, from_block=from_block)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        results.append((logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (fast, fast_grads) = results
+    assert (plain - fast).abs().max().item() <= 1e-5
+    assert plain_grads.keys() == fast_grads.keys() and len(plain_grads) > 1
+    for name in plain_grads:
+        assert (plain_grads[name] - fast_grads[name]).abs().max().item() <= 1e-5, name

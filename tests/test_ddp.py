@@ -68,8 +68,11 @@ def test_two_gloo_processes_follow_the_single_process_trajectory_and_resume(tmp_
     assert len(moments[0]) == len(moments[1]) > 0
     for a, b in zip(*moments):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-7)
+    # Summing the micro-batches' gradients in another order changes them by float rounding, and Adam's normalised step
+    # (m / sqrt(v)) turns that into up to ~2e-6 for a weight whose gradient is near zero: still 1,000 times below one
+    # step (lr 3e-3), so a rank that skipped or repeated a micro-batch would fail this.
     for name, weight in ckpts[0]["model"].items():
-        assert torch.allclose(weight, ckpts[1]["model"][name], rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(weight, ckpts[1]["model"][name], rtol=1e-4, atol=1e-5), name
 
     assert json.load(open(tmp_path / "ddp" / "summary.json"))["val_loss_after"] == pytest.approx(single["val_loss_after"], rel=1e-5)
 

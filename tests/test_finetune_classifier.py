@@ -50,6 +50,18 @@ def config(tiny_base, out_dir, **overrides):
 # ---------------------------------------------------------------------------------------------- training and use
 
 
+def test_cached_and_uncached_training_runs_agree(tiny_base, tmp_path):
+    """End to end: --cache_trunk (the default) and --no-cache_trunk train the same last_block classifier."""
+    data = write(tmp_path, "".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'home soon'} {i}\n" for i in range(40)))
+    runs = [fc.train_classifier(config(tiny_base, tmp_path / str(cache), mode="last_block", data_path=data, batch_size=4, epochs=2,
+                                       cache_trunk=cache)) for cache in (True, False)]
+    assert (runs[0]["cached_blocks"], runs[1]["cached_blocks"]) == (1, 0)
+    for key in ("train_loss", "val_loss", "test_loss"):
+        assert runs[0][key] == pytest.approx(runs[1][key], abs=1e-5), key
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
+        assert runs[0][key] == runs[1][key], key
+
+
 def test_lora_training_learns_the_sample_and_the_saved_classifier_reloads(tiny_base, tmp_path):
     summary = fc.train_classifier(config(tiny_base, tmp_path, epochs=2))
     for name in ("summary.json", "log.csv", "curves.png", "classifier.json", "adapter/adapter_model.safetensors"):

@@ -28,8 +28,9 @@ def test_logits_and_loss_match_hf(hf_dir):
     with torch.no_grad():
         theirs = hf(idx, labels=idx)
         targets = torch.cat([idx[:, 1:], torch.full((2, 1), -100)], dim=1)  # HF shifts labels internally
-        logits, loss = ours(idx, targets)
-    assert logits.shape == (2, 40, 50257)
+        logits = ours(idx)[0]
+        no_logits, loss = ours(idx, targets)  # with targets, the output layer runs only where a target exists
+    assert logits.shape == (2, 40, 50257) and no_logits is None
     assert (logits - theirs.logits).abs().max().item() <= 1e-4
     assert abs(loss.item() - theirs.loss.item()) <= 1e-5
 
@@ -233,6 +234,57 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode):
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], rtol=0, atol=1e-6), name
+
+
+def reference_loss(model, idx, targets):
+    """What forward(idx, targets) computed before issue 15: every logit, then cross-entropy ignoring -100."""
+    logits = model(idx)[0]
+    return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("chunk_elements", [model_module.LOSS_CHUNK_ELEMENTS, 3 * 257])  # one chunk; chunks of 3 rows
+def test_loss_only_at_targets_has_the_same_loss_and_gradients(mode, chunk_elements, monkeypatch):
+    """Half the positions without a target (a masked prompt and padding): the output layer skips them and runs in
+    chunks, and the loss and every gradient match the logits-everywhere computation; scaling the loss afterwards
+    (as gradient accumulation does) scales the gradients as before."""
+    from lora import apply_lora
+    from quantize import quantize_model
+
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=32))
+    if mode == "qlora":
+        quantize_model(model)
+    if mode != "full":
+        apply_lora(model, rank=4, alpha=8, targets="all-linear")
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # B = 0 would give A no gradient
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 257, (3, 20), generator=g)
+    targets = torch.randint(0, 257, (3, 20), generator=g)
+    targets[:, :10] = -100  # the prompt
+    targets[2, 15:] = -100  # padding
+    results = []
+    for loss_fn in (lambda: model(idx, targets)[1], lambda: reference_loss(model, idx, targets)):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        (loss * 0.25).backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (ours, our_grads), (reference, reference_grads) = results
+    assert abs(ours.item() - reference.item()) <= 1e-5
+    assert our_grads.keys() == reference_grads.keys() and len(our_grads) > 0
+    for name in our_grads:
+        assert (our_grads[name] - reference_grads[name]).abs().max().item() <= 1e-5, name
+    with torch.no_grad():  # evaluation takes the gradient-free path
+        assert abs(model(idx, targets)[1].item() - reference.item()) <= 1e-5
+
+
+def test_loss_with_no_target_is_nan_as_before():
+    model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16))
+    idx = torch.randint(0, 257, (2, 8))
+    assert model(idx, torch.full((2, 8), -100))[1].isnan()
 
 
 # ---------------------------------------------------------------------------------------------------------

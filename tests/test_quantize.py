@@ -69,6 +69,19 @@ def test_codes_and_absmax_identical_to_bitsandbytes(bnb, shape, seed):
         assert torch.equal(Q.dequantize_nf4(q), bnb.dequantize_4bit(packed, state))
 
 
+@pytest.mark.parametrize("chunk", [64, 256, Q.DEQUANTIZE_CHUNK])
+@pytest.mark.parametrize("shape", [(4097,), (33, 65), (300, 64)])
+def test_chunked_dequantize_equals_unpacking_each_nibble(shape, chunk, monkeypatch):
+    """dequantize_4bit works through the codes a chunk at a time; any chunk size, and a tensor that ends inside a
+    chunk or inside a block, give exactly code[nibble] x absmax[block] for every value."""
+    monkeypatch.setattr(Q, "DEQUANTIZE_CHUNK", chunk)
+    torch.manual_seed(4)
+    q = Q.quantize_nf4(torch.randn(shape), block_size=64, double_quant=True)
+    nibbles = torch.stack([q.codes >> 4, q.codes & 15], dim=1).view(-1)[: q.numel()].long()
+    expected = Q.CODE_BOOKS["nf4"][nibbles] * Q.dequantize_absmax(q).repeat_interleave(64)[: q.numel()]
+    assert torch.equal(Q.dequantize_nf4(q), expected.view(shape))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_size", [32, 128])
 def test_identical_for_half_precision_and_other_block_sizes(bnb, dtype, block_size):
