@@ -27,14 +27,14 @@ switches; `save_adapter` / `load_adapter` write and read one adapter (safetensor
 every method built on `NamedAdapterLayer` below: bottleneck adapters here, prefix_tuning.py and ia3.py.
 """
 
-import json
 import os
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import atomic_write, copy_stored_tensors
+from common import check_trainable_names, replace_module, save_safetensors_atomic, write_json_atomic
+from lora import copy_stored_tensors
+from safety import read_saved_pair
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PLACEMENTS = {  # placement -> the layers whose output gets an adapter, as their names end in model.GPT
@@ -91,11 +91,7 @@ def check_new_adapter(model, adapter_name, trainable):
         raise ValueError(f"the model already has an adapter named {adapter_name!r}: applying it twice would add a second copy. "
                          f"Pass adapter_name='another_name' to add an adapter for another task, or load_adapter to replace its weights")
     trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable)
-    all_parameters = dict(model.named_parameters(remove_duplicate=False))
-    for t in trainable:
-        if not any(n == t or n.startswith(t + ".") for n in all_parameters):
-            top = ", ".join(name for name, _ in model.named_children())
-            raise ValueError(f"trainable={t!r} names no module or parameter of the model (its top-level modules: {top})")
+    check_trainable_names(model, trainable)
     return trainable
 
 
@@ -149,8 +145,7 @@ def delete_adapter(model, name):
             if layer.active_adapter == name:
                 layer.active_adapter = None
             if not layer.config:
-                parent_name, _, child_name = layer_name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child_name, layer.base)
+                replace_module(model, layer_name, layer.base)
     return model
 
 
@@ -244,11 +239,6 @@ def layers_ending_with(model, suffixes):
     return [(n, m) for n, m in model.named_modules() if any(n == s or n.endswith("." + s) for s in suffixes)]
 
 
-def replace_module(model, name, new):
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, new)
-
-
 def apply_adapters(model, bottleneck=64, placement="houlsby", train_layer_norms=None, activation="gelu", init_std=1e-2,
                    trainable=(), adapter_name="default"):
     """Add a bottleneck adapter of `bottleneck` units after each layer `placement` names (see PLACEMENTS), freeze
@@ -327,21 +317,14 @@ def active_adapter_name(model):
 def save_adapter(model, directory, adapter_name=None):
     """Write one adapter (default: the active one) to directory/adapter_model.safetensors and its settings to
     directory/adapter_config.json: its tensors plus the kept-trainable ones (e.g. a head), nothing of the base."""
-    from safetensors.torch import save_file
-
     name = adapter_name or active_adapter_name(model)
     config = adapter_config(model, name)
     tensors = {**adapter_state(model, name), **kept_trainable_parameters(model)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     os.makedirs(directory, exist_ok=True)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    atomic_write(weights_path, lambda tmp: save_file(tensors, tmp))
-
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
-
-    atomic_write(os.path.join(directory, ADAPTER_CONFIG), write_json)
+    save_safetensors_atomic(tensors, weights_path)
+    write_json_atomic(config, os.path.join(directory, ADAPTER_CONFIG))
     return weights_path
 
 
@@ -365,13 +348,9 @@ def load_adapter(model, directory, adapter_name=None):
     adapter_config.json says; one that has it gets its weights replaced. Names and shapes are checked."""
     from safetensors.torch import load_file
 
-    paths = [os.path.join(directory, f) for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found; save_adapter writes {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} into a directory")
-    with open(paths[0]) as f:
-        config = json.load(f)
-    if not isinstance(config, dict) or any(k not in config for k in ("method", "adapter_name", "trainable")):
+    config, weights_path = read_saved_pair(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapters.save_adapter")
+    paths = [os.path.join(directory, ADAPTER_CONFIG), weights_path]
+    if any(k not in config for k in ("method", "adapter_name", "trainable")):
         raise ValueError(f"{paths[0]} is not an adapter config written by adapters.save_adapter (it needs method, adapter_name and trainable)")
     apply = apply_function(config["method"])
     settings = {k: v for k, v in config.items() if k not in ("method", "adapter_name", "trainable")}
@@ -383,13 +362,7 @@ def load_adapter(model, directory, adapter_name=None):
         ours = adapter_config(model, name)
         if ours["method"] != config["method"] or {k: ours.get(k) for k in settings} != settings:
             raise ValueError(f"the model's adapter {name!r} is {ours} but {directory} holds {config}; load it under another adapter_name")
-        all_parameters = dict(model.named_parameters(remove_duplicate=False))
-        missing_kept = [n for n in config["trainable"] if n not in all_parameters]
-        if missing_kept:
-            raise KeyError(f"the adapter also stores {missing_kept[0]!r}, which this model does not have")
-        expected = {**adapter_state(model, name), **{n: all_parameters[n] for n in config["trainable"]}}
-        stored = load_file(paths[1])
-        copy_stored_tensors(stored, expected, paths[1])
+        copy_stored_tensors(load_file(paths[1]), model, adapter_state(model, name), config["trainable"], paths[1])
     except Exception:
         if created:
             delete_adapter(model, name)

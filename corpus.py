@@ -12,7 +12,7 @@ the same on every run of the same Python version. Four sources, each a list of d
                 teaches a small model to copy from its context, the skill every rule-following answer needs).
 
 Validation is always the same held-out docstrings (every 20th), whatever the training mix, so losses of bases
-trained on different mixes are comparable.
+trained on different mixes are comparable. PretrainingData cuts the text into the batches of a pretraining run.
 """
 
 import ast
@@ -21,6 +21,8 @@ import io
 import os
 import sysconfig
 import tokenize
+
+import torch
 
 from tokenizer import EOT_TEXT
 
@@ -137,3 +139,32 @@ def stdlib_corpus(sources=("docstrings",)):
     train = [d for source in sources for d in documents(source)]
     val = [d for i, d in enumerate(docs) if i % VAL_EVERY == VAL_EVERY - 1]
     return EOT_TEXT.join(train), EOT_TEXT.join(val)
+
+
+class PretrainingData:
+    """The stdlib corpus as one long token stream. A training batch is batch_size random windows whose positions
+    depend only on (seed, step), so a resumed run sees exactly the batches the uninterrupted run would have."""
+
+    def __init__(self, tokenizer, block_size, seed, sources="docstrings"):
+        train_text, val_text = stdlib_corpus(sources)
+        self.train = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
+        self.val = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
+        self.block_size, self.seed = block_size, seed
+        n = (len(self.val) - 1) // block_size  # validation: every non-overlapping window, the same each time
+        self.val_windows = self.val[: n * block_size + 1]
+
+    def train_batch(self, step, micro, batch_size):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + micro)
+        starts = torch.randint(len(self.train) - self.block_size - 1, (batch_size,), generator=g)
+        x = torch.stack([self.train[s : s + self.block_size] for s in starts])
+        y = torch.stack([self.train[s + 1 : s + 1 + self.block_size] for s in starts])
+        return x, y
+
+    def val_batches(self, batch_size):
+        n = (len(self.val_windows) - 1) // self.block_size
+        x = self.val_windows[:-1].view(n, self.block_size)
+        y = self.val_windows[1:].view(n, self.block_size)
+        return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+    def describe(self):
+        return f"stdlib corpus: {len(self.train):,} train and {len(self.val):,} validation bytes"

@@ -1,6 +1,7 @@
 """
 Instruction data: Alpaca-style prompts and chat conversations, dataset loading, the collate functions that pad
-(or pack) and mask, and the scorer that checks answers.
+(or pack) and mask, the batches a training run draws (InstructionData), greedy answers to instructions
+(answer_examples) and the scorer that checks them.
 
 An example {"instruction", "input", "output"} becomes one token sequence
 
@@ -22,10 +23,12 @@ Packing (pack_examples, collate_packed) puts several examples in one row, each s
 import bisect
 import json
 import os
-import re
 from collections import Counter
 
 import torch
+
+from common import DOWNLOAD_DIR, REPO_DIR, download_file
+from safety import UserError
 
 PROMPT_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 # Two prompt templates. "alpaca" is Alpaca's own (what GPT-2 runs use); "compact" drops its 105-byte preamble sentence
@@ -43,9 +46,7 @@ DATASETS = {  # name -> (canonical URL, file name under data/downloads)
     ),
     "alpaca": ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json", "alpaca_data.json"),
 }
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-EMBEDDED_PATH = os.path.join(REPO_DIR, "data", "instructions.json")
-DOWNLOAD_DIR = os.path.join(REPO_DIR, "data", "downloads")
+EMBEDDED_INSTRUCTIONS_PATH = os.path.join(REPO_DIR, "data", "instructions.json")  # made by data/make_instructions.py
 
 
 def format_prompt(example, template="alpaca"):
@@ -81,10 +82,8 @@ def validate_examples(examples, source, required=("instruction", "output")):
 def dataset_path(name):
     """Local path of a dataset: 'embedded' ships with the repo, a DATASETS name is downloaded once, else a file path."""
     if name == "embedded":
-        return EMBEDDED_PATH
+        return EMBEDDED_INSTRUCTIONS_PATH
     if name in DATASETS:
-        from model import download_file
-
         url, filename = DATASETS[name]
         os.makedirs(DOWNLOAD_DIR, exist_ok=True)
         return download_file(url, os.path.join(DOWNLOAD_DIR, filename))
@@ -390,3 +389,115 @@ def score_responses(examples, responses):
     for row in per_example:
         by_kind.setdefault(row["kind"], []).append(row)
     return mean_of(per_example), {k: mean_of(v) for k, v in sorted(by_kind.items())}, per_example
+
+
+# ---------------------------------------------------------------------------------------------- training data
+
+
+class InstructionData:
+    """Alpaca-format examples or chat conversations, split 85/5/10, tokenized, each epoch shuffled by (seed, epoch).
+    With pack, the training examples are packed once into rows of up to block_size positions (best-fit decreasing)
+    and the rows are shuffled instead; validation and test batches stay unpacked (the loss is the same either way)."""
+
+    def __init__(self, dataset, tokenizer, block_size, seed, mask_prompt, template="alpaca", pack=False, grad_accum=1):
+        self.train_examples, self.val_examples, self.test_examples = split_examples(load_examples(dataset))
+        sizes = [len(self.train_examples), len(self.val_examples), len(self.test_examples)]
+        if not all(sizes):
+            raise UserError(f"dataset {dataset!r} has {sum(sizes)} examples, which the 85/5/10 split cuts into {sizes[0]} train / "
+                            f"{sizes[1]} validation / {sizes[2]} test; every split needs one or more, so use at least 20 examples")
+        max_length = block_size + 1  # inputs and targets are the sequence shifted by one
+        self.train, dropped = tokenize_examples(self.train_examples, tokenizer, max_length, template)
+        self.val, dropped_val = tokenize_examples(self.val_examples, tokenizer, max_length, template)
+        self.test, dropped_test = tokenize_examples(self.test_examples, tokenizer, max_length, template)
+        self.dropped = dropped + dropped_val + dropped_test
+        for split, kept, examples in (("train", self.train, self.train_examples), ("validation", self.val, self.val_examples), ("test", self.test, self.test_examples)):
+            if not kept:  # an empty split would train on nothing or report a loss of 0
+                raise UserError(f"dataset {dataset!r}: all {len(examples)} {split} examples are longer than the model's context of "
+                                f"{block_size} tokens; use shorter examples or a base with a longer block_size")
+        self.pad, self.seed, self.mask_prompt, self.grad_accum = tokenizer.eot_token, seed, mask_prompt, grad_accum
+        self.packed, self.block_size = None, block_size
+        if pack:
+            self.packed = pack_examples(self.train, block_size)
+
+    def train_batch(self, step, micro, batch_size):
+        """(inputs, targets) of micro-batch `micro` (of grad_accum) of optimizer step `step`; with packing also
+        segment_ids (see GPT.hidden_states)."""
+        units = self.train if self.packed is None else self.packed  # examples, or rows of packed examples
+        index = (step * self.grad_accum + micro) * batch_size  # position in the endless stream of epochs
+        rows = []
+        for i in range(index, index + batch_size):
+            epoch, offset = divmod(i, len(units))
+            order = torch.randperm(len(units), generator=torch.Generator().manual_seed(self.seed + epoch))
+            rows.append(units[order[offset]])
+        if self.packed is not None:
+            return collate_packed(rows, self.pad, self.mask_prompt)
+        return collate(rows, self.pad, self.mask_prompt)
+
+    def val_batches(self, batch_size, split="val"):
+        rows = self.val if split == "val" else self.test
+        return [collate(rows[i : i + batch_size], self.pad, self.mask_prompt) for i in range(0, len(rows), batch_size)]
+
+    def describe(self):
+        packed = ""
+        if self.packed is not None:
+            positions = sum(len(ids) - 1 for ids, _ in self.train)
+            packed = f"; packed into {len(self.packed)} rows ({positions / (len(self.packed) * self.block_size):.0%} full)"
+        return (f"{len(self.train)} train / {len(self.val)} validation / {len(self.test)} test examples"
+                + (f" ({self.dropped} longer than the block size dropped)" if self.dropped else "") + packed)
+
+
+# ---------------------------------------------------------------------------------------------- answering
+
+
+def resolve_template(template, tokenizer_name):
+    """--prompt_template auto: the compact template for the byte-level base, Alpaca's for GPT-2's tokenizer."""
+    if template == "auto":
+        return "compact" if tokenizer_name == "bytes" else "alpaca"
+    return template
+
+
+def check_max_new_tokens(max_new_tokens, block_size):
+    if not 1 <= max_new_tokens < block_size:
+        raise UserError(f"--max_new_tokens {max_new_tokens}: the model sees {block_size} tokens at a time and the prompt needs "
+                        f"some of them, so use 1 to {block_size - 1}")
+
+
+def answer_examples(model, tokenizer, examples, device, max_new_tokens=80, template="alpaca", batch_size=64):
+    """Greedy responses to a list of examples, each cut at the end-of-text token: Alpaca {"instruction", "input"}
+    examples prompted in `template`, conversations ({"messages": [...]}) answered at their last assistant turn in
+    CHAT_TEMPLATE (example_prompt). Batched by complete_prompts."""
+    return complete_prompts(model, tokenizer, [example_prompt(ex, template)[0] for ex in examples], device, max_new_tokens, batch_size)
+
+
+def complete_prompts(model, tokenizer, prompt_texts, device, max_new_tokens=80, batch_size=64):
+    """Greedy continuations of prompt texts, each cut at the end-of-text token. Prompts of equal length share a
+    batch, so no row needs padding and each row gets exactly the tokens it would get alone."""
+    check_max_new_tokens(max_new_tokens, model.config.block_size)
+    keep = model.config.block_size - max_new_tokens  # room for the answer; a longer prompt keeps its end
+    prompts = [tokenizer.encode(text)[-keep:] for text in prompt_texts]
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    responses = [""] * len(prompts)
+    was_training = model.training
+    model.eval()  # greedy answers must not depend on dropout (e.g. LoRA's), or a reloaded adapter could not reproduce them
+    for length, rows in by_length.items():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            out = model.generate(torch.tensor([prompts[i] for i in batch], device=device), max_new_tokens, temperature=0, eos_token_id=tokenizer.eot_token)
+            for i, tokens in zip(batch, out[:, length:].tolist()):
+                tokens = tokens[: tokens.index(tokenizer.eot_token)] if tokenizer.eot_token in tokens else tokens
+                responses[i] = tokenizer.decode(tokens).strip()
+    model.train(was_training)
+    return responses
+
+
+def complete(model, tokenizer, prompt_text, device, max_new_tokens=80):
+    """Greedy continuation of one prompt text (already in its template: format_prompt's, chat_prompt's, or none),
+    cut at the end-of-text token."""
+    return complete_prompts(model, tokenizer, [prompt_text], device, max_new_tokens)[0]
+
+
+def answer(model, tokenizer, instruction, device, max_new_tokens=80, input_text="", template="alpaca"):
+    """Greedy response to one instruction, cut at the end-of-text token."""
+    return answer_examples(model, tokenizer, [{"instruction": instruction, "input": input_text}], device, max_new_tokens, template)[0]

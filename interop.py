@@ -30,7 +30,9 @@ import re
 
 import torch
 
-from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, active_adapter_name, adapter_config, apply_lora, atomic_write, dense_weight
+from common import save_safetensors_atomic, write_json_atomic
+from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, active_adapter_name, adapter_config, apply_lora, dense_weight
+from safety import read_saved_pair
 
 QKV_SLOT = {"q": 0, "k": 1, "v": 2}  # row block of each projection inside c_attn's 3 n_embd outputs
 HF_MODULE = {"o": "attn.c_proj", "mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"}  # besides q, k, v -> attn.c_attn
@@ -94,8 +96,6 @@ def export_peft(model, directory, base_model_name_or_path=None, adapter_name=Non
 
     Errors: an adapter with kept-trainable parameters besides LoRA (a classification head: GPT2LMHeadModel has no
     place for it), or a model without biases (not a GPT-2). Returns the weights file's path."""
-    from safetensors.torch import save_file
-
     name = adapter_name or active_adapter_name(model)
     config = adapter_config(model, name)  # raises for layers that are not one of apply_lora's targets
     if config["trainable"]:
@@ -145,13 +145,8 @@ def export_peft(model, directory, base_model_name_or_path=None, adapter_name=Non
     os.makedirs(directory, exist_ok=True)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
     header = {"format": "pt", **({"nanoqlora": json.dumps(metadata, allow_nan=False)} if metadata else {})}
-    atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata=header))
-
-    def write_config(tmp):
-        with open(tmp, "w") as f:
-            json.dump(peft_config, f, indent=2)
-
-    atomic_write(os.path.join(directory, ADAPTER_CONFIG), write_config)
+    save_safetensors_atomic(tensors, weights_path, metadata=header)
+    write_json_atomic(peft_config, os.path.join(directory, ADAPTER_CONFIG))
     return weights_path
 
 
@@ -171,12 +166,8 @@ def read_peft_adapter(directory):
     """(adapter_config.json as a dict, {tensor name: tensor}) of a PEFT adapter directory, checked."""
     from safetensors.torch import load_file
 
-    paths = [os.path.join(directory, f) for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found; a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    with open(paths[0]) as f:
-        config = json.load(f)
+    config, weights_path = read_saved_pair(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "PEFT's save_pretrained")
+    paths = [os.path.join(directory, ADAPTER_CONFIG), weights_path]
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{paths[0]}: peft_type is {config.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') can be imported")
     for key in UNSUPPORTED_PEFT_SETTINGS:
@@ -266,10 +257,10 @@ def import_peft(model, directory, adapter_name="default"):
 
 def export_merged_hf(model, directory):
     """Write the model with its active adapter merged (W0 + ΔW; DoRA's rescaled rows) as an HF GPT-2 directory. A
-    QLoRA model is merged into a dequantized copy (quantize.merge_lora_into_dequantized: re-quantizing would round
+    QLoRA model is merged into a dequantized copy (lora.merge_lora_into_dequantized: re-quantizing would round
     the update away). The model passed in is not changed. Returns the weights file's path."""
-    from lora import lora_layers, merge_lora
-    from quantize import Linear4bit, dequantize_model, merge_lora_into_dequantized
+    from lora import lora_layers, merge_lora, merge_lora_into_dequantized
+    from quantize import Linear4bit, dequantize_model
 
     quantized = any(isinstance(m, Linear4bit) for m in model.modules())
     if lora_layers(model):

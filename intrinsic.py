@@ -30,7 +30,6 @@ tensors are never changed. Layer here means parameter tensor (each weight matrix
 Aghajanyan's implementation of SAID.
 """
 
-import json
 import math
 import os
 
@@ -39,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from lora import atomic_write
+from common import save_safetensors_atomic, write_json_atomic
+from safety import read_saved_pair
 
 WEIGHTS, CONFIG = "intrinsic.safetensors", "intrinsic_config.json"
 
@@ -160,37 +160,25 @@ class IntrinsicDimension(nn.Module):
     def save(self, directory):
         """θ_d (and λ) in directory/intrinsic.safetensors, d, said, seed, D and the parameter names in
         directory/intrinsic_config.json: with the same base, that is all it takes to rebuild θ0 + P θ_d."""
-        from safetensors.torch import save_file
-
         tensors = {"theta_d": self.theta_d.detach().cpu().contiguous()}
         if self.said:
             tensors["said_scales"] = self.said_scales.detach().cpu().contiguous()
         config = dict(d=self.d, said=self.said, seed=self.seed, D=self.D, parameter_names=self.names)
         os.makedirs(directory, exist_ok=True)
-        atomic_write(os.path.join(directory, WEIGHTS), lambda tmp: save_file(tensors, tmp))
-
-        def write_json(tmp):
-            with open(tmp, "w") as f:
-                json.dump(config, f, indent=2)
-
-        atomic_write(os.path.join(directory, CONFIG), write_json)
+        save_safetensors_atomic(tensors, os.path.join(directory, WEIGHTS))
+        write_json_atomic(config, os.path.join(directory, CONFIG))
 
     @classmethod
     def load(cls, model, directory):
         """Wrap `model` (the same base) with the subspace saved in `directory`."""
         from safetensors.torch import load_file
 
-        paths = [os.path.join(directory, f) for f in (CONFIG, WEIGHTS)]
-        for path in paths:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} not found; IntrinsicDimension.save writes {CONFIG} and {WEIGHTS}")
-        with open(paths[0]) as f:
-            config = json.load(f)
+        config, weights_path = read_saved_pair(directory, CONFIG, WEIGHTS, "IntrinsicDimension.save")
         wrapped = cls(model, config["d"], config["said"], config["seed"])
         if wrapped.names != config["parameter_names"] or wrapped.D != config["D"]:
             raise ValueError(f"{directory} was trained on a model with {config['D']} parameters in {len(config['parameter_names'])} tensors; "
                              f"this one has {wrapped.D} in {len(wrapped.names)}: P would project onto different weights")
-        stored = load_file(paths[1])
+        stored = load_file(weights_path)
         with torch.no_grad():
             wrapped.theta_d.copy_(stored["theta_d"])
             if wrapped.said:

@@ -21,6 +21,7 @@ Three additions people use today, each a few lines below:
 Which layers: apply_lora's target short names map onto model.GPT's projections (see TARGETS).
 """
 
+import copy
 import hashlib
 import json
 import math
@@ -29,6 +30,10 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import check_trainable_names, replace_module, write_bytes_atomic, write_json_atomic
+from quantize import Linear4bit, dequantize_model
+from safety import UserError, check_tensors_match, first_line, read_json
 
 TARGETS = {  # apply_lora's short names -> how the names of those layers end in model.GPT
     "q": "attn.q_proj",
@@ -45,7 +50,7 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.j
 def dense_weight(base):
     """The frozen (out_features, in_features) weight W0 of a linear-like layer: nn.Linear keeps it as is,
     quantize.Linear4bit has to dequantize its 4-bit blocks first."""
-    return base.weight if isinstance(base, nn.Linear) else base.dequantize()
+    return base.weight if isinstance(base, nn.Linear) else base.dequantize()  # a Linear4bit
 
 
 def check_rank(rank, in_features, out_features):
@@ -71,7 +76,7 @@ def check_mergeable(base):
     if not isinstance(base, nn.Linear):
         raise TypeError(
             f"cannot merge into a {type(base).__name__}: W0 + ΔW would have to be re-quantized, losing most of "
-            "the update. Use quantize.merge_lora_into_dequantized(model) to merge into a dequantized copy"
+            "the update. Use lora.merge_lora_into_dequantized(model) to merge into a dequantized copy"
         )
 
 
@@ -97,7 +102,7 @@ class LoRALinear(nn.Module):
                 "this layer already has LoRA; applying it twice would stack a second wrapper. Add another "
                 "adapter with layer.add_adapter(name, ...) or apply_lora(model, ..., adapter_name='new_name')"
             )
-        if not (isinstance(base, nn.Linear) or hasattr(base, "dequantize")):
+        if not isinstance(base, (nn.Linear, Linear4bit)):
             raise TypeError(f"LoRALinear wraps an nn.Linear or a quantize.Linear4bit, got {type(base).__name__}")
         self.base = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -225,6 +230,11 @@ def resolve_targets(targets):
     return tuple(TARGETS[t] for t in dict.fromkeys(targets))
 
 
+def parse_targets(text):
+    """'q, v' (a --lora_targets flag) -> ('q', 'v')."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def is_lora_parameter(name):
     return any(part in LORA_PARAMETER_NAMES for part in name.split("."))
 
@@ -250,23 +260,18 @@ def apply_lora(model, rank=8, alpha=16, targets=("q", "v"), dropout=0.0, use_rsl
     if any(layer.merged_adapter is not None for _, layer in lora_layers(model)):
         raise RuntimeError("an adapter is merged into the base weights; call unmerge_lora(model) before adding another")
     for name, layer in layers:  # check everything before changing anything
-        if not (isinstance(layer, (nn.Linear, LoRALinear)) or hasattr(layer, "dequantize")):
+        if not isinstance(layer, (nn.Linear, Linear4bit, LoRALinear)):
             raise TypeError(f"{name} is a {type(layer).__name__}; LoRA targets linear layers only")
         check_rank(rank, layer.in_features, layer.out_features)
+    check_trainable_names(model, trainable)
     all_parameters = dict(model.named_parameters(remove_duplicate=False))
-    for t in trainable:
-        if not any(n == t or n.startswith(t + ".") for n in all_parameters):
-            top = ", ".join(name for name, _ in model.named_children())
-            raise ValueError(f"trainable={t!r} names no module or parameter of the model (its top-level modules: {top})")
 
     model.requires_grad_(False)
     for name, layer in layers:
         if isinstance(layer, LoRALinear):
             layer.add_adapter(adapter_name, rank, alpha, dropout, use_rslora, use_dora)
         else:
-            parent_name, _, child_name = name.rpartition(".")
-            lora = LoRALinear(layer, rank, alpha, dropout, use_rslora, use_dora, adapter_name)
-            setattr(model.get_submodule(parent_name), child_name, lora)
+            replace_module(model, name, LoRALinear(layer, rank, alpha, dropout, use_rslora, use_dora, adapter_name))
     for n, p in all_parameters.items():
         if any(n == t or n.startswith(t + ".") for t in trainable):
             p.requires_grad_(True)
@@ -313,22 +318,8 @@ def delete_adapter(model, name):
         if layer.active_adapter == name:
             layer.active_adapter = None
         if not layer.lora_A:
-            parent_name, _, child_name = layer_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, layer.base)
+            replace_module(model, layer_name, layer.base)
     return model
-
-
-def count_parameters(model):
-    """(trainable, total) parameter counts. Shared (tied) tensors count once; a 4-bit layer counts its
-    in x out weights (plus bias), not the bytes its packed storage takes."""
-    total, quantized = 0, set()
-    for module in model.modules():
-        if hasattr(module, "dequantize"):
-            total += module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
-            quantized.update(id(p) for p in module.parameters())
-    total += sum(p.numel() for p in model.parameters() if id(p) not in quantized)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,7 +330,7 @@ def merge_lora(model, unload=False):
     """Fold each layer's active adapter into its base weight (W = W0 + scaling · BA, §4.1), so the model
     costs exactly what the base does at inference. unmerge_lora undoes it. With unload=True the LoRA
     wrappers are replaced by their merged base layers: a plain model with the original state_dict keys
-    (every adapter is dropped, nothing to unmerge). 4-bit bases: see quantize.merge_lora_into_dequantized.
+    (every adapter is dropped, nothing to unmerge). 4-bit bases: see merge_lora_into_dequantized.
     While merged, the LoRA parameters get no gradient: unmerge before training on."""
     layers = lora_layers(model)
     active = [layer for _, layer in layers if layer.active_adapter is not None and layer.merged_adapter is None]
@@ -351,8 +342,7 @@ def merge_lora(model, unload=False):
         layer.merge()
     if unload:
         for name, layer in layers:
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, layer.base)
+            replace_module(model, name, layer.base)
     return model
 
 
@@ -364,6 +354,21 @@ def unmerge_lora(model):
     for layer in merged:
         layer.unmerge()
     return model
+
+
+def merge_lora_into_dequantized(model):
+    """A plain floating-point copy of a QLoRA model with its active adapters merged: W = dequant(W_nf4) + ΔW.
+    The model passed in is not changed.
+
+    Why not merge into the 4-bit weight? Re-quantizing W0 + ΔW moves every weight to its nearest NF4 code. An
+    update smaller than half a code step (about 0.1 sigma of W0 near zero, up to 0.4 sigma in the tails) is
+    rounded away, a larger one survives only up to a rounding error as big as that step. Fine-tuning updates
+    are usually small next to W0, so re-quantization erases or garbles much of what the adapter learned
+    (notebook 03 measures how much). The dense copy keeps the update exactly, at 4x (bf16) to 8x (fp32) the
+    memory of the 4-bit weights. Or do not merge at all: serve the 4-bit base with the adapter beside it,
+    paying for the extra B A x matmuls."""
+    merged = dequantize_model(copy.deepcopy(model))  # each LoRALinear's base becomes an nn.Linear
+    return merge_lora(merged, unload=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,34 +443,6 @@ def adapter_config(model, name):
     return dict(adapter_name=name, **layers[0][1].config[name], targets=targets, trainable=sorted(kept_trainable_parameters(model)))
 
 
-def atomic_write(path, write):
-    """Call write(temporary path) and rename the result onto path, so a crash never leaves a half file."""
-    # beside path (a rename within one file system is atomic); named by the process id so two runs cannot collide;
-    # written by `write` itself, so it gets the usual permissions (mkstemp's file would be private to its owner)
-    # (a killed writer's file is removed by the next run on the folder: safety.remove_stale_temporary_files)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:  # the data reach the disk before the rename makes them the file: a power cut
-            os.fsync(f.fileno())   # after the rename can then not leave an empty file under the real name
-        os.replace(tmp, path)
-        sync_directory(os.path.dirname(path))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def sync_directory(directory):
-    """fsync a directory, so a rename inside it is on disk too (POSIX; Windows cannot open a directory)."""
-    if os.name == "posix":
-        fd = os.open(directory or ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_adapter(model, directory, adapter_name=None, metadata=None):
     """Write one adapter (default: the active one) to directory/adapter_model.safetensors, with its
     hyperparameters in directory/adapter_config.json. The file holds A, B (and DoRA's m) of every adapted
@@ -484,20 +461,10 @@ def save_adapter(model, directory, adapter_name=None, metadata=None):
     weights = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})  # bytes: we create the file, so it
     os.makedirs(directory, exist_ok=True)                                          # gets the usual permissions (0644)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    atomic_write(weights_path, lambda tmp: write_bytes(tmp, weights))
+    write_bytes_atomic(weights, weights_path)
     config.update(weights_sha256=hashlib.sha256(weights).hexdigest(), metadata=metadata or {})
-
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2, allow_nan=False)
-
-    atomic_write(os.path.join(directory, ADAPTER_CONFIG), write_json)
+    write_json_atomic(config, os.path.join(directory, ADAPTER_CONFIG))
     return weights_path
-
-
-def write_bytes(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 ADAPTER_CONFIG_TYPES = {  # key -> (check, what it must be)
@@ -516,8 +483,6 @@ ADAPTER_CONFIG_TYPES = {  # key -> (check, what it must be)
 
 def read_adapter_config(directory):
     """adapter_config.json of an adapter directory, every field checked; -> dict."""
-    from safety import UserError, read_json
-
     path = os.path.join(directory, ADAPTER_CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; save_adapter writes {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} into a directory")
@@ -537,17 +502,17 @@ def read_adapter_config(directory):
     return config
 
 
-def copy_stored_tensors(stored, expected, path):
-    """Copy each tensor read from `path` into the model tensor of the same name, after checking that both hold the
-    same names and every shape agrees (the first difference is named). Shared with adapters.load_adapter."""
-    missing, unexpected = [k for k in expected if k not in stored], [k for k in stored if k not in expected]
-    if missing:
-        raise KeyError(f"{path} lacks tensor {missing[0]!r} ({len(missing)} missing); was it saved from another model?")
-    if unexpected:
-        raise KeyError(f"{path} has tensor {unexpected[0]!r} that this model has no place for ({len(unexpected)} in all)")
-    for k, v in stored.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"tensor {k!r} is {tuple(v.shape)} in {path} but {tuple(expected[k].shape)} in the model")
+def copy_stored_tensors(stored, model, adapter, kept, path):
+    """Copy the tensors of a saved adapter, read from `path`, into the model: into `adapter` (name -> the model's
+    tensor of that adapter) and into the kept-trainable parameters named in `kept` (e.g. a classification head),
+    after checking that both sides hold the same names and every shape agrees (the first difference is named).
+    Shared with adapters.load_adapter."""
+    all_parameters = dict(model.named_parameters(remove_duplicate=False))
+    missing_kept = [n for n in kept if n not in all_parameters]
+    if missing_kept:
+        raise KeyError(f"the adapter also stores {missing_kept[0]!r}, which this model does not have")
+    expected = {**adapter, **{n: all_parameters[n] for n in kept}}
+    check_tensors_match(stored, expected, path)
     with torch.no_grad():
         for k, v in stored.items():
             expected[k].copy_(v)
@@ -559,8 +524,6 @@ def load_adapter(model, directory, adapter_name=None):
     its weights replaced. The config's fields, the weights' checksum, names, shapes, dtypes and values
     (finite floats only) are checked against the files."""
     from safetensors.torch import load
-
-    from safety import UserError, first_line
 
     config = read_adapter_config(directory)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
@@ -594,12 +557,7 @@ def load_adapter(model, directory, adapter_name=None):
         theirs = {k: config[k] for k in ours}
         if ours != theirs:
             raise ValueError(f"the model's adapter {name!r} has {ours} but {directory} holds {theirs}; load it under another adapter_name")
-        all_parameters = dict(model.named_parameters(remove_duplicate=False))
-        missing_kept = [n for n in config["trainable"] if n not in all_parameters]
-        if missing_kept:
-            raise KeyError(f"the adapter also stores {missing_kept[0]!r}, which this model does not have")
-        expected = {**adapter_tensors(model, name), **{n: all_parameters[n] for n in config["trainable"]}}
-        copy_stored_tensors(stored, expected, paths[1])
+        copy_stored_tensors(stored, model, adapter_tensors(model, name), config["trainable"], paths[1])
     except Exception:
         if created:
             delete_adapter(model, name)

@@ -31,13 +31,16 @@ Given targets, forward returns only the loss, computed where a target exists and
 import json
 import math
 import os
-import urllib.request
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from common import autocast_context, download_file, save_safetensors_atomic, write_json_atomic
+from quantize import Linear4bit
+from safety import check_tensors_match
 
 
 @dataclass
@@ -214,13 +217,6 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, non_embedding=False):
-        """Parameter count (the tied lm_head is counted once, as wte)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
-        return n
-
     def hidden_states(self, idx, kv_cache=None, segment_ids=None):
         """(B, T) token ids -> (B, T, n_embd) final-LayerNorm outputs, the input to any head.
 
@@ -344,10 +340,6 @@ class GPT(nn.Module):
         GPT.from_pretrained(directory) both load it. Works for GPT-2 sizes and for the byte-level models here
         (vocab 257); the end-of-text token is the last id in both vocabularies. A model with LoRA layers or 4-bit
         weights must be merged into plain nn.Linear layers first. Returns the weights file's path."""
-        from safetensors.torch import save_file
-
-        from lora import atomic_write  # lora.py does not import model.py, so there is no cycle
-
         if not self.config.bias:
             raise ValueError("HF's GPT-2 has a bias in every Linear and LayerNorm; a model built with bias=False cannot be saved in its format")
         if self.config.smear_keys:
@@ -356,7 +348,7 @@ class GPT(nn.Module):
             if name.endswith(PROJECTIONS) and type(module) is not nn.Linear:
                 raise ValueError(
                     f"{name} is a {type(module).__name__}, not a plain nn.Linear: merge first, with lora.merge_lora(model, unload=True) "
-                    f"for LoRA or quantize.merge_lora_into_dequantized(model) for QLoRA (train.py --export_hf does this)"
+                    f"for LoRA or lora.merge_lora_into_dequantized(model) for QLoRA (train.py --export_hf does this)"
                 )
         c = self.config
         hf_config = {
@@ -369,14 +361,9 @@ class GPT(nn.Module):
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in ours_to_hf(self.state_dict(), c.n_layer).items()}
         os.makedirs(directory, exist_ok=True)
-
-        def write_config(tmp):
-            with open(tmp, "w") as f:
-                json.dump(hf_config, f, indent=2)
-
-        atomic_write(os.path.join(directory, "config.json"), write_config)
+        write_json_atomic(hf_config, os.path.join(directory, "config.json"))
         weights_path = os.path.join(directory, "model.safetensors")
-        atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        save_safetensors_atomic(tensors, weights_path, metadata={"format": "pt"})
         return weights_path
 
     def load_weights(self, state_dict):
@@ -384,16 +371,41 @@ class GPT(nn.Module):
         ours = self.state_dict()
         ours.pop("lm_head.weight")  # tied to transformer.wte.weight
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
-        missing = [k for k in ours if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in ours]
-        if missing:
-            raise KeyError(f"checkpoint is missing tensor {missing[0]!r} ({len(missing)} missing in all)")
-        if unexpected:
-            raise KeyError(f"checkpoint has unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all); is it for another model?")
-        for k, v in state_dict.items():
-            if v.shape != ours[k].shape:
-                raise ValueError(f"tensor {k!r} has shape {tuple(v.shape)} in the checkpoint but {tuple(ours[k].shape)} in the model")
+        check_tensors_match(state_dict, ours, "the checkpoint")
         self.load_state_dict(state_dict, strict=False)
+
+
+def count_parameters(model):
+    """(trainable, total) parameter counts of any model here (a GPT, a GPT with adapters, a classifier, a 4-bit
+    model). Shared (tied) tensors count once, so GPT-2's lm_head counts as wte; a 4-bit layer counts the
+    in x out weights it stands for (plus bias), not the bytes its packed storage takes."""
+    total, quantized = 0, set()
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            total += module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
+            quantized.update(id(p) for p in module.parameters())
+    total += sum(p.numel() for p in model.parameters() if id(p) not in quantized)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+@torch.no_grad()
+def mean_token_loss(model, batches, device):
+    """Mean cross-entropy per target token of a language model over (inputs, targets) batches, targets -100 left
+    out (in nats; per byte for the byte tokenizer). The model is put back in training mode afterwards."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast_context(device):
+            logits, _ = model(x)
+        n = (y != -100).sum().item()
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
+        total, count = total + loss.item(), count + n
+    model.train()
+    if count == 0:
+        raise ValueError("no target tokens to evaluate on: an empty split, or every target masked")
+    return total / count
 
 
 LOSS_CHUNK_ELEMENTS = 2**24  # most logits cross_entropy_at_targets computes at once: 64 MiB in fp32, 333 rows of GPT-2's vocabulary
@@ -545,27 +557,3 @@ def download_pretrained(name, cache_dir=None):
     for file in ("config.json", "model.safetensors"):
         download_file(HF_URL.format(name=name, file=file), os.path.join(directory, file))
     return directory
-
-
-def download_file(url, path):
-    """Download url to path with a progress bar. The bytes go to path + '.part' and are renamed only
-    once their count matches the server's Content-Length, so an interrupted download is never loaded."""
-    if os.path.exists(path):
-        return path
-    from tqdm import tqdm
-
-    partial = path + ".part"
-    with urllib.request.urlopen(url, timeout=60) as response:
-        expected = response.headers.get("Content-Length")
-        expected = int(expected) if expected is not None else None
-        received = 0
-        with open(partial, "wb") as f, tqdm(total=expected, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-    if expected is not None and received != expected:
-        os.remove(partial)
-        raise IOError(f"download of {url} stopped at {received} of {expected} bytes; run again to retry")
-    os.replace(partial, path)
-    return path

@@ -23,7 +23,6 @@ follows bitsandbytes, so our codes and scales are bit-identical to bitsandbytes.
 (tests/test_quantize.py checks this). This file does not use bitsandbytes; it only matches its semantics.
 """
 
-import copy
 import functools
 import math
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import replace_module
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
 DOUBLE_QUANT_BLOCK_SIZE = 256  # §3: the absmax scales are quantized in blocks of 256
@@ -410,9 +411,7 @@ def quantize_model(model, block_size=64, double_quant=True, quant_type="nf4", co
             continue
         replacements.append((name, module))
     for name, linear in replacements:
-        parent_name, _, child_name = name.rpartition(".")
-        layer = Linear4bit.from_linear(linear, block_size, double_quant, compute_dtype, quant_type)
-        setattr(model.get_submodule(parent_name), child_name, layer)
+        replace_module(model, name, Linear4bit.from_linear(linear, block_size, double_quant, compute_dtype, quant_type))
     return model
 
 
@@ -420,26 +419,8 @@ def dequantize_model(model):
     """Replace every Linear4bit with an nn.Linear holding its dequantized weight, in place."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear4bit)]
     for name, layer in layers:
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, layer.to_linear())
+        replace_module(model, name, layer.to_linear())
     return model
-
-
-def merge_lora_into_dequantized(model):
-    """A plain floating-point copy of a QLoRA model with its active adapters merged: W = dequant(W_nf4) + ΔW.
-    The model passed in is not changed.
-
-    Why not merge into the 4-bit weight? Re-quantizing W0 + ΔW moves every weight to its nearest NF4 code. An
-    update smaller than half a code step (about 0.1 sigma of W0 near zero, up to 0.4 sigma in the tails) is
-    rounded away, a larger one survives only up to a rounding error as big as that step. Fine-tuning updates
-    are usually small next to W0, so re-quantization erases or garbles much of what the adapter learned
-    (notebook 03 measures how much). The dense copy keeps the update exactly, at 4x (bf16) to 8x (fp32) the
-    memory of the 4-bit weights. Or do not merge at all: serve the 4-bit base with the adapter beside it,
-    paying for the extra B A x matmuls."""
-    import lora  # only needed here; lora.py itself never needs quantize.py
-
-    merged = dequantize_model(copy.deepcopy(model))
-    return lora.merge_lora(merged, unload=True)
 
 
 def component_of(module, parameter_name, full_name):

@@ -11,7 +11,8 @@ What keeps the scripts honest about their inputs and their output folders:
   removed when the next run starts.
 - new_run_id / file_sha256: the files of one run are tied together by a run id, and a manifest written last records
   the checksum of the weights written before it, so a pair from two different saves is never loaded as one.
-- check_finite_settings: NaN and infinity are refused for every float setting.
+- check_finite_settings: NaN and infinity are refused for every float setting; check_finite stops a run whose loss
+  or gradient norm is no longer finite, before anything is saved.
 """
 
 import contextlib
@@ -26,7 +27,7 @@ import zipfile
 from dataclasses import fields
 
 LOCK_FILE = "run.lock"
-TMP_NAME = re.compile(r"\.(\d+)\.tmp$")  # lora.atomic_write names its temporary files <path>.<pid>.tmp
+TMP_NAME = re.compile(r"\.(\d+)\.tmp$")  # common.atomic_write names its temporary files <path>.<pid>.tmp
 
 
 class UserError(ValueError):
@@ -78,6 +79,29 @@ def load_tensor_file(path, what="checkpoint", fix="delete it and train again"):
 def first_line(e):
     text = str(e).strip()
     return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+def check_tensors_match(stored, expected, source):
+    """Tensors read from `source` against the ones a model has room for: the same names, each with the same shape.
+    The first difference is named, so a file saved from another model is refused, never half-loaded."""
+    missing, unexpected = [k for k in expected if k not in stored], [k for k in stored if k not in expected]
+    if missing:
+        raise KeyError(f"{source} lacks tensor {missing[0]!r} ({len(missing)} missing); was it saved from another model?")
+    if unexpected:
+        raise KeyError(f"{source} has tensor {unexpected[0]!r} that this model has no place for ({len(unexpected)} in all)")
+    for k, v in stored.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"tensor {k!r} is {tuple(v.shape)} in {source} but {tuple(expected[k].shape)} in the model")
+
+
+def read_saved_pair(directory, config_name, weights_name, writer):
+    """(the JSON config, the weights file's path) of a directory that `writer` fills with a config and a weights file;
+    a missing file or a config that is not a JSON object is named."""
+    paths = [os.path.join(directory, name) for name in (config_name, weights_name)]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found; {writer} writes {config_name} and {weights_name} into a directory")
+    return read_json(paths[0], what=f"config written by {writer}"), paths[1]
 
 
 def read_json(path, required=(), what="file"):
@@ -146,6 +170,17 @@ def check_optimizer_ranges(cfg, extra=None):
             raise UserError(f"--{name} {getattr(cfg, name)}: use a number {description}")
 
 
+def check_finite(step, what, values, last_saved_step, out_dir, learning_rate):
+    """Stop a training run at the first NaN or infinity, before it reaches the weights or any saved file: out_dir
+    keeps the checkpoint of the last good evaluation (last_saved_step; None: nothing saved yet), from which
+    --resume can go on (with other settings)."""
+    if all(math.isfinite(v) for v in values):
+        return
+    kept = f"{out_dir} keeps the checkpoint of step {last_saved_step}" if last_saved_step is not None else "nothing of this run was saved"
+    raise UserError(f"step {step}: {what}: training diverged, so it stops here and {kept}; "
+                    f"try a lower --learning_rate (this run: {learning_rate:g}) or --grad_clip")
+
+
 # ---------------------------------------------------------------------------------------------- output folders
 
 
@@ -165,7 +200,7 @@ def process_is_alive(pid):
 
 
 def remove_stale_temporary_files(directory):
-    """Delete `<name>.<pid>.tmp` files (half-written by lora.atomic_write) whose writer no longer runs; returns them."""
+    """Delete `<name>.<pid>.tmp` files (half-written by common.atomic_write) whose writer no longer runs; returns them."""
     removed = []
     for root, _, files in os.walk(directory):
         for name in files:
@@ -210,6 +245,17 @@ def lock_out_dir(directory):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
+
+
+def remove_earlier_run(out_dir, run_files, hint=""):
+    """A fresh run replaces whatever an earlier run left in out_dir (its `run_files`), at its start: otherwise the
+    earlier run's summary or checkpoint would sit beside this run's files until it overwrote them (or forever, if
+    killed), and the folder would mix two runs."""
+    earlier = [name for name in run_files if os.path.exists(os.path.join(out_dir, name))]
+    if earlier:
+        print(f"{out_dir} holds an earlier run ({', '.join(earlier)}): replacing it{hint}")
+        for name in earlier:
+            os.remove(os.path.join(out_dir, name))
 
 
 def read_lock_owner(path):

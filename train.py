@@ -1,5 +1,8 @@
 """
-One training loop for the jobs of this repository (nanoGPT's train.py is the model for it):
+One training loop for the language-model jobs of this repository (nanoGPT's train.py is the model for it). The
+pieces it is made of live in modules: the model (model.py, lora.py, quantize.py), the data (corpus.py,
+instructions.py), the optimizer (optim.py), what runs start from (checkpoints.py) and the plumbing (common.py,
+safety.py); this file is the program that puts them together.
 
     python train.py                                   # LoRA instruction tuning of the tiny base (pretrained first if missing)
     python train.py --finetune full                   # full fine-tuning instead of LoRA
@@ -13,26 +16,24 @@ One training loop for the jobs of this repository (nanoGPT's train.py is the mod
 `python train.py --help` lists every hyperparameter with its default.
 """
 
-import argparse
-import csv
-import json
-import math
 import os
-import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from checkpoints import load_base_model, load_finetuned
+from common import (autocast_context, parse_config, peak_memory_bytes, pick_device, reset_peak_memory, save_atomic, save_figure_atomic,
+                    training_state_bytes, write_csv_atomic, write_json_atomic)
+from corpus import PretrainingData
 from ddp import init_world
-from lora import atomic_write
-from model import GPT, PRETRAINED, GPTConfig
-from safety import (UserError, check_finite_settings, check_optimizer_ranges, error_line, load_tensor_file, lock_out_dir, main_errors, new_run_id,
-                    read_json)
-
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-TINY_BASE_DIR = os.path.join(REPO_DIR, "checkpoints", "tiny-base")
+from instructions import InstructionData, answer, answer_examples, check_max_new_tokens, resolve_template
+from lora import parse_targets
+from model import GPT, PRETRAINED, GPTConfig, count_parameters, mean_token_loss
+from optim import clip_gradients, lr_at_step, make_optimizer, set_learning_rate
+from safety import (UserError, check_finite, check_finite_settings, check_optimizer_ranges, error_line, load_tensor_file, lock_out_dir, main_errors,
+                    new_run_id, remove_earlier_run)
 
 
 # The default budget: a fresh clone pretrains the tiny base and LoRA-tunes it in under ten minutes on two CPU cores.
@@ -122,7 +123,7 @@ def resolve_defaults(cfg):
     return cfg
 
 
-def check_config(cfg):
+def check_train_config(cfg):
     if cfg.finetune not in ("lora", "full"):
         raise ValueError(f"--finetune {cfg.finetune!r}: use 'lora' or 'full'")
     if cfg.quantize not in ("none", "nf4"):
@@ -150,7 +151,7 @@ def check_values(cfg):
     if not cfg.pretraining:
         from lora import resolve_targets
 
-        resolve_targets(tuple(t.strip() for t in cfg.lora_targets.split(",")))  # names the first unknown target
+        resolve_targets(parse_targets(cfg.lora_targets))  # names the first unknown target
         defaults = TrainConfig()
         for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "smear_keys"):  # a fine-tuned model keeps its base's shape
             if getattr(cfg, name) != getattr(defaults, name):
@@ -180,289 +181,6 @@ def check_inference_flags(cfg):
                         f"training use --out_dir {cfg.adapter} --resume")
 
 
-# ---------------------------------------------------------------------------------------------- system helpers
-
-
-def pick_device(name="auto"):
-    if name not in ("auto", "cuda", "mps", "cpu") and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise UserError(f"--device {name!r}: use auto, cuda (or cuda:N), mps or cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: this PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps: this PyTorch sees no Apple GPU (torch.backends.mps.is_available() is False); use --device cpu or auto")
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def autocast_context(device):
-    """bf16 autocast on CUDA GPUs that support it (weights and optimizer stay fp32); plain fp32 elsewhere."""
-    if device == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def reset_peak_memory(device):
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    elif os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: reset the process's peak resident set size (VmHWM)
-
-
-def peak_memory_bytes(device):
-    """Peak GPU memory allocated on CUDA; on CPU the process's peak resident set size (which includes Python and
-    PyTorch themselves, a few hundred MB)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    if os.path.exists("/proc/self/status"):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def save_atomic(obj, path):
-    """torch.save through a temporary file and a rename: a crash mid-write never leaves a broken checkpoint."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def write_json_atomic(obj, path):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            try:  # a bare NaN or Infinity is not JSON: refuse to write a file that JSON readers would reject
-                json.dump(obj, f, indent=2, allow_nan=False)
-            except ValueError as e:
-                raise ValueError(f"not writing {path}: {e} (a NaN or infinite number)") from None
-
-    atomic_write(path, write)
-
-
-def write_csv_atomic(rows, path, fieldnames):
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
-
-
-def save_figure_atomic(fig, path):
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-
-
-# ---------------------------------------------------------------------------------------------- models
-
-
-def load_checkpoint_model(path, device="cpu"):
-    """A full-weight checkpoint written by this script -> (GPT, tokenizer name)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    ckpt = load_tensor_file(path, fix="point --init_from at a checkpoint written by train.py")
-    if "model" not in ckpt and "trainable" in ckpt:
-        raise ValueError(f"{path} holds only LoRA adapter weights; load its base with --init_from and the adapter with --adapter {os.path.dirname(path)}")
-    for key in ("model", "model_config", "tokenizer"):
-        if key not in ckpt:
-            raise UserError(f"{path} has no {key!r}: it is not a checkpoint written by train.py")
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_weights(ckpt["model"])
-    bad = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-    if bad is not None:
-        raise UserError(f"{path}: tensor {bad!r} holds NaN or infinite values; the training that saved it diverged")
-    return model.to(device), ckpt["tokenizer"]
-
-
-def ensure_tiny_base(device="cpu"):
-    """The default starting point: pretrain the tiny base on the stdlib corpus if it is not there yet, and finish
-    it if an earlier pretraining was interrupted (its checkpoint is then from before the last step)."""
-    path = os.path.join(TINY_BASE_DIR, "ckpt.pt")
-    base_config = TrainConfig(init_from="scratch", dataset="stdlib", out_dir=TINY_BASE_DIR, device=device)
-    if not os.path.isfile(path) and "RANK" in os.environ:  # every torchrun process would pretrain (and write) it at once
-        raise FileNotFoundError(f"no tiny base model at {path}: pretrain it first in one process (python train.py --init_from scratch "
-                                f"--dataset stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}), then start torchrun")
-    if not os.path.isfile(path):
-        print(f"No tiny base model at {path}: pretraining it first on the standard library's docstrings "
-              f"(a few minutes on a laptop CPU; `python train.py --init_from scratch --dataset stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}` does the same).")
-        train(resolve_defaults(base_config))
-    else:
-        ckpt = load_tensor_file(path, fix=f"delete {TINY_BASE_DIR} to pretrain the tiny base again")
-        if "iter" not in ckpt or "max_iters" not in ckpt.get("train_config", {}):
-            raise UserError(f"{path} records no training progress (iter, train_config): it is not a checkpoint of train.py; "
-                            f"delete {TINY_BASE_DIR} to pretrain the tiny base again")
-        done, planned = ckpt["iter"], ckpt["train_config"]["max_iters"]
-        if done < planned:
-            print(f"The tiny base at {path} stopped at step {done} of {planned}: resuming its pretraining first.")
-            base_config = TrainConfig(**{**ckpt["train_config"], "resume": True, "device": device, "out_dir": TINY_BASE_DIR})
-            train(resolve_defaults(base_config))
-    return path
-
-
-def load_base_model(init_from, device="cpu"):
-    """'tiny' | a GPT-2 name or HF directory | a checkpoint of this script -> (GPT, tokenizer name)."""
-    if init_from == "tiny":
-        return load_checkpoint_model(ensure_tiny_base(device), device)
-    if init_from in PRETRAINED or os.path.isfile(os.path.join(init_from, "model.safetensors")):
-        return GPT.from_pretrained(init_from).to(device), "gpt2"
-    if os.path.exists(init_from):
-        return load_checkpoint_model(init_from, device)
-    raise ValueError(f"--init_from {init_from!r}: use 'tiny', 'scratch', one of {', '.join(PRETRAINED)}, or an existing checkpoint path")
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-class PretrainingData:
-    """The stdlib corpus as one long token stream. A training batch is batch_size random windows whose positions
-    depend only on (seed, step), so a resumed run sees exactly the batches the uninterrupted run would have."""
-
-    def __init__(self, tokenizer, block_size, seed, sources="docstrings"):
-        from corpus import stdlib_corpus
-
-        train_text, val_text = stdlib_corpus(sources)
-        self.train = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
-        self.val = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
-        self.block_size, self.seed = block_size, seed
-        n = (len(self.val) - 1) // block_size  # validation: every non-overlapping window, the same each time
-        self.val_windows = self.val[: n * block_size + 1]
-
-    def train_batch(self, step, micro, batch_size):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + micro)
-        starts = torch.randint(len(self.train) - self.block_size - 1, (batch_size,), generator=g)
-        x = torch.stack([self.train[s : s + self.block_size] for s in starts])
-        y = torch.stack([self.train[s + 1 : s + 1 + self.block_size] for s in starts])
-        return x, y
-
-    def val_batches(self, batch_size):
-        n = (len(self.val_windows) - 1) // self.block_size
-        x = self.val_windows[:-1].view(n, self.block_size)
-        y = self.val_windows[1:].view(n, self.block_size)
-        return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
-
-    def describe(self):
-        return f"stdlib corpus: {len(self.train):,} train and {len(self.val):,} validation bytes"
-
-
-class InstructionData:
-    """Alpaca-format examples or chat conversations, split 85/5/10, tokenized, each epoch shuffled by (seed, epoch).
-    With pack, the training examples are packed once into rows of up to block_size positions (best-fit decreasing)
-    and the rows are shuffled instead; validation and test batches stay unpacked (the loss is the same either way)."""
-
-    def __init__(self, dataset, tokenizer, block_size, seed, mask_prompt, template="alpaca", pack=False):
-        from instructions import load_examples, split_examples, tokenize_examples
-
-        self.train_examples, self.val_examples, self.test_examples = split_examples(load_examples(dataset))
-        sizes = [len(self.train_examples), len(self.val_examples), len(self.test_examples)]
-        if not all(sizes):
-            raise UserError(f"dataset {dataset!r} has {sum(sizes)} examples, which the 85/5/10 split cuts into {sizes[0]} train / "
-                            f"{sizes[1]} validation / {sizes[2]} test; every split needs one or more, so use at least 20 examples")
-        max_length = block_size + 1  # inputs and targets are the sequence shifted by one
-        self.train, dropped = tokenize_examples(self.train_examples, tokenizer, max_length, template)
-        self.val, dropped_val = tokenize_examples(self.val_examples, tokenizer, max_length, template)
-        self.test, dropped_test = tokenize_examples(self.test_examples, tokenizer, max_length, template)
-        self.dropped = dropped + dropped_val + dropped_test
-        for split, kept, examples in (("train", self.train, self.train_examples), ("validation", self.val, self.val_examples), ("test", self.test, self.test_examples)):
-            if not kept:  # an empty split would train on nothing or report a loss of 0
-                raise UserError(f"dataset {dataset!r}: all {len(examples)} {split} examples are longer than the model's context of "
-                                f"{block_size} tokens; use shorter examples or a base with a longer block_size")
-        self.pad, self.seed, self.mask_prompt = tokenizer.eot_token, seed, mask_prompt
-        self.packed, self.block_size = None, block_size
-        if pack:
-            from instructions import pack_examples
-
-            self.packed = pack_examples(self.train, block_size)
-
-    def train_batch(self, step, micro, batch_size):
-        """(inputs, targets) of one micro-batch; with packing also segment_ids (see GPT.hidden_states)."""
-        from instructions import collate, collate_packed
-
-        units = self.train if self.packed is None else self.packed  # examples, or rows of packed examples
-        index = (step * self.grad_accum + micro) * batch_size  # position in the endless stream of epochs
-        rows = []
-        for i in range(index, index + batch_size):
-            epoch, offset = divmod(i, len(units))
-            order = torch.randperm(len(units), generator=torch.Generator().manual_seed(self.seed + epoch))
-            rows.append(units[order[offset]])
-        if self.packed is not None:
-            return collate_packed(rows, self.pad, self.mask_prompt)
-        return collate(rows, self.pad, self.mask_prompt)
-
-    def val_batches(self, batch_size, split="val"):
-        from instructions import collate
-
-        rows = self.val if split == "val" else self.test
-        return [collate(rows[i : i + batch_size], self.pad, self.mask_prompt) for i in range(0, len(rows), batch_size)]
-
-    def describe(self):
-        packed = ""
-        if self.packed is not None:
-            positions = sum(len(ids) - 1 for ids, _ in self.train)
-            packed = f"; packed into {len(self.packed)} rows ({positions / (len(self.packed) * self.block_size):.0%} full)"
-        return (f"{len(self.train)} train / {len(self.val)} validation / {len(self.test)} test examples"
-                + (f" ({self.dropped} longer than the block size dropped)" if self.dropped else "") + packed)
-
-
-@torch.no_grad()
-def evaluate(model, batches, device):
-    """Mean cross-entropy per target token over all batches (in nats; per byte for the byte tokenizer)."""
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast_context(device):
-            logits, _ = model(x)
-        n = (y != -100).sum().item()
-        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
-        total, count = total + loss.item(), count + n
-    model.train()
-    if count == 0:
-        raise ValueError("no target tokens to evaluate on: an empty split, or every target masked")
-    return total / count
-
-
-# ---------------------------------------------------------------------------------------------- optimisation
-
-
-def make_optimizer(model, cfg):
-    """AdamW over the trainable parameters. Matrices (dim >= 2) get weight decay; biases and LayerNorm gains do not
-    (decaying them only fights the normalisation). With --loraplus_ratio, LoRA's B matrices get a higher rate."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if cfg.loraplus_ratio != 1.0:
-        from lora import lora_param_groups
-
-        groups = lora_param_groups(model, cfg.learning_rate, loraplus_lr_ratio=cfg.loraplus_ratio, weight_decay=cfg.weight_decay)
-    else:
-        groups = [
-            {"params": [p for n, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0},
-        ]
-    for g in groups:
-        g["lr_scale"] = g.get("lr", cfg.learning_rate) / cfg.learning_rate
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
-
-
-def learning_rate(step, cfg):
-    """Linear warmup, then cosine decay to min_lr_ratio x peak (as in GPT-3 / nanoGPT)."""
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
-    progress = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    min_lr = cfg.learning_rate * cfg.min_lr_ratio
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - min_lr)
-
-
-def training_state_bytes(model, optimizer):
-    """Bytes of trainable parameters' gradients and optimizer state plus all weights: what training must hold."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
-    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
-    return weights + grads + states
-
-
 # ---------------------------------------------------------------------------------------------- outputs
 
 
@@ -482,55 +200,6 @@ def plot_losses(rows, path, title):
     save_figure_atomic(fig, path)
 
 
-def write_log(rows, path):
-    write_csv_atomic(rows, path, ["iter", "lr", "train_loss", "val_loss", "tokens", "seconds"])
-
-
-def resolve_template(template, tokenizer_name):
-    """--prompt_template auto: the compact template for the byte-level base, Alpaca's for GPT-2's tokenizer."""
-    if template == "auto":
-        return "compact" if tokenizer_name == "bytes" else "alpaca"
-    return template
-
-
-def answer_examples(model, tokenizer, examples, device, max_new_tokens=80, template="alpaca", batch_size=64):
-    """Greedy responses to a list of examples, each cut at the end-of-text token: Alpaca {"instruction", "input"}
-    examples prompted in `template`, conversations ({"messages": [...]}) answered at their last assistant turn in
-    instructions.CHAT_TEMPLATE (instructions.example_prompt). Batched by complete_prompts."""
-    from instructions import example_prompt
-
-    return complete_prompts(model, tokenizer, [example_prompt(ex, template)[0] for ex in examples], device, max_new_tokens, batch_size)
-
-
-def complete_prompts(model, tokenizer, prompt_texts, device, max_new_tokens=80, batch_size=64):
-    """Greedy continuations of prompt texts, each cut at the end-of-text token. Prompts of equal length share a
-    batch, so no row needs padding and each row gets exactly the tokens it would get alone."""
-    check_max_new_tokens(max_new_tokens, model.config.block_size)
-    keep = model.config.block_size - max_new_tokens  # room for the answer; a longer prompt keeps its end
-    prompts = [tokenizer.encode(text)[-keep:] for text in prompt_texts]
-    by_length = {}
-    for i, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(i)
-    responses = [""] * len(prompts)
-    was_training = model.training
-    model.eval()  # greedy answers must not depend on dropout (e.g. LoRA's), or a reloaded adapter could not reproduce them
-    for length, rows in by_length.items():
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            out = model.generate(torch.tensor([prompts[i] for i in batch], device=device), max_new_tokens, temperature=0, eos_token_id=tokenizer.eot_token)
-            for i, tokens in zip(batch, out[:, length:].tolist()):
-                tokens = tokens[: tokens.index(tokenizer.eot_token)] if tokenizer.eot_token in tokens else tokens
-                responses[i] = tokenizer.decode(tokens).strip()
-    model.train(was_training)
-    return responses
-
-
-def complete(model, tokenizer, prompt_text, device, max_new_tokens=80):
-    """Greedy continuation of one prompt text (already in its template: format_prompt's, chat_prompt's, or none),
-    cut at the end-of-text token."""
-    return complete_prompts(model, tokenizer, [prompt_text], device, max_new_tokens)[0]
-
-
 def chat_display(example):
     """A conversation shown like an Alpaca sample: the user turn before the last assistant turn, and that turn."""
     from instructions import chat_prompt
@@ -539,11 +208,6 @@ def chat_display(example):
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     users = [m["content"] for m in messages[:last] if m["role"] == "user"]
     return {"instruction": users[-1] if users else "(no user turn)", "output": chat_prompt(messages)[1]}
-
-
-def answer(model, tokenizer, instruction, device, max_new_tokens=80, input_text="", template="alpaca"):
-    """Greedy response to one instruction, cut at the end-of-text token."""
-    return answer_examples(model, tokenizer, [{"instruction": instruction, "input": input_text}], device, max_new_tokens, template)[0]
 
 
 def answer_report(examples, before, after):
@@ -604,48 +268,12 @@ def prepare_model(cfg, device):
         quantize_model(model)
     from lora import apply_lora
 
-    targets = tuple(t.strip() for t in cfg.lora_targets.split(","))
-    apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=targets, dropout=cfg.lora_dropout,
+    apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=parse_targets(cfg.lora_targets), dropout=cfg.lora_dropout,
                use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     return model, tokenizer_name, "qlora" if cfg.quantize == "nf4" else "lora"
 
 
-def check_max_new_tokens(max_new_tokens, block_size):
-    if not 1 <= max_new_tokens < block_size:
-        raise UserError(f"--max_new_tokens {max_new_tokens}: the model sees {block_size} tokens at a time and the prompt needs "
-                        f"some of them, so use 1 to {block_size - 1}")
-
-
-def clip_gradients(model, max_norm):
-    """Scale the trainable parameters' gradients to a global norm of at most max_norm (0 = no clipping); returns the
-    norm before clipping, which the loop checks for NaN and infinity."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    # max_norm = inf only measures: the scale factor min(1, inf / norm) is exactly 1
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
-
-
-def check_finite(step, what, values, rows, cfg):
-    """Stop the run at the first NaN or infinity, before it reaches the weights or any saved file: out_dir keeps the
-    checkpoint and adapter of the last good evaluation, from which --resume can go on (with other settings)."""
-    if all(math.isfinite(v) for v in values):
-        return
-    saved = [r["iter"] for r in rows if r["val_loss"] != ""]
-    kept = f"{cfg.out_dir} keeps the checkpoint of step {saved[-1]}" if saved else "nothing of this run was saved"
-    raise UserError(f"step {step}: {what}: training diverged, so it stops here and {kept}; "
-                    f"try a lower --learning_rate (this run: {cfg.learning_rate:g}) or --grad_clip")
-
-
 RUN_FILES = ("ckpt.pt", "adapter_model.safetensors", "adapter_config.json", "log.csv", "loss.png", "samples.json", "summary.json")
-
-
-def remove_earlier_run(out_dir):
-    """A fresh run replaces whatever an earlier run left in out_dir, at its start: otherwise the earlier run's
-    summary or checkpoint would sit beside this run's files until it overwrote them (or forever, if killed)."""
-    earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
-    if earlier:
-        print(f"{out_dir} holds an earlier run ({', '.join(earlier)}): replacing it (--resume continues it instead)")
-        for name in earlier:
-            os.remove(os.path.join(out_dir, name))
 
 
 def settings_that_shape_the_run(cfg):
@@ -706,11 +334,17 @@ def load_trained_tensors(model, ckpt, path):
     model.load_state_dict(stored, strict=False)  # not strict only because the frozen base is not in the file: checked above
 
 
+def last_saved_step(rows):
+    """The step of the run's last checkpoint: each evaluation (a row with a validation loss) ends with a save."""
+    saved = [r["iter"] for r in rows if r["val_loss"] != ""]
+    return saved[-1] if saved else None
+
+
 def train(cfg):
     """Run one job end to end; returns the summary dict that is also written to out_dir/summary.json. The run owns
     out_dir while it lasts: a second run on the same folder is refused (safety.lock_out_dir). Under torchrun, rank 0
     alone writes to out_dir, so it holds the lock for all ranks, and the other ranks return None."""
-    check_config(cfg)
+    check_train_config(cfg)
     device = pick_device(cfg.device)  # a --device this machine lacks is refused before anything is loaded
     world = init_world(device)  # under torchrun: this process's rank among world.size (ddp.py); else rank 0 of 1
     try:
@@ -741,13 +375,10 @@ def run_training(cfg, world=None):
     if cfg.pretraining:
         data = PretrainingData(tokenizer, block_size, cfg.seed, cfg.corpus)
     else:
-        data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt, template, pack=cfg.pack)
+        data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt, template, pack=cfg.pack, grad_accum=cfg.grad_accum)
         answered = data.test_examples[: cfg.answer_limit]  # Alpaca examples, or conversations (answered at their last assistant turn)
-    data.grad_accum = cfg.grad_accum
     model.gradient_checkpointing = cfg.grad_checkpointing
-    optimizer = make_optimizer(model, cfg)
-    from lora import count_parameters
-
+    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.loraplus_ratio)
     trainable, total = count_parameters(model)
     print(f"{mode}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%) on {device}; {data.describe()}")
 
@@ -762,7 +393,7 @@ def run_training(cfg, world=None):
         run_id = ckpt.get("run_id", run_id)  # checkpoints written before run ids get one now
         print(f"resumed from {ckpt_path} at step {start}")
     elif world.is_main:  # the other ranks write nothing to out_dir
-        remove_earlier_run(cfg.out_dir)
+        remove_earlier_run(cfg.out_dir, RUN_FILES, hint=" (--resume continues it instead)")
     run_model = world.wrap(torch.compile(model) if cfg.compile else model)
     if world.size > 1:  # each rank its own dropout masks, reproducible from (seed, rank, step resumed at)
         torch.manual_seed(cfg.seed + world.rank + 1_000_003 * start)
@@ -770,9 +401,9 @@ def run_training(cfg, world=None):
     val_batches = val_batches[: cfg.eval_batches] if cfg.eval_batches else val_batches
 
     if not before and world.is_main:  # measured once, before the first step, and carried through resumes
-        before["val_loss"] = evaluate(model, val_batches, device)
+        before["val_loss"] = mean_token_loss(model, val_batches, device)
         if not cfg.pretraining:
-            before["test_loss"] = evaluate(model, data.val_batches(cfg.batch_size, "test"), device)
+            before["test_loss"] = mean_token_loss(model, data.val_batches(cfg.batch_size, "test"), device)
             before["answers"] = answer_examples(model, tokenizer, answered, device, cfg.max_new_tokens, template)
         print(f"validation loss before training: {before['val_loss']:.4f}")
 
@@ -786,9 +417,8 @@ def run_training(cfg, world=None):
 
         steps = tqdm(steps, initial=start, total=cfg.max_iters, desc=mode, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
     for step in steps:
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        lr = lr_at_step(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
+        set_learning_rate(optimizer, lr)
         step_loss, step_tokens = 0.0, 0
         micro_batches = world.micro_batches(cfg.grad_accum)  # all of them for one process
         for micro in micro_batches:
@@ -804,27 +434,29 @@ def run_training(cfg, world=None):
         step_loss, step_tokens = world.sum(step_loss, step_tokens)
         tokens_seen += int(step_tokens)
         grad_norm = clip_gradients(model, cfg.grad_clip)  # of the gradients all ranks share after DDP's all-reduce
-        check_finite(step + 1, f"the training loss is {step_loss:g} and the gradient norm {grad_norm:g}", [step_loss, grad_norm], rows, cfg)
+        check_finite(step + 1, f"the training loss is {step_loss:g} and the gradient norm {grad_norm:g}", [step_loss, grad_norm],
+                     last_saved_step(rows), cfg.out_dir, cfg.learning_rate)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = elapsed_before + time.time() - t0
         row = {"iter": step + 1, "lr": lr, "train_loss": step_loss, "val_loss": "", "tokens": tokens_seen, "seconds": round(seconds, 3)}
         if world.is_main and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters):
-            row["val_loss"] = evaluate(model, val_batches, device)
-            check_finite(step + 1, f"the validation loss is {row['val_loss']:g}", [row["val_loss"]], rows, cfg)
+            row["val_loss"] = mean_token_loss(model, val_batches, device)
+            check_finite(step + 1, f"the validation loss is {row['val_loss']:g}", [row["val_loss"]], last_saved_step(rows), cfg.out_dir, cfg.learning_rate)
         rows.append(row)
         if cfg.progress:
             tokens_per_second = (tokens_seen - tokens_at_start) / max(time.time() - t0, 1e-9)
             steps.set_postfix(loss=f"{step_loss:.3f}", val=f"{row['val_loss']:.3f}" if row["val_loss"] != "" else "-", tok_s=f"{tokens_per_second:.0f}", refresh=False)
         if row["val_loss"] != "":
             save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step + 1, rows, before, ckpt_path, run_id)
-            write_log(rows, os.path.join(cfg.out_dir, "log.csv"))
+            write_csv_atomic(rows, os.path.join(cfg.out_dir, "log.csv"), list(rows[0]))
             plot_losses(rows, os.path.join(cfg.out_dir, "loss.png"), f"{mode} on {cfg.dataset}")
 
     if not world.is_main:  # rank 0 evaluates and writes the results
         return None
-    summary = {
-        "init_from": cfg.init_from, "finetune": mode, "dataset": cfg.dataset, "lora_rank": cfg.lora_rank if mode in ("lora", "qlora") else None,
+    summary = {  # every setting as the flag that gives it: --init_from, --finetune (None when pretraining), --quantize
+        "init_from": cfg.init_from, "finetune": None if cfg.pretraining else cfg.finetune, "quantize": cfg.quantize, "dataset": cfg.dataset,
+        "lora_rank": cfg.lora_rank if mode in ("lora", "qlora") else None,
         "lora_alpha": cfg.lora_alpha if mode in ("lora", "qlora") else None, "lora_targets": cfg.lora_targets if mode in ("lora", "qlora") else None,
         "trainable_params": trainable, "total_params": total, "train_examples": len(data.train) if not cfg.pretraining else None,
         "val_loss_before": before["val_loss"], "val_loss_after": rows[-1]["val_loss"] if rows else before["val_loss"],
@@ -836,8 +468,9 @@ def run_training(cfg, world=None):
           f"{cfg.max_iters} steps in {summary['seconds']:.0f} s; peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
     if not cfg.pretraining:
         summary["test_loss_before"] = before["test_loss"]
-        summary["test_loss_after"] = evaluate(model, data.val_batches(cfg.batch_size, "test"), device)
-        check_finite(cfg.max_iters, f"the test loss is {summary['test_loss_after']:g}", [summary["test_loss_after"]], rows, cfg)
+        summary["test_loss_after"] = mean_token_loss(model, data.val_batches(cfg.batch_size, "test"), device)
+        check_finite(cfg.max_iters, f"the test loss is {summary['test_loss_after']:g}", [summary["test_loss_after"]], last_saved_step(rows),
+                     cfg.out_dir, cfg.learning_rate)
         summary["prompt_template"] = template
         after = answer_examples(model, tokenizer, answered, device, cfg.max_new_tokens, template)
         fields, by_kind, records = answer_report(answered, before["answers"], after)
@@ -875,33 +508,6 @@ def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, bef
     else:
         ckpt["model"] = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_atomic(ckpt, path)
-
-
-def load_finetuned(adapter_dir, init_from, device):
-    """The base model with a LoRA adapter from `adapter_dir` loaded into it -> (model, tokenizer name), in eval mode.
-    init_from "tiny" means: the base the adapter was trained on (recorded in its adapter_config.json). A QLoRA adapter
-    learned to correct a 4-bit base, so the base is quantized again (deterministically: the same codes as in training)."""
-    from lora import load_adapter, read_adapter_config
-
-    config = read_adapter_config(adapter_dir)
-    trained_on = config["metadata"]  # written by save_checkpoint: run_id, init_from, finetune, step
-    if not {"run_id", "init_from", "finetune"} <= set(trained_on):
-        raise UserError(f"{adapter_dir}/adapter_config.json does not say which base it was trained on (no run_id, init_from and "
-                        f"finetune in its metadata): it was not saved by train.py; load it with lora.load_adapter")
-    summary_path = os.path.join(adapter_dir, "summary.json")
-    if os.path.isfile(summary_path):  # the folder's summary must describe this adapter's run, not another one
-        summary = read_json(summary_path, ["run_id"], what="summary of a train.py run")
-        if summary["run_id"] != trained_on["run_id"]:
-            raise UserError(f"{summary_path} is from run {summary['run_id']} but the adapter in {adapter_dir} from run "
-                            f"{trained_on['run_id']}: the folder mixes two runs' files; train again in an empty --out_dir")
-    init_from = trained_on["init_from"] if init_from == "tiny" else init_from
-    model, tokenizer_name = load_base_model(init_from, device)
-    if trained_on["finetune"] == "qlora":
-        from quantize import quantize_model
-
-        quantize_model(model)
-    load_adapter(model, adapter_dir)
-    return model.eval(), tokenizer_name
 
 
 def load_for_answering(cfg, device):
@@ -985,22 +591,8 @@ def export_run(cfg):
               + (f"; it was trained on prompts in the {template!r} template (instructions.format_prompt)" if template else ""))
 
 
-def parse_config(config_class, argv=None, description=__doc__):
-    """Every field of a config dataclass becomes a --flag with its default in --help; unknown flags are errors.
-    (finetune_classifier.py builds its command line from ClassifierConfig the same way.)"""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(config_class):
-        help_text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")  # argparse formats help with %
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
-    return config_class(**vars(parser.parse_args(argv)))
-
-
 def parse_args(argv=None):
-    return parse_config(TrainConfig, argv)
+    return parse_config(TrainConfig, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 Measure two training options of train.py on this machine (issue 14), with random weights (speed and memory do not
 depend on the values):
 
-    python benchmarks/train_features.py packing          # real (non-padding) tokens per second, with and without --pack
-    python benchmarks/train_features.py checkpointing    # activation memory and step time, with and without --grad_checkpointing
+    python -m benchmarks.train_features packing          # real (non-padding) tokens per second, with and without --pack
+    python -m benchmarks.train_features checkpointing    # activation memory and step time, with and without --grad_checkpointing
 
 packing: the default job's shape (LoRA r=8 on q,v of the tiny base's 4 x 256 byte-level GPT, 512 bytes of context,
 batch 8, AdamW), on the embedded set and on ../shared/data/instruction-data.json; unpacked and packed steps alternate
@@ -15,7 +15,7 @@ minus the resident size just before them (activations, gradients and temporaries
 there is no allocator to ask, so glibc is told to return freed blocks, see checkpointing()).
 
 Results go to benchmarks/train_features.json. Run with one thread pinned to one core for steady numbers, e.g.
-`OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/train_features.py packing`.
+`OMP_NUM_THREADS=1 taskset -c 1 python -m benchmarks.train_features packing`.
 """
 
 import argparse
@@ -28,7 +28,6 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "benchmarks", "train_features.json")
 
 
@@ -46,7 +45,7 @@ def packing(datasets, steps, rounds):
     from lora import apply_lora
     from model import GPT, GPTConfig
     from tokenizer import get_tokenizer
-    from train import InstructionData
+    from instructions import InstructionData
 
     torch.set_num_threads(1)
     out = {}
@@ -64,7 +63,6 @@ def packing(datasets, steps, rounds):
             run_steps(model, optimizer, data[pack], pack, 0, 1)
         for _ in range(rounds):
             for pack in (False, True):
-                data[pack].grad_accum = 1
                 seconds, real, positions = run_steps(model, optimizer, data[pack], pack, step_of[pack] + 1, steps)
                 step_of[pack] += steps
                 t = totals[pack]
@@ -85,7 +83,6 @@ def packing(datasets, steps, rounds):
 
 
 def run_steps(model, optimizer, data, pack, first_step, steps):
-    data.grad_accum = 1
     seconds, real, positions = 0.0, 0, 0
     for step in range(first_step, first_step + steps):
         x, y, *segments = data.train_batch(step, 0, 8)
@@ -150,12 +147,12 @@ def checkpointing(modes, steps, batch, seq):
     out = []
     for mode in modes:
         for on in (False, True):
-            cmd = [sys.executable, __file__, "checkpointing-one", mode, str(int(on)), str(steps), str(batch), str(seq)]
+            cmd = [sys.executable, "-m", "benchmarks.train_features", "checkpointing-one", mode, str(int(on)), str(steps), str(batch), str(seq)]
             # glibc keeps freed blocks below its (self-raising) mmap threshold for reuse, so the resident size would not fall
             # back between steps and a step's peak would hide in memory the warm-up step left behind; a fixed threshold of
             # 128 KiB returns every activation-sized block to the system when freed
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
-            result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=ROOT)
             row = json.loads(result.stdout.strip().splitlines()[-1])
             out.append(row)
             print(f"{mode:5} checkpointing={on!s:5} {row['seconds_per_step']:.2f} s/step, step peak {row['step_peak_bytes'] / 2**20:.0f} MiB", flush=True)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer import get_tokenizer
-from train import load_checkpoint_model
+from checkpoints import load_checkpoint_model
 
 
 def random_words(rng, count=12):

@@ -17,31 +17,28 @@ Each form runs once per round, in an order that rotates from round to round, and
 median over the rounds as a ratio to the base's median: drifts of a shared machine hit all forms alike. The minimum
 over the rounds (the least-disturbed run) is recorded too: when other jobs share the core, it is the steadier figure.
 
-    python experiments/latency.py                               # GPT-2 124M's shape, batch 1 and 8, 15 rounds
-    python experiments/latency.py --shape tiny --rounds 40      # the tiny base's shape (4 x 256, byte-level)
+    python -m experiments.latency                               # GPT-2 124M's shape, batch 1 and 8, 15 rounds
+    python -m experiments.latency --shape tiny --rounds 40      # the tiny base's shape (4 x 256, byte-level)
 
 Writes --out (default experiments/results/latency.json) and prints a markdown table.
 """
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-import lora  # noqa: E402
-import train  # noqa: E402
-from adapters import apply_adapters  # noqa: E402
-from ia3 import apply_ia3  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from prefix_tuning import apply_prefix_tuning  # noqa: E402
+import lora
+from adapters import apply_adapters
+from common import write_json_atomic
+from ia3 import apply_ia3
+from model import GPT, GPTConfig
+from prefix_tuning import apply_prefix_tuning
 
 SHAPES = {  # name -> (GPTConfig, Houlsby bottleneck m)
     "gpt2": (GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768), 64),
@@ -118,7 +115,7 @@ def main(argv=None):
                                                  "min_ms": round(1000 * minima[name], 3), "ratio_of_min": round(minima[name] / minima["base"], 3),
                                                  "samples_ms": [round(1000 * t, 3) for t in times[name]]} for name, m in medians.items()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    train.write_json_atomic(results, args.out)
+    write_json_atomic(results, args.out)
     batches = list(results["batches"])
     print(f"forward pass, {args.shape} shape, {args.tokens} tokens, median of {args.rounds} rotating rounds, {results['threads']} thread(s)")
     print("| form | " + " | ".join(f"batch {b}: median ms | ratio | min ms | ratio" for b in batches) + " |")

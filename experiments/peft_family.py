@@ -14,10 +14,10 @@ meaning there and is skipped). Every method sees the same batches in the same or
 with its own peak learning rate (METHODS), linear warmup and cosine decay. Sequences are cut to block_size minus
 the prefix length for every method, so the prefix run reads the same data as the others.
 
-    python experiments/peft_family.py --init_from checkpoints/small-base --sms ../shared/data/sms_spam_collection.tsv
-    python experiments/peft_family.py --task classify --methods did_100,said_100     # a few rows; reruns skip done ones
-    python experiments/peft_family.py --plot_only                                     # redraw from the CSVs
-    python experiments/peft_family.py --methods head,full,ia3 --time_steps 20         # seconds per step, methods taking turns
+    python -m experiments.peft_family --init_from checkpoints/small-base --sms ../shared/data/sms_spam_collection.tsv
+    python -m experiments.peft_family --task classify --methods did_100,said_100     # a few rows; reruns skip done ones
+    python -m experiments.peft_family --plot_only                                     # redraw from the CSVs
+    python -m experiments.peft_family --methods head,full,ia3 --time_steps 20         # seconds per step, methods taking turns
 
 Writes --out_dir/peft_family_<task>.csv (one row per method; an existing row is kept, so a sweep resumes),
 peft_family_<task>.png (metric vs trainable parameters) and intrinsic_d90.png (the d sweep with its d90).
@@ -28,25 +28,23 @@ Peak memory is the process's peak resident set size on CPU, so run one method pe
 import argparse
 import copy
 import csv
-import math
 import os
-import sys
 import time
-from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import lora  # noqa: E402
-import train  # noqa: E402
-from adapters import apply_adapters  # noqa: E402
-from finetune_classifier import (GPTClassifier, balance_classes, encode_messages, evaluate as evaluate_classifier,  # noqa: E402
-                                 load_messages, make_batches, split_messages)
-from ia3 import apply_ia3  # noqa: E402
-from intrinsic import IntrinsicDimension  # noqa: E402
-from prefix_tuning import apply_prefix_tuning  # noqa: E402
+import lora
+from adapters import apply_adapters
+from checkpoints import load_base_model
+from classifier import GPTClassifier, balance_classes, encode_messages, evaluate_classifier, load_messages, make_batches, split_messages
+from common import peak_memory_bytes, reset_peak_memory, save_figure_atomic, training_state_bytes, write_csv_atomic
+from ia3 import apply_ia3
+from instructions import InstructionData
+from intrinsic import IntrinsicDimension
+from model import mean_token_loss
+from optim import lr_at_step
+from prefix_tuning import apply_prefix_tuning
 
 BASELINES = {  # method -> peak learning rate (intrinsic: see INTRINSIC_LR)
     "head": 1e-2, "last_block": 1e-3, "full": 3e-4, "lora_qv": 2e-3, "lora_all": 2e-3,
@@ -96,11 +94,20 @@ def build(method, gpt, task, args):
 
 
 def classification_data(args, tokenizer, max_length):
-    cfg = SimpleNamespace(data_path=args.sms, dataset="embedded")
-    train_set, val_set, test_set = split_messages(balance_classes(load_messages(cfg)))
+    train_set, val_set, test_set = split_messages(balance_classes(load_messages(args.sms)))
     if args.max_train:
         train_set = train_set[: args.max_train]
     return {name: encode_messages(subset, tokenizer, max_length)[0] for name, subset in (("train", train_set), ("test", test_set))}
+
+
+def training_loss(model, batch, task):
+    """Cross-entropy of one batch: of the class logits (classify), or of every next token (instruct)."""
+    if task == "classify":
+        x, lengths, y = batch
+        return F.cross_entropy(model(x, lengths), y)
+    x, y = batch
+    logits, _ = model(x)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100)
 
 
 def run(method, task, gpt, tokenizer, args):
@@ -115,38 +122,30 @@ def run(method, task, gpt, tokenizer, args):
         batches = [b for epoch in range(args.epochs)
                    for b in make_batches(data["train"], args.batch_size, pad, torch.Generator().manual_seed(args.seed + epoch))]
     else:
-        data = train.InstructionData(args.instruct_dataset, tokenizer, max_length - 1, args.seed, mask_prompt=False)
-        data.grad_accum = 1
+        data = InstructionData(args.instruct_dataset, tokenizer, max_length - 1, args.seed, mask_prompt=False)
         batches = [data.train_batch(step, 0, args.batch_size) for step in range(args.instruct_steps)]
-    schedule = SimpleNamespace(learning_rate=lr, min_lr_ratio=0.1, warmup_iters=max(1, len(batches) // 20), max_iters=len(batches))
+    warmup_iters = max(1, len(batches) // 20)
 
-    train.reset_peak_memory("cpu")
+    reset_peak_memory("cpu")
     model.train()
     t0 = time.time()
     for step, batch in enumerate(batches):
         for group in optimizer.param_groups:
-            group["lr"] = train.learning_rate(step, schedule)
-        if task == "classify":
-            x, lengths, y = batch
-            loss = F.cross_entropy(model(x, lengths), y)
-        else:
-            x, y = batch
-            logits, _ = model(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100)
-        loss.backward()
+            group["lr"] = lr_at_step(step, lr, warmup_iters, len(batches), min_lr_ratio=0.1)
+        training_loss(model, batch, task).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     seconds = time.time() - t0
-    peak = train.peak_memory_bytes("cpu")
+    peak = peak_memory_bytes("cpu")
     if task == "classify":
         metric_name, metric = "test_accuracy", evaluate_classifier(model, make_batches(data["test"], 32, pad), "cpu")["accuracy"]
     else:
-        metric_name, metric = "val_loss", train.evaluate(model, data.val_batches(args.batch_size), "cpu")
+        metric_name, metric = "val_loss", mean_token_loss(model, data.val_batches(args.batch_size), "cpu")
     d = method.split("_")[1] if method.startswith(("did_", "said_")) else ""
     return dict(task=task, method=method, d=d, trainable_params=trainable, metric_name=metric_name, metric=round(metric, 5),
                 seconds_per_step=round(seconds / len(batches), 4), steps=len(batches), learning_rate=lr,
-                training_state_bytes=train.training_state_bytes(model, optimizer), peak_rss_bytes=peak, seed=args.seed)
+                training_state_bytes=training_state_bytes(model, optimizer), peak_rss_bytes=peak, seed=args.seed)
 
 
 def time_steps(methods, task, gpt, tokenizer, args, rounds):
@@ -159,8 +158,7 @@ def time_steps(methods, task, gpt, tokenizer, args, rounds):
         rows = classification_data(args, tokenizer, max_length)["train"]
         batch = make_batches(rows, args.batch_size, pad, torch.Generator().manual_seed(args.seed))[0]
     else:
-        data = train.InstructionData(args.instruct_dataset, tokenizer, max_length - 1, args.seed, mask_prompt=False)
-        data.grad_accum = 1
+        data = InstructionData(args.instruct_dataset, tokenizer, max_length - 1, args.seed, mask_prompt=False)
         batch = data.train_batch(0, 0, args.batch_size)
     runs = {}
     for method in methods:
@@ -170,14 +168,7 @@ def time_steps(methods, task, gpt, tokenizer, args, rounds):
 
     def step(method):
         model, params, optimizer = runs[method]
-        if task == "classify":
-            x, lengths, y = batch
-            loss = F.cross_entropy(model(x, lengths), y)
-        else:
-            x, y = batch
-            logits, _ = model(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100)
-        loss.backward()
+        training_loss(model, batch, task).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -227,7 +218,7 @@ def plot(rows, task, path):
            title=f"{task}: the parameter-efficient family, same base, split and budget")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    train.save_figure_atomic(fig, path)
+    save_figure_atomic(fig, path)
 
 
 def plot_d90(rows, path):
@@ -249,7 +240,7 @@ def plot_d90(rows, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    train.save_figure_atomic(fig, path)
+    save_figure_atomic(fig, path)
 
 
 def print_table(rows):
@@ -286,7 +277,7 @@ def main(argv=None):
     if not args.plot_only:
         from tokenizer import get_tokenizer
 
-        gpt, tokenizer_name = train.load_base_model(args.init_from, "cpu")
+        gpt, tokenizer_name = load_base_model(args.init_from, "cpu")
         tokenizer = get_tokenizer(tokenizer_name)
     if args.time_steps:
         for task in tasks:
@@ -294,7 +285,7 @@ def main(argv=None):
             medians = time_steps(methods, task, gpt, tokenizer, args, args.time_steps)
             rows = [dict(task=task, method=m, median_step_seconds=round(t, 4), ratio_to_full=round(t / medians["full"], 3) if "full" in medians else "")
                     for m, t in medians.items()]
-            train.write_csv_atomic(rows, os.path.join(args.out_dir, f"peft_family_{task}_step_times.csv"), list(rows[0]))
+            write_csv_atomic(rows, os.path.join(args.out_dir, f"peft_family_{task}_step_times.csv"), list(rows[0]))
             for r in rows:
                 print(r)
         return
@@ -311,7 +302,7 @@ def main(argv=None):
             row = run(method, task, gpt, tokenizer, args)
             print(row, flush=True)
             rows.append(row)
-            train.write_csv_atomic(rows, path, COLUMNS)
+            write_csv_atomic(rows, path, COLUMNS)
         if rows:
             plot(rows, task, os.path.join(args.out_dir, f"peft_family_{task}.png"))
             print_table(rows)

@@ -4,22 +4,20 @@ The rank lab: what does LoRA's rank do? (LoRA §7, Table 6, at small scale.)
 Runs the same fine-tuning job, same seed and budget, for every rank x target set, and writes one CSV row per run
 plus two plots per task: metric vs rank (log x) and metric vs trainable parameters, one line per target set.
 
-    python experiments/rank_sweep.py                                   # both tasks, the full grid, tiny base, embedded data
-    python experiments/rank_sweep.py --task classify --sms ../shared/data/sms_spam_collection.tsv
-    python experiments/rank_sweep.py --ranks 1,8,64 --targets "q,v;all-linear" --instruct_iters 40   # a quick look
+    python -m experiments.rank_sweep                                   # both tasks, the full grid, tiny base, embedded data
+    python -m experiments.rank_sweep --task classify --sms ../shared/data/sms_spam_collection.tsv
+    python -m experiments.rank_sweep --ranks 1,8,64 --targets "q,v;all-linear" --instruct_iters 40   # a quick look
 
-Each run's outputs (adapter included) stay in --out_dir/runs/<task>_r<rank>_<targets>/ for experiments/subspace.py.
+(from the repository root). Each run is one run of train.py or finetune_classifier.py, in a child process (as a user
+would start it); its outputs (adapter included) stay in --out_dir/runs/<task>_r<rank>_<targets>/ for
+experiments.subspace.
 """
 
 import argparse
 import csv
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import train  # noqa: E402
-from finetune_classifier import ClassifierConfig, train_classifier  # noqa: E402
+from common import run_script, save_figure_atomic, write_csv_atomic
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 TARGET_SETS = ("q", "q,v", "q,k,v,o", "all-linear")
@@ -32,19 +30,18 @@ def run_name(task, rank, targets, seed):
 
 
 def run_instruct(rank, targets, args, seed, out_dir):
-    cfg = train.resolve_defaults(train.TrainConfig(
+    summary = run_script("train.py", dict(
         init_from=args.init_from, dataset=args.instruct_dataset, out_dir=out_dir, lora_rank=rank, lora_alpha=2 * rank if args.alpha == 0 else args.alpha,
         lora_targets=targets, lora_dropout=0.0, max_iters=args.instruct_iters, eval_interval=args.instruct_iters, num_samples=0,
         seed=seed, progress=False, device=args.device))
-    summary = train.train(cfg)
     return summary, "val_loss", summary["val_loss_after"], summary.get("test_accuracy_after", "")
 
 
 def run_classify(rank, targets, args, seed, out_dir):
-    cfg = ClassifierConfig(mode="lora", init_from=args.init_from, data_path=args.sms, out_dir=out_dir, lora_rank=rank,
-                           lora_alpha=2 * rank if args.alpha == 0 else args.alpha, lora_targets=targets, epochs=args.classify_epochs,
-                           seed=seed, progress=False, device=args.device)
-    summary = train_classifier(cfg)
+    summary = run_script("finetune_classifier.py", dict(
+        mode="lora", init_from=args.init_from, data_path=args.sms, out_dir=out_dir, lora_rank=rank,
+        lora_alpha=2 * rank if args.alpha == 0 else args.alpha, lora_targets=targets, epochs=args.classify_epochs,
+        seed=seed, progress=False, device=args.device))
     return summary, "test_accuracy", summary["test_accuracy"], summary["test_accuracy"]
 
 
@@ -72,7 +69,7 @@ def plot(rows, task, metric_name, path, column="metric"):
     axes[0].legend(title="targets")
     fig.suptitle(f"{task}: {metric_name.replace('_', ' ')} by rank and target set (same seed and budget)")
     fig.tight_layout()
-    train.save_figure_atomic(fig, path)
+    save_figure_atomic(fig, path)
 
 
 def read_rows(path):
@@ -83,7 +80,7 @@ def read_rows(path):
 
 
 def write_rows(rows, path):
-    train.write_csv_atomic(rows, path, COLUMNS)
+    write_csv_atomic(rows, path, COLUMNS)
 
 
 def main(argv=None):

@@ -18,29 +18,19 @@ Results: experiments/results/structure_vs_knowledge.csv and .png.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import random
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checkpoints import load_checkpoint_model, load_finetuned
+from common import REPO_DIR, run_script, save_figure_atomic, write_csv_atomic
+from data import make_instructions  # its word lists, facts and phrasings are reused here
+from instructions import answer_examples, contains_answer
+from tokenizer import get_tokenizer
 
-import train  # noqa: E402
-from instructions import contains_answer  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = {"plural": "rule", "past_tense": "rule", "capital": "fact", "animal_class": "fact"}
 COLUMNS = ["mode", "kind", "family", "items", "examples", "format_accuracy", "content_accuracy", "seconds"]
-
-
-def generator():
-    """data/make_instructions.py, whose word lists, facts and phrasings this experiment reuses."""
-    spec = importlib.util.spec_from_file_location("make_instructions", os.path.join(ROOT, "data", "make_instructions.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def shape_pattern(example):
@@ -54,7 +44,7 @@ def shape_pattern(example):
 def build(seed, per_kind, trained_phrasings=2):
     """-> (train examples, {(kind, 'seen'|'unseen'): test examples}). Each seen item is trained in
     `trained_phrasings` phrasings and tested in another one; unseen items are only tested."""
-    gen = generator()
+    gen = make_instructions
     rng = random.Random(seed)
     kinds = gen.kinds(rng)
     train_examples, tests = [], {}
@@ -100,19 +90,16 @@ def run(mode, args, train_examples, tests):
     os.makedirs(out_dir, exist_ok=True)
     held_out = [ex for examples in tests.values() for ex in examples]
     data_path = dataset_file(train_examples, held_out, os.path.join(out_dir, "data.json"))
-    cfg = train.resolve_defaults(train.TrainConfig(
+    summary = run_script("train.py", dict(
         init_from=args.init_from, dataset=data_path, out_dir=out_dir, finetune="full" if mode == "full" else "lora",
         max_iters=args.max_iters, answer_limit=0, num_samples=0, seed=args.seed, progress=False, device=args.device))
-    summary = train.train(cfg)
     if mode == "full":
-        model, tokenizer_name = train.load_checkpoint_model(out_dir, summary["device"])
+        model, tokenizer_name = load_checkpoint_model(out_dir, summary["device"])
     else:
-        model, tokenizer_name = train.load_finetuned(out_dir, args.init_from, summary["device"])
-    from tokenizer import get_tokenizer
-
+        model, tokenizer_name = load_finetuned(out_dir, args.init_from, summary["device"])
     tokenizer, rows = get_tokenizer(tokenizer_name), []
     for (kind, part), examples in tests.items():
-        responses = train.answer_examples(model, tokenizer, examples, summary["device"], 64, summary["prompt_template"])
+        responses = answer_examples(model, tokenizer, examples, summary["device"], 64, summary["prompt_template"])
         form = sum(bool(re.fullmatch(shape_pattern(ex), r)) for ex, r in zip(examples, responses)) / len(examples)
         content = sum(contains_answer(r, ex["answer"]) for ex, r in zip(examples, responses)) / len(examples)
         rows.append(dict(mode=mode, kind=kind, family=KINDS[kind], items=part, examples=len(examples),
@@ -139,7 +126,7 @@ def plot(rows, path):
         ax.legend(loc="upper center", ncol=2, fontsize=8)
     fig.suptitle("structure, not knowledge: seen and unseen items of rule and fact kinds")
     fig.tight_layout()
-    train.save_figure_atomic(fig, path)
+    save_figure_atomic(fig, path)
 
 
 def main(argv=None):
@@ -149,13 +136,13 @@ def main(argv=None):
     parser.add_argument("--per_kind", type=int, default=80, help="items per kind, half seen, half unseen (default: %(default)s)")
     parser.add_argument("--max_iters", type=int, default=0, help="optimizer steps (default 0: train.py's fine-tuning default)")
     parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--out_dir", default=os.path.join(ROOT, "experiments", "results"))
+    parser.add_argument("--out_dir", default=os.path.join(REPO_DIR, "experiments", "results"))
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     train_examples, tests = build(args.seed, args.per_kind)
     print(f"{len(train_examples)} training examples; tested: " + ", ".join(f"{k[0]}/{k[1]} {len(v)}" for k, v in tests.items()))
     rows = [row for mode in args.modes.split(",") for row in run(mode.strip(), args, train_examples, tests)]
-    train.write_csv_atomic(rows, os.path.join(args.out_dir, "structure_vs_knowledge.csv"), COLUMNS)
+    write_csv_atomic(rows, os.path.join(args.out_dir, "structure_vs_knowledge.csv"), COLUMNS)
     plot(rows, os.path.join(args.out_dir, "structure_vs_knowledge.png"))
 
 

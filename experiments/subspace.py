@@ -1,9 +1,9 @@
 """
 What did the adapters learn? LoRA §7.2 (subspace similarity) and §7.3 (amplification), on the rank sweep's adapters.
 
-    python experiments/rank_sweep.py --task instruct --ranks 4,8,64 --targets "q,v"                 # the adapters
-    python experiments/rank_sweep.py --task instruct --ranks 64 --targets "q,v" --seeds 2            # a second seed
-    python experiments/subspace.py                                                                  # heat maps + table
+    python -m experiments.rank_sweep --task instruct --ranks 4,8,64 --targets "q,v"                 # the adapters
+    python -m experiments.rank_sweep --task instruct --ranks 64 --targets "q,v" --seeds 2            # a second seed
+    python -m experiments.subspace                                                                  # heat maps + table
 
 §7.2: phi(A_r8, A_r64, i, j) compares the top-i right-singular directions of the r=8 adapter's A with the top-j of
 the r=64 one (lora.subspace_similarity). The paper finds the top direction shared (phi > 0.5) and the rest mostly
@@ -15,15 +15,13 @@ not: "a low rank suffices". Across two seeds at r=64 the top directions agree mo
 
 import argparse
 import os
-import sys
 
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lora import subspace_similarity  # noqa: E402
-from train import load_base_model, save_figure_atomic  # noqa: E402
+from checkpoints import load_base_model
+from common import save_figure_atomic
+from lora import subspace_similarity
 
 
 def load_run(runs_dir, task, rank, targets, seed):
@@ -33,12 +31,16 @@ def load_run(runs_dir, task, rank, targets, seed):
     directory = os.path.join(runs_dir, f"{task}_r{rank}_{targets.replace(',', '')}_s{seed}")
     path = os.path.join(directory, "adapter_model.safetensors")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; run experiments/rank_sweep.py --task {task} --ranks {rank} --targets {targets} --seeds {seed} first")
+        raise FileNotFoundError(f"{path} not found; run python -m experiments.rank_sweep --task {task} --ranks {rank} --targets {targets} --seeds {seed} first")
     with open(os.path.join(directory, "adapter_config.json")) as f:
         return load_file(path), json.load(f)
 
 
-def delta_weight(tensors, config, layer):
+def stored_update(tensors, config, layer):
+    """ΔW = scaling · B A of one layer of a saved adapter, in float64: what lora.LoRALinear.delta_weight gives for a
+    live layer. A DoRA adapter's update also rescales W's rows, so it is refused rather than misread."""
+    if config["use_dora"]:
+        raise ValueError("a DoRA adapter's update is not B A alone (it rescales the rows of W0 + B A): use a LoRA run")
     scaling = config["alpha"] / (config["rank"] ** 0.5 if config["use_rslora"] else config["rank"])
     return scaling * tensors[f"{layer}.lora_B"].double() @ tensors[f"{layer}.lora_A"].double()
 
@@ -87,7 +89,7 @@ def main(argv=None):
     layer_index = args.layer % base.config.n_layer
     layer = f"transformer.h.{layer_index}.{args.module}"
     W = base.get_submodule(layer).weight.detach()
-    (t8, c8), (t64, c64) = load_run(args.runs_dir, args.task, 8, args.targets, seed_a), load_run(args.runs_dir, args.task, 64, args.targets, seed_a)
+    (t8, _), (t64, _) = load_run(args.runs_dir, args.task, 8, args.targets, seed_a), load_run(args.runs_dir, args.task, 64, args.targets, seed_a)
     t64b, _ = load_run(args.runs_dir, args.task, 64, args.targets, seed_b)
 
     from matplotlib.figure import Figure
@@ -109,7 +111,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
     for rank in (4, 64):
         tensors, config = load_run(args.runs_dir, args.task, rank, args.targets, seed_a)
-        a = amplification(W, delta_weight(tensors, config, layer), rank, g)
+        a = amplification(W, stored_update(tensors, config, layer), rank, g)
         print(f"| {rank} | {a['along_dW']:.3f} | {a['along_W']:.3f} | {a['along_random']:.3f} | {a['norm_W']:.2f} | {a['norm_dW']:.3f} | {a['factor']:.1f} |")
 
 

@@ -1,4 +1,4 @@
-"""bench.py is a script, not a timed test: here it only has to run end to end on the tiny shape and write every row."""
+"""benchmarks/bench.py is a script, not a timed test: here it only has to run end to end on the tiny shape and write every row."""
 import json
 import math
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import bench
+from benchmarks import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
-    command = [sys.executable, "bench.py", "--shape", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1",
+    command = [sys.executable, "-m", "benchmarks.bench", "--shape", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1",
                "--memory", "reset", "--device", "cpu", "--out", str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -164,9 +164,9 @@ def test_packed_loss_equals_unpacked_loss(mask_prompt):
     from model import GPT, GPTConfig
 
     tok = ByteTokenizer()
-    from instructions import EMBEDDED_PATH
+    from instructions import EMBEDDED_INSTRUCTIONS_PATH
 
-    examples = json.load(open(EMBEDDED_PATH))[:12] + [
+    examples = json.load(open(EMBEDDED_INSTRUCTIONS_PATH))[:12] + [
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ok"}]}
     ]
     kept, dropped = tokenize_examples(examples, tok, max_length=385)

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from intrinsic import Fastfood, IntrinsicDimension, fast_walsh_hadamard
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, count_parameters
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -82,7 +82,7 @@ def test_identity_at_start_and_exact_trainable_count(said):
     layers = len(list(model.parameters()))  # tied lm_head / wte counted once
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == 50 + (layers if said else 0)
-    assert wrapped.D == sum(p.numel() for p in model.parameters()) == model.num_params()
+    assert wrapped.D == sum(p.numel() for p in model.parameters()) == count_parameters(model)[1]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == 50 + (layers if said else 0)
 
@@ -122,7 +122,7 @@ def test_classifier_head_is_in_the_subspace_too():
             return self.head(self.gpt.hidden_states(idx)[:, -1])
 
     wrapped = IntrinsicDimension(Classifier(), d=8)
-    assert "head.weight" in wrapped.names and wrapped.D == gpt.num_params() + 32 * 2 + 2
+    assert "head.weight" in wrapped.names and wrapped.D == count_parameters(gpt)[1] + 32 * 2 + 2
     F.cross_entropy(wrapped(tokens()), torch.tensor([0, 1])).backward()
     assert wrapped.theta_d.grad is not None and wrapped.theta_d.grad.abs().sum() > 0
 

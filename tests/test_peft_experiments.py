@@ -1,27 +1,18 @@
 """experiments/peft_family.py and experiments/latency.py: every method builds and trains on a tiny model, d90 picks the
 smallest d over the threshold, the latency forms compute the same thing where they should."""
-import importlib.util
 import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from experiments import latency, peft_family
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"experiment_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-peft_family = load("peft_family")
-latency = load("latency")
 
 
 def test_d90_is_the_smallest_d_over_90_percent_of_full():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import lora
 import quantize as Q
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, count_parameters
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +325,7 @@ def test_quantize_model_replaces_linears_but_not_embeddings_or_tied_head():
 def test_memory_report_gpt2_124m_shaped_model():
     torch.manual_seed(0)
     model = GPT(GPTConfig())  # GPT-2 124M's shapes, random weights
-    n_params = model.num_params()  # 124,439,808: the tied head counted once
+    n_params = count_parameters(model)[1]  # 124,439,808: the tied head counted once
     Q.quantize_model(model)
     rows = {r["component"]: r for r in Q.memory_report(model)}
     linear = rows["linear weights"]
@@ -385,7 +385,7 @@ def test_merge_lora_into_dequantized_copy_matches_qlora_model():
     idx = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         expected, _ = model(idx)
-        merged = Q.merge_lora_into_dequantized(model)
+        merged = lora.merge_lora_into_dequantized(model)
         got, _ = merged(idx)
     assert not any(isinstance(m, (Q.Linear4bit, lora.LoRALinear)) for m in merged.modules())
     assert isinstance(model.transformer.h[0].attn.q_proj.base, Q.Linear4bit)  # the original is untouched

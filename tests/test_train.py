@@ -11,7 +11,11 @@ import sys
 import pytest
 import torch
 
+import checkpoints
+import instructions
 import train
+from common import write_json_atomic
+from model import mean_token_loss
 from safety import UserError
 from train import TrainConfig, parse_args, resolve_defaults
 
@@ -30,7 +34,7 @@ def test_pretraining_lowers_validation_loss(tmp_path):
     assert summary["val_loss_after"] < summary["val_loss_before"] - 1.0  # from ~5.5 (uniform over 257) downwards
     for name in ("ckpt.pt", "log.csv", "loss.png", "summary.json"):
         assert (tmp_path / name).exists()
-    model, tokenizer_name = train.load_checkpoint_model(str(tmp_path))
+    model, tokenizer_name = checkpoints.load_checkpoint_model(str(tmp_path))
     assert tokenizer_name == "bytes" and model.config.n_embd == 32
 
 
@@ -75,13 +79,13 @@ def test_parse_args_types():
 
 def test_bad_combinations_are_clear_errors():
     with pytest.raises(ValueError, match="--finetune lora"):
-        train.check_config(TrainConfig(finetune="full", quantize="nf4"))
+        train.check_train_config(TrainConfig(finetune="full", quantize="nf4"))
     with pytest.raises(ValueError, match="'lora' or 'full'"):
-        train.check_config(TrainConfig(finetune="adapter"))
+        train.check_train_config(TrainConfig(finetune="adapter"))
     with pytest.raises(ValueError, match="--init_from scratch --dataset stdlib"):
-        train.check_config(TrainConfig(init_from="scratch", dataset="embedded"))
+        train.check_train_config(TrainConfig(init_from="scratch", dataset="embedded"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train.load_checkpoint_model("/nonexistent/ckpt.pt")
+        checkpoints.load_checkpoint_model("/nonexistent/ckpt.pt")
 
 
 # ------------------------------------------------------------------------------------- instruction fine-tuning
@@ -155,12 +159,12 @@ def test_batched_answers_equal_one_at_a_time(small_base):
     from instructions import format_prompt, load_examples
     from tokenizer import get_tokenizer
 
-    model, tokenizer_name = train.load_checkpoint_model(small_base)
+    model, tokenizer_name = checkpoints.load_checkpoint_model(small_base)
     tokenizer, examples = get_tokenizer(tokenizer_name), load_examples("embedded")[:40]
     lengths = [len(tokenizer.encode(format_prompt(ex, "compact"))) for ex in examples]
     assert len(set(lengths)) < len(lengths) - 5  # several prompts share a length, so some batches hold several rows
-    batched = train.answer_examples(model, tokenizer, examples, "cpu", max_new_tokens=16, template="compact")
-    alone = [train.answer(model, tokenizer, ex["instruction"], "cpu", 16, ex["input"], template="compact") for ex in examples]
+    batched = instructions.answer_examples(model, tokenizer, examples, "cpu", max_new_tokens=16, template="compact")
+    alone = [instructions.answer(model, tokenizer, ex["instruction"], "cpu", 16, ex["input"], template="compact") for ex in examples]
     assert batched == alone
 
 
@@ -168,10 +172,10 @@ def reloaded_val_loss(adapter_dir, cfg):
     """Validation loss of base + the saved adapter, loaded afresh, on the batches training evaluated on."""
     from tokenizer import get_tokenizer
 
-    model, tokenizer_name = train.load_finetuned(str(adapter_dir), "tiny", "cpu")
-    template = train.resolve_template(cfg.prompt_template, tokenizer_name)
-    data = train.InstructionData(cfg.dataset, get_tokenizer(tokenizer_name), model.config.block_size, cfg.seed, cfg.mask_prompt, template)
-    return train.evaluate(model, data.val_batches(cfg.batch_size)[: cfg.eval_batches], "cpu")
+    model, tokenizer_name = checkpoints.load_finetuned(str(adapter_dir), "tiny", "cpu")
+    template = instructions.resolve_template(cfg.prompt_template, tokenizer_name)
+    data = instructions.InstructionData(cfg.dataset, get_tokenizer(tokenizer_name), model.config.block_size, cfg.seed, cfg.mask_prompt, template)
+    return mean_token_loss(model, data.val_batches(cfg.batch_size)[: cfg.eval_batches], "cpu")
 
 
 def test_answer_is_greedy_in_eval_mode_whatever_mode_the_model_is_in():
@@ -188,15 +192,13 @@ def test_answer_is_greedy_in_eval_mode_whatever_mode_the_model_is_in():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=5.0)  # large: with B = 0 (or small) dropout on the adapter could not change a greedy answer
     tokenizer = ByteTokenizer()
-    in_train_mode = train.answer(model.train(), tokenizer, "Name a colour.", "cpu", max_new_tokens=16)
+    in_train_mode = instructions.answer(model.train(), tokenizer, "Name a colour.", "cpu", max_new_tokens=16)
     assert model.training  # the caller's mode is restored
-    in_eval_mode = train.answer(model.eval(), tokenizer, "Name a colour.", "cpu", max_new_tokens=16)
+    in_eval_mode = instructions.answer(model.eval(), tokenizer, "Name a colour.", "cpu", max_new_tokens=16)
     assert in_train_mode == in_eval_mode and in_eval_mode != ""
 
 
 def test_qlora_trains_only_adapters(small_base, tmp_path):
-    import torch
-
     from quantize import Linear4bit
 
     cfg = finetune_config(small_base, tmp_path, quantize="nf4", max_iters=12, eval_interval=12, mask_prompt=True)
@@ -204,7 +206,7 @@ def test_qlora_trains_only_adapters(small_base, tmp_path):
     assert mode == "qlora" and any(isinstance(m, Linear4bit) for m in model.modules())
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     summary = train.train(cfg)
-    assert summary["finetune"] == "qlora" and summary["trainable_params"] == 2 * 2 * (4 * 48 + 48 * 4)
+    assert (summary["finetune"], summary["quantize"]) == ("lora", "nf4") and summary["trainable_params"] == 2 * 2 * (4 * 48 + 48 * 4)
     assert summary["val_loss_after"] < summary["val_loss_before"]
     # reloading re-quantizes the base; the adapter must meet the same 4-bit weights it was trained on
     assert reloaded_val_loss(tmp_path, cfg) == pytest.approx(summary["val_loss_after"], abs=1e-6)
@@ -244,7 +246,7 @@ def test_packing_and_gradient_checkpointing_train(small_base, tmp_path, capsys):
 def test_packed_rows_hold_every_training_example_once():
     from tokenizer import get_tokenizer
 
-    data = train.InstructionData("embedded", get_tokenizer("bytes"), 512, 1337, mask_prompt=False, pack=True)
+    data = instructions.InstructionData("embedded", get_tokenizer("bytes"), 512, 1337, mask_prompt=False, pack=True)
     data.grad_accum = 1
     assert sorted(ex[0] for row in data.packed for ex in row) == sorted(ex[0] for ex in data.train)
     assert all(sum(len(ids) - 1 for ids, _ in row) <= 512 for row in data.packed)
@@ -263,7 +265,7 @@ def test_export_peft_and_hf_from_the_command_line(tmp_path):
     run = tmp_path / "run"
     train.train(finetune_config(str(plain_base), run, max_iters=3, eval_interval=3, lora_targets="q,k,o"))
     train.export_run(parse_args(["--adapter", str(run), "--export_peft", str(tmp_path / "peft"), "--export_hf", str(tmp_path / "hf")]))
-    ours, _ = train.load_finetuned(str(run), "tiny", "cpu")
+    ours, _ = checkpoints.load_finetuned(str(run), "tiny", "cpu")
     idx = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ours(idx)[0]
@@ -285,7 +287,7 @@ def test_export_peft_and_hf_from_the_command_line(tmp_path):
     assert header == adapter_metadata and header["prompt_template"] == "compact" and header["finetune"] == "lora"
     assert "metadata" not in json.load(open(tmp_path / "peft" / "adapter_config.json"))
     with pytest.raises(UserError, match="is a PEFT adapter .*interop.import_peft"):  # not loadable as one of ours
-        train.load_finetuned(str(tmp_path / "peft"), "tiny", "cpu")
+        checkpoints.load_finetuned(str(tmp_path / "peft"), "tiny", "cpu")
 
 
 def test_a_base_with_smeared_keys_is_not_exported_to_hf(small_base, tmp_path):
@@ -345,7 +347,7 @@ def test_no_loading_path_unpickles_objects_from_a_checkpoint(small_base, tmp_pat
     tiny_base = tmp_path / "tiny-base"
     tiny_base.mkdir()
     booby_trapped_checkpoint(tiny_base / "ckpt.pt", marker)
-    monkeypatch.setattr(train, "TINY_BASE_DIR", str(tiny_base))
+    monkeypatch.setattr(checkpoints, "TINY_BASE_DIR", str(tiny_base))
     resume_dir = tmp_path / "resume"
     resume_dir.mkdir()
     booby_trapped_checkpoint(resume_dir / "ckpt.pt", marker)
@@ -358,10 +360,10 @@ def test_no_loading_path_unpickles_objects_from_a_checkpoint(small_base, tmp_pat
 
     paths = {
         "--resume": lambda: train.train(finetune_config(small_base, resume_dir, resume=True)),
-        "the tiny-base check of a default run": lambda: train.ensure_tiny_base(),
+        "the tiny-base check of a default run": lambda: checkpoints.ensure_tiny_base(),
         "--prompt": lambda: train.answer_prompt(TrainConfig(prompt="Hi", device="cpu")),
         "--adapter --prompt": lambda: train.answer_prompt(TrainConfig(adapter=str(adapter_dir), prompt="Hi", device="cpu")),
-        "--init_from a checkpoint": lambda: train.load_checkpoint_model(str(resume_dir)),
+        "--init_from a checkpoint": lambda: checkpoints.load_checkpoint_model(str(resume_dir)),
     }
     for name, load in paths.items():
         with pytest.raises(UserError, match="more than tensors and plain containers"):
@@ -375,7 +377,7 @@ def test_unreadable_checkpoints_are_named(tmp_path, content):
     path = tmp_path / "ckpt.pt"
     path.write_bytes(content)
     with pytest.raises(UserError, match=f"{path} is not a readable checkpoint"):
-        train.load_checkpoint_model(str(path))
+        checkpoints.load_checkpoint_model(str(path))
 
 
 def test_truncated_checkpoint_is_named_on_resume(tmp_path):
@@ -424,7 +426,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
 
 def test_summary_json_never_holds_nan(tmp_path):
     with pytest.raises(ValueError, match="not writing .*summary.json"):
-        train.write_json_atomic({"val_loss_after": float("nan")}, str(tmp_path / "summary.json"))
+        write_json_atomic({"val_loss_after": float("nan")}, str(tmp_path / "summary.json"))
     assert os.listdir(tmp_path) == []
 
 
@@ -552,7 +554,7 @@ def test_a_fresh_run_replaces_the_earlier_runs_files_and_the_adapter_names_its_o
     with pytest.raises(KeyboardInterrupt):
         train.train(finetune_config(small_base, tmp_path, quantize="nf4", max_iters=4, eval_interval=2, num_samples=0))
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "run.lock").exists()
-    model, _ = train.load_finetuned(str(tmp_path), "tiny", "cpu")
+    model, _ = checkpoints.load_finetuned(str(tmp_path), "tiny", "cpu")
     assert any(isinstance(m, Linear4bit) for m in model.modules())
 
 
@@ -561,7 +563,7 @@ def test_files_of_two_runs_are_not_loaded_as_one(small_base, tmp_path):
     train.train(finetune_config(small_base, tmp_path / "b", max_iters=2, eval_interval=2, num_samples=0))
     (tmp_path / "b" / "summary.json").replace(tmp_path / "a" / "summary.json")
     with pytest.raises(UserError, match="summary.json is from run .* but the adapter in .* from run"):
-        train.load_finetuned(str(tmp_path / "a"), "tiny", "cpu")
+        checkpoints.load_finetuned(str(tmp_path / "a"), "tiny", "cpu")
 
 
 def test_cuda_random_state_is_saved_and_restored(tmp_path, monkeypatch):

@@ -3,11 +3,13 @@ Is this from-scratch code slower or heavier than what you would otherwise use? T
 through our model.py / lora.py / quantize.py and through Hugging Face transformers' GPT2LMHeadModel (+ peft LoRA,
 + bitsandbytes NF4), in one process, on one machine, alternating the two, and prints medians and ratios:
 
-    python bench.py                       # GPT-2 124M's shape, batch 4 x 128 tokens, every row (~10 min on 2 CPU cores)
-    python bench.py --quick               # the tiny base's shape (4 layers x 256, bytes), 2 repeats: about a minute
-    python bench.py --only train,nf4 --repeats 10
-    python bench.py --only train_lora_qv_masked,peak_lora_qv_masked,classify   # issue 15's rows
-    python bench.py --device cuda         # the same on a GPU (fp32 everywhere, as on the CPU)
+    python -m benchmarks.bench                   # GPT-2 124M's shape, batch 4 x 128 tokens, every row (~10 min on 2 CPU cores)
+    python -m benchmarks.bench --quick           # the tiny base's shape (4 layers x 256, bytes), 2 repeats: about a minute
+    python -m benchmarks.bench --only train,nf4 --repeats 10
+    python -m benchmarks.bench --only train_lora_qv_masked,peak_lora_qv_masked,classify   # issue 15's rows
+    python -m benchmarks.bench --device cuda     # the same on a GPU (fp32 everywhere, as on the CPU)
+
+(from the repository root).
 
 It writes benchmarks/results.json (every sample) and benchmarks/results.md (the table the README shows).
 
@@ -34,13 +36,10 @@ import time
 
 import torch
 
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, REPO_DIR)
-
-from lora import apply_lora, count_parameters, merge_lora  # noqa: E402
-from model import GPT  # noqa: E402
-from quantize import dequantize_nf4, quantize_model, quantize_nf4  # noqa: E402
-from train import peak_memory_bytes, reset_peak_memory  # noqa: E402
+from common import REPO_DIR, peak_memory_bytes, reset_peak_memory
+from lora import apply_lora, merge_lora
+from model import GPT, count_parameters
+from quantize import dequantize_nf4, quantize_model, quantize_nf4
 
 SHAPES = {  # model shape, and the work done with it
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, batch=4, seq=128, new_tokens=64),
@@ -387,13 +386,13 @@ def bench_nf4(args, weights_dir, wanted, results):
 
 
 def bench_classification(args, shape, weights_dir, results):
-    """Issue 15's frozen-trunk caching: `last_block` classification (finetune_classifier's training loop, without its
+    """Issue 15's frozen-trunk caching: `last_block` classification (finetune_classifier.py's training loop, without its
     evaluations and logging), CLASSIFY_EPOCHS epochs over CLASSIFY_MESSAGES random messages, with the trunk cached
     (cache_trunk inside the timed run: its cost counts) against the uncached path, every layer every epoch. Both sides
     are ours, so the "HF" column holds our uncached path here; no library offers this shortcut to compare with."""
     import torch.nn.functional as F
 
-    import finetune_classifier as fc
+    import classifier  # what finetune_classifier.py trains with: the same build, cache and batches
 
     g = torch.Generator().manual_seed(4)
     lengths = torch.randint(max(1, shape["seq"] // 8), shape["seq"] // 4 + 1, (CLASSIFY_MESSAGES,), generator=g).tolist()
@@ -401,25 +400,25 @@ def bench_classification(args, shape, weights_dir, results):
     models = {}
     for cache in (True, False):
         torch.manual_seed(0)
-        model = fc.build_classifier(GPT.from_pretrained(weights_dir).to(args.device), "last_block")
+        model = classifier.build_classifier(GPT.from_pretrained(weights_dir).to(args.device), "last_block")
         models[cache] = (model, torch.optim.AdamW(trainable_parameters(model), lr=5e-4))
 
     def train_epochs(cache):
         model, optimizer = models[cache]
         from_block = model.frozen_blocks() if cache else 0
-        rows = fc.cache_trunk(model, messages, from_block, CLASSIFY_BATCH, 0, args.device) if from_block else messages
+        rows = classifier.cache_trunk(model, messages, from_block, CLASSIFY_BATCH, 0, args.device) if from_block else messages
         model.train()
         for epoch in range(CLASSIFY_EPOCHS):
             order = torch.Generator().manual_seed(epoch)
-            for x, lengths, y in fc.make_batches(rows, CLASSIFY_BATCH, 0, order, fc.collate_activations if from_block else fc.collate):
+            for x, lengths, y in classifier.make_batches(rows, CLASSIFY_BATCH, 0, order, classifier.collate_activations if from_block else classifier.collate_messages):
                 F.cross_entropy(model(x.to(args.device), lengths, from_block=from_block), y.to(args.device)).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
     with torch.no_grad():  # both start from the same weights: the cached path must give the uncached logits
-        x, lengths, _ = fc.collate(messages, 0)
+        x, lengths, _ = classifier.collate_messages(messages, 0)
         from_block = models[True][0].frozen_blocks()
-        cached = fc.collate_activations(fc.cache_trunk(models[True][0], messages, from_block, CLASSIFY_BATCH, 0, args.device))[0]
+        cached = classifier.collate_activations(classifier.cache_trunk(models[True][0], messages, from_block, CLASSIFY_BATCH, 0, args.device))[0]
         difference = (models[True][0].eval()(cached, lengths, from_block=from_block) - models[False][0].eval()(x.to(args.device), lengths)).abs().max().item()
     t_cached, t_uncached = alternate(lambda: train_epochs(True), lambda: train_epochs(False), args.repeats, args.warmup, args.device)
     record(results, "classify_last_block", f"last_block classification, {CLASSIFY_EPOCHS} epochs x {CLASSIFY_MESSAGES} messages: "
@@ -480,7 +479,7 @@ def measure_peak(mode, impl, weights_dir, shape, device, steps=2, warm_up=True):
 
 
 def memory_worker(argv):
-    """`bench.py --memory-worker MODE IMPL WEIGHTS_DIR SHAPE DEVICE THREADS`: print one peak, in a fresh process."""
+    """`python -m benchmarks.bench --memory-worker MODE IMPL WEIGHTS_DIR SHAPE DEVICE THREADS`: print one peak, in a fresh process."""
     mode, impl, weights_dir, shape_name, device, threads = argv
     torch.set_num_threads(int(threads))
     if impl == "hf":  # import before the baseline, as ours imported its modules above
@@ -501,7 +500,7 @@ def bench_memory(args, shape, weights_dir, wanted, results):
         peaks = {}
         for impl in ("ours", "hf"):
             if args.memory == "process":
-                command = [sys.executable, os.path.abspath(__file__), "--memory-worker", mode, impl, weights_dir, args.shape,
+                command = [sys.executable, "-m", "benchmarks.bench", "--memory-worker", mode, impl, weights_dir, args.shape,
                            args.device, str(args.threads)]
                 done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_DIR)
                 if done.returncode != 0:
@@ -638,7 +637,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
-    command = ("python bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
+    command = ("python -m benchmarks.bench " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()
     machine = machine_description(args)  # imports transformers, peft and bitsandbytes
     quiet_transformers()
     gc.freeze()  # the imported modules' objects are never garbage: keep gc.collect from scanning them each time
