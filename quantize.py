@@ -255,7 +255,7 @@ def dequantize_4bit(q, dtype=None):
       per byte instead of a row of two (about 4x faster on the CPU than unpacking the nibbles and gathering each).
     - The scales are dequantized once per call (dequantize_absmax, N/64 values), then one broadcast multiply applies
       them, in place, to the gathered values.
-    - On the CPU the work goes in chunks of DEQUANTIZE_CHUNK values, each one finished (indices widened to int32,
+    - On one CPU thread the work goes in chunks of DEQUANTIZE_CHUNK values, each one finished (indices widened to int32,
       gathered, scaled) before the next starts. A whole tensor's int32 indices and gathered values would be several
       MB, so each pass would stream them from and back to main memory; a chunk's stay in the core's cache between the
       three steps. A GPU gets one pass over everything instead: there each step is a kernel launch, and its caches
@@ -266,7 +266,11 @@ def dequantize_4bit(q, dtype=None):
     blocks = absmax.numel()
     out = torch.empty(blocks * q.block_size // 2, dtype=torch.int64, device=q.codes.device)  # two fp32 values per int64
     codes = q.codes if q.codes.numel() == out.numel() else F.pad(q.codes, (0, out.numel() - q.codes.numel()))
-    chunk = max(DEQUANTIZE_CHUNK, q.block_size) if q.codes.is_cpu else out.numel() * 2  # a whole number of blocks
+    # chunks only for one CPU thread: with more, PyTorch splits each op over its threads only when it is large (about
+    # 32K elements per thread), so a cache-sized chunk would run on one thread (measured with 2: 0.16x bitsandbytes
+    # chunked against 0.22x in one pass)
+    one_thread = q.codes.is_cpu and torch.get_num_threads() == 1
+    chunk = max(DEQUANTIZE_CHUNK, q.block_size) if one_thread else out.numel() * 2  # a whole number of blocks
     for start in range(0, out.numel(), chunk // 2):
         pair_values = out[start : start + chunk // 2]
         torch.index_select(pairs_as_int64, 0, codes[start : start + chunk // 2].int(), out=pair_values)

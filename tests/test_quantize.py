@@ -79,7 +79,13 @@ def test_chunked_dequantize_equals_unpacking_each_nibble(shape, chunk, monkeypat
     q = Q.quantize_nf4(torch.randn(shape), block_size=64, double_quant=True)
     nibbles = torch.stack([q.codes >> 4, q.codes & 15], dim=1).view(-1)[: q.numel()].long()
     expected = Q.CODE_BOOKS["nf4"][nibbles] * Q.dequantize_absmax(q).repeat_interleave(64)[: q.numel()]
-    assert torch.equal(Q.dequantize_nf4(q), expected.view(shape))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):  # chunks on one thread, one pass on more
+            torch.set_num_threads(n)
+            assert torch.equal(Q.dequantize_nf4(q), expected.view(shape)), n
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
