@@ -9,17 +9,11 @@ import train
 from train import TrainConfig, resolve_defaults
 
 
-def test_an_interrupted_tiny_base_is_finished_by_train_py_then_loaded(tmp_path, monkeypatch):
+def test_an_interrupted_tiny_base_is_finished_by_train_py_then_loaded(tmp_path, monkeypatch, crash_after_checkpoint):
     base_dir = tmp_path / "tiny-base"
     settings = dict(init_from="scratch", dataset="stdlib", out_dir=str(base_dir), n_layer=1, n_head=2, n_embd=16, block_size=32,
                     batch_size=4, max_iters=4, eval_interval=2, eval_batches=1, progress=False, device="cpu")
-    real_save = train.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):  # killed right after the checkpoint of step 2
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint()
     with pytest.raises(KeyboardInterrupt):
         train.train(resolve_defaults(TrainConfig(**settings)))
     monkeypatch.setattr(checkpoints, "TINY_BASE_DIR", str(base_dir))

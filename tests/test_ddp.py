@@ -53,7 +53,7 @@ def assert_same_trajectory(one, two):
         assert a["tokens"] == b["tokens"]  # the same global batch
 
 
-def test_two_gloo_processes_follow_the_single_process_trajectory_and_resume(tmp_path, monkeypatch):
+def test_two_gloo_processes_follow_the_single_process_trajectory_and_resume(tmp_path, crash_after_checkpoint):
     single = train.train(resolve_defaults(TrainConfig(**FLAGS, out_dir=str(tmp_path / "single"))))
     result = torchrun(tmp_path / "ddp")
     assert result.stdout.count("validation loss before training") == 1  # only rank 0 speaks
@@ -63,7 +63,7 @@ def test_two_gloo_processes_follow_the_single_process_trajectory_and_resume(tmp_
     import torch
 
     # AdamW's update hardly depends on the gradient's scale, but its first moment does: the gradients were the same
-    ckpts = [torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("single", "ddp")]
+    ckpts = [torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("single", "ddp")]
     moments = [[s["exp_avg"] for s in c["optimizer"]["state"].values()] for c in ckpts]
     assert len(moments[0]) == len(moments[1]) > 0
     for a, b in zip(*moments):
@@ -77,13 +77,7 @@ def test_two_gloo_processes_follow_the_single_process_trajectory_and_resume(tmp_
     assert json.load(open(tmp_path / "ddp" / "summary.json"))["val_loss_after"] == pytest.approx(single["val_loss_after"], rel=1e-5)
 
     # a single-process run stopped after its checkpoint at step 3, resumed by 2 processes, ends where the straight run does
-    real_save = train.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint()
     with pytest.raises(KeyboardInterrupt):
         train.train(resolve_defaults(TrainConfig(**FLAGS, out_dir=str(tmp_path / "resumed"))))
     torchrun(tmp_path / "resumed", resume=True)

@@ -38,21 +38,15 @@ def test_pretraining_lowers_validation_loss(tmp_path):
     assert tokenizer_name == "bytes" and model.config.n_embd == 32
 
 
-def test_resume_continues_the_identical_trajectory(tmp_path, monkeypatch):
+def test_resume_continues_the_identical_trajectory(tmp_path, crash_after_checkpoint):
     straight = train.train(tiny_pretrain_config(tmp_path / "straight", max_iters=20, dropout=0.1))
     straight_log = json.load(open(tmp_path / "straight" / "summary.json"))
     assert straight_log["steps"] == 20
 
-    real_save = train.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):  # simulate a crash right after the checkpoint at step 10
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    restore_save = crash_after_checkpoint()
     with pytest.raises(KeyboardInterrupt):
         train.train(tiny_pretrain_config(tmp_path / "resumed", max_iters=20, dropout=0.1))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    restore_save()
     resumed = train.train(tiny_pretrain_config(tmp_path / "resumed", max_iters=20, dropout=0.1, resume=True))
 
     import csv
@@ -117,7 +111,7 @@ def test_lora_finetuning_lowers_loss_saves_only_the_adapter_and_reloads(small_ba
     assert summary["trainable_params"] == 2 * 2 * (4 * 48 + 48 * 4)
     import torch
 
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert "model" not in ckpt and all("lora_" in k for k in ckpt["trainable"])
     assert (tmp_path / "adapter_model.safetensors").stat().st_size < 20_000
 
@@ -217,21 +211,15 @@ def test_full_finetuning_trains_everything(small_base, tmp_path):
     assert summary["finetune"] == "full" and summary["trainable_params"] == summary["total_params"]
 
 
-def test_lora_resume_continues_the_identical_trajectory(small_base, tmp_path, monkeypatch):
+def test_lora_resume_continues_the_identical_trajectory(small_base, tmp_path, crash_after_checkpoint):
     import csv
 
     common = dict(max_iters=8, eval_interval=4, lora_dropout=0.1)
     train.train(finetune_config(small_base, tmp_path / "straight", **common))
-    real_save = train.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    restore_save = crash_after_checkpoint()
     with pytest.raises(KeyboardInterrupt):
         train.train(finetune_config(small_base, tmp_path / "resumed", **common))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    restore_save()
     train.train(finetune_config(small_base, tmp_path / "resumed", resume=True, **common))
     losses = lambda d: [float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / d / "log.csv"))]
     assert len(losses("resumed")) == 8 and losses("resumed") == losses("straight")
@@ -538,19 +526,13 @@ def dead_pid():
     return child.pid
 
 
-def test_a_fresh_run_replaces_the_earlier_runs_files_and_the_adapter_names_its_own_base(small_base, tmp_path, monkeypatch):
+def test_a_fresh_run_replaces_the_earlier_runs_files_and_the_adapter_names_its_own_base(small_base, tmp_path, crash_after_checkpoint):
     """A LoRA run finishes; a QLoRA run in the same folder is killed after its first checkpoint. --adapter must load
     the QLoRA adapter onto a 4-bit base: the earlier run's summary.json (which says 'lora') is gone."""
     from quantize import Linear4bit
 
     train.train(finetune_config(small_base, tmp_path, max_iters=2, eval_interval=2, num_samples=0))
-    real_save = train.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint()
     with pytest.raises(KeyboardInterrupt):
         train.train(finetune_config(small_base, tmp_path, quantize="nf4", max_iters=4, eval_interval=2, num_samples=0))
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "run.lock").exists()
