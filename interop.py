@@ -95,7 +95,7 @@ def export_peft(model, directory, base_model_name_or_path=None, adapter_name=Non
     bit-identical to ours, see quantize.py); on an fp32 base they are off by the quantization error.
 
     Errors: an adapter with kept-trainable parameters besides LoRA (a classification head: GPT2LMHeadModel has no
-    place for it), or a model without biases (not a GPT-2). Returns the weights file's path."""
+    place for it), a model without biases or with smeared keys (not a GPT-2). Returns the weights file's path."""
     name = adapter_name or active_adapter_name(model)
     config = adapter_config(model, name)  # raises for layers that are not one of apply_lora's targets
     if config["trainable"]:
@@ -105,6 +105,9 @@ def export_peft(model, directory, base_model_name_or_path=None, adapter_name=Non
         )
     if not model.config.bias:
         raise ValueError("the model has no biases, so it is not a GPT-2 that transformers' GPT2LMHeadModel can load; PEFT export needs a GPT-2-family base")
+    if model.config.smear_keys:
+        raise ValueError("the model has smeared keys, which transformers' GPT2LMHeadModel does not have; PEFT export needs a base "
+                         "pretrained with --no-smear_keys")
     rank, alpha, use_rslora, use_dora = config["rank"], config["alpha"], config["use_rslora"], config["use_dora"]
     fused = [t for t in ("q", "k", "v") if t in config["targets"]]
     n_embd = model.config.n_embd

@@ -165,6 +165,10 @@ def test_what_peft_cannot_express_is_a_clear_error(tmp_path):
     no_bias = apply_lora(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, bias=False)), rank=2, alpha=4)
     with pytest.raises(ValueError, match="no biases"):
         export_peft(no_bias, tmp_path / "b")
+    smeared = apply_lora(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, smear_keys=True)), rank=2, alpha=4)
+    with pytest.raises(ValueError, match="smeared keys.*--no-smear_keys"):
+        export_peft(smeared, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
     base_dir, adapter_dir = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, layers_to_transform=[0])
     with pytest.raises(ValueError, match="layers_to_transform"):
         import_peft(base_model(), adapter_dir)
