@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dequantize_kernel
 from common import replace_module
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
@@ -108,12 +109,12 @@ DYNAMIC_8BIT_CODE_BOOK = dynamic_8bit_code_book()
 
 @functools.lru_cache(maxsize=None)
 def code_book_tables(quant_type, device):
-    """(code book, byte table) on `device`. The byte table maps each of the 256 byte values to the pair of
+    """(code book, code book padded to 16 values, byte table) on `device`. The byte table maps each of the 256 byte values to the pair of
     code values it packs, (code[byte >> 4], code[byte & 15]): dequantizing is then one gather per byte."""
     code = CODE_BOOKS[quant_type]
     padded = torch.cat([code, code.new_zeros(16 - code.numel())])  # 15-value books never index 15
     pairs = torch.stack([padded.repeat_interleave(16), padded.repeat(16)], dim=1)
-    return code.to(device), pairs.to(device)
+    return code.to(device), padded.to(device), pairs.to(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,7 +209,7 @@ def quantize_4bit(w, quant_type="nf4", block_size=64, double_quant=True):
     if w.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
     flat = w.detach().reshape(-1).float()
-    code, _ = code_book_tables(quant_type, flat.device)
+    code, _, _ = code_book_tables(quant_type, flat.device)
     indices, absmax = quantize_blocks(flat, code, block_size)
     if not torch.isfinite(absmax).all():  # a NaN or inf anywhere shows up in its block's absmax
         raise ValueError("tensor has NaN or infinite values; absmax scaling would turn their whole block into NaN")
@@ -249,6 +250,28 @@ def dequantize_4bit(q, dtype=None):
     """Back to a dense tensor of q.shape: code value of each index times its block's absmax (§2 Eq. 2),
     computed in fp32 and returned as `dtype` (default: the dtype the tensor had before quantization).
 
+    dequantize_4bit_pytorch below is the definition. On the CPU the same values come from dequantize_kernel's C
+    loop when it can be built, about 3x faster (see that module for why PyTorch ops cannot match it there)."""
+    values = dequantize_4bit_with_kernel(q) if q.codes.is_cpu else None
+    if values is None:
+        values = dequantize_4bit_pytorch(q)
+    return values[: q.numel()].view(q.shape).to(dtype or q.dtype)
+
+
+def dequantize_4bit_with_kernel(q):
+    """The C kernel's fp32 values (a whole number of bytes' worth), or None where it is not available."""
+    if q.double_quant:
+        scales = dict(absmax=None, absmax_codes=q.absmax, absmax_code_book=dynamic_8bit_code_on(q.absmax.device),
+                      group_scale=q.absmax_scale.float(), mean=float(q.absmax_mean), group_size=DOUBLE_QUANT_BLOCK_SIZE)
+    else:
+        scales = dict(absmax=q.absmax.float())
+    _, padded, _ = code_book_tables(q.quant_type, q.codes.device)
+    return dequantize_kernel.dequantize_4bit(q.codes, q.block_size, padded, **scales)
+
+
+def dequantize_4bit_pytorch(q):
+    """fp32 values of q, flat (padded to whole blocks): code value of each index times its block's absmax, in PyTorch.
+
     Three things make this fast in plain PyTorch:
     - One gather yields both nibbles of a byte: the byte table holds the pair (code[byte >> 4], code[byte & 15]) for
       each of the 256 byte values, and viewing each pair as one 8-byte integer makes the gather copy a single element
@@ -260,7 +283,7 @@ def dequantize_4bit(q, dtype=None):
       MB, so each pass would stream them from and back to main memory; a chunk's stay in the core's cache between the
       three steps. A GPU gets one pass over everything instead: there each step is a kernel launch, and its caches
       are not what a chunk would be sized for (not measured here: no GPU)."""
-    _, pairs = code_book_tables(q.quant_type, q.codes.device)
+    _, _, pairs = code_book_tables(q.quant_type, q.codes.device)
     pairs_as_int64 = pairs.view(torch.int64).view(-1)
     absmax = dequantize_absmax(q)
     blocks = absmax.numel()
@@ -277,7 +300,7 @@ def dequantize_4bit(q, dtype=None):
         first_block = 2 * start // q.block_size
         scales = absmax[first_block : first_block + pair_values.numel() * 2 // q.block_size]
         pair_values.view(torch.float32).view(-1, q.block_size).mul_(scales[:, None])
-    return out.view(torch.float32)[: q.numel()].view(q.shape).to(dtype or q.dtype)
+    return out.view(torch.float32)
 
 
 def quantize_nf4(w, block_size=64, double_quant=True):

@@ -263,9 +263,12 @@ def prepare_model(cfg, device):
     if cfg.finetune == "full":
         return model, tokenizer_name, "full"
     if cfg.quantize == "nf4":
+        import dequantize_kernel
         from quantize import quantize_model
 
         quantize_model(model)
+        if str(device).startswith("cpu"):
+            print(f"4-bit base; dequantized on the CPU by {dequantize_kernel.status()}")
     from lora import apply_lora
 
     apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=parse_targets(cfg.lora_targets), dropout=cfg.lora_dropout,

@@ -39,7 +39,8 @@ import torch
 from common import REPO_DIR, peak_memory_bytes, reset_peak_memory
 from lora import apply_lora, merge_lora
 from model import GPT, count_parameters
-from quantize import dequantize_nf4, quantize_model, quantize_nf4
+import dequantize_kernel
+from quantize import dequantize_4bit_pytorch, dequantize_nf4, quantize_model, quantize_nf4
 
 SHAPES = {  # model shape, and the work done with it
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, batch=4, seq=128, new_tokens=64),
@@ -75,7 +76,7 @@ ROW_GROUPS = {  # --only takes these group names or the row ids; the table lists
     "train": TRAIN_ROWS + PARAM_ROWS,
     "infer": ["infer_base", "infer_lora", "infer_lora_merged", "infer_qlora"],
     "generate": ["generate"],
-    "nf4": ["nf4_quantize", "nf4_dequantize"],
+    "nf4": ["nf4_quantize", "nf4_dequantize", "nf4_dequantize_pytorch"],
     "classify": ["classify_last_block"],
     "memory": STATE_ROWS + PEAK_ROWS,
 }
@@ -374,13 +375,21 @@ def bench_nf4(args, weights_dir, wanted, results):
         t_ours, t_hf = alternate(ours_quantize, bnb_quantize, args.repeats, args.warmup, args.device)
         record(results, "nf4_quantize", f"NF4+DQ quantize, all {len(weights)} linear weights (higher is better)", "GB/s",
                [gigabytes / t for t in t_ours], [gigabytes / t for t in t_hf], True, identical_codes=same_codes, gigabytes=gigabytes)
-    if "nf4_dequantize" in wanted:
-        ours_d, bnb_d = [dequantize_nf4(q) for q in ours_q], [bnbf.dequantize_4bit(c, s) for c, s in bnb_q]
+    for row in ("nf4_dequantize", "nf4_dequantize_pytorch"):
+        if row not in wanted:
+            continue
+        # nf4_dequantize: what quantize.dequantize_nf4 runs (the C kernel where it builds); _pytorch: the PyTorch path alone
+        ours = dequantize_nf4 if row == "nf4_dequantize" else (lambda q: dequantize_4bit_pytorch(q)[: q.numel()].view(q.shape))
+        path = dequantize_kernel.status() if row == "nf4_dequantize" and args.device == "cpu" else "PyTorch"
+        ours_d, bnb_d = [ours(q) for q in ours_q], [bnbf.dequantize_4bit(c, s) for c, s in bnb_q]
         difference = max((a - b.view_as(a)).abs().max().item() for a, b in zip(ours_d, bnb_d))
-        t_ours, t_hf = alternate(lambda: [dequantize_nf4(q) for q in ours_q], lambda: [bnbf.dequantize_4bit(c, s) for c, s in bnb_q],
+        del ours_d, bnb_d
+        t_ours, t_hf = alternate(lambda: [ours(q) for q in ours_q], lambda: [bnbf.dequantize_4bit(c, s) for c, s in bnb_q],
                                  args.repeats, args.warmup, args.device)
-        record(results, "nf4_dequantize", f"NF4+DQ dequantize, all {len(weights)} linear weights (higher is better)", "GB/s",
-               [gigabytes / t for t in t_ours], [gigabytes / t for t in t_hf], True, max_difference=difference, gigabytes=gigabytes)
+        label = "NF4+DQ dequantize" + (", our PyTorch path" if row == "nf4_dequantize_pytorch" else "")
+        record(results, row, f"{label}, all {len(weights)} linear weights (higher is better)", "GB/s",
+               [gigabytes / t for t in t_ours], [gigabytes / t for t in t_hf], True, max_difference=difference, gigabytes=gigabytes,
+               path=path.split(", /")[0])  # the library's file name would only say where this machine caches it
     del weights, ours_q, bnb_q
     release()
 
@@ -579,6 +588,9 @@ def write_markdown(path, results, machine, command, shape_name, shape, args):
     merged = results.get("infer_lora_merged", {}).get("merged_over_base")
     if merged:
         lines += ["", f"LoRA merged / base model forward time (LoRA §4.1: merging adds no latency): ours {merged['ours']:.2f}, HF {merged['hf']:.2f}."]
+    dequantize_path = results.get("nf4_dequantize", {}).get("path")
+    if dequantize_path:
+        lines += ["", f"NF4 dequantize ran on: {dequantize_path}. The \"our PyTorch path\" row times quantize.dequantize_4bit_pytorch alone."]
     lines += [
         "",
         "HF = transformers `GPT2LMHeadModel` (sdpa attention), + peft LoRA on the fused `c_attn` (q, k and v share one",

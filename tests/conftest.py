@@ -1,7 +1,10 @@
 """Shared test setup: import the repo's modules, find ../shared offline, never touch the network."""
+import atexit
 import os
+import shutil
 import socket
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -17,6 +20,10 @@ TIKTOKEN_CACHE = os.path.join(SHARED, "tiktoken_cache")
 if os.path.isdir(TIKTOKEN_CACHE):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# dequantize_kernel builds its C library here rather than in the user's ~/.cache (the scripts the tests run inherit it)
+KERNEL_CACHE = tempfile.mkdtemp(prefix="nanoqlora-test-kernels-")
+os.environ.setdefault("NANOQLORA_CACHE", KERNEL_CACHE)
+atexit.register(shutil.rmtree, KERNEL_CACHE, ignore_errors=True)
 
 
 def shared_data(name):

@@ -72,8 +72,9 @@ def test_codes_and_absmax_identical_to_bitsandbytes(bnb, shape, seed):
 @pytest.mark.parametrize("chunk", [64, 256, Q.DEQUANTIZE_CHUNK])
 @pytest.mark.parametrize("shape", [(4097,), (33, 65), (300, 64)])
 def test_chunked_dequantize_equals_unpacking_each_nibble(shape, chunk, monkeypatch):
-    """dequantize_4bit works through the codes a chunk at a time; any chunk size, and a tensor that ends inside a
-    chunk or inside a block, give exactly code[nibble] x absmax[block] for every value."""
+    """dequantize_4bit_pytorch works through the codes a chunk at a time; any chunk size, and a tensor that ends inside
+    a chunk or inside a block, give exactly code[nibble] x absmax[block] for every value (and so does dequantize_4bit,
+    through the C kernel where it is built)."""
     monkeypatch.setattr(Q, "DEQUANTIZE_CHUNK", chunk)
     torch.manual_seed(4)
     q = Q.quantize_nf4(torch.randn(shape), block_size=64, double_quant=True)
@@ -83,6 +84,7 @@ def test_chunked_dequantize_equals_unpacking_each_nibble(shape, chunk, monkeypat
     try:
         for n in (1, 2):  # chunks on one thread, one pass on more
             torch.set_num_threads(n)
+            assert torch.equal(Q.dequantize_4bit_pytorch(q)[: q.numel()], expected), n
             assert torch.equal(Q.dequantize_nf4(q), expected.view(shape)), n
     finally:
         torch.set_num_threads(threads)

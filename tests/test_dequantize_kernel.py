@@ -1,0 +1,104 @@
+"""dequantize_kernel: the C loop gives exactly the PyTorch path's values, and when it cannot be built the
+PyTorch path runs, with a warning that says why."""
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import dequantize_kernel as K
+import quantize as Q
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch):
+    """kernel() loads once per process; these tests load it again under their own settings, then forget that."""
+    K.kernel.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    K.kernel.cache_clear()
+
+
+def require_kernel():
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler on this machine: the PyTorch path is all there is")
+    assert K.kernel() is not None, f"a C compiler is here, yet the kernel did not load: {K.status()}"
+
+
+@pytest.mark.parametrize("quant_type", Q.QUANT_TYPES)
+@pytest.mark.parametrize("block_size", [2, 16, 32, 64, 4096])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_kernel_equals_pytorch_path_bit_for_bit(quant_type, block_size, double_quant):
+    """Every code book, blocks smaller than one AVX-512 step (2, 16: the plain loop) and larger, both scale
+    layouts, and sizes that end inside a byte, a 16-byte step or a block."""
+    require_kernel()
+    torch.manual_seed(block_size)
+    for shape in [(1,), (3,), (33, 65), (4097,), (300, 64)]:
+        q = Q.quantize_4bit(torch.randn(shape) * 0.05, quant_type, block_size, double_quant)
+        values = Q.dequantize_4bit_with_kernel(q)
+        assert values is not None and values.dtype == torch.float32 and values.numel() == 2 * q.codes.numel()
+        expected = Q.dequantize_4bit_pytorch(q)[: q.numel()]
+        assert torch.equal(values[: q.numel()], expected), (shape, (values[: q.numel()] - expected).abs().max())
+
+
+def test_kernel_splits_work_over_threads_without_changing_a_value(fresh_kernel):
+    """Small per-thread shares force the split (and a last share that ends mid-way); the result is the same."""
+    require_kernel()
+    q = Q.quantize_nf4(torch.randn(1000, 777), double_quant=True)
+    expected = Q.dequantize_4bit_pytorch(q)[: q.numel()]
+    threads = torch.get_num_threads()
+    fresh_kernel.setattr(K, "MIN_BYTES_PER_THREAD", 1000)
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(Q.dequantize_4bit(q).view(-1), expected), n
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_dequantize_uses_the_kernel_and_says_so():
+    require_kernel()
+    assert K.status().startswith("C kernel (")
+    q = Q.quantize_nf4(torch.randn(64, 64))
+    assert torch.equal(Q.dequantize_nf4(q), Q.dequantize_4bit_pytorch(q).view(64, 64))
+
+
+def test_library_is_built_once_per_source_and_compiler(tmp_path):
+    require_kernel()
+    compiler = os.environ.get("CC", "cc")
+    _, first = K.compile_kernel(compiler, str(tmp_path))
+    libraries = list(tmp_path.glob("dequantize_4bit-*.so"))
+    assert len(libraries) == 1 and str(libraries[0]) in first
+    built_at = libraries[0].stat().st_mtime_ns
+    _, second = K.compile_kernel(compiler, str(tmp_path))
+    assert second == first and libraries[0].stat().st_mtime_ns == built_at
+    assert [p.name for p in tmp_path.iterdir()] == [libraries[0].name]  # no build directory left behind
+
+
+def test_no_compiler_falls_back_to_pytorch_with_a_warning(fresh_kernel, tmp_path):
+    fresh_kernel.setenv("CC", str(tmp_path / "no-such-compiler"))
+    fresh_kernel.setenv("NANOQLORA_CACHE", str(tmp_path / "cache"))
+    fresh_kernel.delenv(K.SWITCH, raising=False)
+    q = Q.quantize_nf4(torch.randn(64, 64))
+    with pytest.warns(RuntimeWarning, match="no-such-compiler"):
+        values = Q.dequantize_nf4(q)
+    assert torch.equal(values, Q.dequantize_4bit_pytorch(q).view(64, 64))
+    assert K.status().startswith("PyTorch (no C kernel: cannot run the C compiler")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once is enough: the next call neither retries nor warns again
+        Q.dequantize_nf4(q)
+
+
+def test_compile_error_is_reported(tmp_path):
+    with pytest.raises(RuntimeError, match="could not compile the kernel"):
+        K.compile_kernel("false", str(tmp_path))  # a "compiler" that always fails
+
+
+def test_switch_chooses_the_pytorch_path_silently(fresh_kernel):
+    fresh_kernel.setenv(K.SWITCH, "0")
+    q = Q.quantize_nf4(torch.randn(64, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(Q.dequantize_nf4(q), Q.dequantize_4bit_pytorch(q).view(64, 64))
+    assert K.status() == f"PyTorch ({K.SWITCH}=0)"
