@@ -29,6 +29,11 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DOWNLOAD_DIR = os.path.join(REPO_DIR, "data", "downloads")  # datasets fetched from the web (instruction-data, alpaca, SMS)
 
 
+def user_cache_dir():
+    """Where downloaded GPT-2 weights (and the compiled dequantize kernel) go: $NANOQLORA_CACHE or ~/.cache/nanoqlora."""
+    return os.environ.get("NANOQLORA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanoqlora"))
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 

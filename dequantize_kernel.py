@@ -9,7 +9,7 @@ up 16 indices with one instruction (AVX-512 `vpermps`); PyTorch has no op that d
 
 So this module holds that loop, in about sixty lines of C, and nothing else:
 - compiled on first use with the system's C compiler (`cc`, or $CC), into a small shared library cached under
-  ~/.cache/nanoqlora (or $NANOQLORA_CACHE), and called through ctypes; no PyTorch headers, so it builds in a second;
+  ~/.cache/nanoqlora/kernels (or $NANOQLORA_KERNEL_CACHE), and called through ctypes; no PyTorch headers, so it builds in a second;
 - AVX-512 when the CPU has it (checked at run time, so a cached library never runs an instruction the CPU
   lacks), a plain C loop otherwise; split over torch.get_num_threads() threads with OpenMP where the compiler
   has it;
@@ -31,6 +31,8 @@ import tempfile
 import warnings
 
 import torch
+
+from common import user_cache_dir
 
 KERNEL_SOURCE = r"""
 #include <stdint.h>
@@ -124,7 +126,7 @@ MIN_BYTES_PER_THREAD = 1 << 16  # below this, waking threads costs more than the
 
 
 def cache_dir():
-    return os.environ.get("NANOQLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanoqlora")
+    return os.environ.get("NANOQLORA_KERNEL_CACHE") or os.path.join(user_cache_dir(), "kernels")
 
 
 def compile_kernel(compiler, directory):

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from common import autocast_context, download_file, save_safetensors_atomic, write_json_atomic
+from common import autocast_context, download_file, save_safetensors_atomic, user_cache_dir, write_json_atomic
 from quantize import Linear4bit
 from safety import check_tensors_match
 
@@ -546,13 +546,9 @@ def ours_to_hf(sd, n_layer):
     return hf
 
 
-def default_cache_dir():
-    return os.environ.get("NANOQLORA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanoqlora"))
-
-
 def download_pretrained(name, cache_dir=None):
     """Fetch config.json and model.safetensors of openai-community/<name> into cache_dir/<name>."""
-    directory = os.path.join(cache_dir or default_cache_dir(), name)
+    directory = os.path.join(cache_dir or user_cache_dir(), name)
     os.makedirs(directory, exist_ok=True)
     for file in ("config.json", "model.safetensors"):
         download_file(HF_URL.format(name=name, file=file), os.path.join(directory, file))

@@ -22,7 +22,7 @@ if os.path.isdir(TIKTOKEN_CACHE):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # dequantize_kernel builds its C library here rather than in the user's ~/.cache (the scripts the tests run inherit it)
 KERNEL_CACHE = tempfile.mkdtemp(prefix="nanoqlora-test-kernels-")
-os.environ.setdefault("NANOQLORA_CACHE", KERNEL_CACHE)
+os.environ.setdefault("NANOQLORA_KERNEL_CACHE", KERNEL_CACHE)
 atexit.register(shutil.rmtree, KERNEL_CACHE, ignore_errors=True)
 
 

@@ -78,7 +78,7 @@ def test_library_is_built_once_per_source_and_compiler(tmp_path):
 
 def test_no_compiler_falls_back_to_pytorch_with_a_warning(fresh_kernel, tmp_path):
     fresh_kernel.setenv("CC", str(tmp_path / "no-such-compiler"))
-    fresh_kernel.setenv("NANOQLORA_CACHE", str(tmp_path / "cache"))
+    fresh_kernel.setenv("NANOQLORA_KERNEL_CACHE", str(tmp_path / "cache"))
     fresh_kernel.delenv(K.SWITCH, raising=False)
     q = Q.quantize_nf4(torch.randn(64, 64))
     with pytest.warns(RuntimeWarning, match="no-such-compiler"):
