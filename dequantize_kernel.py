@@ -1,10 +1,10 @@
 """
 An optional C kernel for the one loop PyTorch cannot write fast: 4-bit dequantization on the CPU.
 
-quantize.dequantize_4bit is readable PyTorch: look each byte up in a table of code pairs, then multiply by the
-block's scale. On the CPU that runs at about a third of bitsandbytes' speed, and no rearrangement of PyTorch ops
-closes the gap (benchmarks/results.md): the gather alone (index_select) takes about twice as long as bitsandbytes'
-whole dequantize. bitsandbytes is fast because its C++ keeps the 16 code values in one 512-bit register and looks
+quantize.dequantize_4bit_pytorch is readable PyTorch: look each byte up in a table of code pairs, then multiply by
+the block's scale. On the CPU that runs at about a third of bitsandbytes' speed, and no rearrangement of PyTorch ops
+closes the gap (README, "Benchmarks"): the gather alone (index_select) takes two to three times as long as
+bitsandbytes' whole dequantize. bitsandbytes is fast because its C++ keeps the 16 code values in one 512-bit register and looks
 up 16 indices with one instruction (AVX-512 `vpermps`); PyTorch has no op that does a lookup that way.
 
 So this module holds that loop, in about sixty lines of C, and nothing else:
@@ -165,29 +165,20 @@ def compile_kernel(compiler, directory):
 
 
 @functools.lru_cache(maxsize=None)
-def kernel():
-    """The loaded library, or None (the PyTorch path runs) with the reason in status()."""
-    global _status
+def load():
+    """(the loaded library or None, which path CPU dequantization takes and why): built or found once per process."""
     if os.environ.get(SWITCH, "1") == "0":
-        _status = f"PyTorch ({SWITCH}=0)"
-        return None
+        return None, f"PyTorch ({SWITCH}=0)"
     try:
-        lib, _status = compile_kernel(os.environ.get("CC", "cc"), cache_dir())
-        return lib
-    except (RuntimeError, OSError) as error:
-        _status = f"PyTorch (no C kernel: {error})"
+        return compile_kernel(os.environ.get("CC", "cc"), cache_dir())
+    except (RuntimeError, OSError) as error:  # OSError: a library that would not load
         warnings.warn(f"4-bit dequantize runs in PyTorch, about 3x slower than with the C kernel: {error}. "
                       f"Install a C compiler (or set CC), or set {SWITCH}=0 to choose the PyTorch path.", RuntimeWarning)
-        return None
-
-
-_status = "not loaded yet"
+        return None, f"PyTorch (no C kernel: {error})"
 
 
 def status():
-    """Which path CPU dequantization takes, and why (loads the kernel if nothing has yet)."""
-    kernel()
-    return _status
+    return load()[1]
 
 
 def pointer(t):
@@ -210,7 +201,7 @@ def dequantize_4bit(codes, block_size, code_book, absmax, absmax_codes=None, abs
     (absmax_codes uint8 per block, absmax_code_book of 256 fp32, group_scale fp32 per group_size blocks, mean).
     Returns a 1-D tensor of 2 x codes.numel() values, or None when the kernel is not available or the tensors have
     no storage (inside torch.func.grad, say), where the PyTorch path computes the same values."""
-    lib = kernel()
+    lib, _ = load()
     out = torch.empty(2 * codes.numel(), dtype=torch.float32)
     if lib is None or not has_storage(codes) or not has_storage(out):
         return None

@@ -13,17 +13,17 @@ import quantize as Q
 
 @pytest.fixture
 def fresh_kernel(monkeypatch):
-    """kernel() loads once per process; these tests load it again under their own settings, then forget that."""
-    K.kernel.cache_clear()
+    """load() runs once per process; these tests load again under their own settings, then forget that."""
+    K.load.cache_clear()
     yield monkeypatch
     monkeypatch.undo()
-    K.kernel.cache_clear()
+    K.load.cache_clear()
 
 
 def require_kernel():
     if shutil.which(os.environ.get("CC", "cc")) is None:
         pytest.skip("no C compiler on this machine: the PyTorch path is all there is")
-    assert K.kernel() is not None, f"a C compiler is here, yet the kernel did not load: {K.status()}"
+    assert K.load()[0] is not None, f"a C compiler is here, yet the kernel did not load: {K.status()}"
 
 
 @pytest.mark.parametrize("quant_type", Q.QUANT_TYPES)
