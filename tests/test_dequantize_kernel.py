@@ -102,3 +102,31 @@ def test_switch_chooses_the_pytorch_path_silently(fresh_kernel):
         warnings.simplefilter("error")
         assert torch.equal(Q.dequantize_nf4(q), Q.dequantize_4bit_pytorch(q).view(64, 64))
     assert K.status() == f"PyTorch ({K.SWITCH}=0)"
+
+
+def test_qlora_training_is_the_same_with_and_without_the_kernel(monkeypatch):
+    """Three QLoRA steps on a tiny GPT: the kernel and the PyTorch path give the same adapters to the last bit."""
+    require_kernel()
+    import lora
+    from model import GPT, GPTConfig
+
+    def train():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=64))
+        model = lora.apply_lora(Q.quantize_model(model), rank=4, alpha=8, targets="all-linear")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        tokens = torch.randint(64, (4, 33), generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    calls = []
+    with_kernel_fn = Q.dequantize_4bit_with_kernel
+    monkeypatch.setattr(Q, "dequantize_4bit_with_kernel", lambda q: calls.append(1) or with_kernel_fn(q))
+    with_kernel = train()
+    assert calls, "the kernel was never asked"
+    monkeypatch.setattr(Q, "dequantize_4bit_with_kernel", lambda q: None)  # the PyTorch path
+    without = train()
+    assert with_kernel.keys() == without.keys() and all(torch.equal(with_kernel[k], without[k]) for k in with_kernel)
