@@ -7,7 +7,7 @@ closes the gap (README, "Benchmarks"): the gather alone (index_select) takes two
 bitsandbytes' whole dequantize. bitsandbytes is fast because its C++ keeps the 16 code values in one 512-bit register and looks
 up 16 indices with one instruction (AVX-512 `vpermps`); PyTorch has no op that does a lookup that way.
 
-So this module holds that loop, in about sixty lines of C, and nothing else:
+So this module holds that loop, in about 75 lines of C, and nothing else:
 - compiled on first use with the system's C compiler (`cc`, or $CC), into a small shared library cached under
   ~/.cache/nanoqlora/kernels (or $NANOQLORA_KERNEL_CACHE), and called through ctypes; no PyTorch headers, so it builds in a second;
 - AVX-512 when the CPU has it (checked at run time, so a cached library never runs an instruction the CPU
