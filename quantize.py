@@ -109,8 +109,9 @@ DYNAMIC_8BIT_CODE_BOOK = dynamic_8bit_code_book()
 
 @functools.lru_cache(maxsize=None)
 def code_book_tables(quant_type, device):
-    """(code book, code book padded to 16 values, byte table) on `device`. The byte table maps each of the 256 byte values to the pair of
-    code values it packs, (code[byte >> 4], code[byte & 15]): dequantizing is then one gather per byte."""
+    """(code book, code book padded to 16 values, byte table) on `device`. The byte table maps each of the 256
+    byte values to the pair of code values it packs, (code[byte >> 4], code[byte & 15]): dequantizing is then one
+    gather per byte."""
     code = CODE_BOOKS[quant_type]
     padded = torch.cat([code, code.new_zeros(16 - code.numel())])  # 15-value books never index 15
     pairs = torch.stack([padded.repeat_interleave(16), padded.repeat(16)], dim=1)
@@ -251,7 +252,7 @@ def dequantize_4bit(q, dtype=None):
     computed in fp32 and returned as `dtype` (default: the dtype the tensor had before quantization).
 
     dequantize_4bit_pytorch below is the definition. On the CPU the same values come from dequantize_kernel's C
-    loop when it can be built, about 3x faster (see that module for why PyTorch ops cannot match it there)."""
+    loop when it can be built, about 3.7x faster (see that module for why PyTorch ops cannot match it there)."""
     values = dequantize_4bit_with_kernel(q) if q.codes.is_cpu else None
     if values is None:
         values = dequantize_4bit_pytorch(q)
