@@ -4,15 +4,17 @@ An optional C kernel for the one loop PyTorch cannot write fast: 4-bit dequantiz
 quantize.dequantize_4bit_pytorch is readable PyTorch: look each byte up in a table of code pairs, then multiply by
 the block's scale. On the CPU that runs at about a third of bitsandbytes' speed, and no rearrangement of PyTorch ops
 closes the gap (README, "Benchmarks"): the gather alone (index_select) takes two to three times as long as
-bitsandbytes' whole dequantize. bitsandbytes is fast because its C++ keeps the 16 code values in one 512-bit register and looks
-up 16 indices with one instruction (AVX-512 `vpermps`); PyTorch has no op that does a lookup that way.
+bitsandbytes' whole dequantize. bitsandbytes is fast because its C++ keeps the 16 code values in one 512-bit
+register and looks up 16 indices with one instruction (AVX-512 `vpermps`); PyTorch has no op that does a lookup
+that way.
 
-So this module holds that loop, in about 75 lines of C, and nothing else:
+So this module holds that loop, in about 100 lines of C, and nothing else:
 - compiled on first use with the system's C compiler (`cc`, or $CC), into a small shared library cached under
-  ~/.cache/nanoqlora/kernels (or $NANOQLORA_KERNEL_CACHE), and called through ctypes; no PyTorch headers, so it builds in a second;
-- AVX-512 when the CPU has it (checked at run time, so a cached library never runs an instruction the CPU
-  lacks), a plain C loop otherwise; split over torch.get_num_threads() threads with OpenMP where the compiler
-  has it;
+  ~/.cache/nanoqlora/kernels (or $NANOQLORA_KERNEL_CACHE), and called through ctypes; no PyTorch headers, so it
+  builds in a second;
+- AVX-512 when the CPU has it, else AVX2 (16 lookups as two 8-entry permutes and a blend), else a plain C loop,
+  chosen at run time, so a cached library never runs an instruction the CPU lacks; split over
+  torch.get_num_threads() threads with OpenMP where the compiler has it;
 - bit-identical to quantize.dequantize_4bit's PyTorch path: each value is code x scale, one fp32 multiply, and a
   double-quantized scale is (8-bit code x group scale) + mean, two roundings in that order, with contraction
   into fused multiply-adds turned off (tests/test_dequantize_kernel.py compares the two on every layout).
@@ -67,7 +69,7 @@ static void dequantize_loop(const uint8_t *codes, const float *book, const Scale
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define HAVE_AVX512_LOOP 1
+#define HAVE_X86_LOOPS 1
 /* 16 bytes -> 32 values per step. The 16 code values sit in one register, and vpermps looks up 16 indices
    at once; two more permutes interleave the high- and low-nibble values back into memory order. Needs a
    block of at least 32 values, so that the 32 share one scale, and start a multiple of 16. Returns where it
@@ -90,22 +92,51 @@ static int64_t dequantize_avx512(const uint8_t *codes, const float *book, const 
     }
     return i;
 }
+
+/* AVX2 registers hold 8 floats: look an index up in both halves of the book, keep the second where bit 3 is set. */
+__attribute__((target("avx2")))
+static inline __m256 lookup_16(__m256 book_0_7, __m256 book_8_15, __m256i index) {
+    __m256 from_first = _mm256_permutevar8x32_ps(book_0_7, index);  /* uses the index's low 3 bits */
+    __m256 from_second = _mm256_permutevar8x32_ps(book_8_15, index);
+    return _mm256_blendv_ps(from_first, from_second, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+}
+
+/* The same with AVX2, 8 bytes -> 16 values per step: blocks of at least 16 values, start a multiple of 8. */
+__attribute__((target("avx2")))
+static int64_t dequantize_avx2(const uint8_t *codes, const float *book, const Scales *s, int block_shift,
+                               float *out, int64_t start, int64_t end) {
+    const __m256 book_0_7 = _mm256_loadu_ps(book), book_8_15 = _mm256_loadu_ps(book + 8);
+    const __m256i low_nibble = _mm256_set1_epi32(15);
+    int64_t i = start;
+    for (; i + 8 <= end; i += 8) {
+        __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + i)));
+        __m256 high = lookup_16(book_0_7, book_8_15, _mm256_srli_epi32(bytes, 4));
+        __m256 low = lookup_16(book_0_7, book_8_15, _mm256_and_si256(bytes, low_nibble));
+        __m256 pairs_0145 = _mm256_unpacklo_ps(high, low), pairs_2367 = _mm256_unpackhi_ps(high, low);
+        __m256 scale = _mm256_set1_ps(block_scale(s, (2 * i) >> block_shift));
+        _mm256_storeu_ps(out + 2 * i, _mm256_mul_ps(_mm256_permute2f128_ps(pairs_0145, pairs_2367, 0x20), scale));
+        _mm256_storeu_ps(out + 2 * i + 8, _mm256_mul_ps(_mm256_permute2f128_ps(pairs_0145, pairs_2367, 0x31), scale));
+    }
+    return i;
+}
 #endif
 
-int has_avx512(void) {
-#ifdef HAVE_AVX512_LOOP
+/* 2: AVX-512, 1: AVX2, 0: neither (or not an x86 CPU): the plain loop only. */
+int simd_level(void) {
+#ifdef HAVE_X86_LOOPS
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f");
+    return __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
 #else
     return 0;
 #endif
 }
 
+/* max_level caps the SIMD level (the tests use it to run every loop on one machine). */
 void dequantize_4bit(const uint8_t *codes, int64_t n_bytes, int block_shift, const float *book,
                      const float *absmax, const uint8_t *absmax_codes, const float *absmax_code_book,
-                     const float *group_scale, float mean, int group_shift, float *out, int threads) {
+                     const float *group_scale, float mean, int group_shift, float *out, int threads, int max_level) {
     Scales s = {absmax, absmax_codes, absmax_code_book, group_scale, mean, group_shift};
-    int simd = has_avx512() && block_shift >= 5;
+    int level = simd_level() < max_level ? simd_level() : max_level;
     int64_t per_thread = (n_bytes / threads + 4095) & ~(int64_t)4095;  /* a multiple of 16 bytes */
     /* OpenMP keeps its threads between calls: starting POSIX threads on every call measured 8.7 GB/s against 11.3 */
     #pragma omp parallel for num_threads(threads) schedule(static)
@@ -113,8 +144,9 @@ void dequantize_4bit(const uint8_t *codes, int64_t n_bytes, int block_shift, con
         int64_t start = t * per_thread, end = start + per_thread < n_bytes ? start + per_thread : n_bytes;
         int64_t i = start;
         if (start >= end) continue;
-#ifdef HAVE_AVX512_LOOP
-        if (simd) i = dequantize_avx512(codes, book, &s, block_shift, out, start, end);
+#ifdef HAVE_X86_LOOPS
+        if (level == 2 && block_shift >= 5) i = dequantize_avx512(codes, book, &s, block_shift, out, start, end);
+        else if (level >= 1 && block_shift >= 4) i = dequantize_avx2(codes, book, &s, block_shift, out, start, end);
 #endif
         dequantize_loop(codes, book, &s, block_shift, out, i, end);
     }
@@ -124,6 +156,8 @@ void dequantize_4bit(const uint8_t *codes, int64_t n_bytes, int block_shift, con
 SWITCH = "NANOQLORA_DEQUANTIZE_KERNEL"  # set to 0 to always run the PyTorch path
 BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off"]
 MIN_BYTES_PER_THREAD = 1 << 16  # below this, waking threads costs more than they save
+SIMD_LOOPS = ["plain C loop", "AVX2", "AVX-512"]  # by the level the C code reports
+MAX_SIMD_LEVEL = 2  # the tests lower it to run the AVX2 and plain loops on a machine that has AVX-512
 
 
 def cache_dir():
@@ -157,9 +191,9 @@ def compile_kernel(compiler, directory):
         lib.dequantize_4bit.restype = None
         lib.dequantize_4bit.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                        ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-        lib.has_avx512.restype = ctypes.c_int
-        loop = "AVX-512" if lib.has_avx512() else "plain C loop"
+                                        ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        lib.simd_level.restype = ctypes.c_int
+        loop = SIMD_LOOPS[lib.simd_level()]
         threads = "OpenMP" if "-fopenmp" in flags else "one thread"
         return lib, f"C kernel ({loop}, {threads}), {library}"
     raise RuntimeError(f"{compiler} could not compile the kernel: {'; '.join(errors)}")
@@ -213,5 +247,5 @@ def dequantize_4bit(codes, block_size, code_book, absmax, absmax_codes=None, abs
     threads = max(1, min(torch.get_num_threads(), codes.numel() // MIN_BYTES_PER_THREAD))
     lib.dequantize_4bit(pointer(codes), codes.numel(), block_size.bit_length() - 1, pointer(code_book),
                         pointer(absmax), pointer(absmax_codes), pointer(absmax_code_book), pointer(group_scale),
-                        float(mean), group_size.bit_length() - 1, pointer(out), threads)
+                        float(mean), group_size.bit_length() - 1, pointer(out), threads, MAX_SIMD_LEVEL)
     return out

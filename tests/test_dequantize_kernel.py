@@ -26,13 +26,16 @@ def require_kernel():
     assert K.load()[0] is not None, f"a C compiler is here, yet the kernel did not load: {K.status()}"
 
 
+@pytest.mark.parametrize("simd_level", [0, 1, 2])
 @pytest.mark.parametrize("quant_type", Q.QUANT_TYPES)
-@pytest.mark.parametrize("block_size", [2, 16, 32, 64, 4096])
+@pytest.mark.parametrize("block_size", [2, 8, 16, 32, 64, 4096])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_kernel_equals_pytorch_path_bit_for_bit(quant_type, block_size, double_quant):
-    """Every code book, blocks smaller than one AVX-512 step (2, 16: the plain loop) and larger, both scale
-    layouts, and sizes that end inside a byte, a 16-byte step or a block."""
+def test_kernel_equals_pytorch_path_bit_for_bit(simd_level, quant_type, block_size, double_quant, monkeypatch):
+    """Each loop (plain, AVX2, AVX-512, as far as this CPU has them), every code book, blocks smaller than a SIMD
+    step (2 and 8: the plain loop; 16: AVX2 but not AVX-512) and larger, both scale layouts, and sizes that end inside
+    a byte, a SIMD step or a block."""
     require_kernel()
+    monkeypatch.setattr(K, "MAX_SIMD_LEVEL", simd_level)
     torch.manual_seed(block_size)
     for shape in [(1,), (3,), (33, 65), (4097,), (300, 64)]:
         q = Q.quantize_4bit(torch.randn(shape) * 0.05, quant_type, block_size, double_quant)
