@@ -380,7 +380,7 @@ def bench_nf4(args, weights_dir, wanted, results):
             continue
         # nf4_dequantize: what quantize.dequantize_nf4 runs (the C kernel where it builds); _pytorch: the PyTorch path alone
         ours = dequantize_nf4 if row == "nf4_dequantize" else (lambda q: dequantize_4bit_pytorch(q)[: q.numel()].view(q.shape))
-        path = dequantize_kernel.status() if row == "nf4_dequantize" and args.device == "cpu" else "PyTorch"
+        path = dequantize_kernel.load()[1] if row == "nf4_dequantize" and args.device == "cpu" else "PyTorch"
         ours_d, bnb_d = [ours(q) for q in ours_q], [bnbf.dequantize_4bit(c, s) for c, s in bnb_q]
         difference = max((a - b.view_as(a)).abs().max().item() for a, b in zip(ours_d, bnb_d))
         del ours_d, bnb_d
@@ -389,7 +389,7 @@ def bench_nf4(args, weights_dir, wanted, results):
         label = "NF4+DQ dequantize" + (", our PyTorch path" if row == "nf4_dequantize_pytorch" else "")
         record(results, row, f"{label}, all {len(weights)} linear weights (higher is better)", "GB/s",
                [gigabytes / t for t in t_ours], [gigabytes / t for t in t_hf], True, max_difference=difference, gigabytes=gigabytes,
-               path=path.split(", /")[0])  # the library's file name would only say where this machine caches it
+               path=path)
     del weights, ours_q, bnb_q
     release()
 
