@@ -154,7 +154,7 @@ void dequantize_4bit(const uint8_t *codes, int64_t n_bytes, int block_shift, con
 }
 """
 
-SWITCH = "NANOQLORA_DEQUANTIZE_KERNEL"  # set to 0 to always run the PyTorch path
+SWITCH = "NANOQLORA_DEQUANTIZE_KERNEL"  # set to 0 (or false, off, no) to always run the PyTorch path
 BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off"]
 MIN_BYTES_PER_THREAD = 1 << 16  # below this, waking threads costs more than they save
 SIMD_LOOPS = ["plain C loop", "AVX2", "AVX-512"]  # by the level the C code reports
@@ -203,8 +203,8 @@ def compile_kernel(compiler, directory):
 @functools.lru_cache(maxsize=None)
 def load():
     """(the loaded library or None, which path CPU dequantization takes and why): built or found once per process."""
-    if os.environ.get(SWITCH, "1") == "0":
-        return None, f"PyTorch ({SWITCH}=0)"
+    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+        return None, f"PyTorch ({SWITCH}={os.environ[SWITCH]})"
     try:
         return compile_kernel(os.environ.get("CC", "cc"), cache_dir())
     except (RuntimeError, OSError) as error:  # OSError: a library that would not load

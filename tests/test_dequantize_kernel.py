@@ -98,13 +98,14 @@ def test_compile_error_is_reported(tmp_path):
         K.compile_kernel("false", str(tmp_path))  # a "compiler" that always fails
 
 
-def test_switch_chooses_the_pytorch_path_silently(fresh_kernel):
-    fresh_kernel.setenv(K.SWITCH, "0")
+@pytest.mark.parametrize("value", ["0", "off", "False"])
+def test_switch_chooses_the_pytorch_path_silently(fresh_kernel, value):
+    fresh_kernel.setenv(K.SWITCH, value)
     q = Q.quantize_nf4(torch.randn(64, 64))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(Q.dequantize_nf4(q), Q.dequantize_4bit_pytorch(q).view(64, 64))
-    assert K.status() == f"PyTorch ({K.SWITCH}=0)"
+    assert K.status() == f"PyTorch ({K.SWITCH}={value})"
 
 
 def test_qlora_training_is_the_same_with_and_without_the_kernel(monkeypatch):
