@@ -17,23 +17,13 @@ Three additions people use today, each a few lines below:
   rsLoRA  (Kalajdzievski 2023, arXiv:2312.03732) scales by alpha / sqrt(r) instead of alpha / r,
   DoRA    (Liu et al. 2024, arXiv:2402.09353) learns each output row's magnitude separately from its direction,
   LoRA+   (Hayou et al. 2024, arXiv:2402.12354) gives B a larger learning rate than A (`lora_param_groups`).
-
-Which layers: apply_lora's target short names map onto model.GPT's projections (see TARGETS).
 """
 
-import copy
-import hashlib
-import json
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from common import check_trainable_names, replace_module, write_bytes_atomic, write_json_atomic
-from quantize import Linear4bit, dequantize_model
-from safety import UserError, check_tensors_match, first_line, read_json
 
 TARGETS = {  # apply_lora's short names -> how the names of those layers end in model.GPT
     "q": "attn.q_proj",
@@ -43,41 +33,11 @@ TARGETS = {  # apply_lora's short names -> how the names of those layers end in 
     "mlp_in": "mlp.fc_in",
     "mlp_out": "mlp.fc_out",
 }
-LORA_PARAMETER_NAMES = ("lora_A", "lora_B", "lora_magnitude")
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
 def dense_weight(base):
-    """The frozen (out_features, in_features) weight W0 of a linear-like layer: nn.Linear keeps it as is,
-    quantize.Linear4bit has to dequantize its 4-bit blocks first."""
-    return base.weight if isinstance(base, nn.Linear) else base.dequantize()  # a Linear4bit
-
-
-def check_rank(rank, in_features, out_features):
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}; LoRA papers use 1 to 64, 8 is a common start")
-    if rank > min(in_features, out_features):
-        raise ValueError(
-            f"rank {rank} is larger than a {in_features} -> {out_features} layer allows: BA has rank at most "
-            f"min(in, out) = {min(in_features, out_features)}, so pick rank <= {min(in_features, out_features)}"
-        )
-
-
-def check_hyperparameters(alpha, dropout, adapter_name):
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}; alpha = 2 * rank is a common choice")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
-
-
-def check_mergeable(base):
-    if not isinstance(base, nn.Linear):
-        raise TypeError(
-            f"cannot merge into a {type(base).__name__}: W0 + ΔW would have to be re-quantized, losing most of "
-            "the update. Use lora.merge_lora_into_dequantized(model) to merge into a dequantized copy"
-        )
+    """The frozen (out_features, in_features) weight W0: an nn.Linear's, or a quantize.Linear4bit's dequantized."""
+    return base.weight if isinstance(base, nn.Linear) else base.dequantize()
 
 
 class LoRALinear(nn.Module):
@@ -98,11 +58,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha, dropout=0.0, use_rslora=False, use_dora=False, adapter_name="default"):
         super().__init__()
         if isinstance(base, LoRALinear):
-            raise TypeError(
-                "this layer already has LoRA; applying it twice would stack a second wrapper. Add another "
-                "adapter with layer.add_adapter(name, ...) or apply_lora(model, ..., adapter_name='new_name')"
-            )
-        if not isinstance(base, (nn.Linear, Linear4bit)):
+            raise TypeError("this layer already has LoRA; applying it twice would stack a second wrapper. Add another "
+                            "adapter with layer.add_adapter(name, ...) or apply_lora(model, ..., adapter_name='new')")
+        if not isinstance(base, nn.Linear) and not hasattr(base, "dequantize"):  # quantize.Linear4bit has one
             raise TypeError(f"LoRALinear wraps an nn.Linear or a quantize.Linear4bit, got {type(base).__name__}")
         self.base = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -123,7 +81,8 @@ class LoRALinear(nn.Module):
         check_rank(rank, self.in_features, self.out_features)
         check_hyperparameters(alpha, dropout, name)
         if name in self.lora_A:
-            raise ValueError(f"this layer already has an adapter named {name!r}; LoRA cannot be applied twice, pick a new adapter name")
+            raise ValueError(f"this layer already has an adapter named {name!r}; LoRA cannot be applied twice, pick a "
+                             f"new adapter name")
         if self.merged_adapter is not None:
             raise RuntimeError("this layer has a merged adapter; call unmerge_lora(model) before adding another")
         weight = dense_weight(self.base)  # only its device and dtype, and DoRA's norms
@@ -132,8 +91,7 @@ class LoRALinear(nn.Module):
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=weight.device, dtype=weight.dtype))
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # rsLoRA §3: with alpha / r the update's size shrinks as r grows, so large ranks learn no better;
-        # alpha / sqrt(r) keeps it rank-stable.
+        # rsLoRA §3: alpha / r shrinks the update as r grows, so large ranks learn no better; alpha / sqrt(r) does not
         self.scaling[name] = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.config[name] = dict(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
         if use_dora:  # m starts at ||W0|| (B = 0 here), so W' = W0 at the start, as with plain LoRA
@@ -151,24 +109,29 @@ class LoRALinear(nn.Module):
             return torch.linalg.norm(weight + self.delta_weight(name).to(weight.dtype), dim=1)
 
     def forward(self, x):
-        result = self.base(x)
+        """h = W0 x + b + scaling · B (A dropout(x)), Eq. 3, without ever forming the d_out x d_in matrix BA."""
+        result = self.base(x)  # W0 x + b, the frozen layer (a 4-bit one under QLoRA)
         name = self.active_adapter
         if name is None or self.merged_adapter is not None:
             return result  # adapters off, or the active one already folded into base.weight
-        A, B, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
-        x_dropped = self.lora_dropout[name](x).to(A.dtype)
-        lora = F.linear(F.linear(x_dropped, A), B) * scaling  # never forms the d_out x d_in matrix BA
-        if name not in self.lora_magnitude:
-            return result + lora.to(result.dtype)
-        # DoRA (Eq. 5): W' = m · (W0 + ΔW) / ||W0 + ΔW||_c, so h = g · (W0 x + ΔW x) + b with g = m / ||.||.
-        # Like PEFT, dropout applies to the adapter's path only: h = W0 x + b + (g - 1) W0 x' + g ΔW x'.
+        if name in self.lora_magnitude:
+            return self.dora_forward(x, result, name)
+        x = self.lora_dropout[name](x).to(self.lora_A[name].dtype)
+        update = F.linear(F.linear(x, self.lora_A[name]), self.lora_B[name]) * self.scaling[name]
+        return result + update.to(result.dtype)
+
+    def dora_forward(self, x, result, name):
+        """DoRA (Eq. 5): W' = m · (W0 + ΔW) / ||W0 + ΔW||_c, so h = g · (W0 x + ΔW x) + b with g = m / ||.||_c.
+        Like PEFT, dropout applies to the adapter's path only: h = W0 x + b + (g - 1) W0 x' + g ΔW x'."""
+        x_dropped = self.lora_dropout[name](x).to(self.lora_A[name].dtype)
+        update = F.linear(F.linear(x_dropped, self.lora_A[name]), self.lora_B[name]) * self.scaling[name]
         W0 = dense_weight(self.base).to(x_dropped.dtype)
         g = self.lora_magnitude[name] / self.dora_weight_norm(name, W0)
         if self.training and isinstance(self.lora_dropout[name], nn.Dropout):
             W0_x = F.linear(x_dropped, W0)
         else:  # x' = x, and W0 x is already in the base output: take it back out instead of recomputing
             W0_x = result - self.base.bias if self.base.bias is not None else result
-        return result + ((g - 1) * W0_x + g * lora).to(result.dtype)
+        return result + ((g - 1) * W0_x + g * update).to(result.dtype)
 
     @torch.no_grad()
     def merge(self):
@@ -200,16 +163,35 @@ class LoRALinear(nn.Module):
         self.merged_adapter = None
 
     def extra_repr(self):
-        adapters = ", ".join(f"{n}(rank={c['rank']}, alpha={c['alpha']}{', dora' if c['use_dora'] else ''})" for n, c in self.config.items())
-        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}], active={self.active_adapter}"
+        adapters = ", ".join(f"{n}(rank={c['rank']}, alpha={c['alpha']}{', dora' if c['use_dora'] else ''})"
+                             for n, c in self.config.items())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}], "
+                f"active={self.active_adapter}")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Putting adapters into a model, and choosing between them
 
 
+def replace_module(model, name, new):
+    """Put `new` where the submodule called `name` (dotted, e.g. 'transformer.h.0.attn.q_proj') was."""
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, new)
+
+
+def check_trainable_names(model, trainable):
+    """Every name in `trainable` (kept trainable beside an adapter, e.g. a classification head) must be a module or
+    parameter of the model: a typo would otherwise leave it frozen without a word."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    for t in trainable:
+        if not any(n == t or n.startswith(t + ".") for n in names):
+            top = ", ".join(name for name, _ in model.named_children())
+            raise ValueError(f"trainable={t!r} names no module or parameter of the model (its top-level modules: "
+                             f"{top})")
+
+
 def lora_layers(model):
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 def adapter_names(model):
@@ -218,8 +200,8 @@ def adapter_names(model):
 
 
 def resolve_targets(targets):
-    """("q", "v") -> ("attn.q_proj", "attn.v_proj"); "all-linear" means all six projections."""
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    """("q", "v") or "q,v" (a --lora_targets flag) -> ("attn.q_proj", "attn.v_proj"); "all-linear": all six."""
+    targets = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else tuple(targets)
     if not targets:
         raise ValueError(f"targets is empty; choose from {', '.join(TARGETS)} or 'all-linear'")
     for t in targets:  # every entry, so a typo next to 'all-linear' is not ignored
@@ -230,37 +212,34 @@ def resolve_targets(targets):
     return tuple(TARGETS[t] for t in dict.fromkeys(targets))
 
 
-def parse_targets(text):
-    """'q, v' (a --lora_targets flag) -> ('q', 'v')."""
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
 def is_lora_parameter(name):
-    return any(part in LORA_PARAMETER_NAMES for part in name.split("."))
+    return any(part in ("lora_A", "lora_B", "lora_magnitude") for part in name.split("."))
 
 
-def apply_lora(model, rank=8, alpha=16, targets=("q", "v"), dropout=0.0, use_rslora=False, use_dora=False, trainable=(), adapter_name="default"):
+def apply_lora(model, rank=8, alpha=16, targets=("q", "v"), dropout=0.0, use_rslora=False, use_dora=False, trainable=(),
+               adapter_name="default"):
     """Wrap the target linear layers in LoRALinear (or, where they are wrapped already, add a new named
     adapter), freeze every other parameter, make the new adapter active, and return the model.
 
-    targets: short names from TARGETS ("q", "k", "v", "o", "mlp_in", "mlp_out") or "all-linear".
+    targets: short names from TARGETS ("q", "k", "v", "o", "mlp_in", "mlp_out") or "all-linear", or "q,v".
     trainable: names of modules or parameters to keep trainable, e.g. ("head",) for a new classification
     head; they are saved with the adapter. Earlier adapters are frozen: only the new one trains."""
     check_hyperparameters(alpha, dropout, adapter_name)
     suffixes = resolve_targets(targets)
     trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable)
     if adapter_name in adapter_names(model):
-        raise ValueError(
-            f"the model already has a LoRA adapter named {adapter_name!r}: applying LoRA twice to the same layers. "
-            f"Pass adapter_name='another_name' to add a second adapter, or load_adapter to replace its weights"
-        )
-    layers = [(name, m) for name, m in model.named_modules() if any(name == s or name.endswith("." + s) for s in suffixes)]
+        raise ValueError(f"the model already has a LoRA adapter named {adapter_name!r}: applying LoRA twice to the "
+                         f"same layers. Pass adapter_name='another_name' to add a second adapter, or load_adapter to "
+                         f"replace its weights")
+    layers = [(name, m) for name, m in model.named_modules() if any(name == s or name.endswith("." + s)
+                                                                    for s in suffixes)]
     if not layers:
-        raise ValueError(f"no layer of this {type(model).__name__} is named like {', '.join(suffixes)}; is it a model.GPT?")
+        raise ValueError(f"no layer of this {type(model).__name__} is named like {', '.join(suffixes)}; is it a "
+                         f"model.GPT?")
     if any(layer.merged_adapter is not None for _, layer in lora_layers(model)):
         raise RuntimeError("an adapter is merged into the base weights; call unmerge_lora(model) before adding another")
     for name, layer in layers:  # check everything before changing anything
-        if not isinstance(layer, (nn.Linear, Linear4bit, LoRALinear)):
+        if not isinstance(layer, (nn.Linear, LoRALinear)) and not hasattr(layer, "dequantize"):  # or a Linear4bit
             raise TypeError(f"{name} is a {type(layer).__name__}; LoRA targets linear layers only")
         check_rank(rank, layer.in_features, layer.out_features)
     check_trainable_names(model, trainable)
@@ -306,13 +285,15 @@ def disable_adapters(model):
 def delete_adapter(model, name):
     """Remove adapter `name`; a layer left without adapters goes back to being its plain base layer."""
     if name not in adapter_names(model):
-        raise ValueError(f"no adapter named {name!r}; the model has {', '.join(map(repr, adapter_names(model))) or 'none'}")
+        raise ValueError(f"no adapter named {name!r}; the model has "
+                         f"{', '.join(map(repr, adapter_names(model))) or 'none'}")
     if any(layer.merged_adapter == name for _, layer in lora_layers(model)):
         raise RuntimeError(f"adapter {name!r} is merged; call unmerge_lora(model) before deleting it")
     for layer_name, layer in lora_layers(model):
         if name not in layer.lora_A:
             continue
-        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.lora_dropout, layer.scaling, layer.config):
+        for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.lora_dropout, layer.scaling,
+                      layer.config):
             if name in store:
                 del store[name]
         if layer.active_adapter == name:
@@ -330,7 +311,7 @@ def merge_lora(model, unload=False):
     """Fold each layer's active adapter into its base weight (W = W0 + scaling · BA, §4.1), so the model
     costs exactly what the base does at inference. unmerge_lora undoes it. With unload=True the LoRA
     wrappers are replaced by their merged base layers: a plain model with the original state_dict keys
-    (every adapter is dropped, nothing to unmerge). 4-bit bases: see merge_lora_into_dequantized.
+    (every adapter is dropped, nothing to unmerge). 4-bit bases: quantize.merge_lora_into_dequantized.
     While merged, the LoRA parameters get no gradient: unmerge before training on."""
     layers = lora_layers(model)
     active = [layer for _, layer in layers if layer.active_adapter is not None and layer.merged_adapter is None]
@@ -356,21 +337,6 @@ def unmerge_lora(model):
     return model
 
 
-def merge_lora_into_dequantized(model):
-    """A plain floating-point copy of a QLoRA model with its active adapters merged: W = dequant(W_nf4) + ΔW.
-    The model passed in is not changed.
-
-    Why not merge into the 4-bit weight? Re-quantizing W0 + ΔW moves every weight to its nearest NF4 code. An
-    update smaller than half a code step (about 0.1 sigma of W0 near zero, up to 0.4 sigma in the tails) is
-    rounded away, a larger one survives only up to a rounding error as big as that step. Fine-tuning updates
-    are usually small next to W0, so re-quantization erases or garbles much of what the adapter learned
-    (notebook 03 measures how much). The dense copy keeps the update exactly, at 4x (bf16) to 8x (fp32) the
-    memory of the 4-bit weights. Or do not merge at all: serve the 4-bit base with the adapter beside it,
-    paying for the extra B A x matmuls."""
-    merged = dequantize_model(copy.deepcopy(model))  # each LoRALinear's base becomes an nn.Linear
-    return merge_lora(merged, unload=True)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # LoRA+: a larger learning rate for B
 
@@ -382,17 +348,17 @@ def lora_param_groups(model, lr, loraplus_lr_ratio=16.0, weight_decay=0.0):
     Only trainable parameters are included. No weight decay on 1-d tensors (biases, LayerNorm weights, DoRA
     magnitudes: decaying m to 0 would shrink the pretrained weights). PEFT instead puts 1-d tensors at B's rate."""
     if not (math.isfinite(lr) and math.isfinite(loraplus_lr_ratio)) or lr <= 0 or loraplus_lr_ratio <= 0:
-        raise ValueError(f"lr and loraplus_lr_ratio must be positive, got lr={lr}, loraplus_lr_ratio={loraplus_lr_ratio}")
+        raise ValueError(f"lr and loraplus_lr_ratio must be positive, got lr={lr}, ratio={loraplus_lr_ratio}")
     groups = {"lora_A": [], "lora_B": [], "other": [], "no_decay": []}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
         parts = name.split(".")
-        group = "lora_B" if "lora_B" in parts else "lora_A" if "lora_A" in parts else "no_decay" if p.ndim < 2 else "other"
-        groups[group].append(p)
+        if p.requires_grad:
+            groups["lora_B" if "lora_B" in parts else "lora_A" if "lora_A" in parts else "no_decay" if p.ndim < 2
+                   else "other"].append(p)
     if not any(groups.values()):
         raise ValueError("the model has no trainable parameters; call apply_lora(model, ...) first")
-    settings = {"lora_A": (lr, weight_decay), "lora_B": (lr * loraplus_lr_ratio, weight_decay), "other": (lr, weight_decay), "no_decay": (lr, 0.0)}
+    settings = {"lora_A": (lr, weight_decay), "lora_B": (lr * loraplus_lr_ratio, weight_decay),
+                "other": (lr, weight_decay), "no_decay": (lr, 0.0)}
     return [dict(name=g, params=ps, lr=settings[g][0], weight_decay=settings[g][1]) for g, ps in groups.items() if ps]
 
 
@@ -425,150 +391,28 @@ def active_adapter_name(model):
     return active.pop()
 
 
-def adapter_config(model, name):
-    """The hyperparameters to rebuild adapter `name` with apply_lora: rank, alpha, dropout, use_rslora,
-    use_dora, targets, and the names of kept-trainable parameters."""
-    layers = [(layer_name, layer) for layer_name, layer in lora_layers(model) if name in layer.lora_A]
-    if not layers:
-        raise ValueError(f"no adapter named {name!r}; the model has {', '.join(map(repr, adapter_names(model))) or 'none'}")
-    targets = []
-    for layer_name, layer in layers:
-        short = [t for t, suffix in TARGETS.items() if layer_name == suffix or layer_name.endswith("." + suffix)]
-        if not short:
-            raise ValueError(f"{layer_name} is not one of apply_lora's targets ({', '.join(TARGETS.values())}); save_adapter cannot describe it")
-        if layer.config[name] != layers[0][1].config[name]:
-            raise ValueError(f"adapter {name!r} has different hyperparameters in {layer_name} and {layers[0][0]}")
-        targets += short
-    targets = [t for t in TARGETS if t in targets]
-    return dict(adapter_name=name, **layers[0][1].config[name], targets=targets, trainable=sorted(kept_trainable_parameters(model)))
-
-
 def save_adapter(model, directory, adapter_name=None, metadata=None):
-    """Write one adapter (default: the active one) to directory/adapter_model.safetensors, with its
-    hyperparameters in directory/adapter_config.json. The file holds A, B (and DoRA's m) of every adapted
-    layer plus the kept-trainable parameters (e.g. a classification head): everything fine-tuning changed,
-    nothing of the frozen base. `metadata` (a JSON-able dict, e.g. the run id and base of a training run) is
-    stored in the config as is. Returns the weights file's path.
+    """Write one adapter (default: the active one) to `directory`: A, B (and DoRA's m) of every adapted layer plus
+    the kept-trainable parameters (e.g. a classification head), i.e. everything fine-tuning changed and nothing of
+    the frozen base, with the hyperparameters that rebuild it. The file format (safetensors + a JSON config that
+    records the weights' checksum) is plumbing: support/adapter_files.py. Returns the weights file's path."""
+    from support.adapter_files import save_lora_adapter
 
-    The two files cannot be renamed into place at once, so the config is written last and records the SHA-256
-    of the weights: it is the manifest of the pair. A crash between the two renames leaves an old config beside
-    new weights, which load_adapter then refuses instead of loading a mix of two saves."""
-    from safetensors.torch import save
-
-    adapter_name = adapter_name or active_adapter_name(model)
-    config = adapter_config(model, adapter_name)
-    tensors = {**adapter_tensors(model, adapter_name), **kept_trainable_parameters(model)}
-    weights = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})  # bytes: we create the file, so it
-    os.makedirs(directory, exist_ok=True)                                          # gets the usual permissions (0644)
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    write_bytes_atomic(weights, weights_path)
-    config.update(weights_sha256=hashlib.sha256(weights).hexdigest(), metadata=metadata or {})
-    write_json_atomic(config, os.path.join(directory, ADAPTER_CONFIG))
-    return weights_path
-
-
-ADAPTER_CONFIG_TYPES = {  # key -> (check, what it must be)
-    "adapter_name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "rank": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
-    "alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0, "a positive number"),
-    "dropout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
-    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
-    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
-    "targets": (lambda v: isinstance(v, list) and v and all(isinstance(t, str) for t in v), f"a list of target names ({', '.join(TARGETS)})"),
-    "trainable": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of parameter names"),
-    "weights_sha256": (lambda v: isinstance(v, str) and len(v) == 64, f"the SHA-256 of {ADAPTER_WEIGHTS} (hex)"),
-    "metadata": (lambda v: isinstance(v, dict), "an object"),
-}
-
-
-def read_adapter_config(directory):
-    """adapter_config.json of an adapter directory, every field checked; -> dict."""
-    path = os.path.join(directory, ADAPTER_CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; save_adapter writes {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} into a directory")
-    config = read_json(path, what="adapter config written by save_adapter")
-    if "peft_type" in config:  # interop.export_peft's output, or any adapter saved by PEFT
-        raise UserError(f"{path} is a PEFT adapter (peft_type {config['peft_type']!r}), not an adapter config written by save_adapter: "
-                        f"put it onto a model with interop.import_peft (save_adapter then writes it in this repository's format)")
-    missing = [k for k in ADAPTER_CONFIG_TYPES if k not in config]
-    if missing == ["weights_sha256", "metadata"]:
-        raise UserError(f"{path} records no checksum of its weights (written by an older version of save_adapter); "
-                        f"save the adapter again, or train it again")
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(map(repr, missing))}: it is not an adapter config written by save_adapter")
-    for key, (valid, description) in ADAPTER_CONFIG_TYPES.items():
-        if not valid(config[key]):
-            raise UserError(f"{path}: {key!r} is {json.dumps(config[key])}, but must be {description}")
-    return config
-
-
-def copy_stored_tensors(stored, model, adapter, kept, path):
-    """Copy the tensors of a saved adapter, read from `path`, into the model: into `adapter` (name -> the model's
-    tensor of that adapter) and into the kept-trainable parameters named in `kept` (e.g. a classification head),
-    after checking that both sides hold the same names and every shape agrees (the first difference is named).
-    Shared with adapters.load_adapter."""
-    all_parameters = dict(model.named_parameters(remove_duplicate=False))
-    missing_kept = [n for n in kept if n not in all_parameters]
-    if missing_kept:
-        raise KeyError(f"the adapter also stores {missing_kept[0]!r}, which this model does not have")
-    expected = {**adapter, **{n: all_parameters[n] for n in kept}}
-    check_tensors_match(stored, expected, path)
-    with torch.no_grad():
-        for k, v in stored.items():
-            expected[k].copy_(v)
+    return save_lora_adapter(model, directory, adapter_name, metadata)
 
 
 def load_adapter(model, directory, adapter_name=None):
-    """Load an adapter written by save_adapter and make it active. A model without that adapter (e.g. a
-    fresh base model) first gets LoRA applied as adapter_config.json describes; a model that has it gets
-    its weights replaced. The config's fields, the weights' checksum, names, shapes, dtypes and values
-    (finite floats only) are checked against the files."""
-    from safetensors.torch import load
+    """Load an adapter written by save_adapter and make it active. A model without it (e.g. a fresh base) first
+    gets LoRA applied as the saved config describes; a model that has it gets its weights replaced. Every field,
+    the checksum, names, shapes and values are checked first (support/adapter_files.py)."""
+    from support.adapter_files import load_lora_adapter
 
-    config = read_adapter_config(directory)
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"{weights_path} not found; save_adapter writes {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} into a directory")
-    with open(weights_path, "rb") as f:
-        weights = f.read()
-    if hashlib.sha256(weights).hexdigest() != config["weights_sha256"]:
-        raise UserError(f"{weights_path} is not the file {ADAPTER_CONFIG} beside it was saved with (its checksum differs: the two "
-                        f"come from different saves, e.g. a run killed between writing them, or a file copied in by hand); "
-                        f"save or train the adapter again")
-    try:
-        stored = load(weights)
-    except Exception as e:  # safetensors raises its own error type for a corrupt header or data
-        raise UserError(f"{weights_path} is not a readable safetensors file ({first_line(e)}); save or train the adapter again") from None
-    for k, v in stored.items():
-        if not v.is_floating_point():
-            raise UserError(f"{weights_path}: tensor {k!r} is {v.dtype}, but adapter weights are floating point; save or train it again")
-        if not torch.isfinite(v).all():
-            raise UserError(f"{weights_path}: tensor {k!r} holds NaN or infinite values; the training that saved it diverged, "
-                            f"train again (e.g. with a lower learning rate)")
-    paths = [os.path.join(directory, ADAPTER_CONFIG), weights_path]
-    hyperparameters = {k: config[k] for k in ("rank", "alpha", "dropout", "use_rslora", "use_dora")}
-    name = adapter_name or config["adapter_name"]
-    created = name not in adapter_names(model)
-    if created:
-        apply_lora(model, **hyperparameters, targets=config["targets"], trainable=config["trainable"], adapter_name=name)
-    try:
-        ours = adapter_config(model, name)
-        ours = {k: ours[k] for k in ("targets", *hyperparameters)}
-        theirs = {k: config[k] for k in ours}
-        if ours != theirs:
-            raise ValueError(f"the model's adapter {name!r} has {ours} but {directory} holds {theirs}; load it under another adapter_name")
-        copy_stored_tensors(stored, model, adapter_tensors(model, name), config["trainable"], paths[1])
-    except Exception:
-        if created:
-            delete_adapter(model, name)
-        raise
-    return set_adapter(model, name)
+    return load_lora_adapter(model, directory, adapter_name)
 
 
 def adapter_size_report(model, adapter_name=None):
-    """Bytes of one adapter's tensors (what save_adapter writes, less a small header) next to the bytes
-    of every non-LoRA tensor (what saving a fully fine-tuned copy of the model would take): LoRA §4.2's
-    "350GB -> 35MB" for GPT-3, at our scale. Works on the meta device, so GPT-2 needs no real memory."""
+    """Bytes of one adapter's tensors (what save_adapter writes, less a small header) next to the bytes of every
+    non-LoRA tensor (what a fully fine-tuned copy would take): LoRA §4.2's "350GB -> 35MB" for GPT-3, at our scale."""
     name = adapter_name or active_adapter_name(model)
     adapter = {**adapter_tensors(model, name), **kept_trainable_parameters(model)}
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
@@ -578,17 +422,27 @@ def adapter_size_report(model, adapter_name=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# How alike are two learned subspaces?
+# Checks of the arguments: a wrong value is named with what would be valid
 
 
-def subspace_similarity(A1, A2, i, j):
-    """LoRA §7.2: phi(A1, A2, i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j), where U1, U2 hold the right
-    singular vectors of A1 (r1 x d) and A2 (r2 x d) as d-dim columns, strongest first. 1: one top-i/top-j
-    subspace contains the other; 0: they are orthogonal; random subspaces give about max(i, j) / d."""
-    if A1.ndim != 2 or A2.ndim != 2 or A1.shape[1] != A2.shape[1]:
-        raise ValueError(f"A1 and A2 must be (rank, d) matrices with the same d, got {tuple(A1.shape)} and {tuple(A2.shape)}")
-    if not (1 <= i <= A1.shape[0] and 1 <= j <= A2.shape[0]):
-        raise ValueError(f"need 1 <= i <= {A1.shape[0]} and 1 <= j <= {A2.shape[0]}, got i={i}, j={j}")
-    U1 = torch.linalg.svd(A1.detach().double(), full_matrices=False).Vh.T  # (d, r1), columns by singular value
-    U2 = torch.linalg.svd(A2.detach().double(), full_matrices=False).Vh.T
-    return (U1[:, :i].T @ U2[:, :j]).pow(2).sum().item() / min(i, j)
+def check_rank(rank, in_features, out_features):
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}; LoRA papers use 1 to 64, 8 is a common start")
+    if rank > min(in_features, out_features):
+        raise ValueError(f"rank {rank} is larger than a {in_features} -> {out_features} layer allows: BA has rank at "
+                         f"most min(in, out) = {min(in_features, out_features)}")
+
+
+def check_hyperparameters(alpha, dropout, adapter_name):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}; alpha = 2 * rank is a common choice")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
+
+
+def check_mergeable(base):
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"cannot merge into a {type(base).__name__}: W0 + ΔW would have to be re-quantized, losing "
+                        f"most of the update; quantize.merge_lora_into_dequantized(model) merges into a dense copy")

@@ -15,17 +15,15 @@ that LoRA may adapt is its own `nn.Linear` with a stable name:
     transformer.h[i].mlp.fc_out    MLP down    (4 n_embd -> n_embd)
 
 OpenAI's checkpoint fuses q, k and v into one `c_attn` and stores weights transposed (a "Conv1D");
-`GPT.from_pretrained` undoes both in a few lines, and `GPT.save_pretrained` redoes them, so any model here can be
-loaded by Hugging Face's `GPT2LMHeadModel`.
+`GPT.from_pretrained` undoes both in a few lines (hf_to_ours).
 
 One option departs from GPT-2, for small models trained briefly: `smear_keys` (off for OpenAI's weights, on for the
 tiny base that train.py pretrains) mixes each attention key with the previous position's, which lets the model learn
 to copy from its context within minutes (CausalSelfAttention.smear).
 
 Two training aids live in the forward pass: `segment_ids` lets one row hold several packed examples that cannot
-see each other (instructions.pack_examples), and `gradient_checkpointing` trades compute for activation memory.
-Given targets, forward returns only the loss, computed where a target exists and a chunk of logits at a time
-(cross_entropy_at_targets): the B x T x vocab logits would be the step's largest tensor.
+see each other, and `gradient_checkpointing` trades compute for activation memory. This file imports only torch
+(and safetensors to read OpenAI's weights); the programs' plumbing is in support/.
 """
 
 import json
@@ -37,10 +35,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-
-from common import autocast_context, download_file, save_safetensors_atomic, user_cache_dir, write_json_atomic
-from quantize import Linear4bit
-from safety import check_tensors_match
 
 
 @dataclass
@@ -129,7 +123,8 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if attn_mask is not None:  # packed examples: causal within each example, nothing across them
             if kv_cache is not None:
-                raise ValueError("attn_mask (packed examples) cannot be combined with a KV cache; generate one example at a time")
+                raise ValueError("attn_mask (packed examples) cannot be combined with a KV cache; "
+                                 "generate one example at a time")
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         elif past == 0:  # plain causal attention over the T new tokens
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -178,7 +173,6 @@ PRETRAINED = {  # name -> (n_layer, n_head, n_embd); all share block_size 1024 a
     "gpt2-large": (36, 20, 1280),  # 774M
     "gpt2-xl": (48, 25, 1600),  # 1558M
 }
-HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
 
 
 class GPT(nn.Module):
@@ -199,8 +193,8 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         # Recompute each block's activations in backward instead of keeping them (see hidden_states).
         self.gradient_checkpointing = False
-        # Prefix tuning (prefix_tuning.py) puts a module here that fills an empty KVCache with learned keys and
-        # values, as if every sequence were preceded by that many virtual tokens. None: no prefix.
+        # Prefix tuning (other_methods/prefix_tuning.py) puts a module here that fills an empty KVCache with learned
+        # keys and values, as if every sequence were preceded by that many virtual tokens. None: no prefix.
         self.prefix = None
         self.apply(self._init_weights)
         # GPT-2 §2.3: scale the init of layers that write into the residual stream by 1/sqrt(N),
@@ -238,7 +232,8 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {past + T} tokens is longer than block_size={self.config.block_size}; "
-                f"crop the input to its last {self.config.block_size - past} tokens or use a model with a larger block_size"
+                f"crop the input to its last {self.config.block_size - past} tokens or use a model with a larger "
+                f"block_size"
             )
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         attn_mask = starts = None
@@ -255,20 +250,21 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, kv_cache=None, segment_ids=None):
-        """Without targets: (logits, None), the logits for every position, (B, T, vocab_size).
+        """(B, T) token ids -> (logits (B, T, vocab_size), loss). loss is None without targets; with targets (B, T) it
+        is the mean cross-entropy of predicting targets[:, t] from idx[:, :t+1], over the positions whose target is
+        not -100 (padding, and a prompt left out of the loss). segment_ids: see hidden_states.
 
-        With targets (B, T): (None, loss), loss being the mean cross-entropy of predicting targets[:, t] from
-        idx[:, :t+1] over the positions whose target is not -100. The output layer is then applied only at those
-        positions, a chunk of them at a time (cross_entropy_at_targets), so no logits are returned: a B x T x vocab
-        tensor would be the largest activation of the step, and most of it would belong to prompt or padding
-        positions that have no target. Call forward without targets for logits. segment_ids: see hidden_states."""
-        hidden = self.hidden_states(idx, kv_cache, segment_ids)
+        train.py computes the same loss without materialising the logits (support/loss.py, LossAtTargets): on
+        instruction data most positions have no target, and B x T x vocab logits are a step's largest tensor."""
+        logits = self.lm_head(self.hidden_states(idx, kv_cache, segment_ids))
         if targets is None:
-            return self.lm_head(hidden), None
-        return None, cross_entropy_at_targets(hidden, self.lm_head.weight, targets)
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None, use_cache=True, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None, use_cache=True,
+                 generator=None):
         """Extend each row of idx (B, T) by up to max_new_tokens sampled tokens. temperature=0 is greedy.
         With eos_token_id, a row that emits it stops (later positions repeat eos) and generation ends
         once every row has. The KV cache gives the same tokens as recomputing the whole prefix."""
@@ -292,186 +288,36 @@ class GPT(nn.Module):
         return idx
 
     @classmethod
-    def from_pretrained(cls, name_or_path, cache_dir=None):
-        """OpenAI's GPT-2 weights: a name in PRETRAINED (downloaded once from the Hugging Face hub) or a
-        local directory holding an HF-format config.json and model.safetensors (no network)."""
+    def from_pretrained(cls, name_or_path):
+        """OpenAI's GPT-2 weights: a name in PRETRAINED (downloaded once from the Hugging Face hub) or a local
+        directory holding an HF-format config.json and model.safetensors (no network). The programs load through
+        support.checkpoints.load_base_model, which first checks that the two files are a GPT-2 and belong together."""
         from safetensors.torch import load_file
 
-        if os.path.isdir(name_or_path):
-            directory = name_or_path
-        elif name_or_path in PRETRAINED:
-            directory = download_pretrained(name_or_path, cache_dir)
-        else:
-            raise ValueError(
-                f"unknown model {name_or_path!r}: use one of {', '.join(PRETRAINED)} "
-                f"or a directory containing config.json and model.safetensors"
-            )
-        for file in ("config.json", "model.safetensors"):
-            if not os.path.isfile(os.path.join(directory, file)):
-                raise FileNotFoundError(f"{directory} has no {file}; an HF GPT-2 directory needs config.json and model.safetensors")
-        from safety import UserError, first_line, read_json
+        directory = name_or_path
+        if name_or_path in PRETRAINED:
+            from support.checkpoints import download_pretrained  # plumbing: a download with a progress bar
 
-        config_path, weights_path = os.path.join(directory, "config.json"), os.path.join(directory, "model.safetensors")
-        shape = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
-        hf = read_json(config_path, shape, what="Hugging Face GPT-2 config")
-        for key in shape:
-            if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] < 1:
-                raise UserError(f"{config_path}: {key!r} is {json.dumps(hf[key])}, but must be a positive integer")
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-        try:
-            weights = load_file(weights_path)
-        except Exception as e:  # safetensors raises its own error type for a corrupt header or data
-            raise UserError(f"{weights_path} is not a readable safetensors file ({first_line(e)}); download or save it again") from None
-        layers = {int(k.split(".")[1]) for k in (k.removeprefix("transformer.") for k in weights) if k.startswith("h.") and k.split(".")[1].isdigit()}
-        if layers != set(range(config.n_layer)):  # otherwise extra layers would be dropped, or a missing one named by a bare KeyError
-            raise UserError(f"{config_path} says n_layer={config.n_layer} but {weights_path} holds {len(layers)} layers "
-                            f"(numbered {min(layers, default=0)}..{max(layers, default=-1)}); the two files do not belong together")
-        try:
-            state_dict = hf_to_ours(weights, config.n_layer)
-        except KeyError as e:
-            raise UserError(f"{weights_path} is not a GPT-2 checkpoint: it has no tensor {e.args[0]!r}") from None
+            directory = download_pretrained(name_or_path)
+        with open(os.path.join(directory, "config.json")) as f:
+            hf = json.load(f)
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"])
         model = cls(config)
-        model.load_weights(state_dict)
+        state_dict = hf_to_ours(load_file(os.path.join(directory, "model.safetensors")), config.n_layer)
+        state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]  # tied: HF stores it once
+        model.load_state_dict(state_dict)  # strict: every tensor of ours is filled, and nothing is left over
         return model
-
-    def save_pretrained(self, directory):
-        """Write this model as a Hugging Face GPT-2 checkpoint: config.json + model.safetensors with HF's names and
-        Conv1D layout (the inverse of hf_to_ours), so transformers.GPT2LMHeadModel.from_pretrained(directory) and
-        GPT.from_pretrained(directory) both load it. Works for GPT-2 sizes and for the byte-level models here
-        (vocab 257); the end-of-text token is the last id in both vocabularies. A model with LoRA layers or 4-bit
-        weights must be merged into plain nn.Linear layers first. Returns the weights file's path."""
-        if not self.config.bias:
-            raise ValueError("HF's GPT-2 has a bias in every Linear and LayerNorm; a model built with bias=False cannot be saved in its format")
-        if self.config.smear_keys:
-            raise ValueError("HF's GPT-2 has no smeared keys (smear_keys=True); this model cannot be saved in its format")
-        for name, module in self.named_modules():
-            if name.endswith(PROJECTIONS) and type(module) is not nn.Linear:
-                raise ValueError(
-                    f"{name} is a {type(module).__name__}, not a plain nn.Linear: merge first, with lora.merge_lora(model, unload=True) "
-                    f"for LoRA or lora.merge_lora_into_dequantized(model) for QLoRA (train.py --export_hf does this)"
-                )
-        c = self.config
-        hf_config = {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size, "n_positions": c.block_size,
-            "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
-            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "layer_norm_epsilon": 1e-5,
-            "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
-            "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1,  # <|endoftext|>: 50256 for GPT-2's BPE, 256 for bytes
-            "dtype": str(self.transformer.wte.weight.dtype).removeprefix("torch."),
-        }
-        tensors = {k: v.detach().cpu().contiguous() for k, v in ours_to_hf(self.state_dict(), c.n_layer).items()}
-        os.makedirs(directory, exist_ok=True)
-        write_json_atomic(hf_config, os.path.join(directory, "config.json"))
-        weights_path = os.path.join(directory, "model.safetensors")
-        save_safetensors_atomic(tensors, weights_path, metadata={"format": "pt"})
-        return weights_path
-
-    def load_weights(self, state_dict):
-        """load_state_dict that names the first missing, unexpected or wrongly shaped tensor."""
-        ours = self.state_dict()
-        ours.pop("lm_head.weight")  # tied to transformer.wte.weight
-        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
-        check_tensors_match(state_dict, ours, "the checkpoint")
-        self.load_state_dict(state_dict, strict=False)
 
 
 def count_parameters(model):
     """(trainable, total) parameter counts of any model here (a GPT, a GPT with adapters, a classifier, a 4-bit
-    model). Shared (tied) tensors count once, so GPT-2's lm_head counts as wte; a 4-bit layer counts the
-    in x out weights it stands for (plus bias), not the bytes its packed storage takes."""
-    total, quantized = 0, set()
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            total += module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
-            quantized.update(id(p) for p in module.parameters())
-    total += sum(p.numel() for p in model.parameters() if id(p) not in quantized)
+    model). Shared (tied) tensors count once, so GPT-2's lm_head counts as wte. A layer that stores its weight
+    packed (quantize.Linear4bit) counts the weights it stands for, which it reports as `weight_numel`."""
+    packed = sum(module.weight_numel for module in model.modules() if hasattr(module, "weight_numel"))
+    total = packed + sum(p.numel() for p in model.parameters())  # a packed layer's bias is an ordinary parameter
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
-
-
-@torch.no_grad()
-def mean_token_loss(model, batches, device):
-    """Mean cross-entropy per target token of a language model over (inputs, targets) batches, targets -100 left
-    out (in nats; per byte for the byte tokenizer). The model is put back in training mode afterwards."""
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast_context(device):
-            logits, _ = model(x)
-        n = (y != -100).sum().item()
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100, reduction="sum")
-        total, count = total + loss.item(), count + n
-    model.train()
-    if count == 0:
-        raise ValueError("no target tokens to evaluate on: an empty split, or every target masked")
-    return total / count
-
-
-LOSS_CHUNK_ELEMENTS = 2**24  # most logits cross_entropy_at_targets computes at once: 64 MiB in fp32, 333 rows of GPT-2's vocabulary
-
-
-def cross_entropy_at_targets(hidden, weight, targets, chunk_elements=None):
-    """Mean cross-entropy of the logits hidden @ weight^T against targets, over the positions whose target is not
-    -100; equal to F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100) (NaN if no position has a target).
-
-    hidden (..., n_embd), targets (...) of the same leading shape, weight (vocab, n_embd) the output layer. Two savings
-    over computing every logit: positions without a target (a masked prompt, padding) never reach the output layer,
-    whose vocab x n_embd matmul is GPT-2's largest, and the rest go through it in chunks of at most chunk_elements
-    logits (default LOSS_CHUNK_ELEMENTS), so only one chunk of logits exists at a time. When a gradient is wanted,
-    LinearCrossEntropy computes it chunk by chunk in the forward pass, so backward keeps no logits either. The chunks
-    are as few as that allows and of equal size: each chunk's matmul reads all of `weight` (154 MB for GPT-2), and
-    matmuls of few rows are inefficient (20-row chunks made GPT-2's loss 2x slower than 256-row ones)."""
-    keep = targets != -100
-    hidden, targets = hidden[keep], targets[keep]  # (N, n_embd), (N,): the positions that have a target
-    chunks = max(1, math.ceil(targets.numel() * weight.size(0) / (chunk_elements or LOSS_CHUNK_ELEMENTS)))
-    chunk_rows = max(1, math.ceil(targets.numel() / chunks))
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk_rows):  # no gradient wanted (evaluation): the loss alone
-        logits = (hidden[start : start + chunk_rows] @ weight.t()).float()
-        total += F.cross_entropy(logits, targets[start : start + chunk_rows], reduction="sum")
-    return total / targets.numel()
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """loss = mean over rows of cross_entropy(hidden @ weight^T, targets), with its gradients computed in forward.
-
-    The gradient of the mean cross-entropy with respect to a row's logits is (softmax(logits) - onehot(target)) / N,
-    so once a chunk's logits exist, its share of d loss / d hidden (that matrix @ weight) and of d loss / d weight
-    (its transpose @ hidden) costs two matmuls, and the chunk can be freed. Backward then only scales the stored
-    (N, n_embd) and (vocab, n_embd) gradients by d(whatever comes after) / d loss, which is exact because the
-    gradients are linear in it. Plain autograd would instead keep every chunk's log-softmax (N x vocab floats) alive
-    until backward. Liger-Kernel's "fused linear cross-entropy" is the same idea on the GPU."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows):
-        n = targets.numel()
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, n, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            h, t = hidden[rows], targets[rows]
-            log_probs = torch.log_softmax((h @ weight.t()).float(), dim=-1)
-            total -= log_probs.gather(1, t[:, None]).sum()
-            grad_logits = log_probs.exp_()  # softmax, in place: d(sum of the chunk's losses) / d logits = softmax - onehot
-            grad_logits[torch.arange(t.numel(), device=t.device), t] -= 1
-            del log_probs
-            if grad_hidden is not None:  # the 1/n of the mean is applied to the small results, not to this chunk
-                grad_hidden[rows] = (grad_logits.to(h.dtype) @ weight) / n
-            if grad_weight is not None:
-                grad_weight += grad_logits.t() @ h.float()
-        ctx.save_for_backward(grad_hidden, grad_weight.div_(n).to(weight.dtype) if grad_weight is not None else None)
-        return total / n
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
-                None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype), None, None)
 
 
 def segment_positions_and_mask(segment_ids):
@@ -524,32 +370,3 @@ def hf_to_ours(hf, n_layer):
             sd[ours + name + ".weight"] = hf[h + hf_name + ".weight"].t().contiguous()
             sd[ours + name + ".bias"] = hf[h + hf_name + ".bias"]
     return sd
-
-
-PROJECTIONS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.fc_in", "mlp.fc_out")
-HF_NAMES = {"attn.o_proj": "attn.c_proj", "mlp.fc_in": "mlp.c_fc", "mlp.fc_out": "mlp.c_proj"}  # besides q, k, v -> c_attn
-
-
-def ours_to_hf(sd, n_layer):
-    """GPT's state dict -> HF GPT-2's names: q, k, v stacked into c_attn (rows q, then k, then v, the order hf_to_ours
-    splits), every projection transposed to Conv1D's (in, out), lm_head left out (HF ties it to wte as we do)."""
-    hf = {f"transformer.{k}": sd[f"transformer.{k}"] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
-    for i in range(n_layer):
-        h, ours = f"transformer.h.{i}.", f"transformer.h.{i}."
-        for ln in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"):
-            hf[h + ln] = sd[ours + ln]
-        hf[h + "attn.c_attn.weight"] = torch.cat([sd[ours + f"attn.{p}_proj.weight"] for p in "qkv"], dim=0).t()
-        hf[h + "attn.c_attn.bias"] = torch.cat([sd[ours + f"attn.{p}_proj.bias"] for p in "qkv"])
-        for name, hf_name in HF_NAMES.items():
-            hf[h + hf_name + ".weight"] = sd[ours + name + ".weight"].t()
-            hf[h + hf_name + ".bias"] = sd[ours + name + ".bias"]
-    return hf
-
-
-def download_pretrained(name, cache_dir=None):
-    """Fetch config.json and model.safetensors of openai-community/<name> into cache_dir/<name>."""
-    directory = os.path.join(cache_dir or user_cache_dir(), name)
-    os.makedirs(directory, exist_ok=True)
-    for file in ("config.json", "model.safetensors"):
-        download_file(HF_URL.format(name=name, file=file), os.path.join(directory, file))
-    return directory

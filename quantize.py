@@ -12,6 +12,7 @@ trained, in higher precision. The pieces, in the order this file builds them:
     double quant   quantize the fp32 absmax scales themselves to 8 bits (§3 "Double Quantization")
     Linear4bit     a frozen nn.Linear whose weight lives in those bytes
     quantize_model swap a GPT's linear layers for Linear4bit; memory_report says what it saved
+    merge          fold a trained adapter into a dequantized copy (merge_lora_into_dequantized)
 
 Storage per weight, for blocks of 64:   4 bits of code
                                       + 32/64           = 0.5   bits of fp32 absmax          (no DQ)
@@ -23,8 +24,10 @@ follows bitsandbytes, so our codes and scales are bit-identical to bitsandbytes.
 (tests/test_quantize.py checks this). This file does not use bitsandbytes; it only matches its semantics.
 """
 
+import copy
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,8 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import dequantize_kernel
-from common import replace_module
+from lora import merge_lora, replace_module
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
 DOUBLE_QUANT_BLOCK_SIZE = 256  # §3: the absmax scales are quantized in blocks of 256
@@ -108,14 +110,11 @@ DYNAMIC_8BIT_CODE_BOOK = dynamic_8bit_code_book()
 
 
 @functools.lru_cache(maxsize=None)
-def code_book_tables(quant_type, device):
-    """(code book, code book padded to 16 values, byte table) on `device`. The byte table maps each of the 256
-    byte values to the pair of code values it packs, (code[byte >> 4], code[byte & 15]): dequantizing is then one
-    gather per byte."""
+def code_book_on(quant_type, device):
+    """(code book, the same padded to 16 values) on `device`, copied there once: dequantize runs in every forward
+    and backward. 15-value books never use index 15; the padding makes any 4-bit index a valid lookup."""
     code = CODE_BOOKS[quant_type]
-    padded = torch.cat([code, code.new_zeros(16 - code.numel())])  # 15-value books never index 15
-    pairs = torch.stack([padded.repeat_interleave(16), padded.repeat(16)], dim=1)
-    return code.to(device), padded.to(device), pairs.to(device)
+    return code.to(device), torch.cat([code, code.new_zeros(16 - code.numel())]).to(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,7 +209,7 @@ def quantize_4bit(w, quant_type="nf4", block_size=64, double_quant=True):
     if w.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
     flat = w.detach().reshape(-1).float()
-    code, _, _ = code_book_tables(quant_type, flat.device)
+    code, _ = code_book_on(quant_type, flat.device)
     indices, absmax = quantize_blocks(flat, code, block_size)
     if not torch.isfinite(absmax).all():  # a NaN or inf anywhere shows up in its block's absmax
         raise ValueError("tensor has NaN or infinite values; absmax scaling would turn their whole block into NaN")
@@ -244,64 +243,23 @@ def dequantize_absmax(q):
     return scaled.view(-1)[: q.absmax.numel()] + q.absmax_mean.float()
 
 
-DEQUANTIZE_CHUNK = 1 << 16  # values per step of dequantize_4bit on the CPU: 256 KiB of fp32 output, within a core's L2 cache
-
-
 def dequantize_4bit(q, dtype=None):
-    """Back to a dense tensor of q.shape: code value of each index times its block's absmax (§2 Eq. 2),
-    computed in fp32 and returned as `dtype` (default: the dtype the tensor had before quantization).
+    """Back to a dense tensor of q.shape (§2 Eq. 2): unpack the two 4-bit indices of each byte, look each one up in
+    the code book, multiply it by its block's absmax. Computed in fp32, returned as `dtype` (default: the dtype the
+    tensor had before quantization). This is the definition, and what runs unless NANOQLORA_DEQUANTIZE asks for a
+    faster way to compute the same values (support/fast_dequantize.py: 'table', a byte-pair lookup in PyTorch, or
+    'kernel', a C loop, about 4x faster on the CPU)."""
+    if os.environ.get("NANOQLORA_DEQUANTIZE", "reference") != "reference":
+        from support.fast_dequantize import dequantize_4bit_fast  # an opt-in, bit-identical to what follows
 
-    dequantize_4bit_pytorch below is the definition. On the CPU the same values come from dequantize_kernel's C
-    loop when it can be built, about 3.7x faster (see that module for why PyTorch ops cannot match it there)."""
-    values = dequantize_4bit_with_kernel(q) if q.codes.is_cpu else None
-    if values is None:
-        values = dequantize_4bit_pytorch(q)
+        return dequantize_4bit_fast(q, dtype)
+    indices = torch.stack([q.codes >> 4, q.codes & 0x0F], dim=1).view(-1)  # the first of a pair is the high nibble
+    _, code = code_book_on(q.quant_type, q.codes.device)
+    values = code[indices.long()]  # each 4-bit index -> its value in [-1, 1]
+    absmax = dequantize_absmax(q)  # one fp32 scale per block
+    values = F.pad(values, (0, absmax.numel() * q.block_size - values.numel()))  # the last block's padding
+    values = (values.view(-1, q.block_size) * absmax[:, None]).view(-1)
     return values[: q.numel()].view(q.shape).to(dtype or q.dtype)
-
-
-def dequantize_4bit_with_kernel(q):
-    """The C kernel's fp32 values (a whole number of bytes' worth), or None where it is not available."""
-    if q.double_quant:
-        scales = dict(absmax=None, absmax_codes=q.absmax, absmax_code_book=dynamic_8bit_code_on(q.absmax.device),
-                      group_scale=q.absmax_scale.float(), mean=float(q.absmax_mean), group_size=DOUBLE_QUANT_BLOCK_SIZE)
-    else:
-        scales = dict(absmax=q.absmax.float())
-    _, padded, _ = code_book_tables(q.quant_type, q.codes.device)
-    return dequantize_kernel.dequantize_4bit(q.codes, q.block_size, padded, **scales)
-
-
-def dequantize_4bit_pytorch(q):
-    """fp32 values of q, flat (padded to whole blocks): code value of each index times its block's absmax, in PyTorch.
-
-    Three things make this fast in plain PyTorch:
-    - One gather yields both nibbles of a byte: the byte table holds the pair (code[byte >> 4], code[byte & 15]) for
-      each of the 256 byte values, and viewing each pair as one 8-byte integer makes the gather copy a single element
-      per byte instead of a row of two (about 4x faster on the CPU than unpacking the nibbles and gathering each).
-    - The scales are dequantized once per call (dequantize_absmax, N/64 values), then one broadcast multiply applies
-      them, in place, to the gathered values.
-    - On one CPU thread the work goes in chunks of DEQUANTIZE_CHUNK values, each one finished (indices widened to int32,
-      gathered, scaled) before the next starts. A whole tensor's int32 indices and gathered values would be several
-      MB, so each pass would stream them from and back to main memory; a chunk's stay in the core's cache between the
-      three steps. A GPU gets one pass over everything instead: there each step is a kernel launch, and its caches
-      are not what a chunk would be sized for (not measured here: no GPU)."""
-    _, _, pairs = code_book_tables(q.quant_type, q.codes.device)
-    pairs_as_int64 = pairs.view(torch.int64).view(-1)
-    absmax = dequantize_absmax(q)
-    blocks = absmax.numel()
-    out = torch.empty(blocks * q.block_size // 2, dtype=torch.int64, device=q.codes.device)  # two fp32 values per int64
-    codes = q.codes if q.codes.numel() == out.numel() else F.pad(q.codes, (0, out.numel() - q.codes.numel()))
-    # chunks only for one CPU thread: with more, PyTorch splits each op over its threads only when it is large (about
-    # 32K elements per thread), so a cache-sized chunk would run on one thread (measured with 2: 0.16x bitsandbytes
-    # chunked against 0.22x in one pass)
-    one_thread = q.codes.is_cpu and torch.get_num_threads() == 1
-    chunk = max(DEQUANTIZE_CHUNK, q.block_size) if one_thread else out.numel() * 2  # a whole number of blocks
-    for start in range(0, out.numel(), chunk // 2):
-        pair_values = out[start : start + chunk // 2]
-        torch.index_select(pairs_as_int64, 0, codes[start : start + chunk // 2].int(), out=pair_values)
-        first_block = 2 * start // q.block_size
-        scales = absmax[first_block : first_block + pair_values.numel() * 2 // q.block_size]
-        pair_values.view(torch.float32).view(-1, q.block_size).mul_(scales[:, None])
-    return out.view(torch.float32)
 
 
 def quantize_nf4(w, block_size=64, double_quant=True):
@@ -332,7 +290,8 @@ class DequantizedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        # under autocast the forward may have run in a lower precision than the layer's compute dtype: match the gradient
+        # under autocast the forward may have run in a lower precision than the layer's compute dtype: match the
+        # gradient
         grad_x = grad_output @ ctx.layer.dequantize(grad_output.dtype) if ctx.needs_input_grad[0] else None
         # a bias is frozen in QLoRA, but if a user unfreezes it, it must still get its gradient
         grad_bias = grad_output.reshape(-1, grad_output.size(-1)).sum(0) if ctx.needs_input_grad[3] else None
@@ -374,6 +333,11 @@ class Linear4bit(nn.Module):
             raise TypeError(f"Linear4bit.from_linear needs an nn.Linear, got {type(linear).__name__}")
         weight = quantize_4bit(linear.weight, quant_type, block_size, double_quant)
         return cls(weight, linear.bias, compute_dtype)
+
+    @property
+    def weight_numel(self):
+        """How many weights the packed buffers stand for (model.count_parameters counts these, not the bytes)."""
+        return self.in_features * self.out_features
 
     @property
     def quantized_weight(self):
@@ -430,7 +394,8 @@ def quantize_model(model, block_size=64, double_quant=True, quant_type="nf4", co
     check_block_size(block_size)
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     if any(getattr(m, "merged_adapter", None) is not None for m in model.modules()):
-        raise ValueError("a LoRA adapter is merged into this model's weights; call unmerge_lora(model) before quantizing")
+        raise ValueError("a LoRA adapter is merged into this model's weights; call unmerge_lora(model) before "
+                         "quantizing")
     replacements = []
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or tied_to_embedding(model, module):
@@ -449,6 +414,21 @@ def dequantize_model(model):
     for name, layer in layers:
         replace_module(model, name, layer.to_linear())
     return model
+
+
+def merge_lora_into_dequantized(model):
+    """A plain floating-point copy of a QLoRA model with its active adapters merged: W = dequant(W_nf4) + ΔW.
+    The model passed in is not changed.
+
+    Why not merge into the 4-bit weight? Re-quantizing W0 + ΔW moves every weight to its nearest NF4 code. An
+    update smaller than half a code step (about 0.1 sigma of W0 near zero, up to 0.4 sigma in the tails) is
+    rounded away, a larger one survives only up to a rounding error as big as that step. Fine-tuning updates
+    are usually small next to W0, so re-quantization erases or garbles much of what the adapter learned
+    (notebook 03 measures how much). The dense copy keeps the update exactly, at 4x (bf16) to 8x (fp32) the
+    memory of the 4-bit weights. Or do not merge at all: serve the 4-bit base with the adapter beside it,
+    paying for the extra B A x matmuls."""
+    merged = dequantize_model(copy.deepcopy(model))  # each LoRALinear's base becomes an nn.Linear
+    return merge_lora(merged, unload=True)
 
 
 def component_of(module, parameter_name, full_name):

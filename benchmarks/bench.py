@@ -36,11 +36,12 @@ import time
 
 import torch
 
-from common import REPO_DIR, peak_memory_bytes, reset_peak_memory
 from lora import apply_lora, merge_lora
 from model import GPT, count_parameters
-import dequantize_kernel
-from quantize import dequantize_4bit_pytorch, dequantize_nf4, quantize_model, quantize_nf4
+from quantize import dequantize_nf4, quantize_model, quantize_nf4
+from support import fast_dequantize
+from support.common import REPO_DIR, peak_memory_bytes, reset_peak_memory
+from support.loss import LossAtTargets
 
 SHAPES = {  # model shape, and the work done with it
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, batch=4, seq=128, new_tokens=64),
@@ -76,7 +77,7 @@ ROW_GROUPS = {  # --only takes these group names or the row ids; the table lists
     "train": TRAIN_ROWS + PARAM_ROWS,
     "infer": ["infer_base", "infer_lora", "infer_lora_merged", "infer_qlora"],
     "generate": ["generate"],
-    "nf4": ["nf4_quantize", "nf4_dequantize", "nf4_dequantize_pytorch"],
+    "nf4": ["nf4_quantize", "nf4_dequantize", "nf4_dequantize_table", "nf4_dequantize_kernel"],
     "classify": ["classify_last_block"],
     "memory": STATE_ROWS + PEAK_ROWS,
 }
@@ -164,11 +165,13 @@ def training_step(model, optimizer, tokens, is_hf, masked=False):
         y[:, :half] = -100  # ours: y[:, t] is position t's target
         labels[:, : half + 1] = -100  # HF: labels[:, t + 1] is position t's target
 
+    ours = None if is_hf else LossAtTargets(model)  # what train.py trains through: logits only where a target is
+
     def step():
         if is_hf:  # HF shifts labels itself: position t predicts labels[t + 1]
             loss = model(input_ids=x, labels=labels).loss
-        else:  # with targets our forward returns no logits (they are computed a chunk at a time, only where a target is)
-            loss = model(x, y)[1]
+        else:
+            loss = ours(x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -375,23 +378,41 @@ def bench_nf4(args, weights_dir, wanted, results):
         t_ours, t_hf = alternate(ours_quantize, bnb_quantize, args.repeats, args.warmup, args.device)
         record(results, "nf4_quantize", f"NF4+DQ quantize, all {len(weights)} linear weights (higher is better)", "GB/s",
                [gigabytes / t for t in t_ours], [gigabytes / t for t in t_hf], True, identical_codes=same_codes, gigabytes=gigabytes)
-    for row in ("nf4_dequantize", "nf4_dequantize_pytorch"):
+    paths = {"nf4_dequantize": "reference", "nf4_dequantize_table": "table", "nf4_dequantize_kernel": "kernel"}
+    for row, path in paths.items():
         if row not in wanted:
             continue
-        # nf4_dequantize: what quantize.dequantize_nf4 runs (the C kernel where it builds); _pytorch: the PyTorch path alone
-        ours = dequantize_nf4 if row == "nf4_dequantize" else (lambda q: dequantize_4bit_pytorch(q)[: q.numel()].view(q.shape))
-        path = dequantize_kernel.load()[1] if row == "nf4_dequantize" and args.device == "cpu" else "PyTorch"
-        ours_d, bnb_d = [ours(q) for q in ours_q], [bnbf.dequantize_4bit(c, s) for c, s in bnb_q]
-        difference = max((a - b.view_as(a)).abs().max().item() for a, b in zip(ours_d, bnb_d))
-        del ours_d, bnb_d
-        t_ours, t_hf = alternate(lambda: [ours(q) for q in ours_q], lambda: [bnbf.dequantize_4bit(c, s) for c, s in bnb_q],
-                                 args.repeats, args.warmup, args.device)
-        label = "NF4+DQ dequantize" + (", our PyTorch path" if row == "nf4_dequantize_pytorch" else "")
+        # the definition (quantize.dequantize_4bit, what runs by default), then the opt-ins of support/fast_dequantize.py
+        with dequantize_path(path):
+            ran_on = fast_dequantize.status() if path == "kernel" and args.device == "cpu" else path
+            ours_d, bnb_d = [dequantize_nf4(q) for q in ours_q], [bnbf.dequantize_4bit(c, s) for c, s in bnb_q]
+            difference = max((a - b.view_as(a)).abs().max().item() for a, b in zip(ours_d, bnb_d))
+            del ours_d, bnb_d
+            t_ours, t_hf = alternate(lambda: [dequantize_nf4(q) for q in ours_q], lambda: [bnbf.dequantize_4bit(c, s) for c, s in bnb_q],
+                                     args.repeats, args.warmup, args.device)
+        label = "NF4+DQ dequantize" + ("" if path == "reference" else f", NANOQLORA_DEQUANTIZE={path}")
         record(results, row, f"{label}, all {len(weights)} linear weights (higher is better)", "GB/s",
                [gigabytes / t for t in t_ours], [gigabytes / t for t in t_hf], True, max_difference=difference, gigabytes=gigabytes,
-               path=path)
+               path=ran_on)
     del weights, ours_q, bnb_q
     release()
+
+
+class dequantize_path:
+    """Within it, NANOQLORA_DEQUANTIZE is `path`; the value before is restored after."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self.saved = os.environ.get("NANOQLORA_DEQUANTIZE")
+        os.environ["NANOQLORA_DEQUANTIZE"] = self.path
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop("NANOQLORA_DEQUANTIZE", None)
+        else:
+            os.environ["NANOQLORA_DEQUANTIZE"] = self.saved
 
 
 def bench_classification(args, shape, weights_dir, results):
@@ -401,7 +422,8 @@ def bench_classification(args, shape, weights_dir, results):
     are ours, so the "HF" column holds our uncached path here; no library offers this shortcut to compare with."""
     import torch.nn.functional as F
 
-    import classifier  # what finetune_classifier.py trains with: the same build, cache and batches
+    import finetune_classifier as classifier  # what finetune_classifier.py trains with: the same build and cache
+    from support import sms_data
 
     g = torch.Generator().manual_seed(4)
     lengths = torch.randint(max(1, shape["seq"] // 8), shape["seq"] // 4 + 1, (CLASSIFY_MESSAGES,), generator=g).tolist()
@@ -419,15 +441,15 @@ def bench_classification(args, shape, weights_dir, results):
         model.train()
         for epoch in range(CLASSIFY_EPOCHS):
             order = torch.Generator().manual_seed(epoch)
-            for x, lengths, y in classifier.make_batches(rows, CLASSIFY_BATCH, 0, order, classifier.collate_activations if from_block else classifier.collate_messages):
+            for x, lengths, y in sms_data.make_batches(rows, CLASSIFY_BATCH, 0, order, sms_data.collate_activations if from_block else sms_data.collate_messages):
                 F.cross_entropy(model(x.to(args.device), lengths, from_block=from_block), y.to(args.device)).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
     with torch.no_grad():  # both start from the same weights: the cached path must give the uncached logits
-        x, lengths, _ = classifier.collate_messages(messages, 0)
+        x, lengths, _ = sms_data.collate_messages(messages, 0)
         from_block = models[True][0].frozen_blocks()
-        cached = classifier.collate_activations(classifier.cache_trunk(models[True][0], messages, from_block, CLASSIFY_BATCH, 0, args.device))[0]
+        cached = sms_data.collate_activations(classifier.cache_trunk(models[True][0], messages, from_block, CLASSIFY_BATCH, 0, args.device))[0]
         difference = (models[True][0].eval()(cached, lengths, from_block=from_block) - models[False][0].eval()(x.to(args.device), lengths)).abs().max().item()
     t_cached, t_uncached = alternate(lambda: train_epochs(True), lambda: train_epochs(False), args.repeats, args.warmup, args.device)
     record(results, "classify_last_block", f"last_block classification, {CLASSIFY_EPOCHS} epochs x {CLASSIFY_MESSAGES} messages: "
@@ -588,9 +610,10 @@ def write_markdown(path, results, machine, command, shape_name, shape, args):
     merged = results.get("infer_lora_merged", {}).get("merged_over_base")
     if merged:
         lines += ["", f"LoRA merged / base model forward time (LoRA §4.1: merging adds no latency): ours {merged['ours']:.2f}, HF {merged['hf']:.2f}."]
-    dequantize_path = results.get("nf4_dequantize", {}).get("path")
-    if dequantize_path:
-        lines += ["", f"NF4 dequantize ran on: {dequantize_path}. The \"our PyTorch path\" row times quantize.dequantize_4bit_pytorch alone."]
+    kernel_path = results.get("nf4_dequantize_kernel", {}).get("path")
+    lines += ["", f"QLoRA rows dequantize with NANOQLORA_DEQUANTIZE={args.dequantize} (--dequantize). The NF4 dequantize rows: "
+              f"quantize.dequantize_4bit, the definition that runs by default, then the opt-in paths of support/fast_dequantize.py"
+              + (f" (kernel: {kernel_path})." if kernel_path else ".")]
     lines += [
         "",
         "HF = transformers `GPT2LMHeadModel` (sdpa attention), + peft LoRA on the fused `c_attn` (q, k and v share one",
@@ -618,6 +641,8 @@ def parse_args(argv=None):
                         help="where both run (default: cuda if available)")
     parser.add_argument("--memory", choices=("process", "reset", "off"), default=None,
                         help="peak memory: a fresh process per measurement (default), one process with resets (--quick), or off")
+    parser.add_argument("--dequantize", choices=fast_dequantize.PATHS, default="kernel",
+                        help="NANOQLORA_DEQUANTIZE for the QLoRA rows (default: kernel, the fastest on a CPU; reference: the definition)")
     parser.add_argument("--only", default=",".join(ROW_GROUPS), help=f"comma-separated groups ({', '.join(ROW_GROUPS)}) or row ids (default: all)")
     parser.add_argument("--out", default=os.path.join(REPO_DIR, "benchmarks", "results.json"),
                         help="JSON path; the Markdown table goes beside it with .md (default: benchmarks/results.json)")
@@ -647,6 +672,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    os.environ["NANOQLORA_DEQUANTIZE"] = args.dequantize  # the QLoRA rows (and their memory workers) dequantize this way
     torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
     command = ("python -m benchmarks.bench " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()

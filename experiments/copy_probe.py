@@ -20,8 +20,8 @@ import random
 import torch
 import torch.nn.functional as F
 
-from tokenizer import get_tokenizer
-from checkpoints import load_checkpoint_model
+from support.tokenizer import get_tokenizer
+from support.checkpoints import load_checkpoint_model
 
 
 def random_words(rng, count=12):

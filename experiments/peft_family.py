@@ -35,16 +35,17 @@ import torch
 import torch.nn.functional as F
 
 import lora
-from adapters import apply_adapters
-from checkpoints import load_base_model
-from classifier import GPTClassifier, balance_classes, encode_messages, evaluate_classifier, load_messages, make_batches, split_messages
-from common import peak_memory_bytes, reset_peak_memory, save_figure_atomic, training_state_bytes, write_csv_atomic
-from ia3 import apply_ia3
-from instructions import InstructionData
-from intrinsic import IntrinsicDimension
-from model import mean_token_loss
-from optim import lr_at_step
-from prefix_tuning import apply_prefix_tuning
+from other_methods.adapters import apply_adapters
+from support.checkpoints import load_base_model
+from finetune_classifier import GPTClassifier
+from support.sms_data import balance_classes, encode_messages, evaluate_classifier, load_messages, make_batches, split_messages
+from support.common import peak_memory_bytes, reset_peak_memory, save_figure_atomic, training_state_bytes, write_csv_atomic
+from other_methods.ia3 import apply_ia3
+from support.instructions import InstructionData
+from other_methods.intrinsic import IntrinsicDimension
+from support.loss import mean_token_loss
+from support.optim import lr_at_step
+from other_methods.prefix_tuning import apply_prefix_tuning
 
 BASELINES = {  # method -> peak learning rate (intrinsic: see INTRINSIC_LR)
     "head": 1e-2, "last_block": 1e-3, "full": 3e-4, "lora_qv": 2e-3, "lora_all": 2e-3,
@@ -94,7 +95,7 @@ def build(method, gpt, task, args):
 
 
 def classification_data(args, tokenizer, max_length):
-    train_set, val_set, test_set = split_messages(balance_classes(load_messages(args.sms)))
+    train_set, val_set, test_set = split_messages(balance_classes(load_messages(args.sms or "embedded")))
     if args.max_train:
         train_set = train_set[: args.max_train]
     return {name: encode_messages(subset, tokenizer, max_length)[0] for name, subset in (("train", train_set), ("test", test_set))}
@@ -275,7 +276,7 @@ def main(argv=None):
     tasks = ("classify", "instruct") if args.task == "both" else (args.task,)
     os.makedirs(args.out_dir, exist_ok=True)
     if not args.plot_only:
-        from tokenizer import get_tokenizer
+        from support.tokenizer import get_tokenizer
 
         gpt, tokenizer_name = load_base_model(args.init_from, "cpu")
         tokenizer = get_tokenizer(tokenizer_name)

@@ -17,7 +17,7 @@ import argparse
 import csv
 import os
 
-from common import run_script, save_figure_atomic, write_csv_atomic
+from support.common import run_script, save_figure_atomic, write_csv_atomic
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 TARGET_SETS = ("q", "q,v", "q,k,v,o", "all-linear")

@@ -23,11 +23,11 @@ import os
 import random
 import re
 
-from checkpoints import load_checkpoint_model, load_finetuned
-from common import REPO_DIR, run_script, save_figure_atomic, write_csv_atomic
+from support.checkpoints import load_checkpoint_model, load_finetuned
+from support.common import REPO_DIR, run_script, save_figure_atomic, write_csv_atomic
 from data import make_instructions  # its word lists, facts and phrasings are reused here
-from instructions import answer_examples, contains_answer
-from tokenizer import get_tokenizer
+from support.instructions import answer_examples, contains_answer
+from support.tokenizer import get_tokenizer
 
 KINDS = {"plural": "rule", "past_tense": "rule", "capital": "fact", "animal_class": "fact"}
 COLUMNS = ["mode", "kind", "family", "items", "examples", "format_accuracy", "content_accuracy", "seconds"]

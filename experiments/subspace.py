@@ -19,9 +19,22 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from checkpoints import load_base_model
-from common import save_figure_atomic
-from lora import subspace_similarity
+from support.checkpoints import load_base_model
+from support.common import save_figure_atomic
+
+
+def subspace_similarity(A1, A2, i, j):
+    """LoRA §7.2: phi(A1, A2, i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j), where U1, U2 hold the right
+    singular vectors of A1 (r1 x d) and A2 (r2 x d) as d-dim columns, strongest first. 1: one top-i/top-j
+    subspace contains the other; 0: they are orthogonal; random subspaces give about max(i, j) / d."""
+    if A1.ndim != 2 or A2.ndim != 2 or A1.shape[1] != A2.shape[1]:
+        raise ValueError(f"A1 and A2 must be (rank, d) matrices with the same d, got {tuple(A1.shape)} and "
+                         f"{tuple(A2.shape)}")
+    if not (1 <= i <= A1.shape[0] and 1 <= j <= A2.shape[0]):
+        raise ValueError(f"need 1 <= i <= {A1.shape[0]} and 1 <= j <= {A2.shape[0]}, got i={i}, j={j}")
+    U1 = torch.linalg.svd(A1.detach().double(), full_matrices=False).Vh.T  # (d, r1), columns by singular value
+    U2 = torch.linalg.svd(A2.detach().double(), full_matrices=False).Vh.T
+    return (U1[:, :i].T @ U2[:, :j]).pow(2).sum().item() / min(i, j)
 
 
 def load_run(runs_dir, task, rank, targets, seed):

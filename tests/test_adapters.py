@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters import (AdapterLayerNorm, AdapterLinear, adapter_names, apply_adapters, bottleneck_parameter_count, delete_adapter,
+from other_methods.adapters import (AdapterLayerNorm, AdapterLinear, adapter_names, apply_adapters, bottleneck_parameter_count, delete_adapter,
                       disable_adapters, load_adapter, save_adapter, set_adapter)
 from model import GPT, GPTConfig
 

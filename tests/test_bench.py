@@ -43,9 +43,11 @@ def test_json_has_every_row_with_both_measurements(report):
     assert rows["params_lora_qkv"]["ours"] == 1.5 * rows["params_lora_qkv"]["hf"]
     assert rows["infer_base"]["max_logit_difference"] < 1e-3  # both libraries computed the same function
     assert rows["nf4_quantize"]["identical_codes"]
-    # the C kernel (where it builds) and the PyTorch path compute the same values, so they differ from bitsandbytes alike
-    assert rows["nf4_dequantize"]["max_difference"] == rows["nf4_dequantize_pytorch"]["max_difference"]
-    assert rows["nf4_dequantize_pytorch"]["path"] == "PyTorch" and rows["nf4_dequantize"]["path"]
+    # the definition and the opt-in paths compute the same values, so they differ from bitsandbytes alike
+    for row in ("nf4_dequantize_table", "nf4_dequantize_kernel"):
+        assert rows[row]["max_difference"] == rows["nf4_dequantize"]["max_difference"], row
+    assert (rows["nf4_dequantize"]["path"], rows["nf4_dequantize_table"]["path"]) == ("reference", "table")
+    assert rows["nf4_dequantize_kernel"]["path"].startswith("C kernel")
 
 
 def test_markdown_table_names_machine_command_and_every_row(report):
@@ -58,7 +60,7 @@ def test_markdown_table_names_machine_command_and_every_row(report):
     labels = [line.split(" | ")[0].removeprefix("| ") for line in table[2:]]
     assert labels == [f"{e['label']} ({e['unit']})" for e in results["rows"].values()]
     assert all(line.count("|") == 6 for line in table)  # no label breaks the table with a stray "|"
-    assert f"NF4 dequantize ran on: {results['rows']['nf4_dequantize']['path']}." in markdown
+    assert f"(kernel: {results['rows']['nf4_dequantize_kernel']['path']})." in markdown
 
 
 def test_unknown_row_or_bad_flag_is_an_error(capsys):
@@ -69,4 +71,4 @@ def test_unknown_row_or_bad_flag_is_an_error(capsys):
         bench.parse_args(["--repeats", "0"])
     args = bench.parse_args(["--quick", "--only", "nf4,train_full"])
     assert (args.shape, args.repeats, args.memory) == ("small", 2, "reset")
-    assert args.wanted == {"nf4_quantize", "nf4_dequantize", "nf4_dequantize_pytorch", "train_full"}
+    assert args.wanted == {"nf4_quantize", "nf4_dequantize", "nf4_dequantize_table", "nf4_dequantize_kernel", "train_full"}

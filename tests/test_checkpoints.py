@@ -1,11 +1,15 @@
-"""checkpoints.py: an interrupted pretraining of the tiny base is finished by train.py in a child process (with the
-settings it was started with), and a finished one is loaded as it is."""
+"""support/checkpoints.py: an interrupted pretraining of the tiny base is finished by train.py in a child process (with
+the settings it was started with), and a finished one is loaded as it is; GPT-2 downloads (offline, from file URLs)
+and HF folders are checked before anything loads; a wrong tensor is named."""
 import csv
+import os
 
 import pytest
+import torch
 
-import checkpoints
 import train
+from model import GPT, GPTConfig
+from support import checkpoints
 from train import TrainConfig, resolve_defaults
 
 
@@ -26,3 +30,99 @@ def test_an_interrupted_tiny_base_is_finished_by_train_py_then_loaded(tmp_path, 
     finished = (base_dir / "ckpt.pt").stat().st_mtime_ns
     checkpoints.ensure_tiny_base("cpu")
     assert (base_dir / "ckpt.pt").stat().st_mtime_ns == finished  # done: nothing runs again
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPT-2 from the hub or an HF folder, checked before loading; state dicts whose wrong tensor is named
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A randomly initialised HF GPT-2 (3 layers, GPT-2's vocabulary) saved as config.json + model.safetensors."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=3, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    directory = tmp_path_factory.mktemp("hf_gpt2")
+    hf.save_pretrained(directory, safe_serialization=True)
+    return str(directory), hf
+
+
+def test_unknown_base_lists_valid_ones():
+    with pytest.raises(ValueError, match="gpt2, gpt2-medium, gpt2-large, gpt2-xl"):
+        checkpoints.load_base_model("gpt3")
+
+
+def test_download_then_load_offline_from_file_urls(hf_dir, tmp_path, monkeypatch):
+    """The real download path, fed from local files: pretend the hub lives in hf_dir. Both the lesson's
+    GPT.from_pretrained("gpt2") and the programs' checked load_hf_model download once and load the same weights."""
+    directory, hf = hf_dir
+    monkeypatch.setattr(checkpoints, "HF_URL", "file://" + directory + "/{file}")
+    monkeypatch.setenv("NANOQLORA_CACHE", str(tmp_path))
+    idx = torch.randint(0, 50257, (1, 10))
+    for load in (GPT.from_pretrained, checkpoints.load_hf_model):
+        ours = load("gpt2")
+        assert sorted(os.listdir(tmp_path / "gpt2")) == ["config.json", "model.safetensors"]
+        with torch.no_grad():
+            assert (ours(idx)[0] - hf(idx).logits).abs().max() <= 1e-4
+
+
+def test_missing_or_wrong_tensor_is_named():
+    model = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=2, n_head=1, n_embd=8))
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    broken = dict(state)
+    del broken["transformer.h.1.attn.v_proj.weight"]
+    with pytest.raises(KeyError, match="transformer.h.1.attn.v_proj.weight"):
+        checkpoints.load_weights(model, broken)
+    broken = dict(state, **{"transformer.h.0.mlp.fc_in.bias": torch.zeros(5)})
+    with pytest.raises(ValueError, match=r"transformer.h.0.mlp.fc_in.bias.*\(5,\).*\(32,\)"):
+        checkpoints.load_weights(model, broken)
+    with pytest.raises(KeyError, match="transformer.h.7.ln_1.weight"):
+        checkpoints.load_weights(model, dict(state, **{"transformer.h.7.ln_1.weight": torch.zeros(8)}))
+
+
+def test_a_config_whose_shapes_the_weights_do_not_have_is_refused_before_loading(hf_dir, tmp_path):
+    import json
+
+    directory = copy_hf_dir(hf_dir[0], tmp_path / "hf")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "n_embd": 200_000, "n_head": 4}))
+    with pytest.raises(ValueError, match=r"wte.weight is \(50257, 64\) but .*config.json implies \(50257, 200000\)"):
+        checkpoints.load_hf_model(str(directory))
+    (directory / "config.json").write_text(json.dumps({**config, "n_head": 3}))
+    with pytest.raises(ValueError, match="n_embd 64 is not divisible by n_head 3"):
+        checkpoints.load_hf_model(str(directory))
+
+
+def copy_hf_dir(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_config_with_fewer_layers_than_the_weights_is_refused(hf_dir, tmp_path):
+    import json
+
+    directory = copy_hf_dir(hf_dir[0], tmp_path / "hf")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "n_layer": 2}))  # the weights hold 3 layers
+    with pytest.raises(ValueError, match=r"config.json says n_layer=2 but .*model.safetensors holds 3 layers"):
+        checkpoints.load_hf_model(str(directory))
+    (directory / "config.json").write_text(json.dumps({**config, "n_layer": 4}))
+    with pytest.raises(ValueError, match=r"config.json says n_layer=4 but .*model.safetensors holds 3 layers"):
+        checkpoints.load_hf_model(str(directory))
+
+
+def test_unreadable_hf_files_are_named(hf_dir, tmp_path):
+    directory = copy_hf_dir(hf_dir[0], tmp_path / "hf")
+    config = (directory / "config.json").read_text()
+    for text, problem in [("", "is not valid JSON"), (config[:40], "is not valid JSON"), ('{"n_layer": 3}', "lacks 'n_positions'")]:
+        (directory / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=f"config.json {problem}"):
+            checkpoints.load_hf_model(str(directory))
+    (directory / "config.json").write_text(config)
+    weights = (directory / "model.safetensors").read_bytes()
+    (directory / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        checkpoints.load_hf_model(str(directory))

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import pytest
 
-import common
+from support import common
 
 
 def test_atomic_write_syncs_before_the_rename_and_leaves_no_temporary_file(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def test_instructions_structure(examples):
 
 
 def test_every_output_contains_its_key_answer(examples):
-    from instructions import contains_answer
+    from support.instructions import contains_answer
 
     for ex in examples:
         assert contains_answer(ex["output"], ex["answer"]), ex
@@ -85,7 +85,7 @@ def leaked(trained, test):
 def test_test_split_items_are_never_trained_on(examples):
     """The split rule: no test prompt, and no test item (word, number, pair, sentence, country, animal) of a kind, in
     the train or validation part; every kind is in the test split, the fact kinds included."""
-    from instructions import FACT_KINDS, split_examples
+    from support.instructions import FACT_KINDS, split_examples
 
     train, val, test = split_examples(examples)
     assert not leaked(train + val, test)

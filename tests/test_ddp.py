@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import train
-from ddp import World
+from support.ddp import World
 from train import TrainConfig, resolve_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

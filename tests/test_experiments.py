@@ -1,10 +1,13 @@
-"""experiments/: the structure-vs-knowledge experiment's data split and format check, the copy probe's scoring."""
+"""experiments/: the structure-vs-knowledge experiment's data split and format check, the copy probe's scoring, LoRA
+§7.2's subspace similarity."""
 import math
 import re
 
+import pytest
 import torch
 
 from experiments.copy_probe import copy_losses
+from experiments.subspace import subspace_similarity
 from experiments.structure_vs_knowledge import KINDS, build, shape_pattern
 
 
@@ -43,7 +46,39 @@ class PerfectCopier(torch.nn.Module):
 
 
 def test_copy_probe_separates_a_copier_from_the_first_copy():
-    from tokenizer import get_tokenizer
+    from support.tokenizer import get_tokenizer
 
     first, second = copy_losses(PerfectCopier(), get_tokenizer("bytes"), lists=4)
     assert abs(first - math.log(257)) < 1e-4 and second < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# subspace.py: LoRA §7.2's similarity of two adapters' subspaces
+
+
+def test_subspace_similarity_with_itself():
+    A = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    for i in range(1, 9):
+        assert subspace_similarity(A, A, i, i) == pytest.approx(1.0, abs=1e-9)
+    assert subspace_similarity(A, A, 2, 6) == pytest.approx(1.0, abs=1e-9)  # the top 2 lie inside the top 6
+    assert subspace_similarity(A, 3 * A, 8, 8) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_subspace_similarity_random_subspaces():
+    # E ||U1^T U2||_F^2 = i j / d for independent random subspaces, so phi ~ max(i, j) / d (std ~5% here)
+    g = torch.Generator().manual_seed(0)
+    d = 512
+    A1, A2 = torch.randn(32, d, generator=g), torch.randn(32, d, generator=g)
+    assert subspace_similarity(A1, A2, 32, 32) == pytest.approx(32 / d, rel=0.25)
+    assert subspace_similarity(A1, A2, 16, 32) == pytest.approx(32 / d, rel=0.3)
+
+
+def test_subspace_similarity_by_hand():
+    # A1's strongest right singular vector is e2 (singular value 3); A2 spans (1, sqrt 3) / 2, at 30 degrees
+    # from e2: phi(1, 1) = cos^2(30 deg) = 3/4; with both of A1's directions the plane contains it: phi = 1.
+    A1 = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    A2 = torch.tensor([[1.0, math.sqrt(3.0)]], dtype=torch.float64)
+    assert subspace_similarity(A1, A2, 1, 1) == pytest.approx(0.75, abs=1e-12)
+    assert subspace_similarity(A1, A2, 2, 1) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="1 <= j <= 1"):
+        subspace_similarity(A1, A2, 1, 2)

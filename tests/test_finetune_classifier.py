@@ -1,5 +1,7 @@
-"""finetune_classifier.py: a trained classifier is saved, reloaded and used from the command line; bad settings and
-files are refused. (The data, the model and each mode's trainable parameters: test_classifier.py.)"""
+"""finetune_classifier.py: the head reads the last real token, each mode trains exactly what it claims, the cached trunk
+computes what the whole model does; a trained classifier is saved, reloaded and used from the command line; bad
+settings and files are refused. (The data: test_sms_data.py.)"""
+import csv
 import hashlib
 import json
 import math
@@ -10,29 +12,40 @@ import sys
 import pytest
 import torch
 
-import checkpoints
-import classifier
 import finetune_classifier as fc
-from model import GPT, GPTConfig
+from support import checkpoints, sms_data
+from model import GPT, GPTConfig, count_parameters
 from quantize import Linear4bit
-from safety import UserError
+from support.safety import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_gpt(seed=0, block_size=128):
+def tiny_gpt(seed=0, block_size=128, smear_keys=False):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=block_size, vocab_size=257, n_layer=2, n_head=2, n_embd=32))
+    gpt = GPT(GPTConfig(block_size=block_size, vocab_size=257, n_layer=2, n_head=2, n_embd=32, smear_keys=smear_keys))
+    if smear_keys:  # away from sigmoid(0) = 1/2, different per head: smearing that a copy of attention could miss
+        gpt.transformer.h[-1].attn.key_smear.data = torch.tensor([2.0, -1.5])
+    return gpt
+
+
+def save_base(gpt, path):
+    """A GPT saved in train.py's checkpoint format: loads like any --init_from path."""
+    torch.save({"model_config": vars(gpt.config).copy(), "tokenizer": "bytes",
+                "model": {k: v for k, v in gpt.state_dict().items() if k != "lm_head.weight"}}, path)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    """A random 2-layer byte-level GPT saved in train.py's checkpoint format: loads like any --init_from path."""
-    path = tmp_path_factory.mktemp("base") / "ckpt.pt"
-    gpt = tiny_gpt()
-    torch.save({"model_config": vars(gpt.config).copy(), "tokenizer": "bytes",
-                "model": {k: v for k, v in gpt.state_dict().items() if k != "lm_head.weight"}}, path)
-    return str(path)
+    """A random 2-layer byte-level GPT."""
+    return save_base(tiny_gpt(), tmp_path_factory.mktemp("base") / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def smeared_base(tmp_path_factory):
+    """The same with smeared keys, as the tiny base that train.py pretrains has."""
+    return save_base(tiny_gpt(smear_keys=True), tmp_path_factory.mktemp("smeared") / "ckpt.pt")
 
 
 def write(tmp_path, text, name="sms.tsv"):
@@ -50,12 +63,19 @@ def config(tiny_base, out_dir, **overrides):
 # ---------------------------------------------------------------------------------------------- training and use
 
 
-def test_cached_and_uncached_training_runs_agree(tiny_base, tmp_path):
-    """End to end: --cache_trunk (the default) and --no-cache_trunk train the same last_block classifier."""
+@pytest.mark.parametrize("mode", ["last_block", "head"])
+def test_cached_and_uncached_training_runs_agree_on_a_smeared_base(smeared_base, tmp_path, mode):
+    """End to end, on a base with smeared keys (the default tiny base has them): --cache_trunk (the default) and
+    --no-cache_trunk train the same classifier, epoch by epoch."""
     data = write(tmp_path, "".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'home soon'} {i}\n" for i in range(40)))
-    runs = [fc.train_classifier(config(tiny_base, tmp_path / str(cache), mode="last_block", data_path=data, batch_size=4, epochs=2,
+    runs = [fc.train_classifier(config(smeared_base, tmp_path / str(cache), mode=mode, data_path=data, batch_size=4, epochs=3,
                                        cache_trunk=cache)) for cache in (True, False)]
-    assert (runs[0]["cached_blocks"], runs[1]["cached_blocks"]) == (1, 0)
+    assert (runs[0]["cached_blocks"], runs[1]["cached_blocks"]) == ({"last_block": 1, "head": 2}[mode], 0)
+    logs = [list(csv.DictReader(open(tmp_path / str(cache) / "log.csv"))) for cache in (True, False)]
+    assert len(logs[0]) == len(logs[1]) == 4  # before training, and 3 epochs
+    for cached, uncached in zip(*logs):  # every epoch's losses
+        for key in ("train_loss", "val_loss"):
+            assert float(cached[key]) == pytest.approx(float(uncached[key]), abs=1e-4), (cached["epoch"], key)
     for key in ("train_loss", "val_loss", "test_loss"):
         assert runs[0][key] == pytest.approx(runs[1][key], abs=1e-5), key
     for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
@@ -76,9 +96,9 @@ def test_lora_training_learns_the_sample_and_the_saved_classifier_reloads(tiny_b
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 3  # header, before, 2 epochs
 
     model, tokenizer, info = fc.load_classifier(str(tmp_path))
-    test = classifier.split_messages(classifier.balance_classes(classifier.load_messages()))[2]
-    predictions = [classifier.classify(model, tokenizer, m.text, info["max_length"])[0] for m in test]
-    accuracy = sum(p == classifier.LABELS[m.label] for p, m in zip(predictions, test)) / len(test)
+    test = sms_data.split_messages(sms_data.balance_classes(sms_data.load_messages()))[2]
+    predictions = [fc.classify(model, tokenizer, m.text, info["max_length"])[0] for m in test]
+    accuracy = sum(p == sms_data.LABELS[m.label] for p, m in zip(predictions, test)) / len(test)
     assert accuracy == pytest.approx(summary["test_accuracy"])  # the reloaded model is the trained one
 
 
@@ -89,8 +109,8 @@ def test_other_modes_save_and_reload_what_they_trained(tiny_base, tmp_path, mode
     assert summary["mode"] == mode and (summary["lora_rank"] is None) == (mode == "last_block")
     model, tokenizer, info = fc.load_classifier(str(tmp_path / "out"))
     assert any(isinstance(m, Linear4bit) for m in model.modules()) == (mode == "qlora")
-    label, probability = classifier.classify(model, tokenizer, "WIN cash now 99", info["max_length"])
-    assert label in classifier.LABELS and 0.5 <= probability <= 1.0
+    label, probability = fc.classify(model, tokenizer, "WIN cash now 99", info["max_length"])
+    assert label in sms_data.LABELS and 0.5 <= probability <= 1.0
 
 
 def test_a_classifier_refuses_a_base_that_changed_since_training(tmp_path):
@@ -129,7 +149,7 @@ def test_command_line_trains_and_classifies(tiny_base, tmp_path):
     answer = run("--classify", "Claim your prize 7", "--out_dir", out)
     assert answer.returncode == 0, answer.stderr
     label, probability = answer.stdout.split()[0], float(answer.stdout.split("probability ")[1].rstrip(")\n"))
-    assert label in classifier.LABELS and 0.5 <= probability <= 1.0
+    assert label in sms_data.LABELS and 0.5 <= probability <= 1.0
     with pytest.raises(FileNotFoundError, match="no classifier"):  # the script prints it as "error: ..." and exits 1
         fc.main(["--classify", "hello", "--out_dir", str(tmp_path / "nothing")])
 
@@ -213,7 +233,7 @@ def test_a_diverging_run_stops_before_saving_nan(tiny_base, tmp_path):
         fc.train_classifier(config(tiny_base, tmp_path, mode="head", learning_rate=1e12, grad_clip=0.0, data_path=two_class_file(tmp_path)))
     if (tmp_path / "classifier.json").exists():  # an epoch ended well before: what it saved is finite and loads
         model, tokenizer, info = fc.load_classifier(str(tmp_path))
-        assert math.isfinite(classifier.classify(model, tokenizer, "WIN cash now", info["max_length"])[1])
+        assert math.isfinite(fc.classify(model, tokenizer, "WIN cash now", info["max_length"])[1])
     assert not (tmp_path / "summary.json").exists()
 
 
@@ -242,3 +262,104 @@ def test_a_new_run_replaces_the_earlier_runs_files_and_one_run_owns_the_folder(t
     (tmp_path / "out" / "run.lock").write_text(f"{os.getppid()}\n")  # a live process holds the folder
     with pytest.raises(UserError, match="is in use by another run"):
         fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", data_path=data))
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+def test_head_reads_the_last_real_token_whatever_the_padding():
+    model = fc.GPTClassifier(tiny_gpt()).eval()
+    messages = [list(b"see u at 6"), list(b"WIN a \xc2\xa31000 prize, call now!"), list(b"ok")]
+    alone = torch.cat([model(torch.tensor([ids])) for ids in messages])  # no padding at all
+    rows = [(ids, 0) for ids in messages]
+    x, lengths, _ = sms_data.collate_messages(rows, pad_id=256)
+    with torch.no_grad():
+        batched = model(x, lengths)
+        extra = torch.cat([x, torch.randint(0, 257, (x.size(0), 17))], dim=1)  # more padding, and not even pad ids
+        padded_more = model(extra, lengths)
+        naive = model(extra)  # reading the final position instead: what padding would break
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded_more, alone, atol=1e-5, rtol=1e-5)
+    assert torch.equal(padded_more.argmax(-1), alone.argmax(-1))
+    assert not torch.allclose(naive, alone, atol=1e-3)
+    with pytest.raises(ValueError, match="lengths"):
+        model(x, torch.tensor([0, 1, 2]))
+
+
+def expected_trainable(name, mode, n_layer):
+    if mode == "full" or name.startswith("head."):
+        return True
+    if mode == "head":
+        return False
+    if mode == "last_block":
+        return name.startswith(f"gpt.transformer.h.{n_layer - 1}.") or name.startswith("gpt.transformer.ln_f.")
+    return ".lora_A." in name or ".lora_B." in name  # lora and qlora
+
+
+@pytest.mark.parametrize("mode", fc.MODES)
+def test_each_mode_trains_exactly_what_it_claims(mode):
+    model = fc.build_classifier(tiny_gpt(), mode, lora_rank=4, lora_alpha=8, lora_targets=("q", "v", "mlp_in"))
+    n_layer = model.gpt.config.n_layer
+    claimed = {n for n, p in model.named_parameters() if expected_trainable(n, mode, n_layer)}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == claimed
+    if mode == "qlora":
+        assert isinstance(model.gpt.transformer.h[0].attn.q_proj.base, Linear4bit)  # the base is 4-bit
+        assert isinstance(model.gpt.transformer.h[0].attn.k_proj, Linear4bit)  # not a target: 4-bit, no LoRA
+        assert isinstance(model.head, torch.nn.Linear)  # the head is not quantized
+    before = {n: t.clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    x, lengths, y = sms_data.collate_messages([(list(b"free prize now"), 1), (list(b"home by 6"), 0)], pad_id=256)
+    model.train()
+    for _ in range(2):  # two steps: LoRA's A gets no gradient until B has moved away from 0
+        torch.nn.functional.cross_entropy(model(x, lengths), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {n for n, t in [*model.named_parameters(), *model.named_buffers()] if not torch.equal(t, before[n])}
+    assert changed == claimed
+
+
+def test_parameter_counts_on_the_tiny_base_config():
+    """The numbers quoted in the notebook: 4 layers, 256 wide, 4 heads, block 512, byte vocabulary."""
+    config = GPTConfig(block_size=512, vocab_size=257, n_layer=4, n_head=4, n_embd=256)
+    block = 2 * 512 + 4 * (256 * 256 + 256) + (256 * 1024 + 1024) + (1024 * 256 + 256)
+    total = 257 * 256 + 512 * 256 + 4 * block + 512 + (256 * 2 + 2)
+    expected = {"head": 514, "last_block": block + 512 + 514, "lora": 4 * 16 * (6 * 256 + 4 * 256 + 2 * 1024) + 514, "full": total}
+    for mode, trainable in expected.items():
+        torch.manual_seed(0)
+        counts = count_parameters(fc.build_classifier(GPT(config), mode, lora_rank=16, lora_targets=("all-linear",)))
+        assert counts == (trainable, total + (trainable - 514 if mode == "lora" else 0)), mode
+    assert (expected["last_block"], expected["lora"], total) == (790_786, 295_426, 3_356_930)
+
+
+@pytest.mark.parametrize("mode", fc.MODES)
+def test_frozen_blocks_are_the_ones_below_everything_that_trains(mode):
+    model = fc.build_classifier(tiny_gpt(), mode, lora_rank=4, lora_alpha=8)
+    assert model.frozen_blocks() == {"head": 2, "last_block": 1}.get(mode, 0)
+    dropout = fc.build_classifier(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=32, dropout=0.1)), mode)
+    assert dropout.frozen_blocks() == 0  # random outputs cannot be computed once
+
+
+@pytest.mark.parametrize("smear_keys", [False, True])
+@pytest.mark.parametrize("mode", ["head", "last_block"])
+def test_cached_trunk_gives_the_same_logits_and_gradients(mode, smear_keys):
+    """Training on cache_trunk's activations computes what the whole model computes on the token ids: the same logits,
+    loss and gradients, whatever the padding, with and without smeared keys (a copy of attention once missed them)."""
+    model = fc.build_classifier(tiny_gpt(smear_keys=smear_keys), mode)
+    model.gpt.transformer.h[-1].mlp.fc_out.weight.data.normal_(std=0.1)  # make the last block matter
+    messages = [list(b"see u at 6"), list(b"WIN a \xc2\xa31000 prize, call now!"), list(b"ok"), list(b"free entry in 2 a wkly comp")]
+    rows = [(ids, i % 2) for i, ids in enumerate(messages)]
+    n = model.frozen_blocks()
+    cached = fc.cache_trunk(model, rows, n, batch_size=3, pad_id=256, device="cpu")
+    assert [tuple(a.shape) for a, _ in cached] == [(len(ids), 32) for ids in messages] and [y for _, y in cached] == [0, 1, 0, 1]
+    results = []
+    model.train()
+    for x, lengths, y, from_block in (sms_data.collate_messages(rows, 256) + (0,), sms_data.collate_activations(cached) + (n,)):
+        model.zero_grad(set_to_none=True)
+        logits = model(x, lengths, from_block=from_block)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        results.append((logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (fast, fast_grads) = results
+    assert (plain - fast).abs().max().item() <= 1e-6
+    assert plain_grads.keys() == fast_grads.keys() and len(plain_grads) > 1
+    for name in plain_grads:
+        assert (plain_grads[name] - fast_grads[name]).abs().max().item() <= 1e-6, name

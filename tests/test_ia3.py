@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters import adapter_names, load_adapter, save_adapter, set_adapter
-from ia3 import IA3Linear, apply_ia3, ia3_parameter_count, merge_ia3
+from other_methods.adapters import adapter_names, load_adapter, save_adapter, set_adapter
+from other_methods.ia3 import IA3Linear, apply_ia3, ia3_parameter_count, merge_ia3
 from model import GPT, GPTConfig, hf_to_ours
+from support.checkpoints import load_weights
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -29,7 +30,7 @@ def test_equals_peft_ia3():
     L, d = 3, 32
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=L, n_head=4, n_embd=d, n_positions=64, vocab_size=100)).eval()
     ours = GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=L, n_head=4, n_embd=d))
-    ours.load_weights(hf_to_ours(hf.state_dict(), L))
+    load_weights(ours, hf_to_ours(hf.state_dict(), L))
     apply_ia3(ours.eval())
     # peft's default for GPT-2: a vector on the fused c_attn output (q, k, v) and one on mlp.c_proj's input
     theirs = peft.get_peft_model(copy.deepcopy(hf), peft.IA3Config(task_type="CAUSAL_LM")).eval()

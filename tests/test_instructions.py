@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import shared_data
-from instructions import (CHAT_TEMPLATE, PROMPT_HEADER, chat_prompt, collate, collate_packed, contains_answer, exact_match, example_prompt,
+from support.instructions import (CHAT_TEMPLATE, PROMPT_HEADER, chat_prompt, collate, collate_packed, contains_answer, exact_match, example_prompt,
                           format_prompt, load_answer_file, load_examples, pack_examples, score_responses, split_examples, token_f1,
                           tokenize_conversation, tokenize_examples, validate_examples)
-from tokenizer import ByteTokenizer
+from support.tokenizer import ByteTokenizer
 
 
 def test_prompt_format_with_and_without_input():
@@ -164,7 +164,7 @@ def test_packed_loss_equals_unpacked_loss(mask_prompt):
     from model import GPT, GPTConfig
 
     tok = ByteTokenizer()
-    from instructions import EMBEDDED_INSTRUCTIONS_PATH
+    from support.instructions import EMBEDDED_INSTRUCTIONS_PATH
 
     examples = json.load(open(EMBEDDED_INSTRUCTIONS_PATH))[:12] + [
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ok"}]}

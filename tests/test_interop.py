@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from interop import export_merged_hf, export_peft, import_peft
+from support.interop import export_merged_hf, export_peft, import_peft, save_hf_checkpoint
 from lora import apply_lora, load_adapter, save_adapter
 from model import GPT, GPTConfig
 from quantize import quantize_model
@@ -60,7 +60,7 @@ def our_logits(model):
 )
 def test_exported_adapter_gives_peft_the_same_logits(tmp_path, settings):
     model = base_model()
-    model.save_pretrained(tmp_path / "base")
+    save_hf_checkpoint(model, tmp_path / "base")
     apply_lora(model, rank=4, alpha=8, dropout=0.1, **settings)
     trained_looking(model)
     export_peft(model, tmp_path / "peft", base_model_name_or_path=str(tmp_path / "base"))
@@ -111,11 +111,11 @@ def test_qlora_adapter_exports_the_same_way(tmp_path):
 def peft_adapter(tmp_path, **lora_config):
     """A PEFT LoRA adapter with random (non-zero) weights on a random GPT-2 of our test shape, saved; returns dirs."""
     torch.manual_seed(0)
-    base_model().save_pretrained(tmp_path / "base")
+    save_hf_checkpoint(base_model(), tmp_path / "base")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
     model = peft.get_peft_model(hf, peft.LoraConfig(**lora_config))
     trained_looking(model, seed=5)
-    model.save_pretrained(tmp_path / "peft")
+    model.save_pretrained(tmp_path / "peft")  # PEFT's own
     return tmp_path / "base", tmp_path / "peft"
 
 
@@ -177,3 +177,33 @@ def test_what_peft_cannot_express_is_a_clear_error(tmp_path):
     json.dump(config, open(adapter_dir / "adapter_config.json", "w"))
     with pytest.raises(ValueError, match="not in block 1"):
         import_peft(base_model(), adapter_dir)
+
+
+@pytest.mark.parametrize("vocab_size", [257, 50257], ids=["byte-level", "gpt2-bpe"])
+def test_save_hf_checkpoint_loads_in_hf_with_equal_logits_and_round_trips(tmp_path, vocab_size):
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=2, n_head=4, n_embd=32)).eval()
+    save_hf_checkpoint(ours, tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+    assert hf.config.eos_token_id == vocab_size - 1 and hf.config.n_positions == 64
+    back = GPT.from_pretrained(str(tmp_path))
+    theirs = back.state_dict()
+    assert theirs.keys() == ours.state_dict().keys()
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
+
+
+def test_save_hf_checkpoint_refuses_what_gpt2_cannot_hold(tmp_path):
+    from lora import apply_lora, merge_lora
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="bias=False"):
+        save_hf_checkpoint(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, bias=False)), tmp_path)
+    model = apply_lora(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16)), rank=2, alpha=4)
+    with pytest.raises(ValueError, match="attn.q_proj is a LoRALinear.*merge"):
+        save_hf_checkpoint(model, tmp_path)
+    save_hf_checkpoint(merge_lora(model, unload=True), tmp_path)  # merged: fine
+    with pytest.raises(ValueError, match="smeared keys"):
+        save_hf_checkpoint(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, smear_keys=True)), tmp_path)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from intrinsic import Fastfood, IntrinsicDimension, fast_walsh_hadamard
+from other_methods.intrinsic import Fastfood, IntrinsicDimension, fast_walsh_hadamard
 from model import GPT, GPTConfig, count_parameters
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)

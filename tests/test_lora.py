@@ -20,7 +20,6 @@ from lora import (
     merge_lora,
     save_adapter,
     set_adapter,
-    subspace_similarity,
     unmerge_lora,
 )
 from model import GPT, GPTConfig, count_parameters
@@ -227,7 +226,7 @@ def test_merge_matches_unmerged(kwargs):
     assert not any(isinstance(m, LoRALinear) for m in plain.modules())
     assert set(plain.state_dict()) == set(GPT(TINY).state_dict())
     fresh = GPT(TINY).eval()
-    fresh.load_weights(plain.state_dict())
+    fresh.load_state_dict(plain.state_dict())
     assert (fresh(idx)[0] - unmerged).abs().max().item() <= 1e-5
 
 
@@ -261,10 +260,9 @@ def test_quantized_base_uses_dequantize_and_refuses_merge(use_dora):
     assert quant.merged_adapter is None
 
 
-def test_real_linear4bit_if_available():
-    quantize = pytest.importorskip("quantize")
-    if not hasattr(quantize, "Linear4bit"):
-        pytest.skip("quantize.py has no Linear4bit yet")
+def test_real_linear4bit():
+    import quantize
+
     model, idx = tiny_gpt(), tokens()
     quantize.quantize_model(model)
     before, _ = model(idx)
@@ -383,7 +381,7 @@ def test_rank_larger_than_layer_allows():
     with pytest.raises(ValueError, match=r"min\(in, out\) = 32"):
         apply_lora(model, rank=33)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # nothing changed
-    with pytest.raises(ValueError, match="rank <= 3"):
+    with pytest.raises(ValueError, match=r"min\(in, out\) = 3$"):
         LoRALinear(nn.Linear(3, 100), rank=4, alpha=8)
 
 
@@ -416,38 +414,6 @@ def test_bad_hyperparameters():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Subspace similarity (LoRA §7.2)
-
-
-def test_subspace_similarity_with_itself():
-    A = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
-    for i in range(1, 9):
-        assert subspace_similarity(A, A, i, i) == pytest.approx(1.0, abs=1e-9)
-    assert subspace_similarity(A, A, 2, 6) == pytest.approx(1.0, abs=1e-9)  # the top 2 lie inside the top 6
-    assert subspace_similarity(A, 3 * A, 8, 8) == pytest.approx(1.0, abs=1e-9)
-
-
-def test_subspace_similarity_random_subspaces():
-    # E ||U1^T U2||_F^2 = i j / d for independent random subspaces, so phi ~ max(i, j) / d (std ~5% here)
-    g = torch.Generator().manual_seed(0)
-    d = 512
-    A1, A2 = torch.randn(32, d, generator=g), torch.randn(32, d, generator=g)
-    assert subspace_similarity(A1, A2, 32, 32) == pytest.approx(32 / d, rel=0.25)
-    assert subspace_similarity(A1, A2, 16, 32) == pytest.approx(32 / d, rel=0.3)
-
-
-def test_subspace_similarity_by_hand():
-    # A1's strongest right singular vector is e2 (singular value 3); A2 spans (1, sqrt 3) / 2, at 30 degrees
-    # from e2: phi(1, 1) = cos^2(30 deg) = 3/4; with both of A1's directions the plane contains it: phi = 1.
-    A1 = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
-    A2 = torch.tensor([[1.0, math.sqrt(3.0)]], dtype=torch.float64)
-    assert subspace_similarity(A1, A2, 1, 1) == pytest.approx(0.75, abs=1e-12)
-    assert subspace_similarity(A1, A2, 2, 1) == pytest.approx(1.0, abs=1e-12)
-    with pytest.raises(ValueError, match="1 <= j <= 1"):
-        subspace_similarity(A1, A2, 1, 2)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Hostile and careless inputs (issue 17): each test failed before the check it exercises existed
 
 
@@ -462,88 +428,3 @@ def test_non_finite_hyperparameters_are_refused():
             apply_lora(tiny_gpt(), alpha=alpha)
     with pytest.raises(ValueError, match="loraplus_lr_ratio must be positive"):
         lora_param_groups(apply_lora(tiny_gpt()), lr=1e-3, loraplus_lr_ratio=float("nan"))
-
-
-def saved_adapter(tmp_path):
-    model = apply_lora(tiny_gpt(), rank=4, alpha=8)
-    randomize_lora(model)
-    save_adapter(model, tmp_path / "a")
-    return tmp_path / "a"
-
-
-def rewrite_weights(directory, tensors):
-    """Replace the weights and record their checksum in the config, as if save_adapter had written them."""
-    import hashlib
-
-    from safetensors.torch import save
-
-    data = save(tensors)
-    (directory / "adapter_model.safetensors").write_bytes(data)
-    config = json.loads((directory / "adapter_config.json").read_text())
-    config["weights_sha256"] = hashlib.sha256(data).hexdigest()
-    (directory / "adapter_config.json").write_text(json.dumps(config))
-
-
-def test_adapter_tensors_must_be_finite_floats(tmp_path):
-    from safetensors.torch import load_file
-
-    directory = saved_adapter(tmp_path)
-    good = load_file(directory / "adapter_model.safetensors")
-    name = next(iter(good))
-    rewrite_weights(directory, {**good, name: torch.full_like(good[name], float("nan"))})
-    with pytest.raises(ValueError, match=f"tensor '{name}' holds NaN or infinite values"):
-        load_adapter(tiny_gpt(), directory)
-    rewrite_weights(directory, {**good, name: good[name].long()})
-    with pytest.raises(ValueError, match=f"tensor '{name}' is torch.int64, but adapter weights are floating point"):
-        load_adapter(tiny_gpt(), directory)
-
-
-def test_weights_and_config_of_different_saves_are_refused(tmp_path, monkeypatch):
-    """A crash between the two renames of save_adapter leaves new weights beside the old config."""
-    import lora
-
-    directory = saved_adapter(tmp_path)
-    newer = apply_lora(tiny_gpt(), rank=4, alpha=8)
-    randomize_lora(newer, seed=7)
-    real_write_json_atomic = lora.write_json_atomic
-
-    def crash_before_the_config(obj, path):
-        if path.endswith("adapter_config.json"):
-            raise KeyboardInterrupt
-        real_write_json_atomic(obj, path)
-
-    monkeypatch.setattr(lora, "write_json_atomic", crash_before_the_config)
-    with pytest.raises(KeyboardInterrupt):
-        save_adapter(newer, directory)
-    with pytest.raises(ValueError, match="adapter_model.safetensors is not the file adapter_config.json beside it was saved with"):
-        load_adapter(tiny_gpt(), directory)
-
-
-def test_unreadable_adapter_files_are_named(tmp_path):
-    import hashlib
-
-    directory = saved_adapter(tmp_path)
-    config = (directory / "adapter_config.json").read_text()
-    broken = b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}"  # a safetensors header that is not JSON
-    (directory / "adapter_model.safetensors").write_bytes(broken)
-    fixed = dict(json.loads(config), weights_sha256=hashlib.sha256(broken).hexdigest())
-    (directory / "adapter_config.json").write_text(json.dumps(fixed))
-    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
-        load_adapter(tiny_gpt(), directory)
-    for text, problem in [("", "is not valid JSON"), (config[: len(config) // 2], "is not valid JSON"), ("[1, 2]", "holds a JSON list")]:
-        (directory / "adapter_config.json").write_text(text)
-        with pytest.raises(ValueError, match=f"adapter_config.json {problem}"):
-            load_adapter(tiny_gpt(), directory)
-    for key, value, must_be in [("dropout", "0.1", "a number in"), ("targets", 5, "a list of target names"), ("rank", 2.5, "a positive integer"),
-                                ("use_dora", "yes", "true or false"), ("trainable", "head", "a list of parameter names")]:
-        (directory / "adapter_config.json").write_text(json.dumps({**fixed, key: value}))
-        with pytest.raises(ValueError, match=f"adapter_config.json: '{key}' is {json.dumps(value)}, but must be {must_be}"):
-            load_adapter(tiny_gpt(), directory)
-
-
-def test_saved_files_are_readable_like_the_rest(tmp_path):
-    umask = os.umask(0o022)
-    os.umask(umask)
-    directory = saved_adapter(tmp_path)
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        assert os.stat(directory / name).st_mode & 0o777 == 0o666 & ~umask, name

@@ -6,7 +6,7 @@ import torch
 
 from lora import apply_lora
 from model import GPT, GPTConfig
-from optim import clip_gradients, lr_at_step, make_optimizer, set_learning_rate
+from support.optim import clip_gradients, lr_at_step, make_optimizer, set_learning_rate
 
 
 def test_warmup_rises_linearly_then_cosine_decays_to_the_floor():

@@ -8,7 +8,7 @@ import torch
 
 from experiments import latency, peft_family
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer
+from support.tokenizer import get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

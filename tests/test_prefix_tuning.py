@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapters import adapter_names, delete_adapter, disable_adapters, load_adapter, save_adapter, set_adapter
+from other_methods.adapters import adapter_names, delete_adapter, disable_adapters, load_adapter, save_adapter, set_adapter
 from model import GPT, GPTConfig, KVCache, hf_to_ours
-from prefix_tuning import PrefixTuning, activations_of_tokens, apply_prefix_tuning, prefix_parameter_count
+from other_methods.prefix_tuning import PrefixTuning, activations_of_tokens, apply_prefix_tuning, prefix_parameter_count
+from support.checkpoints import load_weights
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -29,7 +30,7 @@ def hf_and_ours():
     config = transformers.GPT2Config(n_layer=3, n_head=4, n_embd=32, n_positions=64, vocab_size=100)
     hf = transformers.GPT2LMHeadModel(config).eval()
     ours = GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=3, n_head=4, n_embd=32))
-    ours.load_weights(hf_to_ours(hf.state_dict(), 3))
+    load_weights(ours, hf_to_ours(hf.state_dict(), 3))
     return hf, ours.eval()
 
 

@@ -69,27 +69,6 @@ def test_codes_and_absmax_identical_to_bitsandbytes(bnb, shape, seed):
         assert torch.equal(Q.dequantize_nf4(q), bnb.dequantize_4bit(packed, state))
 
 
-@pytest.mark.parametrize("chunk", [64, 256, Q.DEQUANTIZE_CHUNK])
-@pytest.mark.parametrize("shape", [(4097,), (33, 65), (300, 64)])
-def test_chunked_dequantize_equals_unpacking_each_nibble(shape, chunk, monkeypatch):
-    """dequantize_4bit_pytorch works through the codes a chunk at a time; any chunk size, and a tensor that ends inside
-    a chunk or inside a block, give exactly code[nibble] x absmax[block] for every value (and so does dequantize_4bit,
-    through the C kernel where it is built)."""
-    monkeypatch.setattr(Q, "DEQUANTIZE_CHUNK", chunk)
-    torch.manual_seed(4)
-    q = Q.quantize_nf4(torch.randn(shape), block_size=64, double_quant=True)
-    nibbles = torch.stack([q.codes >> 4, q.codes & 15], dim=1).view(-1)[: q.numel()].long()
-    expected = Q.CODE_BOOKS["nf4"][nibbles] * Q.dequantize_absmax(q).repeat_interleave(64)[: q.numel()]
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):  # chunks on one thread, one pass on more
-            torch.set_num_threads(n)
-            assert torch.equal(Q.dequantize_4bit_pytorch(q)[: q.numel()], expected), n
-            assert torch.equal(Q.dequantize_nf4(q), expected.view(shape)), n
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_size", [32, 128])
 def test_identical_for_half_precision_and_other_block_sizes(bnb, dtype, block_size):
@@ -393,7 +372,7 @@ def test_merge_lora_into_dequantized_copy_matches_qlora_model():
     idx = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         expected, _ = model(idx)
-        merged = lora.merge_lora_into_dequantized(model)
+        merged = Q.merge_lora_into_dequantized(model)
         got, _ = merged(idx)
     assert not any(isinstance(m, (Q.Linear4bit, lora.LoRALinear)) for m in merged.modules())
     assert isinstance(model.transformer.h[0].attn.q_proj.base, Q.Linear4bit)  # the original is untouched

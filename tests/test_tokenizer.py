@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from tokenizer import ByteTokenizer, get_tokenizer
+from support.tokenizer import ByteTokenizer, get_tokenizer
 
 
 def test_gpt2_bpe_matches_known_ids():

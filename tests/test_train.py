@@ -11,12 +11,11 @@ import sys
 import pytest
 import torch
 
-import checkpoints
-import instructions
 import train
-from common import write_json_atomic
-from model import mean_token_loss
-from safety import UserError
+from support import checkpoints, config_checks, instructions, resume, train_modes
+from support.common import write_json_atomic
+from support.loss import mean_token_loss
+from support.safety import UserError
 from train import TrainConfig, parse_args, resolve_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,11 +72,11 @@ def test_parse_args_types():
 
 def test_bad_combinations_are_clear_errors():
     with pytest.raises(ValueError, match="--finetune lora"):
-        train.check_train_config(TrainConfig(finetune="full", quantize="nf4"))
+        config_checks.check_train_config(TrainConfig(finetune="full", quantize="nf4"))
     with pytest.raises(ValueError, match="'lora' or 'full'"):
-        train.check_train_config(TrainConfig(finetune="adapter"))
+        config_checks.check_train_config(TrainConfig(finetune="adapter"))
     with pytest.raises(ValueError, match="--init_from scratch --dataset stdlib"):
-        train.check_train_config(TrainConfig(init_from="scratch", dataset="embedded"))
+        config_checks.check_train_config(TrainConfig(init_from="scratch", dataset="embedded"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoints.load_checkpoint_model("/nonexistent/ckpt.pt")
 
@@ -118,12 +117,12 @@ def test_lora_finetuning_lowers_loss_saves_only_the_adapter_and_reloads(small_ba
     assert reloaded_val_loss(tmp_path, finetune_config(small_base, tmp_path)) == pytest.approx(summary["val_loss_after"], abs=1e-6)
     samples = json.load(open(tmp_path / "samples.json"))
     capsys.readouterr()
-    train.answer_prompt(TrainConfig(adapter=str(tmp_path), prompt=samples[0]["instruction"], max_new_tokens=24, device="cpu"))
+    train_modes.answer_prompt(TrainConfig(adapter=str(tmp_path), prompt=samples[0]["instruction"], max_new_tokens=24, device="cpu"))
     assert capsys.readouterr().out.strip() == samples[0]["after"]
 
 
 def test_answers_are_scored_before_and_after_and_a_file_is_answered_the_same_way(small_base, tmp_path, capsys):
-    from instructions import contains_answer
+    from support.instructions import contains_answer
 
     run = tmp_path / "run"
     summary = train.train(finetune_config(small_base, run, max_iters=4, eval_interval=4))
@@ -141,7 +140,7 @@ def test_answers_are_scored_before_and_after_and_a_file_is_answered_the_same_way
     questions.append({"instruction": "Name a colour."})
     (tmp_path / "in.json").write_text(json.dumps(questions))
     capsys.readouterr()
-    train.answer_file(TrainConfig(adapter=str(run), answer_file=str(tmp_path / "in.json"), answers_out=str(tmp_path / "out.json"),
+    train_modes.answer_file(TrainConfig(adapter=str(run), answer_file=str(tmp_path / "in.json"), answers_out=str(tmp_path / "out.json"),
                                   max_new_tokens=24, device="cpu"))
     answered = json.load(open(tmp_path / "out.json"))
     assert [{k: v for k, v in a.items() if k != "response"} for a in answered] == questions  # every other key kept
@@ -150,8 +149,8 @@ def test_answers_are_scored_before_and_after_and_a_file_is_answered_the_same_way
 
 
 def test_batched_answers_equal_one_at_a_time(small_base):
-    from instructions import format_prompt, load_examples
-    from tokenizer import get_tokenizer
+    from support.instructions import format_prompt, load_examples
+    from support.tokenizer import get_tokenizer
 
     model, tokenizer_name = checkpoints.load_checkpoint_model(small_base)
     tokenizer, examples = get_tokenizer(tokenizer_name), load_examples("embedded")[:40]
@@ -164,7 +163,7 @@ def test_batched_answers_equal_one_at_a_time(small_base):
 
 def reloaded_val_loss(adapter_dir, cfg):
     """Validation loss of base + the saved adapter, loaded afresh, on the batches training evaluated on."""
-    from tokenizer import get_tokenizer
+    from support.tokenizer import get_tokenizer
 
     model, tokenizer_name = checkpoints.load_finetuned(str(adapter_dir), "tiny", "cpu")
     template = instructions.resolve_template(cfg.prompt_template, tokenizer_name)
@@ -177,7 +176,7 @@ def test_answer_is_greedy_in_eval_mode_whatever_mode_the_model_is_in():
 
     from lora import apply_lora
     from model import GPT, GPTConfig
-    from tokenizer import ByteTokenizer
+    from support.tokenizer import ByteTokenizer
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, vocab_size=257, n_layer=2, n_head=2, n_embd=32))
@@ -232,7 +231,7 @@ def test_packing_and_gradient_checkpointing_train(small_base, tmp_path, capsys):
 
 
 def test_packed_rows_hold_every_training_example_once():
-    from tokenizer import get_tokenizer
+    from support.tokenizer import get_tokenizer
 
     data = instructions.InstructionData("embedded", get_tokenizer("bytes"), 512, 1337, mask_prompt=False, pack=True)
     data.grad_accum = 1
@@ -252,7 +251,7 @@ def test_export_peft_and_hf_from_the_command_line(tmp_path):
     train.train(tiny_pretrain_config(plain_base, n_embd=48, block_size=384, max_iters=3, eval_interval=3, smear_keys=False))
     run = tmp_path / "run"
     train.train(finetune_config(str(plain_base), run, max_iters=3, eval_interval=3, lora_targets="q,k,o"))
-    train.export_run(parse_args(["--adapter", str(run), "--export_peft", str(tmp_path / "peft"), "--export_hf", str(tmp_path / "hf")]))
+    train_modes.export_run(parse_args(["--adapter", str(run), "--export_peft", str(tmp_path / "peft"), "--export_hf", str(tmp_path / "hf")]))
     ours, _ = checkpoints.load_finetuned(str(run), "tiny", "cpu")
     idx = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -265,7 +264,7 @@ def test_export_peft_and_hf_from_the_command_line(tmp_path):
     assert (expected - peft_logits).abs().max().item() <= 1e-4
     assert (expected - merged_logits).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="--export_peft needs --adapter"):
-        train.export_run(parse_args(["--export_peft", str(tmp_path / "x")]))
+        train_modes.export_run(parse_args(["--export_peft", str(tmp_path / "x")]))
     # the run's metadata travel in the safetensors header (PEFT reads only adapter_config.json's LoraConfig keys)
     from safetensors import safe_open
 
@@ -280,7 +279,7 @@ def test_export_peft_and_hf_from_the_command_line(tmp_path):
 
 def test_a_base_with_smeared_keys_is_not_exported_to_hf(small_base, tmp_path):
     with pytest.raises(UserError, match="smeared keys.*--no-smear_keys"):
-        train.export_run(parse_args(["--init_from", small_base, "--export_hf", str(tmp_path / "hf")]))
+        train_modes.export_run(parse_args(["--init_from", small_base, "--export_hf", str(tmp_path / "hf")]))
     assert not (tmp_path / "hf").exists()
 
 
@@ -349,8 +348,8 @@ def test_no_loading_path_unpickles_objects_from_a_checkpoint(small_base, tmp_pat
     paths = {
         "--resume": lambda: train.train(finetune_config(small_base, resume_dir, resume=True)),
         "the tiny-base check of a default run": lambda: checkpoints.ensure_tiny_base(),
-        "--prompt": lambda: train.answer_prompt(TrainConfig(prompt="Hi", device="cpu")),
-        "--adapter --prompt": lambda: train.answer_prompt(TrainConfig(adapter=str(adapter_dir), prompt="Hi", device="cpu")),
+        "--prompt": lambda: train_modes.answer_prompt(TrainConfig(prompt="Hi", device="cpu")),
+        "--adapter --prompt": lambda: train_modes.answer_prompt(TrainConfig(adapter=str(adapter_dir), prompt="Hi", device="cpu")),
         "--init_from a checkpoint": lambda: checkpoints.load_checkpoint_model(str(resume_dir)),
     }
     for name, load in paths.items():
@@ -385,24 +384,21 @@ def test_a_huge_learning_rate_stops_the_run_without_saving_nan(tmp_path):
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from model import GPT
+    from support.loss import LossAtTargets
 
-    real_forward, training_forwards = GPT.forward, []
+    real_forward, training_forwards = LossAtTargets.forward, []
 
-    def nan_at_step_3(self, idx, targets=None, kv_cache=None, segment_ids=None):
-        logits, loss = real_forward(self, idx, targets, kv_cache, segment_ids)
-        if targets is not None:  # a training step (evaluation passes no targets)
-            training_forwards.append(1)
-            if len(training_forwards) == 3:
-                loss = loss * float("nan")
-        return logits, loss
+    def nan_at_step_3(self, idx, targets, segment_ids=None):  # what train.py trains through (evaluation does not)
+        loss = real_forward(self, idx, targets, segment_ids)
+        training_forwards.append(1)
+        return loss * float("nan") if len(training_forwards) == 3 else loss
 
     common = dict(max_iters=6, eval_interval=1, eval_batches=1)
-    monkeypatch.setattr(GPT, "forward", nan_at_step_3)
+    monkeypatch.setattr(LossAtTargets, "forward", nan_at_step_3)
     with pytest.raises(UserError, match=r"^step 3: the training loss is nan and the gradient norm nan: training diverged, so it "
                                         r"stops here and .* keeps the checkpoint of step 2"):
         train.train(tiny_pretrain_config(tmp_path, **common))
-    monkeypatch.setattr(GPT, "forward", real_forward)
+    monkeypatch.setattr(LossAtTargets, "forward", real_forward)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["iter"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (tmp_path / "summary.json").exists()
@@ -442,8 +438,8 @@ BAD_FLAGS = [  # (flags, what the one-line error must say)
 
 def test_export_flags_are_valid_uses_of_adapter():
     for flags in (["--export_peft", "out/peft"], ["--export_hf", "out/hf"], ["--export_peft", "out/peft", "--export_hf", "out/hf"]):
-        train.check_inference_flags(parse_args(["--adapter", "out/somewhere", *flags]))  # no error
-    train.check_inference_flags(parse_args(["--export_hf", "out/hf"]))  # the base alone, no adapter
+        config_checks.check_inference_flags(parse_args(["--adapter", "out/somewhere", *flags]))  # no error
+    config_checks.check_inference_flags(parse_args(["--export_hf", "out/hf"]))  # the base alone, no adapter
 
 
 @pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
@@ -556,9 +552,9 @@ def test_cuda_random_state_is_saved_and_restored(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
     train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=1, eval_batches=1))
     assert torch.equal(torch.load(tmp_path / "ckpt.pt", weights_only=True)["cuda_rng"][0], state[0])
-    train.restore_random_state({"rng": torch.get_rng_state(), "cuda_rng": state}, "cpu")
+    resume.restore_random_state({"rng": torch.get_rng_state(), "cuda_rng": state}, "cpu")
     assert restored == []  # a CPU run leaves CUDA alone
-    train.restore_random_state(torch.load(tmp_path / "ckpt.pt", weights_only=True), "cuda")
+    resume.restore_random_state(torch.load(tmp_path / "ckpt.pt", weights_only=True), "cuda")
     assert len(restored) == 1 and torch.equal(restored[0][0], state[0])
 
 

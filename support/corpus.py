@@ -24,7 +24,7 @@ import tokenize
 
 import torch
 
-from tokenizer import EOT_TEXT
+from support.tokenizer import EOT_TEXT
 
 # Folders left out: tests (code-heavy, huge), the IDE and GUI demos, vendored packages, and bytecode.
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "tkinter", "turtledemo",

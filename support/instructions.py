@@ -27,8 +27,8 @@ from collections import Counter
 
 import torch
 
-from common import DOWNLOAD_DIR, REPO_DIR, download_file
-from safety import UserError
+from support.common import DOWNLOAD_DIR, REPO_DIR, download_file
+from support.safety import UserError
 
 PROMPT_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 # Two prompt templates. "alpaca" is Alpaca's own (what GPT-2 runs use); "compact" drops its 105-byte preamble sentence

@@ -25,7 +25,7 @@ context are spent on the prefix.
 import torch
 import torch.nn as nn
 
-from adapters import NamedAdapterLayer, check_new_adapter, set_adapter, train_only
+from other_methods.adapters import NamedAdapterLayer, check_new_adapter, set_adapter, train_only
 from model import GPT, KVCache
 
 

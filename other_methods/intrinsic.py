@@ -38,8 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from common import save_safetensors_atomic, write_json_atomic
-from safety import read_saved_pair
+from support.common import save_safetensors_atomic, write_json_atomic
+from support.safety import read_saved_pair
 
 WEIGHTS, CONFIG = "intrinsic.safetensors", "intrinsic_config.json"
 

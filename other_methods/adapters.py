@@ -32,9 +32,10 @@ import os
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import check_trainable_names, replace_module, save_safetensors_atomic, write_json_atomic
-from lora import copy_stored_tensors
-from safety import read_saved_pair
+from lora import check_trainable_names, replace_module
+from support.common import save_safetensors_atomic, write_json_atomic
+from support.adapter_files import copy_stored_tensors
+from support.safety import read_saved_pair
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PLACEMENTS = {  # placement -> the layers whose output gets an adapter, as their names end in model.GPT
@@ -333,11 +334,11 @@ def apply_function(method):
     if method == "bottleneck":
         return apply_adapters
     if method == "prefix":
-        from prefix_tuning import apply_prefix_tuning
+        from other_methods.prefix_tuning import apply_prefix_tuning
 
         return apply_prefix_tuning
     if method == "ia3":
-        from ia3 import apply_ia3
+        from other_methods.ia3 import apply_ia3
 
         return apply_ia3
     raise ValueError(f"unknown adapter method {method!r} in the config; this module knows bottleneck, prefix and ia3")

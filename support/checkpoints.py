@@ -5,20 +5,98 @@ The models the programs start from, and the files train.py leaves:
   checkpoint written by train.py -> (GPT, tokenizer name);
 - ensure_tiny_base: the tiny base, pretrained first (by running `python train.py --init_from scratch --dataset stdlib`
   in a child process) if it is missing or its pretraining was interrupted;
-- load_finetuned: a base with the LoRA adapter of a train.py run loaded into it (quantized again for QLoRA).
+- load_finetuned: a base with the LoRA adapter of a train.py run loaded into it (quantized again for QLoRA);
+- load_hf_model: GPT-2 from the Hugging Face hub or an HF-format directory, its two files checked first (the lesson's
+  GPT.from_pretrained assumes they are right); load_weights: a state dict whose first wrong tensor is named.
 
 finetune_classifier.py, the experiments and the notebooks start from these as train.py does, without importing it.
 """
 
+import json
 import os
 
 import torch
 
-from common import REPO_DIR, run_script
 from model import GPT, PRETRAINED, GPTConfig
-from safety import UserError, load_tensor_file, read_json
+from support.adapter_files import read_adapter_config
+from support.common import REPO_DIR, download_file, run_script, user_cache_dir
+from support.safety import UserError, check_tensors_match, first_line, load_tensor_file, read_json
 
 TINY_BASE_DIR = os.path.join(REPO_DIR, "checkpoints", "tiny-base")
+HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
+
+
+def load_weights(model, state_dict):
+    """model.load_state_dict(state_dict) that names the first missing, unexpected or wrongly shaped tensor. The output
+    layer is tied to the token embedding, so a state dict may hold it or not."""
+    ours = model.state_dict()
+    ours.pop("lm_head.weight")
+    state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    check_tensors_match(state_dict, ours, "the checkpoint")
+    model.load_state_dict(state_dict, strict=False)
+
+
+def download_pretrained(name, cache_dir=None):
+    """Fetch config.json and model.safetensors of openai-community/<name> into cache_dir/<name> (once)."""
+    directory = os.path.join(cache_dir or user_cache_dir(), name)
+    os.makedirs(directory, exist_ok=True)
+    for file in ("config.json", "model.safetensors"):
+        download_file(HF_URL.format(name=name, file=file), os.path.join(directory, file))
+    return directory
+
+
+def hf_tensor_shapes(n_layer, n_embd, vocab_size, block_size):
+    """The tensors of an HF GPT-2 checkpoint of this shape: {name (without 'transformer.'): shape}."""
+    shapes = {"wte.weight": (vocab_size, n_embd), "wpe.weight": (block_size, n_embd), "ln_f.weight": (n_embd,),
+              "ln_f.bias": (n_embd,)}
+    for i in range(n_layer):
+        for name, shape in {"ln_1.weight": (n_embd,), "ln_1.bias": (n_embd,), "ln_2.weight": (n_embd,), "ln_2.bias": (n_embd,),
+                            "attn.c_attn.weight": (n_embd, 3 * n_embd), "attn.c_attn.bias": (3 * n_embd,),
+                            "attn.c_proj.weight": (n_embd, n_embd), "attn.c_proj.bias": (n_embd,),
+                            "mlp.c_fc.weight": (n_embd, 4 * n_embd), "mlp.c_fc.bias": (4 * n_embd,),
+                            "mlp.c_proj.weight": (4 * n_embd, n_embd), "mlp.c_proj.bias": (n_embd,)}.items():
+            shapes[f"h.{i}.{name}"] = shape
+    return shapes
+
+
+def check_hf_directory(directory):
+    """config.json and model.safetensors of `directory` are a GPT-2 checkpoint whose tensors have the shapes its
+    config says. Only the safetensors header is read, so a config that claims a huge model allocates nothing."""
+    from safetensors import safe_open
+
+    for file in ("config.json", "model.safetensors"):
+        if not os.path.isfile(os.path.join(directory, file)):
+            raise FileNotFoundError(f"{directory} has no {file}; an HF GPT-2 directory needs config.json and model.safetensors")
+    config_path, weights_path = os.path.join(directory, "config.json"), os.path.join(directory, "model.safetensors")
+    shape = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+    hf = read_json(config_path, shape, what="Hugging Face GPT-2 config")
+    for key in shape:
+        if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] < 1:
+            raise UserError(f"{config_path}: {key!r} is {json.dumps(hf[key])}, but must be a positive integer")
+    if hf["n_embd"] % hf["n_head"]:
+        raise UserError(f"{config_path}: n_embd {hf['n_embd']} is not divisible by n_head {hf['n_head']}")
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            stored = {k.removeprefix("transformer."): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise UserError(f"{weights_path} is not a readable safetensors file ({first_line(e)}); download or save it again") from None
+    layers = {int(k.split(".")[1]) for k in stored if k.startswith("h.") and k.split(".")[1].isdigit()}
+    if layers != set(range(hf["n_layer"])):  # otherwise extra layers would be dropped, or a missing one named by a bare KeyError
+        raise UserError(f"{config_path} says n_layer={hf['n_layer']} but {weights_path} holds {len(layers)} layers "
+                        f"(numbered {min(layers, default=0)}..{max(layers, default=-1)}); the two files do not belong together")
+    for name, expected in hf_tensor_shapes(hf["n_layer"], hf["n_embd"], hf["vocab_size"], hf["n_positions"]).items():
+        if name not in stored:
+            raise UserError(f"{weights_path} is not a GPT-2 checkpoint: it has no tensor {name!r}")
+        if stored[name] != expected:
+            raise UserError(f"{weights_path}: {name} is {stored[name]} but {config_path} implies {expected}; the two files do "
+                            f"not belong together")
+
+
+def load_hf_model(name_or_path):
+    """GPT-2 by name (downloaded once) or from an HF-format directory, its files checked before anything is loaded."""
+    directory = download_pretrained(name_or_path) if name_or_path in PRETRAINED else name_or_path
+    check_hf_directory(directory)
+    return GPT.from_pretrained(directory)
 
 
 
@@ -33,7 +111,7 @@ def load_checkpoint_model(path, device="cpu"):
         if key not in ckpt:
             raise UserError(f"{path} has no {key!r}: it is not a checkpoint written by train.py")
     model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_weights(ckpt["model"])
+    load_weights(model, ckpt["model"])
     bad = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise UserError(f"{path}: tensor {bad!r} holds NaN or infinite values; the training that saved it diverged")
@@ -68,7 +146,7 @@ def load_base_model(init_from, device="cpu"):
     if init_from == "tiny":
         return load_checkpoint_model(ensure_tiny_base(device), device)
     if init_from in PRETRAINED or os.path.isfile(os.path.join(init_from, "model.safetensors")):
-        return GPT.from_pretrained(init_from).to(device), "gpt2"
+        return load_hf_model(init_from).to(device), "gpt2"
     if os.path.exists(init_from):
         return load_checkpoint_model(init_from, device)
     raise ValueError(f"--init_from {init_from!r}: use 'tiny', 'scratch', one of {', '.join(PRETRAINED)}, or an existing checkpoint path")
@@ -78,7 +156,7 @@ def load_finetuned(adapter_dir, init_from, device):
     """The base model with a LoRA adapter from `adapter_dir` loaded into it -> (model, tokenizer name), in eval mode.
     init_from "tiny" means: the base the adapter was trained on (recorded in its adapter_config.json). A QLoRA adapter
     learned to correct a 4-bit base, so the base is quantized again (deterministically: the same codes as in training)."""
-    from lora import load_adapter, read_adapter_config
+    from lora import load_adapter
 
     config = read_adapter_config(adapter_dir)
     trained_on = config["metadata"]  # written by train.save_checkpoint: run_id, init_from, finetune, step

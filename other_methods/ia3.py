@@ -21,8 +21,8 @@ first two and the input of the third. HF `peft` places it the same way on GPT-2 
 import torch
 import torch.nn as nn
 
-from adapters import NamedAdapterLayer, check_new_adapter, layers_ending_with, set_adapter, train_only
-from common import replace_module
+from other_methods.adapters import NamedAdapterLayer, check_new_adapter, layers_ending_with, set_adapter, train_only
+from lora import replace_module
 
 TARGETS = {  # apply_ia3's short names -> (how the layer's name ends in model.GPT, scale its input instead of its output)
     "k": ("attn.k_proj", False),

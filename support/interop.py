@@ -4,7 +4,8 @@ Interop with Hugging Face: LoRA adapters in PEFT's format, and whole models in t
     export_peft(model, dir)        the model's LoRA adapter -> dir/adapter_config.json + dir/adapter_model.safetensors,
                                    loadable with peft.PeftModel.from_pretrained(GPT2LMHeadModel..., dir)
     import_peft(model, dir)        a PEFT LoRA adapter for GPT-2 -> LoRA layers on our model, computing the same function
-    export_merged_hf(model, dir)   base + adapter merged -> dir/config.json + dir/model.safetensors (GPT.save_pretrained)
+    export_merged_hf(model, dir)   base + adapter merged -> dir/config.json + dir/model.safetensors (save_hf_checkpoint)
+    save_hf_checkpoint(model, dir) a model.GPT in transformers' GPT-2 format (the inverse of GPT.from_pretrained)
 
 `python train.py --adapter RUN_DIR --export_peft OUT_DIR` and `--export_hf OUT_DIR` call the first and the last.
 
@@ -16,7 +17,7 @@ with lora_A.weight (r, in) and lora_B.weight (out, r) stored under base_model.mo
 .lora_B.weight, DoRA's magnitude under .lora_magnitude_vector. GPT-2's projections are Conv1D modules that keep their
 weight as (in, out) (hence fan_in_fan_out = true), but A and B keep nn.Linear's (out, in) orientation all the same.
 `rank_pattern` and `alpha_pattern` give r and lora_alpha per module: a pattern key applies to a module whose name
-ends with it (after a '.'). Our layers map onto GPT-2's as in model.ours_to_hf:
+ends with it (after a '.'). Our layers map onto GPT-2's as in ours_to_hf below:
 
     attn.q_proj, attn.k_proj, attn.v_proj -> attn.c_attn (one Conv1D, output rows q, then k, then v)
     attn.o_proj -> attn.c_proj,   mlp.fc_in -> mlp.c_fc,   mlp.fc_out -> mlp.c_proj
@@ -30,9 +31,12 @@ import re
 
 import torch
 
-from common import save_safetensors_atomic, write_json_atomic
-from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, active_adapter_name, adapter_config, apply_lora, dense_weight
-from safety import read_saved_pair
+import torch.nn as nn
+
+from lora import LoRALinear, active_adapter_name, apply_lora, dense_weight
+from support.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
+from support.common import save_safetensors_atomic, write_json_atomic
+from support.safety import read_saved_pair
 
 QKV_SLOT = {"q": 0, "k": 1, "v": 2}  # row block of each projection inside c_attn's 3 n_embd outputs
 HF_MODULE = {"o": "attn.c_proj", "mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"}  # besides q, k, v -> attn.c_attn
@@ -101,7 +105,7 @@ def export_peft(model, directory, base_model_name_or_path=None, adapter_name=Non
     if config["trainable"]:
         raise ValueError(
             f"adapter {name!r} also trains {config['trainable'][0]!r} (apply_lora(trainable=...)), which PEFT's GPT2LMHeadModel "
-            "adapter cannot hold; export a LoRA-only adapter, or save the whole model with GPT.save_pretrained after merging"
+            "adapter cannot hold; export a LoRA-only adapter, or save the whole model with interop.save_hf_checkpoint after merging"
         )
     if not model.config.bias:
         raise ValueError("the model has no biases, so it is not a GPT-2 that transformers' GPT2LMHeadModel can load; PEFT export needs a GPT-2-family base")
@@ -262,12 +266,68 @@ def export_merged_hf(model, directory):
     """Write the model with its active adapter merged (W0 + ΔW; DoRA's rescaled rows) as an HF GPT-2 directory. A
     QLoRA model is merged into a dequantized copy (lora.merge_lora_into_dequantized: re-quantizing would round
     the update away). The model passed in is not changed. Returns the weights file's path."""
-    from lora import lora_layers, merge_lora, merge_lora_into_dequantized
-    from quantize import Linear4bit, dequantize_model
+    from lora import lora_layers, merge_lora
+    from quantize import Linear4bit, dequantize_model, merge_lora_into_dequantized
 
     quantized = any(isinstance(m, Linear4bit) for m in model.modules())
     if lora_layers(model):
         merged = merge_lora_into_dequantized(model) if quantized else merge_lora(copy.deepcopy(model), unload=True)
     else:
         merged = dequantize_model(copy.deepcopy(model)) if quantized else model
-    return merged.save_pretrained(directory)
+    return save_hf_checkpoint(merged, directory)
+
+
+# ---------------------------------------------------------------------------------------------- whole models
+
+
+PROJECTIONS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.fc_in", "mlp.fc_out")
+HF_NAMES = {"attn.o_proj": "attn.c_proj", "mlp.fc_in": "mlp.c_fc", "mlp.fc_out": "mlp.c_proj"}  # besides q, k, v -> c_attn
+
+
+def ours_to_hf(sd, n_layer):
+    """GPT's state dict -> HF GPT-2's names: q, k, v stacked into c_attn (rows q, then k, then v, the order hf_to_ours
+    splits), every projection transposed to Conv1D's (in, out), lm_head left out (HF ties it to wte as we do)."""
+    hf = {f"transformer.{k}": sd[f"transformer.{k}"] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    for i in range(n_layer):
+        h, ours = f"transformer.h.{i}.", f"transformer.h.{i}."
+        for ln in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"):
+            hf[h + ln] = sd[ours + ln]
+        hf[h + "attn.c_attn.weight"] = torch.cat([sd[ours + f"attn.{p}_proj.weight"] for p in "qkv"], dim=0).t()
+        hf[h + "attn.c_attn.bias"] = torch.cat([sd[ours + f"attn.{p}_proj.bias"] for p in "qkv"])
+        for name, hf_name in HF_NAMES.items():
+            hf[h + hf_name + ".weight"] = sd[ours + name + ".weight"].t()
+            hf[h + hf_name + ".bias"] = sd[ours + name + ".bias"]
+    return hf
+
+
+def save_hf_checkpoint(model, directory):
+    """Write a model.GPT as a Hugging Face GPT-2 checkpoint: config.json + model.safetensors with HF's names and
+    Conv1D layout (the inverse of hf_to_ours), so transformers.GPT2LMHeadModel.from_pretrained(directory) and
+    GPT.from_pretrained(directory) both load it. Works for GPT-2 sizes and for the byte-level models here
+    (vocab 257); the end-of-text token is the last id in both vocabularies. A model with LoRA layers or 4-bit
+    weights must be merged into plain nn.Linear layers first. Returns the weights file's path."""
+    if not model.config.bias:
+        raise ValueError("HF's GPT-2 has a bias in every Linear and LayerNorm; a model built with bias=False cannot be saved in its format")
+    if model.config.smear_keys:
+        raise ValueError("HF's GPT-2 has no smeared keys (smear_keys=True); this model cannot be saved in its format")
+    for name, module in model.named_modules():
+        if name.endswith(PROJECTIONS) and type(module) is not nn.Linear:
+            raise ValueError(
+                f"{name} is a {type(module).__name__}, not a plain nn.Linear: merge first, with lora.merge_lora(model, unload=True) "
+                f"for LoRA or quantize.merge_lora_into_dequantized(model) for QLoRA (train.py --export_hf does this)"
+            )
+    c = model.config
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size, "n_positions": c.block_size,
+        "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
+        "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
+        "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1,  # <|endoftext|>: 50256 for GPT-2's BPE, 256 for bytes
+        "dtype": str(model.transformer.wte.weight.dtype).removeprefix("torch."),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in ours_to_hf(model.state_dict(), c.n_layer).items()}
+    os.makedirs(directory, exist_ok=True)
+    write_json_atomic(hf_config, os.path.join(directory, "config.json"))
+    weights_path = os.path.join(directory, "model.safetensors")
+    save_safetensors_atomic(tensors, weights_path, metadata={"format": "pt"})
+    return weights_path

@@ -1,12 +1,13 @@
 """
-The plumbing that every script and module here shares, in one place (nanochat keeps its own in common.py too):
+The plumbing the programs share, in one place (nanochat keeps its own in common.py too):
 
 - files: atomic_write, and the writers built on it for tensors (torch.save, safetensors), JSON, CSV and figures;
 - downloads: download_file, with a progress bar and a check that every byte arrived;
 - the device: pick_device and autocast_context;
 - memory: reset_peak_memory, peak_memory_bytes and training_state_bytes;
-- command lines: parse_config (a config dataclass -> argparse flags) and run_script (a config -> a run of train.py
-  or finetune_classifier.py in a child process, for what drives those programs: experiments, the tiny base).
+- command lines: parse_config (a config dataclass, its comments as the help -> argparse flags in groups) and
+  run_script (a config -> a run of train.py or finetune_classifier.py in a child process, for what drives those
+  programs: the experiments, the tiny base).
 
 What keeps inputs and output folders trustworthy (locks, weights-only loading, UserError) is safety.py's.
 """
@@ -23,9 +24,9 @@ from dataclasses import fields
 
 import torch
 
-from safety import UserError
+from support.safety import UserError
 
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, above support/
 DOWNLOAD_DIR = os.path.join(REPO_DIR, "data", "downloads")  # datasets fetched from the web (instruction-data, alpaca, SMS)
 
 
@@ -162,25 +163,6 @@ def autocast_context(device):
     return torch.autocast("cpu", enabled=False)
 
 
-# ---------------------------------------------------------------------------------------------- model surgery
-
-
-def replace_module(model, name, new):
-    """Put `new` where the submodule called `name` (dotted, e.g. 'transformer.h.0.attn.q_proj') was."""
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, new)
-
-
-def check_trainable_names(model, trainable):
-    """Every name in `trainable` (kept trainable beside an adapter, e.g. a classification head) must be a module or
-    parameter of the model: a typo would otherwise leave it frozen without a word."""
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    for t in trainable:
-        if not any(n == t or n.startswith(t + ".") for n in names):
-            top = ", ".join(name for name, _ in model.named_children())
-            raise ValueError(f"trainable={t!r} names no module or parameter of the model (its top-level modules: {top})")
-
-
 # ---------------------------------------------------------------------------------------------- memory
 
 
@@ -216,17 +198,67 @@ def training_state_bytes(model, optimizer):
 # ---------------------------------------------------------------------------------------------- command lines
 
 
+def config_help(config_class):
+    """A config dataclass's comments, read as its --help: ({field name: help text}, [(group title, description,
+    [field names])]). The comment that ends a field's line is its help, continued by comment lines right below it
+    that start in the same column. Comment lines of their own before a field open a group: the first line is the
+    group's title, any further ones its description. So the dataclass reads like nanoGPT's configuration (a value
+    and a comment per line) and --help says the same, in groups."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(config_class))
+    comments, code_lines = {}, set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = (token.start[1], token.string.lstrip("#").strip())
+        elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+            code_lines.update(range(token.start[0], token.end[0] + 1))
+    body = ast.parse(source).body[0].body
+    field_lines = [(node.target.id, node.lineno, node.end_lineno) for node in body if isinstance(node, ast.AnnAssign)]
+    helps, groups, line = {}, [], 1
+    for name, first, last in field_lines:
+        standalone = [comments[n][1] for n in range(line, first) if n in comments and n not in code_lines]
+        if standalone or not groups:
+            groups.append((standalone[0] if standalone else "options", " ".join(standalone[1:]), []))
+        groups[-1][2].append(name)
+        text, line = [], last + 1
+        if last in comments:
+            column = comments[last][0]
+            text.append(comments[last][1])
+            while line in comments and line not in code_lines and comments[line][0] == column:
+                text.append(comments[line][1])
+                line += 1
+        helps[name] = " ".join(text)
+    return helps, groups
+
+
 def parse_config(config_class, argv=None, description=None):
-    """Every field of a config dataclass becomes a --flag with its default in --help; unknown flags are errors.
-    (train.py builds its command line from TrainConfig this way, finetune_classifier.py from ClassifierConfig.)"""
+    """Every field of a config dataclass becomes a --flag, its comment the help (config_help), in the groups its
+    comment lines make; a Literal type lists the choices; unknown flags are errors. train.py builds its command line
+    from TrainConfig this way, finetune_classifier.py from ClassifierConfig."""
+    from typing import Literal, get_args, get_origin
+
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(config_class):
-        help_text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")  # argparse formats help with %
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
+    helps, groups = config_help(config_class)
+    by_name = {f.name: f for f in fields(config_class)}
+    for title, group_description, names in groups:
+        group = parser.add_argument_group(title, group_description or None)
+        for name in names:
+            f = by_name[name]
+            help_text = helps[name].replace("%", "%%")  # argparse formats help with %
+            if f.default not in (None, ""):
+                help_text += " (default: %(default)s)"
+            if f.type is bool:
+                group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            elif get_origin(f.type) is Literal:
+                choices = get_args(f.type)
+                group.add_argument(f"--{name}", type=type(choices[0]), choices=choices, default=f.default, help=help_text)
+            else:
+                group.add_argument(f"--{name}", type=f.type, default=f.default, help=help_text)
     return config_class(**vars(parser.parse_args(argv)))
 
 

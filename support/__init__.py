@@ -1,0 +1,23 @@
+"""
+Support code: what the programs need and the lessons do not teach. The lesson is at the repository's root (model.py,
+lora.py, quantize.py, train.py, finetune_classifier.py); nothing here is needed to understand it.
+
+    common.py            files written atomically, downloads, device and autocast, peak memory, the command line
+    safety.py            weights-only loading, the run lock, run ids, stopping on NaN, UserError (one-line errors)
+    config_checks.py     the programs' settings checked before anything loads
+    tokenizer.py         GPT-2's BPE (tiktoken) and the byte-level tokenizer
+    corpus.py            the offline pretraining corpus: the standard library's own text
+    instructions.py      instruction data: templates, chat, datasets, collate and packing, answers and their scores
+    sms_data.py          the SMS Spam Collection, its splits and batches, the classifier's metrics
+    optim.py             AdamW with decay on matrices only, LoRA+ groups, warmup + cosine, gradient clipping
+    loss.py              the training loss without logits (LossAtTargets), the evaluation loss
+    checkpoints.py       what runs start from: the tiny base, GPT-2 (downloaded, checked), train.py's checkpoints
+    resume.py            train.py's --resume: the same settings, every tensor, the random state
+    reports.py           logs, plots, answers scored before and after, summary.json
+    train_modes.py       train.py's modes that train nothing: answer a prompt or a file, export
+    adapter_files.py     LoRA adapters on disk (lora.save_adapter / load_adapter)
+    classifier_files.py  what finetune_classifier.py saves and --classify loads
+    interop.py           Hugging Face: adapters to and from PEFT, models to and from transformers' GPT-2
+    ddp.py               data parallelism under torchrun
+    fast_dequantize.py   opt-in faster 4-bit dequantize paths (a PyTorch byte-pair table, dequantize_kernel.c)
+"""

@@ -1,0 +1,88 @@
+"""
+The checks a program's settings go through before anything is loaded: every value within its valid range, the
+combinations that make sense, and the flags of the answer and export modes. A setting that would train nothing,
+train on NaN, or be silently ignored is refused with one line that names it and what would be valid (UserError).
+"""
+
+import os
+
+import lora
+from support.safety import UserError, check_finite_settings, check_optimizer_ranges
+
+
+def check_classifier_config(cfg, modes):
+    """finetune_classifier.py's settings."""
+    if cfg.mode not in modes:
+        raise UserError(f"--mode {cfg.mode!r}: use one of {', '.join(modes)}")
+    if cfg.data_path and cfg.dataset != "embedded":
+        raise UserError(f"--data_path and --dataset {cfg.dataset} both name the data; give only one")
+    data = cfg.data_path or cfg.dataset
+    if data not in ("embedded", "uci") and not os.path.isfile(data):
+        raise UserError(f"--dataset {data!r}: use 'embedded', 'uci', or the path of an existing label<TAB>text file")
+    if cfg.init_from == "scratch":
+        raise UserError("--init_from scratch: a classifier starts from a pretrained model; use 'tiny', a GPT-2 name or a checkpoint")
+    for name in ("epochs", "batch_size", "lora_rank"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} {getattr(cfg, name)}: use an integer >= 1")
+    if cfg.max_length < 0:
+        raise UserError(f"--max_length {cfg.max_length}: use a positive number of tokens (or 0 for the model's block size)")
+    check_finite_settings(cfg)
+    check_optimizer_ranges(cfg, {"warmup_ratio": (0 <= cfg.warmup_ratio <= 1, "in [0, 1]")})
+    if cfg.mode in ("lora", "qlora"):
+        lora.resolve_targets(cfg.lora_targets)  # names the first unknown target
+
+
+def check_train_config(cfg):
+    if cfg.finetune not in ("lora", "full"):
+        raise ValueError(f"--finetune {cfg.finetune!r}: use 'lora' or 'full'")
+    if cfg.quantize not in ("none", "nf4"):
+        raise ValueError(f"--quantize {cfg.quantize!r}: use 'none' or 'nf4'")
+    if cfg.quantize == "nf4" and (cfg.finetune == "full" or cfg.pretraining):
+        raise ValueError("--quantize nf4 freezes the base in 4 bits, so only adapters can train: use it with --finetune lora")
+    if cfg.pretraining != (cfg.dataset == "stdlib"):
+        raise ValueError("pretraining and the stdlib corpus go together: use --init_from scratch --dataset stdlib, or fine-tune on an instruction dataset")
+    if cfg.pack and cfg.pretraining:
+        raise ValueError("--pack packs instruction examples; pretraining windows are full already: drop --pack")
+    check_values(cfg)
+
+
+def check_values(cfg):
+    """Each setting within its valid range: a value outside it would train nothing, train on NaN, or be ignored,
+    and the run would still end as if all were well."""
+    check_finite_settings(cfg)
+    at_least = {"batch_size": 1, "grad_accum": 1, "lora_rank": 1, "n_layer": 1, "n_head": 1, "n_embd": 1, "block_size": 1,
+                "max_new_tokens": 1, "max_iters": 0, "warmup_iters": 0, "eval_interval": 0, "eval_batches": 0, "num_samples": 0}
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            zero = " (0 = the default for the job)" if low == 0 and name in ("max_iters", "warmup_iters", "eval_interval", "eval_batches") else ""
+            raise UserError(f"--{name} {getattr(cfg, name)}: use an integer >= {low}{zero}")
+    check_optimizer_ranges(cfg, {"dropout": (0 <= cfg.dropout < 1, "in [0, 1)")})
+    if not cfg.pretraining:
+        lora.resolve_targets(cfg.lora_targets)  # names the first unknown target
+        defaults = type(cfg)()
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "smear_keys"):  # a fine-tuned model keeps its base's shape
+            if getattr(cfg, name) != getattr(defaults, name):
+                hint = "; dropout on the adapters is --lora_dropout" if name == "dropout" else ""
+                raise UserError(f"--{name} {getattr(cfg, name)} shapes a model trained from scratch (--init_from scratch); fine-tuning "
+                                f"keeps the shape of its base ({cfg.init_from}), so drop the flag{hint}")
+
+
+def check_inference_flags(cfg):
+    """--prompt answers one instruction and --answer_file a whole file, then exit; --export_peft / --export_hf write
+    the model in Hugging Face's formats and exit. --adapter only says which adapter to answer with or export, so it
+    needs one of them (a training run would silently ignore it)."""
+    if cfg.prompt is not None and not cfg.prompt.strip():
+        raise UserError("--prompt is empty: give the instruction to answer, e.g. --prompt \"Give an antonym of 'cold'.\"")
+    if cfg.prompt is not None and cfg.answer_file:
+        raise UserError("--prompt and --answer_file both ask for answers: give one of them")
+    if cfg.answers_out and not cfg.answer_file:
+        raise UserError(f"--answers_out {cfg.answers_out} is where --answer_file writes its answers: give --answer_file IN.json too")
+    exporting = bool(cfg.export_peft or cfg.export_hf)
+    if exporting and (cfg.prompt is not None or cfg.answer_file):
+        raise UserError("--export_peft / --export_hf write the model and exit, --prompt / --answer_file answer with it: give one of them")
+    if cfg.export_peft and not cfg.adapter:
+        raise UserError("--export_peft needs --adapter RUN_DIR, the out_dir of a LoRA or QLoRA run (whose adapter it writes)")
+    if cfg.adapter and cfg.prompt is None and not cfg.answer_file and not exporting:
+        raise UserError(f"--adapter {cfg.adapter} needs --prompt \"...\" (one instruction) or --answer_file IN.json (a file of them) to "
+                        f"answer with it, or --export_peft / --export_hf DIR to export it; it does not train. To continue that run's "
+                        f"training use --out_dir {cfg.adapter} --resume")

@@ -1,0 +1,195 @@
+"""support/fast_dequantize.py: the opt-in paths (NANOQLORA_DEQUANTIZE=table, =kernel) give exactly the values of
+quantize.dequantize_4bit, the definition; nothing is compiled unless asked; when the kernel cannot be built the table
+path runs, with a warning that says why."""
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import quantize as Q
+from support import fast_dequantize as K
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch):
+    """load() runs once per process; these tests load again under their own settings, then forget that."""
+    K.load.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    K.load.cache_clear()
+
+
+def require_kernel():
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler on this machine: the table path is all there is")
+    assert K.load()[0] is not None, f"a C compiler is here, yet the kernel did not load: {K.status()}"
+
+
+def definition(q):
+    """quantize.dequantize_4bit as it runs by default."""
+    saved = os.environ.pop("NANOQLORA_DEQUANTIZE", None)
+    try:
+        return Q.dequantize_4bit(q, torch.float32)
+    finally:
+        if saved is not None:
+            os.environ["NANOQLORA_DEQUANTIZE"] = saved
+
+
+LAYOUTS = [(quant_type, double_quant) for quant_type in Q.QUANT_TYPES for double_quant in (False, True)]
+SHAPES = [(1,), (3,), (33, 65), (4097,), (300, 64)]  # sizes that end inside a byte, a SIMD step or a block
+
+
+@pytest.mark.parametrize("block_size", [2, 8, 16, 32, 64, 4096])
+def test_table_path_equals_the_definition_bit_for_bit(block_size, monkeypatch):
+    monkeypatch.setenv("NANOQLORA_DEQUANTIZE", "table")
+    torch.manual_seed(block_size)
+    for (quant_type, double_quant), shape in [(layout, shape) for layout in LAYOUTS for shape in SHAPES]:
+        q = Q.quantize_4bit(torch.randn(shape) * 0.05, quant_type, block_size, double_quant)
+        values = Q.dequantize_4bit(q, torch.float32)
+        assert torch.equal(values, definition(q)), (quant_type, double_quant, shape)
+
+
+@pytest.mark.parametrize("chunk", [64, 256, K.DEQUANTIZE_CHUNK])
+@pytest.mark.parametrize("shape", [(4097,), (33, 65), (300, 64)])
+def test_chunked_table_path_equals_unpacking_each_nibble(shape, chunk, monkeypatch):
+    """The table path works through the codes a chunk at a time on one thread; any chunk size, and a tensor that ends
+    inside a chunk or inside a block, give exactly code[nibble] x absmax[block] for every value, as the definition does."""
+    monkeypatch.setattr(K, "DEQUANTIZE_CHUNK", chunk)
+    torch.manual_seed(4)
+    q = Q.quantize_nf4(torch.randn(shape), block_size=64, double_quant=True)
+    nibbles = torch.stack([q.codes >> 4, q.codes & 15], dim=1).view(-1)[: q.numel()].long()
+    expected = Q.CODE_BOOKS["nf4"][nibbles] * Q.dequantize_absmax(q).repeat_interleave(64)[: q.numel()]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):  # chunks on one thread, one pass on more
+            torch.set_num_threads(n)
+            assert torch.equal(K.dequantize_4bit_table(q)[: q.numel()], expected), n
+            assert torch.equal(definition(q), expected.view(shape)), n
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("simd_level", [0, 1, 2])
+@pytest.mark.parametrize("block_size", [2, 8, 16, 32, 64, 4096])
+def test_kernel_equals_the_definition_bit_for_bit(simd_level, block_size, monkeypatch):
+    """Each loop (plain, AVX2, AVX-512, as far as this CPU has them), every code book, blocks smaller than a SIMD
+    step (2 and 8: the plain loop; 16: AVX2 but not AVX-512) and larger, both scale layouts."""
+    require_kernel()
+    monkeypatch.setattr(K, "MAX_SIMD_LEVEL", simd_level)
+    torch.manual_seed(block_size)
+    for (quant_type, double_quant), shape in [(layout, shape) for layout in LAYOUTS for shape in SHAPES]:
+        q = Q.quantize_4bit(torch.randn(shape) * 0.05, quant_type, block_size, double_quant)
+        values = K.dequantize_4bit_with_kernel(q)
+        assert values is not None and values.dtype == torch.float32 and values.numel() == 2 * q.codes.numel()
+        expected = definition(q).view(-1)
+        assert torch.equal(values[: q.numel()], expected), (quant_type, double_quant, shape)
+
+
+def test_kernel_splits_work_over_threads_without_changing_a_value(fresh_kernel):
+    """Small per-thread shares force the split (and a last share that ends mid-way); the result is the same."""
+    require_kernel()
+    fresh_kernel.setenv("NANOQLORA_DEQUANTIZE", "kernel")
+    q = Q.quantize_nf4(torch.randn(1000, 777), double_quant=True)
+    expected = definition(q)
+    threads = torch.get_num_threads()
+    fresh_kernel.setattr(K, "MIN_BYTES_PER_THREAD", 1000)
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(Q.dequantize_4bit(q, torch.float32), expected), n
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_nothing_is_compiled_unless_asked(fresh_kernel, tmp_path):
+    """The default path is the definition in quantize.py: a QLoRA forward and backward build and load no library."""
+    fresh_kernel.delenv("NANOQLORA_DEQUANTIZE", raising=False)
+    fresh_kernel.setenv("NANOQLORA_KERNEL_CACHE", str(tmp_path / "cache"))
+    import lora
+    from model import GPT, GPTConfig
+
+    model = lora.apply_lora(Q.quantize_model(GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=32))))
+    tokens = torch.randint(32, (2, 9))
+    model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+    assert K.load.cache_info().currsize == 0 and not (tmp_path / "cache").exists()
+
+
+def test_kernel_is_used_when_asked_and_says_so(fresh_kernel):
+    require_kernel()
+    fresh_kernel.setenv("NANOQLORA_DEQUANTIZE", "kernel")
+    calls = []
+    real = K.dequantize_4bit_kernel
+    fresh_kernel.setattr(K, "dequantize_4bit_kernel", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q = Q.quantize_nf4(torch.randn(64, 64))
+    assert torch.equal(Q.dequantize_nf4(q), definition(q).view(64, 64)) and calls
+    assert K.status().startswith("C kernel (")
+
+
+def test_library_is_built_once_per_source_and_compiler(tmp_path):
+    require_kernel()
+    compiler = os.environ.get("CC", "cc")
+    first, _ = K.compile_kernel(compiler, str(tmp_path))
+    libraries = list(tmp_path.glob("dequantize_4bit-*.so"))
+    assert len(libraries) == 1 and first._name == str(libraries[0])
+    built_at = libraries[0].stat().st_mtime_ns
+    second, _ = K.compile_kernel(compiler, str(tmp_path))
+    assert second._name == first._name and libraries[0].stat().st_mtime_ns == built_at
+    assert [p.name for p in tmp_path.iterdir()] == [libraries[0].name]  # no build directory left behind
+
+
+def test_no_compiler_falls_back_to_the_table_path_with_a_warning(fresh_kernel, tmp_path):
+    fresh_kernel.setenv("NANOQLORA_DEQUANTIZE", "kernel")
+    fresh_kernel.setenv("CC", str(tmp_path / "no-such-compiler"))
+    fresh_kernel.setenv("NANOQLORA_KERNEL_CACHE", str(tmp_path / "cache"))
+    q = Q.quantize_nf4(torch.randn(64, 64))
+    with pytest.warns(RuntimeWarning, match="no-such-compiler"):
+        values = Q.dequantize_nf4(q)
+    assert torch.equal(values, definition(q).view(64, 64))
+    assert K.status().startswith("byte-pair table in PyTorch (no C kernel: cannot run the C compiler")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once is enough: the next call neither retries nor warns again
+        Q.dequantize_nf4(q)
+
+
+def test_compile_error_is_reported(tmp_path):
+    with pytest.raises(RuntimeError, match="could not compile the kernel"):
+        K.compile_kernel("false", str(tmp_path))  # a "compiler" that always fails
+
+
+def test_an_unknown_path_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("NANOQLORA_DEQUANTIZE", "fast")
+    with pytest.raises(ValueError, match="NANOQLORA_DEQUANTIZE='fast': use one of reference, table, kernel"):
+        Q.dequantize_nf4(Q.quantize_nf4(torch.randn(8, 8)))
+
+
+@pytest.mark.parametrize("path", ["table", "kernel"])
+def test_qlora_training_is_the_same_on_every_path(path, monkeypatch):
+    """Three QLoRA steps on a tiny GPT: the opt-in path and the definition give the same adapters to the last bit."""
+    if path == "kernel":
+        require_kernel()
+    import lora
+    from model import GPT, GPTConfig
+
+    def train():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=64))
+        model = lora.apply_lora(Q.quantize_model(model), rank=4, alpha=8, targets="all-linear")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        tokens = torch.randint(64, (4, 33), generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    monkeypatch.delenv("NANOQLORA_DEQUANTIZE", raising=False)
+    reference = train()
+    monkeypatch.setenv("NANOQLORA_DEQUANTIZE", path)
+    calls = []
+    table = K.dequantize_4bit_table
+    monkeypatch.setattr(K, "dequantize_4bit_table", lambda q: calls.append(1) or table(q))
+    fast = train()
+    assert (not calls) if path == "kernel" else calls, "the chosen path did not run"
+    assert reference.keys() == fast.keys() and all(torch.equal(reference[k], fast[k]) for k in reference)

@@ -1,0 +1,77 @@
+"""support/loss.py: LossAtTargets, what train.py trains through, computes GPT.forward's loss and gradients while
+skipping the positions without a target and chunking the output layer; mean_token_loss averages over target tokens."""
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from support import loss as L
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("chunk_elements", [L.LOSS_CHUNK_ELEMENTS, 3 * 257])  # one chunk; chunks of 3 rows
+def test_loss_only_at_targets_has_the_same_loss_and_gradients(mode, chunk_elements, monkeypatch):
+    """Half the positions without a target (a masked prompt and padding): LossAtTargets skips them and runs the output
+    layer in chunks, and its loss and every gradient match GPT.forward's (every logit, then F.cross_entropy); scaling
+    the loss afterwards (as gradient accumulation does) scales the gradients as before."""
+    from lora import apply_lora
+    from quantize import quantize_model
+
+    monkeypatch.setattr(L, "LOSS_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=32))
+    if mode == "qlora":
+        quantize_model(model)
+    if mode != "full":
+        apply_lora(model, rank=4, alpha=8, targets="all-linear")
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # B = 0 would give A no gradient
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 257, (3, 20), generator=g)
+    targets = torch.randint(0, 257, (3, 20), generator=g)
+    targets[:, :10] = -100  # the prompt
+    targets[2, 15:] = -100  # padding
+    results = []
+    for loss_fn in (lambda: L.LossAtTargets(model)(idx, targets), lambda: model(idx, targets)[1]):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        (loss * 0.25).backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (ours, our_grads), (reference, reference_grads) = results
+    assert abs(ours.item() - reference.item()) <= 1e-5
+    assert our_grads.keys() == reference_grads.keys() and len(our_grads) > 0
+    for name in our_grads:
+        assert (our_grads[name] - reference_grads[name]).abs().max().item() <= 1e-5, name
+    with torch.no_grad():  # evaluation takes the gradient-free path
+        assert abs(L.LossAtTargets(model)(idx, targets).item() - reference.item()) <= 1e-5
+
+
+def test_loss_with_no_target_is_nan_like_the_models():
+    model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16))
+    idx = torch.randint(0, 257, (2, 8))
+    assert L.LossAtTargets(model)(idx, torch.full((2, 8), -100)).isnan() and model(idx, torch.full((2, 8), -100))[1].isnan()
+
+
+def test_packed_rows_give_the_models_loss():
+    """segment_ids pass through to the model: packed rows, each example attending to itself only."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=16, smear_keys=True))
+    idx, targets = torch.randint(0, 257, (2, 12)), torch.randint(0, 257, (2, 12))
+    segments = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    reference = model(idx, targets, segment_ids=segments)[1]
+    assert abs(L.LossAtTargets(model)(idx, targets, segments).item() - reference.item()) <= 1e-5
+    assert abs(model(idx, targets)[1].item() - reference.item()) > 1e-4  # packing changes the loss: the test sees it
+
+
+def test_mean_token_loss_is_the_loss_per_target_token_over_batches():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16)).train()
+    batches = [(torch.randint(0, 257, (2, 8)), torch.randint(0, 257, (2, 8))) for _ in range(3)]
+    batches[1][1][:, :5] = -100  # fewer targets in this batch: the mean is over tokens, not batches
+    with torch.no_grad():
+        total = sum(model.eval()(x, y)[1].item() * (y != -100).sum().item() for x, y in batches)
+    count = sum((y != -100).sum().item() for _, y in batches)
+    assert L.mean_token_loss(model, batches, "cpu") == pytest.approx(total / count, abs=1e-5)
+    assert model.training  # put back in training mode
+    with pytest.raises(ValueError, match="no target tokens"):
+        L.mean_token_loss(model, [(batches[0][0], torch.full((2, 8), -100))], "cpu")
