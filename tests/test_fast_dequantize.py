@@ -236,14 +236,18 @@ def expected_library_name(compiler="cc"):
     return f"dequantize_4bit-{key}.so"
 
 
-def test_a_library_planted_in_the_cache_is_never_loaded(fresh_kernel, tmp_path):
+@pytest.mark.parametrize("genuine_build_first", [False, True], ids=["planted alone", "planted over a genuine build"])
+def test_a_library_planted_in_the_cache_is_never_loaded(fresh_kernel, tmp_path, genuine_build_first):
     """A library at the cached kernel's name, not built by this code: its constructor wrote a file and its dequantize
-    returned zeros, used silently ("C kernel", a slightly worse loss). Now its hash gives it away: it is rebuilt, with
-    a warning, and never loaded."""
+    returned zeros, used silently ("C kernel", a slightly worse loss). Now its hash gives it away (none recorded, or
+    the genuine build's): it is rebuilt, with a warning, and never loaded."""
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
+    if genuine_build_first:  # the library this code built, and the SHA-256 recorded beside it
+        K.compile_kernel("cc", str(cache))
+        assert (cache / (expected_library_name() + ".sha256")).exists()
     os.replace(compile_c(PLANTED, str(tmp_path), "planted.so"), cache / expected_library_name())
     fresh_kernel.setenv("CC", "cc")
     fresh_kernel.setenv("NANOQLORA_KERNEL_CACHE", str(cache))

@@ -527,7 +527,7 @@ def hold_lock(directory):
             taken.set()
             time.sleep(600)
 
-    holder = multiprocessing.get_context("fork").Process(target=hold)
+    holder = multiprocessing.get_context("fork").Process(target=hold, daemon=True)
     holder.start()
     assert taken.wait(30)
     return holder
@@ -537,10 +537,12 @@ def test_one_run_owns_an_out_dir_until_its_process_ends_however_it_ends(tmp_path
     """The lock is the kernel's (flock): a second run is refused while the first holds it, and a run killed with
     SIGKILL leaves nothing that stops the next one, which removes the half-written files of dead writers."""
     holder = hold_lock(tmp_path)
-    with pytest.raises(UserError, match=f"in use by another run or export \\(process {holder.pid}, see .*run.lock\\)"):
-        train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1))
-    os.kill(holder.pid, signal.SIGKILL)  # no finally, no cleanup: its lock file stays, but not its lock
-    holder.join()
+    try:
+        with pytest.raises(UserError, match=f"in use by another run or export \\(process {holder.pid}, see .*run.lock\\)"):
+            train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1))
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # no finally in the holder, no cleanup: its lock file stays, but not its lock
+        holder.join()
     alive, dead = os.getppid(), dead_pid()
     (tmp_path / f"ckpt.pt.{dead}.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / f"notes.txt.{alive}.tmp").write_text("a live process's temporary file")
