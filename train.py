@@ -227,10 +227,11 @@ def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, bef
             "run_id": run_id}
     if mode in ("lora", "qlora"):
         ckpt["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        # the adapter describes its own base, so --adapter needs no other file of the run
+        # the adapter describes its own base, so --adapter needs no other file of the run; with the base's fingerprint
+        # (support.checkpoints.weights_sha256) and tokenizer it loads on no other base
         trained_on = {"run_id": run_id, "init_from": cfg.init_from, "finetune": mode, "step": step,
-                      "prompt_template": resolve_template(cfg.prompt_template, tokenizer_name), "tokenizer": tokenizer_name,
-                      "base_sha256": model.base_sha256}  # the base's fingerprint: the adapter loads on no other base
+                      "prompt_template": resolve_template(cfg.prompt_template, tokenizer_name),
+                      "tokenizer": tokenizer_name, "base_sha256": model.base_sha256}
     else:
         ckpt["model"] = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     with write_together():

@@ -89,8 +89,8 @@ def hf_tokenizer(hf, config_path):
 
 def check_hf_directory(directory):
     """config.json and model.safetensors of `directory` are a GPT-2 checkpoint whose tensors have the shapes its
-    config says -> the name of its tokenizer (hf_tokenizer). Only the safetensors header is read, so a config that
-    claims a huge model allocates nothing."""
+    config says -> the config (a dict). Only the safetensors header is read, so a config that claims a huge model
+    allocates nothing."""
     from safetensors import safe_open
 
     for file in ("config.json", "model.safetensors"):
@@ -119,7 +119,7 @@ def check_hf_directory(directory):
         if stored[name] != expected:
             raise UserError(f"{weights_path}: {name} is {stored[name]} but {config_path} implies {expected}; the two files do "
                             f"not belong together")
-    return hf_tokenizer(hf, config_path)
+    return hf
 
 
 def load_hf_model(name_or_path):
@@ -202,7 +202,7 @@ def load_base_model(init_from, device="cpu", pretrain=True, progress=True):
         model, tokenizer_name = load_checkpoint_model(ensure_tiny_base(device, progress) if pretrain else path)
     elif init_from in PRETRAINED or os.path.isfile(os.path.join(init_from, "model.safetensors")):
         directory = download_pretrained(init_from) if init_from in PRETRAINED else init_from
-        tokenizer_name = check_hf_directory(directory)
+        tokenizer_name = hf_tokenizer(check_hf_directory(directory), os.path.join(directory, "config.json"))
         model = GPT.from_pretrained(directory)
     elif os.path.exists(init_from):
         model, tokenizer_name = load_checkpoint_model(init_from)
