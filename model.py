@@ -290,15 +290,15 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path):
         """OpenAI's GPT-2 weights: a name in PRETRAINED (downloaded once from the Hugging Face hub) or a local
-        directory holding an HF-format config.json and model.safetensors (no network). The programs load through
-        support.checkpoints.load_base_model, which first checks that the two files are a GPT-2 and belong together."""
+        directory holding an HF-format config.json and model.safetensors (no network). The two files are first
+        checked to be a GPT-2 and to belong together (shapes read from the header: nothing is allocated for a config
+        that does not match its weights)."""
         from safetensors.torch import load_file
 
-        directory = name_or_path
-        if name_or_path in PRETRAINED:
-            from support.checkpoints import download_pretrained  # plumbing: a download with a progress bar
+        from support.checkpoints import check_hf_directory, download_pretrained  # plumbing: a download, the checks
 
-            directory = download_pretrained(name_or_path)
+        directory = download_pretrained(name_or_path) if name_or_path in PRETRAINED else name_or_path
+        check_hf_directory(directory)
         with open(os.path.join(directory, "config.json")) as f:
             hf = json.load(f)
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],

@@ -24,12 +24,12 @@ from lora import apply_lora, save_adapter
 from model import GPT, PRETRAINED, GPTConfig, count_parameters
 from quantize import quantize_model
 from support.checkpoints import load_base_model
-from support.common import autocast_context, parse_config, pick_device, reset_peak_memory, save_atomic
+from support.common import autocast_context, parse_config, pick_device, reset_peak_memory, save_atomic, write_together
 from support.config_checks import check_inference_flags, check_train_config
 from support.corpus import PretrainingData
 from support.ddp import World, init_world
-from support.instructions import InstructionData, answer_examples, check_max_new_tokens, resolve_template
-from support.loss import LossAtTargets, mean_token_loss
+from support.instructions import InstructionData, check_max_new_tokens, resolve_template
+from support.loss import LossAtTargets
 from support.optim import clip_gradients, lr_at_step, make_optimizer, set_learning_rate
 from support.reports import progress_bar, report_run, write_train_log
 from support.resume import RUN_FILES, last_saved_step, resume_run
@@ -124,7 +124,7 @@ def prepare_model(cfg, device):
         config = GPTConfig(block_size=cfg.block_size, vocab_size=257, n_layer=cfg.n_layer, n_head=cfg.n_head,
                            n_embd=cfg.n_embd, dropout=cfg.dropout, smear_keys=cfg.smear_keys)
         return GPT(config).to(device), "bytes", "pretrain"
-    model, tokenizer_name = load_base_model(cfg.init_from, device)
+    model, tokenizer_name = load_base_model(cfg.init_from, device, progress=cfg.progress)
     if cfg.finetune == "full":
         return model, tokenizer_name, "full"
     if cfg.quantize == "nf4":
@@ -162,11 +162,11 @@ def run_training(cfg, world=None):
         start, rows, before, run_id = resume_run(ckpt_path, cfg, model, optimizer, device)
     elif world.is_main:  # a fresh run replaces an earlier run's files; the other ranks write nothing
         remove_earlier_run(cfg.out_dir, RUN_FILES, hint=" (--resume continues it instead)")
-    if not before and world.is_main:  # measured once, before the first step, and carried through resumes
-        before["val_loss"] = mean_token_loss(model, val_batches, device)
+    if not before:  # measured once, before the first step, and carried through resumes; each rank scores its share
+        before["val_loss"] = world.mean_token_loss(model, val_batches, device)
         if not cfg.pretraining:
-            before["test_loss"] = mean_token_loss(model, data.val_batches(cfg.batch_size, "test"), device)
-            before["answers"] = answer_examples(model, tokenizer, answered, device, cfg.max_new_tokens, template)
+            before["test_loss"] = world.mean_token_loss(model, data.val_batches(cfg.batch_size, "test"), device)
+            before["answers"] = world.answer_examples(model, tokenizer, answered, device, cfg.max_new_tokens, template)
         print(f"validation loss before training: {before['val_loss']:.4f}")
     # the loss where a target exists, without the B x T x vocab logits (support/loss.py); DDP and compile wrap it
     loss_model = world.wrap(torch.compile(LossAtTargets(model)) if cfg.compile else LossAtTargets(model))
@@ -200,41 +200,45 @@ def run_training(cfg, world=None):
         optimizer.zero_grad(set_to_none=True)
         row = {"iter": step + 1, "lr": lr, "train_loss": step_loss, "val_loss": "", "tokens": tokens_seen,
                "seconds": round(seconds_before + time.time() - t0, 3)}
-        if world.is_main and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters):
-            row["val_loss"] = mean_token_loss(model, val_batches, device)
+        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters:  # every rank evaluates its share
+            row["val_loss"] = world.mean_token_loss(model, val_batches, device)
             check_finite(step + 1, f"the validation loss is {row['val_loss']:g}", [row["val_loss"]],
                          last_saved_step(rows), cfg.out_dir, cfg.learning_rate)
         rows.append(row)
         speed = (tokens_seen - tokens_at_start) / max(time.time() - t0, 1e-9)
         steps.set_postfix(loss=f"{step_loss:.3f}", val=f"{row['val_loss']:.3f}" if row["val_loss"] != "" else "-",
                           tok_s=f"{speed:.0f}", refresh=False)
-        if row["val_loss"] != "":  # every evaluation ends with a save
+        if row["val_loss"] != "" and world.is_main:  # every evaluation ends with a save, by rank 0
             save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step + 1, rows, before, ckpt_path, run_id)
-            write_train_log(rows, cfg, mode)
 
-    if not world.is_main:  # rank 0 evaluates and writes the results
-        return None
+    # the last evaluation is shared by the ranks too; rank 0 writes the results (the others get None)
     return report_run(cfg, model, optimizer, mode, data, tokenizer, template, answered, before, rows, device,
-                      trainable, total, tokens_seen, run_id)
+                      trainable, total, tokens_seen, run_id, world)
 
 
 def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, before, path, run_id=None):
     """Pretraining and full fine-tuning save every weight; LoRA saves only what trained (the adapter file is the
     shareable artefact, ckpt.pt adds the optimizer state needed to resume). Everything in ckpt.pt is a tensor or a
-    plain container, so it loads with torch.load(weights_only=True); it is written atomically."""
+    plain container, so it loads with torch.load(weights_only=True). The step's files (ckpt.pt, the adapter, log.csv and
+    loss.png) are renamed into place together once all are written, so a full disk leaves the last step's whole."""
     ckpt = {"model_config": vars(model.config).copy(), "tokenizer": tokenizer_name, "train_config": asdict(cfg),
             "mode": mode, "iter": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "log": rows,
             "before": before, "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
             "run_id": run_id}
     if mode in ("lora", "qlora"):
         ckpt["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        # the adapter describes its own base, so --adapter needs no other file of the run
+        # the adapter describes its own base, so --adapter needs no other file of the run; with the base's fingerprint
+        # (support.checkpoints.weights_sha256) and tokenizer it loads on no other base
         trained_on = {"run_id": run_id, "init_from": cfg.init_from, "finetune": mode, "step": step,
-                      "prompt_template": resolve_template(cfg.prompt_template, tokenizer_name)}
-        save_adapter(model, os.path.dirname(path), metadata=trained_on)  # adapter_model.safetensors + its config
+                      "prompt_template": resolve_template(cfg.prompt_template, tokenizer_name),
+                      "tokenizer": tokenizer_name, "base_sha256": model.base_sha256}
     else:
         ckpt["model"] = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_atomic(ckpt, path)
+    with write_together():
+        if mode in ("lora", "qlora"):
+            save_adapter(model, os.path.dirname(path), metadata=trained_on)  # adapter_model.safetensors + its config
+        save_atomic(ckpt, path)
+        write_train_log(rows, cfg, mode)
 
 
 def train(cfg):

@@ -27,15 +27,18 @@ switches; `save_adapter` / `load_adapter` write and read one adapter (safetensor
 every method built on `NamedAdapterLayer` below: bottleneck adapters here, prefix_tuning.py and ia3.py.
 """
 
+import hashlib
+import inspect
+import json
 import os
 
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import check_trainable_names, replace_module
-from support.common import save_safetensors_atomic, write_json_atomic
-from support.adapter_files import copy_stored_tensors
-from support.safety import read_saved_pair
+from support.common import write_bytes_atomic, write_json_atomic
+from support.adapter_files import copy_stored_tensors, read_adapter_weights
+from support.safety import UserError, first_line, read_saved_pair
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PLACEMENTS = {  # placement -> the layers whose output gets an adapter, as their names end in model.GPT
@@ -317,15 +320,18 @@ def active_adapter_name(model):
 
 def save_adapter(model, directory, adapter_name=None):
     """Write one adapter (default: the active one) to directory/adapter_model.safetensors and its settings to
-    directory/adapter_config.json: its tensors plus the kept-trainable ones (e.g. a head), nothing of the base."""
+    directory/adapter_config.json: its tensors plus the kept-trainable ones (e.g. a head), nothing of the base. The
+    config is written last and records the weights' SHA-256, as lora.save_adapter's does (support/adapter_files.py)."""
+    from safetensors.torch import save
+
     name = adapter_name or active_adapter_name(model)
     config = adapter_config(model, name)
     tensors = {**adapter_state(model, name), **kept_trainable_parameters(model)}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    weights = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     os.makedirs(directory, exist_ok=True)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    save_safetensors_atomic(tensors, weights_path)
-    write_json_atomic(config, os.path.join(directory, ADAPTER_CONFIG))
+    write_bytes_atomic(weights, weights_path)
+    write_json_atomic({**config, "weights_sha256": hashlib.sha256(weights).hexdigest()}, os.path.join(directory, ADAPTER_CONFIG))
     return weights_path
 
 
@@ -344,26 +350,51 @@ def apply_function(method):
     raise ValueError(f"unknown adapter method {method!r} in the config; this module knows bottleneck, prefix and ia3")
 
 
+def read_adapter_config(directory):
+    """(adapter_config.json, the apply_* settings in it, the weights' path) of a directory save_adapter wrote, checked:
+    the keys save_adapter writes, each of the right type, and no setting the method's apply_* does not take."""
+    config, weights_path = read_saved_pair(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapters.save_adapter")
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    missing = [k for k in ("method", "adapter_name", "trainable", "weights_sha256") if k not in config]
+    if missing == ["weights_sha256"]:
+        raise UserError(f"{path} records no checksum of its weights (written by an older version of save_adapter); save the adapter again")
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(map(repr, missing))}: it is not an adapter config written by adapters.save_adapter")
+    checks = {"method": (lambda v: isinstance(v, str), "a string"), "adapter_name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+              "trainable": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of parameter names"),
+              "weights_sha256": (lambda v: isinstance(v, str) and len(v) == 64, f"the SHA-256 of {ADAPTER_WEIGHTS} (hex)")}
+    for key, (valid, description) in checks.items():
+        if not valid(config[key]):
+            raise UserError(f"{path}: {key!r} is {json.dumps(config[key])}, but must be {description}")
+    settings = {k: v for k, v in config.items() if k not in checks}
+    accepted = set(inspect.signature(apply_function(config["method"])).parameters) - {"model", "trainable", "adapter_name"}
+    unknown = sorted(set(settings) - accepted)
+    if unknown:
+        raise UserError(f"{path} has setting {unknown[0]!r}, which {config['method']} adapters do not take (they take "
+                        f"{', '.join(sorted(accepted))}); the file was not written by save_adapter, or was edited")
+    return config, settings, weights_path
+
+
 def load_adapter(model, directory, adapter_name=None):
     """Load an adapter written by save_adapter and make it active. A model without it first gets it applied as
-    adapter_config.json says; one that has it gets its weights replaced. Names and shapes are checked."""
-    from safetensors.torch import load_file
-
-    config, weights_path = read_saved_pair(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapters.save_adapter")
-    paths = [os.path.join(directory, ADAPTER_CONFIG), weights_path]
-    if any(k not in config for k in ("method", "adapter_name", "trainable")):
-        raise ValueError(f"{paths[0]} is not an adapter config written by adapters.save_adapter (it needs method, adapter_name and trainable)")
+    adapter_config.json says; one that has it gets its weights replaced. The config's keys, the weights' checksum,
+    names, shapes and values (finite floats only) are checked first, as lora.load_adapter checks LoRA's."""
+    config, settings, weights_path = read_adapter_config(directory)
+    stored = read_adapter_weights(weights_path, config["weights_sha256"], ADAPTER_CONFIG)
     apply = apply_function(config["method"])
-    settings = {k: v for k, v in config.items() if k not in ("method", "adapter_name", "trainable")}
     name = adapter_name or config["adapter_name"]
     created = name not in adapter_names(model)
     if created:
-        apply(model, **settings, trainable=config["trainable"], adapter_name=name)
+        try:
+            apply(model, **settings, trainable=config["trainable"], adapter_name=name)
+        except TypeError as e:  # a setting of the wrong type, e.g. a bottleneck given as a string
+            raise UserError(f"{os.path.join(directory, ADAPTER_CONFIG)}: its settings do not build a {config['method']} adapter "
+                            f"({first_line(e)}); save the adapter again") from None
     try:
         ours = adapter_config(model, name)
         if ours["method"] != config["method"] or {k: ours.get(k) for k in settings} != settings:
             raise ValueError(f"the model's adapter {name!r} is {ours} but {directory} holds {config}; load it under another adapter_name")
-        copy_stored_tensors(load_file(paths[1]), model, adapter_state(model, name), config["trainable"], paths[1])
+        copy_stored_tensors(stored, model, adapter_state(model, name), config["trainable"], weights_path)
     except Exception:
         if created:
             delete_adapter(model, name)

@@ -22,6 +22,14 @@ from support.common import write_bytes_atomic, write_json_atomic
 from support.safety import UserError, check_tensors_match, first_line, read_json
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+# The largest alpha / r (rsLoRA: alpha / sqrt(r)) an adapter may have: the usual 2 x rank gives 2, rsLoRA at rank 256
+# about 32. A scaling beyond this is a damaged or hand-edited file (alpha 1e30 makes every answer blank), or a setting
+# that could not train (config_checks refuses it before a run starts).
+MAX_LORA_SCALING = 1000.0
+
+
+def lora_scaling(alpha, rank, use_rslora):
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def adapter_config(model, name):
@@ -98,7 +106,43 @@ def read_adapter_config(directory):
     for key, (valid, description) in ADAPTER_CONFIG_TYPES.items():
         if not valid(config[key]):
             raise UserError(f"{path}: {key!r} is {json.dumps(config[key])}, but must be {description}")
+    check_scaling(config["alpha"], config["rank"], config["use_rslora"], path)
     return config
+
+
+def check_scaling(alpha, rank, use_rslora, source):
+    """alpha / r (or / sqrt(r)) of a stored adapter at most MAX_LORA_SCALING."""
+    scaling = lora_scaling(alpha, rank, use_rslora)
+    if scaling > MAX_LORA_SCALING:
+        raise UserError(f"{source}: alpha {alpha:g} with rank {rank} scales the update by {scaling:g}, beyond any adapter trained "
+                        f"here (at most {MAX_LORA_SCALING:g}); the file is damaged or was edited: save or train the adapter again")
+
+
+def read_adapter_weights(weights_path, sha256, manifest, fix="save or train the adapter again"):
+    """The tensors of an adapter's safetensors file, checked: its SHA-256 is `sha256`, the one its manifest (the config
+    file written after it) recorded (None: the format has no manifest, e.g. an adapter PEFT saved); it reads; every
+    tensor is floating point and finite. Every adapter kind loads through this: LoRA (lora.load_adapter), the other
+    methods (adapters.load_adapter) and PEFT's (interop.import_peft)."""
+    from safetensors.torch import load
+
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"{weights_path} not found; an adapter directory holds {manifest} and {os.path.basename(weights_path)}")
+    with open(weights_path, "rb") as f:
+        weights = f.read()
+    if sha256 is not None and hashlib.sha256(weights).hexdigest() != sha256:
+        raise UserError(f"{weights_path} is not the file {manifest} beside it was saved with (its checksum differs: the two "
+                        f"come from different saves, e.g. a run killed between writing them, or a file copied in by hand); {fix}")
+    try:
+        stored = load(weights)
+    except Exception as e:  # safetensors raises its own error type for a corrupt header or data
+        raise UserError(f"{weights_path} is not a readable safetensors file ({first_line(e)}); {fix}") from None
+    for k, v in stored.items():
+        if not v.is_floating_point():
+            raise UserError(f"{weights_path}: tensor {k!r} is {v.dtype}, but adapter weights are floating point; {fix}")
+        if not torch.isfinite(v).all():
+            raise UserError(f"{weights_path}: tensor {k!r} holds NaN or infinite values; the training that saved it diverged: "
+                            f"train again (e.g. with a lower learning rate)")
+    return stored
 
 
 def copy_stored_tensors(stored, model, adapter, kept, path):
@@ -122,28 +166,9 @@ def load_lora_adapter(model, directory, adapter_name=None):
     fresh base model) first gets LoRA applied as adapter_config.json describes; a model that has it gets
     its weights replaced. The config's fields, the weights' checksum, names, shapes, dtypes and values
     (finite floats only) are checked against the files."""
-    from safetensors.torch import load
-
     config = read_adapter_config(directory)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"{weights_path} not found; save_adapter writes {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} into a directory")
-    with open(weights_path, "rb") as f:
-        weights = f.read()
-    if hashlib.sha256(weights).hexdigest() != config["weights_sha256"]:
-        raise UserError(f"{weights_path} is not the file {ADAPTER_CONFIG} beside it was saved with (its checksum differs: the two "
-                        f"come from different saves, e.g. a run killed between writing them, or a file copied in by hand); "
-                        f"save or train the adapter again")
-    try:
-        stored = load(weights)
-    except Exception as e:  # safetensors raises its own error type for a corrupt header or data
-        raise UserError(f"{weights_path} is not a readable safetensors file ({first_line(e)}); save or train the adapter again") from None
-    for k, v in stored.items():
-        if not v.is_floating_point():
-            raise UserError(f"{weights_path}: tensor {k!r} is {v.dtype}, but adapter weights are floating point; save or train it again")
-        if not torch.isfinite(v).all():
-            raise UserError(f"{weights_path}: tensor {k!r} holds NaN or infinite values; the training that saved it diverged, "
-                            f"train again (e.g. with a lower learning rate)")
+    stored = read_adapter_weights(weights_path, config["weights_sha256"], ADAPTER_CONFIG)
     paths = [os.path.join(directory, ADAPTER_CONFIG), weights_path]
     hyperparameters = {k: config[k] for k in ("rank", "alpha", "dropout", "use_rslora", "use_dora")}
     name = adapter_name or config["adapter_name"]

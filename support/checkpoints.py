@@ -2,16 +2,21 @@
 The models the programs start from, and the files train.py leaves:
 
 - load_base_model: 'tiny' (the offline byte-level base in checkpoints/tiny-base), a GPT-2 name or HF directory, or a
-  checkpoint written by train.py -> (GPT, tokenizer name);
+  checkpoint written by train.py -> (GPT, tokenizer name), the GPT carrying the fingerprint of its weights
+  (weights_sha256) as model.base_sha256: an adapter records it, and is loaded on no other base;
 - ensure_tiny_base: the tiny base, pretrained first (by running `python train.py --init_from scratch --dataset stdlib`
   in a child process) if it is missing or its pretraining was interrupted;
-- load_finetuned: a base with the LoRA adapter of a train.py run loaded into it (quantized again for QLoRA);
+- load_finetuned: a base with the LoRA adapter of a train.py run loaded into it (quantized again for QLoRA), once the
+  base is shown to be the one the adapter was trained on (its fingerprint and tokenizer); a missing base is an error,
+  never a pretraining;
 - load_hf_model: GPT-2 from the Hugging Face hub or an HF-format directory, its two files checked first (the lesson's
-  GPT.from_pretrained assumes they are right); load_weights: a state dict whose first wrong tensor is named.
+  GPT.from_pretrained assumes they are right), its tokenizer the one its config.json names (a byte-level model
+  exported by --export_hf says "bytes"); load_weights: a state dict whose first wrong tensor is named.
 
 finetune_classifier.py, the experiments and the notebooks start from these as train.py does, without importing it.
 """
 
+import hashlib
 import json
 import os
 
@@ -59,9 +64,33 @@ def hf_tensor_shapes(n_layer, n_embd, vocab_size, block_size):
     return shapes
 
 
+HF_TOKENIZERS = {"gpt2": 50257, "bytes": 257}  # tokenizer name -> its vocabulary size
+
+
+def hf_tokenizer(hf, config_path):
+    """The tokenizer of an HF GPT-2 folder: the one config.json names under "nanoqlora" (interop.save_hf_checkpoint
+    writes it), else the one whose vocabulary size it has; the two must agree."""
+    ours = hf.get("nanoqlora")
+    declared = ours.get("tokenizer") if isinstance(ours, dict) else None
+    if declared is None:
+        by_size = {size: name for name, size in HF_TOKENIZERS.items()}
+        if hf["vocab_size"] not in by_size:
+            raise UserError(f"{config_path}: vocab_size {hf['vocab_size']} is neither GPT-2's BPE ({HF_TOKENIZERS['gpt2']}) nor the "
+                            f"byte-level tokenizer's ({HF_TOKENIZERS['bytes']}), and the config names no tokenizer; only those two "
+                            f"tokenizers are here")
+        return by_size[hf["vocab_size"]]
+    if declared not in HF_TOKENIZERS:
+        raise UserError(f"{config_path}: its tokenizer {json.dumps(declared)} is not one of {', '.join(HF_TOKENIZERS)}")
+    if HF_TOKENIZERS[declared] != hf["vocab_size"]:
+        raise UserError(f"{config_path} names the {declared} tokenizer ({HF_TOKENIZERS[declared]} tokens) but vocab_size "
+                        f"{hf['vocab_size']}; the config is damaged")
+    return declared
+
+
 def check_hf_directory(directory):
     """config.json and model.safetensors of `directory` are a GPT-2 checkpoint whose tensors have the shapes its
-    config says. Only the safetensors header is read, so a config that claims a huge model allocates nothing."""
+    config says -> the config (a dict). Only the safetensors header is read, so a config that claims a huge model
+    allocates nothing."""
     from safetensors import safe_open
 
     for file in ("config.json", "model.safetensors"):
@@ -90,10 +119,12 @@ def check_hf_directory(directory):
         if stored[name] != expected:
             raise UserError(f"{weights_path}: {name} is {stored[name]} but {config_path} implies {expected}; the two files do "
                             f"not belong together")
+    return hf
 
 
 def load_hf_model(name_or_path):
-    """GPT-2 by name (downloaded once) or from an HF-format directory, its files checked before anything is loaded."""
+    """GPT-2 by name (downloaded once) or from an HF-format directory, its files checked before anything is loaded
+    (load_base_model also says which tokenizer the folder's config.json names)."""
     directory = download_pretrained(name_or_path) if name_or_path in PRETRAINED else name_or_path
     check_hf_directory(directory)
     return GPT.from_pretrained(directory)
@@ -118,9 +149,24 @@ def load_checkpoint_model(path, device="cpu"):
     return model.to(device), ckpt["tokenizer"]
 
 
-def ensure_tiny_base(device="cpu"):
+def weights_sha256(model):
+    """The fingerprint of a model's weights: SHA-256 over every tensor of its state dict (name, dtype, shape, bytes) in
+    name order, the tied output layer left out. The same weights give the same fingerprint whichever file they came
+    from (ckpt.pt, an HF folder); other weights, e.g. the same base pretrained again, give another one."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name == "lm_head.weight":
+            continue
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {t.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def ensure_tiny_base(device="cpu", progress=True):
     """The default starting point: pretrain the tiny base on the stdlib corpus if it is not there yet, and finish
-    it if an earlier pretraining was interrupted (its checkpoint is then from before the last step)."""
+    it if an earlier pretraining was interrupted (its checkpoint is then from before the last step). `progress`:
+    whether that pretraining draws its progress bar (train.py passes its --progress on)."""
     path = os.path.join(TINY_BASE_DIR, "ckpt.pt")
     if not os.path.isfile(path) and "RANK" in os.environ:  # every torchrun process would pretrain (and write) it at once
         raise FileNotFoundError(f"no tiny base model at {path}: pretrain it first in one process (python train.py --init_from scratch "
@@ -128,7 +174,8 @@ def ensure_tiny_base(device="cpu"):
     if not os.path.isfile(path):
         print(f"No tiny base model at {path}: pretraining it first on the standard library's docstrings "
               f"(a few minutes on a laptop CPU; `python train.py --init_from scratch --dataset stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}` does the same).")
-        run_script("train.py", {"init_from": "scratch", "dataset": "stdlib", "out_dir": TINY_BASE_DIR, "device": device})
+        run_script("train.py", {"init_from": "scratch", "dataset": "stdlib", "out_dir": TINY_BASE_DIR, "device": device,
+                                "progress": progress})
     else:
         ckpt = load_tensor_file(path, fix=f"delete {TINY_BASE_DIR} to pretrain the tiny base again")
         if "iter" not in ckpt or "max_iters" not in ckpt.get("train_config", {}):
@@ -137,32 +184,50 @@ def ensure_tiny_base(device="cpu"):
         done, planned = ckpt["iter"], ckpt["train_config"]["max_iters"]
         if done < planned:
             print(f"The tiny base at {path} stopped at step {done} of {planned}: resuming its pretraining first.")
-            run_script("train.py", {**ckpt["train_config"], "resume": True, "device": device, "out_dir": TINY_BASE_DIR})
+            run_script("train.py", {**ckpt["train_config"], "resume": True, "device": device, "out_dir": TINY_BASE_DIR,
+                                    "progress": progress})
     return path
 
 
-def load_base_model(init_from, device="cpu"):
-    """'tiny' | a GPT-2 name or HF directory | a checkpoint of train.py -> (GPT, tokenizer name)."""
+def load_base_model(init_from, device="cpu", pretrain=True, progress=True):
+    """'tiny' | a GPT-2 name or HF directory | a checkpoint of train.py -> (GPT, tokenizer name). The model carries
+    the fingerprint of its weights as it was loaded, model.base_sha256 (weights_sha256), which an adapter trained on
+    it records. pretrain=False: a missing tiny base is an error rather than pretrained first (what answers with an
+    adapter, or exports one, must not start a training of its own: the new base would be another model)."""
     if init_from == "tiny":
-        return load_checkpoint_model(ensure_tiny_base(device), device)
-    if init_from in PRETRAINED or os.path.isfile(os.path.join(init_from, "model.safetensors")):
-        return load_hf_model(init_from).to(device), "gpt2"
-    if os.path.exists(init_from):
-        return load_checkpoint_model(init_from, device)
-    raise ValueError(f"--init_from {init_from!r}: use 'tiny', 'scratch', one of {', '.join(PRETRAINED)}, or an existing checkpoint path")
+        path = os.path.join(TINY_BASE_DIR, "ckpt.pt")
+        if not pretrain and not os.path.isfile(path):
+            raise FileNotFoundError(f"no tiny base model at {path}: pretrain it first (python train.py --init_from scratch --dataset "
+                                    f"stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}, or python train.py, which does that first)")
+        model, tokenizer_name = load_checkpoint_model(ensure_tiny_base(device, progress) if pretrain else path)
+    elif init_from in PRETRAINED or os.path.isfile(os.path.join(init_from, "model.safetensors")):
+        directory = download_pretrained(init_from) if init_from in PRETRAINED else init_from
+        tokenizer_name = hf_tokenizer(check_hf_directory(directory), os.path.join(directory, "config.json"))
+        model = GPT.from_pretrained(directory)
+    elif os.path.exists(init_from):
+        model, tokenizer_name = load_checkpoint_model(init_from)
+    else:
+        raise ValueError(f"--init_from {init_from!r}: use 'tiny', 'scratch', one of {', '.join(PRETRAINED)}, or an existing checkpoint path")
+    model.base_sha256 = weights_sha256(model)
+    return model.to(device), tokenizer_name
 
 
 def load_finetuned(adapter_dir, init_from, device):
     """The base model with a LoRA adapter from `adapter_dir` loaded into it -> (model, tokenizer name), in eval mode.
-    init_from "tiny" means: the base the adapter was trained on (recorded in its adapter_config.json). A QLoRA adapter
-    learned to correct a 4-bit base, so the base is quantized again (deterministically: the same codes as in training)."""
+    init_from "tiny" means: the base the adapter was trained on (recorded in its adapter_config.json). The base must be
+    the one the adapter was trained on: its fingerprint (weights_sha256) and tokenizer are compared with those the
+    adapter recorded, and a base that is missing is an error (never pretrained here). A QLoRA adapter learned to
+    correct a 4-bit base, so the base is quantized again (deterministically: the same codes as in training)."""
     from lora import load_adapter
 
     config = read_adapter_config(adapter_dir)
-    trained_on = config["metadata"]  # written by train.save_checkpoint: run_id, init_from, finetune, step
+    trained_on = config["metadata"]  # written by train.save_checkpoint: run_id, init_from, finetune, step, base_sha256
     if not {"run_id", "init_from", "finetune"} <= set(trained_on):
         raise UserError(f"{adapter_dir}/adapter_config.json does not say which base it was trained on (no run_id, init_from and "
                         f"finetune in its metadata): it was not saved by train.py; load it with lora.load_adapter")
+    for key in ("run_id", "init_from", "finetune", "base_sha256", "tokenizer"):
+        if key in trained_on and not isinstance(trained_on[key], str):
+            raise UserError(f"{adapter_dir}/adapter_config.json: metadata {key!r} is {json.dumps(trained_on[key])}, but must be a string")
     summary_path = os.path.join(adapter_dir, "summary.json")
     if os.path.isfile(summary_path):  # the folder's summary must describe this adapter's run, not another one
         summary = read_json(summary_path, ["run_id"], what="summary of a train.py run")
@@ -170,10 +235,30 @@ def load_finetuned(adapter_dir, init_from, device):
             raise UserError(f"{summary_path} is from run {summary['run_id']} but the adapter in {adapter_dir} from run "
                             f"{trained_on['run_id']}: the folder mixes two runs' files; train again in an empty --out_dir")
     init_from = trained_on["init_from"] if init_from == "tiny" else init_from
-    model, tokenizer_name = load_base_model(init_from, device)
+    try:
+        model, tokenizer_name = load_base_model(init_from, device, pretrain=False)
+    except FileNotFoundError as e:
+        raise UserError(f"the adapter in {adapter_dir} was trained on {init_from}, which cannot be loaded ({e}); a base made "
+                        f"again would be another model, so give --init_from the base it was trained on") from None
+    check_base(adapter_dir, trained_on, init_from, model.base_sha256, tokenizer_name)
     if trained_on["finetune"] == "qlora":
         from quantize import quantize_model
 
         quantize_model(model)
     load_adapter(model, adapter_dir)
     return model.eval(), tokenizer_name
+
+
+def check_base(adapter_dir, trained_on, init_from, base_sha256, tokenizer_name):
+    """An adapter is loaded only on the base it was trained on: the same tokenizer and the same weights (the
+    fingerprint it recorded). An adapter saved before adapters recorded one is loaded with a note that it is unchecked."""
+    if trained_on.get("tokenizer", tokenizer_name) != tokenizer_name:
+        raise UserError(f"the adapter in {adapter_dir} was trained on a base with the {trained_on['tokenizer']} tokenizer, but "
+                        f"{init_from} uses the {tokenizer_name} tokenizer; give --init_from the base it was trained on")
+    if "base_sha256" not in trained_on:
+        print(f"note: {adapter_dir}/adapter_config.json records no fingerprint of its base (saved by an older version), so "
+              f"whether {init_from} is the base it was trained on is not checked")
+    elif trained_on["base_sha256"] != base_sha256:
+        raise UserError(f"the adapter in {adapter_dir} was trained on a base whose weights have fingerprint "
+                        f"{trained_on['base_sha256'][:16]}, but {init_from} now holds weights {base_sha256[:16]} (pretrained "
+                        f"again, or another model); give --init_from the base it was trained on, or train the adapter again on this one")

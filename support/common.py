@@ -13,6 +13,7 @@ What keeps inputs and output folders trustworthy (locks, weights-only loading, U
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -24,7 +25,7 @@ from dataclasses import fields
 
 import torch
 
-from support.safety import UserError
+from support.safety import UserError, write_error
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, above support/
 DOWNLOAD_DIR = os.path.join(REPO_DIR, "data", "downloads")  # datasets fetched from the web (instruction-data, alpaca, SMS)
@@ -38,22 +39,69 @@ def user_cache_dir():
 # ---------------------------------------------------------------------------------------------- files
 
 
+STAGED = []  # inside write_together: a list of the (temporary file, path) pairs waiting to be renamed together
+
+
 def atomic_write(path, write):
-    """Call write(temporary path) and rename the result onto path, so a crash never leaves a half file."""
-    # beside path (a rename within one file system is atomic); named by the process id so two runs cannot collide;
-    # written by `write` itself, so it gets the usual permissions (mkstemp's file would be private to its owner)
+    """Call write(temporary path) and rename the result onto path, so a crash never leaves a half file. Inside
+    write_together the rename waits for the others'. A write the file system refuses (a full disk, a read-only
+    folder) is a UserError naming the path, and the file that was there is left as it was."""
+    # beside path (a rename within one file system is atomic); named by the process id so two runs cannot collide
     # (a killed writer's file is removed by the next run on the folder: safety.remove_stale_temporary_files)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # the usual permissions, whatever the writer chose (safetensors: 0600)
         with open(tmp, "rb") as f:  # the data reach the disk before the rename makes them the file: a power cut
             os.fsync(f.fileno())   # after the rename can then not leave an empty file under the real name
+        if STAGED:
+            if (tmp, path) not in STAGED[-1]:
+                STAGED[-1].append((tmp, path))
+            return
         os.replace(tmp, path)
         sync_directory(os.path.dirname(path))
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        refused = write_error(path, e) if isinstance(e, (OSError, RuntimeError)) else None
+        if refused is not None:
+            raise refused from None
         raise
+
+
+@contextlib.contextmanager
+def write_together():
+    """The files written inside (by atomic_write and the writers built on it) are renamed into place together at the
+    end, after every one of them was written and synced; if anything inside fails (a full disk, an error, an
+    interrupt), none is renamed and their temporary files are removed. So the checkpoint, adapter and log of one step
+    are replaced together or not at all: a failure leaves the previous step's files whole. Nested: joins the outer."""
+    if STAGED:
+        yield
+        return
+    STAGED.append([])
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in STAGED.pop():
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise
+    staged = STAGED.pop()
+    try:
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)  # only those a failed rename left
+    for directory in {os.path.dirname(path) for _, path in staged}:
+        sync_directory(directory)
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def sync_directory(directory):
@@ -67,8 +115,14 @@ def sync_directory(directory):
 
 
 def save_atomic(obj, path):
-    """torch.save through a temporary file and a rename: a crash mid-write never leaves a broken checkpoint."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through a temporary file and a rename: a crash mid-write never leaves a broken checkpoint. Saved
+    through a Python file object, so a write the disk refuses raises its OSError (errno and all) and not only the
+    RuntimeError torch.save makes of it."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    atomic_write(path, write)
 
 
 def save_safetensors_atomic(tensors, path, metadata=None):

@@ -29,6 +29,7 @@ def check_classifier_config(cfg, modes):
     check_finite_settings(cfg)
     check_optimizer_ranges(cfg, {"warmup_ratio": (0 <= cfg.warmup_ratio <= 1, "in [0, 1]")})
     if cfg.mode in ("lora", "qlora"):
+        check_lora_scaling(cfg)
         lora.resolve_targets(cfg.lora_targets)  # names the first unknown target
 
 
@@ -51,12 +52,14 @@ def check_values(cfg):
     and the run would still end as if all were well."""
     check_finite_settings(cfg)
     at_least = {"batch_size": 1, "grad_accum": 1, "lora_rank": 1, "n_layer": 1, "n_head": 1, "n_embd": 1, "block_size": 1,
-                "max_new_tokens": 1, "max_iters": 0, "warmup_iters": 0, "eval_interval": 0, "eval_batches": 0, "num_samples": 0}
+                "max_new_tokens": 1, "max_iters": 0, "warmup_iters": 0, "eval_interval": 0, "eval_batches": 0, "num_samples": 0,
+                "answer_limit": 0}
     for name, low in at_least.items():
         if getattr(cfg, name) < low:
             zero = " (0 = the default for the job)" if low == 0 and name in ("max_iters", "warmup_iters", "eval_interval", "eval_batches") else ""
             raise UserError(f"--{name} {getattr(cfg, name)}: use an integer >= {low}{zero}")
     check_optimizer_ranges(cfg, {"dropout": (0 <= cfg.dropout < 1, "in [0, 1)")})
+    check_lora_scaling(cfg)
     if not cfg.pretraining:
         lora.resolve_targets(cfg.lora_targets)  # names the first unknown target
         defaults = type(cfg)()
@@ -67,12 +70,42 @@ def check_values(cfg):
                                 f"keeps the shape of its base ({cfg.init_from}), so drop the flag{hint}")
 
 
+def check_lora_scaling(cfg):
+    """alpha / r (rsLoRA: alpha / sqrt(r)) within what lora.load_adapter accepts: an adapter is never trained that
+    could not be loaded again."""
+    from support.adapter_files import MAX_LORA_SCALING, lora_scaling
+
+    alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank  # 0: the default, 2 x rank
+    scaling = lora_scaling(alpha, cfg.lora_rank, getattr(cfg, "use_rslora", False))
+    if scaling > MAX_LORA_SCALING:
+        raise UserError(f"--lora_alpha {alpha:g} with --lora_rank {cfg.lora_rank} scales the update by {scaling:g}; use an alpha "
+                        f"that scales it by at most {MAX_LORA_SCALING:g} (2 x rank, a scaling of 2, is the usual choice)")
+
+
+def check_text_flag(flag, text):
+    """A text given on the command line must be valid UTF-8 (Python keeps undecodable bytes as lone surrogates) and must
+    not hold <|endoftext|>, which the tokenizer would read as the end of the text."""
+    from support.tokenizer import EOT_TEXT
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        raise UserError(f"{flag} is not valid UTF-8 ({what} at position {e.start}): set your terminal or shell to UTF-8 "
+                        f"(e.g. LANG=C.UTF-8), or pass the text in UTF-8") from None
+    if EOT_TEXT in text:
+        raise UserError(f"{flag} holds the text {EOT_TEXT}, which the tokenizer reads as the end-of-text token; leave it out")
+
+
 def check_inference_flags(cfg):
     """--prompt answers one instruction and --answer_file a whole file, then exit; --export_peft / --export_hf write
     the model in Hugging Face's formats and exit. --adapter only says which adapter to answer with or export, so it
     needs one of them (a training run would silently ignore it)."""
     if cfg.prompt is not None and not cfg.prompt.strip():
         raise UserError("--prompt is empty: give the instruction to answer, e.g. --prompt \"Give an antonym of 'cold'.\"")
+    if cfg.prompt is not None:
+        check_text_flag("--prompt", cfg.prompt)
     if cfg.prompt is not None and cfg.answer_file:
         raise UserError("--prompt and --answer_file both ask for answers: give one of them")
     if cfg.answers_out and not cfg.answer_file:

@@ -16,8 +16,11 @@ is the same up to float rounding (the sum of the gradients is taken in another o
 N / grad_accum: DDP's average over N ranks then gives the mean over all grad_accum micro-batches. Gradients are only
 exchanged on a rank's last micro-batch (`no_sync` before it), so accumulation costs no extra communication.
 
-Only rank 0 evaluates, logs, prints, and writes checkpoints and adapters; every rank reads the checkpoint on --resume
-(so on several machines out_dir must be on a file system they share).
+Evaluation is shared the same way: each rank scores every N-th validation batch and answers every N-th test example,
+and the sums and answers are gathered (mean_token_loss, answer_examples), so no rank waits in a collective while
+another evaluates alone (a wait longer than the process group's timeout would end the run). Only rank 0 logs, prints,
+and writes checkpoints and adapters; every rank reads the checkpoint on --resume (so on several machines out_dir must
+be on a file system they share).
 """
 
 import os
@@ -68,6 +71,38 @@ class World:
         total = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(total)
         return tuple(total.tolist())
+
+    def mean_token_loss(self, model, batches, device):
+        """support.loss.mean_token_loss over all the batches, each rank scoring batches rank, rank + size, ...: the sums
+        of losses and of target tokens are added up over the ranks (the same mean, summed in another order)."""
+        from support.loss import mean_token_loss
+
+        if self.size == 1:
+            return mean_token_loss(model, batches, device)
+        mine = batches[self.rank :: self.size]
+        count = sum(int((y != -100).sum()) for _, y in mine)
+        total = mean_token_loss(model, mine, device) * count if count else 0.0
+        total, count = self.sum(total, count)
+        if count == 0:
+            raise ValueError("no target tokens to evaluate on: an empty split, or every target masked")
+        return total / count
+
+    def answer_examples(self, model, tokenizer, examples, device, max_new_tokens, template):
+        """support.instructions.answer_examples over all the examples, each rank answering examples rank, rank + size,
+        ...; every rank gets all the answers, in order (greedy answers do not depend on which rows share a batch)."""
+        from support.instructions import answer_examples
+
+        if self.size == 1:
+            return answer_examples(model, tokenizer, examples, device, max_new_tokens, template)
+        import torch.distributed as dist
+
+        mine = answer_examples(model, tokenizer, examples[self.rank :: self.size], device, max_new_tokens, template)
+        gathered = [None] * self.size
+        dist.all_gather_object(gathered, mine)
+        answers = [None] * len(examples)
+        for rank, theirs in enumerate(gathered):
+            answers[rank :: self.size] = theirs
+        return answers
 
     def close(self):
         if self.size > 1:

@@ -29,6 +29,7 @@ import torch
 
 from support.common import DOWNLOAD_DIR, REPO_DIR, download_file
 from support.safety import UserError
+from support.tokenizer import EOT_TEXT  # the text both tokenizers read as the end-of-text token
 
 PROMPT_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 # Two prompt templates. "alpaca" is Alpaca's own (what GPT-2 runs use); "compact" drops its 105-byte preamble sentence
@@ -61,9 +62,11 @@ def format_prompt(example, template="alpaca"):
 
 
 def validate_examples(examples, source, required=("instruction", "output")):
-    """Raise a ValueError naming the first malformed entry. A list whose first entry has "messages" is a chat
-    dataset (validate_conversations); otherwise every entry must be Alpaca's {"instruction", "input", "output"}, with
-    the keys in `required` non-empty strings."""
+    """Raise a ValueError naming the first malformed entry, before anything trains on the data. A list whose first
+    entry has "messages" is a chat dataset (validate_conversations); otherwise every entry must be Alpaca's
+    {"instruction", "input", "output"}, with the keys in `required` non-empty strings, "input" a string, and the
+    scoring keys "answer" and "kind", where present, strings too (check_scoring_keys). No text may hold a literal
+    <|endoftext|>: the tokenizer would read it as the end-of-text token and cut the example there."""
     if isinstance(examples, list) and examples and isinstance(examples[0], dict) and "messages" in examples[0]:
         return validate_conversations(examples, source)
     if not isinstance(examples, list) or not examples:
@@ -74,9 +77,27 @@ def validate_examples(examples, source, required=("instruction", "output")):
         for key in required:
             if not isinstance(ex.get(key), str) or not ex[key].strip():
                 raise ValueError(f"{source}: entry {i} has no non-empty string '{key}': {json.dumps(ex)[:200]}")
-        if not isinstance(ex.get("input", ""), str):
-            raise ValueError(f"{source}: entry {i} has an 'input' that is not a string: {json.dumps(ex)[:200]}")
+        for key in ("input", "output"):
+            if key in ex and not isinstance(ex[key], str):
+                raise ValueError(f"{source}: entry {i} has an '{key}' that is not a string: {json.dumps(ex)[:200]}")
+        check_scoring_keys(ex, source, f"entry {i}")
+        check_no_end_token(source, f"entry {i}", {k: ex.get(k) for k in ("instruction", "input", "output", "answer")})
     return examples
+
+
+def check_scoring_keys(example, source, where):
+    """"answer" (the key answer an accuracy is scored against) and "kind" (what the scores are grouped by) are
+    strings where present; an empty answer means none."""
+    for key, what in (("answer", "a string (the key answer), or left out"), ("kind", "a non-empty string, or left out")):
+        if key in example and not (isinstance(example[key], str) and (key == "answer" or example[key].strip())):
+            raise ValueError(f"{source}: {where} has '{key}': {json.dumps(example[key])[:80]}, but it must be {what}")
+
+
+def check_no_end_token(source, where, texts):
+    for key, text in texts.items():
+        if isinstance(text, str) and EOT_TEXT in text:
+            raise ValueError(f"{source}: {where}'s '{key}' holds the text {EOT_TEXT}, which the tokenizer reads as the end-of-text "
+                             f"token (the example would end there); remove it or write it differently")
 
 
 def dataset_path(name):
@@ -89,6 +110,10 @@ def dataset_path(name):
         return download_file(url, os.path.join(DOWNLOAD_DIR, filename))
     if os.path.isfile(name):
         return name
+    if os.path.isdir(name):
+        files = sorted(f for f in os.listdir(name) if f.endswith((".json", ".jsonl")))[:3]
+        raise ValueError(f"--dataset {name} is a directory; give a .json or .jsonl file" +
+                         (f", e.g. {os.path.join(name, files[0])}" if files else " (it holds none)"))
     raise ValueError(f"unknown dataset {name!r}: use 'embedded', {', '.join(repr(d) for d in DATASETS)} or a path to an Alpaca-format or chat .json/.jsonl file")
 
 
@@ -101,9 +126,13 @@ def read_json_list(path):
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}); save the dataset as UTF-8") from None
     lines = [line for line in text.splitlines() if line.strip()]
+    too_deep = (f"{path} nests lists or objects too deeply for Python's JSON reader; a dataset is a list of flat objects "
+                f"(or JSON Lines of them)")
     if not path.endswith(".jsonl"):
         try:
             return json.loads(text)
+        except RecursionError:
+            raise ValueError(too_deep) from None
         except json.JSONDecodeError as e:
             if len(lines) < 2 or not lines[0].lstrip().startswith("{"):  # not JSON Lines either
                 raise ValueError(f"{path} is not valid JSON ({e}); expected a list of {{'instruction', 'input', 'output'}} objects or JSON Lines of {{'messages': [...]}}") from e
@@ -111,6 +140,8 @@ def read_json_list(path):
     for number, line in enumerate(lines, 1):
         try:
             examples.append(json.loads(line))
+        except RecursionError:
+            raise ValueError(f"{too_deep} (line {number})") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {number} is not valid JSON ({e}); a JSON Lines file holds one object per line") from e
     return examples
@@ -277,8 +308,10 @@ def validate_conversations(examples, source):
                 raise ValueError(f"{source}: entry {i} message {j} ({message['role']}) has no non-empty string 'content'")
             if message["role"] == "system" and j > 0:
                 raise ValueError(f"{source}: entry {i} message {j} is a system message after the start; put the system message first")
+            check_no_end_token(source, f"entry {i} message {j}", {"content": message["content"]})
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"{source}: entry {i} has no assistant turn, so nothing to learn; every conversation needs at least one 'assistant' message")
+        check_scoring_keys(ex, source, f"entry {i}")
     return examples
 
 

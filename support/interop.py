@@ -7,7 +7,12 @@ Interop with Hugging Face: LoRA adapters in PEFT's format, and whole models in t
     export_merged_hf(model, dir)   base + adapter merged -> dir/config.json + dir/model.safetensors (save_hf_checkpoint)
     save_hf_checkpoint(model, dir) a model.GPT in transformers' GPT-2 format (the inverse of GPT.from_pretrained)
 
-`python train.py --adapter RUN_DIR --export_peft OUT_DIR` and `--export_hf OUT_DIR` call the first and the last.
+`python train.py --adapter RUN_DIR --export_peft OUT_DIR` and `--export_hf OUT_DIR` call the first and the third.
+
+Every export goes through export_folder: it writes only into a new or empty folder, or over an earlier export of the
+same kind, which it replaces whole (written beside it, then swapped in by renames: no reader ever sees a mix); it holds
+the folder's run lock while it works, so it never writes into a folder a run is using, and never into the folders
+given as `protected` (train.py: the run's own folder and its base's).
 
 What PEFT's files say (peft 0.21, LoraConfig and LoraModel): a LoRA layer computes, like ours,
 
@@ -23,20 +28,24 @@ ends with it (after a '.'). Our layers map onto GPT-2's as in ours_to_hf below:
     attn.o_proj -> attn.c_proj,   mlp.fc_in -> mlp.c_fc,   mlp.fc_out -> mlp.c_proj
 """
 
+import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 
 import torch
 
 import torch.nn as nn
 
 from lora import LoRALinear, active_adapter_name, apply_lora, dense_weight
-from support.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
-from support.common import save_safetensors_atomic, write_json_atomic
-from support.safety import read_saved_pair
+from support.adapter_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_LORA_SCALING, adapter_config, lora_scaling,
+                                   read_adapter_weights)
+from support.common import save_safetensors_atomic, sync_directory, write_bytes_atomic, write_json_atomic
+from support.safety import LOCK_FILE, UserError, lock_out_dir, process_is_alive, read_json, read_saved_pair
 
 QKV_SLOT = {"q": 0, "k": 1, "v": 2}  # row block of each projection inside c_attn's 3 n_embd outputs
 HF_MODULE = {"o": "attn.c_proj", "mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"}  # besides q, k, v -> attn.c_attn
@@ -49,8 +58,9 @@ UNSUPPORTED_PEFT_SETTINGS = ("modules_to_save", "trainable_token_indices", "laye
                              "alora_invocation_tokens", "layers_to_transform", "lora_bias", "use_qalora")
 
 
-def lora_scaling(alpha, rank, use_rslora):
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+WRITTEN_BY = {"hf": "interop.save_hf_checkpoint", "peft": "interop.export_peft"}  # the mark an export of each kind carries
+EXPORT_FILES = {"hf": {"config.json", "model.safetensors"}, "peft": {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "base"}}
+STAGING = re.compile(r"^\.(.+)\.(export|replaced)-(\d+)\.tmp$")  # export_folder's working folders beside the target
 
 
 def hf_base_name(init_from):
@@ -65,10 +75,79 @@ def hf_base_name(init_from):
     return None
 
 
+# ---------------------------------------------------------------------------------------------- export folders
+
+
+def export_mark(directory, kind):
+    """The mark export_folder's writers leave in an export of `kind` ("hf": config.json's "nanoqlora", "peft": the
+    weights' safetensors header), or None: no export of ours."""
+    try:
+        if kind == "hf":
+            mark = read_json(os.path.join(directory, "config.json")).get("nanoqlora")
+            return mark.get("written_by") if isinstance(mark, dict) else None
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(directory, ADAPTER_WEIGHTS), framework="pt") as f:
+            return (f.metadata() or {}).get("written_by")
+    except Exception:  # missing, unreadable or foreign: not an export of ours
+        return None
+
+
+@contextlib.contextmanager
+def export_folder(directory, kind, protected=()):
+    """Where an export of `kind` ("hf" or "peft") is written: yields a new folder beside `directory` to write it into;
+    when the block ends without error, that folder replaces `directory` (two renames: whoever reads `directory` sees
+    the old export or the new one, never a mix), and otherwise it is removed and `directory` left as it was.
+
+    Refused: a `directory` that is one of `protected` ((what, path) pairs: the run's own folder, the base's), one that
+    holds anything but an earlier export of the same kind, and one whose run lock another process holds (a run that
+    trains there, another export); the lock is held throughout."""
+    directory = os.path.abspath(directory)
+    for what, path in protected:
+        if path and os.path.exists(path) and os.path.realpath(path) == os.path.realpath(directory):
+            raise UserError(f"{directory} is {what}: an export never writes into it; give the export a new folder")
+    parent, name = os.path.split(directory)
+    remove_stale_export_folders(parent, name)
+    with lock_out_dir(directory):
+        contents = sorted(set(os.listdir(directory)) - {LOCK_FILE})
+        if contents and not (set(contents) <= EXPORT_FILES[kind] and export_mark(directory, kind) == WRITTEN_BY[kind]):
+            raise UserError(f"{directory} holds {', '.join(contents[:3])}{' ...' if len(contents) > 3 else ''}, which is not an "
+                            f"earlier export of this kind ({WRITTEN_BY[kind]}): an export writes only into a new or empty folder, or "
+                            f"over an earlier export of its kind; choose another folder")
+        staging = os.path.join(parent, f".{name}.export-{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        try:
+            yield staging
+            for root, _, _ in os.walk(staging):  # atomic_write synced each file; the folders' entries too
+                sync_directory(root)
+            replaced = os.path.join(parent, f".{name}.replaced-{os.getpid()}.tmp")
+            os.rename(directory, replaced)
+            try:
+                os.rename(staging, directory)
+            except OSError:
+                os.rename(replaced, directory)
+                raise
+            sync_directory(parent)
+            shutil.rmtree(replaced, ignore_errors=True)  # the earlier export (or the empty folder), its lock file with it
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_export_folders(parent, name):
+    """The working folders of an export of `name` that was killed (its process is gone)."""
+    if not os.path.isdir(parent):
+        return
+    for entry in os.listdir(parent):
+        match = STAGING.match(entry)
+        if match and match[1] == name and not process_is_alive(int(match[3])):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------- export
 
 
-def export_peft(model, directory, base_model_name_or_path=None, adapter_name=None, metadata=None):
+def export_peft(model, directory, base_model_name_or_path=None, adapter_name=None, metadata=None, base_model=None, protected=()):
     """Write the adapter `adapter_name` (default: the active one) of a GPT with LoRA (or QLoRA) in PEFT's layout.
     `metadata` (a JSON-able dict, e.g. what train.py records in its adapter_config.json: run id, base, prompt
     template) goes into the safetensors header under "nanoqlora", not into adapter_config.json, whose keys PEFT
@@ -98,9 +177,16 @@ def export_peft(model, directory, base_model_name_or_path=None, adapter_name=Non
     dequantized 4-bit base, which PEFT sees when it loads the base in 4 bits with bitsandbytes (whose NF4 codes are
     bit-identical to ours, see quantize.py); on an fp32 base they are off by the quantization error.
 
+    `base_model`: a model.GPT written in HF's format to directory/base, named in base_model_name_or_path (for a base
+    that is not an HF model, such as the tiny base). The folder is written through export_folder (`protected`: see
+    there). adapter_config.json is written first and the weights' header records its SHA-256, so import_peft refuses
+    a pair from two different exports.
+
     Errors: an adapter with kept-trainable parameters besides LoRA (a classification head: GPT2LMHeadModel has no
     place for it), a model without biases or with smeared keys (not a GPT-2). Returns the weights file's path."""
     name = adapter_name or active_adapter_name(model)
+    if base_model is not None:
+        base_model_name_or_path = os.path.join(os.path.abspath(directory), "base")
     config = adapter_config(model, name)  # raises for layers that are not one of apply_lora's targets
     if config["trainable"]:
         raise ValueError(
@@ -149,12 +235,15 @@ def export_peft(model, directory, base_model_name_or_path=None, adapter_name=Non
         "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
     }
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-    os.makedirs(directory, exist_ok=True)
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    header = {"format": "pt", **({"nanoqlora": json.dumps(metadata, allow_nan=False)} if metadata else {})}
-    save_safetensors_atomic(tensors, weights_path, metadata=header)
-    write_json_atomic(peft_config, os.path.join(directory, ADAPTER_CONFIG))
-    return weights_path
+    config_bytes = json.dumps(peft_config, indent=2).encode()
+    header = {"format": "pt", "written_by": WRITTEN_BY["peft"], "adapter_config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+              **({"nanoqlora": json.dumps(metadata, allow_nan=False)} if metadata else {})}
+    with export_folder(directory, "peft", protected) as staging:
+        if base_model is not None:
+            write_hf_checkpoint(base_model, os.path.join(staging, "base"))
+        write_bytes_atomic(config_bytes, os.path.join(staging, ADAPTER_CONFIG))
+        save_safetensors_atomic(tensors, os.path.join(staging, ADAPTER_WEIGHTS), metadata=header)
+    return os.path.join(os.path.abspath(directory), ADAPTER_WEIGHTS)
 
 
 def dora_magnitude(layer, name):
@@ -169,10 +258,28 @@ def dora_magnitude(layer, name):
 # ---------------------------------------------------------------------------------------------- import
 
 
-def read_peft_adapter(directory):
-    """(adapter_config.json as a dict, {tensor name: tensor}) of a PEFT adapter directory, checked."""
-    from safetensors.torch import load_file
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+
+PEFT_SETTING_TYPES = {  # LoraConfig key -> (check, what it must be), for the keys import_peft reads
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "lora_alpha": (lambda v: is_number(v) and v > 0, "a positive number"),
+    "lora_dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values()),
+                     "an object of module patterns -> positive integers"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(is_number(x) and x > 0 for x in v.values()),
+                      "an object of module patterns -> positive numbers"),
+}
+
+
+def read_peft_adapter(directory):
+    """(adapter_config.json as a dict, {tensor name: tensor}) of a PEFT adapter directory, checked: every setting
+    import_peft reads has its type (a string lora_alpha, a pattern that is no regular expression are named), and the
+    tensors are read as every adapter's are (adapter_files.read_adapter_weights: finite floats; an export of ours
+    also records the checksum of the config beside it, which must match)."""
     config, weights_path = read_saved_pair(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "PEFT's save_pretrained")
     paths = [os.path.join(directory, ADAPTER_CONFIG), weights_path]
     if config.get("peft_type") != "LORA":
@@ -182,7 +289,36 @@ def read_peft_adapter(directory):
             raise ValueError(f"{paths[0]} sets {key}={config[key]!r}, which our LoRA layers cannot express; only A, B (and DoRA's magnitude) import")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{paths[0]} trains biases (bias={config['bias']!r}); our LoRA keeps the base biases frozen, so only bias='none' imports")
-    return config, load_file(paths[1])
+    if "lora_alpha" not in config:
+        raise UserError(f"{paths[0]} has no lora_alpha: it is not a complete LoraConfig")
+    for key, (valid, description) in PEFT_SETTING_TYPES.items():
+        if config.get(key) is not None and not valid(config[key]):
+            raise UserError(f"{paths[0]}: {key!r} is {json.dumps(config[key])}, but must be {description}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in config.get(key) or {}:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UserError(f"{paths[0]}: {key} key {pattern!r} is not a regular expression ({e}); PEFT matches module names with it") from None
+    with open(paths[0], "rb") as f:
+        config_sha256 = hashlib.sha256(f.read()).hexdigest()
+    recorded = export_header(weights_path).get("adapter_config_sha256")
+    if recorded is not None and recorded != config_sha256:
+        raise UserError(f"{paths[0]} is not the config {weights_path} was exported with (its checksum differs: files of two "
+                        f"exports); export the adapter again")
+    return config, read_adapter_weights(weights_path, None, ADAPTER_CONFIG, fix="export or save the adapter again")
+
+
+def export_header(weights_path):
+    """The metadata of a safetensors file's header ({} when it has none or cannot be read: read_adapter_weights names
+    an unreadable file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:
+        return {}
 
 
 def pattern_value(patterns, module_name, default):
@@ -237,6 +373,12 @@ def import_peft(model, directory, adapter_name="default"):
     rank = max(parts["lora_A.weight"].shape[0] for parts in modules.values())
     alpha = config["lora_alpha"]
     ours = lora_scaling(alpha, rank, use_rslora)
+    for (layer, module), parts in modules.items():  # each module's scaling as PEFT computes it, within what we load
+        theirs = lora_scaling(pattern_value(config.get("alpha_pattern") or {}, f"transformer.h.{layer}.{module}", alpha),
+                              parts["lora_A.weight"].shape[0], use_rslora)
+        if theirs > MAX_LORA_SCALING:
+            raise UserError(f"{directory}: block {layer} {module}'s lora_alpha and rank scale its update by {theirs:g}, beyond any "
+                            f"adapter trained here (at most {MAX_LORA_SCALING:g}); the file is damaged or was edited")
     targets = [t for module in hf_modules for t in OUR_TARGETS[module]]
     apply_lora(model, rank=rank, alpha=alpha, targets=targets, dropout=config.get("lora_dropout", 0.0), use_rslora=use_rslora,
                use_dora=use_dora, adapter_name=adapter_name)
@@ -262,7 +404,7 @@ def import_peft(model, directory, adapter_name="default"):
 # ---------------------------------------------------------------------------------------------- merged HF export
 
 
-def export_merged_hf(model, directory):
+def export_merged_hf(model, directory, protected=()):
     """Write the model with its active adapter merged (W0 + ΔW; DoRA's rescaled rows) as an HF GPT-2 directory. A
     QLoRA model is merged into a dequantized copy (lora.merge_lora_into_dequantized: re-quantizing would round
     the update away). The model passed in is not changed. Returns the weights file's path."""
@@ -274,12 +416,13 @@ def export_merged_hf(model, directory):
         merged = merge_lora_into_dequantized(model) if quantized else merge_lora(copy.deepcopy(model), unload=True)
     else:
         merged = dequantize_model(copy.deepcopy(model)) if quantized else model
-    return save_hf_checkpoint(merged, directory)
+    return save_hf_checkpoint(merged, directory, protected)
 
 
 # ---------------------------------------------------------------------------------------------- whole models
 
 
+HF_TOKENIZER = {50257: "gpt2", 257: "bytes"}  # vocabulary size -> the tokenizer of the models here that have it
 PROJECTIONS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.fc_in", "mlp.fc_out")
 HF_NAMES = {"attn.o_proj": "attn.c_proj", "mlp.fc_in": "mlp.c_fc", "mlp.fc_out": "mlp.c_proj"}  # besides q, k, v -> c_attn
 
@@ -300,12 +443,21 @@ def ours_to_hf(sd, n_layer):
     return hf
 
 
-def save_hf_checkpoint(model, directory):
+def save_hf_checkpoint(model, directory, protected=()):
     """Write a model.GPT as a Hugging Face GPT-2 checkpoint: config.json + model.safetensors with HF's names and
     Conv1D layout (the inverse of hf_to_ours), so transformers.GPT2LMHeadModel.from_pretrained(directory) and
     GPT.from_pretrained(directory) both load it. Works for GPT-2 sizes and for the byte-level models here
     (vocab 257); the end-of-text token is the last id in both vocabularies. A model with LoRA layers or 4-bit
-    weights must be merged into plain nn.Linear layers first. Returns the weights file's path."""
+    weights must be merged into plain nn.Linear layers first. config.json names the tokenizer (under "nanoqlora":
+    "bytes" for the byte-level models, "gpt2" for GPT-2's BPE), which support.checkpoints.load_base_model honours. The
+    folder is written through export_folder (`protected`: see there). Returns the weights file's path."""
+    with export_folder(directory, "hf", protected) as staging:
+        write_hf_checkpoint(model, staging)
+    return os.path.join(os.path.abspath(directory), "model.safetensors")
+
+
+def write_hf_checkpoint(model, directory):
+    """save_hf_checkpoint's files, written into `directory` as it is (export_folder's staging folder)."""
     if not model.config.bias:
         raise ValueError("HF's GPT-2 has a bias in every Linear and LayerNorm; a model built with bias=False cannot be saved in its format")
     if model.config.smear_keys:
@@ -324,6 +476,7 @@ def save_hf_checkpoint(model, directory):
         "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
         "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1,  # <|endoftext|>: 50256 for GPT-2's BPE, 256 for bytes
         "dtype": str(model.transformer.wte.weight.dtype).removeprefix("torch."),
+        "nanoqlora": {"written_by": WRITTEN_BY["hf"], **({"tokenizer": HF_TOKENIZER[c.vocab_size]} if c.vocab_size in HF_TOKENIZER else {})},
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in ours_to_hf(model.state_dict(), c.n_layer).items()}
     os.makedirs(directory, exist_ok=True)

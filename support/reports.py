@@ -8,9 +8,10 @@ import os
 import sys
 from dataclasses import asdict
 
-from support.common import peak_memory_bytes, save_figure_atomic, training_state_bytes, write_csv_atomic, write_json_atomic
-from support.instructions import answer_examples, chat_prompt, score_responses
-from support.loss import mean_token_loss
+from support.common import (peak_memory_bytes, save_figure_atomic, training_state_bytes, write_csv_atomic, write_json_atomic,
+                            write_together)
+from support.ddp import World
+from support.instructions import chat_prompt, score_responses
 from support.resume import last_saved_step
 from support.safety import check_finite
 from support.sms_data import LABELS, format_confusion
@@ -111,9 +112,13 @@ def print_answer_table(by_kind, fields):
 
 
 def report_run(cfg, model, optimizer, mode, data, tokenizer, template, answered, before, rows, device, trainable, total,
-               tokens_seen, run_id):
+               tokens_seen, run_id, world=None):
     """The end of a train.py run: the test loss and the answers after training, scored against those before; printed,
-    and written to summary.json (with samples.json and answers.csv for fine-tuning). Returns the summary."""
+    and written to summary.json (with samples.json and answers.csv for fine-tuning). Returns the summary. Under
+    torchrun every rank takes its share of the evaluation (world); rank 0 alone reports and writes, the others
+    return None. Everything is measured before anything is written, and the files are renamed into place together,
+    summary.json with them: a failure leaves none of them."""
+    world = world or World()
     summary = {  # every setting as the flag that gives it: --init_from, --finetune (None when pretraining), --quantize
         "init_from": cfg.init_from, "finetune": None if cfg.pretraining else cfg.finetune, "quantize": cfg.quantize, "dataset": cfg.dataset,
         "lora_rank": cfg.lora_rank if mode in ("lora", "qlora") else None,
@@ -124,29 +129,33 @@ def report_run(cfg, model, optimizer, mode, data, tokenizer, template, answered,
         "seconds_per_step": (rows[-1]["seconds"] / len(rows)) if rows else None, "peak_memory_bytes": peak_memory_bytes(device),
         "training_state_bytes": training_state_bytes(model, optimizer), "device": device, "config": asdict(cfg), "run_id": run_id,
     }
-    print(f"validation loss: {summary['val_loss_before']:.4f} before -> {summary['val_loss_after']:.4f} after "
-          f"{cfg.max_iters} steps in {summary['seconds']:.0f} s; peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
     if not cfg.pretraining:
         summary["test_loss_before"] = before["test_loss"]
-        summary["test_loss_after"] = mean_token_loss(model, data.val_batches(cfg.batch_size, "test"), device)
+        summary["test_loss_after"] = world.mean_token_loss(model, data.val_batches(cfg.batch_size, "test"), device)
         check_finite(cfg.max_iters, f"the test loss is {summary['test_loss_after']:g}", [summary["test_loss_after"]], last_saved_step(rows),
                      cfg.out_dir, cfg.learning_rate)
-        summary["prompt_template"] = template
-        after = answer_examples(model, tokenizer, answered, device, cfg.max_new_tokens, template)
-        fields, by_kind, records = answer_report(answered, before["answers"], after)
-        summary.update(fields)
-        summary["test_by_kind"] = by_kind
-        for record in records[: cfg.num_samples]:
-            shown = record if "messages" not in record else chat_display(record)
-            print(f"\n### {shown['instruction']}" + (f"\n    input:    {shown['input']}" if shown.get("input") else "")
-                  + f"\n    expected: {shown['output']}\n    before:   {record['before']}\n    after:    {record['after']}")
-        write_json_atomic(records, os.path.join(cfg.out_dir, "samples.json"))
-        if by_kind:
-            write_csv_atomic(by_kind, os.path.join(cfg.out_dir, "answers.csv"), list(by_kind[0]))
-            print_answer_table(by_kind, fields)
-        print(f"\ntest loss: {summary['test_loss_before']:.4f} before -> {summary['test_loss_after']:.4f} after")
-    print(f"{mode}: {trainable:,} trainable / {total:,} total parameters; outputs in {cfg.out_dir}")
-    write_json_atomic(summary, os.path.join(cfg.out_dir, "summary.json"))
+        after = world.answer_examples(model, tokenizer, answered, device, cfg.max_new_tokens, template)
+    if not world.is_main:
+        return None
+    print(f"validation loss: {summary['val_loss_before']:.4f} before -> {summary['val_loss_after']:.4f} after "
+          f"{cfg.max_iters} steps in {summary['seconds']:.0f} s; peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
+    with write_together():  # samples.json, answers.csv and summary.json: all of them or none
+        if not cfg.pretraining:
+            summary["prompt_template"] = template
+            fields, by_kind, records = answer_report(answered, before["answers"], after)
+            summary.update(fields)
+            summary["test_by_kind"] = by_kind
+            for record in records[: cfg.num_samples]:
+                shown = record if "messages" not in record else chat_display(record)
+                print(f"\n### {shown['instruction']}" + (f"\n    input:    {shown['input']}" if shown.get("input") else "")
+                      + f"\n    expected: {shown['output']}\n    before:   {record['before']}\n    after:    {record['after']}")
+            write_json_atomic(records, os.path.join(cfg.out_dir, "samples.json"))
+            if by_kind:
+                write_csv_atomic(by_kind, os.path.join(cfg.out_dir, "answers.csv"), list(by_kind[0]))
+                print_answer_table(by_kind, fields)
+            print(f"\ntest loss: {summary['test_loss_before']:.4f} before -> {summary['test_loss_after']:.4f} after")
+        print(f"{mode}: {trainable:,} trainable / {total:,} total parameters; outputs in {cfg.out_dir}")
+        write_json_atomic(summary, os.path.join(cfg.out_dir, "summary.json"))
     return summary
 
 

@@ -23,7 +23,9 @@ def resume_run(path, cfg, model, optimizer, device):
     return ckpt["iter"], ckpt["log"], ckpt["before"], ckpt.get("run_id") or new_run_id()
 
 
-RUN_FILES = ("ckpt.pt", "adapter_model.safetensors", "adapter_config.json", "log.csv", "loss.png", "samples.json", "summary.json")
+# every file a train.py run writes into its out_dir: a fresh run removes an earlier run's before it starts
+RUN_FILES = ("ckpt.pt", "adapter_model.safetensors", "adapter_config.json", "log.csv", "loss.png", "samples.json", "answers.csv",
+             "summary.json")
 
 
 def settings_that_shape_the_run(cfg):
@@ -54,6 +56,9 @@ def load_resume_checkpoint(path, cfg):
     if differ:
         raise UserError(f"--resume: {path} was trained with {', '.join(differ)}; resume with the saved settings, "
                         f"or start a new run in another --out_dir")
+    if ckpt["iter"] > cfg.max_iters:  # the run would train nothing, and report the checkpoint as a run of max_iters steps
+        raise UserError(f"--resume: {path} is at step {ckpt['iter']}, past --max_iters {cfg.max_iters}, so there is nothing to "
+                        f"train; give a --max_iters above {ckpt['iter']} to train on")
     return ckpt
 
 

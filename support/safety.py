@@ -6,9 +6,10 @@ What keeps the scripts honest about their inputs and their output folders:
 - load_tensor_file: torch.load with weights_only=True. A checkpoint is a pickle, and unpickling an arbitrary object
   runs arbitrary code; our checkpoints hold only tensors and plain containers, so anything else is refused.
 - read_json: a JSON file that must be an object with some keys; an empty, partial or foreign file is named.
-- lock_out_dir: one run owns an output folder at a time (a lock file holding the owner's process id; the lock of a
-  process that no longer exists is stale and taken over), and the temporary files a killed writer left behind are
-  removed when the next run starts.
+- lock_out_dir: one run (or export) owns an output folder at a time. The lock is the operating system's (flock on
+  out_dir/run.lock, which also holds the owner's process id for messages): the kernel releases it when its process
+  ends, however it ends, so there are no stale locks to judge and no race over taking one over. The temporary files a
+  killed writer left behind are removed when the next run starts, and a run that fails leaves no empty folders.
 - new_run_id / file_sha256: the files of one run are tied together by a run id, and a manifest written last records
   the checksum of the weights written before it, so a pair from two different saves is never loaded as one.
 - check_finite_settings: NaN and infinity are refused for every float setting; check_finite stops a run whose loss
@@ -16,6 +17,7 @@ What keeps the scripts honest about their inputs and their output folders:
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -45,7 +47,28 @@ def main_errors():
 
 def error_line(e):
     """The one-line message for an exception in main_errors (a KeyError's str() would wrap it in quotes)."""
-    return f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}"
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    return f"error: {' '.join(text.splitlines())}"  # one line, whatever the message holds
+
+
+# what to do when the file system refuses a write, by errno
+WRITE_FIXES = {errno.ENOSPC: "the disk is full: free some space, or choose another folder",
+               errno.EDQUOT: "the disk quota is used up: free some space, or choose another folder",
+               errno.EROFS: "the file system is read-only: choose a folder you can write to",
+               errno.EACCES: "permission denied: choose a folder you can write to",
+               errno.EPERM: "not permitted: choose a folder you can write to",
+               errno.EFBIG: "the file is larger than this process may write (ulimit -f)"}
+
+
+def write_error(path, error):
+    """The OSError behind a failed write (torch.save wraps it in a RuntimeError) as a UserError naming the path and the
+    fix; None when the failure is not the file system's."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    if error is None or error.errno is None:
+        return None
+    reason, fix = error.strerror or os.strerror(error.errno), WRITE_FIXES.get(error.errno)
+    return UserError(f"cannot write {path}: {reason}" + (f" ({fix}); the files there before are as they were" if fix else ""))
 
 
 # ---------------------------------------------------------------------------------------------- reading files
@@ -211,40 +234,97 @@ def remove_stale_temporary_files(directory):
     return removed
 
 
+def make_directories(directory):
+    """os.makedirs(directory) -> the directories it created, top first (empty if it existed); a file system that refuses
+    is one line naming the folder."""
+    missing, path = [], os.path.abspath(directory)
+    while not os.path.exists(path):
+        missing.insert(0, path)
+        path = os.path.dirname(path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise write_error(directory, e) or e from None
+    return missing
+
+
+def remove_if_empty(directories):
+    """Remove the directories a failed run created (deepest first) as long as they hold nothing."""
+    for directory in reversed(directories):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+
+
+class OutDirLock:
+    """An exclusive flock on `directory/run.lock`, held until release() or the process ends (the kernel drops it
+    then: a killed run leaves no lock that stops the next one). The file holds the owner's process id, read only to
+    name the owner in the message of a run that is refused."""
+
+    def __init__(self, directory):
+        import fcntl
+
+        self.path = os.path.join(directory, LOCK_FILE)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise write_error(self.path, e) or e from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                owner = read_lock_owner(self.path)
+                raise UserError(f"{directory} is in use by another run or export (process {owner if owner else '?'}, see "
+                                f"{self.path}); wait for it to finish or choose another folder") from None
+            # the holder before us may have removed the file after we opened it: then our lock is on a file no one else
+            # will open, and we try again on the one now at the path
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise UserError(f"could not lock {directory}: other runs keep replacing {self.path}; choose another folder")
+        self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:
+            self.release()
+            raise write_error(self.path, e) or e from None
+
+    def release(self):
+        """Remove the lock file (if it is still ours: an export may have moved its folder away) and unlock."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                os.remove(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+
 @contextlib.contextmanager
 def lock_out_dir(directory):
-    """Hold `directory/run.lock` for the duration of a run. The lock file holds the owner's process id; a second
-    run on the same folder is refused while that process lives, and takes over the lock once it is gone (killed
-    runs leave their lock behind). Stale temporary files are removed once the lock is ours."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, LOCK_FILE)
-    mine = f"{path}.{os.getpid()}.tmp"
-    with open(mine, "w") as f:  # the lock appears with our pid already in it: hard-linking it into place is atomic
-        f.write(f"{os.getpid()}\n")
-    try:
-        for _ in range(3):  # a stale lock is removed and the link retried; another starter may win that race
-            try:
-                os.link(mine, path)
-                break
-            except FileExistsError:
-                owner = read_lock_owner(path)
-                if owner is not None and process_is_alive(owner):
-                    raise UserError(f"{directory} is in use by another run (process {owner}, see {path}); wait for it to finish "
-                                    f"or choose another --out_dir (if no such run exists, delete {path})") from None
-                print(f"{path}: the run that held it (process {owner}) is gone; taking over its folder")
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-        else:
-            raise UserError(f"could not lock {directory}: other runs keep creating {path}; choose another --out_dir")
-    finally:
-        os.remove(mine)
+    """Hold `directory/run.lock` (an OutDirLock) for the duration of a run or export; a second one on the same
+    folder is refused while the first lives. Stale temporary files are removed once the lock is ours. A run that fails
+    removes the folders it created, if they hold nothing: a mistyped flag leaves no empty output tree behind."""
+    created = make_directories(directory)
+    lock = OutDirLock(directory)
+    failed = True
     try:
         for stale in remove_stale_temporary_files(directory):
             print(f"removed {stale}, left half-written by a run that was killed")
-        yield path
+        yield lock.path
+        failed = False
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+        lock.release()
+        if failed:
+            remove_if_empty(created)
 
 
 def remove_earlier_run(out_dir, run_files, hint=""):

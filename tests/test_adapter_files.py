@@ -92,3 +92,14 @@ def test_saved_files_are_readable_like_the_rest(tmp_path):
     directory = saved_adapter(tmp_path)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert os.stat(directory / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_an_absurd_scaling_is_refused(tmp_path):
+    """alpha 1e30 in adapter_config.json (the checksum covers the weights, not the config) made every answer blank."""
+    directory = saved_adapter(tmp_path)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "alpha": 1e30}))
+    with pytest.raises(ValueError, match=r"alpha 1e\+30 with rank 4 scales the update by 2.5e\+29, beyond any adapter trained here"):
+        load_adapter(tiny_gpt(), directory)
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "alpha": 4000.0}))  # scaling 1000: the largest allowed
+    load_adapter(tiny_gpt(), directory)

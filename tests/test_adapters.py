@@ -211,3 +211,66 @@ def test_two_tasks_on_one_frozen_base():
     assert all(torch.equal(v, base_state[k]) for k, v in gpt.state_dict().items())
     with pytest.raises(ValueError, match="no adapter named 'spam'"):
         set_adapter(gpt, "spam")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 26: adapters.load_adapter (bottleneck, prefix, (IA)3) checks what it reads as lora.load_adapter does
+
+
+def saved(tmp_path, method="bottleneck"):
+    from other_methods.ia3 import apply_ia3
+    from other_methods.prefix_tuning import apply_prefix_tuning
+
+    apply = {"bottleneck": lambda m: apply_adapters(m, bottleneck=4), "prefix": lambda m: apply_prefix_tuning(m, num_virtual_tokens=3),
+             "ia3": apply_ia3}[method]
+    model = apply(tiny_gpt())
+    perturb(model)
+    save_adapter(model, tmp_path / method)
+    return tmp_path / method
+
+
+@pytest.mark.parametrize("method", ["bottleneck", "prefix", "ia3"])
+@pytest.mark.parametrize("damage, message", [
+    ("nan", "holds NaN or infinite values"),
+    ("int32", "is torch.int32, but adapter weights are floating point"),
+    ("other weights", "is not the file adapter_config.json beside it was saved with"),
+    ("truncated", "is not the file adapter_config.json beside it was saved with"),
+])
+def test_load_refuses_damaged_weights(tmp_path, method, damage, message):
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save
+
+    directory = saved(tmp_path, method)
+    weights = directory / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    if damage == "truncated":
+        data = weights.read_bytes()[: weights.stat().st_size // 2]
+    else:
+        tensors[name] = {"nan": torch.full_like(tensors[name], float("nan")), "int32": tensors[name].round().to(torch.int32),
+                         "other weights": tensors[name] + 1}[damage]
+        data = save(tensors)
+    weights.write_bytes(data)
+    if damage in ("nan", "int32"):  # written with a matching checksum, as a diverged or foreign save would be
+        config = json.loads((directory / "adapter_config.json").read_text())
+        (directory / "adapter_config.json").write_text(json.dumps({**config, "weights_sha256": hashlib.sha256(data).hexdigest()}))
+    with pytest.raises(ValueError, match=message):
+        load_adapter(tiny_gpt(), directory)
+
+
+def test_load_refuses_a_config_it_cannot_build(tmp_path):
+    import json
+
+    directory = saved(tmp_path)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "surprise": 1}))
+    with pytest.raises(ValueError, match="has setting 'surprise', which bottleneck adapters do not take"):
+        load_adapter(tiny_gpt(), directory)
+    (directory / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "weights_sha256"}))
+    with pytest.raises(ValueError, match="records no checksum of its weights"):
+        load_adapter(tiny_gpt(), directory)
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "init_std": "0.01"}))
+    with pytest.raises(ValueError, match="its settings do not build a bottleneck adapter"):
+        load_adapter(tiny_gpt(), directory)

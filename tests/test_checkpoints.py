@@ -10,6 +10,7 @@ import torch
 import train
 from model import GPT, GPTConfig
 from support import checkpoints
+from support.safety import UserError
 from train import TrainConfig, resolve_defaults
 
 
@@ -92,6 +93,56 @@ def test_a_config_whose_shapes_the_weights_do_not_have_is_refused_before_loading
     (directory / "config.json").write_text(json.dumps({**config, "n_head": 3}))
     with pytest.raises(ValueError, match="n_embd 64 is not divisible by n_head 3"):
         checkpoints.load_hf_model(str(directory))
+
+
+@pytest.mark.parametrize("change, message", [({"n_head": 3}, "n_embd 64 is not divisible by n_head 3"),
+                                             ({"n_embd": 128}, r"wte.weight is \(50257, 64\) but .*config.json implies \(50257, 128\)")],
+                         ids=["n_head 3", "n_embd 128"])
+def test_the_lessons_from_pretrained_checks_the_config_against_the_weights_too(hf_dir, tmp_path, change, message):
+    """GPT.from_pretrained (model.py) used to trust config.json: an AssertionError for n_head 3, and a model of the
+    config's size allocated before its weights were read (40 GB for n_embd 200,000). Now one line, nothing allocated."""
+    import json
+
+    directory = copy_hf_dir(hf_dir[0], tmp_path / "hf")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(UserError, match=message):
+        GPT.from_pretrained(str(directory))
+
+
+def test_a_byte_level_hf_folder_loads_with_the_tokenizer_its_config_names(tmp_path):
+    """--export_hf of a byte-level model writes "tokenizer": "bytes" into config.json, and loading honours it (GPT-2's
+    BPE was assumed for every HF folder: offline a download of its files was tried, with them an IndexError)."""
+    import json
+
+    from support.interop import save_hf_checkpoint
+
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval()
+    save_hf_checkpoint(ours, tmp_path / "hf")
+    model, tokenizer_name = checkpoints.load_base_model(str(tmp_path / "hf"))
+    assert tokenizer_name == "bytes" and model.base_sha256 == checkpoints.weights_sha256(ours)  # the same weights, the same fingerprint
+    idx = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], ours(idx)[0])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["nanoqlora"]["tokenizer"] == "bytes"
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "nanoqlora": {"tokenizer": "gpt2"}}))
+    with pytest.raises(UserError, match=r"config.json names the gpt2 tokenizer \(50257 tokens\) but vocab_size 257"):
+        checkpoints.load_base_model(str(tmp_path / "hf"))
+    with pytest.raises(UserError, match="vocab_size 300 is neither GPT-2's BPE"):  # no tokenizer named, none of this size
+        checkpoints.hf_tokenizer({"vocab_size": 300}, "config.json")
+    assert checkpoints.hf_tokenizer({"vocab_size": 50257}, "config.json") == "gpt2"  # GPT-2's own folders name none
+
+
+def test_the_fingerprint_sees_one_changed_weight():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8))
+    before = checkpoints.weights_sha256(model)
+    assert checkpoints.weights_sha256(model) == before and len(before) == 64
+    with torch.no_grad():
+        model.transformer.h[0].attn.v_proj.weight[0, 0] += 1e-6
+    assert checkpoints.weights_sha256(model) != before
 
 
 def copy_hf_dir(source, target):

@@ -75,3 +75,60 @@ def test_pick_device_refuses_what_this_machine_lacks(monkeypatch):
         common.pick_device("cuda")
     with pytest.raises(common.UserError, match="--device 'tpu': use auto, cuda"):
         common.pick_device("tpu")
+
+
+# issue 26: writes the file system refuses are one line; a step's files are replaced together or not at all
+
+
+@pytest.mark.parametrize("error, says", [
+    (OSError(28, "No space left on device"), "No space left on device (the disk is full: free some space, or choose another folder)"),
+    (OSError(30, "Read-only file system"), "Read-only file system (the file system is read-only: choose a folder you can write to)"),
+])
+def test_a_refused_write_is_one_line_naming_the_file_and_the_old_file_stays(tmp_path, error, says):
+    path = tmp_path / "log.csv"
+    path.write_text("the old log")
+
+    def refused(tmp):
+        open(tmp, "w").write("half")
+        raise error
+
+    def refused_inside_torch_save(tmp):  # torch.save turns the OSError of a full disk into a RuntimeError (its context)
+        try:
+            raise error
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    for write in (refused, refused_inside_torch_save):
+        with pytest.raises(common.UserError) as caught:
+            common.atomic_write(str(path), write)
+        assert str(caught.value) == f"cannot write {path}: {says}; the files there before are as they were"
+        assert path.read_text() == "the old log" and os.listdir(tmp_path) == ["log.csv"]
+    with pytest.raises(RuntimeError, match="not a write error"):  # other failures are not dressed up as one
+        common.atomic_write(str(path), lambda tmp: (_ for _ in ()).throw(RuntimeError("not a write error")))
+
+
+def test_files_written_together_are_renamed_together_or_not_at_all(tmp_path):
+    for name in ("ckpt.pt", "adapter_config.json"):
+        (tmp_path / name).write_text(f"step 2 {name}")
+    with pytest.raises(KeyboardInterrupt):
+        with common.write_together():
+            common.write_json_atomic({"step": 4}, str(tmp_path / "adapter_config.json"))
+            assert (tmp_path / "adapter_config.json").read_text() == "step 2 adapter_config.json"  # not yet
+            raise KeyboardInterrupt  # killed before the checkpoint was written
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "ckpt.pt"]
+    assert all((tmp_path / name).read_text() == f"step 2 {name}" for name in ("ckpt.pt", "adapter_config.json"))
+    with common.write_together():
+        common.write_json_atomic({"step": 4}, str(tmp_path / "adapter_config.json"))
+        common.save_atomic({"step": 4}, str(tmp_path / "ckpt.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "ckpt.pt"]
+    assert common.torch.load(tmp_path / "ckpt.pt", weights_only=True) == {"step": 4}
+
+
+def test_every_writer_gives_the_usual_permissions(tmp_path):
+    """safetensors creates its files 0600: a model or adapter file then could not be shared like the JSON beside it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    common.save_safetensors_atomic({"x": common.torch.zeros(2)}, str(tmp_path / "a.safetensors"))
+    common.write_json_atomic({}, str(tmp_path / "a.json"))
+    common.save_atomic({}, str(tmp_path / "a.pt"))
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == dict.fromkeys(["a.safetensors", "a.json", "a.pt"], 0o666 & ~umask)

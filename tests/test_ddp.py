@@ -82,3 +82,98 @@ def test_two_gloo_processes_follow_the_single_process_trajectory_and_resume(tmp_
         train.train(resolve_defaults(TrainConfig(**FLAGS, out_dir=str(tmp_path / "resumed"))))
     torchrun(tmp_path / "resumed", resume=True)
     assert_same_trajectory(log(tmp_path / "single"), log(tmp_path / "resumed"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 26: evaluation is shared by the ranks, so none waits in a collective while another evaluates alone
+
+SHORT_TIMEOUT = """
+import datetime, functools, os, runpy, sys, time
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+dist.init_process_group = functools.partial(dist.init_process_group, timeout=datetime.timedelta(seconds={timeout}))
+import support.loss
+real = support.loss.mean_token_loss
+def slow(model, batches, device):  # an evaluation that takes {per_batch} s per batch
+    time.sleep({per_batch} * len(batches))
+    return real(model, batches, device)
+support.loss.mean_token_loss = slow
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path(os.path.join({root!r}, "train.py"), run_name="__main__")
+"""
+
+
+def test_an_evaluation_longer_than_the_process_group_timeout_ends_no_run(tmp_path):
+    """An 8 s process-group timeout and 20 validation batches of 0.5 s each: one rank evaluating alone for 10 s while
+    the other waited in a collective ended the run; shared, each rank scores 10 batches (5 s), and they meet."""
+    wrapper = tmp_path / "short_timeout.py"
+    wrapper.write_text(SHORT_TIMEOUT.format(root=ROOT, timeout=8, per_batch=0.5))
+    flags = {**FLAGS, "max_iters": 2, "eval_interval": 2, "eval_batches": 20, "grad_accum": 2, "out_dir": str(tmp_path / "ddp")}
+    argv = [part for key, value in flags.items() for part in ((f"--{key}" if value else f"--no-{key}",) if isinstance(value, bool) else (f"--{key}", str(value)))]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper), *argv],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["iter"] for r in log(tmp_path / "ddp")] == ["1", "2"] and log(tmp_path / "ddp")[-1]["val_loss"] != ""
+
+
+def evaluation_model():
+    """A small byte-level GPT with weights large enough (std 0.3) that its greedy answers differ from prompt to prompt."""
+    import torch
+
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=1, n_head=2, n_embd=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def shared_evaluation(rank, store, results):
+    """One of two Gloo processes: the validation loss and greedy answers of a small model, each rank taking its share."""
+    import torch
+    import torch.distributed as dist
+
+    from support.instructions import load_examples
+    from support.tokenizer import ByteTokenizer
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model = evaluation_model()
+        world = World(rank=rank, size=2)
+        batches = [(torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(i)),) * 2 for i in range(5)]
+        batches = [(x, torch.where(x % 3 == 0, -100, x)) for x, _ in batches]  # a different number of targets per batch
+        examples = load_examples("embedded")[:7]
+        loss = world.mean_token_loss(model, batches, "cpu")
+        answers = world.answer_examples(model, ByteTokenizer(), examples, "cpu", 6, "compact")
+        results.put((rank, loss, answers))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shared_evaluation_gives_what_one_process_computes(tmp_path):
+    """Uneven shares (5 batches, 7 examples over 2 ranks): the gathered loss is one process's up to rounding, and the
+    answers are the same, in the same order, on every rank."""
+    import multiprocessing
+
+    import torch
+
+    from support.instructions import answer_examples, load_examples
+    from support.loss import mean_token_loss
+    from support.tokenizer import ByteTokenizer
+
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+    ranks = [fork.Process(target=shared_evaluation, args=(rank, tmp_path / "store", results)) for rank in (0, 1)]
+    for p in ranks:
+        p.start()
+    got = sorted(results.get(timeout=120) for _ in ranks)
+    for p in ranks:
+        p.join()
+    model = evaluation_model()
+    batches = [(torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(i)),) * 2 for i in range(5)]
+    batches = [(x, torch.where(x % 3 == 0, -100, x)) for x, _ in batches]
+    answers = answer_examples(model, ByteTokenizer(), load_examples("embedded")[:7], "cpu", 6, "compact")
+    assert got[0][1] == got[1][1] == pytest.approx(mean_token_loss(model, batches, "cpu"), rel=1e-6)
+    assert got[0][2] == got[1][2] == answers and len(set(answers)) > 1

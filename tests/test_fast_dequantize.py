@@ -1,8 +1,10 @@
 """support/fast_dequantize.py: the opt-in paths (NANOQLORA_DEQUANTIZE=table, =kernel) give exactly the values of
 quantize.dequantize_4bit, the definition; nothing is compiled unless asked; when the kernel cannot be built the table
 path runs, with a warning that says why."""
+import hashlib
 import os
 import shutil
+import subprocess
 import warnings
 
 import pytest
@@ -136,7 +138,9 @@ def test_library_is_built_once_per_source_and_compiler(tmp_path):
     built_at = libraries[0].stat().st_mtime_ns
     second, _ = K.compile_kernel(compiler, str(tmp_path))
     assert second._name == first._name and libraries[0].stat().st_mtime_ns == built_at
-    assert [p.name for p in tmp_path.iterdir()] == [libraries[0].name]  # no build directory left behind
+    # no build directory left behind; the library's SHA-256, recorded when it was built, beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [libraries[0].name, libraries[0].name + ".sha256"]
+    assert (tmp_path / (libraries[0].name + ".sha256")).read_text().strip() == K.file_sha256(libraries[0])
 
 
 def test_no_compiler_falls_back_to_the_table_path_with_a_warning(fresh_kernel, tmp_path):
@@ -193,3 +197,109 @@ def test_qlora_training_is_the_same_on_every_path(path, monkeypatch):
     fast = train()
     assert (not calls) if path == "kernel" else calls, "the chosen path did not run"
     assert reference.keys() == fast.keys() and all(torch.equal(reference[k], fast[k]) for k in reference)
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 26: the cache loads only what this code built; anything else falls back to the table path, with a warning
+
+PLANTED = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(getenv("PLANTED_MARKER"), "w");
+    if (f) { fputs("a planted library ran", f); fclose(f); }
+}
+int simd_level(void) { return 0; }
+void dequantize_4bit(const unsigned char *codes, long long n, int block_shift, const float *book, const float *absmax,
+                     const unsigned char *absmax_codes, const float *absmax_book, const float *group_scale, float mean,
+                     int group_shift, float *out, int threads, int max_simd) {
+    for (long long i = 0; i < 2 * n; i++) out[i] = 0.0f;
+}
+"""
+
+
+def compile_c(source, directory, name):
+    """A shared library built from C source, as an attacker (or a broken build) would leave one."""
+    path = os.path.join(directory, name)
+    with open(path + ".c", "w") as f:
+        f.write(source)
+    subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", path + ".c", "-o", path], check=True)
+    return path
+
+
+def expected_library_name(compiler="cc"):
+    """The file name the kernel is cached under for `compiler` (OpenMP build): a hash of source, compiler and flags."""
+    with open(K.KERNEL_SOURCE_PATH) as f:
+        source = f.read()
+    key = hashlib.sha256("\n".join([source, compiler, *K.BASE_FLAGS, "-fopenmp"]).encode()).hexdigest()[:16]
+    return f"dequantize_4bit-{key}.so"
+
+
+@pytest.mark.parametrize("genuine_build_first", [False, True], ids=["planted alone", "planted over a genuine build"])
+def test_a_library_planted_in_the_cache_is_never_loaded(fresh_kernel, tmp_path, genuine_build_first):
+    """A library at the cached kernel's name, not built by this code: its constructor wrote a file and its dequantize
+    returned zeros, used silently ("C kernel", a slightly worse loss). Now its hash gives it away (none recorded, or
+    the genuine build's): it is rebuilt, with a warning, and never loaded."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    if genuine_build_first:  # the library this code built, and the SHA-256 recorded beside it
+        K.compile_kernel("cc", str(cache))
+        assert (cache / (expected_library_name() + ".sha256")).exists()
+    os.replace(compile_c(PLANTED, str(tmp_path), "planted.so"), cache / expected_library_name())
+    fresh_kernel.setenv("CC", "cc")
+    fresh_kernel.setenv("NANOQLORA_KERNEL_CACHE", str(cache))
+    fresh_kernel.setenv("NANOQLORA_DEQUANTIZE", "kernel")
+    fresh_kernel.setenv("PLANTED_MARKER", str(tmp_path / "marker"))
+    q = Q.quantize_nf4(torch.randn(64, 64))
+    with pytest.warns(RuntimeWarning, match="is not the library this code built"):
+        values = Q.dequantize_nf4(q)
+    assert not (tmp_path / "marker").exists(), "the planted library's code ran"
+    assert torch.equal(values, definition(q).view(64, 64)) and K.status().startswith("C kernel (")
+
+
+def test_a_cache_others_can_write_is_not_used(fresh_kernel, tmp_path):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # NANOQLORA_KERNEL_CACHE on a shared path: anyone could plant a library there
+    fresh_kernel.setenv("NANOQLORA_KERNEL_CACHE", str(shared))
+    fresh_kernel.setenv("NANOQLORA_DEQUANTIZE", "kernel")
+    q = Q.quantize_nf4(torch.randn(64, 64))
+    with pytest.warns(RuntimeWarning, match="can be written by other users \\(mode 777\\); make it private"):
+        values = Q.dequantize_nf4(q)
+    assert torch.equal(values, definition(q).view(64, 64)) and K.status().startswith("byte-pair table")
+    assert list(shared.iterdir()) == []  # nothing built or loaded there
+
+
+@pytest.mark.parametrize("source, says", [
+    ("int simd_level(void) { return 0; }\n", "cannot be used .*undefined symbol: dequantize_4bit"),
+    (PLANTED.replace("__attribute__((constructor))", "__attribute__((unused))"), "computes other values than the definition"),
+], ids=["no dequantize_4bit", "returns zeros"])
+def test_a_library_that_lacks_the_function_or_computes_wrong_values_falls_back(fresh_kernel, tmp_path, source, says):
+    """Even a library this code built (so its hash matches) is used only if it has the function and dequantizes a test
+    block exactly: before, a missing symbol was an AttributeError traceback, and wrong values were used."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "kernel.c").write_text(source)
+    fresh_kernel.setattr(K, "KERNEL_SOURCE_PATH", str(tmp_path / "kernel.c"))
+    fresh_kernel.setenv("NANOQLORA_KERNEL_CACHE", str(tmp_path / "cache"))
+    fresh_kernel.setenv("NANOQLORA_DEQUANTIZE", "kernel")
+    q = Q.quantize_nf4(torch.randn(64, 64))
+    with pytest.warns(RuntimeWarning, match=says):
+        values = Q.dequantize_nf4(q)
+    assert torch.equal(values, definition(q).view(64, 64)) and K.status().startswith("byte-pair table")
+
+
+def test_cc_may_hold_flags(fresh_kernel, tmp_path):
+    """CC="cc -O1" is a command line, as make reads it, not a program named 'cc -O1'."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    fresh_kernel.setenv("CC", "cc -O1")
+    fresh_kernel.setenv("NANOQLORA_KERNEL_CACHE", str(tmp_path / "cache"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert K.status().startswith("C kernel (")

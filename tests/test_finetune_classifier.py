@@ -259,9 +259,11 @@ def test_a_new_run_replaces_the_earlier_runs_files_and_one_run_owns_the_folder(t
     fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", data_path=data))
     assert not (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()  # the LoRA run's weights are gone
     assert sorted(os.listdir(tmp_path / "out")) == ["adapter", "classifier.json", "classifier.pt", "curves.png", "log.csv", "summary.json"]
-    (tmp_path / "out" / "run.lock").write_text(f"{os.getppid()}\n")  # a live process holds the folder
-    with pytest.raises(UserError, match="is in use by another run"):
-        fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", data_path=data))
+    from support.safety import lock_out_dir
+
+    with lock_out_dir(str(tmp_path / "out")):  # another run holds the folder (its flock)
+        with pytest.raises(UserError, match="is in use by another run"):
+            fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", data_path=data))
 
 
 # ---------------------------------------------------------------------------------------------- the model

@@ -256,3 +256,44 @@ def test_packing_uses_the_run_template():
         inputs, _, segments = collate_packed(rows, tok.eot_token)
         for i, ex in enumerate(examples):  # each segment is its example's inputs: the prompt in this template, the output
             assert tok.decode(inputs[0][segments[0] == i].tolist()) == format_prompt(ex, template) + ex["output"]
+
+
+# issue 26: every field is checked before anything trains (a non-string answer or kind crashed the run after training)
+EOT = "<|endoftext|>"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([{"instruction": "a", "output": "b", "answer": 5}], "entry 0 has 'answer': 5, but it must be a string"),
+    ([{"instruction": "a", "output": "b", "kind": ["x", "y"]}], r"entry 0 has 'kind': \["),
+    ([{"instruction": "a", "output": "b", "kind": ""}], "entry 0 has 'kind': \"\", but it must be a non-empty string"),
+    ([{"instruction": "a", "output": 7}], "entry 0 has no non-empty string 'output'"),
+    ([{"instruction": "a", "output": f"b {EOT} c"}], "entry 0's 'output' holds the text <\\|endoftext\\|>"),
+    ([{"instruction": f"a{EOT}", "output": "b"}], "entry 0's 'instruction' holds the text <\\|endoftext\\|>"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"x{EOT}"}]}],
+     "entry 0 message 1's 'content' holds the text <\\|endoftext\\|>"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "answer": 3}], "entry 0 has 'answer': 3"),
+], ids=["answer int", "kind list", "kind empty", "output int", "eot in output", "eot in instruction", "eot in chat", "chat answer int"])
+def test_every_field_is_checked_before_training(bad, message):
+    with pytest.raises(ValueError, match=message):
+        validate_examples(bad, "test.json")
+    if "messages" in bad[0] or "output" not in str(message):  # --answer_file: 'output' optional, checked where present
+        with pytest.raises(ValueError, match=message):
+            validate_examples(bad, "test.json", required=("instruction",))
+
+
+def test_a_deeply_nested_file_and_a_directory_are_named(tmp_path):
+    from support.instructions import load_answer_file
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    for load in (load_examples, load_answer_file):
+        with pytest.raises(ValueError, match="deep.json nests lists or objects too deeply for Python's JSON reader"):
+            load(str(deep))
+    lines = tmp_path / "deep.jsonl"
+    lines.write_text('{"messages": []}\n' + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"too deeply .*\(line 2\)"):
+        load_examples(str(lines))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text("[]")
+    with pytest.raises(ValueError, match=f"--dataset {tmp_path / 'data'} is a directory; give a .json or .jsonl file, e.g. .*train.json"):
+        load_examples(str(tmp_path / "data"))

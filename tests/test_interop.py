@@ -207,3 +207,71 @@ def test_save_hf_checkpoint_refuses_what_gpt2_cannot_hold(tmp_path):
     save_hf_checkpoint(merge_lora(model, unload=True), tmp_path)  # merged: fine
     with pytest.raises(ValueError, match="smeared keys"):
         save_hf_checkpoint(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, smear_keys=True)), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 26: what import_peft reads is checked like every other adapter; exports are as readable as the rest
+
+
+def exported_lora(tmp_path):
+    model = apply_lora(base_model(), rank=4, alpha=8, targets=("q", "v"))
+    trained_looking(model)
+    export_peft(model, tmp_path / "peft")
+    return tmp_path / "peft"
+
+
+def edit_config(directory, **changes):
+    config = json.load(open(directory / "adapter_config.json"))
+    json.dump({**config, **changes}, open(directory / "adapter_config.json", "w"))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(lora_alpha="16"), "'lora_alpha' is \"16\", but must be a positive number"),
+    (dict(lora_alpha=1e30), "scale its update by 2.5e\\+29, beyond any adapter trained here"),
+    (dict(alpha_pattern={"(": 4}), "alpha_pattern key '\\(' is not a regular expression"),
+    (dict(use_dora="false"), "'use_dora' is \"false\", but must be true or false"),
+], ids=["string alpha", "absurd alpha", "bad regex", "string bool"])
+def test_import_peft_refuses_settings_of_the_wrong_type_in_one_line(tmp_path, changes, message):
+    base_dir, adapter_dir = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    edit_config(adapter_dir, **changes)
+    from support.safety import UserError
+
+    with pytest.raises(UserError, match=message):
+        import_peft(base_model(), adapter_dir)
+
+
+@pytest.mark.parametrize("bad", ["nan", "int32"])
+def test_import_peft_refuses_tensors_that_are_not_finite_floats(tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    base_dir, adapter_dir = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan")) if bad == "nan" else tensors[name].round().to(torch.int32)
+    save_file(tensors, adapter_dir / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=f"tensor '{name}' (holds NaN or infinite values|is torch.int32, but adapter weights are floating point)"):
+        import_peft(base_model(), adapter_dir)
+
+
+def test_an_exported_pair_from_two_exports_is_refused(tmp_path):
+    """export_peft's weights record the checksum of the adapter_config.json written with them."""
+    first = exported_lora(tmp_path / "a")
+    model = apply_lora(base_model(), rank=2, alpha=8, targets=("q",))
+    trained_looking(model, seed=4)
+    export_peft(model, tmp_path / "b")
+    (tmp_path / "b" / "adapter_config.json").replace(first / "adapter_config.json")
+    with pytest.raises(ValueError, match="adapter_config.json is not the config .*adapter_model.safetensors was exported with"):
+        import_peft(base_model(), first)
+
+
+def test_exported_files_are_readable_like_the_rest(tmp_path):
+    """safetensors writes its files 0600; every file an export writes gets the usual permissions (0644 under umask 022),
+    as the JSON beside it does."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    save_hf_checkpoint(base_model(), tmp_path / "hf")
+    exported_lora(tmp_path)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 4 and all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in files), [(p.name, oct(p.stat().st_mode)) for p in files]

@@ -1,12 +1,16 @@
 """train.py: pretraining lowers the loss, resuming continues the same trajectory, the CLI's contract, and every
 hostile or careless input is refused with a clear one-line error (issue 17)."""
 import csv
+import errno
 import json
 import math
 import os
 import runpy
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ import train
 from support import checkpoints, config_checks, instructions, resume, train_modes
 from support.common import write_json_atomic
 from support.loss import mean_token_loss
-from support.safety import UserError
+from support.safety import UserError, lock_out_dir
 from train import TrainConfig, parse_args, resolve_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,15 +246,21 @@ def test_packed_rows_hold_every_training_example_once():
     assert x.shape == y.shape == segments.shape and x.shape[0] == 8 and x.shape[1] <= 512
 
 
-def test_export_peft_and_hf_from_the_command_line(tmp_path):
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """A base pretrained without smeared keys (HF's GPT-2 has none: only such a base exports) and a LoRA run on it."""
+    root = tmp_path_factory.mktemp("plain")
+    train.train(tiny_pretrain_config(root / "base", n_embd=48, block_size=384, max_iters=3, eval_interval=3, smear_keys=False))
+    train.train(finetune_config(str(root / "base"), root / "run", max_iters=3, eval_interval=3, lora_targets="q,k,o"))
+    return root / "base", root / "run"
+
+
+def test_export_peft_and_hf_from_the_command_line(plain_run, tmp_path):
     import torch
     from transformers import GPT2LMHeadModel
     from peft import PeftModel
 
-    plain_base = tmp_path / "base"  # HF's GPT-2 has no smeared keys: only a base pretrained without them exports
-    train.train(tiny_pretrain_config(plain_base, n_embd=48, block_size=384, max_iters=3, eval_interval=3, smear_keys=False))
-    run = tmp_path / "run"
-    train.train(finetune_config(str(plain_base), run, max_iters=3, eval_interval=3, lora_targets="q,k,o"))
+    _, run = plain_run
     train_modes.export_run(parse_args(["--adapter", str(run), "--export_peft", str(tmp_path / "peft"), "--export_hf", str(tmp_path / "hf")]))
     ours, _ = checkpoints.load_finetuned(str(run), "tiny", "cpu")
     idx = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -433,6 +443,11 @@ BAD_FLAGS = [  # (flags, what the one-line error must say)
     (["--adapter", "out/somewhere", "--export_hf", "out/hf", "--prompt", "Hi"], "--export_peft / --export_hf write the model and exit"),
     (["--prompt", ""], "--prompt is empty"),
     (["--device", "gpu"], "--device 'gpu': use auto, cuda (or cuda:N), mps or cpu"),
+    # issue 26: accepted silently, or a message that named neither the flag nor the fix
+    (["--answer_limit", "-1"], "--answer_limit -1: use an integer >= 0"),
+    (["--lora_alpha", "1e30"], "--lora_alpha 1e+30 with --lora_rank 32 scales the update by 3.125e+28; use an alpha"),
+    (["--prompt", "caf\udce9?"], "--prompt is not valid UTF-8 (byte 0xe9 at position 3): set your terminal or shell to UTF-8"),
+    (["--prompt", "Say <|endoftext|> twice."], "--prompt holds the text <|endoftext|>, which the tokenizer reads as the end-of-text token"),
 ]
 
 
@@ -501,18 +516,83 @@ def test_resume_loads_strictly(small_base, tmp_path):
         train.train(finetune_config(small_base, tmp_path, max_iters=6, eval_interval=2, resume=True))
 
 
-def test_one_run_owns_an_out_dir_and_a_dead_runs_leftovers_go(tmp_path, capsys):
-    alive, dead = os.getppid(), dead_pid()  # the parent of this test process lives; a reaped child does not
-    (tmp_path / "run.lock").write_text(f"{alive}\n")
-    with pytest.raises(UserError, match=f"in use by another run \\(process {alive}"):
-        train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1))
-    (tmp_path / "run.lock").write_text(f"{dead}\n")  # a killed run's lock
+def hold_lock(directory):
+    """A forked process that takes directory's run lock and sleeps until killed, as a run that trains there does."""
+    import multiprocessing
+
+    taken = multiprocessing.get_context("fork").Event()
+
+    def hold():
+        with lock_out_dir(str(directory)):
+            taken.set()
+            time.sleep(600)
+
+    holder = multiprocessing.get_context("fork").Process(target=hold, daemon=True)
+    holder.start()
+    assert taken.wait(30)
+    return holder
+
+
+def test_one_run_owns_an_out_dir_until_its_process_ends_however_it_ends(tmp_path, capsys):
+    """The lock is the kernel's (flock): a second run is refused while the first holds it, and a run killed with
+    SIGKILL leaves nothing that stops the next one, which removes the half-written files of dead writers."""
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(UserError, match=f"in use by another run or export \\(process {holder.pid}, see .*run.lock\\)"):
+            train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1))
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # no finally in the holder, no cleanup: its lock file stays, but not its lock
+        holder.join()
+    alive, dead = os.getppid(), dead_pid()
     (tmp_path / f"ckpt.pt.{dead}.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / f"notes.txt.{alive}.tmp").write_text("a live process's temporary file")
     train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1))
-    out = capsys.readouterr().out
-    assert f"(process {dead}) is gone" in out and f"ckpt.pt.{dead}.tmp" in out
+    assert f"ckpt.pt.{dead}.tmp" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", "log.csv", "loss.png", "summary.json", f"notes.txt.{alive}.tmp"])
+
+
+def test_a_lock_file_naming_a_live_process_that_holds_no_lock_does_not_block(tmp_path):
+    """A pid file cannot tell a run from whatever process got its id after a crash or a reboot; a kernel lock can."""
+    (tmp_path / "run.lock").write_text(f"{os.getppid()}\n")  # alive, and no run
+    train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1))
+    assert (tmp_path / "summary.json").exists() and not (tmp_path / "run.lock").exists()
+
+
+def test_runs_racing_for_a_folder_with_a_stale_lock_never_both_own_it(tmp_path):
+    """Eight processes start at one barrier on a folder whose lock file a dead process left, ten times: at no moment do
+    two of them hold the folder (the pid-file lock gave a stale lock to two racers at once: on the code before issue 26
+    this test failed in 5 of 8 runs)."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+
+    def contender(barrier, events):
+        barrier.wait()
+        try:
+            with lock_out_dir(str(tmp_path / "race")):
+                events.put(("in", os.getpid(), time.monotonic()))
+                time.sleep(0.2)
+                events.put(("out", os.getpid(), time.monotonic()))
+        except UserError:
+            events.put(("refused", os.getpid(), time.monotonic()))
+
+    for trial in range(10):
+        (tmp_path / "race").mkdir(exist_ok=True)
+        (tmp_path / "race" / "run.lock").write_text(f"{dead_pid()}\n")
+        barrier, events = fork.Barrier(8), fork.Queue()
+        racers = [fork.Process(target=contender, args=(barrier, events)) for _ in range(8)]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join()
+        spans, seen = {}, []
+        while len([e for e in seen if e[0] != "in"]) < 8:
+            seen.append(events.get(timeout=30))
+        for kind, pid, at in seen:
+            spans.setdefault(pid, {})[kind] = at
+        held = sorted((s["in"], s["out"]) for s in spans.values() if "in" in s)
+        assert held, f"trial {trial}: nobody got the folder"
+        assert all(a[1] <= b[0] for a, b in zip(held, held[1:])), f"trial {trial}: two owners at once: {held}"
 
 
 def dead_pid():
@@ -587,3 +667,199 @@ def test_killed_at_random_points_and_resumed_a_run_ends_as_if_never_killed(small
             assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), f"seed {seed}: {name}"
         log = lambda d: [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(d / "log.csv"))]
         assert log(out) == log(tmp_path / "straight"), f"seed {seed}"
+
+
+# ------------------------------------------------------------------------------------- issue 26
+# Each test below failed on the code before issue 26 (an export over the run it came from, a base re-pretrained under
+# an adapter, data that crashed the run after training, a full disk that mixed two steps, ...).
+
+
+def test_an_export_never_writes_into_the_run_or_its_base(plain_run, tmp_path):
+    base, run = plain_run
+    kept = {p.name: p.read_bytes() for p in run.iterdir()}
+    for flags, what in ((["--adapter", str(run), "--export_peft", str(run)], "the --adapter run's own folder"),
+                        (["--adapter", str(run), "--export_hf", str(run)], "the --adapter run's own folder"),
+                        (["--init_from", str(base), "--adapter", str(run), "--export_hf", str(base)], "the folder of the base")):
+        with pytest.raises(UserError, match=f"is {what}.*: an export never writes into it"):
+            train_modes.export_run(parse_args(flags))
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == kept
+    # the base as an HF folder (the same weights, so the same fingerprint): --export_hf of base + adapter into that
+    # folder would rewrite the base with the adapter merged in, and the next load would apply the update twice
+    hf = tmp_path / "hf-base"
+    train_modes.export_run(parse_args(["--init_from", str(base), "--export_hf", str(hf)]))
+    weights = (hf / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="is the folder of the base"):
+        train_modes.export_run(parse_args(["--init_from", str(hf), "--adapter", str(run), "--export_hf", str(hf)]))
+    assert (hf / "model.safetensors").read_bytes() == weights
+
+
+def test_an_export_goes_only_into_a_new_empty_or_earlier_export_folder_and_takes_the_lock(plain_run, tmp_path):
+    base, run = plain_run
+    export = lambda *flags: train_modes.export_run(parse_args(["--adapter", str(run), *flags]))
+    with lock_out_dir(str(tmp_path / "busy")):  # a run training there
+        with pytest.raises(UserError, match="busy is in use by another run or export"):
+            export("--export_hf", str(tmp_path / "busy"))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes holds todo.txt, which is not an earlier export of this kind"):
+        export("--export_peft", str(notes))
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+    hf = tmp_path / "hf"
+    export("--export_hf", str(hf))
+    with pytest.raises(UserError, match="hf holds config.json, model.safetensors, which is not an earlier export of this kind"):
+        export("--export_peft", str(hf))  # an HF export is not a PEFT export
+    merged = (hf / "model.safetensors").read_bytes()
+    train_modes.export_run(parse_args(["--init_from", str(base), "--export_hf", str(hf)]))  # the base alone, over it
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
+    assert (hf / "model.safetensors").read_bytes() != merged
+    assert sorted(os.listdir(tmp_path)) == ["busy", "hf", "notes"]  # no working folder left beside them
+
+
+def test_an_export_that_fails_half_way_leaves_the_earlier_export_whole(plain_run, tmp_path, monkeypatch):
+    from support import interop
+
+    base, run = plain_run
+    target = tmp_path / "peft"
+    train_modes.export_run(parse_args(["--adapter", str(run), "--export_peft", str(target)]))
+    files = {p.relative_to(target): (p.read_bytes(), p.stat().st_ino) for p in target.rglob("*") if p.is_file()}
+    real_save = interop.save_safetensors_atomic
+
+    def die_after_the_base(tensors, path, metadata=None):
+        if os.path.basename(path) == "adapter_model.safetensors":
+            raise KeyboardInterrupt  # killed after the base and the adapter's config were written
+        real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(interop, "save_safetensors_atomic", die_after_the_base)
+    with pytest.raises(KeyboardInterrupt):
+        train_modes.export_run(parse_args(["--adapter", str(run), "--export_peft", str(target)]))
+    # the same files, not even rewritten with the same bytes (a new inode would be): the new export went elsewhere
+    assert {p.relative_to(target): (p.read_bytes(), p.stat().st_ino) for p in target.rglob("*") if p.is_file()} == files
+    assert os.listdir(tmp_path) == ["peft"]
+
+
+def test_bad_data_is_refused_before_training_and_the_earlier_run_stays(small_base, tmp_path):
+    run = tmp_path / "run"
+    train.train(finetune_config(small_base, run, max_iters=2, eval_interval=2, num_samples=0, answer_limit=4))
+    kept = {p.name: p.read_bytes() for p in run.iterdir()}
+    examples = json.load(open(instructions.EMBEDDED_INSTRUCTIONS_PATH))[:40]
+    for key, value in (("answer", 5), ("kind", ["a", "b"])):
+        bad = [dict(ex) for ex in examples]
+        bad[-1][key] = value  # a test example: only scoring the answers after training would meet it
+        path = write_examples(tmp_path / f"{key}.json", bad)
+        with pytest.raises(ValueError, match=f"entry 39 has '{key}'"):
+            train.train(finetune_config(small_base, run, dataset=path, max_iters=2, eval_interval=2, answer_limit=4))
+        with pytest.raises(ValueError, match=f"entry 39 has '{key}'"):
+            train_modes.answer_file(TrainConfig(adapter=str(run), answer_file=path, answers_out=str(tmp_path / "a.json"),
+                                                max_new_tokens=4, device="cpu"))
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == kept and not (tmp_path / "a.json").exists()
+
+
+def test_an_adapter_is_refused_on_another_base_at_its_path(small_base, tmp_path, monkeypatch):
+    """The base is pretrained again (here: one weight changed) where the adapter's metadata points: loading refuses,
+    naming both fingerprints, instead of answering with logits of another model."""
+    base = tmp_path / "base"
+    shutil.copytree(small_base, base)
+    run = tmp_path / "run"
+    train.train(finetune_config(str(base), run, max_iters=2, eval_interval=2, num_samples=0, answer_limit=4))
+    checkpoints.load_finetuned(str(run), "tiny", "cpu")  # its own base: fine
+    ckpt = torch.load(base / "ckpt.pt", weights_only=True)
+    ckpt["model"]["transformer.h.0.mlp.fc_in.weight"][0, 0] += 0.01
+    torch.save(ckpt, base / "ckpt.pt")
+    with pytest.raises(UserError, match=f"the adapter in {run} was trained on a base whose weights have fingerprint [0-9a-f]{{16}}, "
+                                        f"but {base} now holds weights [0-9a-f]{{16}}"):
+        checkpoints.load_finetuned(str(run), "tiny", "cpu")
+    exit_message = run_main("train.py", "--adapter", str(run), "--prompt", "Hi", monkeypatch=monkeypatch)
+    assert exit_message.startswith(f"error: the adapter in {run} was trained on a base whose weights") and "\n" not in exit_message
+
+
+def test_a_missing_base_is_an_error_never_a_pretraining(small_base, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train.train(finetune_config(small_base, run, max_iters=2, eval_interval=2, num_samples=0, answer_limit=4))
+    config = json.loads((run / "adapter_config.json").read_text())
+    config["metadata"]["init_from"] = "tiny"  # an adapter of the default tiny base, which this checkout lacks
+    (run / "adapter_config.json").write_text(json.dumps(config))
+    (run / "summary.json").unlink()
+    monkeypatch.setattr(checkpoints, "TINY_BASE_DIR", str(tmp_path / "no-tiny-base"))
+    monkeypatch.setattr(checkpoints, "run_script", lambda *args: pytest.fail(f"a pretraining started: {args}"))
+    for name, call in {"--adapter --prompt": lambda: train_modes.answer_prompt(TrainConfig(adapter=str(run), prompt="Hi", device="cpu")),
+                       "--prompt": lambda: train_modes.answer_prompt(TrainConfig(prompt="Hi", device="cpu")),
+                       "--export_hf": lambda: train_modes.export_run(parse_args(["--adapter", str(run), "--export_hf", str(tmp_path / "hf")]))}.items():
+        with pytest.raises((UserError, FileNotFoundError), match="no tiny base model at .*no-tiny-base/ckpt.pt: pretrain it first"):
+            call()
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_no_progress_reaches_the_pretraining_of_a_missing_base(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "TINY_BASE_DIR", str(tmp_path / "tiny-base"))
+    started = []
+
+    def pretraining(script, settings):
+        started.append(settings)
+        raise UserError("stopped before pretraining")
+
+    monkeypatch.setattr(checkpoints, "run_script", pretraining)
+    with pytest.raises(UserError, match="stopped before pretraining"):
+        train.prepare_model(resolve_defaults(TrainConfig(progress=False, device="cpu")), "cpu")
+    assert started[0]["progress"] is False and started[0]["init_from"] == "scratch"
+
+
+def test_a_full_disk_leaves_the_last_steps_files_whole(small_base, tmp_path, monkeypatch):
+    """The disk fills up while step 4's checkpoint is written, after its adapter: the adapter, checkpoint and log of
+    step 2 stay, together (before, the adapter of step 4 sat beside the checkpoint of step 2), and the error is one
+    line that says what happened."""
+    real_save = torch.save
+
+    def disk_full_at_step_4(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("iter") == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_4)
+    with pytest.raises(UserError, match=r"^cannot write .*ckpt.pt: No space left on device \(the disk is full: free some space"):
+        train.train(finetune_config(small_base, tmp_path, max_iters=4, eval_interval=2, num_samples=0, answer_limit=4))
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    adapter_step = json.loads((tmp_path / "adapter_config.json").read_text())["metadata"]["step"]
+    assert ckpt["iter"] == adapter_step == 2 and len(list(csv.DictReader(open(tmp_path / "log.csv")))) == 2
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp") or name == "run.lock"]
+    checkpoints.load_finetuned(str(tmp_path), "tiny", "cpu")  # a pair of one save
+    summary = train.train(finetune_config(small_base, tmp_path, max_iters=4, eval_interval=2, num_samples=0, answer_limit=4, resume=True))
+    assert summary["steps"] == 4
+
+
+def test_a_fresh_run_removes_every_file_of_an_earlier_run(small_base, tmp_path):
+    train.train(finetune_config(small_base, tmp_path, max_iters=2, eval_interval=2, num_samples=0, answer_limit=4))
+    assert (tmp_path / "answers.csv").exists()
+    train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1))  # writes no answers
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.csv", "loss.png", "summary.json"]
+
+
+def test_a_failed_run_leaves_no_empty_folders(small_base, tmp_path):
+    bad = write_examples(tmp_path / "bad.json", [{"instruction": "x"}])
+    with pytest.raises(ValueError, match="no non-empty string 'output'"):
+        train.train(finetune_config(small_base, tmp_path / "new" / "a" / "b", dataset=bad))
+    assert os.listdir(tmp_path) == ["bad.json"]
+
+
+def test_a_read_only_out_dir_is_one_line(small_base, tmp_path, monkeypatch):
+    real_makedirs, out_dir = os.makedirs, tmp_path / "read-only" / "run"
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "read-only")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", read_only)
+    exit_message = run_main("train.py", "--init_from", small_base, "--out_dir", str(out_dir), "--no-progress", "--device", "cpu",
+                            monkeypatch=monkeypatch)
+    assert exit_message == (f"error: cannot write {out_dir}: Read-only file system (the file system is read-only: choose a folder "
+                            f"you can write to); the files there before are as they were")
+
+
+def test_resume_that_would_train_nothing_is_refused(tmp_path):
+    train.train(tiny_pretrain_config(tmp_path, max_iters=4, eval_interval=2, eval_batches=1))
+    with pytest.raises(UserError, match=r"--resume: .*ckpt.pt is at step 4, past --max_iters 2, so there is nothing to train; "
+                                        r"give a --max_iters above 4"):
+        train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1, resume=True))
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4  # the finished run's summary stays
