@@ -212,6 +212,8 @@ def run_training(cfg, world=None):
             save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step + 1, rows, before, ckpt_path, run_id)
             write_train_log(rows, cfg, mode)
 
+    if world.is_main and start >= cfg.max_iters:  # resumed at the end (killed between its last checkpoint and log.csv)
+        write_train_log(rows, cfg, mode)
     if not world.is_main:  # rank 0 evaluates and writes the results
         return None
     return report_run(cfg, model, optimizer, mode, data, tokenizer, template, answered, before, rows, device,

@@ -2,6 +2,7 @@
 config goes to the command line and back unchanged."""
 import io
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import pytest
@@ -75,3 +76,19 @@ def test_pick_device_refuses_what_this_machine_lacks(monkeypatch):
         common.pick_device("cuda")
     with pytest.raises(common.UserError, match="--device 'tpu': use auto, cuda"):
         common.pick_device("tpu")
+
+
+def test_autocast_is_bf16_only_on_a_gpu_that_computes_in_bf16(monkeypatch):
+    """A GPU older than Ampere reports bf16 support through emulation (torch.cuda.is_bf16_supported() is True by default
+    there): training must then run in fp32, not in emulated bf16. Stand-ins for torch.cuda answer as such a GPU does."""
+    def older_gpu(including_emulation=True):
+        return including_emulation  # no native bf16, emulation possible
+
+    monkeypatch.setattr(common.torch.cuda, "is_bf16_supported", older_gpu)
+    assert common.autocast_context("cuda").device == "cpu"  # the disabled context, as on the CPU
+    monkeypatch.setattr(common.torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (without a GPU here torch.autocast("cuda") warns that it disables itself)
+        context = common.autocast_context("cuda")
+    assert (context.device, context.fast_dtype) == ("cuda", common.torch.bfloat16)
+    assert common.autocast_context("cpu").device == "cpu"
