@@ -78,3 +78,35 @@ def test_mean_token_loss_is_the_loss_per_target_token_over_batches():
     assert model.training  # put back in training mode
     with pytest.raises(ValueError, match="no target tokens"):
         L.mean_token_loss(model, [(batches[0][0], torch.full((2, 8), -100))], "cpu")
+
+
+def test_compiled_loss_equals_the_eager_loss_and_compiles_once_whatever_the_number_of_targets():
+    """train.py --compile compiles LossAtTargets. The number of positions with a target changes from batch to batch;
+    torch.compile must not compile again for each (the loss at the targets runs eagerly, cross_entropy_at_targets),
+    and the compiled loss and gradients are the eager ones. Traced by dynamo and AOT autograd (backend aot_eager): the
+    tracing is where --compile breaks; inductor's code generation costs a minute of C++ on a CPU (benchmarks/gpu_check.py
+    runs it on a GPU)."""
+    from torch._dynamo.utils import counters
+
+    from lora import apply_lora
+
+    torch.manual_seed(0)
+    model = apply_lora(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, smear_keys=True)), rank=2, alpha=4)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(L.LossAtTargets(model), backend="aot_eager")
+    for masked in (5, 11, 2):  # 3 batches of one shape with 3 different numbers of targets
+        idx, targets = torch.randint(0, 257, (2, 16)), torch.randint(0, 257, (2, 16))
+        targets[:, :masked] = -100
+        results = []
+        for loss_model in (compiled, L.LossAtTargets(model)):
+            model.zero_grad(set_to_none=True)
+            loss = loss_model(idx, targets)
+            loss.backward()
+            results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        assert abs(results[0][0] - results[1][0]) <= 1e-6
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
+    assert counters["stats"]["unique_graphs"] == 1  # one graph, the trunk, compiled once

@@ -371,7 +371,8 @@ def test_linear4bit_compute_dtype():
     assert torch.equal(y, expected)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 def test_linear4bit_on_gpu_computes_in_bf16():
     layer = Q.Linear4bit.from_linear(nn.Linear(256, 128)).cuda()
     x = torch.randn(4, 256, device="cuda")
