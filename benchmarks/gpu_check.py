@@ -17,8 +17,8 @@ The steps, each recorded as ok, failed (with its error) or skipped (with the rea
            On the CPU: a random 2-layer base and 4 steps, the same code path.
   compile  the same job for a few steps with --compile off and on: the same losses, the time per step after the
            first, and what compiling cost.
-  memory   the consumer-GPU recipes of docs/design.md on GPT-2's shapes from random HF-format weights (GPT-2 124M
-           LoRA r=8 on q,v; 124M QLoRA; 355M QLoRA), a batch of 8 x 256 tokens with half the positions masked as a
+  memory   the consumer-GPU recipes of docs/design.md on GPT-2's shapes from random HF-format weights (LoRA r=8 on
+           q,v and QLoRA r=8 on q,v, 124M and 355M), a batch of 8 x 256 tokens with half the positions masked as a
            prompt is: the memory in use once loaded against the computed weights, and the training peak against the
            computed weights + LoRA gradients + AdamW state (the figure design.md gives; activations come on top).
            On the CPU: the QLoRA recipe on a tiny shape, peak = resident set size (not comparable).
@@ -50,7 +50,8 @@ MIB = 2**20
 # docs/design.md's consumer-GPU recipes: (name, GPT-2 shape (n_layer, n_head, n_embd), 4-bit base?, design.md's figure)
 RECIPES = [
     ("GPT-2 124M, LoRA r=8 on q,v", (12, 12, 768), False, "~0.50 GB (fp32 weights) + 3.5 MB"),
-    ("GPT-2 124M, QLoRA r=8 on q,v", (12, 12, 768), True, "not in the table (the same recipe's computation)"),
+    ("GPT-2 124M, QLoRA r=8 on q,v", (12, 12, 768), True, "not in the table (the same computation)"),
+    ("GPT-2 355M, LoRA r=8 on q,v", (24, 16, 1024), False, "~1.42 GB + 9.4 MB"),
     ("GPT-2 355M, QLoRA r=8 on q,v", (24, 16, 1024), True, "~0.37 GB + 9.4 MB"),
 ]
 DEVICE_TEST = re.compile(r"def test_\w+\([^)]*\bdevice\b")  # a test that takes conftest.py's device fixture
@@ -233,6 +234,8 @@ def write_random_hf_weights(shape, directory, seed=0):
     from model import GPT, GPTConfig
     from support.interop import save_hf_checkpoint
 
+    if os.path.isfile(os.path.join(directory, "model.safetensors")):  # the LoRA and QLoRA recipes share one shape
+        return directory
     n_layer, n_head, n_embd = shape
     torch.manual_seed(seed)
     vocab, block = (50257, 1024) if n_embd >= 256 else (512, 256)

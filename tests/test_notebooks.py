@@ -29,6 +29,10 @@ def test_notebook_executes(path, monkeypatch):
         assert set(executed[key]) == set(committed[key]), f"{key!r} printed {executed[key]}, the committed notebook {committed[key]}"
 
 
+# a claim is a boolean printed after ": ", " = ", "? " or another claim; `bias=True` in a printed config is a setting
+CLAIM = re.compile(r"(?:(?<=: )|(?<= = )|(?<=\? )|(?<=True )|(?<=False ))(True|False)\b")
+
+
 def printed_claims(notebook):
     """{line with its numbers and booleans blanked: the booleans it printed, per occurrence} over a notebook's outputs.
     The claims a notebook prints ("reloaded adapter gives identical logits: True") hold at any size, so the small run
@@ -38,11 +42,12 @@ def printed_claims(notebook):
         for output in cell.get("outputs", []):
             text = output.get("text", "") or output.get("data", {}).get("text/plain", "")
             for line in text.splitlines():
-                values = re.findall(r"\b(True|False)\b", line)
-                if values:  # the line up to its last boolean (what follows may be a generated answer), spacing ignored
+                line = " ".join(line.split()).replace(" :", ":")  # spacing ignored
+                values = CLAIM.findall(line)
+                if values:  # the line up to its last claim (what follows may be a generated answer)
                     claim = line[: line.rfind(values[-1])]
-                    key = re.sub(r"\b(True|False)\b", "<bool>", re.sub(r"[-+]?\d[\d,]*(\.\d+)?(e[-+]?\d+)?", "#", claim))
-                    claims.setdefault(" ".join(key.replace(" :", ":").split()), []).append(tuple(values))
+                    key = CLAIM.sub("<bool>", re.sub(r"[-+]?\d[\d,]*(\.\d+)?(e[-+]?\d+)?", "#", claim))
+                    claims.setdefault(key, []).append(tuple(values))
     return claims
 
 
