@@ -211,8 +211,10 @@ def pick_device(name="auto"):
 
 
 def autocast_context(device):
-    """bf16 autocast on CUDA GPUs that support it (weights and optimizer stay fp32); plain fp32 elsewhere."""
-    if device == "cuda" and torch.cuda.is_bf16_supported():
+    """bf16 autocast on CUDA GPUs that compute in bf16 natively (Ampere, compute capability 8.0, and later; weights and
+    optimizer stay fp32); plain fp32 elsewhere, older GPUs included: torch.cuda.is_bf16_supported() alone says yes
+    there too, because bf16 tensors can be emulated, which is slower than fp32."""
+    if str(device).startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
 

@@ -34,6 +34,9 @@ class LossAtTargets(nn.Module):
 LOSS_CHUNK_ELEMENTS = 2**24  # most logits cross_entropy_at_targets computes at once: 64 MiB in fp32, 333 rows of GPT-2's vocabulary
 
 
+@torch.compiler.disable  # under train.py --compile the trunk is compiled and this runs as it is: its row count
+# (the targets in the batch) changes every step, and torch.compile would break the graph at hidden[keep] and compile
+# the rest again for each new count (up to its recompile limit); it is a few matmuls that are efficient as they are
 def cross_entropy_at_targets(hidden, weight, targets, chunk_elements=None):
     """Mean cross-entropy of the logits hidden @ weight^T against targets, over the positions whose target is not
     -100; equal to F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100) (NaN if no position has a target).

@@ -2,6 +2,7 @@
 config goes to the command line and back unchanged."""
 import io
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import pytest
@@ -132,3 +133,17 @@ def test_every_writer_gives_the_usual_permissions(tmp_path):
     common.write_json_atomic({}, str(tmp_path / "a.json"))
     common.save_atomic({}, str(tmp_path / "a.pt"))
     assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == dict.fromkeys(["a.safetensors", "a.json", "a.pt"], 0o666 & ~umask)
+def test_autocast_is_bf16_only_on_a_gpu_that_computes_in_bf16(monkeypatch):
+    """A GPU older than Ampere reports bf16 support through emulation (torch.cuda.is_bf16_supported() is True by default
+    there): training must then run in fp32, not in emulated bf16. Stand-ins for torch.cuda answer as such a GPU does."""
+    def older_gpu(including_emulation=True):
+        return including_emulation  # no native bf16, emulation possible
+
+    monkeypatch.setattr(common.torch.cuda, "is_bf16_supported", older_gpu)
+    assert common.autocast_context("cuda").device == "cpu"  # the disabled context, as on the CPU
+    monkeypatch.setattr(common.torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (without a GPU here torch.autocast("cuda") warns that it disables itself)
+        context = common.autocast_context("cuda")
+    assert (context.device, context.fast_dtype) == ("cuda", common.torch.bfloat16)
+    assert common.autocast_context("cpu").device == "cpu"

@@ -1,4 +1,6 @@
-"""ddp.py: under torchrun with 2 Gloo processes on the CPU, training follows the single-process trajectory."""
+"""ddp.py: under torchrun with 2 Gloo processes on the CPU, training follows the single-process trajectory: pretraining
+from the start, and a QLoRA fine-tuning (LoRA adapters on a 4-bit base) resumed by 2 processes from a 1-process
+checkpoint. (benchmarks/gpu_check.py runs 2 NCCL processes where a machine has 2 GPUs.)"""
 import csv
 import os
 import subprocess
@@ -23,9 +25,9 @@ def test_each_rank_takes_every_nth_micro_batch():
         World(rank=0, size=2).micro_batches(5)
 
 
-def torchrun(out_dir, **overrides):
-    """train.py under torchrun with 2 processes (Gloo on the CPU), the flags of FLAGS plus overrides."""
-    flags = {**FLAGS, "out_dir": str(out_dir), **overrides}
+def torchrun(out_dir, flags=FLAGS, **overrides):
+    """train.py under torchrun with 2 processes (Gloo on the CPU), the flags of `flags` (FLAGS) plus overrides."""
+    flags = {**flags, "out_dir": str(out_dir), **overrides}
     argv = []
     for key, value in flags.items():
         if isinstance(value, bool):
@@ -53,7 +55,7 @@ def assert_same_trajectory(one, two):
         assert a["tokens"] == b["tokens"]  # the same global batch
 
 
-def test_two_gloo_processes_follow_the_single_process_trajectory_and_resume(tmp_path, crash_after_checkpoint):
+def test_two_gloo_processes_follow_the_single_process_trajectory(tmp_path):
     single = train.train(resolve_defaults(TrainConfig(**FLAGS, out_dir=str(tmp_path / "single"))))
     result = torchrun(tmp_path / "ddp")
     assert result.stdout.count("validation loss before training") == 1  # only rank 0 speaks
@@ -76,12 +78,32 @@ def test_two_gloo_processes_follow_the_single_process_trajectory_and_resume(tmp_
 
     assert json.load(open(tmp_path / "ddp" / "summary.json"))["val_loss_after"] == pytest.approx(single["val_loss_after"], rel=1e-5)
 
-    # a single-process run stopped after its checkpoint at step 3, resumed by 2 processes, ends where the straight run does
+
+def test_a_qlora_run_resumed_by_two_processes_follows_the_single_process_trajectory(tmp_path, crash_after_checkpoint):
+    """DDP with adapters on a frozen 4-bit base: only LoRA's A and B are all-reduced, the packed 4-bit buffers are the
+    same on both ranks. A 1-process QLoRA run stopped after its checkpoint at step 2, resumed by 2 processes, ends where
+    the uninterrupted single-process run does: losses, and the adapter that the last checkpoint holds."""
+    import torch
+
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=32, smear_keys=True))
+    torch.save({"model_config": vars(base.config).copy(), "tokenizer": "bytes",
+                "model": {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"}}, tmp_path / "base.pt")
+    qlora = dict(init_from=str(tmp_path / "base.pt"), dataset="embedded", quantize="nf4", lora_rank=4, lora_targets="q,v,mlp_in",
+                 batch_size=4, grad_accum=4, max_iters=4, eval_interval=2, eval_batches=2, answer_limit=2, num_samples=0,
+                 max_new_tokens=4, learning_rate=3e-3, device="cpu", progress=False)
+    train.train(resolve_defaults(TrainConfig(**qlora, out_dir=str(tmp_path / "single"))))
     crash_after_checkpoint()
     with pytest.raises(KeyboardInterrupt):
-        train.train(resolve_defaults(TrainConfig(**FLAGS, out_dir=str(tmp_path / "resumed"))))
-    torchrun(tmp_path / "resumed", resume=True)
+        train.train(resolve_defaults(TrainConfig(**qlora, out_dir=str(tmp_path / "resumed"))))
+    torchrun(tmp_path / "resumed", qlora, resume=True)
     assert_same_trajectory(log(tmp_path / "single"), log(tmp_path / "resumed"))
+    adapters = [torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["trainable"] for d in ("single", "resumed")]
+    assert adapters[0].keys() == adapters[1].keys() and all("lora_" in name for name in adapters[0])
+    for name, tensor in adapters[0].items():
+        assert torch.allclose(tensor, adapters[1][name], rtol=1e-4, atol=1e-5), name
 
 
 # ---------------------------------------------------------------------------------------------------------

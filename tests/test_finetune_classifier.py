@@ -102,15 +102,40 @@ def test_lora_training_learns_the_sample_and_the_saved_classifier_reloads(tiny_b
     assert accuracy == pytest.approx(summary["test_accuracy"])  # the reloaded model is the trained one
 
 
-@pytest.mark.parametrize("mode", ["qlora", "last_block"])
-def test_other_modes_save_and_reload_what_they_trained(tiny_base, tmp_path, mode):
+def test_split_metrics(model, tokenizer, data_path, max_length):
+    """Loss and accuracy of `model` on the test split train_classifier made of data_path (the default split seed)."""
+    test = sms_data.split_messages(sms_data.balance_classes(sms_data.load_messages(data_path)))[2]
+    rows, _ = sms_data.encode_messages(test, tokenizer, max_length)
+    return sms_data.evaluate_classifier(model, sms_data.make_batches(rows, 8, tokenizer.eot_token), "cpu")
+
+
+test_split_metrics.__test__ = False  # a helper, not a test
+
+
+@pytest.mark.parametrize("mode", ["qlora", "last_block", "full"])
+def test_other_modes_save_and_reload_what_they_trained(tiny_base, tmp_path, mode, monkeypatch):
+    """Each mode's saved classifier, loaded afresh, is the trained model: the same test loss as the run reported, and
+    the same probabilities as the model that finished training (held on to as it was saved)."""
     data = write(tmp_path, "".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'home soon'} {i}\n" for i in range(40)))
-    summary = fc.train_classifier(config(tiny_base, tmp_path / "out", mode=mode, data_path=data, batch_size=4))
-    assert summary["mode"] == mode and (summary["lora_rank"] is None) == (mode == "last_block")
+    saved = []
+    real_save = fc.save_trained
+    monkeypatch.setattr(fc, "save_trained", lambda model, *args: saved.append(model) or real_save(model, *args))
+    summary = fc.train_classifier(config(tiny_base, tmp_path / "out", mode=mode, data_path=data, batch_size=4, epochs=2))
+    assert summary["mode"] == mode and (summary["lora_rank"] is None) == (mode != "qlora")
+    trained = saved[-1].eval()
     model, tokenizer, info = fc.load_classifier(str(tmp_path / "out"))
     assert any(isinstance(m, Linear4bit) for m in model.modules()) == (mode == "qlora")
-    label, probability = fc.classify(model, tokenizer, "WIN cash now 99", info["max_length"])
-    assert label in sms_data.LABELS and 0.5 <= probability <= 1.0
+    reloaded = test_split_metrics(model, tokenizer, data, info["max_length"])
+    assert reloaded["loss"] == pytest.approx(summary["test_loss"], abs=1e-5) and reloaded["accuracy"] == summary["test_accuracy"]
+    untrained = fc.build_classifier(checkpoints.load_checkpoint_model(tiny_base)[0], mode, lora_targets=("all-linear",))
+    assert abs(test_split_metrics(untrained, tokenizer, data, info["max_length"])["loss"] - summary["test_loss"]) > 1e-3
+    for message in ("WIN cash now 99", "home soon 12", "hello"):
+        label, probability = fc.classify(model, tokenizer, message, info["max_length"])
+        assert (label, probability) == pytest.approx(fc.classify(trained, tokenizer, message, info["max_length"]), abs=1e-6)
+    if mode == "full":  # every weight trained, the tied embedding included, and every one is in the saved file
+        base = checkpoints.load_checkpoint_model(tiny_base)[0]
+        assert (model.gpt.transformer.wte.weight - base.transformer.wte.weight).abs().max() > 0
+        assert all(not torch.equal(p, base.state_dict()[n]) for n, p in model.gpt.state_dict().items() if n.endswith("weight"))
 
 
 def test_a_classifier_refuses_a_base_that_changed_since_training(tmp_path):
@@ -149,7 +174,9 @@ def test_command_line_trains_and_classifies(tiny_base, tmp_path):
     answer = run("--classify", "Claim your prize 7", "--out_dir", out)
     assert answer.returncode == 0, answer.stderr
     label, probability = answer.stdout.split()[0], float(answer.stdout.split("probability ")[1].rstrip(")\n"))
-    assert label in sms_data.LABELS and 0.5 <= probability <= 1.0
+    model, tokenizer, info = fc.load_classifier(out)  # what the saved classifier says, computed here
+    expected_label, expected_probability = fc.classify(model, tokenizer, "Claim your prize 7", info["max_length"])
+    assert label == expected_label and probability == pytest.approx(expected_probability, abs=5e-4)  # printed to 3 places
     with pytest.raises(FileNotFoundError, match="no classifier"):  # the script prints it as "error: ..." and exits 1
         fc.main(["--classify", "hello", "--out_dir", str(tmp_path / "nothing")])
 

@@ -48,7 +48,20 @@ def test_fastfood_columns_have_unit_norm_when_D_is_a_power_of_two():
     M = projection_matrix(Fastfood(d=20, D=64, seed=3))
     assert M.shape == (64, 20)
     torch.testing.assert_close(M.norm(dim=0), torch.ones(20))
-    assert (M.T @ M - torch.eye(20)).abs().max() < 1  # nearly orthogonal directions, but not exactly
+
+
+def test_fastfood_columns_are_random_directions_not_orthogonal_ones():
+    """With D = L, columns i != j of P have the inner product (1/L) sum_k g_k^2 s_k, s a +-1 pattern with sum 0 (H's
+    columns multiplied): zero without the Gaussian diagonal G, of mean square Var(g^2) / L = 2 / L with it. Averaged
+    over 8 draws of P the mean square of the off-diagonal Gram entries is 2 / L give or take 20%; an orthogonal P
+    (G left out) gives 0, a P whose columns repeat gives 1."""
+    L, scaled = 256, []
+    for seed in range(8):
+        M = projection_matrix(Fastfood(d=16, D=L, seed=seed))
+        off_diagonal = (M.T @ M)[~torch.eye(16, dtype=torch.bool)]
+        assert off_diagonal.square().mean() > 0.1 / L  # every draw, not only on average
+        scaled.append(L * off_diagonal.square().mean().item())
+    assert 1.4 < sum(scaled) / len(scaled) < 2.8
 
 
 def test_fastfood_preserves_norms_in_expectation():

@@ -73,10 +73,10 @@ class OneLayer(nn.Module):
 
 @pytest.mark.parametrize("use_rslora,use_dora", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("dropout,training,bias", [(0.0, False, True), (0.25, True, True), (0.25, True, False)])
-def test_layer_matches_peft(use_rslora, use_dora, dropout, training, bias):
+def test_layer_matches_peft(use_rslora, use_dora, dropout, training, bias, device):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    base = nn.Linear(48, 40, bias=bias)
+    base = nn.Linear(48, 40, bias=bias).to(device)
     if bias:
         nn.init.normal_(base.bias)
     rank, alpha = 6, 12
@@ -85,7 +85,7 @@ def test_layer_matches_peft(use_rslora, use_dora, dropout, training, bias):
     theirs = peft.get_peft_model(OneLayer(copy.deepcopy(base)), config).base_model.model.proj
     assert ours.scaling["default"] == theirs.scaling["default"]
     with torch.no_grad():
-        A, B = 0.1 * torch.randn(rank, 48), 0.1 * torch.randn(40, rank)
+        A, B = 0.1 * torch.randn(rank, 48, device=device), 0.1 * torch.randn(40, rank, device=device)
         ours.lora_A["default"].copy_(A), theirs.lora_A["default"].weight.copy_(A)
         ours.lora_B["default"].copy_(B), theirs.lora_B["default"].weight.copy_(B)
         if use_dora:  # both start m at the same row norms of W0; then move m off them
@@ -94,7 +94,7 @@ def test_layer_matches_peft(use_rslora, use_dora, dropout, training, bias):
             m.mul_(1 + 0.1 * torch.randn_like(m))
             ours.lora_magnitude["default"].copy_(m)
     ours.train(training), theirs.train(training)
-    x = torch.randn(3, 5, 48)
+    x = torch.randn(3, 5, 48, device=device)
     torch.manual_seed(1)  # the same dropout mask for both
     y_ours = ours(x)
     torch.manual_seed(1)
@@ -147,15 +147,15 @@ def test_targets_select_layers():
     assert isinstance(model.lm_head, nn.Linear)  # the tied output head is never a target
 
 
-def test_one_step_changes_only_lora_and_kept_modules():
+def test_one_step_changes_only_lora_and_kept_modules(device):
     torch.manual_seed(0)
-    model = Classifier(GPT(TINY))
+    model = Classifier(GPT(TINY)).to(device)
     apply_lora(model, rank=4, alpha=8, targets=("q", "v"), trainable=("head",))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in dict(model.named_parameters()) if "lora_" in n or n.startswith("head.")}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    idx, labels = tokens(), torch.tensor([0, 1])
+    idx, labels = tokens().to(device), torch.tensor([0, 1], device=device)
 
     def step():
         optimizer.zero_grad()

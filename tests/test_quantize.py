@@ -1,4 +1,6 @@
-"""quantize.py against bitsandbytes (CPU), plus Linear4bit, quantize_model, memory_report and QLoRA."""
+"""quantize.py against bitsandbytes (its CPU build here; its CUDA build too where a GPU and that build exist): the
+code books, the stored codes and scales, dequantized values in fp32, bf16 and fp16, Linear4bit against bitsandbytes'
+Linear4bit and matmul_4bit; then quantize_model, memory_report and QLoRA steps."""
 import copy
 import math
 
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 
 import lora
 import quantize as Q
+from conftest import bitsandbytes_on
 from model import GPT, GPTConfig, count_parameters
 
 
@@ -78,6 +81,49 @@ def test_identical_for_half_precision_and_other_block_sizes(bnb, dtype, block_si
     q = Q.quantize_nf4(w, block_size=block_size, double_quant=False)
     assert torch.equal(q.codes, packed.view(-1)) and torch.equal(q.absmax, state.absmax)
     assert Q.dequantize_nf4(q).dtype == dtype
+
+
+def stored_like_bitsandbytes(packed, state):
+    """bitsandbytes' stored 4-bit tensor (its packed codes and QuantState) as our QuantizedTensor: the same bits."""
+    nested = state.state2 is not None
+    return Q.QuantizedTensor(packed.reshape(-1), state.absmax, state.shape, state.dtype, state.blocksize, state.quant_type,
+                             absmax_scale=state.state2.absmax if nested else None, absmax_mean=state.offset if nested else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantized_values_equal_bitsandbytes_in_every_dtype(dtype, double_quant, device):
+    """From the same stored bits (bitsandbytes' own codes and scales, double-quantized or not), dequantize_4bit gives
+    bitsandbytes' dequantize_4bit values bit for bit, in fp32, bf16 and fp16, on every device bitsandbytes supports."""
+    bnb = bitsandbytes_on(device)
+    torch.manual_seed(4)
+    w = (torch.randn(300, 78) * 0.05).to(dtype).to(device)  # 23,400 weights: 366 blocks, the last one partial
+    packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    theirs = bnb.dequantize_4bit(packed, state)
+    ours = Q.dequantize_4bit(stored_like_bitsandbytes(packed, state))
+    assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
+    assert torch.equal(ours, theirs)
+    if not double_quant:  # and our own quantization stores those very bits
+        q = Q.quantize_nf4(w, double_quant=False)
+        assert torch.equal(q.codes, packed.view(-1)) and torch.equal(Q.dequantize_nf4(q), theirs)
+
+
+def test_fp4_differs_from_bitsandbytes_only_in_its_smallest_value(bnb):
+    """Our FP4 is E2M1 with exponent bias 1; bitsandbytes' 'fp4' puts its smallest non-zero magnitude at 0.0052 where
+    ours has 1/12 (quantize.fp4_code_book). Every other value is shared, so weights that round to neither (scaled
+    magnitudes above both books' midpoint 0.125 next to them) dequantize to bitsandbytes' values exactly."""
+    theirs = bnb.get_4bit_type("fp4", device="cpu")
+    ours = Q.fp4_code_book()
+    shared = {round(v, 6) for v in ours.tolist()} & {round(v, 6) for v in theirs.tolist()}
+    assert {round(v, 6) for v in ours.tolist()} - shared == {-0.083333, 0.083333}
+    assert {round(v, 6) for v in theirs.tolist()} - shared == {-0.005208, 0.005208}
+    torch.manual_seed(5)
+    w = torch.sign(torch.randn(64, 128)) * (0.5 + 2 * torch.rand(64, 128))  # |w| in [0.5, 2.5]: |w| / absmax >= 0.2
+    packed, state = bnb.quantize_4bit(w, blocksize=64, quant_type="fp4", compress_statistics=False)
+    q = Q.quantize_4bit(w, "fp4", block_size=64, double_quant=False)
+    assert bool(((w.view(-1, 64).abs() / q.absmax[:, None]) > 0.19).all())
+    assert torch.equal(q.absmax, state.absmax)
+    assert torch.equal(Q.dequantize_4bit(q), bnb.dequantize_4bit(packed, state))  # another code layout, the same values
 
 
 def test_ties_zero_blocks_and_outliers_like_bitsandbytes(bnb):
@@ -218,6 +264,53 @@ def test_linear4bit_matches_functional_linear_and_stores_buffers():
     assert torch.equal(fresh(x), layer(x))
 
 
+def bitsandbytes_linear4bit(linear, double_quant, compute_dtype, device):
+    """bitsandbytes' Linear4bit holding `linear`'s weight (NF4, blocks of 64), quantized as it moves to `device`."""
+    import bitsandbytes
+
+    layer = bitsandbytes.nn.Linear4bit(linear.in_features, linear.out_features, bias=True, compute_dtype=compute_dtype,
+                                       compress_statistics=double_quant, quant_type="nf4")
+    layer.weight = bitsandbytes.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, blocksize=64,
+                                              compress_statistics=double_quant, quant_type="nf4")
+    layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer.to(device)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_linear4bit_computes_what_bitsandbytes_linear4bit_and_matmul_4bit_compute(compute_dtype, double_quant, device):
+    """Our Linear4bit holding bitsandbytes' stored weight gives bitsandbytes.nn.Linear4bit's outputs and input gradients
+    (and bitsandbytes.matmul_4bit's), in fp32 and bf16 compute; without double quantization our own quantization of
+    the layer stores the same bits, so Linear4bit.from_linear computes the same too."""
+    bnb = bitsandbytes_on(device)
+    import bitsandbytes
+
+    torch.manual_seed(6)
+    linear = nn.Linear(256, 96)
+    nn.init.normal_(linear.bias, std=0.5)
+    theirs = bitsandbytes_linear4bit(linear, double_quant, compute_dtype, device)
+    ours = Q.Linear4bit(stored_like_bitsandbytes(theirs.weight.data, theirs.weight.quant_state), theirs.bias, compute_dtype).to(device)
+    x = torch.randn(3, 5, 256, device=device)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+    assert y_ours.dtype == y_theirs.dtype == torch.float32  # computed in compute_dtype, returned as the input's dtype
+    tolerance = 1e-5 if compute_dtype == torch.float32 else 2e-2  # bf16: one rounding of the output, 8 bits of mantissa
+    assert (y_ours - y_theirs).abs().max().item() <= tolerance * y_theirs.abs().max().item()
+    assert (y_ours - linear(x.cpu()).to(device)).abs().max().item() > 1e-3  # 4-bit weights: not the fp32 layer
+    grad = torch.randn_like(y_ours)
+    y_ours.backward(grad), y_theirs.backward(grad)
+    assert (x_ours.grad - x_theirs.grad).abs().max().item() <= tolerance * x_theirs.grad.abs().max().item()
+    state = theirs.weight.quant_state
+    with torch.no_grad():
+        functional = bitsandbytes.matmul_4bit(x.to(compute_dtype), theirs.weight.data.t(), state, bias=theirs.bias.to(compute_dtype))
+        assert (ours(x) - functional.float()).abs().max().item() <= tolerance * functional.float().abs().max().item()
+    if not double_quant:
+        from_linear = Q.Linear4bit.from_linear(linear.to(device), compute_dtype=compute_dtype, double_quant=False)
+        assert torch.equal(from_linear.weight_codes, theirs.weight.data.view(-1))
+        with torch.no_grad():
+            assert torch.equal(from_linear(x), ours(x))
+
+
 def test_linear4bit_gradient_reaches_input_not_weight():
     torch.manual_seed(0)
     layer = Q.Linear4bit.from_linear(nn.Linear(64, 32), double_quant=False)
@@ -278,7 +371,8 @@ def test_linear4bit_compute_dtype():
     assert torch.equal(y, expected)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 def test_linear4bit_on_gpu_computes_in_bf16():
     layer = Q.Linear4bit.from_linear(nn.Linear(256, 128)).cuda()
     x = torch.randn(4, 256, device="cuda")
@@ -340,16 +434,16 @@ def test_memory_report_counts_lora_adapters_separately():
 # ----------------------------------------------------------------------------------------------- QLoRA
 
 
-def test_qlora_training_step_updates_only_adapters():
+def test_qlora_training_step_updates_only_adapters(device):
     torch.manual_seed(0)
-    model = lora.apply_lora(Q.quantize_model(tiny_gpt()), rank=4, alpha=8, targets="all-linear")
+    model = lora.apply_lora(Q.quantize_model(tiny_gpt().to(device)), rank=4, alpha=8, targets="all-linear")
     assert all(isinstance(layer.base, Q.Linear4bit) for _, layer in lora.lora_layers(model))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(lora.is_lora_parameter(n) for n in trainable)
     params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     buffers_before = {n: b.clone() for n, b in model.named_buffers()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    idx = torch.randint(0, 97, (4, 16))
+    idx = torch.randint(0, 97, (4, 16)).to(device)
     losses = []
     for _ in range(3):  # B starts at 0, so A only gets a gradient from the second step on
         _, loss = model(idx[:, :-1], idx[:, 1:])

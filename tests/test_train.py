@@ -165,11 +165,11 @@ def test_batched_answers_equal_one_at_a_time(small_base):
     assert batched == alone
 
 
-def reloaded_val_loss(adapter_dir, cfg):
-    """Validation loss of base + the saved adapter, loaded afresh, on the batches training evaluated on."""
+def reloaded_val_loss(adapter_dir, cfg, model=None):
+    """Validation loss of base + the saved adapter, loaded afresh (or of `model`), on the batches training evaluated on."""
     from support.tokenizer import get_tokenizer
 
-    model, tokenizer_name = checkpoints.load_finetuned(str(adapter_dir), "tiny", "cpu")
+    model, tokenizer_name = (model, "bytes") if model is not None else checkpoints.load_finetuned(str(adapter_dir), "tiny", "cpu")
     template = instructions.resolve_template(cfg.prompt_template, tokenizer_name)
     data = instructions.InstructionData(cfg.dataset, get_tokenizer(tokenizer_name), model.config.block_size, cfg.seed, cfg.mask_prompt, template)
     return mean_token_loss(model, data.val_batches(cfg.batch_size)[: cfg.eval_batches], "cpu")
@@ -209,23 +209,37 @@ def test_qlora_trains_only_adapters(small_base, tmp_path):
     assert reloaded_val_loss(tmp_path, cfg) == pytest.approx(summary["val_loss_after"], abs=1e-6)
 
 
-def test_full_finetuning_trains_everything(small_base, tmp_path):
+def test_full_finetuning_trains_every_weight_and_saves_them(small_base, tmp_path):
     summary = train.train(finetune_config(small_base, tmp_path, finetune="full", max_iters=4, eval_interval=4, learning_rate=3e-4))
     assert summary["finetune"] == "full" and summary["trainable_params"] == summary["total_params"]
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    base, tuned = checkpoints.load_checkpoint_model(small_base)[0], checkpoints.load_checkpoint_model(str(tmp_path))[0]
+    before, after = base.state_dict(), tuned.state_dict()
+    assert after.keys() == before.keys()
+    unchanged = [name for name in after if torch.equal(after[name], before[name])]
+    assert unchanged == [], f"full fine-tuning left {unchanged} as they were"  # embeddings, norms, biases: everything moved
+    assert reloaded_val_loss(tmp_path, finetune_config(small_base, tmp_path), model=tuned) == pytest.approx(summary["val_loss_after"], abs=1e-6)
 
 
-def test_lora_resume_continues_the_identical_trajectory(small_base, tmp_path, crash_after_checkpoint):
-    import csv
+def test_dora_rslora_and_loraplus_from_the_command_line(small_base, tmp_path):
+    """--use_dora, --use_rslora and --loraplus_ratio reach the model and the optimizer, and what a run saves reloads
+    as the model it trained: DoRA's magnitudes in the adapter file, rsLoRA's alpha / sqrt(r) in its config, B's rate at
+    16 x A's in the optimizer state."""
+    cfg = finetune_config(small_base, tmp_path, use_dora=True, use_rslora=True, loraplus_ratio=16.0, max_iters=3, eval_interval=3)
+    summary = train.train(cfg)
+    config = json.load(open(tmp_path / "adapter_config.json"))
+    assert (config["use_dora"], config["use_rslora"], config["rank"], config["alpha"]) == (True, True, 4, 8)
+    from safetensors.torch import load_file
 
-    common = dict(max_iters=8, eval_interval=4, lora_dropout=0.1)
-    train.train(finetune_config(small_base, tmp_path / "straight", **common))
-    restore_save = crash_after_checkpoint()
-    with pytest.raises(KeyboardInterrupt):
-        train.train(finetune_config(small_base, tmp_path / "resumed", **common))
-    restore_save()
-    train.train(finetune_config(small_base, tmp_path / "resumed", resume=True, **common))
-    losses = lambda d: [float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / d / "log.csv"))]
-    assert len(losses("resumed")) == 8 and losses("resumed") == losses("straight")
+    magnitudes = [k for k in load_file(tmp_path / "adapter_model.safetensors") if "lora_magnitude" in k]
+    assert len(magnitudes) == 2 * 2  # q and v of 2 blocks
+    model, _ = checkpoints.load_finetuned(str(tmp_path), "tiny", "cpu")
+    q = model.transformer.h[0].attn.q_proj
+    assert q.scaling["default"] == pytest.approx(8 / 4**0.5) and "default" in q.lora_magnitude
+    assert reloaded_val_loss(tmp_path, cfg) == pytest.approx(summary["val_loss_after"], abs=1e-6)
+    groups = {g["name"]: g for g in torch.load(tmp_path / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]}
+    assert groups["lora_B"]["lr_scale"] == 16.0 and groups["lora_A"]["lr_scale"] == 1.0
+    assert groups["lora_B"]["lr"] == pytest.approx(16 * groups["lora_A"]["lr"])
 
 
 def test_packing_and_gradient_checkpointing_train(small_base, tmp_path, capsys):
@@ -641,7 +655,8 @@ def test_cuda_random_state_is_saved_and_restored(tmp_path, monkeypatch):
 def test_killed_at_random_points_and_resumed_a_run_ends_as_if_never_killed(small_base, tmp_path):
     """Fault injection: SIGKILL a training process at random moments (twice per seed), start again (--resume once a
     checkpoint exists), and require the log, adapter and answers of an uninterrupted run. The processes are forked
-    from this one, so each start costs no fresh `import torch`."""
+    from this one, so each start costs no fresh `import torch`. (This is also the test that a resumed LoRA run, with
+    dropout, follows the uninterrupted trajectory bit for bit; pretraining's is test_resume_continues_...)"""
     import multiprocessing
     import random
     import signal
@@ -863,3 +878,25 @@ def test_resume_that_would_train_nothing_is_refused(tmp_path):
                                         r"give a --max_iters above 4"):
         train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1, resume=True))
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4  # the finished run's summary stays
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_its_log_is_completed_by_resume(tmp_path, monkeypatch):
+    """A run killed while its last step's files are written (here: log.csv) keeps the previous step's ckpt.pt and log
+    together; --resume runs the last steps again and leaves the whole log, as the uninterrupted run does."""
+    cfg = dict(max_iters=4, eval_interval=2, eval_batches=1)
+    train.train(tiny_pretrain_config(tmp_path / "straight", **cfg))
+    real_log = train.write_train_log
+
+    def log_unless_last(rows, cfg_, mode):
+        if rows[-1]["iter"] == 4:
+            raise KeyboardInterrupt  # killed right after the last checkpoint
+        real_log(rows, cfg_, mode)
+
+    monkeypatch.setattr(train, "write_train_log", log_unless_last)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_pretrain_config(tmp_path / "killed", **cfg))
+    monkeypatch.setattr(train, "write_train_log", real_log)
+    assert len(list(csv.DictReader(open(tmp_path / "killed" / "log.csv")))) == 2
+    train.train(tiny_pretrain_config(tmp_path / "killed", resume=True, **cfg))
+    rows = lambda d: [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(tmp_path / d / "log.csv"))]
+    assert rows("killed") == rows("straight")
