@@ -322,14 +322,21 @@ def config_flags(settings):
     return flags
 
 
-def run_script(script, settings):
+def run_script(script, settings, log_path=None, threads=None):
     """Run one of this repository's programs (train.py, finetune_classifier.py) in a child process with `settings` as
-    its flags, its output going where ours goes, and return its out_dir/summary.json. Whatever drives those programs
-    (the tiny base's pretraining, the experiments) runs them as a user would, and imports neither."""
+    its flags, its output going where ours goes (or, with log_path, into that file), and return its
+    out_dir/summary.json. Whatever drives those programs (the tiny base's pretraining, the experiments) runs them as
+    a user would, and imports neither. threads: the child's PyTorch threads (OMP_NUM_THREADS), for runs side by side."""
     command = [sys.executable, os.path.join(REPO_DIR, script), *config_flags(settings)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     sys.stdout.flush()  # what we printed so far comes before what the child prints
-    status = subprocess.run(command).returncode  # in our working directory: a relative out_dir means the same to both
+    if log_path is None:
+        status = subprocess.run(command, env=env).returncode  # in our working directory: a relative out_dir means the same
+    else:
+        with open(log_path, "w") as log:
+            status = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if status != 0:
-        raise UserError(f"`python {script} {' '.join(command[2:])}` failed with exit status {status} (its error is printed above)")
+        where = "printed above" if log_path is None else f"at the end of {log_path}"
+        raise UserError(f"`python {script} {' '.join(command[2:])}` failed with exit status {status} (its error is {where})")
     with open(os.path.join(settings["out_dir"], "summary.json")) as f:
         return json.load(f)
