@@ -61,7 +61,8 @@ def instructions(interactive):
     while True:
         try:
             line = input("> ") if interactive else sys.stdin.readline()
-        except EOFError:
+        except EOFError:  # Ctrl-D: end the prompt's line
+            print()
             return
         if not interactive and not line:
             return
