@@ -5,9 +5,9 @@ Runs the same fine-tuning job, same seed and budget, for every rank x target set
 plus plots: metric vs rank (log x) and metric vs trainable parameters, one line per target set. alpha = 2 x rank
 (train.py's and finetune_classifier.py's default), so alpha / r = 2 at every rank.
 
-    python -m experiments.rank_sweep --quick        # the lab in about 5 minutes on 2 CPU cores: ranks 1, 4, 16, 64 on
-                                                    # q,v and on all-linear, 120 steps each, two runs at a time;
-                                                    # a table and out/rank_lab/rank_lab_instruct.png
+    python -m experiments.rank_sweep --quick        # the lab: ranks 1, 4, 16, 64 on q,v and on all-linear, 120 steps
+                                                    # each, two runs at a time on two cores (499 s of CPU in all:
+                                                    # docs/results.md); a table, out/rank_lab/rank_lab_instruct*.png
     python -m experiments.rank_sweep                                   # both tasks, the full grid, tiny base, embedded data
     python -m experiments.rank_sweep --task classify --sms ../shared/data/sms_spam_collection.tsv
     python -m experiments.rank_sweep --ranks 1,8,64 --targets "q,v;all-linear" --instruct_iters 40   # a quick look
