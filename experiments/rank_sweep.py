@@ -24,6 +24,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from support.checkpoints import ensure_tiny_base
 from support.common import HelpFormatter, run_script, save_figure_atomic, write_csv_atomic
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -135,6 +136,8 @@ def main(argv=None):
     tasks = ("instruct", "classify") if args.task == "both" else (args.task,)
     os.makedirs(os.path.join(args.out_dir, "runs"), exist_ok=True)
     t0 = time.time()
+    if args.init_from == "tiny":  # pretrained here, once, if missing: not by two runs at once (--jobs 2)
+        ensure_tiny_base(args.device)
 
     for task in tasks:
         csv_path = os.path.join(args.out_dir, f"{args.name}_{task}.csv")

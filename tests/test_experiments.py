@@ -129,3 +129,19 @@ def test_a_sweep_side_by_side_writes_one_row_per_run_and_the_table(tmp_path, cap
     assert (out / "lab_instruct.png").exists() and (out / "lab_instruct_accuracy.png").exists()
     table = capsys.readouterr().out.split("rank  targets")[-1]
     assert all(column in table for column in ("trainable", "val loss", "answers right", "s/step", "training state", "peak memory"))
+
+
+def test_the_tiny_base_is_made_before_any_run_starts(tmp_path, monkeypatch):
+    """Two runs started at once on a machine without the tiny base would both pretrain it into the same folder; the
+    sweep makes (or checks) it first, in one process."""
+    from experiments import rank_sweep
+
+    started = []
+    monkeypatch.setattr(rank_sweep, "run_script", lambda *args, **kwargs: started.append(args) or {})
+
+    def no_base(device):
+        raise RuntimeError(f"ensure_tiny_base({device!r}) called; runs started before it: {len(started)}")
+
+    monkeypatch.setattr(rank_sweep, "ensure_tiny_base", no_base)
+    with pytest.raises(RuntimeError, match="ensure_tiny_base\\('auto'\\) called; runs started before it: 0"):
+        rank_sweep.main(["--quick", "--out_dir", str(tmp_path)])
