@@ -78,7 +78,8 @@ def chat(cfg, interactive=None):
     model, tokenizer, template, adapter = load(cfg, device)
     interactive = sys.stdin.isatty() if interactive is None else interactive
     trained_on = read_adapter_config(cfg.adapter)["metadata"] if adapter else {}
-    print(f"base: {trained_on.get('init_from', cfg.init_from)}" + (f"; tuned: {cfg.adapter} ({trained_on['finetune']}, "
+    base_name = trained_on["init_from"] if adapter and cfg.init_from == "tiny" else cfg.init_from  # as loaded
+    print(f"base: {base_name}" + (f"; tuned: {cfg.adapter} ({trained_on['finetune']}, "
           f"step {trained_on.get('step', '?')})" if adapter else "") + f"; {template} template, greedy answers"
           + (". Type an instruction; Ctrl-D ends." if interactive else ""), flush=True)
     transcript = []
