@@ -19,7 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", os.path.join("docs", "design.md"))
 PROGRAMS = {"train.py": train.parse_args, "finetune_classifier.py": finetune_classifier.parse_args,
             "chat.py": lambda argv: parse_config(chat.ChatConfig, argv), "experiments.rank_sweep": rank_sweep.parse_args}
-COMMANDS = {"python", "pip", "jupyter", "torchrun", "printf", "echo", "cat", "git", "cd", "time"}  # what a line may run
+COMMANDS = {"python", "python3", "pip", "jupyter", "torchrun", "pytest", "printf", "echo", "cat", "git", "cd", "time", "env",
+            "nice", "taskset", "timeout", "export", "source", "bash", "sh", "ls", "mkdir", "cp", "mv", "rm", "head", "tail",
+            "grep", "tar", "unzip", "curl", "wget"}  # what a documented line may run (the first word after VAR=value)
 
 
 def shell_lines(path):
@@ -53,10 +55,12 @@ def program_calls(line):
             current.append(word)
     calls = []
     for segment in filter(None, segments):
-        assert segment[0] in COMMANDS, f"runs {segment[0]!r}: a '|' or '&&' inside what was meant as one value?"
+        segment = [w for i, w in enumerate(segment) if not (re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", w) and
+                                                           all("=" in v for v in segment[:i]))] or ["true"]
+        assert segment[0] in COMMANDS | {"true"}, f"runs {segment[0]!r}: a '|' or '&&' inside what was meant as one value?"
         for i, word in enumerate(segment):
             name = os.path.basename(word)
-            if name in PROGRAMS and (segment[0] in ("python", "torchrun") or segment[i - 1] == "-m"):
+            if name in PROGRAMS and ({"python", "python3", "torchrun"} & set(segment[:i]) or segment[i - 1] == "-m"):
                 calls.append((name, segment[i + 1 :]))
                 break
     return calls
@@ -93,3 +97,4 @@ def test_the_check_catches_what_the_issue_found():
         PROGRAMS[name](argv)
     assert program_calls("printf 'a\\nb\\n' | python chat.py --adapter none") == [("chat.py", ["--adapter", "none"])]
     assert program_calls("python -m experiments.rank_sweep --quick") == [("experiments.rank_sweep", ["--quick"])]
+    assert program_calls("OMP_NUM_THREADS=1 taskset -c 0 python train.py --max_iters 5") == [("train.py", ["--max_iters", "5"])]
