@@ -55,25 +55,28 @@ CLASSIFIER_FILES = ("classifier.json", "classifier.pt", "adapter/adapter_model.s
 
 @dataclass
 class ClassifierConfig:
-    # what to start from, what to learn
-    mode: Literal[MODES] = "lora"  # what trains (see the list above)
-    init_from: str = "tiny"  # 'tiny' (checkpoints/tiny-base, pretrained first if missing), a GPT-2 name or a checkpoint
-    dataset: str = "embedded"  # 'embedded' (data/sms_sample.tsv), 'uci' (downloaded), or a label<TAB>text file
-    data_path: str = ""  # a label<TAB>text file to read instead (the same as --dataset FILE)
+    # the job: what to start from, what to learn, where the results go
+    mode: Literal[MODES] = "lora"  # what trains (the list above); qlora: LoRA on a base in 4-bit NF4
+    init_from: str = "tiny"  # 'tiny' (checkpoints/tiny-base, pretrained first if missing), gpt2 / gpt2-medium / ...,
+                             # an HF GPT-2 directory, or the out_dir of a train.py pretraining or full fine-tuning run
+    dataset: str = "embedded"  # 'embedded' (data/sms_sample.tsv), 'uci' (downloaded into data/downloads/), or a
+                               # label<TAB>text file such as UCI's SMSSpamCollection (--data_path: the same)
     out_dir: str = "out/classifier"  # where the log, plot, summary.json and trained weights go
     # LoRA (modes lora and qlora)
     lora_rank: int = 16  # rank r of each update B @ A
-    lora_alpha: float = 16.0  # scaling = alpha / r
+    lora_alpha: float = 0.0  # scaling = alpha / r; default (0): 2 x rank, so alpha / r = 2 at every rank (as in
+                             # train.py)
     lora_targets: str = "all-linear"  # comma-separated layers to adapt: q, k, v, o, mlp_in, mlp_out, or all-linear
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
-    loraplus_ratio: float = 1.0  # LoRA+: learning rate of B = ratio x that of A; 1 = plain LoRA
+    loraplus_ratio: float = 1.0  # LoRA+: B learns at this many times A's rate (arXiv 2402.12354 suggests 16)
     # data
-    max_length: int = 0  # truncate messages to this many tokens, keeping the start; 0 = the model's block_size
+    max_length: int = 0  # truncate messages to this many tokens, keeping the start; default (0): the model's block_size
     split_seed: int = SPLIT_SEED  # seed of the class balancing and the 70/10/20 split
     # optimisation
     epochs: int = 5  # passes over the training split
     batch_size: int = 8  # messages per optimizer step
-    learning_rate: float = 0.0  # peak rate; 0 = the mode's: head 1e-2, last_block 5e-4, (q)lora 2e-3, full 1e-4
+    learning_rate: float = 0.0  # peak rate; default (0): the mode's, head 1e-2, last_block 5e-4, (q)lora 2e-3,
+                                # full 1e-4
     warmup_ratio: float = 0.05  # fraction of the steps spent in linear warmup
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate x this
     weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only
@@ -81,11 +84,12 @@ class ClassifierConfig:
     beta2: float = 0.999  # AdamW's decay rate of the squared gradient's running mean
     grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
     seed: int = 123  # seed of the head's initialisation, the adapters and the batch order
-    cache_trunk: bool = True  # modes head and last_block: run the frozen lower blocks once per message, not per epoch
     # runtime
-    device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cuda', 'mps' or 'cpu'
+    device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cuda' (or cuda:N), 'mps' or 'cpu'
     progress: bool = True  # show a progress bar
-    classify: str = None  # classify this message with the model saved in --out_dir, and exit
+    cache_trunk: bool = True  # modes head and last_block: run the frozen lower blocks once per message, not per epoch
+    # classify with a trained classifier (trains nothing)
+    classify: str = None  # classify this message with the classifier saved in --out_dir, and exit
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -146,16 +150,17 @@ class GPTClassifier(nn.Module):
         return frozen
 
 
-def build_classifier(gpt, mode, lora_rank=16, lora_alpha=16.0, lora_targets=("all-linear",), lora_dropout=0.0):
-    """Put a new head on gpt and set requires_grad to exactly what `mode` trains (see the module docstring)."""
+def build_classifier(gpt, mode, lora_rank=16, lora_alpha=0.0, lora_targets=("all-linear",), lora_dropout=0.0):
+    """Put a new head on gpt and set requires_grad to exactly what `mode` trains (see the module docstring).
+    lora_alpha 0 means 2 x lora_rank, as in train.py."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
     model = GPTClassifier(gpt).to(gpt.transformer.wte.weight.device)
     if mode in ("lora", "qlora"):
         if mode == "qlora":
             quantize_model(model, skip=("head",))  # the base goes to 4 bits; the head must stay trainable
-        lora.apply_lora(model, rank=lora_rank, alpha=lora_alpha, targets=lora_targets, dropout=lora_dropout,
-                        trainable=("head",))
+        lora.apply_lora(model, rank=lora_rank, alpha=lora_alpha or 2.0 * lora_rank, targets=lora_targets,
+                        dropout=lora_dropout, trainable=("head",))
         return model
     model.requires_grad_(mode == "full")
     if mode == "last_block":
@@ -204,6 +209,7 @@ def classify(model, tokenizer, text, max_length, device="cpu"):
 def train_classifier(cfg):
     """Fine-tune one classifier end to end; returns the summary also written to out_dir/summary.json. The run owns
     out_dir while it lasts (lock_out_dir) and replaces an earlier run's files there once its base and data loaded."""
+    cfg.lora_alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank  # 0: 2 x rank, as train.py's resolve_defaults does
     check_classifier_config(cfg, MODES)
     pick_device(cfg.device)  # a --device this machine lacks is refused before anything is loaded
     with lock_out_dir(cfg.out_dir):
@@ -221,7 +227,7 @@ def run_classifier_training(cfg):
                         f"use at most that")
 
     # data: balanced classes, split 70/10/20, token ids
-    messages = load_messages(cfg.data_path or cfg.dataset)
+    messages = load_messages(cfg.dataset)
     train_set, val_set, test_set = split_messages(balance_classes(messages, cfg.split_seed), cfg.split_seed)
     splits, truncated = {}, {}
     for name, subset in (("train", train_set), ("val", val_set), ("test", test_set)):
@@ -321,7 +327,7 @@ def run_classifier_training(cfg):
 
 
 def parse_args(argv=None):
-    return parse_config(ClassifierConfig, argv, __doc__)
+    return parse_config(ClassifierConfig, argv, __doc__, aliases={"data_path": "dataset"})
 
 
 def main(argv=None):

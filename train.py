@@ -40,17 +40,19 @@ from support.train_modes import run_without_training, trains_nothing
 
 @dataclass
 class TrainConfig:
-    # what to start from, what to learn
-    init_from: str = "tiny"  # 'tiny' (checkpoints/tiny-base, pretrained first if missing), 'scratch', gpt2, ...
-    dataset: str = "embedded"  # 'embedded' (data/instructions.json), 'instruction-data' or 'alpaca' (downloaded),
-                               # an Alpaca or chat .json/.jsonl file, or 'stdlib' to pretrain
-    corpus: str = "docstrings"  # pretraining text, comma-separated: docstrings, comments, topics, code
+    # the job: what to start from, what to learn, where the results go
+    init_from: str = "tiny"  # 'tiny' (checkpoints/tiny-base, pretrained first if missing), 'scratch' (pretrain a
+                             # new model), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, an HF GPT-2 directory, or the
+                             # out_dir of a pretraining or full fine-tuning run
+    dataset: str = "embedded"  # 'embedded' (data/instructions.json), 'instruction-data' or 'alpaca' (downloaded), an
+                               # Alpaca or chat .json/.jsonl file, or 'stdlib' to pretrain (--data_path: the same)
     out_dir: str = "out/instruct"  # where the log, plots, samples, summary.json and checkpoints go
     finetune: Literal["lora", "full"] = "lora"  # train adapters only, or every weight
     quantize: Literal["none", "nf4"] = "none"  # nf4: QLoRA, the frozen base in 4-bit NF4 with double quantization
-    # LoRA
+    # LoRA (--finetune lora; on a 4-bit base with --quantize nf4)
     lora_rank: int = 32  # rank r of each update B @ A
-    lora_alpha: float = 0.0  # scaling = alpha / r (alpha / sqrt(r) with --use_rslora); 0 = 2 x rank
+    lora_alpha: float = 0.0  # scaling = alpha / r (alpha / sqrt(r) with --use_rslora); default (0): 2 x rank, so
+                             # alpha / r = 2 at every rank (finetune_classifier.py does the same)
     lora_targets: str = "all-linear"  # comma-separated layers to adapt: q, k, v, o, mlp_in, mlp_out, or all-linear
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (arXiv 2312.03732)
@@ -62,41 +64,44 @@ class TrainConfig:
     pack: bool = False  # pack several examples per row up to the context, each attending only to itself
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step (over all processes under torchrun)
-    # model shape (pretraining only, --init_from scratch)
+    # pretraining only (--init_from scratch --dataset stdlib): the text and the model's shape
     # The tiny base: small on purpose, so that five CPU minutes take it past predicting letters by frequency.
+    # Fine-tuning keeps the shape of its base.
+    corpus: str = "docstrings"  # the standard library's text, comma-separated: docstrings, comments, topics, code
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # width of the residual stream
     block_size: int = 256  # context length in tokens (bytes for the tiny base)
-    dropout: float = 0.0  # dropout in the blocks
+    dropout: float = 0.0  # dropout in the blocks (the adapters' is --lora_dropout)
     smear_keys: bool = True  # each key also carries its predecessor, so a small model learns to copy (model.py)
     # optimisation
-    max_iters: int = 0  # optimizer steps; 0 = 1,000 pretraining, 800 fine-tuning the tiny base, 200 on GPT-2
-    learning_rate: float = 0.0  # peak rate; 0 = 4e-3 pretraining, 3e-3 LoRA, full: 2e-3 (tiny base) or 3e-4 (GPT-2)
+    max_iters: int = 0  # optimizer steps; default (0): 1,000 pretraining, 800 fine-tuning the tiny base, 200 GPT-2
+    learning_rate: float = 0.0  # peak rate; default (0): 4e-3 pretraining, 3e-3 LoRA, and for --finetune full 2e-3
+                                # (the tiny base) or 3e-4 (GPT-2)
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate x this
-    warmup_iters: int = 0  # linear warmup steps; 0 = 5% of max_iters
+    warmup_iters: int = 0  # linear warmup steps; default (0): 5% of max_iters
     weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only
     beta1: float = 0.9  # AdamW's decay rate of the gradient's running mean
     beta2: float = 0.95  # AdamW's decay rate of the squared gradient's running mean
     grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
     seed: int = 1337  # seed of the initialisation, the batches and dropout
-    # evaluation, logging, checkpoints
-    eval_interval: int = 0  # evaluate and save every N steps; 0 = 10 times per run
-    eval_batches: int = 0  # validation batches per evaluation; 0 = the whole validation split
+    # evaluation and output
+    eval_interval: int = 0  # evaluate and save every N steps; default (0): 10 times per run (max_iters / 10)
+    eval_batches: int = 0  # validation batches per evaluation; default (0): the whole validation split
     num_samples: int = 3  # held-out answers printed before and after fine-tuning
     answer_limit: int = 500  # test examples answered and scored before and after fine-tuning (the first N)
     max_new_tokens: int = 80  # tokens generated per answer
     resume: bool = False  # continue from out_dir/ckpt.pt (the same settings: the same trajectory)
     # runtime
-    device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cuda', 'mps' or 'cpu'
+    device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cuda' (or cuda:N), 'mps' or 'cpu'
     compile: bool = False  # torch.compile the model (worth it on a GPU for long runs)
     progress: bool = True  # show a progress bar
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~1 more forward
-    # answer with, or export, a trained run (these train nothing)
-    adapter: str = ""  # a LoRA run's out_dir: its base + adapter answer or are exported
+    # answer with, or export, a trained run (these train nothing; python chat.py answers each line you type)
+    adapter: str = ""  # the out_dir of a LoRA run: its base + adapter answer or are exported
     prompt: str = None  # answer this instruction, and exit
     answer_file: str = ""  # answer every example of this Alpaca-format (or chat) JSON file, and exit
-    answers_out: str = ""  # where --answer_file writes its examples with a 'response' added; empty = IN.answers.json
+    answers_out: str = ""  # where --answer_file writes its examples with a 'response' added; default: IN.answers.json
     export_peft: str = ""  # write the --adapter run's adapter in PEFT's format to this directory, and exit
     export_hf: str = ""  # write --init_from's model (--adapter's merged in) as an HF GPT-2 directory, and exit
 
@@ -259,7 +264,7 @@ def train(cfg):
 
 
 def parse_args(argv=None):
-    return parse_config(TrainConfig, argv, __doc__)
+    return parse_config(TrainConfig, argv, __doc__, aliases={"data_path": "dataset"})
 
 
 if __name__ == "__main__":

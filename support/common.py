@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -292,13 +293,53 @@ def config_help(config_class):
     return helps, groups
 
 
-def parse_config(config_class, argv=None, description=None):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as wide as the terminal but never over 120 columns; each option's help starts at column 26 when the
+    option fits there. The program's docstring is printed as written, everything else wrapped."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=26, width=min(shutil.get_terminal_size().columns, 120) - 2)
+
+    def _format_action_invocation(self, action):  # a switch as one name, --[no-]pack, rather than two
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return "--[no-]" + action.option_strings[0][2:]
+        return super()._format_action_invocation(action)
+
+    def _fill_text(self, text, width, indent):  # a docstring as written; a group's description (one line) wrapped
+        import textwrap
+
+        if "\n" in text:
+            return super()._fill_text(text, width, indent)
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
+
+    def _split_lines(self, text, width):  # "all-linear" is one word, not "all-" and "linear" on two lines
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+METAVARS = {int: "N", float: "X", str: "TEXT"}  # what --help shows after a flag that takes a value
+
+
+def default_text(value):
+    """A default as --help shows it: on/off for a switch, a number as Python writes it, text as it is."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def parse_config(config_class, argv=None, description=None, aliases=None):
     """Every field of a config dataclass becomes a --flag, its comment the help (config_help), in the groups its
     comment lines make; a Literal type lists the choices; unknown flags are errors. train.py builds its command line
-    from TrainConfig this way, finetune_classifier.py from ClassifierConfig."""
+    from TrainConfig this way, finetune_classifier.py from ClassifierConfig.
+
+    The help adds "(default: ...)" unless the comment already says what the default is (a setting whose default
+    depends on the job says so itself: "default (0): ...") or the default is empty. aliases maps an old flag name
+    to the field it now sets: the old name keeps working, --help does not list it (the field's comment may say it),
+    and giving both is an error."""
     from typing import Literal, get_args, get_origin
 
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, usage="%(prog)s [options]")
     helps, groups = config_help(config_class)
     by_name = {f.name: f for f in fields(config_class)}
     for title, group_description, names in groups:
@@ -306,16 +347,24 @@ def parse_config(config_class, argv=None, description=None):
         for name in names:
             f = by_name[name]
             help_text = helps[name].replace("%", "%%")  # argparse formats help with %
-            if f.default not in (None, ""):
-                help_text += " (default: %(default)s)"
+            if f.default not in (None, "") and "default" not in help_text:
+                help_text += f" (default: {default_text(f.default)})".replace("%", "%%")
             if f.type is bool:
                 group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             elif get_origin(f.type) is Literal:
                 choices = get_args(f.type)
                 group.add_argument(f"--{name}", type=type(choices[0]), choices=choices, default=f.default, help=help_text)
             else:
-                group.add_argument(f"--{name}", type=f.type, default=f.default, help=help_text)
-    return config_class(**vars(parser.parse_args(argv)))
+                group.add_argument(f"--{name}", type=f.type, default=f.default, help=help_text, metavar=METAVARS.get(f.type))
+    for old, name in (aliases or {}).items():
+        f = by_name[name]
+        parser.add_argument(f"--{old}", dest=name, type=f.type, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    args = sys.argv[1:] if argv is None else list(argv)
+    for old, name in (aliases or {}).items():
+        given = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
+        if {f"--{old}", f"--{name}"} <= given:
+            parser.error(f"--{old} is the old name of --{name}: give only --{name}")
+    return config_class(**vars(parser.parse_args(args)))
 
 
 def config_flags(settings):
@@ -329,14 +378,21 @@ def config_flags(settings):
     return flags
 
 
-def run_script(script, settings):
+def run_script(script, settings, log_path=None, threads=None):
     """Run one of this repository's programs (train.py, finetune_classifier.py) in a child process with `settings` as
-    its flags, its output going where ours goes, and return its out_dir/summary.json. Whatever drives those programs
-    (the tiny base's pretraining, the experiments) runs them as a user would, and imports neither."""
+    its flags, its output going where ours goes (or, with log_path, into that file), and return its
+    out_dir/summary.json. Whatever drives those programs (the tiny base's pretraining, the experiments) runs them as
+    a user would, and imports neither. threads: the child's PyTorch threads (OMP_NUM_THREADS), for runs side by side."""
     command = [sys.executable, os.path.join(REPO_DIR, script), *config_flags(settings)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     sys.stdout.flush()  # what we printed so far comes before what the child prints
-    status = subprocess.run(command).returncode  # in our working directory: a relative out_dir means the same to both
+    if log_path is None:
+        status = subprocess.run(command, env=env).returncode  # in our working directory: a relative out_dir means the same
+    else:
+        with open(log_path, "w") as log:
+            status = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if status != 0:
-        raise UserError(f"`python {script} {' '.join(command[2:])}` failed with exit status {status} (its error is printed above)")
+        where = "printed above" if log_path is None else f"at the end of {log_path}"
+        raise UserError(f"`python {script} {' '.join(command[2:])}` failed with exit status {status} (its error is {where})")
     with open(os.path.join(settings["out_dir"], "summary.json")) as f:
         return json.load(f)

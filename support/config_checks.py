@@ -14,11 +14,8 @@ def check_classifier_config(cfg, modes):
     """finetune_classifier.py's settings."""
     if cfg.mode not in modes:
         raise UserError(f"--mode {cfg.mode!r}: use one of {', '.join(modes)}")
-    if cfg.data_path and cfg.dataset != "embedded":
-        raise UserError(f"--data_path and --dataset {cfg.dataset} both name the data; give only one")
-    data = cfg.data_path or cfg.dataset
-    if data not in ("embedded", "uci") and not os.path.isfile(data):
-        raise UserError(f"--dataset {data!r}: use 'embedded', 'uci', or the path of an existing label<TAB>text file")
+    if cfg.dataset not in ("embedded", "uci") and not os.path.isfile(cfg.dataset):
+        raise UserError(f"--dataset {cfg.dataset!r}: use 'embedded', 'uci', or the path of an existing label<TAB>text file")
     if cfg.init_from == "scratch":
         raise UserError("--init_from scratch: a classifier starts from a pretrained model; use 'tiny', a GPT-2 name or a checkpoint")
     for name in ("epochs", "batch_size", "lora_rank"):

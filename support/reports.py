@@ -104,7 +104,7 @@ def print_answer_table(by_kind, fields):
     metric = "accuracy" if "test_accuracy_after" in fields else "f1"
     print(f"\nanswers on the test split ({metric}{': key answer in the response' if metric == 'accuracy' else ' against the reference'}, exact match):")
     print(f"  {'kind':14s} {'n':>4s}  {metric + ' before -> after':>24s}  {'exact before -> after':>22s}")
-    for row in by_kind:
+    for row in by_kind if [r["kind"] for r in by_kind] != ["all"] else []:  # data without kinds: only the total row
         print(f"  {row['kind']:14s} {row['examples']:4d}  {row[metric + '_before']:10.2f} -> {row[metric + '_after']:<10.2f}  "
               f"{row['exact_match_before']:9.2f} -> {row['exact_match_after']:<9.2f}")
     print(f"  {'all':14s} {sum(r['examples'] for r in by_kind):4d}  {fields['test_' + metric + '_before']:10.2f} -> {fields['test_' + metric + '_after']:<10.2f}  "
@@ -165,7 +165,7 @@ def report_run(cfg, model, optimizer, mode, data, tokenizer, template, answered,
 def write_classifier_log(rows, cfg):
     """log.csv (one row per epoch) and curves.png, after every epoch."""
     write_csv_atomic(rows, os.path.join(cfg.out_dir, "log.csv"), list(rows[0]))
-    plot_curves(rows, os.path.join(cfg.out_dir, "curves.png"), f"{cfg.mode} on {cfg.data_path or cfg.dataset}")
+    plot_curves(rows, os.path.join(cfg.out_dir, "curves.png"), f"{cfg.mode} on {cfg.dataset}")
 
 
 def plot_curves(rows, path, title):
@@ -192,7 +192,7 @@ def write_classifier_summary(cfg, model, optimizer, before, after, splits, trunc
     lora_mode = cfg.mode in ("lora", "qlora")
     trainable, total, seconds, peak = run["trainable"], run["total"], run["seconds"], run["peak"]
     summary = {
-        "mode": cfg.mode, "init_from": cfg.init_from, "dataset": cfg.data_path or cfg.dataset, "device": run["device"],
+        "mode": cfg.mode, "init_from": cfg.init_from, "dataset": cfg.dataset, "device": run["device"],
         "lora_rank": cfg.lora_rank if lora_mode else None, "lora_alpha": cfg.lora_alpha if lora_mode else None,
         "lora_targets": cfg.lora_targets if lora_mode else None,
         "trainable_params": trainable, "total_params": total, "trainable_fraction": trainable / total,

@@ -72,7 +72,7 @@ def download_sms_collection(directory=DOWNLOAD_DIR):
         zip_path = download_file(UCI_URL, os.path.join(directory, "sms_spam_collection.zip"))
     except OSError as e:  # no network, DNS failure, HTTP error (urllib's errors are OSErrors)
         raise ConnectionError(f"could not download the SMS Spam Collection from {UCI_URL} ({e}). Fetch and unzip it on a "
-                              f"machine with a network and pass --data_path .../{UCI_MEMBER}, or use --dataset embedded") from e
+                              f"machine with a network and pass --dataset .../{UCI_MEMBER}, or use --dataset embedded") from e
     try:
         with zipfile.ZipFile(zip_path) as archive:
             if UCI_MEMBER not in archive.namelist():

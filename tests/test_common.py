@@ -3,7 +3,7 @@ config goes to the command line and back unchanged."""
 import io
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import pytest
 
@@ -78,7 +78,7 @@ def test_pick_device_refuses_what_this_machine_lacks(monkeypatch):
         common.pick_device("tpu")
 
 
-# issue 26: writes the file system refuses are one line; a step's files are replaced together or not at all
+# writes the file system refuses are one line; a step's files are replaced together or not at all
 
 
 @pytest.mark.parametrize("error, says", [
@@ -133,6 +133,8 @@ def test_every_writer_gives_the_usual_permissions(tmp_path):
     common.write_json_atomic({}, str(tmp_path / "a.json"))
     common.save_atomic({}, str(tmp_path / "a.pt"))
     assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == dict.fromkeys(["a.safetensors", "a.json", "a.pt"], 0o666 & ~umask)
+
+
 def test_autocast_is_bf16_only_on_a_gpu_that_computes_in_bf16(monkeypatch):
     """A GPU older than Ampere reports bf16 support through emulation (torch.cuda.is_bf16_supported() is True by default
     there): training must then run in fp32, not in emulated bf16. Stand-ins for torch.cuda answer as such a GPU does."""
@@ -147,3 +149,79 @@ def test_autocast_is_bf16_only_on_a_gpu_that_computes_in_bf16(monkeypatch):
         context = common.autocast_context("cuda")
     assert (context.device, context.fast_dtype) == ("cuda", common.torch.bfloat16)
     assert common.autocast_context("cpu").device == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- --help
+
+
+def help_text(config_class, monkeypatch, columns, **options):
+    monkeypatch.setenv("COLUMNS", str(columns))  # argparse wraps to the terminal's width, which COLUMNS sets
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_config(config_class, ["--help"], "A program.\n\n    python program.py   # an example\n", **options)
+    assert exit_info.value.code == 0
+    return exit_info
+
+
+def program_configs():
+    import finetune_classifier
+    import train
+
+    return [train.TrainConfig, finetune_classifier.ClassifierConfig]
+
+
+@pytest.mark.parametrize("columns", [60, 120, 300])
+def test_help_of_both_programs_is_grouped_narrow_and_says_every_default(columns, monkeypatch, capsys):
+    """Every option has a help text, in a group; a choice lists its values; no line is wider than 120 columns
+    however wide the terminal; no empty "(default: )"; a default of 0 that stands for a value chosen by the job says
+    what it depends on instead of "(default: 0)"."""
+    for config_class in program_configs():
+        helps, groups = common.config_help(config_class)
+        assert all(helps[f.name].strip() for f in fields(config_class)), [f.name for f in fields(config_class) if not helps[f.name]]
+        assert len(groups) >= 5 and "options" not in [title for title, _, _ in groups]
+        help_text(config_class, monkeypatch, columns)
+        out = capsys.readouterr().out
+        wide = [line for line in out.splitlines() if len(line) > 120]
+        assert wide == [], wide
+        assert "(default: )" not in out and "(default: 0)" not in out
+        for f in fields(config_class):
+            shown = f"--[no-]{f.name}" if f.type is bool else f"--{f.name}"
+            assert shown in out, shown
+            assert f"--{f.name} {f.name.upper()}" not in out  # a placeholder such as QUANTIZE tells nothing
+        assert "--quantize {none,nf4}" in out or "--mode {head,last_block,lora,qlora,full}" in out
+
+
+def test_job_dependent_defaults_say_what_they_depend_on(monkeypatch, capsys):
+    import finetune_classifier
+    import train
+
+    zero_means = {train.TrainConfig: ("max_iters", "learning_rate", "warmup_iters", "eval_interval", "eval_batches", "lora_alpha"),
+                  finetune_classifier.ClassifierConfig: ("max_length", "learning_rate", "lora_alpha")}
+    for config_class, names in zero_means.items():
+        helps, _ = common.config_help(config_class)
+        for name in names:
+            assert getattr(config_class(), name) == 0 and "default (0): " in helps[name], name
+        assert "default (0): 2 x rank" in helps["lora_alpha"]  # one alpha convention, in both programs
+    monkeypatch.setenv("COLUMNS", "120")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--max_iters N           optimizer steps; default (0): 1,000 pretraining" in out
+    assert "--answers_out TEXT" in out and "default: IN.answers.json" in out and "(default: )" not in out
+    assert "pretraining only (--init_from scratch --dataset stdlib)" in out
+
+
+def test_a_renamed_flag_keeps_working_and_giving_both_names_is_an_error(capsys):
+    import finetune_classifier
+    import train
+
+    for parse in (train.parse_args, finetune_classifier.parse_args):
+        assert parse(["--data_path", "my.tsv"]).dataset == "my.tsv"
+        assert parse(["--dataset=a.tsv"]).dataset == "a.tsv"
+        with pytest.raises(SystemExit):
+            parse(["--dataset", "a.tsv", "--data_path=b.tsv"])
+        assert "--data_path is the old name of --dataset: give only --dataset" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        out = capsys.readouterr().out
+        assert "--data_path TEXT" not in out and "(--data_path: the same)" in out  # one name listed, the old one mentioned
+    assert "data_path" not in {f.name for f in fields(finetune_classifier.ClassifierConfig)}

@@ -82,3 +82,66 @@ def test_subspace_similarity_by_hand():
     assert subspace_similarity(A1, A2, 2, 1) == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(ValueError, match="1 <= j <= 1"):
         subspace_similarity(A1, A2, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rank_sweep.py: the rank lab (--quick) and runs side by side (--jobs)
+
+
+def test_quick_sets_the_lab_and_flags_given_still_win():
+    from experiments import rank_sweep
+
+    args = rank_sweep.parse_args(["--quick"])
+    for name, value in rank_sweep.QUICK.items():
+        assert getattr(args, name) == value, name
+    assert 1 <= args.jobs <= 2
+    args = rank_sweep.parse_args(["--quick", "--instruct_iters", "7", "--jobs", "1", "--out_dir", "elsewhere"])
+    assert (args.instruct_iters, args.jobs, args.out_dir, args.ranks) == (7, 1, "elsewhere", rank_sweep.QUICK["ranks"])
+    assert rank_sweep.parse_args([]).out_dir == "experiments/results" and rank_sweep.parse_args([]).jobs == 1
+
+
+def test_a_sweep_side_by_side_writes_one_row_per_run_and_the_table(tmp_path, capsys):
+    """Two runs of train.py at once (--jobs 2) on a small base: each row holds its own run's numbers (the adapter of
+    rank 2 is twice rank 1's), each run's output is in its log, and the table lists what the lab promises."""
+    import csv
+    import os
+
+    import train
+    from experiments import rank_sweep
+
+    base = str(tmp_path / "base")
+    train.train(train.resolve_defaults(train.TrainConfig(
+        init_from="scratch", dataset="stdlib", out_dir=base, n_layer=2, n_head=2, n_embd=32, block_size=256, batch_size=4,
+        max_iters=2, eval_interval=2, eval_batches=1, progress=False, device="cpu")))
+    out = tmp_path / "lab"
+    rank_sweep.main(["--task", "instruct", "--ranks", "1,2", "--targets", "q", "--instruct_iters", "2", "--answer_limit", "3",
+                     "--init_from", base, "--out_dir", str(out), "--name", "lab", "--jobs", "2", "--device", "cpu"])
+    rows = list(csv.DictReader(open(out / "lab_instruct.csv")))
+    assert [(r["rank"], r["targets"], r["steps"]) for r in rows] == [("1", "q", "2"), ("2", "q", "2")]
+    assert int(rows[1]["trainable_params"]) == 2 * int(rows[0]["trainable_params"]) == 2 * 2 * 2 * 32  # n_layer r (d_in + d_out)
+    for r in rows:
+        run = out / "runs" / rank_sweep.run_name("instruct", int(r["rank"]), "q", 1337)
+        summary = __import__("json").load(open(run / "summary.json"))
+        assert float(r["metric"]) == summary["val_loss_after"] and summary["lora_alpha"] == 2 * int(r["rank"])
+        assert float(r["seconds_per_step"]) == pytest.approx(summary["seconds"] / 2)
+        assert int(r["adapter_bytes"]) == os.path.getsize(run / "adapter_model.safetensors")
+        assert "validation loss before training" in open(str(run) + ".log").read()
+    assert (out / "lab_instruct.png").exists() and (out / "lab_instruct_accuracy.png").exists()
+    table = capsys.readouterr().out.split("rank  targets")[-1]
+    assert all(column in table for column in ("trainable", "val loss", "answers right", "s/step", "training state", "peak memory"))
+
+
+def test_the_tiny_base_is_made_before_any_run_starts(tmp_path, monkeypatch):
+    """Two runs started at once on a machine without the tiny base would both pretrain it into the same folder; the
+    sweep makes (or checks) it first, in one process."""
+    from experiments import rank_sweep
+
+    started = []
+    monkeypatch.setattr(rank_sweep, "run_script", lambda *args, **kwargs: started.append(args) or {})
+
+    def no_base(device):
+        raise RuntimeError(f"ensure_tiny_base({device!r}) called; runs started before it: {len(started)}")
+
+    monkeypatch.setattr(rank_sweep, "ensure_tiny_base", no_base)
+    with pytest.raises(RuntimeError, match="ensure_tiny_base\\('auto'\\) called; runs started before it: 0"):
+        rank_sweep.main(["--quick", "--out_dir", str(tmp_path)])

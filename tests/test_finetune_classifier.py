@@ -68,7 +68,7 @@ def test_cached_and_uncached_training_runs_agree_on_a_smeared_base(smeared_base,
     """End to end, on a base with smeared keys (the default tiny base has them): --cache_trunk (the default) and
     --no-cache_trunk train the same classifier, epoch by epoch."""
     data = write(tmp_path, "".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'home soon'} {i}\n" for i in range(40)))
-    runs = [fc.train_classifier(config(smeared_base, tmp_path / str(cache), mode=mode, data_path=data, batch_size=4, epochs=3,
+    runs = [fc.train_classifier(config(smeared_base, tmp_path / str(cache), mode=mode, dataset=data, batch_size=4, epochs=3,
                                        cache_trunk=cache)) for cache in (True, False)]
     assert (runs[0]["cached_blocks"], runs[1]["cached_blocks"]) == ({"last_block": 1, "head": 2}[mode], 0)
     logs = [list(csv.DictReader(open(tmp_path / str(cache) / "log.csv"))) for cache in (True, False)]
@@ -120,7 +120,7 @@ def test_other_modes_save_and_reload_what_they_trained(tiny_base, tmp_path, mode
     saved = []
     real_save = fc.save_trained
     monkeypatch.setattr(fc, "save_trained", lambda model, *args: saved.append(model) or real_save(model, *args))
-    summary = fc.train_classifier(config(tiny_base, tmp_path / "out", mode=mode, data_path=data, batch_size=4, epochs=2))
+    summary = fc.train_classifier(config(tiny_base, tmp_path / "out", mode=mode, dataset=data, batch_size=4, epochs=2))
     assert summary["mode"] == mode and (summary["lora_rank"] is None) == (mode != "qlora")
     trained = saved[-1].eval()
     model, tokenizer, info = fc.load_classifier(str(tmp_path / "out"))
@@ -144,7 +144,7 @@ def test_a_classifier_refuses_a_base_that_changed_since_training(tmp_path):
                                     "model": {k: v for k, v in tiny_gpt(seed).state_dict().items() if k != "lm_head.weight"}}, base)
     save(seed=0)
     data = write(tmp_path, "".join(f"{'spam' if i % 2 else 'ham'}\tmessage {i}\n" for i in range(40)))
-    fc.train_classifier(config(str(base), tmp_path / "out", mode="head", data_path=data))
+    fc.train_classifier(config(str(base), tmp_path / "out", mode="head", dataset=data))
     fc.load_classifier(str(tmp_path / "out"))  # the same base: fine
     save(seed=1)  # e.g. the tiny base pretrained again
     with pytest.raises(ValueError, match="not the one .* was trained on"):
@@ -154,8 +154,6 @@ def test_a_classifier_refuses_a_base_that_changed_since_training(tmp_path):
 def test_bad_settings_are_clear_errors(tiny_base, tmp_path):
     with pytest.raises(ValueError, match="--mode 'adapter'"):
         fc.train_classifier(config(tiny_base, tmp_path, mode="adapter"))
-    with pytest.raises(ValueError, match="give only one"):
-        fc.train_classifier(config(tiny_base, tmp_path, dataset="uci", data_path="x.tsv"))
     with pytest.raises(ValueError, match="--dataset 'imdb'"):
         fc.train_classifier(config(tiny_base, tmp_path, dataset="imdb"))
     with pytest.raises(ValueError, match="block_size 128"):
@@ -185,7 +183,7 @@ def test_flags_mirror_the_config_and_unknown_flags_fail(capsys):
     with pytest.raises(SystemExit):
         fc.parse_args(["--help"])
     helped = capsys.readouterr().out
-    for flag in ("--mode", "--init_from", "--dataset", "--data_path", "--lora_rank", "--lora_targets", "--epochs", "--classify"):
+    for flag in ("--mode", "--init_from", "--dataset", "--lora_rank", "--lora_targets", "--epochs", "--classify"):
         assert flag in helped
     assert "(default: lora)" in helped and "(default: out/classifier)" in helped
     cfg = fc.parse_args(["--mode", "qlora", "--lora_rank", "4", "--learning_rate", "1e-3", "--no-progress"])
@@ -221,11 +219,11 @@ def test_no_loading_path_unpickles_objects_from_a_checkpoint(tiny_base, tmp_path
     torch.save(trap, tiny_dir / "ckpt.pt")
     monkeypatch.setattr(checkpoints, "TINY_BASE_DIR", str(tiny_dir))
     out = tmp_path / "out"
-    fc.train_classifier(config(tiny_base, out, mode="head", data_path=two_class_file(tmp_path)))
+    fc.train_classifier(config(tiny_base, out, mode="head", dataset=two_class_file(tmp_path)))
     info = json.loads((out / "classifier.json").read_text())
     (out / "classifier.json").write_text(json.dumps({**info, "init_from": "tiny"}))  # trained on the (now booby-trapped) tiny base
     with pytest.raises(UserError, match="more than tensors and plain containers"):
-        fc.train_classifier(config("tiny", tmp_path / "out2", mode="head", data_path=two_class_file(tmp_path)))
+        fc.train_classifier(config("tiny", tmp_path / "out2", mode="head", dataset=two_class_file(tmp_path)))
     assert not marker.exists(), "training from the tiny base ran code from its checkpoint"
     with pytest.raises(UserError, match="more than tensors and plain containers"):
         fc.main(["--classify", "hello", "--out_dir", str(out)])
@@ -257,7 +255,7 @@ def test_bad_settings_are_refused_before_anything_runs(tiny_base, tmp_path, flag
 
 def test_a_diverging_run_stops_before_saving_nan(tiny_base, tmp_path):
     with pytest.raises(UserError, match=r"^step \d+: the (training|validation) loss .* training diverged"):
-        fc.train_classifier(config(tiny_base, tmp_path, mode="head", learning_rate=1e12, grad_clip=0.0, data_path=two_class_file(tmp_path)))
+        fc.train_classifier(config(tiny_base, tmp_path, mode="head", learning_rate=1e12, grad_clip=0.0, dataset=two_class_file(tmp_path)))
     if (tmp_path / "classifier.json").exists():  # an epoch ended well before: what it saved is finite and loads
         model, tokenizer, info = fc.load_classifier(str(tmp_path))
         assert math.isfinite(fc.classify(model, tokenizer, "WIN cash now", info["max_length"])[1])
@@ -265,7 +263,7 @@ def test_a_diverging_run_stops_before_saving_nan(tiny_base, tmp_path):
 
 
 def test_unreadable_or_mixed_classifier_files_are_named(tiny_base, tmp_path):
-    fc.train_classifier(config(tiny_base, tmp_path, mode="head", data_path=two_class_file(tmp_path)))
+    fc.train_classifier(config(tiny_base, tmp_path, mode="head", dataset=two_class_file(tmp_path)))
     info_path = tmp_path / "classifier.json"
     info = info_path.read_text()
     for text, problem in [("", "is not valid JSON"), (info[:30], "is not valid JSON"), ('{"mode": "head"}', "lacks 'init_from'")]:
@@ -282,15 +280,15 @@ def test_unreadable_or_mixed_classifier_files_are_named(tiny_base, tmp_path):
 
 def test_a_new_run_replaces_the_earlier_runs_files_and_one_run_owns_the_folder(tiny_base, tmp_path):
     data = two_class_file(tmp_path)
-    fc.train_classifier(config(tiny_base, tmp_path / "out", mode="lora", lora_rank=2, data_path=data))
-    fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", data_path=data))
+    fc.train_classifier(config(tiny_base, tmp_path / "out", mode="lora", lora_rank=2, dataset=data))
+    fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", dataset=data))
     assert not (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()  # the LoRA run's weights are gone
     assert sorted(os.listdir(tmp_path / "out")) == ["adapter", "classifier.json", "classifier.pt", "curves.png", "log.csv", "summary.json"]
     from support.safety import lock_out_dir
 
     with lock_out_dir(str(tmp_path / "out")):  # another run holds the folder (its flock)
         with pytest.raises(UserError, match="is in use by another run"):
-            fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", data_path=data))
+            fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", dataset=data))
 
 
 # ---------------------------------------------------------------------------------------------- the model

@@ -114,7 +114,7 @@ def test_failed_or_broken_downloads_are_clear_errors(tmp_path, monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(classifier, "download_file", offline)
-    with pytest.raises(ConnectionError, match="--data_path"):
+    with pytest.raises(ConnectionError, match="--dataset .*SMSSpamCollection"):
         classifier.download_sms_collection(str(tmp_path / "a"))
 
     def not_a_zip(url, path):

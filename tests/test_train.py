@@ -61,10 +61,13 @@ def test_resume_continues_the_identical_trajectory(tmp_path, crash_after_checkpo
 
 
 def test_help_lists_every_flag_with_its_default_and_unknown_flags_fail():
-    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for flag in ("--lora_rank", "--lora_alpha", "--lora_targets", "--quantize", "--init_from", "--resume", "--device", "--mask_prompt"):
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "COLUMNS": "120"}).stdout
+    for flag in ("--lora_rank", "--lora_alpha", "--lora_targets", "--quantize", "--init_from", "--[no-]resume", "--device",
+                 "--[no-]mask_prompt"):
         assert flag in out
-    assert "(default: 32)" in out and "(default: all-linear)" in out
+    words = " ".join(out.split())  # help texts wrap
+    assert "(default: 32)" in words and "(default: all-linear)" in words
     bad = subprocess.run([sys.executable, "train.py", "--lora_rnak", "4"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "unrecognized arguments: --lora_rnak" in bad.stderr
 
