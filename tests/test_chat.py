@@ -30,14 +30,16 @@ def base_and_adapter(tmp_path_factory):
     train.train(train.resolve_defaults(train.TrainConfig(
         init_from="scratch", dataset="stdlib", out_dir=base_dir, n_layer=2, n_head=2, n_embd=32, block_size=128,
         batch_size=4, max_iters=3, eval_interval=3, eval_batches=1, progress=False, device="cpu")))
-    model, _ = checkpoints.load_checkpoint_model(base_dir)
+    model, tokenizer_name = checkpoints.load_checkpoint_model(base_dir)
+    base_sha256 = checkpoints.weights_sha256(model)
     torch.manual_seed(0)
     lora.apply_lora(model, rank=4, alpha=8, targets="all-linear")
     for _, layer in lora.lora_layers(model):
         torch.nn.init.normal_(layer.lora_B["default"], std=0.5)
     adapter_dir = str(root / "adapter")
     lora.save_adapter(model, adapter_dir, metadata={"run_id": "test", "init_from": base_dir, "finetune": "lora",
-                                                    "step": 0, "prompt_template": "compact"})
+                                                    "step": 0, "prompt_template": "compact",
+                                                    "tokenizer": tokenizer_name, "base_sha256": base_sha256})
     return base_dir, adapter_dir
 
 
