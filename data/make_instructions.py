@@ -17,7 +17,7 @@ Phrasings are composed, not listed: each kind names its task in a dozen or more 
 plural of {q}", a command such as "put {q} in the plural", or a whole question), with the item in the instruction
 or in the input field, and every ask goes into every FRAME of its style, shared by all kinds (a question, an
 imperative, a polite or a terse request). Each example then varies the surface: the word quoted ("box", 'box') or
-bare, the first letter lower case, the final mark left off. A kind has one to four hundred phrasings.
+bare, the first letter lower case, the final mark left off. A kind has 130 to 360 phrasings.
 
 Two splits, both written into the file:
 - Phrasings: a quarter of each kind's asks and a quarter of each style's frames are held out for that kind; a
