@@ -98,7 +98,7 @@ def answer_report(examples, before, after):
                 if metric in after_scores:
                     row[f"{metric}{name}_before"], row[f"{metric}{name or '_after'}"] = kinds_before[kind][metric], after_scores[metric]
     columns = list(dict.fromkeys(key for row in rows.values() for key in row))  # every row gets every column
-    by_kind = [{key: row.get(key, "") for key in columns} for _, row in sorted(rows.items())]
+    by_kind = [{key: row.get(key, 0 if key.startswith("examples") else None) for key in columns} for _, row in sorted(rows.items())]
     _, _, rows_before = score_responses(examples, before)
     _, _, rows_after = score_responses(examples, after)
     records = []
@@ -119,7 +119,7 @@ def print_answer_table(by_kind, fields):
           + (f"  {'n':>4s}  {'new phrasings before -> after':>30s}" if new else ""))
 
     def cell(row, key, width):
-        return f"{row[key]:{width}.2f}" if row.get(key, "") != "" else f"{'-':>{width}s}"
+        return f"{row[key]:{width}.2f}" if row.get(key) is not None else f"{'-':>{width}s}"
 
     total = {"kind": "all", "examples": sum(r.get("examples") or 0 for r in by_kind),
              "examples_new_phrasings": sum(r.get("examples_new_phrasings") or 0 for r in by_kind)}
