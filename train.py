@@ -44,7 +44,7 @@ class TrainConfig:
     init_from: str = "tiny"  # 'tiny' (checkpoints/tiny-base, pretrained first if missing), 'scratch', gpt2, ...
     dataset: str = "embedded"  # 'embedded' (data/instructions.json), 'instruction-data' or 'alpaca' (downloaded),
                                # an Alpaca or chat .json/.jsonl file, or 'stdlib' to pretrain
-    corpus: str = "docstrings"  # pretraining text, comma-separated: docstrings, comments, topics, code
+    corpus: str = "docstrings"  # pretraining text, comma-separated: docstrings, comments, topics, code, instructions
     out_dir: str = "out/instruct"  # where the log, plots, samples, summary.json and checkpoints go
     finetune: Literal["lora", "full"] = "lora"  # train adapters only, or every weight
     quantize: Literal["none", "nf4"] = "none"  # nf4: QLoRA, the frozen base in 4-bit NF4 with double quantization
