@@ -111,15 +111,15 @@ def plot(rows, path):
     from matplotlib.figure import Figure
 
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig = Figure(figsize=(7 * len(modes), 4.5))
+    fig = Figure(figsize=(7 * len(modes), 6))
     axes = fig.subplots(1, len(modes), squeeze=False)[0]
     for ax, mode in zip(axes, modes):
         mine = [r for r in rows if r["mode"] == mode]
-        labels = [f"{r['kind'].replace('_', ' ')}\n{r['items']} items\n{r['phrasings']} phr." for r in mine]
+        labels = [f"{r['kind'].replace('_', ' ')}: {r['items']} items, {r['phrasings']} phrasing" for r in mine]
         x = range(len(mine))
         ax.bar([i - 0.2 for i in x], [r["format_accuracy"] for r in mine], width=0.4, label="format")
         ax.bar([i + 0.2 for i in x], [r["content_accuracy"] for r in mine], width=0.4, label="content")
-        ax.set_xticks(list(x), labels, fontsize=7, rotation=45)
+        ax.set_xticks(list(x), labels, fontsize=7, rotation=90)
         ax.set_ylim(0, 1.2)
         ax.set_title(f"{mode} fine-tuning")
         ax.legend(loc="upper center", ncol=2, fontsize=8)
