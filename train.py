@@ -46,6 +46,7 @@ class TrainConfig:
                              # out_dir of a pretraining or full fine-tuning run
     dataset: str = "embedded"  # 'embedded' (data/instructions.json), 'instruction-data' or 'alpaca' (downloaded), an
                                # Alpaca or chat .json/.jsonl file, or 'stdlib' to pretrain (--data_path: the same)
+    corpus: str = "docstrings"  # pretraining text, comma-separated: docstrings, comments, topics, code, instructions
     out_dir: str = "out/instruct"  # where the log, plots, samples, summary.json and checkpoints go
     finetune: Literal["lora", "full"] = "lora"  # train adapters only, or every weight
     quantize: Literal["none", "nf4"] = "none"  # nf4: QLoRA, the frozen base in 4-bit NF4 with double quantization
@@ -75,7 +76,7 @@ class TrainConfig:
     dropout: float = 0.0  # dropout in the blocks (the adapters' is --lora_dropout)
     smear_keys: bool = True  # each key also carries its predecessor, so a small model learns to copy (model.py)
     # optimisation
-    max_iters: int = 0  # optimizer steps; default (0): 1,000 pretraining, 800 fine-tuning the tiny base, 200 GPT-2
+    max_iters: int = 0  # optimizer steps; default (0): 1,000 pretraining, 1,200 fine-tuning the tiny base, 200 GPT-2
     learning_rate: float = 0.0  # peak rate; default (0): 4e-3 pretraining, 3e-3 LoRA, and for --finetune full 2e-3
                                 # (the tiny base) or 3e-4 (GPT-2)
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate x this
@@ -115,7 +116,7 @@ def resolve_defaults(cfg):
     weights needs gentler full fine-tuning and fewer steps than the tiny base, which starts far from done."""
     pre, full = cfg.pretraining, cfg.finetune == "full"
     gpt2 = cfg.init_from in PRETRAINED or os.path.isfile(os.path.join(cfg.init_from, "model.safetensors"))
-    cfg.max_iters = cfg.max_iters or (1000 if pre else 200 if gpt2 else 800)  # 200 x 16: ~3 epochs of instruction-data
+    cfg.max_iters = cfg.max_iters or (1000 if pre else 200 if gpt2 else 1200)  # 200 x 16: ~3 epochs of instruction-data
     cfg.learning_rate = cfg.learning_rate or (4e-3 if pre else (3e-4 if gpt2 else 2e-3) if full else 3e-3)
     cfg.lora_alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
     cfg.warmup_iters = cfg.warmup_iters or max(1, cfg.max_iters // 20)

@@ -1,29 +1,39 @@
-"""Generate data/instructions.json: the offline instruction-tuning set, in Alpaca format plus three keys.
+"""Generate data/instructions.json: the offline instruction-tuning set, in Alpaca format plus four keys.
 
     {"instruction": "...", "input": "...", "output": "...",     # Alpaca's three (input may be "")
-     "kind": "plural", "answer": "boxes", "item": "box"}         # what the scorer and the split rule use
+     "kind": "plural", "answer": "boxes", "item": "box",         # what the scorer and the split rule use
+     "phrasing": "trained"}                                      # or "held_out": a phrasing training never shows
 
-`answer` is the key answer that a correct response contains (scored by instructions.score_answer); `item` is the
-word, number or fact the question is about. Loaders read only Alpaca's three keys and ignore the rest.
+`answer` is the key answer that a correct response contains (scored by instructions.contains_answer); `item` is the
+word, number, list, sentence or fact the question is about. Loaders read only Alpaca's three keys and ignore the rest.
 
 Two families of kinds, because they answer different questions about fine-tuning:
-- RULE kinds: the answer follows from the prompt by a rule the examples show (regular plurals, past tenses and
-  comparatives, capital letters, parity, the next number, the larger number, thousands separators, yes/no
-  questions, negation, the last word). A model can learn the rule and apply it to words it never saw.
+- RULE kinds: the answer follows from the prompt by a rule the examples show (word forms, letters, numbers,
+  orderings, counts, sentence transformations). A model can learn the rule and apply it to items it never saw.
 - FACT kinds: the answer is a fact about the world (capitals, animal classes, antonyms). Nothing in the prompt
   gives it away; a model that never saw the fact can only guess.
 
-The split rule: the file is written as train, validation, test (85% / 5% / 10%, the split train.py makes in file
-order), and every test item is new: no test item of a kind (word, number, country, animal, sentence) occurs in
-the train or validation part of that kind. So the test split measures whether a rule was learned, not
-whether an answer was memorised; and the fact kinds in it are facts fine-tuning never showed.
+Phrasings are composed, not listed: each kind names its task in a dozen or more ASKS (a noun phrase such as "the
+plural of {q}", a command such as "put {q} in the plural", or a whole question), with the item in the instruction
+or in the input field, and every ask goes into every FRAME of its style, shared by all kinds (a question, an
+imperative, a polite or a terse request). Each example then varies the surface: the word quoted ("box", 'box') or
+bare, the first letter lower case, the final mark left off. A kind has 130 to 360 phrasings.
+
+Two splits, both written into the file:
+- Phrasings: a quarter of each kind's asks and a quarter of each style's frames are held out for that kind; a
+  phrasing that uses either is never trained on (nor validated on). It appears only in the test split, tagged
+  "phrasing": "held_out", so a run can report how well a rule carries over to words it was never asked in.
+- Items: the file is written as train, validation, test (85% / 5% / 10%, the split train.py makes in file order),
+  and every test item is new: no test item of a kind occurs in the train or validation part of that kind. Each kind
+  has TEST_ITEMS_PER_KIND test items in trained phrasings and as many in held-out phrasings.
 
 Deterministic (its own seeded random.Random): running it again gives a byte-identical file.
 
     python data/make_instructions.py            # writes data/instructions.json
     python data/make_instructions.py --out DIR  # writes DIR/instructions.json
+    python data/make_instructions.py --seed 7 --kinds all --out DIR   # other items and splits; the candidate kinds too
 
-Written for nanoQLoRA; covered by the project's licence. All word lists and facts are typed in this file.
+Written for nanoQLoRA; covered by the project's licence. All word lists, facts and phrasings are typed in this file.
 """
 
 import argparse
@@ -34,7 +44,9 @@ from collections import Counter
 
 SEED = 1234
 FILENAME = "instructions.json"
-TEST_ITEMS_PER_KIND = 16  # 15 kinds x 16 = 240 test examples, ~10% of the file
+TEST_ITEMS_PER_KIND = 10  # per kind: 10 test items asked in trained phrasings, 10 more in held-out phrasings
+TRAIN_ITEMS_PER_KIND = 220  # at most; kinds with fewer items (the facts) have fewer
+HELD_OUT_FRACTION = 4  # one in HELD_OUT_FRACTION of a kind's asks, and of its frames of each style, is held out
 TRAIN_FRAC, VAL_FRAC = 0.85, 0.05  # the split train.py makes (instructions.split_examples)
 
 # ---------------------------------------------------------------------------------------------- word lists
@@ -159,6 +171,14 @@ ANTONYMS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"
             ("arrive", "depart"), ("brave", "cowardly"), ("begin", "end"), ("laugh", "cry"), ("wild", "tame"),
             ("sweet", "sour"), ("noisy", "silent"), ("alive", "dead"), ("come", "go"), ("found", "lost")]
 
+# The items data/new_questions.json asks about (written by hand, apart from this file, to try a trained model on
+# questions it has never seen in any form): no kind uses them.
+PROBE_ITEMS = {"lamp", "blanket", "pillow", "yell", "stitch", "keen", "crisp", "7359", "412", "the cat slept on the mat.",
+               "we walked to the old bridge.", "the baby is asleep.", "the cat is hungry.", "pebble", "walnut", "58",
+               "312 or 87", "5820113", "fiji", "walrus", "empty", "parcels", "puddles", "umbrella", "velvet", "640 or 215",
+               "77 or 903", "birds sang in the tall trees.", "the red kite flew over the farm.", "what a lovely garden this is!",
+               "where did you park the car?"}
+
 # ---------------------------------------------------------------------------------------------- rules
 
 
@@ -210,166 +230,372 @@ def aux_sentences():
     return [(sentence(s, f"{a} {r}"), f"{a.capitalize()} {s} {r}?", sentence(s, f"{negative(a)} {r}")) for s, a, r in triples]
 
 
+def superlative(adjective):
+    if adjective.endswith("e"):
+        return adjective + "st"
+    if adjective.endswith("y") and adjective[-2] not in "aeiou":
+        return adjective[:-1] + "iest"
+    return adjective + "est"
+
+
+def sentence_type(text):
+    return {".": "statement", "?": "question", "!": "exclamation"}[text[-1]]
+
+
+# ---------------------------------------------------------------------------------------------- phrasings
+# A phrasing is a template (instruction, input). It is an ASK of one kind put into a FRAME of the ask's style:
+#   "np"  the ask is a noun phrase:   "the plural of {q}"        -> "Could you tell me the plural of {q}?"
+#   "cmd" the ask is a command:       "put {q} in the plural"    -> "Please put {q} in the plural."
+#   "q"   the ask is a whole question: "is {v} even or odd?"     -> "Quick question: is {v} even or odd?"
+# An ask with a slot carries the item in the instruction ({q}: quoted or bare; {v}: bare; {a}, {b}: two numbers); an
+# ask without one ("the plural of this noun") gets the item in the input field.
+
+FRAMES = {
+    "np": ["What is {x}?", "What's {x}?", "Tell me {x}.", "Give {x}.", "Give me {x}.", "Write {x}.", "Find {x}.",
+           "Provide {x}.", "State {x}.", "Please give {x}.", "Please tell me {x}.", "Could you tell me {x}?",
+           "Can you give me {x}?", "Would you write {x}, please?", "I need {x}.", "I'd like {x}, please.",
+           "Do you know {x}?", "{x}?", "{x}, please.", "Quick question: what is {x}?", "Help me find {x}.",
+           "Kindly provide {x}.", "Name {x}.", "Show me {x}."],
+    "cmd": ["{x}.", "Please {x}.", "Can you {x}?", "Could you {x}, please?", "{x}, please.", "I need you to {x}.",
+            "Kindly {x}.", "Your task: {x}.", "Now {x}.", "Would you {x}?", "Help me {x}.", "{x}!", "Task: {x}.",
+            "Go ahead and {x}.", "I want you to {x}.", "Try to {x}."],
+    "q": ["{x}", "Tell me: {x}", "Quick question: {x}", "Please answer: {x}", "Question: {x}", "I wonder, {x}",
+          "Can you answer this? {x}", "Answer this: {x}", "{x} Thanks!", "Hey, {x}", "{x} Answer briefly.",
+          "Here's one: {x}"],
+}
+
+
+def word_form_asks(name, pos, extra=()):
+    """Asks for a word-form kind ('plural' of a 'noun', 'past tense' of a 'verb', ...)."""
+    return [("np", f"the {name} of {{q}}"), ("np", f"the {name} form of {{q}}"), ("np", f"the {name} of the {pos} {{q}}"),
+            ("np", f"the {name} of this {pos}"), ("np", f"the {name} form of the word below"),
+            ("np", f"the {name} of the given word"),
+            ("cmd", f"write the {name} of {{q}}"), ("cmd", f"give the {name} form of {{q}}"), ("cmd", f"put {{q}} in the {name}"),
+            ("cmd", f"change the {pos} {{q}} to the {name}"), ("cmd", f"convert this word to its {name} form"),
+            ("cmd", f"turn the following {pos} into the {name}"), ("cmd", f"form the {name} of this word"),
+            ("q", f"what is the {name} of {{q}}?"), ("q", f"how do you write {{q}} in the {name}?"),
+            ("q", f"what is the {name} form of this {pos}?"), ("q", f"which word is the {name} of {{q}}?"),
+            ("q", f"do you know the {name} of the word below?"), *extra]
+
+
+ASKS = {
+    "plural": word_form_asks("plural", "noun", [("cmd", "make {q} plural"), ("cmd", "pluralize the following noun"),
+                                                ("q", "what do you call more than one {q}?"), ("q", "one {q}, two what?")]),
+    "singular": word_form_asks("singular", "noun", [("cmd", "make {q} singular"), ("q", "what is just one of {q} called?"),
+                                                    ("np", "the word for one of {q}")]),
+    "past_tense": word_form_asks("past tense", "verb", [("np", "the simple past of {q}"),
+                                                        ("q", "how does {q} look in the past tense?"),
+                                                        ("cmd", "conjugate {q} in the simple past")]),
+    "comparative": word_form_asks("comparative", "adjective", [("np", "the comparative degree of {q}"),
+                                                               ("q", "which word means \"more {v}\"?")]),
+    "superlative": word_form_asks("superlative", "adjective", [("np", "the superlative degree of {q}"),
+                                                               ("q", "which word means \"the most {v}\"?")]),
+    "uppercase": [("np", "{q} in capital letters"), ("np", "{q} in upper case"), ("np", "the uppercase form of {q}"),
+                  ("np", "this word in capitals"), ("np", "the given word in block letters"),
+                  ("cmd", "write {q} in capital letters"), ("cmd", "capitalize every letter of {q}"),
+                  ("cmd", "convert {q} to uppercase"), ("cmd", "put this word in all caps"),
+                  ("cmd", "change the following word to upper case"), ("cmd", "spell {q} in capitals"),
+                  ("q", "how is {q} written in capitals?"), ("q", "what does {q} look like in upper case?"),
+                  ("q", "how do you write this word in all capital letters?")],
+    "first_letter": [("np", "the first letter of {q}"), ("np", "the letter {q} starts with"),
+                     ("np", "the initial letter of this word"), ("np", "the first letter of the word below"),
+                     ("cmd", "give the first letter of {q}"), ("cmd", "name the letter at the start of this word"),
+                     ("cmd", "find the first letter of the following word"), ("cmd", "write down the letter {q} begins with"),
+                     ("q", "what letter does {q} begin with?"), ("q", "which letter starts the word {q}?"),
+                     ("q", "what is the first letter of this word?"), ("q", "with which letter does this word start?")],
+    "parity": [("np", "the parity of {v}"), ("np", "whether {v} is even or odd"), ("np", "the parity of this number"),
+               ("cmd", "tell me if {v} is odd or even"), ("cmd", "decide whether this number is even or odd"),
+               ("cmd", "classify {v} as even or odd"), ("cmd", "label the following number as odd or even"),
+               ("q", "is {v} even or odd?"), ("q", "is {v} an even or an odd number?"), ("q", "is the number {v} odd or even?"),
+               ("q", "even or odd: {v}?"), ("q", "is this number even or odd?"), ("q", "odd or even, this number?")],
+    "next_number": [("np", "the number after {v}"), ("np", "the next number after {v}"), ("np", "the successor of {v}"),
+                    ("np", "the number that comes after this one"), ("cmd", "count one up from {v}"),
+                    ("cmd", "add one to {v}"), ("cmd", "give the number that follows this one"),
+                    ("cmd", "write the number after {v}"), ("q", "what number comes after {v}?"),
+                    ("q", "what is the next number after {v}?"), ("q", "which number follows {v}?"),
+                    ("q", "what comes right after {v} when counting?"), ("q", "what number is one more than {v}?"),
+                    ("q", "what number comes next after this one?")],
+    "larger": [("np", "the larger of {a} and {b}"), ("np", "the bigger number of {a} and {b}"),
+               ("np", "the maximum of {a} and {b}"), ("np", "the larger of these two numbers"),
+               ("cmd", "pick the larger of {a} and {b}"), ("cmd", "choose the bigger number: {a} or {b}"),
+               ("cmd", "compare {a} and {b} and name the larger one"), ("cmd", "pick the greater of the two numbers"),
+               ("q", "which number is larger, {a} or {b}?"), ("q", "which is bigger: {a} or {b}?"),
+               ("q", "which is greater, {a} or {b}?"), ("q", "of {a} and {b}, which is larger?"),
+               ("q", "which of these two numbers is larger?")],
+    "smaller": [("np", "the smaller of {a} and {b}"), ("np", "the lesser number of {a} and {b}"),
+                ("np", "the minimum of {a} and {b}"), ("np", "the smaller of these two numbers"),
+                ("cmd", "pick the smaller of {a} and {b}"), ("cmd", "choose the lower number: {a} or {b}"),
+                ("cmd", "compare {a} and {b} and name the smaller one"), ("cmd", "pick the lesser of the two numbers"),
+                ("q", "which number is smaller, {a} or {b}?"), ("q", "which is less: {a} or {b}?"),
+                ("q", "which is lower, {a} or {b}?"), ("q", "of {a} and {b}, which is smaller?"),
+                ("q", "which of these two numbers is smaller?")],
+    "commas": [("np", "{v} with commas"), ("np", "{v} with thousands separators"), ("np", "this number with commas"),
+               ("cmd", "write {v} with commas between the thousands"), ("cmd", "add commas to {v}"),
+               ("cmd", "add thousands separators to {v}"), ("cmd", "put commas in this number"),
+               ("cmd", "format the following number with thousands separators"), ("cmd", "group the digits of {v} with commas"),
+               ("q", "how is {v} written with commas?"), ("q", "how do you write {v} with thousands separators?"),
+               ("q", "where do the commas go in this number?"), ("q", "what does {v} look like with commas?")],
+    "sort_words": [("np", "these words in alphabetical order"), ("np", "the alphabetical order of {v}"),
+                   ("np", "the words {v} sorted from A to Z"), ("cmd", "sort these words alphabetically"),
+                   ("cmd", "put the following words in alphabetical order"), ("cmd", "arrange {v} in alphabetical order"),
+                   ("cmd", "sort the words {v} from A to Z"), ("cmd", "alphabetize this list"),
+                   ("q", "what is the alphabetical order of these words?"), ("q", "in alphabetical order, how do {v} go?"),
+                   ("q", "how would these words be ordered in a dictionary?")],
+    "sort_numbers": [("np", "these numbers in ascending order"), ("np", "the numbers {v} in increasing order"),
+                     ("np", "this list sorted from smallest to largest"), ("cmd", "sort these numbers from smallest to largest"),
+                     ("cmd", "arrange {v} in ascending order"), ("cmd", "put the following numbers in increasing order"),
+                     ("cmd", "order the numbers {v} from low to high"), ("cmd", "sort this list in ascending order"),
+                     ("q", "what are these numbers in ascending order?"), ("q", "how do {v} go from smallest to largest?"),
+                     ("q", "in what order do these numbers go, smallest first?")],
+    "reverse_words": [("np", "these words in reverse order"), ("np", "the words {v} in reverse order"),
+                      ("np", "this list reversed"), ("cmd", "reverse the order of these words"),
+                      ("cmd", "write the words {v} in reverse order"), ("cmd", "list the following words backwards"),
+                      ("cmd", "turn this list around"), ("cmd", "reverse the list {v}"),
+                      ("q", "what are these words in reverse order?"), ("q", "how does {v} read backwards, word by word?"),
+                      ("q", "what is this list with the last word first?")],
+    "question": [("np", "the question form of {q}"), ("np", "the yes/no question for this statement"),
+                 ("np", "this sentence as a question"), ("cmd", "turn this statement into a yes/no question"),
+                 ("cmd", "rewrite the sentence as a question"), ("cmd", "make a question out of this sentence"),
+                 ("cmd", "change the following statement into a question"), ("cmd", "turn {q} into a question"),
+                 ("cmd", "rewrite {q} as a yes-no question"), ("q", "how would you ask this as a question?"),
+                 ("q", "what is the yes/no question for {q}?"), ("q", "how does this statement go as a question?")],
+    "negation": [("np", "the negative form of {q}"), ("np", "the negation of this sentence"),
+                 ("np", "this statement in the negative"), ("cmd", "make this sentence negative"),
+                 ("cmd", "rewrite the sentence with \"not\""), ("cmd", "negate {q}"),
+                 ("cmd", "turn the following sentence into a negative one"), ("cmd", "put this statement in the negative"),
+                 ("cmd", "make {q} negative"), ("q", "how do you say this with \"not\"?"), ("q", "what is the negative of {q}?"),
+                 ("q", "what is the negative version of this sentence?")],
+    "last_word": [("np", "the last word of {q}"), ("np", "the final word of this sentence"),
+                  ("np", "the word this sentence ends with"), ("cmd", "name the final word of the sentence"),
+                  ("cmd", "give the last word of {q}"), ("cmd", "find the word that ends this sentence"),
+                  ("cmd", "copy out the last word"), ("q", "what is the last word of this sentence?"),
+                  ("q", "which word ends the sentence?"), ("q", "what is the final word in {q}?"),
+                  ("q", "which word is at the end of {q}?")],
+    "first_word": [("np", "the first word of {q}"), ("np", "the opening word of this sentence"),
+                   ("np", "the word this sentence starts with"), ("cmd", "name the first word of the sentence"),
+                   ("cmd", "give the first word of {q}"), ("cmd", "find the word that begins this sentence"),
+                   ("cmd", "copy out the first word"), ("q", "what is the first word of this sentence?"),
+                   ("q", "which word starts the sentence?"), ("q", "what is the opening word in {q}?"),
+                   ("q", "which word is at the start of {q}?")],
+    "count_words": [("np", "the number of words in {q}"), ("np", "the word count of this sentence"),
+                    ("np", "how many words this sentence has"), ("cmd", "count the words in this sentence"),
+                    ("cmd", "count the words in {q}"), ("cmd", "tell me how many words the following sentence has"),
+                    ("cmd", "give the word count of {q}"), ("q", "how many words are in this sentence?"),
+                    ("q", "how many words does {q} have?"), ("q", "what is the word count of the sentence below?")],
+    "sentence_type": [("np", "the type of this sentence: statement, question or exclamation"),
+                      ("np", "the kind of sentence {q} is: statement, question or exclamation"),
+                      ("cmd", "classify this sentence as a statement, a question or an exclamation"),
+                      ("cmd", "say whether {q} is a statement, a question or an exclamation"),
+                      ("cmd", "label the following sentence: statement, question or exclamation"),
+                      ("q", "is this sentence a statement, a question or an exclamation?"),
+                      ("q", "is {q} a question, a statement or an exclamation?"),
+                      ("q", "statement, question or exclamation: which is this sentence?")],
+    "capital": [("np", "the capital of {v}"), ("np", "the capital city of this country"), ("np", "the capital of the country below"),
+                ("cmd", "name the capital city of {v}"), ("cmd", "give the capital of the following country"),
+                ("cmd", "tell me the capital of {v}"), ("q", "what is the capital of {v}?"),
+                ("q", "which city is the capital of {v}?"), ("q", "what is the capital city of this country?"),
+                ("q", "where is the seat of government of {v}?")],
+    "animal_class": [("np", "the class of the {v}: mammal, bird or fish"),
+                     ("np", "the animal group of this creature: mammal, bird or fish"),
+                     ("cmd", "classify the animal as a mammal, a bird, or a fish"),
+                     ("cmd", "say whether {art} {v} is a mammal, bird or fish"),
+                     ("cmd", "sort this animal into mammal, bird or fish"),
+                     ("q", "is {art} {v} a mammal, a bird, or a fish?"), ("q", "which group does the {v} belong to: mammal, bird or fish?"),
+                     ("q", "what kind of animal is {art} {v}: mammal, bird or fish?"),
+                     ("q", "is this animal a mammal, a bird or a fish?")],
+    "antonym": [("np", "the opposite of {q}"), ("np", "an antonym of {q}"), ("np", "the antonym of this word"),
+                ("cmd", "give an antonym of {q}"), ("cmd", "find the antonym of the given word"),
+                ("cmd", "name a word that means the opposite of {q}"), ("cmd", "write the opposite of the following word"),
+                ("q", "what is the opposite of {q}?"), ("q", "what word means the opposite of {q}?"),
+                ("q", "what is an antonym for this word?")],
+}
+
+
+def normalized(text):
+    """What the surface variation cannot change: the first letter's case and the final mark (see surface)."""
+    return (text[:1].lower() + text[1:]).rstrip(".?!")
+
+
+def compose(ask, frame):
+    text = frame.format(x=ask)
+    return text[:1].upper() + text[1:]
+
+
+def phrasings(kind, seed=SEED):
+    """-> (trained, held_out): lists of (instruction template, has its item in the input field). A quarter of the
+    kind's asks and a quarter of each style's frames are drawn as held out (by a generator of its own, seeded with
+    the seed and the kind); a phrasing using either is held out, unless the same text (up to the surface variation)
+    also arises from trained parts."""
+    rng = random.Random(f"{seed}:{kind}")
+    asks = ASKS[kind]
+    held_asks = set(rng.sample(range(len(asks)), max(2, len(asks) // HELD_OUT_FRACTION)))
+    held_frames = {style: set(rng.sample(frames, len(frames) // HELD_OUT_FRACTION)) for style, frames in FRAMES.items()}
+    trained, held_out = {}, {}
+    for i, (style, ask) in enumerate(asks):
+        for frame in FRAMES[style]:
+            text = compose(ask, frame)
+            part = held_out if i in held_asks or frame in held_frames[style] else trained
+            part.setdefault(normalized(text), (text, "{" not in ask))
+    return list(trained.values()), [t for key, t in held_out.items() if key not in trained]
+
+
+def surface(text, rng):
+    """Vary what a writer varies without changing the request: the first letter's case, the final mark."""
+    if rng.random() < 0.12 and text[:1].isalpha():
+        text = text[:1].lower() + text[1:]
+    if rng.random() < 0.12 and text[-1:] in ".?!":
+        text = text[:-1]
+    return text
+
+
+def quoted(word, rng):
+    r = rng.random()
+    return f'"{word}"' if r < 0.5 else f"'{word}'" if r < 0.75 else word
+
+
 # ---------------------------------------------------------------------------------------------- kinds
-# Each kind: (family, items, make) where make(item, rng) -> (instruction, input, output, answer). Several phrasings
-# per kind, some with the word in the instruction, some in the input field, so the prompt's shape varies.
+# Each kind: (family, items, answer) with answer(item) -> (output, key answer). slots(item, rng) fills a phrasing.
 
 
-def pick(rng, phrasings, **values):
-    instruction, input_text = rng.choice(phrasings)
-    return instruction.format(**values), input_text.format(**values)
+def three_distinct(rng, pool, count, key=lambda x: x, ordered=None):
+    """`count` distinct triples of pool entries with distinct keys, none already in the order `ordered` sorts them."""
+    out = {}
+    while len(out) < count:
+        triple = tuple(rng.sample(pool, 3))
+        if len({key(x) for x in triple}) == 3 and (ordered is None or list(triple) != ordered(triple)):
+            out[triple] = None
+    return list(out)
 
 
-def word_rule_kind(name, rule, words):
-    phrasings = [(f'What is the {name} of "{{w}}"?', ""), (f"Give the {name} of the word {{w}}.", ""),
-                 (f'Write the {name} form of "{{w}}".', ""), (f"What is the {name} of this word?", "{w}"),
-                 (f"Write the {name} of the given word.", "{w}")]
-
-    def make(w, rng):
-        a = rule(w)
-        return (*pick(rng, phrasings, w=w), f'The {name} of "{w}" is "{a}".', a)
-
-    return "rule", words, make
-
-
-def make_uppercase(w, rng):
-    phrasings = [('Write "{w}" in capital letters.', ""), ("Write the word {w} in upper case.", ""),
-                 ("Convert this word to capital letters.", "{w}"), ('How is "{w}" written in capitals?', "")]
-    return (*pick(rng, phrasings, w=w), f'In capital letters, "{w}" is "{w.upper()}".', w.upper())
-
-
-def make_parity(n, rng):
-    phrasings = [("Is {n} an even or an odd number?", ""), ("Is {n} even or odd?", ""),
-                 ("Tell whether the number is even or odd.", "{n}"), ("Even or odd: {n}?", "")]
-    a = "even" if n % 2 == 0 else "odd"
-    return (*pick(rng, phrasings, n=n), f"{n} is an {a} number.", a)
-
-
-def make_next_number(n, rng):
-    phrasings = [("What number comes after {n}?", ""), ("What is the next number after {n}?", ""),
-                 ("Which number follows {n}?", ""), ("Give the number that comes right after this one.", "{n}")]
-    return (*pick(rng, phrasings, n=n), f"The number after {n} is {n + 1}.", str(n + 1))
-
-
-def make_larger(pair, rng):
-    a, b = pair
-    phrasings = [("Which number is larger, {a} or {b}?", ""), ("Which is bigger: {a} or {b}?", ""),
-                 ("Pick the larger of the two numbers.", "{a} and {b}"), ("What is the larger number, {a} or {b}?", "")]
-    return (*pick(rng, phrasings, a=a, b=b), f"The larger number is {max(a, b)}.", str(max(a, b)))
-
-
-def make_commas(n, rng):
-    phrasings = [("Write {n} with commas between the thousands.", ""), ("Add thousands separators to {n}.", ""),
-                 ("Format this number with commas.", "{n}"), ("How is {n} written with commas?", "")]
-    return (*pick(rng, phrasings, n=n), f"{n} is written {with_commas(n)}.", with_commas(n))
-
-
-def make_question(triple, rng):
-    statement, question, _ = triple
-    phrasings = [("Turn this statement into a yes/no question.", "{s}"), ("Rewrite the sentence as a question.", "{s}"),
-                 ("Make a question from this sentence.", "{s}")]
-    return (*pick(rng, phrasings, s=statement), question, question)
-
-
-def make_negation(triple, rng):
-    statement, _, negative = triple
-    phrasings = [("Make this sentence negative.", "{s}"), ("Rewrite the sentence with \"not\".", "{s}"),
-                 ("Write the negative form of this sentence.", "{s}")]
-    return (*pick(rng, phrasings, s=statement), negative, negative)
-
-
-def make_last_word(text, rng):
-    phrasings = [("What is the last word of this sentence?", "{s}"), ("Which word ends the sentence?", "{s}"),
-                 ("Name the final word of the sentence.", "{s}")]
-    last = text.rstrip(".").split()[-1]
-    return (*pick(rng, phrasings, s=text), f'The last word is "{last}".', last)
-
-
-def make_capital(fact, rng):
-    country, city = fact
-    phrasings = [("What is the capital of {c}?", ""), ("Name the capital city of {c}.", ""),
-                 ("Which city is the capital of {c}?", ""), ("What is the capital of this country?", "{c}")]
-    return (*pick(rng, phrasings, c=country), f"The capital of {country} is {city}.", city)
-
-
-def make_animal_class(fact, rng):
-    animal, group = fact
-    article = "an" if animal[0] in "aeiou" else "a"
-    phrasings = [("Is {a} {x} a mammal, a bird, or a fish?", ""), ("Which group does the {x} belong to: mammal, bird or fish?", ""),
-                 ("Classify the animal as a mammal, a bird, or a fish.", "{x}")]
-    return (*pick(rng, phrasings, a=article, x=animal), f"{article.capitalize()} {animal} is a {group}.", group)
-
-
-def make_antonym(pair, rng):
-    w, a = pair
-    phrasings = [('What is the opposite of "{w}"?', ""), ("Give an antonym of {w}.", ""),
-                 ("Find the antonym of the given word.", "{w}"), ('Name a word that means the opposite of "{w}".', "")]
-    return (*pick(rng, phrasings, w=w), f'The opposite of "{w}" is "{a}".', a)
-
-
-def kinds(rng):
-    """kind name -> (family, items, make). Items are distinct within a kind, so a test item is never trained on."""
+def kinds(rng, names=None):
+    """kind name -> (family, items, answer). Items are distinct within a kind, so a test item is never trained on."""
     numbers = rng.sample(range(10, 10000), 600)
-    pairs = list({tuple(sorted(rng.sample(range(10, 1000), 2))): None for _ in range(600)})
+    pairs = list({tuple(sorted(rng.sample(range(10, 1000), 2))): None for _ in range(800)})
     pairs = [(a, b) if rng.random() < 0.5 else (b, a) for a, b in pairs]
     sentences = aux_sentences()
     statements = [sentence(subject, action) for subject, _ in PEOPLE for action in PAST_ACTIONS]
-    return {
-        "plural": word_rule_kind("plural", plural, NOUNS + NOUNS_ES + NOUNS_Y + NOUNS_VOWEL_Y),
-        "past_tense": word_rule_kind("past tense", past_tense, VERBS + VERBS_E + VERBS_Y),
-        "comparative": word_rule_kind("comparative", comparative, ADJECTIVES + ADJECTIVES_E + ADJECTIVES_Y),
-        "uppercase": ("rule", CAPS_WORDS, make_uppercase),
-        "parity": ("rule", numbers[:300], make_parity),
-        "next_number": ("rule", rng.sample(range(1, 1000), 200), make_next_number),
-        "larger": ("rule", pairs, make_larger),
-        "commas": ("rule", rng.sample(range(1000, 10_000_000), 300), make_commas),
-        "question": ("rule", sentences[::2], make_question),  # one sentence is never both a question and a negation item
-        "negation": ("rule", sentences[1::2], make_negation),
-        "last_word": ("rule", statements, make_last_word),
-        "capital": ("fact", CAPITALS, make_capital),
-        "animal_class": ("fact", [(a, g) for g, names in ANIMALS.items() for a in names], make_animal_class),
-        "antonym": ("fact", ANTONYMS, make_antonym),
+    nouns = list(dict.fromkeys(NOUNS + NOUNS_ES + NOUNS_Y + NOUNS_VOWEL_Y))
+    adjectives = ADJECTIVES + ADJECTIVES_E + ADJECTIVES_Y
+    singulars = {plural(w): w for w in nouns}  # the rule run backwards ("horses" -> "horse", not "hors")
+    word_triples = three_distinct(rng, sorted(set(NOUNS)), 600, key=lambda w: w[0], ordered=sorted)
+    number_triples = three_distinct(rng, list(range(1, 100)), 600, ordered=sorted)
+    typed = [s for s, _, _ in sentences[::3]] + [q for _, q, _ in sentences[1::3]] + [s[:-1] + "!" for s, _, _ in sentences[2::3]]
+    table = {
+        "plural": ("rule", nouns, lambda w: (f'The plural of "{w}" is "{plural(w)}".', plural(w))),
+        "past_tense": ("rule", VERBS + VERBS_E + VERBS_Y, lambda w: (f'The past tense of "{w}" is "{past_tense(w)}".', past_tense(w))),
+        "comparative": ("rule", adjectives, lambda w: (f'The comparative of "{w}" is "{comparative(w)}".', comparative(w))),
+        "uppercase": ("rule", list(dict.fromkeys(CAPS_WORDS + NOUNS)), lambda w: (f'In capital letters, "{w}" is "{w.upper()}".', w.upper())),
+        "parity": ("rule", numbers[:300], lambda n: (f"{n} is an {('odd', 'even')[n % 2 == 0]} number.", ("odd", "even")[n % 2 == 0])),
+        "next_number": ("rule", rng.sample(range(1, 1000), 260), lambda n: (f"The number after {n} is {n + 1}.", str(n + 1))),
+        "larger": ("rule", pairs[:400], lambda p: (f"The larger number is {max(p)}.", str(max(p)))),
+        "commas": ("rule", rng.sample(range(1000, 10_000_000), 300), lambda n: (f"{n} is written {n:,}.", f"{n:,}")),
+        "question": ("rule", sentences[::2], lambda t: (t[1], t[1])),  # one sentence is never both a question and a negation item
+        "negation": ("rule", sentences[1::2], lambda t: (t[2], t[2])),
+        "last_word": ("rule", statements, lambda s: (f'The last word is "{s.rstrip(".").split()[-1]}".', s.rstrip(".").split()[-1])),
+        "superlative": ("rule", adjectives, lambda w: (f'The superlative of "{w}" is "{superlative(w)}".', superlative(w))),
+        "singular": ("rule", list(singulars), lambda w: (f'The singular of "{w}" is "{singulars[w]}".', singulars[w])),
+        "first_letter": ("rule", list(dict.fromkeys(NOUNS + CAPS_WORDS)), lambda w: (f'The word "{w}" starts with "{w[0]}".', w[0])),
+        "smaller": ("rule", pairs[400:], lambda p: (f"The smaller number is {min(p)}.", str(min(p)))),
+        "first_word": ("rule", [s for s, _, _ in sentences[::2]] + statements[::2],
+                       lambda s: (f'The first word is "{s.split()[0]}".', s.split()[0])),
+        "count_words": ("rule", [s for s, _, _ in sentences[1::2]] + statements[1::2],
+                        lambda s: (f"The sentence has {len(s.split())} words.", str(len(s.split())))),
+        "sentence_type": ("rule", typed, lambda s: (f"It is {article(sentence_type(s))} {sentence_type(s)}.", sentence_type(s))),
+        "sort_words": ("rule", word_triples, lambda t: (f"In alphabetical order: {', '.join(sorted(t))}.", ", ".join(sorted(t)))),
+        "sort_numbers": ("rule", number_triples,
+                         lambda t: (f"From smallest to largest: {', '.join(map(str, sorted(t)))}.", ", ".join(map(str, sorted(t))))),
+        "reverse_words": ("rule", word_triples[::-1], lambda t: (f"In reverse order: {', '.join(t[::-1])}.", ", ".join(t[::-1]))),
+        "capital": ("fact", CAPITALS, lambda f: (f"The capital of {f[0]} is {f[1]}.", f[1])),
+        "animal_class": ("fact", [(a, g) for g, names in ANIMALS.items() for a in names],
+                         lambda f: (f"{article(f[0]).capitalize()} {f[0]} is a {f[1]}.", f[1])),
+        "antonym": ("fact", ANTONYMS, lambda p: (f'The opposite of "{p[0]}" is "{p[1]}".', p[1])),
     }
+    return {name: table[name] for name in (names or table)}
+
+
+# The kinds the committed file holds. Candidates written here but left out, because the tiny base does not learn them
+# from 800 LoRA steps (measured: data/README.md): superlative (it mixes it up with the comparative, which shares the
+# rule and differs in one word, and loses both), sort_words, sort_numbers and reverse_words (none right in held-out
+# phrasings: three items compared or moved at once).
+KINDS = ("plural", "past_tense", "comparative", "uppercase", "parity", "next_number", "larger", "commas", "question",
+         "negation", "last_word", "singular", "first_letter", "smaller", "first_word", "count_words", "sentence_type",
+         "capital", "animal_class", "antonym")
+
+
+def article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def slots(item, rng):
+    """The values a phrasing's slots take for this item, and the input field for asks without a slot."""
+    if isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, int) for x in item):  # two numbers
+        a, b = item
+        return {"a": a, "b": b}, rng.choice([f"{a} and {b}", f"{a}, {b}", f"{a} or {b}"])
+    if isinstance(item, tuple) and len(item) == 3 and isinstance(item[0], str) and item[0].endswith((".", "?", "!")):
+        item = item[0]  # a (statement, question, negative) triple: the statement is asked about
+    if isinstance(item, tuple) and len(item) == 3:  # a list of three words or numbers
+        v = ", ".join(map(str, item))
+        return {"v": v}, v
+    if isinstance(item, tuple):  # a fact: (country, city), (animal, class), (word, antonym)
+        return {"v": item[0], "q": quoted(item[0], rng), "art": article(item[0])}, item[0]
+    if isinstance(item, int):
+        return {"v": item, "q": item}, str(item)
+    if item.endswith((".", "?", "!")):  # a sentence is quoted when it stands in the instruction
+        return {"v": item, "q": rng.choice([f'"{item}"', f"'{item}'"])}, item
+    return {"v": item, "q": quoted(item, rng)}, item
+
+
+def make_example(kind, item, answer, phrasing_list, rng):
+    template, in_input = rng.choice(phrasing_list)
+    values, input_text = slots(item, rng)
+    output, key = answer(item)
+    return {"instruction": surface(template.format(**values), rng), "input": input_text if in_input else "",
+            "output": output, "kind": kind, "answer": key}
 
 
 def item_key(item):
-    """The identity of an item for the split rule: a word, a number, a country, an animal, a sentence."""
-    if isinstance(item, tuple) and all(isinstance(x, int) for x in item):
+    """The identity of an item for the split rule: a word, a number, a country, an animal, a sentence, a list."""
+    if isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, int) for x in item):
         return " or ".join(map(str, item))  # a pair of numbers to compare
+    if isinstance(item, tuple) and len(item) == 3 and not str(item[0]).endswith((".", "?", "!")):
+        return ", ".join(map(str, item))  # a list to sort or reverse
     return str(item[0] if isinstance(item, tuple) else item)
 
 
-def build_examples(seed=SEED, per_kind=200):
-    """Train + validation + test examples in file order (see the module docstring for the split rule)."""
+def build_examples(seed=SEED, names=KINDS, test_items=TEST_ITEMS_PER_KIND, train_items=TRAIN_ITEMS_PER_KIND):
+    """Train + validation + test examples in file order (see the module docstring for the two splits)."""
     rng = random.Random(seed)
-    held_out, trainval = [], []
-    for kind, (family, items, make) in kinds(rng).items():
-        items = list(dict.fromkeys(items))  # a word listed twice is one item
+    test, trainval = [], []
+    for kind, (family, items, answer) in kinds(rng, names).items():
+        trained, held_out = phrasings(kind, seed)
+        items = [item for item in dict.fromkeys(items) if item_key(item).lower() not in PROBE_ITEMS]  # listed twice: one item
         rng.shuffle(items)
-        test_items, train_items = items[:TEST_ITEMS_PER_KIND], items[TEST_ITEMS_PER_KIND:per_kind]
-        for part, chosen in ((held_out, test_items), (trainval, train_items)):
+        parts = ((test, "trained", trained, items[:test_items]), (test, "held_out", held_out, items[test_items : 2 * test_items]),
+                 (trainval, "trained", trained, items[2 * test_items : 2 * test_items + train_items]))
+        for part, tag, phrasing_list, chosen in parts:
             for item in chosen:
-                instruction, input_text, output, answer = make(item, rng)
-                part.append({"instruction": instruction, "input": input_text, "output": output,
-                             "kind": kind, "answer": answer, "item": item_key(item)})
-    rng.shuffle(held_out)
+                part.append({**make_example(kind, item, answer, phrasing_list, rng), "item": item_key(item), "phrasing": tag})
+    rng.shuffle(test)
     rng.shuffle(trainval)
-    # grow or shrink the train+validation part until the file-order split puts exactly the held-out items last
-    n = len(held_out) + len(trainval)
-    while n - int(TRAIN_FRAC * n) - int(VAL_FRAC * n) != len(held_out):
+    # shrink the train+validation part until the file-order split puts exactly the test examples last
+    n = len(test) + len(trainval)
+    while n - int(TRAIN_FRAC * n) - int(VAL_FRAC * n) != len(test):
         trainval.pop()
         n -= 1
-    return trainval + held_out
+    return trainval + test
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="output directory")
+    parser.add_argument("--seed", type=int, default=SEED, help="another seed: other items, phrasings held out, order")
+    parser.add_argument("--kinds", default="", help="comma-separated kinds ('all': every kind written here); default: KINDS")
     args = parser.parse_args()
-    examples = build_examples()
+    names = KINDS if not args.kinds else list(kinds(random.Random(0))) if args.kinds == "all" else args.kinds.split(",")
+    examples = build_examples(args.seed, names)
     path = os.path.join(args.out, FILENAME)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(examples, f, indent=2, ensure_ascii=False)
+        json.dump(examples, f, indent=1, ensure_ascii=False)
         f.write("\n")
     counts = Counter(ex["kind"] for ex in examples)
     print(f"wrote {len(examples)} examples to {path}")

@@ -11,6 +11,11 @@ the same on every run of the same Python version. Four sources, each a list of d
 - "code":       the source files themselves (~10 MB; code repeats its identifiers within a few lines, which
                 teaches a small model to copy from its context, the skill every rule-following answer needs).
 
+and one that is not the standard library's:
+- "instructions": the training part of the embedded instruction set (data/instructions.json's first 85%: never a
+                validation or test example, nor a held-out phrasing), each example as fine-tuning shows it, the
+                compact prompt and its response (~0.5 MB): instruction-like text mixed into pretraining.
+
 Validation is always the same held-out docstrings (every 20th), whatever the training mix, so losses of bases
 trained on different mixes are comparable. PretrainingData cuts the text into the batches of a pretraining run.
 """
@@ -30,7 +35,7 @@ from support.tokenizer import EOT_TEXT
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "tkinter", "turtledemo",
              "ensurepip", "pydoc_data", "__pycache__"}
 MIN_DOCSTRING_CHARS = 40  # one-liners like "Return x." teach little
-SOURCES = ("docstrings", "comments", "topics", "code")
+SOURCES = ("docstrings", "comments", "topics", "code", "instructions")
 VAL_EVERY = 20  # every 20th docstring is held out for validation
 
 
@@ -114,6 +119,14 @@ def reference_topics():
     return []
 
 
+def instruction_documents():
+    """The embedded instruction set's training examples, each as the text fine-tuning learns: prompt and response."""
+    from support.instructions import EMBEDDED_INSTRUCTIONS_PATH, format_prompt, read_json_list, split_examples
+
+    train = split_examples(read_json_list(EMBEDDED_INSTRUCTIONS_PATH))[0]  # the file's split: no test item, no held-out phrasing
+    return [format_prompt(ex, "compact") + ex["output"] for ex in train]
+
+
 def documents(source):
     if source == "docstrings":
         docs = stdlib_docstrings()
@@ -124,6 +137,8 @@ def documents(source):
         return reference_topics()
     if source == "code":
         return [code_without_docstrings(text) for _, text in stdlib_sources()]
+    if source == "instructions":
+        return instruction_documents()
     raise ValueError(f"unknown corpus source {source!r}: use any of {', '.join(SOURCES)}, comma-separated")
 
 

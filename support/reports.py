@@ -75,22 +75,33 @@ def chat_display(example):
 def answer_report(examples, before, after):
     """Score the test answers before and after training -> (summary fields, per-kind rows, per-example records).
     Alpaca examples are scored against their key answer (accuracy), where they have one, and their output (exact
-    match, token F1). A chat dataset's conversations were answered at their last assistant turn, and that turn is the
-    reference they are scored against (exact match and F1 only: chat data has no key answers); their records keep
-    the "messages" (chat_display shows them like an Alpaca sample)."""
-    overall_before, kinds_before, rows_before = score_responses(examples, before)
-    overall_after, kinds_after, rows_after = score_responses(examples, after)
-    fields = {}
-    for metric in ("accuracy", "exact_match", "f1"):
-        if metric in overall_after:
-            fields[f"test_{metric}_before"], fields[f"test_{metric}_after"] = overall_before[metric], overall_after[metric]
-    by_kind = []
-    for kind, after_scores in kinds_after.items():
-        row = {"kind": kind, "examples": after_scores["examples"]}
+    match, token F1). Examples tagged "phrasing": "held_out" (data/make_instructions.py: asked in words training never
+    used) are scored apart, as test_accuracy_new_phrasings; test_accuracy_before/after are over the rest. A chat
+    dataset's conversations were answered at their last assistant turn, and that turn is the reference they are
+    scored against (exact match and F1 only: chat data has no key answers); their records keep the "messages"
+    (chat_display shows them like an Alpaca sample)."""
+    groups = {}
+    for name, held_out in (("", False), ("_new_phrasings", True)):
+        chosen = [i for i, ex in enumerate(examples) if (ex.get("phrasing") == "held_out") == held_out]
+        if chosen:
+            part = [examples[i] for i in chosen]
+            groups[name] = tuple(score_responses(part, [responses[i] for i in chosen]) for responses in (before, after))
+    fields, rows = {}, {}
+    for name, ((overall_before, kinds_before, _), (overall_after, kinds_after, _)) in groups.items():
         for metric in ("accuracy", "exact_match", "f1"):
-            if metric in after_scores:
-                row[f"{metric}_before"], row[f"{metric}_after"] = kinds_before[kind][metric], after_scores[metric]
-        by_kind.append(row)
+            if metric in overall_after:
+                fields[f"test_{metric}{name}_before"] = overall_before[metric]
+                fields[f"test_{metric}{name or '_after'}"] = overall_after[metric]
+        for kind, after_scores in kinds_after.items():
+            row = rows.setdefault(kind, {"kind": kind})
+            row[f"examples{name}"] = after_scores["examples"]
+            for metric in ("accuracy", "exact_match", "f1"):
+                if metric in after_scores:
+                    row[f"{metric}{name}_before"], row[f"{metric}{name or '_after'}"] = kinds_before[kind][metric], after_scores[metric]
+    columns = list(dict.fromkeys(key for row in rows.values() for key in row))  # every row gets every column
+    by_kind = [{key: row.get(key, 0 if key.startswith("examples") else None) for key in columns} for _, row in sorted(rows.items())]
+    _, _, rows_before = score_responses(examples, before)
+    _, _, rows_after = score_responses(examples, after)
     records = []
     for ex, b, a, rb, ra in zip(examples, before, after, rows_before, rows_after):
         record = {**ex, "before": b, "after": a}
@@ -101,14 +112,28 @@ def answer_report(examples, before, after):
 
 
 def print_answer_table(by_kind, fields):
-    metric = "accuracy" if "test_accuracy_after" in fields else "f1"
-    print(f"\nanswers on the test split ({metric}{': key answer in the response' if metric == 'accuracy' else ' against the reference'}, exact match):")
-    print(f"  {'kind':14s} {'n':>4s}  {metric + ' before -> after':>24s}  {'exact before -> after':>22s}")
-    for row in by_kind if [r["kind"] for r in by_kind] != ["all"] else []:  # data without kinds: only the total row
-        print(f"  {row['kind']:14s} {row['examples']:4d}  {row[metric + '_before']:10.2f} -> {row[metric + '_after']:<10.2f}  "
-              f"{row['exact_match_before']:9.2f} -> {row['exact_match_after']:<9.2f}")
-    print(f"  {'all':14s} {sum(r['examples'] for r in by_kind):4d}  {fields['test_' + metric + '_before']:10.2f} -> {fields['test_' + metric + '_after']:<10.2f}  "
-          f"{fields['test_exact_match_before']:9.2f} -> {fields['test_exact_match_after']:<9.2f}")
+    metric = "accuracy" if "test_accuracy_after" in fields or "test_accuracy_new_phrasings" in fields else "f1"
+    new = f"test_{metric}_new_phrasings" in fields
+    print(f"\nanswers on the test split ({metric}{': key answer in the response' if metric == 'accuracy' else ' against the reference'}"
+          + ("; new phrasings: asked in words training never used" if new else "") + "):")
+    print(f"  {'kind':14s} {'n':>4s}  {metric + ' before -> after':>24s}  {'exact before -> after':>22s}"
+          + (f"  {'n':>4s}  {'new phrasings before -> after':>30s}" if new else ""))
+
+    def cell(row, key, width):
+        return f"{row[key]:{width}.2f}" if row.get(key) is not None else f"{'-':>{width}s}"
+
+    total = {"kind": "all", "examples": sum(r.get("examples") or 0 for r in by_kind),
+             "examples_new_phrasings": sum(r.get("examples_new_phrasings") or 0 for r in by_kind)}
+    for key, value in fields.items():  # test_accuracy_after -> accuracy_after, ...
+        total[key.removeprefix("test_")] = value
+    kinds = by_kind if [r["kind"] for r in by_kind] != ["all"] else []  # data without kinds: only the total row
+    for row in kinds + [total]:
+        line = (f"  {row['kind']:14s} {row.get('examples') or 0:4d}  {cell(row, metric + '_before', 10)} -> {cell(row, metric + '_after', 10)}  "
+                f"{cell(row, 'exact_match_before', 9)} -> {cell(row, 'exact_match_after', 9)}")
+        if new:
+            line += (f"  {row.get('examples_new_phrasings') or 0:4d}  {cell(row, metric + '_new_phrasings_before', 13)} -> "
+                     f"{cell(row, metric + '_new_phrasings', 13)}")
+        print(line)
 
 
 def report_run(cfg, model, optimizer, mode, data, tokenizer, template, answered, before, rows, device, trainable, total,

@@ -1,11 +1,14 @@
 """support/corpus.py: the pretraining text read from a standard library (here a small stand-in written by the test),
-the held-out validation docstrings that no training source contains (not even as code), and the batches of a run."""
+the held-out validation docstrings that no training source contains (not even as code), the batches of a run, and the
+'instructions' source: the embedded set's training part, never a test example or phrasing."""
+import json
 import os
 
 import pytest
 import torch
 
 from support import corpus
+from support.instructions import EMBEDDED_INSTRUCTIONS_PATH, format_prompt, split_examples
 from support.tokenizer import EOT_TEXT, get_tokenizer
 
 
@@ -38,8 +41,6 @@ def fake_stdlib(tmp_path, monkeypatch):
 def test_sources_are_read_in_a_fixed_order_without_tests_or_unreadable_files(fake_stdlib):
     paths = [os.path.relpath(path, fake_stdlib) for path, _ in corpus.stdlib_sources()]
     assert paths == ["alpha.py", "broken.py", os.path.join("pkg", "beta.py")]  # sorted; test/ and latin.py left out
-
-
 
 
 def test_docstrings_comments_and_code(fake_stdlib):
@@ -79,3 +80,13 @@ def test_batches_depend_only_on_seed_step_and_micro_batch(fake_stdlib):
     windows = torch.cat([vx for vx, _ in val])
     assert windows.shape[1] == 16 and torch.equal(windows.flatten(), data.val[: windows.numel()])  # every window, in order
     assert torch.equal(torch.cat([vy for _, vy in val]).flatten(), data.val[1 : windows.numel() + 1])
+
+
+def test_instruction_documents_are_the_training_split_as_fine_tuning_shows_it():
+    with open(EMBEDDED_INSTRUCTIONS_PATH, encoding="utf-8") as f:
+        train, val, test = split_examples(json.load(f))
+    docs = corpus.documents("instructions")
+    assert docs == [format_prompt(ex, "compact") + ex["output"] for ex in train]
+    text = "\n".join(docs)
+    assert not [ex for ex in val + test if format_prompt(ex, "compact") in text]  # no validation or test prompt
+    assert {ex["phrasing"] for ex in train} == {"trained"}  # so no held-out phrasing reaches pretraining

@@ -11,16 +11,33 @@ from experiments.subspace import subspace_similarity
 from experiments.structure_vs_knowledge import KINDS, build, shape_pattern
 
 
-def test_seen_items_are_tested_in_a_new_phrasing_and_unseen_items_never_trained():
+def worded_like(ex, templates):
+    """Whether the example's instruction is one of the templates with its item filled in (quoted or bare), up to the
+    case of the first letter and the final mark."""
+    item, art = ex["item"], "an" if ex["item"][0] in "aeiou" else "a"
+    norm = lambda text: (text[:1].lower() + text[1:]).rstrip(".?!")  # noqa: E731
+    return norm(ex["instruction"]) in {norm(t.format(v=item, q=q, art=art)) for t, _ in templates
+                                       for q in (item, f'"{item}"', f"'{item}'")}
+
+
+def test_seen_items_are_tested_in_new_prompts_and_unseen_items_and_phrasings_never_trained():
+    """Every item is asked in a trained phrasing that item was not trained in, and in a held-out phrasing that no
+    training example used (the generator's phrasing split); unseen items are never trained on."""
+    from data.make_instructions import phrasings
+
     train, tests = build(seed=0, per_kind=20)
     trained_prompts = {(ex["instruction"], ex["input"]) for ex in train}
     trained_items = {(ex["kind"], ex["item"]) for ex in train}
-    assert set(tests) == {(kind, part) for kind in KINDS for part in ("seen", "unseen")}
-    for (kind, part), examples in tests.items():
+    assert set(tests) == {(kind, items, phr) for kind in KINDS for items in ("seen", "unseen") for phr in ("seen", "new")}
+    for (kind, items, phr), examples in tests.items():
+        trained, held_out = phrasings(kind, 0)
         assert len(examples) == 10
         for ex in examples:
             assert (ex["instruction"], ex["input"]) not in trained_prompts
-            assert ((kind, ex["item"]) in trained_items) == (part == "seen")
+            assert ((kind, ex["item"]) in trained_items) == (items == "seen")
+            assert worded_like(ex, held_out) == (phr == "new") and worded_like(ex, trained) == (phr == "seen"), ex
+    assert not [ex for ex in train if worded_like(ex, phrasings(ex["kind"], 0)[1])]
+    assert all(worded_like(ex, phrasings(ex["kind"], 0)[0]) for ex in train)
 
 
 def test_format_pattern_accepts_the_trained_shape_with_any_item_and_answer():
