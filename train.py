@@ -46,7 +46,6 @@ class TrainConfig:
                              # out_dir of a pretraining or full fine-tuning run
     dataset: str = "embedded"  # 'embedded' (data/instructions.json), 'instruction-data' or 'alpaca' (downloaded), an
                                # Alpaca or chat .json/.jsonl file, or 'stdlib' to pretrain (--data_path: the same)
-    corpus: str = "docstrings"  # pretraining text, comma-separated: docstrings, comments, topics, code, instructions
     out_dir: str = "out/instruct"  # where the log, plots, samples, summary.json and checkpoints go
     finetune: Literal["lora", "full"] = "lora"  # train adapters only, or every weight
     quantize: Literal["none", "nf4"] = "none"  # nf4: QLoRA, the frozen base in 4-bit NF4 with double quantization
@@ -68,7 +67,7 @@ class TrainConfig:
     # pretraining only (--init_from scratch --dataset stdlib): the text and the model's shape
     # The tiny base: small on purpose, so that five CPU minutes take it past predicting letters by frequency.
     # Fine-tuning keeps the shape of its base.
-    corpus: str = "docstrings"  # the standard library's text, comma-separated: docstrings, comments, topics, code
+    corpus: str = "docstrings"  # pretraining text, comma-separated: docstrings, comments, topics, code, instructions
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # width of the residual stream
