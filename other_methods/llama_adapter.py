@@ -3,8 +3,8 @@ LLaMA-Adapter (Zhang et al. 2023, "LLaMA-Adapter: Efficient Fine-tuning of Langu
 arXiv:2303.16199, §3.1-3.2): learned prompts behind a gate that starts closed.
 
 Prefix tuning (prefix_tuning.py) gives each layer learned keys and values that the real tokens attend to in the same
-softmax as their own: from the first step some attention goes to the prefix, so the model starts disturbed, and the
-paper found the early steps unstable. LLaMA-Adapter keeps learned prompts and removes the disturbance:
+softmax as their own: from the first step some attention goes to the prefix, so the model starts disturbed, which the
+paper argues harms the stability of early training. LLaMA-Adapter keeps learned prompts and removes the disturbance:
 
   - K learnable adaption prompts P_l (K x d) in each of the top L layers. The layer's own frozen key and value
     projections turn them into keys and values, with no position (they stand before every sequence alike);
