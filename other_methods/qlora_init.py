@@ -23,7 +23,8 @@ Both return a 4-bit weight and (A, B) for it, so the start error ||W - (dequant(
 PEFT has both (`init_lora_weights="pissa"` and `"loftq"`). PiSSA here equals PEFT's to the last bit (its SVD split and
 residual; our NF4 is bit-identical to bitsandbytes', so QPiSSA follows). PEFT's LoftQ puts B A = W - dequant(Q) without
 dividing by s, which is exact only for alpha = r; here it is divided by s, and for alpha = r it equals PEFT's
-loftq_init (tests/test_qlora_init.py; PEFT hard-codes a CUDA device there, which the test points at the CPU).
+loftq_init to the last bit too (tests/test_qlora_init.py; PEFT hard-codes a CUDA device there, which the test points
+at the CPU).
 
 Both starts change the frozen base: Q holds a residual, not W. The adapter (A, B) means something only on that base,
 so keep the quantized model's state_dict with it, not the adapter alone; and one base serves one such adapter.
