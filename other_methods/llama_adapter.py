@@ -69,7 +69,8 @@ class AdaptionPrompt(NamedAdapterLayer):
 
     def forward(self, q, attention):
         """q: (B, n_head, T, head_size), the layer's queries; attention: the model.CausalSelfAttention calling.
-        Returns g · softmax(q K_P^T / sqrt(head_size)) V_P, (B, n_head, T, head_size); zeros when no adapter is active."""
+        Returns g · softmax(q K_P^T / sqrt(head_size)) V_P, (B, n_head, T, head_size); zeros when no adapter is
+        active."""
         name = self.active_adapter
         if name is None:
             return torch.zeros_like(q)
@@ -95,8 +96,8 @@ def apply_llama_adapter(model, prompt_length=10, start_layer=0, init_std=1.0, tr
     gpt = find_gpt(model)
     n_layer = gpt.config.n_layer
     if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < n_layer:
-        raise ValueError(f"start_layer must be a layer index from 0 to {n_layer - 1} (this model has {n_layer} layers), "
-                         f"got {start_layer!r}")
+        raise ValueError(f"start_layer must be a layer index from 0 to {n_layer - 1} (this model has {n_layer} "
+                         f"layers), got {start_layer!r}")
     trainable = check_new_adapter(model, adapter_name, trainable)
     config = dict(prompt_length=prompt_length, start_layer=start_layer, init_std=float(init_std))
     like = gpt.transformer.wte.weight  # the model's device and floating-point dtype (projections may be 4-bit)

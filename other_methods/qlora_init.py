@@ -74,8 +74,8 @@ def start_error(weight, layer, adapter_name="default"):
         return torch.linalg.norm(weight.float() - approximation).item()
 
 
-def apply_qlora(model, rank=8, alpha=16, targets=("q", "v"), init="loftq", iterations=5, quant_type="nf4", block_size=64,
-                double_quant=True, trainable=(), adapter_name="default"):
+def apply_qlora(model, rank=8, alpha=16, targets=("q", "v"), init="loftq", iterations=5, quant_type="nf4",
+                block_size=64, double_quant=True, trainable=(), adapter_name="default"):
     """QLoRA on a dense model (a model.GPT, or a model holding one): every linear layer quantized as
     quantize.quantize_model does (the tied output layer and `trainable` ones stay as they are), LoRA on `targets`,
     and each target started as `init` says: 'zeros' (plain QLoRA: Q(W), B = 0), 'pissa' or 'loftq'. Returns
