@@ -91,6 +91,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         # one mixing logit per head; sigmoid(0) = 1/2 starts each key as the mean of its own and its predecessor's
         self.key_smear = nn.Parameter(torch.zeros(config.n_head)) if config.smear_keys else None
+        # LLaMA-Adapter (other_methods/llama_adapter.py) puts a module here: learned prompts that the queries attend to
+        # with a softmax of their own, through a gate that starts at zero. None: no adaption prompt.
+        self.adaption_prompt = None
 
     def smear(self, k, starts):
         """Smeared keys (Olsson et al. 2022, "In-context Learning and Induction Heads", §"smeared keys"):
@@ -133,6 +136,8 @@ class CausalSelfAttention(nn.Module):
         else:  # several new tokens after a cached prefix: new token i sees the past and new tokens <= i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if self.adaption_prompt is not None:  # LLaMA-Adapter: its gated output joins before the output projection
+            y = y + self.adaption_prompt(q, self)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.o_proj(y))
 

@@ -12,6 +12,7 @@ several forms, at batch 1 x 128 tokens and at a larger batch:
     pfeiffer        one bottleneck adapter after the MLP
     prefix          10 virtual tokens: every layer attends over 138 positions instead of 128
     ia3             (IA)³ vectors applied on the fly (merged, it is the base: ia3.merge_ia3)
+    llama_adapter   LLaMA-Adapter, 10 prompts in every layer: 10 more keys per query, a second softmax, open gates
 
 Each form runs once per round, in an order that rotates from round to round, and the table gives each one's
 median over the rounds as a ratio to the base's median: drifts of a shared machine hit all forms alike. The minimum
@@ -37,6 +38,7 @@ import lora
 from other_methods.adapters import apply_adapters
 from support.common import write_json_atomic
 from other_methods.ia3 import apply_ia3
+from other_methods.llama_adapter import apply_llama_adapter
 from model import GPT, GPTConfig
 from other_methods.prefix_tuning import apply_prefix_tuning
 
@@ -44,7 +46,7 @@ SHAPES = {  # name -> (GPTConfig, Houlsby bottleneck m)
     "gpt2": (GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768), 64),
     "tiny": (GPTConfig(block_size=512, vocab_size=257, n_layer=4, n_head=4, n_embd=256), 16),
 }
-FORMS = ("base", "lora_merged", "lora_unmerged", "houlsby", "pfeiffer", "prefix", "ia3")
+FORMS = ("base", "lora_merged", "lora_unmerged", "houlsby", "pfeiffer", "prefix", "ia3", "llama_adapter")
 
 
 def perturb_trainable(model, seed=0, scale=0.02):
@@ -69,6 +71,8 @@ def build_forms(config, bottleneck, prefix_tokens):
             apply_adapters(model, bottleneck=bottleneck, placement=name)
         elif name == "prefix":
             apply_prefix_tuning(model, num_virtual_tokens=prefix_tokens)
+        elif name == "llama_adapter":
+            apply_llama_adapter(model, prompt_length=prefix_tokens)
         else:
             apply_ia3(model)
         perturb_trainable(model)
@@ -120,7 +124,7 @@ def main(argv=None):
     print(f"forward pass, {args.shape} shape, {args.tokens} tokens, median of {args.rounds} rotating rounds, {results['threads']} thread(s)")
     print("| form | " + " | ".join(f"batch {b}: median ms | ratio | min ms | ratio" for b in batches) + " |")
     print("|---|" + "---:|---:|---:|---:|" * len(batches))
-    for name in FORMS:
+    for name in results["batches"][batches[0]]:
         cells = " | ".join(f"{results['batches'][b][name]['median_ms']:.1f} | {results['batches'][b][name]['ratio']:.3f} | "
                            f"{results['batches'][b][name]['min_ms']:.1f} | {results['batches'][b][name]['ratio_of_min']:.3f}" for b in batches)
         print(f"| {name} | {cells} |")

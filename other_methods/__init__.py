@@ -6,5 +6,7 @@ top to bottom, on the same model.GPT, checked against Hugging Face's peft where 
                       several named adapters on one frozen base, switching between them, saving and loading one
     prefix_tuning.py  prefix tuning (Li & Liang 2021): learned keys and values per layer, a learned KV cache
     ia3.py            (IA)³ (Liu et al. 2022): learned rescaling of keys, values and MLP activations
+    llama_adapter.py  LLaMA-Adapter (Zhang et al. 2023): learned prompts with their own softmax, behind a zero gate
+    qlora_init.py     QLoRA started where it cancels the 4-bit error: PiSSA (Meng et al. 2024), LoftQ (Li et al. 2023)
     intrinsic.py      training in a random subspace (Li et al. 2018; Aghajanyan et al. 2020), intrinsic dimension
 """

@@ -24,7 +24,8 @@ cannot be folded into the base weights, unlike a merged LoRA (LoRA §3, Table 1)
 AdapterHub's workflow (Pfeiffer et al. 2020, arXiv:2007.07779): one frozen base, one adapter per task, trained
 one after another. `apply_adapters(model, ..., adapter_name="spam")` adds a named adapter; `set_adapter`
 switches; `save_adapter` / `load_adapter` write and read one adapter (safetensors + JSON). Those three work for
-every method built on `NamedAdapterLayer` below: bottleneck adapters here, prefix_tuning.py and ia3.py.
+every method built on `NamedAdapterLayer` below: bottleneck adapters here, prefix_tuning.py, ia3.py and
+llama_adapter.py.
 """
 
 import hashlib
@@ -59,7 +60,7 @@ class NamedAdapterLayer(nn.Module):
     (adapter_tensors) and how to remove one (remove_adapter). `base` is the wrapped frozen module, or None when
     the layer wraps nothing (the prefix of prefix_tuning.py)."""
 
-    method = None  # "bottleneck", "prefix" or "ia3": which apply_* function rebuilds it from a saved config
+    method = None  # "bottleneck", "prefix", "ia3" or "llama_adapter": which apply_* rebuilds it from a saved config
 
     def __init__(self, base=None):
         super().__init__()
@@ -336,7 +337,7 @@ def save_adapter(model, directory, adapter_name=None):
 
 
 def apply_function(method):
-    """The apply_* that builds adapters of `method` (imported here: prefix_tuning and ia3 import this module)."""
+    """The apply_* that builds adapters of `method` (imported here: the other methods' modules import this one)."""
     if method == "bottleneck":
         return apply_adapters
     if method == "prefix":
@@ -347,7 +348,11 @@ def apply_function(method):
         from other_methods.ia3 import apply_ia3
 
         return apply_ia3
-    raise ValueError(f"unknown adapter method {method!r} in the config; this module knows bottleneck, prefix and ia3")
+    if method == "llama_adapter":
+        from other_methods.llama_adapter import apply_llama_adapter
+
+        return apply_llama_adapter
+    raise ValueError(f"unknown adapter method {method!r} in the config; this module knows bottleneck, prefix, ia3 and llama_adapter")
 
 
 def read_adapter_config(directory):
