@@ -108,8 +108,8 @@ def test_every_method_trains_and_counts(task, monkeypatch):
     head = 16 * 2 + 2 if task == "classify" else 0
     evaluated = []  # (model, batches) of each run's evaluation: the trained model itself
     for name in ("evaluate_classifier", "mean_token_loss"):
-        real = getattr(peft_family, name)
-        monkeypatch.setattr(peft_family, name, lambda model, batches, device, real=real: evaluated.append((model, batches)) or real(model, batches, device))
+        measure = getattr(peft_family, name)
+        monkeypatch.setattr(peft_family, name, lambda model, batches, device, measure=measure: evaluated.append((model, batches)) or measure(model, batches, device))
     for method, count in expected.items():
         row = peft_family.run(method, task, gpt, get_tokenizer("bytes"), args, 1e-3, 1)
         assert row["trainable_params"] == count + (head if not method.startswith("did") else 0)
