@@ -238,7 +238,7 @@ def write_random_hf_weights(shape, directory, seed=0):
         return directory
     n_layer, n_head, n_embd = shape
     torch.manual_seed(seed)
-    vocab, block = (50257, 1024) if n_embd >= 256 else (512, 256)
+    vocab, block = (50257, 1024) if n_embd >= 256 else (257, 256)  # the byte-level vocabulary: a config names a tokenizer this code has
     save_hf_checkpoint(GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, block_size=block)), directory)
     return directory
 
@@ -360,6 +360,8 @@ def brief(name, step):
     """One line of the table for a step."""
     if step["status"] == "skipped":
         return step.get("reason", "")
+    if "traceback" in step:  # the step raised before it measured anything: its error is all there is to show
+        return step["error"]
     if "error" in step and name != "memory":
         return step["error"][:150]
     if name == "suite":

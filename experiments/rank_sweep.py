@@ -51,7 +51,18 @@ def instruct_settings(rank, targets, seed, out_dir, iters=150, answer_limit=500,
 def run_instruct(rank, targets, args, seed, out_dir, **child):
     summary = run_script("train.py", instruct_settings(rank, targets, seed, out_dir, args.instruct_iters, args.answer_limit,
                                                        args.alpha, args.init_from, args.instruct_dataset, args.device), **child)
-    return summary, "val_loss", summary["val_loss_after"], summary.get("test_accuracy_after", "")
+    return summary, "val_loss", summary["val_loss_after"], answers_right(summary)
+
+
+def answers_right(summary):
+    """The share of the answered test examples whose response holds the key answer, in trained and held-out
+    phrasings together (train.py scores the two apart; the lab answers the first --answer_limit, a mix of both)."""
+    right = count = 0
+    for row in summary.get("test_by_kind", []):
+        for n, accuracy in (("examples", "accuracy_after"), ("examples_new_phrasings", "accuracy_new_phrasings")):
+            if row.get(n) and row.get(accuracy) is not None:
+                right, count = right + row[n] * row[accuracy], count + row[n]
+    return round(right / count, 6) if count else ""
 
 
 def run_classify(rank, targets, args, seed, out_dir, **child):

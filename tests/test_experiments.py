@@ -143,6 +143,9 @@ def test_a_sweep_side_by_side_writes_one_row_per_run_and_the_table(tmp_path, cap
         assert float(r["seconds_per_step"]) == pytest.approx(summary["seconds"] / 2)
         assert int(r["adapter_bytes"]) == os.path.getsize(run / "adapter_model.safetensors")
         assert "validation loss before training" in open(str(run) + ".log").read()
+        answered = __import__("json").load(open(run / "samples.json"))  # every answered example, both phrasings
+        assert len(answered) == 3 and float(r["answer_accuracy"]) == pytest.approx(
+            sum(ex["correct_after"] for ex in answered) / 3)
     assert (out / "lab_instruct.png").exists() and (out / "lab_instruct_accuracy.png").exists()
     table = capsys.readouterr().out.split("rank  targets")[-1]
     assert all(column in table for column in ("trainable", "val loss", "answers right", "s/step", "training state", "peak memory"))
