@@ -54,12 +54,14 @@ def run_instruct(rank, targets, args, seed, out_dir, **child):
     return summary, "val_loss", summary["val_loss_after"], answers_right(summary)
 
 
-def answers_right(summary):
+def answers_right(summary, when="after"):
     """The share of the answered test examples whose response holds the key answer, in trained and held-out
-    phrasings together (train.py scores the two apart; the lab answers the first --answer_limit, a mix of both)."""
+    phrasings together (train.py scores the two apart; the lab answers the first --answer_limit, a mix of both),
+    after training or (when="before") before it."""
     right = count = 0
+    columns = (("examples", f"accuracy_{when}"), ("examples_new_phrasings", "accuracy_new_phrasings" + ("_before" if when == "before" else "")))
     for row in summary.get("test_by_kind", []):
-        for n, accuracy in (("examples", "accuracy_after"), ("examples_new_phrasings", "accuracy_new_phrasings")):
+        for n, accuracy in columns:
             if row.get(n) and row.get(accuracy) is not None:
                 right, count = right + row[n] * row[accuracy], count + row[n]
     return round(right / count, 6) if count else ""
