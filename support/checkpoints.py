@@ -24,7 +24,7 @@ import torch
 
 from model import GPT, PRETRAINED, GPTConfig
 from support.adapter_files import read_adapter_config
-from support.common import REPO_DIR, download_file, run_script, user_cache_dir
+from support.common import REPO_DIR, download_file, run_script, shown_path, user_cache_dir
 from support.safety import UserError, check_tensors_match, first_line, load_tensor_file, read_json
 
 TINY_BASE_DIR = os.path.join(REPO_DIR, "checkpoints", "tiny-base")
@@ -172,7 +172,7 @@ def ensure_tiny_base(device="cpu", progress=True):
         raise FileNotFoundError(f"no tiny base model at {path}: pretrain it first in one process (python train.py --init_from scratch "
                                 f"--dataset stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}), then start torchrun")
     if not os.path.isfile(path):
-        print(f"No tiny base model at {path}: pretraining it first on the standard library's docstrings "
+        print(f"No tiny base model at {shown_path(path)}: pretraining it first on the standard library's docstrings "
               f"(a few minutes on a laptop CPU; `python train.py --init_from scratch --dataset stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}` does the same).")
         run_script("train.py", {"init_from": "scratch", "dataset": "stdlib", "out_dir": TINY_BASE_DIR, "device": device,
                                 "progress": progress})

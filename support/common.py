@@ -32,6 +32,13 @@ REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the re
 DOWNLOAD_DIR = os.path.join(REPO_DIR, "data", "downloads")  # datasets fetched from the web (instruction-data, alpaca, SMS)
 
 
+def shown_path(path):
+    """A path as printed for the reader: relative to the working directory when it lies inside it or its parent
+    folder (checkpoints/tiny-base, ../out/notebooks/05), absolute otherwise, so a log names no machine's folders."""
+    relative = os.path.relpath(path)
+    return os.path.abspath(path) if relative.startswith(os.path.join(os.pardir, os.pardir)) else relative
+
+
 def user_cache_dir():
     """Where downloaded GPT-2 weights (and the compiled dequantize kernel) go: $NANOQLORA_CACHE or ~/.cache/nanoqlora."""
     return os.environ.get("NANOQLORA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanoqlora"))

@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from support.common import (peak_memory_bytes, save_figure_atomic, training_state_bytes, write_csv_atomic, write_json_atomic,
+from support.common import (peak_memory_bytes, save_figure_atomic, shown_path, training_state_bytes, write_csv_atomic, write_json_atomic,
                             write_together)
 from support.ddp import World
 from support.instructions import chat_prompt, score_responses
@@ -179,7 +179,7 @@ def report_run(cfg, model, optimizer, mode, data, tokenizer, template, answered,
                 write_csv_atomic(by_kind, os.path.join(cfg.out_dir, "answers.csv"), list(by_kind[0]))
                 print_answer_table(by_kind, fields)
             print(f"\ntest loss: {summary['test_loss_before']:.4f} before -> {summary['test_loss_after']:.4f} after")
-        print(f"{mode}: {trainable:,} trainable / {total:,} total parameters; outputs in {cfg.out_dir}")
+        print(f"{mode}: {trainable:,} trainable / {total:,} total parameters; outputs in {shown_path(cfg.out_dir)}")
         write_json_atomic(summary, os.path.join(cfg.out_dir, "summary.json"))
     return summary
 
@@ -239,5 +239,5 @@ def write_classifier_summary(cfg, model, optimizer, before, after, splits, trunc
           f"{summary['test_accuracy']:.1%} (test before fine-tuning: {summary['test_accuracy_before']:.1%})")
     print(f"test confusion matrix:\n{format_confusion(after['test']['confusion'])}")
     print(f"{cfg.mode}: {trainable:,} trainable / {total:,} total parameters; {seconds:.0f} s of training, "
-          f"peak memory {peak / 2**20:.0f} MiB; outputs in {cfg.out_dir}")
+          f"peak memory {peak / 2**20:.0f} MiB; outputs in {shown_path(cfg.out_dir)}")
     return summary

@@ -225,3 +225,12 @@ def test_a_renamed_flag_keeps_working_and_giving_both_names_is_an_error(capsys):
         out = capsys.readouterr().out
         assert "--data_path TEXT" not in out and "(--data_path: the same)" in out  # one name listed, the old one mentioned
     assert "data_path" not in {f.name for f in fields(finetune_classifier.ClassifierConfig)}
+
+
+def test_a_printed_path_is_relative_inside_the_working_folder_or_its_parent_and_absolute_elsewhere(tmp_path, monkeypatch):
+    """Notebooks run in notebooks/ and print where runs write: ../checkpoints/..., never a machine's own folders."""
+    (tmp_path / "repo" / "notebooks").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "repo" / "notebooks")
+    assert common.shown_path(str(tmp_path / "repo" / "checkpoints" / "tiny-base")) == os.path.join("..", "checkpoints", "tiny-base")
+    assert common.shown_path(str(tmp_path / "repo" / "notebooks" / "out")) == "out"
+    assert common.shown_path(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")  # two levels up: absolute
