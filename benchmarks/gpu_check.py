@@ -43,7 +43,8 @@ import traceback
 
 import torch
 
-from support.common import REPO_DIR, autocast_context, peak_memory_bytes, reset_peak_memory, write_json_atomic
+from support.common import (REPO_DIR, autocast_context, peak_memory_bytes, process_status_bytes, reset_peak_memory,
+                            write_json_atomic)
 
 STEPS = ("suite", "default", "compile", "memory", "ddp")
 MIB = 2**20
@@ -99,12 +100,7 @@ def memory_in_use(device):
     """Bytes in use now: allocated on the GPU, resident on the CPU (Linux; 0 elsewhere)."""
     if device == "cuda":
         return torch.cuda.memory_allocated()
-    if os.path.exists("/proc/self/status"):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    return 0
+    return process_status_bytes("VmRSS")
 
 
 def finite_or_text(value):

@@ -238,16 +238,24 @@ def reset_peak_memory(device):
             f.write("5")  # Linux: reset the process's peak resident set size (VmHWM)
 
 
+def process_status_bytes(field):
+    """A memory figure of this process from Linux's /proc/self/status, in bytes: VmRSS (resident now), VmHWM (its
+    peak); 0 where the file or the field is missing."""
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    return 0
+
+
 def peak_memory_bytes(device):
     """Peak GPU memory allocated on CUDA; on CPU the process's peak resident set size (which includes Python and
     PyTorch themselves, a few hundred MB)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
     if os.path.exists("/proc/self/status"):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+        return process_status_bytes("VmHWM")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
