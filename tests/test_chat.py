@@ -15,6 +15,7 @@ import train
 from support import checkpoints
 from support.instructions import answer
 from support.tokenizer import get_tokenizer
+from conftest import WritesMarker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINES = "Name a color.\n\n   \nGive an antonym of 'hot'.\nSay hi.\n"  # three instructions, two blank lines
@@ -84,16 +85,6 @@ def test_piped_input_through_the_program(base_and_adapter):
     assert lines[0].startswith("base: ") and f"tuned: {adapter_dir} (lora, step 0)" in lines[0]
     prompts = [line for line in lines if line.startswith("> ")]
     assert prompts == ["> Name a color.", "> Give an antonym of 'hot'.", "> Say hi."]
-
-
-class WritesMarker:
-    """Unpickling this runs open(path, "w"): the file appears iff a loader unpickled arbitrary objects."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_bad_inputs_are_one_line_errors(base_and_adapter, tmp_path, monkeypatch):

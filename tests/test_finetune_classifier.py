@@ -17,6 +17,7 @@ from support import checkpoints, sms_data
 from model import GPT, GPTConfig, count_parameters
 from quantize import Linear4bit
 from support.safety import UserError
+from conftest import WritesMarker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -199,16 +200,6 @@ def test_flags_mirror_the_config_and_unknown_flags_fail(capsys):
 
 def two_class_file(tmp_path):
     return write(tmp_path, "".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'home soon'} {i}\n" for i in range(40)))
-
-
-class WritesMarker:
-    """Unpickling this runs open(path, "w"): the file appears iff a loader unpickled arbitrary objects."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_no_loading_path_unpickles_objects_from_a_checkpoint(tiny_base, tmp_path, monkeypatch):

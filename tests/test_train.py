@@ -21,6 +21,7 @@ from support.common import write_json_atomic
 from support.loss import mean_token_loss
 from support.safety import UserError, lock_out_dir
 from train import TrainConfig, parse_args, resolve_defaults
+from conftest import WritesMarker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -343,16 +344,6 @@ def run_main(script, *args, monkeypatch):
     with pytest.raises(SystemExit) as exited:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     return exited.value.code
-
-
-class WritesMarker:
-    """Unpickling this runs open(path, "w"): the file appears iff a loader unpickled arbitrary objects."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def booby_trapped_checkpoint(path, marker):
