@@ -32,6 +32,7 @@ Deterministic (its own seeded random.Random): running it again gives a byte-iden
     python data/make_instructions.py            # writes data/instructions.json
     python data/make_instructions.py --out DIR  # writes DIR/instructions.json
     python data/make_instructions.py --seed 7 --kinds all --out DIR   # other items and splits; the candidate kinds too
+    python data/make_instructions.py --free_sentences --out DIR   # the sentence kinds on free sentences
 
 Written for nanoQLoRA; covered by the project's licence. All word lists, facts and phrasings are typed in this file.
 """
@@ -121,6 +122,95 @@ ACTIONS = ["swim", "come tomorrow", "fix it", "wait here", "help us", "win the g
 PAST_ACTIONS = ["painted the fence", "washed the car", "visited the zoo", "cleaned the room", "opened the box",
                 "planted a tree", "called the doctor", "watched a film", "baked a cake", "fixed the bike",
                 "missed the bus", "found the ball", "crossed the river", "closed the gate"]
+
+# FREE SENTENCES (--free_sentences, not in the committed file) for the kinds that read a sentence: first and last word,
+# word count, sentence type. The sentences built from PEOPLE and PAST_ACTIONS end in one of 14 words and have four or
+# five words, so a model can answer "the last word" or "the word count" from a short list without reading the
+# sentence. These vary the first word, the last word, the length (2 to 9 words) and the shape: subject, verb, then an
+# object and a place, either or neither; questions with "did" and a wh-word, exclamations with "What a" and "How".
+NAMES = "Anna Tom Maria Sam Lucy Ben Emma Jack Nora Leo Mia Omar Zoe Raj Ivy Max Ruth Hugo Lena Carl".split()
+MANY = {"mouse": "mice", "sheep": "sheep", "man": "men", "woman": "women", "child": "children", "fox": "foxes"}
+CREATURES = """dog cat horse bird goat fox duck owl bear mouse cow sheep frog girl boy man woman child farmer
+pilot""".split()
+# (base, past) of the verbs: the past tense makes statements, the base form questions ("Did the fox jump?")
+INTRANSITIVE = [("sleep", "slept"), ("laugh", "laughed"), ("wait", "waited"), ("smile", "smiled"),
+                ("arrive", "arrived"), ("dance", "danced"), ("rest", "rested"), ("sing", "sang"), ("run", "ran"),
+                ("jump", "jumped"), ("walk", "walked"), ("play", "played"), ("shout", "shouted"), ("stay", "stayed"),
+                ("sit", "sat"), ("swim", "swam"), ("hide", "hid"), ("work", "worked")]
+TRANSITIVE = [("find", "found"), ("see", "saw"), ("paint", "painted"), ("wash", "washed"), ("carry", "carried"),
+              ("open", "opened"), ("clean", "cleaned"), ("fix", "fixed"), ("watch", "watched"), ("buy", "bought"),
+              ("drop", "dropped"), ("push", "pushed"), ("build", "built"), ("move", "moved"), ("lose", "lost"),
+              ("sell", "sold"), ("make", "made"), ("hold", "held"), ("park", "parked"), ("read", "read")]
+PLACES = ["in", "on", "near", "under", "behind", "by", "beside", "across", "over", "into", "at"]
+DETERMINERS = ["the", "a", "my", "our", "her", "his", "that", "their"]
+COLOURS = "red blue green white black brown grey pink".split()
+WH_WORDS = ["Where", "Why", "When", "How"]
+
+
+def noun_phrase(rng, nouns, max_words):
+    """'the box', 'a small box', 'my old red box', up to max_words words (at least 2)."""
+    det, noun = rng.choice(DETERMINERS), rng.choice([n for n in nouns if n not in PROBE_ITEMS])
+    extra = [w for w in (rng.choice(ADJECTIVES), rng.choice(COLOURS)) if rng.random() < 0.35][: max_words - 2]
+    words = [det] + extra + [noun]
+    if words[0] == "a" and words[1][0] in "aeiou":
+        words[0] = "an"
+    return " ".join(words)
+
+
+def free_clause(rng):
+    """-> (subject, verb (base, past), rest): the parts of one sentence of 2 to 9 words, lower case."""
+    r = rng.random()
+    subject = (rng.choice(NAMES) if r < 0.3 else rng.choice(["we", "they", "you", "she", "he", "I"]) if r < 0.45
+               else MANY.get(noun := rng.choice(CREATURES), noun + "s") if r < 0.55
+               else noun_phrase(rng, CREATURES, 3))
+    transitive = rng.random() < 0.6
+    verb = rng.choice(TRANSITIVE if transitive else INTRANSITIVE)
+    rest = []
+    if transitive:
+        rest.append(noun_phrase(rng, NOUNS, 4))
+    if not transitive or rng.random() < 0.4:
+        if rng.random() < 0.8:
+            rest.append(rng.choice(PLACES) + " " + noun_phrase(rng, NOUNS, 3))
+    clause = (subject, verb, " ".join(rest))
+    length = len(subject.split()) + 1 + len(clause[2].split())
+    return clause if length <= 9 else free_clause(rng)
+
+
+def capitalized(text):
+    return text[:1].upper() + text[1:]
+
+
+def free_statements(rng, count):
+    """`count` distinct statements: 'Anna found a blue cup under the bench.', 'The dogs slept.'"""
+    out = {}
+    while len(out) < count:
+        subject, (_, past), rest = free_clause(rng)
+        out[capitalized(" ".join(filter(None, (subject, past, rest)))) + "."] = None
+    return list(out)
+
+
+def free_typed_sentences(rng, count):
+    """`count` distinct sentences, a third each statements, questions and exclamations, of several shapes each:
+    'Did the fox hide behind our shed?', 'Where did Tom park the car?', 'What a strange lamp this is!'"""
+    out = {}
+    while len(out) < count:
+        subject, (base, past), rest = free_clause(rng)
+        shape = len(out) % 3
+        if shape == 0:
+            text = capitalized(" ".join(filter(None, (subject, past, rest)))) + "."
+        elif shape == 1:
+            wh = rng.choice(["Did"] + WH_WORDS)
+            did = "did" if wh != "Did" else ""
+            who = subject if subject == "I" else subject.lower() if subject not in NAMES else subject
+            text = " ".join(filter(None, (wh, did, who, base, rest))) + "?"
+        else:
+            adjective, noun = rng.choice(ADJECTIVES), rng.choice([n for n in NOUNS if n not in PROBE_ITEMS])
+            text = rng.choice([f"What {article(adjective)} {adjective} {noun} this is!",
+                               f"How {adjective} the {noun} is!",
+                               capitalized(" ".join(filter(None, (subject, past, rest)))) + "!"])
+        out[text] = None
+    return list(out)
+
 
 # ---------------------------------------------------------------------------------------------- facts
 
@@ -467,19 +557,27 @@ def three_distinct(rng, pool, count, key=lambda x: x, ordered=None):
     return list(out)
 
 
-def kinds(rng, names=None):
+def kinds(rng, names=None, free_sentences=False):
     """kind name -> (family, items, answer). Items are distinct within a kind, so a test item is never trained on."""
     numbers = rng.sample(range(10, 10000), 600)
     pairs = list({tuple(sorted(rng.sample(range(10, 1000), 2))): None for _ in range(800)})
     pairs = [(a, b) if rng.random() < 0.5 else (b, a) for a, b in pairs]
     sentences = aux_sentences()
-    statements = [sentence(subject, action) for subject, _ in PEOPLE for action in PAST_ACTIONS]
     nouns = list(dict.fromkeys(NOUNS + NOUNS_ES + NOUNS_Y + NOUNS_VOWEL_Y))
     adjectives = ADJECTIVES + ADJECTIVES_E + ADJECTIVES_Y
     singulars = {plural(w): w for w in nouns}  # the rule run backwards ("horses" -> "horse", not "hors")
     word_triples = three_distinct(rng, sorted(set(NOUNS)), 600, key=lambda w: w[0], ordered=sorted)
     number_triples = three_distinct(rng, list(range(1, 100)), 600, ordered=sorted)
     typed = [s for s, _, _ in sentences[::3]] + [q for _, q, _ in sentences[1::3]] + [s[:-1] + "!" for s, _, _ in sentences[2::3]]
+    statements = [sentence(subject, action) for subject, _ in PEOPLE for action in PAST_ACTIONS]
+    last = statements
+    first = [s for s, _, _ in sentences[::2]] + statements[::2]
+    count = [s for s, _, _ in sentences[1::2]] + statements[1::2]
+    if free_sentences:  # 300 free statements each for the last word, the first word and the word count
+        free = free_statements(rng, 900)
+        last = free[600:]
+        first = [s for s, _, _ in sentences[::4]] + free[:300]
+        count = [s for s, _, _ in sentences[1::4]] + free[300:600]
     table = {
         "plural": ("rule", nouns, lambda w: (f'The plural of "{w}" is "{plural(w)}".', plural(w))),
         "past_tense": ("rule", VERBS + VERBS_E + VERBS_Y, lambda w: (f'The past tense of "{w}" is "{past_tense(w)}".', past_tense(w))),
@@ -491,16 +589,18 @@ def kinds(rng, names=None):
         "commas": ("rule", rng.sample(range(1000, 10_000_000), 300), lambda n: (f"{n} is written {n:,}.", f"{n:,}")),
         "question": ("rule", sentences[::2], lambda t: (t[1], t[1])),  # one sentence is never both a question and a negation item
         "negation": ("rule", sentences[1::2], lambda t: (t[2], t[2])),
-        "last_word": ("rule", statements, lambda s: (f'The last word is "{s.rstrip(".").split()[-1]}".', s.rstrip(".").split()[-1])),
+        "last_word": ("rule", last,
+                      lambda s: (f'The last word is "{s.rstrip(".").split()[-1]}".', s.rstrip(".").split()[-1])),
         "superlative": ("rule", adjectives, lambda w: (f'The superlative of "{w}" is "{superlative(w)}".', superlative(w))),
         "singular": ("rule", list(singulars), lambda w: (f'The singular of "{w}" is "{singulars[w]}".', singulars[w])),
         "first_letter": ("rule", list(dict.fromkeys(NOUNS + CAPS_WORDS)), lambda w: (f'The word "{w}" starts with "{w[0]}".', w[0])),
         "smaller": ("rule", pairs[400:], lambda p: (f"The smaller number is {min(p)}.", str(min(p)))),
-        "first_word": ("rule", [s for s, _, _ in sentences[::2]] + statements[::2],
+        "first_word": ("rule", first,
                        lambda s: (f'The first word is "{s.split()[0]}".', s.split()[0])),
-        "count_words": ("rule", [s for s, _, _ in sentences[1::2]] + statements[1::2],
+        "count_words": ("rule", count,
                         lambda s: (f"The sentence has {len(s.split())} words.", str(len(s.split())))),
-        "sentence_type": ("rule", typed, lambda s: (f"It is {article(sentence_type(s))} {sentence_type(s)}.", sentence_type(s))),
+        "sentence_type": ("rule", typed[::2] + free_typed_sentences(rng, 300) if free_sentences else typed,
+                          lambda s: (f"It is {article(sentence_type(s))} {sentence_type(s)}.", sentence_type(s))),
         "sort_words": ("rule", word_triples, lambda t: (f"In alphabetical order: {', '.join(sorted(t))}.", ", ".join(sorted(t)))),
         "sort_numbers": ("rule", number_triples,
                          lambda t: (f"From smallest to largest: {', '.join(map(str, sorted(t)))}.", ", ".join(map(str, sorted(t))))),
@@ -562,11 +662,12 @@ def item_key(item):
     return str(item[0] if isinstance(item, tuple) else item)
 
 
-def build_examples(seed=SEED, names=KINDS, test_items=TEST_ITEMS_PER_KIND, train_items=TRAIN_ITEMS_PER_KIND):
+def build_examples(seed=SEED, names=KINDS, test_items=TEST_ITEMS_PER_KIND, train_items=TRAIN_ITEMS_PER_KIND,
+                   free_sentences=False):
     """Train + validation + test examples in file order (see the module docstring for the two splits)."""
     rng = random.Random(seed)
     test, trainval = [], []
-    for kind, (family, items, answer) in kinds(rng, names).items():
+    for kind, (family, items, answer) in kinds(rng, names, free_sentences).items():
         trained, held_out = phrasings(kind, seed)
         items = [item for item in dict.fromkeys(items) if item_key(item).lower() not in PROBE_ITEMS]  # listed twice: one item
         rng.shuffle(items)
@@ -590,9 +691,11 @@ def main():
     parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="output directory")
     parser.add_argument("--seed", type=int, default=SEED, help="another seed: other items, phrasings held out, order")
     parser.add_argument("--kinds", default="", help="comma-separated kinds ('all': every kind written here); default: KINDS")
+    parser.add_argument("--free_sentences", action="store_true",
+                        help="the sentence kinds read free sentences of 2 to 9 words (see FREE SENTENCES)")
     args = parser.parse_args()
     names = KINDS if not args.kinds else list(kinds(random.Random(0))) if args.kinds == "all" else args.kinds.split(",")
-    examples = build_examples(args.seed, names)
+    examples = build_examples(args.seed, names, free_sentences=args.free_sentences)
     path = os.path.join(args.out, FILENAME)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(examples, f, indent=1, ensure_ascii=False)

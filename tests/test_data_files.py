@@ -280,3 +280,27 @@ def test_regeneration_is_byte_identical(tmp_path, script, filename):
     subprocess.run([sys.executable, str(DATA / script), "--out", str(tmp_path)], check=True,
                    capture_output=True, timeout=60)
     assert (tmp_path / filename).read_bytes() == (DATA / filename).read_bytes()
+
+
+def test_free_sentences_vary_what_the_sentence_kinds_ask(tmp_path):
+    """--free_sentences: the sentence kinds' answers can no longer be picked from a short list. In the committed file
+    the last word is one of 14 and the word count one of three values; in the free file both spread wide, every rule
+    answer still follows from the prompt, and no other kind changes its phrasings or its size."""
+    subprocess.run([sys.executable, str(DATA / "make_instructions.py"), "--free_sentences", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=60)
+    free = json.loads((tmp_path / "instructions.json").read_text(encoding="utf-8"))
+    committed = json.loads(INSTRUCTIONS.read_text(encoding="utf-8"))
+
+    def spread(data, kind):
+        return len({ex["answer"] for ex in of_kind(data, kind)})
+
+    assert spread(committed, "last_word") <= 14 and spread(free, "last_word") >= 100
+    assert spread(committed, "count_words") <= 4 and spread(free, "count_words") >= 7
+    assert spread(free, "first_word") >= 3 * spread(committed, "first_word")
+    questions = [ex["item"] for ex in of_kind(free, "sentence_type") if ex["answer"] == "question"]
+    assert {q.split()[0] for q in questions} >= {"Did", "Where", "Why"}
+    for ex in free:
+        if ex["kind"] in RULES:
+            assert ex["answer"] == RULES[ex["kind"]](ex), ex
+    assert Counter(ex["kind"] for ex in free).keys() == Counter(ex["kind"] for ex in committed).keys()
+    assert len(free) == len(committed)
