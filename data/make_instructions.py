@@ -201,8 +201,7 @@ def free_typed_sentences(rng, count):
         elif shape == 1:
             wh = rng.choice(["Did"] + WH_WORDS)
             did = "did" if wh != "Did" else ""
-            who = subject if subject == "I" else subject.lower() if subject not in NAMES else subject
-            text = " ".join(filter(None, (wh, did, who, base, rest))) + "?"
+            text = " ".join(filter(None, (wh, did, subject, base, rest))) + "?"  # subjects are lower case but for names and "I"
         else:
             adjective, noun = rng.choice(ADJECTIVES), rng.choice([n for n in NOUNS if n not in PROBE_ITEMS])
             text = rng.choice([f"What {article(adjective)} {adjective} {noun} this is!",

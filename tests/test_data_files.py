@@ -284,8 +284,8 @@ def test_regeneration_is_byte_identical(tmp_path, script, filename):
 
 def test_free_sentences_vary_what_the_sentence_kinds_ask(tmp_path):
     """--free_sentences: the sentence kinds' answers can no longer be picked from a short list. In the committed file
-    the last word is one of 14 and the word count one of three values; in the free file both spread wide, every rule
-    answer still follows from the prompt, and no other kind changes its phrasings or its size."""
+    the last word is one of 14 and the word count one of 4 values; in the free file both spread wide, questions come
+    in several shapes, every rule answer still follows from the prompt, and the file keeps its kinds and its size."""
     subprocess.run([sys.executable, str(DATA / "make_instructions.py"), "--free_sentences", "--out", str(tmp_path)],
                    check=True, capture_output=True, timeout=60)
     free = json.loads((tmp_path / "instructions.json").read_text(encoding="utf-8"))
