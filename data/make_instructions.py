@@ -201,7 +201,8 @@ def free_typed_sentences(rng, count):
         elif shape == 1:
             wh = rng.choice(["Did"] + WH_WORDS)
             did = "did" if wh != "Did" else ""
-            text = " ".join(filter(None, (wh, did, subject, base, rest))) + "?"  # subjects are lower case but for names and "I"
+            # the subject as it stands: lower case, but for names and "I"
+            text = " ".join(filter(None, (wh, did, subject, base, rest))) + "?"
         else:
             adjective, noun = rng.choice(ADJECTIVES), rng.choice([n for n in NOUNS if n not in PROBE_ITEMS])
             text = rng.choice([f"What {article(adjective)} {adjective} {noun} this is!",
