@@ -107,8 +107,8 @@ class CausalSelfAttention(nn.Module):
         return a * k + (1 - a) * previous
 
     def forward(self, x, kv_cache=None, attn_mask=None, starts=None):
-        """attn_mask: optional (B, 1, T, T) booleans, True where query t may attend to key s (packed rows); it
-        replaces the plain causal mask and cannot be combined with a KV cache."""
+        """attn_mask: optional (B, 1, T, past + T) booleans, True where new position t may attend to position s
+        (packed rows, left-padded prompts); it replaces the plain causal mask. starts: see smear."""
         B, T, C = x.shape
         # (B, T, C) -> (B, n_head, T, head_size): each head attends in its own subspace
         q = self.q_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -124,10 +124,7 @@ class CausalSelfAttention(nn.Module):
                 starts[:, :, 0] = True
             k = self.smear(k, starts)
         dropout = self.dropout if self.training else 0.0
-        if attn_mask is not None:  # packed examples: causal within each example, nothing across them
-            if kv_cache is not None:
-                raise ValueError("attn_mask (packed examples) cannot be combined with a KV cache; "
-                                 "generate one example at a time")
+        if attn_mask is not None:  # packed examples (or a prompt after filler): causal within each, nothing across
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         elif past == 0:  # plain causal attention over the T new tokens
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -222,7 +219,8 @@ class GPT(nn.Module):
         segment_ids: optional (B, T) integers naming the example each position belongs to, when several examples
         are packed into one row (each example one contiguous run). Positions then restart at 0 for every example
         and attention is causal within an example and blocked across examples (a block-diagonal causal mask),
-        so each example is computed exactly as if it were alone in its row.
+        so each example is computed exactly as if it were alone in its row. With a KV cache they name the cached
+        positions too, (B, past + T): left-padded prompts are generated so (generate's left_padding).
 
         With `self.gradient_checkpointing` set, training keeps only each block's input and recomputes the block's
         activations during backward (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): activation
@@ -242,9 +240,13 @@ class GPT(nn.Module):
             )
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         attn_mask = starts = None
-        if segment_ids is not None:
+        if segment_ids is not None:  # with a KV cache: the ids of the cached positions too, then the T new ones
+            if segment_ids.shape != (B, past + T):
+                raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; it names every position, the "
+                                 f"{past} cached ones too: ({B}, {past + T})")
             pos, attn_mask = segment_positions_and_mask(segment_ids)
-            starts = (pos == 0)[:, None, :, None]  # every packed example starts afresh
+            starts = (pos == 0)[:, None, :, None]  # every packed example starts afresh (keys of all positions)
+            pos, attn_mask = pos[:, past:], attn_mask[:, :, past:]  # the new positions' rows
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for block in self.transformer.h:
@@ -269,24 +271,33 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None, use_cache=True,
-                 generator=None):
+                 generator=None, left_padding=None):
         """Extend each row of idx (B, T) by up to max_new_tokens sampled tokens. temperature=0 is greedy.
         With eos_token_id, a row that emits it stops (later positions repeat eos) and generation ends
-        once every row has. The KV cache gives the same tokens as recomputing the whole prefix."""
+        once every row has. The KV cache gives the same tokens as recomputing the whole prefix.
+        left_padding: optional (B,) count of filler tokens before each row's prompt, so prompts of different lengths
+        share a batch: the filler is a segment of its own (see hidden_states), unseen by the prompt, whose positions
+        start at 0 after it, as if it were alone."""
         cache = KVCache(self.config.n_layer) if use_cache else None
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        segment_ids = None
+        if left_padding is not None:  # 0 = filler, 1 = the prompt and everything generated after it
+            segment_ids = (torch.arange(idx.size(1), device=idx.device) >= left_padding[:, None]).long()
         new_tokens = idx
         for _ in range(max_new_tokens):
             if cache is not None and len(cache) + new_tokens.size(1) > self.config.block_size:
                 cache = None  # the window has to slide: positions shift, so the cache is no longer valid
             context = idx[:, -self.config.block_size :] if cache is None else new_tokens
+            segments = None if segment_ids is None else segment_ids[:, -self.config.block_size :]  # all with a cache
             # only the last position's logits choose the next token: skip lm_head's vocab-wide matmul for the rest
-            logits = self.lm_head(self.hidden_states(context, kv_cache=cache)[:, -1, :])
+            logits = self.lm_head(self.hidden_states(context, kv_cache=cache, segment_ids=segments)[:, -1, :])
             next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 next_token = torch.where(finished[:, None], torch.full_like(next_token, eos_token_id), next_token)
                 finished |= next_token[:, 0] == eos_token_id
             idx = torch.cat([idx, next_token], dim=1)
+            if segment_ids is not None:
+                segment_ids = torch.cat([segment_ids, torch.ones_like(next_token)], dim=1)
             new_tokens = next_token
             if eos_token_id is not None and finished.all():
                 break

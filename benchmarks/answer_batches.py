@@ -1,14 +1,14 @@
 """
-How long the default job's 400 answers before training take, and what batching prompts of different lengths could
-save (docs/results.md, "1,800 fine-tuning steps"). The tiny base with train.py's default adapters, freshly made (B = 0,
+How long the default job's 400 answers before training take, batched as train.py batches them, and as it did before
+prompts of different lengths could share a batch. The tiny base with train.py's default adapters, freshly made (B = 0,
 so it answers as the base does), answers the embedded set's test prompts twice, 80 new tokens each:
 
     python -m benchmarks.answer_batches      # needs checkpoints/tiny-base (python train.py makes it); ~1 minute
 
-1. as train.py does it: support.instructions.answer_examples, which batches prompts of equal length only;
-2. an estimate of batching across lengths: every prompt cropped to the shortest one's length, in batches of 64, with
-   no end token so every row runs all its steps (as the base's rows do before training). Cropping changes the
-   answers; left padding would keep them and add a mask, so this is what the batching costs without the mask.
+1. as train.py does it: support.instructions.answer_examples, which sorts the prompts by length and left-pads the
+   shorter ones in each batch of 64 (GPT.generate's left_padding);
+2. the prompts of each length apart, as many batches as lengths (how train.py answered until left padding).
+Both must give the same answers; the script says whether they did.
 """
 
 import argparse
@@ -24,7 +24,7 @@ from support.instructions import InstructionData, answer_examples, example_promp
 from support.safety import error_line, main_errors
 from support.tokenizer import get_tokenizer
 
-BATCH = 64  # what answer_examples uses for a batch of equal-length prompts
+BATCH = 64  # answer_examples's batch size
 
 
 def measure(init_from="tiny", limit=None, new_tokens=80):
@@ -43,21 +43,23 @@ def measure(init_from="tiny", limit=None, new_tokens=80):
           f"{torch.get_num_threads()} threads")
 
     start = time.perf_counter()
-    answer_examples(model, tokenizer, examples, "cpu", new_tokens, template)
-    grouped = time.perf_counter() - start
-    print(f"batched by equal length ({len(lengths)} lengths, up to {BATCH} a batch): {grouped:.1f} s")
-
-    model.eval()
-    cropped = torch.tensor([p[-lengths[0]:] for p in prompts])
+    padded = answer_examples(model, tokenizer, examples, "cpu", new_tokens, template)
+    padded_seconds = time.perf_counter() - start
     batches = -(-len(prompts) // BATCH)
+    print(f"sorted by length, left-padded, {batches} batches of up to {BATCH}: {padded_seconds:.1f} s")
+
     start = time.perf_counter()
-    for i in range(0, len(prompts), BATCH):
-        model.generate(cropped[i : i + BATCH], new_tokens, temperature=0)
-    batched = time.perf_counter() - start
-    print(f"cropped to {lengths[0]} tokens, {batches} batches of up to {BATCH}: {batched:.1f} s "
-          f"({grouped / batched:.1f}x faster)")
-    return {"prompts": len(prompts), "lengths": len(lengths), "batches": batches, "grouped_seconds": grouped,
-            "batched_seconds": batched}
+    grouped = [None] * len(examples)
+    for length in lengths:  # each length its own call: no row of a batch is padded
+        rows = [i for i, p in enumerate(prompts) if len(p) == length]
+        for i, answer in zip(rows, answer_examples(model, tokenizer, [examples[i] for i in rows], "cpu", new_tokens, template)):
+            grouped[i] = answer
+    grouped_seconds = time.perf_counter() - start
+    same = grouped == padded
+    print(f"one length per batch ({len(lengths)} lengths): {grouped_seconds:.1f} s "
+          f"({grouped_seconds / padded_seconds:.1f}x the time); the same {len(prompts)} answers: {'yes' if same else 'NO'}")
+    return {"prompts": len(prompts), "lengths": len(lengths), "batches": batches, "padded_seconds": padded_seconds,
+            "grouped_seconds": grouped_seconds, "same_answers": same}
 
 
 if __name__ == "__main__":

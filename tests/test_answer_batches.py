@@ -23,15 +23,16 @@ def base(tmp_path_factory):
     return str(out)
 
 
-def test_both_ways_answer_the_test_prompts_train_py_answers(base, capsys):
+def test_both_ways_answer_the_test_prompts_train_py_answers_alike(base, capsys):
     figures = answer_batches.measure(base, limit=70, new_tokens=4)
     test_examples = InstructionData("embedded", get_tokenizer("bytes"), 128, 1337, True, "compact").test_examples
     assert figures["prompts"] == 70 and len(test_examples) >= 70
     assert figures["batches"] == math.ceil(70 / answer_batches.BATCH) == 2
     assert 1 < figures["lengths"] <= 70  # the embedded prompts differ in length: several equal-length groups
-    assert figures["grouped_seconds"] > 0 and figures["batched_seconds"] > 0
+    assert figures["padded_seconds"] > 0 and figures["grouped_seconds"] > 0 and figures["same_answers"] is True
     out = capsys.readouterr().out
     assert f"{figures['lengths']} distinct lengths" in out and "2 batches of up to 64" in out
+    assert "the same 70 answers: yes" in out
     # this base's 128-byte context leaves 124 for a prompt: longer ones keep their end, as answer_examples crops them
     assert "-124 tokens," in out
 

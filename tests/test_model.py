@@ -189,6 +189,35 @@ def test_packed_rows_compute_each_example_as_if_alone(smear_keys, device):
     assert mask.shape == (1, 1, 15, 15) and mask[0, 0, 8, 6].item() is False and mask[0, 0, 8, 7].item() is True
 
 
+@pytest.mark.parametrize("smear_keys", [False, True])
+def test_left_padded_prompts_generate_as_if_alone(smear_keys, device):
+    """Prompts of different lengths in one batch (support.instructions.complete_prompts): the filler before a short
+    prompt is a segment of its own, so the prompt's positions start at 0 and nothing attends to the filler, in the
+    prefill, in each cached step, and after the window slides past block_size."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=24, vocab_size=50, n_layer=2, n_head=2, n_embd=16, smear_keys=smear_keys)).to(device).eval()
+    randomize_weights(model, seed=1)
+    randomize_key_smear(model)
+    prompts = [torch.randint(0, 50, (n,)).to(device) for n in (3, 9, 6)]
+    padding = torch.tensor([6, 0, 3], device=device)
+    rows = torch.stack([torch.cat([torch.full((int(pad),), 7, device=device), p]) for p, pad in zip(prompts, padding)])
+    segment_ids = (torch.arange(9, device=device) >= padding[:, None]).long()
+    with torch.no_grad():
+        cache = KVCache(2)
+        prefill = model.hidden_states(rows, kv_cache=cache, segment_ids=segment_ids)
+        step = torch.randint(0, 50, (3, 1)).to(device)
+        cached = model.hidden_states(step, kv_cache=cache, segment_ids=torch.cat([segment_ids, torch.ones_like(step)], 1))
+        for p, pad, new, hidden, following in zip(prompts, padding, step, prefill, cached):
+            alone = model.hidden_states(torch.cat([p, new])[None])[0]
+            assert (hidden[pad:] - alone[:-1]).abs().max().item() <= 2e-5
+            assert (following[0] - alone[-1]).abs().max().item() <= 2e-5
+    out = model.generate(rows, 20, temperature=0, left_padding=padding)  # 9 + 20 > 24: the longest row's window slides
+    for p, row in zip(prompts, out):
+        assert torch.equal(row[9:], model.generate(p[None], 20, temperature=0)[0, len(p):])
+    with pytest.raises(ValueError, match=r"segment_ids has shape \(3, 9\); it names every position, the 10 cached ones too: \(3, 11\)"):
+        model.hidden_states(step, kv_cache=cache, segment_ids=segment_ids)
+
+
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
 def test_gradient_checkpointing_gives_the_same_gradients(mode, device):
     from lora import apply_lora
