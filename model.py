@@ -244,9 +244,9 @@ class GPT(nn.Module):
             if segment_ids.shape != (B, past + T):
                 raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; it names every position, the "
                                  f"{past} cached ones too: ({B}, {past + T})")
-            pos, attn_mask = segment_positions_and_mask(segment_ids)
+            pos, attn_mask = segment_positions_and_mask(segment_ids, first=past)  # the mask's rows: the new positions
             starts = (pos == 0)[:, None, :, None]  # every packed example starts afresh (keys of all positions)
-            pos, attn_mask = pos[:, past:], attn_mask[:, :, past:]  # the new positions' rows
+            pos = pos[:, past:]
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for block in self.transformer.h:
@@ -336,16 +336,17 @@ def count_parameters(model):
     return trainable, total
 
 
-def segment_positions_and_mask(segment_ids):
+def segment_positions_and_mask(segment_ids, first=0):
     """(B, T) segment ids of packed rows -> (B, T) positions that restart at 0 where a new segment begins, and the
-    (B, 1, T, T) attention mask that lets position t see position s only if s <= t and both are in one segment."""
+    (B, 1, T - first, T) attention mask that lets position t (from `first` on: the new ones after a KV cache's) see
+    position s only if s <= t and both are in one segment."""
     B, T = segment_ids.shape
     index = torch.arange(T, device=segment_ids.device).expand(B, T)
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     segment_start = torch.where(starts, index, 0).cummax(dim=1).values  # index of the latest segment start
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    same_segment = segment_ids[:, first:, None] == segment_ids[:, None, :]
+    causal = torch.ones(T - first, T, dtype=torch.bool, device=segment_ids.device).tril(diagonal=first)
     return index - segment_start, (same_segment & causal)[:, None]
 
 

@@ -21,6 +21,7 @@ Packing (pack_examples, collate_packed) puts several examples in one row, each s
 """
 
 import bisect
+import itertools
 import json
 import os
 from collections import Counter
@@ -504,29 +505,26 @@ def answer_examples(model, tokenizer, examples, device, max_new_tokens=80, templ
 
 def complete_prompts(model, tokenizer, prompt_texts, device, max_new_tokens=80, batch_size=64):
     """Greedy continuations of prompt texts, each cut at the end-of-text token. Prompts are sorted by length and
-    batched; the shorter ones in a batch are left-padded, and the padding is masked (GPT.generate's left_padding),
-    so each row gets the tokens it would get alone (to float rounding; test_instructions checks it)."""
+    batched; the shorter ones in a batch are left-padded, and the padding is masked (GPT.generate's left_padding), so
+    each row gets the tokens it would get alone (to float rounding; tests/test_model.py and test_train.py check it)."""
     check_max_new_tokens(max_new_tokens, model.config.block_size)
     keep = model.config.block_size - max_new_tokens  # room for the answer; a longer prompt keeps its end
     prompts = [tokenizer.encode(text)[-keep:] for text in prompt_texts]
-    # a learned prefix (other_methods/prefix_tuning.py) fills the KV cache ahead of every row, where no padding can
-    # go: with one, a batch holds prompts of one length only
-    same_length_only = getattr(model, "prefix", None) is not None
-    batches = []
-    for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):  # sorted: little padding in a batch
-        if batches and len(batches[-1]) < batch_size and not (same_length_only and len(prompts[batches[-1][0]]) != len(prompts[i])):
-            batches[-1].append(i)
-        else:
-            batches.append([i])
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # sorted: little padding in a batch
+    groups = [order]
+    if getattr(model, "prefix", None) is not None:  # a learned prefix (other_methods/prefix_tuning.py) fills the KV
+        # cache ahead of every row, where no padding can go: with one, a batch holds prompts of one length only
+        groups = [list(group) for _, group in itertools.groupby(order, key=lambda i: len(prompts[i]))]
+    batches = [group[start : start + batch_size] for group in groups for start in range(0, len(group), batch_size)]
     responses = [""] * len(prompts)
     was_training = model.training
     model.eval()  # greedy answers must not depend on dropout (e.g. LoRA's), or a reloaded adapter could not reproduce them
     for batch in batches:
         width = max(len(prompts[i]) for i in batch)
-        padding = torch.tensor([width - len(prompts[i]) for i in batch], device=device)
-        rows = torch.tensor([[tokenizer.eot_token] * (width - len(prompts[i])) + prompts[i] for i in batch], device=device)
+        pads = [width - len(prompts[i]) for i in batch]
+        rows = torch.tensor([[tokenizer.eot_token] * pad + prompts[i] for i, pad in zip(batch, pads)], device=device)
         out = model.generate(rows, max_new_tokens, temperature=0, eos_token_id=tokenizer.eot_token,
-                             left_padding=padding if padding.any() else None)
+                             left_padding=torch.tensor(pads, device=device) if any(pads) else None)
         for i, tokens in zip(batch, out[:, width:].tolist()):
             tokens = tokens[: tokens.index(tokenizer.eot_token)] if tokenizer.eot_token in tokens else tokens
             responses[i] = tokenizer.decode(tokens).strip()
