@@ -34,7 +34,7 @@ class ChatConfig:
     init_from: str = "tiny"  # the base; 'tiny': the base the adapter was trained on (its adapter_config.json says)
     # answering
     base: bool = True  # also answer with the base (the adapter switched off), beside the tuned model
-    prompt_template: Literal["auto", "alpaca", "compact"] = "auto"  # auto: the adapter's own (else compact for the
+    prompt_template: Literal["auto", "alpaca", "compact", "bare"] = "auto"  # auto: the adapter's own (else bare for the
                                                                     # byte-level base, alpaca for GPT-2)
     max_new_tokens: int = 80  # tokens generated per answer
     device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cuda' (or cuda:N), 'mps' or 'cpu'

@@ -48,12 +48,12 @@ def check_values(cfg):
     """Each setting within its valid range: a value outside it would train nothing, train on NaN, or be ignored,
     and the run would still end as if all were well."""
     check_finite_settings(cfg)
-    at_least = {"batch_size": 1, "grad_accum": 1, "lora_rank": 1, "n_layer": 1, "n_head": 1, "n_embd": 1, "block_size": 1,
+    at_least = {"batch_size": 0, "grad_accum": 1, "lora_rank": 1, "n_layer": 1, "n_head": 1, "n_embd": 1, "block_size": 1,
                 "max_new_tokens": 1, "max_iters": 0, "warmup_iters": 0, "eval_interval": 0, "eval_batches": 0, "num_samples": 0,
                 "answer_limit": 0}
     for name, low in at_least.items():
         if getattr(cfg, name) < low:
-            zero = " (0 = the default for the job)" if low == 0 and name in ("max_iters", "warmup_iters", "eval_interval", "eval_batches") else ""
+            zero = " (0 = the default for the job)" if low == 0 and name in ("batch_size", "max_iters", "warmup_iters", "eval_interval", "eval_batches") else ""
             raise UserError(f"--{name} {getattr(cfg, name)}: use an integer >= {low}{zero}")
     check_optimizer_ranges(cfg, {"dropout": (0 <= cfg.dropout < 1, "in [0, 1)")})
     check_lora_scaling(cfg)

@@ -7,7 +7,7 @@ import torch
 from conftest import shared_data
 from support.instructions import (CHAT_TEMPLATE, PROMPT_HEADER, chat_prompt, collate, collate_packed, contains_answer, exact_match, example_prompt,
                           format_prompt, load_answer_file, load_examples, pack_examples, score_responses, split_examples, token_f1,
-                          tokenize_conversation, tokenize_examples, validate_examples)
+                          resolve_template, tokenize_conversation, tokenize_examples, validate_examples)
 from support.tokenizer import ByteTokenizer
 
 
@@ -189,8 +189,18 @@ def test_compact_template_is_alpaca_without_its_preamble():
     ex = {"instruction": "Translate.", "input": "chat", "output": "cat"}
     assert format_prompt(ex, "compact") == "### Instruction:\nTranslate.\n\n### Input:\nchat\n\n### Response:\n"
     assert format_prompt(ex, "alpaca") == PROMPT_HEADER + "\n\n" + format_prompt(ex, "compact")
-    with pytest.raises(ValueError, match="use one of alpaca, compact"):
+    with pytest.raises(ValueError, match="use one of alpaca, compact, bare"):
         format_prompt(ex, "chatml")
+
+
+def test_bare_template_keeps_the_words_and_a_blank_line_before_the_response():
+    with_input = {"instruction": "Translate.", "input": "chat", "output": "cat"}
+    without_input = {"instruction": "Translate chat.", "input": "", "output": "cat"}
+    assert format_prompt(with_input, "bare") == "Translate.\nchat\n\n"
+    assert format_prompt(without_input, "bare") == "Translate chat.\n\n"
+    # the tiny base reads it, GPT-2 keeps Alpaca's; every byte of compact's markers is gone
+    assert resolve_template("auto", "bytes") == "bare" and resolve_template("auto", "gpt2") == "alpaca"
+    assert len(format_prompt(with_input, "compact")) - len(format_prompt(with_input, "bare")) == 43
 
 
 @pytest.mark.parametrize("response, answer, correct", [
@@ -249,7 +259,7 @@ def test_chat_examples_are_answered_and_scored_at_their_last_assistant_turn(tmp_
 def test_packing_uses_the_run_template():
     examples = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(4)]
     tok = ByteTokenizer()
-    for template in ("alpaca", "compact"):
+    for template in ("alpaca", "compact", "bare"):
         kept, _ = tokenize_examples(examples, tok, max_length=1025, template=template)
         rows = pack_examples(kept, capacity=1024)
         assert len(rows) == 1  # equal lengths: one row, in file order

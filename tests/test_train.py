@@ -134,7 +134,7 @@ def test_answers_are_scored_before_and_after_and_a_file_is_answered_the_same_way
 
     run = tmp_path / "run"
     summary = train.train(finetune_config(small_base, run, max_iters=4, eval_interval=4))
-    assert summary["prompt_template"] == "compact"  # the byte-level base gets the short template
+    assert summary["prompt_template"] == "bare"  # the byte-level base gets the shortest template
     for key in ("test_accuracy_before", "test_accuracy_after", "test_exact_match_before", "test_exact_match_after", "test_f1_after"):
         assert 0.0 <= summary[key] <= 1.0, key
     records = json.load(open(run / "samples.json"))
@@ -313,7 +313,7 @@ def test_export_peft_and_hf_from_the_command_line(plain_run, tmp_path):
     with safe_open(tmp_path / "peft" / "adapter_model.safetensors", "pt") as f:
         header = json.loads(f.metadata()["nanoqlora"])
     adapter_metadata = json.load(open(run / "adapter_config.json"))["metadata"]
-    assert header == adapter_metadata and header["prompt_template"] == "compact" and header["finetune"] == "lora"
+    assert header == adapter_metadata and header["prompt_template"] == "bare" and header["finetune"] == "lora"
     assert "metadata" not in json.load(open(tmp_path / "peft" / "adapter_config.json"))
     with pytest.raises(UserError, match="is a PEFT adapter .*interop.import_peft"):  # not loadable as one of ours
         checkpoints.load_finetuned(str(tmp_path / "peft"), "tiny", "cpu")
@@ -446,11 +446,18 @@ def test_summary_json_never_holds_nan(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_defaults_give_the_tiny_base_many_small_steps_and_others_sixteen_a_batch():
+    tiny = resolve_defaults(TrainConfig())
+    assert (tiny.batch_size, tiny.max_iters) == (8, 3600)
+    assert (resolve_defaults(TrainConfig(init_from="gpt2")).batch_size, resolve_defaults(TrainConfig(init_from="scratch", dataset="stdlib")).batch_size) == (16, 16)
+    assert resolve_defaults(TrainConfig(batch_size=4)).batch_size == 4  # a value given is kept
+
+
 BAD_FLAGS = [  # (flags, what the one-line error must say)
     (["--grad_accum", "0"], "--grad_accum 0: use an integer >= 1"),
     (["--grad_accum", "-2"], "--grad_accum -2: use an integer >= 1"),
     (["--max_iters", "-5"], "--max_iters -5: use an integer >= 0"),
-    (["--batch_size", "0"], "--batch_size 0: use an integer >= 1"),
+    (["--batch_size", "-1"], "--batch_size -1: use an integer >= 0 (0 = the default for the job)"),
     (["--learning_rate", "nan"], "--learning_rate nan: must be a finite number"),
     (["--learning_rate", "inf"], "--learning_rate inf: must be a finite number"),
     (["--lora_alpha", "nan"], "--lora_alpha nan: must be a finite number"),
