@@ -55,7 +55,7 @@ def packing(datasets, steps, rounds):
         apply_lora(model, rank=8, alpha=16, targets=("q", "v"), dropout=0.05)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         # the Alpaca template, as when train_features.json was measured (on the embedded set before its regeneration);
-        # train.py now prompts the byte-level base in the shorter 'compact' template by default (--prompt_template)
+        # train.py now prompts the byte-level base in the shorter 'bare' template by default (--prompt_template)
         data = {pack: InstructionData(name, get_tokenizer("bytes"), 512, 1337, mask_prompt=False, template="alpaca", pack=pack) for pack in (False, True)}
         totals = {pack: {"seconds": 0.0, "real_tokens": 0, "positions": 0, "steps": 0} for pack in (False, True)}
         step_of = {False: 0, True: 0}

@@ -131,7 +131,8 @@ def classification_data(args, tokenizer, max_length):
 
 
 def instruction_data(args, tokenizer, max_length, seed):
-    """train.py's data for the byte-level base: the compact template, the loss on the responses only."""
+    """train.py's data for the byte-level base as the family was measured: the compact template (train.py's default
+    for it until the bare one), the loss on the responses only."""
     return InstructionData(args.instruct_dataset, tokenizer, max_length - 1, seed, mask_prompt=True, template="compact")
 
 

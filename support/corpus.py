@@ -13,8 +13,9 @@ the same on every run of the same Python version. Four sources, each a list of d
 
 and one that is not the standard library's:
 - "instructions": the training part of the embedded instruction set (data/instructions.json's first 85%: never a
-                validation or test example, nor a held-out phrasing), each example as fine-tuning shows it, the
-                compact prompt and its response (~0.5 MB): instruction-like text mixed into pretraining.
+                validation or test example, nor a held-out phrasing), each example as fine-tuning showed it when
+                this source was measured, the compact prompt and its response (~0.5 MB): instruction-like text
+                mixed into pretraining.
 
 Validation is always the same held-out docstrings (every 20th), whatever the training mix, so losses of bases
 trained on different mixes are comparable. PretrainingData cuts the text into the batches of a pretraining run.
@@ -120,7 +121,8 @@ def reference_topics():
 
 
 def instruction_documents():
-    """The embedded instruction set's training examples, each as the text fine-tuning learns: prompt and response."""
+    """The embedded instruction set's training examples, each as prompt and response in the compact template (the
+    fine-tuning default when this source was measured; docs/results.md)."""
     from support.instructions import EMBEDDED_INSTRUCTIONS_PATH, format_prompt, read_json_list, split_examples
 
     train = split_examples(read_json_list(EMBEDDED_INSTRUCTIONS_PATH))[0]  # the file's split: no test item, no held-out phrasing
