@@ -60,7 +60,7 @@ class TrainConfig:
     loraplus_ratio: float = 1.0  # LoRA+: B learns at this many times A's rate (arXiv 2402.12354 suggests 16)
     # data
     mask_prompt: bool = True  # learn the responses only (chat data: the assistant turns)
-    prompt_template: Literal["auto", "alpaca", "compact", "bare"] = "auto"  # auto: bare for the byte-level base, else alpaca
+    prompt_template: Literal["auto", "alpaca", "compact", "bare"] = "auto"  # auto: bare for bytes, alpaca for GPT-2
     pack: bool = False  # pack several examples per row up to the context, each attending only to itself
     batch_size: int = 0  # sequences per micro-batch; default (0): 8 fine-tuning the tiny base, else 16
     grad_accum: int = 1  # micro-batches per optimizer step (over all processes under torchrun)
