@@ -35,7 +35,7 @@ class ChatConfig:
     # answering
     base: bool = True  # also answer with the base (the adapter switched off), beside the tuned model
     prompt_template: Literal["auto", "alpaca", "compact", "bare"] = "auto"  # auto: the adapter's own (else bare for the
-                                                                    # byte-level base, alpaca for GPT-2)
+                                                                            # byte-level base, alpaca for GPT-2)
     max_new_tokens: int = 80  # tokens generated per answer
     device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cuda' (or cuda:N), 'mps' or 'cpu'
 
