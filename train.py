@@ -62,6 +62,7 @@ class TrainConfig:
     mask_prompt: bool = True  # learn the responses only (chat data: the assistant turns)
     prompt_template: Literal["auto", "alpaca", "compact", "bare"] = "auto"  # auto: bare for bytes, alpaca for GPT-2
     pack: bool = False  # pack several examples per row up to the context, each attending only to itself
+    group_by_length: bool = True  # batches of examples of about one length: less padding (without --pack)
     batch_size: int = 0  # sequences per micro-batch; default (0): 8 fine-tuning the tiny base, else 16
     grad_accum: int = 1  # micro-batches per optimizer step (over all processes under torchrun)
     # pretraining only (--init_from scratch --dataset stdlib): the text and the model's shape
@@ -75,7 +76,7 @@ class TrainConfig:
     dropout: float = 0.0  # dropout in the blocks (the adapters' is --lora_dropout)
     smear_keys: bool = True  # each key also carries its predecessor, so a small model learns to copy (model.py)
     # optimisation
-    max_iters: int = 0  # optimizer steps; default (0): 1,000 pretraining, 3,600 fine-tuning the tiny base, 200 GPT-2
+    max_iters: int = 0  # optimizer steps; default (0): 1,000 pretraining, 4,200 fine-tuning the tiny base, 200 GPT-2
     learning_rate: float = 0.0  # peak rate; default (0): 4e-3 pretraining, 3e-3 LoRA, and for --finetune full 2e-3
                                 # (the tiny base) or 3e-4 (GPT-2)
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate x this
@@ -115,8 +116,9 @@ def resolve_defaults(cfg):
     weights needs gentler full fine-tuning and fewer steps than the tiny base, which starts far from done."""
     pre, full = cfg.pretraining, cfg.finetune == "full"
     gpt2 = cfg.init_from in PRETRAINED or os.path.isfile(os.path.join(cfg.init_from, "model.safetensors"))
-    cfg.max_iters = cfg.max_iters or (1000 if pre else 200 if gpt2 else 3600)  # 200 x 16: ~3 epochs of instruction-data
-    # the tiny base learns more per second from many small steps: 3,600 x 8 cost what 1,200 x 16 did (docs/results.md)
+    cfg.max_iters = cfg.max_iters or (1000 if pre else 200 if gpt2 else 4200)  # 200 x 16: ~3 epochs of instruction-data
+    # the tiny base learns more per second from many small steps: 4,200 x 8, each batch of about one length, cost what
+    # 1,200 x 16 did (docs/results.md)
     cfg.batch_size = cfg.batch_size or (16 if pre or gpt2 else 8)
     cfg.learning_rate = cfg.learning_rate or (4e-3 if pre else (3e-4 if gpt2 else 2e-3) if full else 3e-3)
     cfg.lora_alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
@@ -154,7 +156,7 @@ def run_training(cfg, world=None):
     else:  # prompt + response examples; the response's tokens are the targets (--mask_prompt)
         check_max_new_tokens(cfg.max_new_tokens, block_size)
         data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt, template, pack=cfg.pack,
-                               grad_accum=cfg.grad_accum)
+                               grad_accum=cfg.grad_accum, group_by_length=cfg.group_by_length)
     answered = [] if cfg.pretraining else data.test_examples[: cfg.answer_limit]  # scored before and after
     val_batches = data.val_batches(cfg.batch_size)[: cfg.eval_batches or None]
     model.gradient_checkpointing = cfg.grad_checkpointing

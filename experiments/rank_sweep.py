@@ -43,11 +43,11 @@ def run_name(task, rank, targets, seed):
 def instruct_settings(rank, targets, seed, out_dir, iters=150, answer_limit=500, alpha=0.0, init_from="tiny",
                       dataset="embedded", device="auto"):
     """train.py's settings for one instruction run of the sweep (notebook 06 trains with the same). The lab keeps the
-    batches of 16 and the compact template it was measured with (experiments/results), not train.py's later defaults
-    for the tiny base (8 a batch, the bare template)."""
+    batches of 16 drawn at random and the compact template it was measured with (experiments/results), not train.py's
+    later defaults for the tiny base (8 a batch of about one length, the bare template)."""
     return dict(init_from=init_from, dataset=dataset, out_dir=out_dir, lora_rank=rank, lora_alpha=alpha,
                 lora_targets=targets, lora_dropout=0.0, max_iters=iters, batch_size=16, prompt_template="compact",
-                eval_interval=iters, num_samples=0,
+                group_by_length=False, eval_interval=iters, num_samples=0,
                 answer_limit=answer_limit, seed=seed, progress=False, device=device)
 
 

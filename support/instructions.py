@@ -432,12 +432,18 @@ def score_responses(examples, responses):
 # ---------------------------------------------------------------------------------------------- training data
 
 
+LENGTH_WINDOW = 8  # --group_by_length sorts this many batches of the stream together: few enough that a batch of 8
+# embedded examples still holds 5.8 of the 20 kinds on average (6.6 drawn at random)
+
+
 class InstructionData:
     """Alpaca-format examples or chat conversations, split 85/5/10, tokenized, each epoch shuffled by (seed, epoch).
-    With pack, the training examples are packed once into rows of up to block_size positions (best-fit decreasing)
-    and the rows are shuffled instead; validation and test batches stay unpacked (the loss is the same either way)."""
+    With group_by_length, a batch holds examples of about one length (batch_of_similar_lengths). With pack, the
+    training examples are packed once into rows of up to block_size positions (best-fit decreasing) and the rows are
+    shuffled instead; validation and test batches stay unpacked (the loss is the same either way)."""
 
-    def __init__(self, dataset, tokenizer, block_size, seed, mask_prompt, template="alpaca", pack=False, grad_accum=1):
+    def __init__(self, dataset, tokenizer, block_size, seed, mask_prompt, template="alpaca", pack=False, grad_accum=1,
+                 group_by_length=False):
         self.train_examples, self.val_examples, self.test_examples = split_examples(load_examples(dataset))
         sizes = [len(self.train_examples), len(self.val_examples), len(self.test_examples)]
         if not all(sizes):
@@ -453,23 +459,47 @@ class InstructionData:
                 raise UserError(f"dataset {dataset!r}: all {len(examples)} {split} examples are longer than the model's context of "
                                 f"{block_size} tokens; use shorter examples or a base with a longer block_size")
         self.pad, self.seed, self.mask_prompt, self.grad_accum = tokenizer.eot_token, seed, mask_prompt, grad_accum
-        self.packed, self.block_size = None, block_size
+        self.packed, self.block_size, self.group_by_length, self.epoch_order = None, block_size, group_by_length, {}
         if pack:
             self.packed = pack_examples(self.train, block_size)
 
     def train_batch(self, step, micro, batch_size):
         """(inputs, targets) of micro-batch `micro` (of grad_accum) of optimizer step `step`; with packing also
-        segment_ids (see GPT.hidden_states)."""
+        segment_ids (see GPT.hidden_states). It depends on its arguments alone: a resumed run sees the same batches."""
         units = self.train if self.packed is None else self.packed  # examples, or rows of packed examples
         index = (step * self.grad_accum + micro) * batch_size  # position in the endless stream of epochs
-        rows = []
-        for i in range(index, index + batch_size):
-            epoch, offset = divmod(i, len(units))
-            order = torch.randperm(len(units), generator=torch.Generator().manual_seed(self.seed + epoch))
-            rows.append(units[order[offset]])
+        if self.group_by_length and self.packed is None:  # packed rows are full already
+            chosen = self.batch_of_similar_lengths(index, batch_size)
+        else:
+            chosen = [self.stream_unit(i) for i in range(index, index + batch_size)]
+        rows = [units[u] for u in chosen]
         if self.packed is not None:
             return collate_packed(rows, self.pad, self.mask_prompt)
         return collate(rows, self.pad, self.mask_prompt)
+
+    def stream_unit(self, i):
+        """Which example (or packed row) is at position i of the stream: epoch i // n, shuffled by (seed, epoch)."""
+        n = len(self.train if self.packed is None else self.packed)
+        epoch, offset = divmod(i, n)
+        if epoch not in self.epoch_order:  # one epoch kept: batches are read in order, a window spans two at most
+            shuffle = torch.Generator().manual_seed(self.seed + epoch)
+            self.epoch_order = {epoch: torch.randperm(n, generator=shuffle).tolist()}
+        return self.epoch_order[epoch][offset]
+
+    def batch_of_similar_lengths(self, index, batch_size):
+        """--group_by_length: the stream is read in windows of LENGTH_WINDOW batches; each window is sorted by length,
+        cut into batches again, and its batches are taken in a shuffled order. Every example still comes once an epoch
+        (a window may straddle two), but a batch holds examples of about one length, so less of it is padding: with
+        batches of 8 on data/instructions.json, 22% of the positions -> 5%, and a step costs about 15% less (collate
+        pads each batch to its longest example). HF Trainer's group_by_length sorts windows of up to 50 batches, longest
+        first."""
+        window = batch_size * LENGTH_WINDOW
+        start = index - index % window
+        pool = sorted((self.stream_unit(i) for i in range(start, start + window)), key=lambda u: len(self.train[u][0]))
+        shuffle = torch.Generator().manual_seed(self.seed + 7_777_777 + start)  # apart from the epochs' seed + epoch
+        order = torch.randperm(LENGTH_WINDOW, generator=shuffle).tolist()
+        first = order[(index - start) // batch_size] * batch_size
+        return pool[first : first + batch_size]
 
     def val_batches(self, batch_size, split="val"):
         rows = self.val if split == "val" else self.test

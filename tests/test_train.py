@@ -448,7 +448,7 @@ def test_summary_json_never_holds_nan(tmp_path):
 
 def test_defaults_give_the_tiny_base_many_small_steps_and_others_sixteen_a_batch():
     tiny = resolve_defaults(TrainConfig())
-    assert (tiny.batch_size, tiny.max_iters) == (8, 3600)
+    assert (tiny.batch_size, tiny.max_iters, tiny.group_by_length) == (8, 4200, True)
     assert (resolve_defaults(TrainConfig(init_from="gpt2")).batch_size, resolve_defaults(TrainConfig(init_from="scratch", dataset="stdlib")).batch_size) == (16, 16)
     assert resolve_defaults(TrainConfig(batch_size=4)).batch_size == 4  # a value given is kept
 
