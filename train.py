@@ -251,9 +251,10 @@ def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, bef
 
 
 def train(cfg):
-    """Run one job; returns its summary. The run owns out_dir while it lasts: a second run on the same folder is
-    refused (lock_out_dir). Under torchrun rank 0 alone writes to out_dir, so it holds the lock for all ranks."""
-    check_train_config(cfg)
+    """Run one job; returns its summary. Settings left at 0 get the job's default first (resolve_defaults). The run
+    owns out_dir while it lasts: a second run on the same folder is refused (lock_out_dir). Under torchrun rank 0
+    alone writes to out_dir, so it holds the lock for all ranks."""
+    check_train_config(resolve_defaults(cfg))
     device = pick_device(cfg.device)  # a --device this machine lacks is refused before anything is loaded
     world = init_world(device)  # under torchrun: this process's rank among world.size (support/ddp.py)
     try:
@@ -278,6 +279,6 @@ if __name__ == "__main__":
         if trains_nothing(config):  # --prompt, --answer_file, --export_peft, --export_hf
             run_without_training(config)
         else:
-            train(resolve_defaults(config))
+            train(config)
     except main_errors() as e:
         sys.exit(error_line(e))

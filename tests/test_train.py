@@ -453,6 +453,15 @@ def test_defaults_give_the_tiny_base_many_small_steps_and_others_sixteen_a_batch
     assert resolve_defaults(TrainConfig(batch_size=4)).batch_size == 4  # a value given is kept
 
 
+def test_train_fills_in_the_defaults_of_a_config_given_straight(small_base, tmp_path):
+    """A program may hand train() a TrainConfig without resolve_defaults: batch_size 0 must not reach the data."""
+    cfg = TrainConfig(init_from=small_base, out_dir=str(tmp_path), lora_rank=4, lora_targets="q,v", max_iters=2,
+                      eval_interval=2, eval_batches=1, num_samples=0, answer_limit=4, max_new_tokens=8, progress=False,
+                      device="cpu")
+    summary = train.train(cfg)
+    assert (summary["config"]["batch_size"], summary["lora_alpha"], summary["steps"]) == (8, 8.0, 2)
+
+
 BAD_FLAGS = [  # (flags, what the one-line error must say)
     (["--grad_accum", "0"], "--grad_accum 0: use an integer >= 1"),
     (["--grad_accum", "-2"], "--grad_accum -2: use an integer >= 1"),
