@@ -1,7 +1,7 @@
 """
 Talk to a fine-tuned model: load the base and a LoRA run's adapter once, then answer each instruction you type, the
 base's answer beside the tuned model's. One model is in memory: the base's answer is the same model with its adapter
-switched off (lora.disable_adapters), the tuned answer with it switched on again (lora.set_adapter).
+switched off (support.adapters.disable_adapters), the tuned answer with it switched on again (set_adapter).
 
     python train.py                                      # first, a tuned model: its adapter lands in out/instruct
     python chat.py                                       # then talk to it
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import lora
-from support.adapter_files import ADAPTER_CONFIG, read_adapter_config
+from support.adapters import ADAPTER_CONFIG, active_adapter, disable_adapters, read_adapter_config, set_adapter
 from support.common import parse_config, pick_device
 from support.instructions import answer, check_max_new_tokens
 from support.safety import UserError, error_line, main_errors
@@ -52,7 +52,7 @@ def load(cfg, device):
                         f"to the base alone with --adapter none")
     model, tokenizer, template = load_for_answering(cfg, device)
     check_max_new_tokens(cfg.max_new_tokens, model.config.block_size)
-    return model, tokenizer, template, lora.active_adapter_name(model) if cfg.adapter else None
+    return model, tokenizer, template, active_adapter(model) if cfg.adapter else None
 
 
 def instructions(interactive):
@@ -86,9 +86,9 @@ def chat(cfg, interactive=None):
     for instruction in instructions(interactive):
         base_answer = tuned_answer = None
         if adapter and cfg.base:
-            lora.disable_adapters(model)  # the frozen base alone (4-bit under QLoRA, as it trained)
+            disable_adapters(model)  # the frozen base alone (4-bit under QLoRA, as it trained)
             base_answer = answer(model, tokenizer, instruction, device, cfg.max_new_tokens, template=template)
-            lora.set_adapter(model, adapter)
+            set_adapter(model, adapter)
         if adapter:
             tuned_answer = answer(model, tokenizer, instruction, device, cfg.max_new_tokens, template=template)
         else:

@@ -393,7 +393,7 @@ def quantize_model(model, block_size=64, double_quant=True, quant_type="nf4", co
     check_quant_type(quant_type)
     check_block_size(block_size)
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    if any(getattr(m, "merged_adapter", None) is not None for m in model.modules()):
+    if any(getattr(m, "merged", False) for m in model.modules()):
         raise ValueError("a LoRA adapter is merged into this model's weights; call unmerge_lora(model) before "
                          "quantizing")
     replacements = []

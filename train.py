@@ -20,9 +20,10 @@ from typing import Literal
 
 import torch
 
-from lora import apply_lora, save_adapter
+from lora import apply_lora
 from model import GPT, PRETRAINED, GPTConfig, count_parameters
 from quantize import quantize_model
+from support.adapters import save_adapter
 from support.checkpoints import load_base_model
 from support.common import autocast_context, parse_config, pick_device, reset_peak_memory, save_atomic, write_together
 from support.config_checks import check_inference_flags, check_train_config

@@ -21,8 +21,8 @@ first two and the input of the third. HF `peft` places it the same way on GPT-2 
 import torch
 import torch.nn as nn
 
-from other_methods.adapters import NamedAdapterLayer, check_new_adapter, layers_ending_with, set_adapter, train_only
 from lora import replace_module
+from support.adapters import check_new_adapter, layers_ending_with, train_only
 
 TARGETS = {  # apply_ia3's short names -> (how the layer's name ends in model.GPT, scale its input instead of its output)
     "k": ("attn.k_proj", False),
@@ -31,97 +31,71 @@ TARGETS = {  # apply_ia3's short names -> (how the layer's name ends in model.GP
 }
 
 
-class IA3Linear(NamedAdapterLayer):
+class IA3Linear(nn.Module):
     """A frozen nn.Linear whose output (or, with scale_input, its input) is multiplied feature by feature by a
-    learned vector, one vector per named adapter, all ones at the start. state_dict keys: <layer>.base.* and
-    <layer>.ia3_scale.<adapter>."""
+    learned vector, all ones at the start. state_dict keys: <layer>.base.* and <layer>.ia3_scale."""
 
     method = "ia3"
 
     def __init__(self, base, scale_input):
-        if isinstance(base, NamedAdapterLayer) or not isinstance(base, nn.Linear):
-            raise TypeError(f"(IA)³ rescales an nn.Linear, got {type(base).__name__}")
-        super().__init__(base)
+        super().__init__()
+        self.base = base.requires_grad_(False)
         self.scale_input = scale_input
-        self.ia3_scale = nn.ParameterDict()
-        self.merged_adapter = None
-
-    def add_adapter(self, name, config):
-        features = self.base.in_features if self.scale_input else self.base.out_features
-        weight = self.base.weight
-        self.ia3_scale[name] = nn.Parameter(torch.ones(features, device=weight.device, dtype=weight.dtype))
-        self.config[name] = config
-
-    def adapter_tensors(self, name):
-        return {"ia3_scale": self.ia3_scale[name]}
-
-    def remove_adapter(self, name):
-        del self.ia3_scale[name]
+        features = base.in_features if scale_input else base.out_features
+        self.ia3_scale = nn.Parameter(torch.ones(features, device=base.weight.device, dtype=base.weight.dtype))
+        self.merged = False
 
     def forward(self, x):
-        name = self.active_adapter
-        if name is None or self.merged_adapter is not None:
+        if self.merged:
             return self.base(x)
-        scale = self.ia3_scale[name]
         if self.scale_input:
-            return self.base(x * scale)  # l_ff ⊙ γ(W_1 x), then W_2
-        return self.base(x) * scale
+            return self.base(x * self.ia3_scale)  # l_ff ⊙ γ(W_1 x), then W_2
+        return self.base(x) * self.ia3_scale
 
     @torch.no_grad()
     def merge(self):
-        """Fold the active vector into the base: diag(l) W and l ⊙ b for an output scale, W diag(l) for an input scale."""
-        name = self.active_adapter
-        if name is None or self.merged_adapter is not None:
-            return
-        scale = self.ia3_scale[name]
+        """Fold the vector into the base: diag(l) W and l ⊙ b for an output scale, W diag(l) for an input scale."""
         if self.scale_input:
-            self.base.weight.mul_(scale)  # (out, in) * (in,): column j times l_j
+            self.base.weight.mul_(self.ia3_scale)  # (out, in) * (in,): column j times l_j
         else:
-            self.base.weight.mul_(scale[:, None])
+            self.base.weight.mul_(self.ia3_scale[:, None])
             if self.base.bias is not None:
-                self.base.bias.mul_(scale)
-        self.merged_adapter = name
+                self.base.bias.mul_(self.ia3_scale)
+        self.merged = True
 
 
 def ia3_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, IA3Linear)]
 
 
-def apply_ia3(model, targets=("k", "v", "mlp"), trainable=(), adapter_name="default"):
+def apply_ia3(model, targets=("k", "v", "mlp"), trainable=()):
     """Wrap the target layers (short names from TARGETS; the paper uses all three) in IA3Linear, freeze everything
-    else, make the new adapter active and return the model. trainable: modules to keep trainable, e.g. ("head",)."""
+    else and return the model. trainable: modules to keep trainable, e.g. ("head",)."""
     targets = [targets] if isinstance(targets, str) else list(targets)
-    if not targets:
-        raise ValueError(f"targets is empty; choose from {', '.join(TARGETS)}")
-    for t in targets:
-        if t not in TARGETS:
-            raise ValueError(f"unknown (IA)³ target {t!r}; valid targets are {', '.join(TARGETS)}")
+    unknown = [t for t in targets if t not in TARGETS] or ([] if targets else ["(none)"])
+    if unknown:
+        raise ValueError(f"unknown (IA)³ target {unknown[0]!r}; valid targets are {', '.join(TARGETS)}")
     targets = [t for t in TARGETS if t in targets]
-    trainable = check_new_adapter(model, adapter_name, trainable)
+    trainable = check_new_adapter(model, trainable)
     layers = [(name, m, TARGETS[t][1]) for t in targets for name, m in layers_ending_with(model, (TARGETS[t][0],))]
-    if not layers:
-        raise ValueError(f"no layer of this {type(model).__name__} is named like {', '.join(TARGETS[t][0] for t in targets)}; is it a model.GPT?")
-    for name, layer, _ in layers:
-        if not isinstance(layer, (nn.Linear, IA3Linear)):
-            raise TypeError(f"{name} is a {type(layer).__name__}; (IA)³ rescales an nn.Linear (merge or remove LoRA first)")
-        if isinstance(layer, IA3Linear) and layer.merged_adapter is not None:
-            raise RuntimeError(f"{name} has a merged (IA)³ vector; its base weight has changed, so it cannot take another adapter")
-    config = dict(targets=targets)
+    wrong = [name for name, layer, _ in layers if not isinstance(layer, nn.Linear)]
+    if not layers or wrong:
+        raise ValueError(f"(IA)³ rescales the nn.Linear layers of a model.GPT; {wrong[0] if wrong else 'none'} is not")
+    wrappers = []
     for name, layer, scale_input in layers:
-        if not isinstance(layer, IA3Linear):
-            layer = IA3Linear(layer, scale_input)
-            replace_module(model, name, layer)
-        layer.add_adapter(adapter_name, config)
-    train_only(model, adapter_name, trainable)
-    return set_adapter(model, adapter_name)
+        wrappers.append(IA3Linear(layer, scale_input))
+        wrappers[-1].settings = dict(targets=targets)
+        replace_module(model, name, wrappers[-1])
+    train_only(model, wrappers, trainable)
+    return model
 
 
 def merge_ia3(model):
-    """Fold every active (IA)³ vector into its frozen weight: the model then costs what the base does at inference.
+    """Fold every (IA)³ vector into its frozen weight: the model then costs what the base does at inference.
     There is no unmerge (dividing by a learned scale near zero would lose the weight); merge a copy if needed."""
-    layers = [m for _, m in ia3_layers(model) if m.active_adapter is not None and m.merged_adapter is None]
+    layers = [m for _, m in ia3_layers(model) if not m.merged]
     if not layers:
-        raise ValueError("no active, unmerged (IA)³ adapter to merge")
+        raise ValueError("no unmerged (IA)³ adapter to merge")
     for layer in layers:
         layer.merge()
     return model

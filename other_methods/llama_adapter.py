@@ -35,79 +35,61 @@ import math
 import torch
 import torch.nn as nn
 
-from other_methods.adapters import NamedAdapterLayer, check_new_adapter, set_adapter, train_only
 from other_methods.prefix_tuning import find_gpt
+from support.adapters import check_new_adapter, train_only
 
 
-class AdaptionPrompt(NamedAdapterLayer):
-    """The adaption prompts of one attention layer, one set per named adapter: `prompt.<name>` (K, n_embd) and
-    `gate.<name>` (n_head,), zeros. Installed as `attn.adaption_prompt` by apply_llama_adapter; it wraps nothing
-    (its base is None): the attention calls it."""
+class AdaptionPrompt(nn.Module):
+    """The adaption prompts of one attention layer: `prompt` (K, n_embd) and `gate` (n_head,), zeros. Installed as
+    `attn.adaption_prompt` by apply_llama_adapter; it wraps nothing (its base is None, what the slot holds without
+    it): the attention calls it."""
 
     method = "llama_adapter"
+    base = None
 
-    def __init__(self, n_head, n_embd):
+    def __init__(self, n_head, n_embd, prompt_length, init_std, like):
+        """Prompts drawn from N(0, init_std^2) (the official code's nn.Embedding, i.e. N(0, 1), by default), gates at
+        zero; on the device and in the dtype of the tensor `like`."""
         super().__init__()
         self.n_head, self.n_embd = n_head, n_embd
-        self.prompt = nn.ParameterDict()
-        self.gate = nn.ParameterDict()
-
-    def add_adapter(self, name, config, like):
-        """A new adapter: prompts drawn from N(0, init_std^2) (the official code's nn.Embedding, i.e. N(0, 1), by
-        default), gates at zero; on the device and in the dtype of the tensor `like`."""
-        prompt = torch.randn(config["prompt_length"], self.n_embd) * config["init_std"]
-        self.prompt[name] = nn.Parameter(prompt.to(like.device, like.dtype))
-        self.gate[name] = nn.Parameter(torch.zeros(self.n_head, device=like.device, dtype=like.dtype))
-        self.config[name] = config
-
-    def adapter_tensors(self, name):
-        return {"prompt": self.prompt[name], "gate": self.gate[name]}
-
-    def remove_adapter(self, name):
-        del self.prompt[name]
-        del self.gate[name]
+        prompt = torch.randn(prompt_length, n_embd) * init_std
+        self.prompt = nn.Parameter(prompt.to(like.device, like.dtype))
+        self.gate = nn.Parameter(torch.zeros(n_head, device=like.device, dtype=like.dtype))
 
     def forward(self, q, attention):
         """q: (B, n_head, T, head_size), the layer's queries; attention: the model.CausalSelfAttention calling.
-        Returns g · softmax(q K_P^T / sqrt(head_size)) V_P, (B, n_head, T, head_size); zeros when no adapter is
-        active."""
-        name = self.active_adapter
-        if name is None:
-            return torch.zeros_like(q)
-        prompt, head_size = self.prompt[name], self.n_embd // self.n_head
+        Returns g · softmax(q K_P^T / sqrt(head_size)) V_P, (B, n_head, T, head_size)."""
+        head_size = self.n_embd // self.n_head
         # (K, n_embd) -> (n_head, K, head_size): the prompts' keys and values through the layer's frozen projections
-        keys = attention.k_proj(prompt).view(-1, self.n_head, head_size).transpose(0, 1)
-        values = attention.v_proj(prompt).view(-1, self.n_head, head_size).transpose(0, 1)
+        keys = attention.k_proj(self.prompt).view(-1, self.n_head, head_size).transpose(0, 1)
+        values = attention.v_proj(self.prompt).view(-1, self.n_head, head_size).transpose(0, 1)
         scores = q @ keys.transpose(-2, -1) / math.sqrt(head_size)  # (B, n_head, T, K)
         weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # a softmax of their own, over the K prompts only
-        return self.gate[name].view(1, -1, 1, 1) * (weights @ values)
+        return self.gate.view(1, -1, 1, 1) * (weights @ values)
 
 
-def apply_llama_adapter(model, prompt_length=10, start_layer=0, init_std=1.0, trainable=(), adapter_name="default"):
+def apply_llama_adapter(model, prompt_length=10, start_layer=0, init_std=1.0, trainable=()):
     """Give every attention layer from `start_layer` up (the paper's top L layers) prompt_length adaption prompts and a
-    zero gate per head, freeze everything else, make the new adapter active and return the model. The paper used the
-    top 30 of LLaMA-7B's 32 layers and K = 10; lit-gpt starts at layer 2. trainable: modules to keep trainable as
-    well, e.g. ("head",) for a classifier."""
+    zero gate per head, freeze everything else and return the model. The paper used the top 30 of LLaMA-7B's 32
+    layers and K = 10; lit-gpt starts at layer 2. trainable: modules to keep trainable as well, e.g. ("head",)."""
+    gpt = find_gpt(model)
+    n_layer = gpt.config.n_layer
     if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length <= 0:
         raise ValueError(f"prompt_length must be a positive integer (K, the prompts per layer), got {prompt_length!r}; "
                          f"the paper used 10")
     if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
         raise ValueError(f"init_std must be a positive number, got {init_std!r}")
-    gpt = find_gpt(model)
-    n_layer = gpt.config.n_layer
     if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < n_layer:
         raise ValueError(f"start_layer must be a layer index from 0 to {n_layer - 1} (this model has {n_layer} "
                          f"layers), got {start_layer!r}")
-    trainable = check_new_adapter(model, adapter_name, trainable)
-    config = dict(prompt_length=prompt_length, start_layer=start_layer, init_std=float(init_std))
+    trainable = check_new_adapter(model, trainable)
+    settings = dict(prompt_length=prompt_length, start_layer=start_layer, init_std=float(init_std))
     like = gpt.transformer.wte.weight  # the model's device and floating-point dtype (projections may be 4-bit)
     for block in gpt.transformer.h[start_layer:]:
-        attention = block.attn
-        if attention.adaption_prompt is None:
-            attention.adaption_prompt = AdaptionPrompt(gpt.config.n_head, gpt.config.n_embd)
-        attention.adaption_prompt.add_adapter(adapter_name, config, like)
-    train_only(model, adapter_name, trainable)
-    return set_adapter(model, adapter_name)
+        block.attn.adaption_prompt = AdaptionPrompt(gpt.config.n_head, gpt.config.n_embd, prompt_length, init_std, like)
+        block.attn.adaption_prompt.settings = settings
+    train_only(model, [block.attn.adaption_prompt for block in gpt.transformer.h[start_layer:]], trainable)
+    return model
 
 
 def llama_adapter_parameter_count(n_layer, n_head, n_embd, prompt_length=10, start_layer=0):

@@ -25,8 +25,8 @@ context are spent on the prefix.
 import torch
 import torch.nn as nn
 
-from other_methods.adapters import NamedAdapterLayer, check_new_adapter, set_adapter, train_only
 from model import GPT, KVCache
+from support.adapters import check_new_adapter, train_only
 
 
 class PrefixMLP(nn.Module):
@@ -43,47 +43,30 @@ class PrefixMLP(nn.Module):
         return self.mlp(self.embedding).view(self.shape)
 
 
-class PrefixTuning(NamedAdapterLayer):
-    """The learned prefixes of one GPT, one per named adapter; installed as `gpt.prefix` by apply_prefix_tuning.
-
-    Called by GPT.hidden_states with an empty KVCache, it appends the active adapter's keys and values to it.
-    A directly trained prefix is one tensor `prefix.<name>` of shape (P, n_layer, 2, n_embd): [i, l, 0] is virtual
-    token i's key at layer l, [i, l, 1] its value, each n_embd = n_head x head_size wide (heads side by side)."""
+class PrefixTuning(nn.Module):
+    """The learned prefix of one GPT, installed as `gpt.prefix` by apply_prefix_tuning (it wraps nothing: its base
+    is None, what gpt.prefix is without it). Called by GPT.hidden_states with an empty KVCache, it appends the
+    prefix's keys and values to it. A directly trained prefix is one tensor `prefix` of shape (P, n_layer, 2, n_embd):
+    [i, l, 0] is virtual token i's key at layer l, [i, l, 1] its value, each n_embd = n_head x head_size wide."""
 
     method = "prefix"
+    base = None
 
-    def __init__(self, config):
+    def __init__(self, config, num_virtual_tokens, initial_prefix=None, hidden_size=0):
         super().__init__()
         self.n_layer, self.n_head, self.n_embd = config.n_layer, config.n_head, config.n_embd
-        self.prefix = nn.ParameterDict()  # adapters trained directly
-        self.reparameterization = nn.ModuleDict()  # adapters trained through PrefixMLP
+        self.num_virtual_tokens = num_virtual_tokens
+        self.prefix = nn.Parameter(initial_prefix) if initial_prefix is not None else None
+        self.reparameterization = None
+        if initial_prefix is None:  # trained through PrefixMLP
+            self.reparameterization = PrefixMLP(num_virtual_tokens, self.n_layer, self.n_embd, hidden_size)
 
-    def add_adapter(self, name, config, initial_prefix=None):
-        if config["reparameterize"]:
-            self.reparameterization[name] = PrefixMLP(config["num_virtual_tokens"], self.n_layer, self.n_embd, config["hidden_size"])
-        else:
-            self.prefix[name] = nn.Parameter(initial_prefix)
-        self.config[name] = config
-
-    def adapter_tensors(self, name):
-        if name in self.prefix:
-            return {"prefix": self.prefix[name]}
-        return {f"reparameterization.{k}": p for k, p in self.reparameterization[name].named_parameters()}
-
-    def remove_adapter(self, name):
-        del (self.prefix if name in self.prefix else self.reparameterization)[name]
-
-    def prefix_keys_values(self, name):
-        """(P, n_layer, 2, n_embd) keys and values of adapter `name`."""
-        return self.prefix[name] if name in self.prefix else self.reparameterization[name]()
-
-    def num_virtual_tokens(self):
-        return 0 if self.active_adapter is None else self.config[self.active_adapter]["num_virtual_tokens"]
+    def prefix_keys_values(self):
+        """(P, n_layer, 2, n_embd) keys and values."""
+        return self.prefix if self.prefix is not None else self.reparameterization()
 
     def forward(self, batch_size, kv_cache):
-        if self.active_adapter is None:
-            return kv_cache
-        kv = self.prefix_keys_values(self.active_adapter)
+        kv = self.prefix_keys_values()
         P, head_size = kv.size(0), self.n_embd // self.n_head
         # (P, L, 2, n_head, head_size) -> (L, 2, n_head, P, head_size): the (B, n_head, T, head_size) layout of the cache
         kv = kv.view(P, self.n_layer, 2, self.n_head, head_size).permute(1, 2, 3, 0, 4)
@@ -94,14 +77,13 @@ class PrefixTuning(NamedAdapterLayer):
         return kv_cache
 
     @torch.no_grad()
-    def bake_prefix(self, name):
-        """Replace adapter `name`'s MLP by the prefix it produces (§4.3: after training only the prefix is kept)."""
-        if name not in self.reparameterization:
-            raise ValueError(f"adapter {name!r} has no reparameterisation MLP to bake")
-        prefix = self.reparameterization[name]().detach().clone()
-        del self.reparameterization[name]
-        self.prefix[name] = nn.Parameter(prefix)
-        self.config[name] = {**self.config[name], "reparameterize": False, "hidden_size": 0}
+    def bake_prefix(self):
+        """Replace the MLP by the prefix it produces (§4.3: after training only the prefix is kept)."""
+        if self.reparameterization is None:
+            raise ValueError("this prefix has no reparameterisation MLP to bake")
+        self.prefix = nn.Parameter(self.reparameterization().detach().clone())
+        self.reparameterization = None
+        self.settings = {**self.settings, "reparameterize": False, "hidden_size": 0}
 
 
 def find_gpt(model):
@@ -129,22 +111,21 @@ def activations_of_tokens(gpt, token_ids):
 
 
 def apply_prefix_tuning(model, num_virtual_tokens=10, reparameterize=False, hidden_size=512, init_token_ids=None,
-                        trainable=(), adapter_name="default"):
+                        trainable=()):
     """Give the model's GPT a trainable prefix of num_virtual_tokens keys and values per layer, freeze everything
-    else, make it the active adapter, and return the model.
+    else, and return the model.
 
     reparameterize: train it through PrefixMLP with `hidden_size` hidden units (§4.3), else train it directly.
     init_token_ids: a direct prefix starts as the frozen model's keys and values for these P token ids (§7.2);
     None draws P token ids at random from the vocabulary (torch's global generator). trainable: modules to keep
     trainable too, e.g. ("head",)."""
-    if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens <= 0:
-        raise ValueError(f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}; Li & Liang used 10 to 200")
-    if reparameterize and (isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0):
-        raise ValueError(f"hidden_size of the reparameterisation MLP must be a positive integer, got {hidden_size!r}")
-    trainable = check_new_adapter(model, adapter_name, trainable)
     gpt = find_gpt(model)
+    for name, value in (("num_virtual_tokens", num_virtual_tokens), ("hidden_size", hidden_size if reparameterize else 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}; Li & Liang used 10 to 200 tokens")
     if num_virtual_tokens >= gpt.config.block_size:
         raise ValueError(f"{num_virtual_tokens} virtual tokens leave no room in a block_size of {gpt.config.block_size}; use fewer")
+    trainable = check_new_adapter(model, trainable)
     initial_prefix = None
     if not reparameterize:
         if init_token_ids is None:
@@ -153,16 +134,12 @@ def apply_prefix_tuning(model, num_virtual_tokens=10, reparameterize=False, hidd
         if len(init_token_ids) != num_virtual_tokens:
             raise ValueError(f"init_token_ids has {len(init_token_ids)} ids for {num_virtual_tokens} virtual tokens; give one per token")
         initial_prefix = activations_of_tokens(gpt, init_token_ids).clone()
-    if gpt.prefix is None:
-        weight = gpt.transformer.wte.weight
-        gpt.prefix = PrefixTuning(gpt.config).to(weight.device, weight.dtype)
-    config = dict(num_virtual_tokens=num_virtual_tokens, reparameterize=reparameterize, hidden_size=hidden_size if reparameterize else 0)
-    gpt.prefix.add_adapter(adapter_name, config, initial_prefix)
-    if reparameterize:  # a fresh PrefixMLP is built on the CPU in fp32: move it beside the model
-        weight = gpt.transformer.wte.weight
-        gpt.prefix.reparameterization[adapter_name].to(weight.device, weight.dtype)
-    train_only(model, adapter_name, trainable)
-    return set_adapter(model, adapter_name)
+    weight = gpt.transformer.wte.weight
+    hidden_size = hidden_size if reparameterize else 0
+    gpt.prefix = PrefixTuning(gpt.config, num_virtual_tokens, initial_prefix, hidden_size).to(weight.device, weight.dtype)
+    gpt.prefix.settings = dict(num_virtual_tokens=num_virtual_tokens, reparameterize=reparameterize, hidden_size=hidden_size)
+    train_only(model, [gpt.prefix], trainable)
+    return model
 
 
 def prefix_parameter_count(num_virtual_tokens, n_layer, n_embd, reparameterize=False, hidden_size=512):

@@ -67,15 +67,15 @@ def loftq_start(weight, rank, scaling, iterations=5, quant_type="nf4", block_siz
     return q, A, B
 
 
-def start_error(weight, layer, adapter_name="default"):
+def start_error(weight, layer):
     """||W - (dequant(Q) + s·BA)||_F of a lora.LoRALinear on a 4-bit base against the dense weight W it stands for."""
     with torch.no_grad():
-        approximation = dense_weight(layer.base).float() + layer.delta_weight(adapter_name).float()
+        approximation = dense_weight(layer.base).float() + layer.delta_weight().float()
         return torch.linalg.norm(weight.float() - approximation).item()
 
 
 def apply_qlora(model, rank=8, alpha=16, targets=("q", "v"), init="loftq", iterations=5, quant_type="nf4",
-                block_size=64, double_quant=True, trainable=(), adapter_name="default"):
+                block_size=64, double_quant=True, trainable=()):
     """QLoRA on a dense model (a model.GPT, or a model holding one): every linear layer quantized as
     quantize.quantize_model does (the tied output layer and `trainable` ones stay as they are), LoRA on `targets`,
     and each target started as `init` says: 'zeros' (plain QLoRA: Q(W), B = 0), 'pissa' or 'loftq'. Returns
@@ -102,11 +102,11 @@ def apply_qlora(model, rank=8, alpha=16, targets=("q", "v"), init="loftq", itera
             q, A, B = quantize_4bit(weight, quant_type, block_size, double_quant), None, None
         replace_module(model, name, Linear4bit(q, linear.bias).requires_grad_(False))
         starts[name] = (A, B)
-    apply_lora(model, rank, alpha, targets, trainable=trainable, adapter_name=adapter_name)
+    apply_lora(model, rank, alpha, targets, trainable=trainable)
     with torch.no_grad():
         for name, layer in lora_layers(model):
             A, B = starts.get(name, (None, None))
             if A is not None:
-                layer.lora_A[adapter_name].copy_(A)
-                layer.lora_B[adapter_name].copy_(B)
+                layer.lora_A.weight.copy_(A)
+                layer.lora_B.weight.copy_(B)
     return model, dense

@@ -23,7 +23,7 @@ import os
 import torch
 
 from model import GPT, PRETRAINED, GPTConfig
-from support.adapter_files import read_adapter_config
+from support.adapters import read_adapter_config
 from support.common import REPO_DIR, download_file, run_script, shown_path, user_cache_dir
 from support.safety import UserError, check_tensors_match, first_line, load_tensor_file, read_json
 
@@ -218,13 +218,13 @@ def load_finetuned(adapter_dir, init_from, device):
     the one the adapter was trained on: its fingerprint (weights_sha256) and tokenizer are compared with those the
     adapter recorded, and a base that is missing is an error (never pretrained here). A QLoRA adapter learned to
     correct a 4-bit base, so the base is quantized again (deterministically: the same codes as in training)."""
-    from lora import load_adapter
+    from support.adapters import load_adapter
 
     config = read_adapter_config(adapter_dir)
     trained_on = config["metadata"]  # written by train.save_checkpoint: run_id, init_from, finetune, step, base_sha256
     if not {"run_id", "init_from", "finetune"} <= set(trained_on):
         raise UserError(f"{adapter_dir}/adapter_config.json does not say which base it was trained on (no run_id, init_from and "
-                        f"finetune in its metadata): it was not saved by train.py; load it with lora.load_adapter")
+                        f"finetune in its metadata): it was not saved by train.py; load it with support.adapters.load_adapter")
     for key in ("run_id", "init_from", "finetune", "base_sha256", "tokenizer"):
         if key in trained_on and not isinstance(trained_on[key], str):
             raise UserError(f"{adapter_dir}/adapter_config.json: metadata {key!r} is {json.dumps(trained_on[key])}, but must be a string")

@@ -12,7 +12,7 @@ import torch
 
 import lora
 from quantize import quantize_model
-from support.adapter_files import ADAPTER_WEIGHTS
+from support.adapters import ADAPTER_WEIGHTS, load_adapter, save_adapter
 from support.checkpoints import load_base_model
 from support.common import save_atomic, write_json_atomic
 from support.safety import UserError, file_sha256, load_tensor_file, read_json
@@ -35,7 +35,7 @@ def save_trained(model, cfg, tokenizer_name, max_length, fingerprint, run_id=Non
     info = {"mode": cfg.mode, "init_from": init_from, "tokenizer": tokenizer_name, "labels": list(LABELS), "max_length": max_length,
             "base_fingerprint": fingerprint, "run_id": run_id}
     if cfg.mode in ("lora", "qlora"):
-        weights_path = lora.save_adapter(model, os.path.join(cfg.out_dir, "adapter"), metadata={"run_id": run_id})
+        weights_path = save_adapter(model, os.path.join(cfg.out_dir, "adapter"), metadata={"run_id": run_id})
     else:
         weights_path = os.path.join(cfg.out_dir, "classifier.pt")
         save_atomic({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, weights_path)
@@ -74,7 +74,7 @@ def load_classifier(out_dir, device="cpu"):
         model = GPTClassifier(gpt).to(device)
         if info["mode"] == "qlora":
             quantize_model(model, skip=("head",))
-        lora.load_adapter(model, os.path.join(out_dir, "adapter"))  # adds the adapters and fills in A, B and the head
+        load_adapter(model, os.path.join(out_dir, "adapter"))  # adds the adapters and fills in A, B and the head
     else:
         model = build_classifier(gpt, info["mode"])
         trained = load_tensor_file(weights_path, what="classifier weights file", fix="train the classifier again")

@@ -70,7 +70,8 @@ def check_values(cfg):
 def check_lora_scaling(cfg):
     """alpha / r (rsLoRA: alpha / sqrt(r)) within what lora.load_adapter accepts: an adapter is never trained that
     could not be loaded again."""
-    from support.adapter_files import MAX_LORA_SCALING, lora_scaling
+    from lora import lora_scaling
+    from support.adapters import MAX_LORA_SCALING
 
     alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank  # 0: the default, 2 x rank
     scaling = lora_scaling(alpha, cfg.lora_rank, getattr(cfg, "use_rslora", False))

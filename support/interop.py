@@ -41,9 +41,9 @@ import torch
 
 import torch.nn as nn
 
-from lora import LoRALinear, active_adapter_name, apply_lora, dense_weight
-from support.adapter_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_LORA_SCALING, adapter_config, lora_scaling,
-                                   read_adapter_weights)
+from lora import DoRALinear, LoRALinear, dense_weight, lora_scaling
+from support.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_LORA_SCALING, active_adapter, add_adapter,
+                              adapter_named, kept_trainable_parameters, read_adapter_weights)
 from support.common import save_safetensors_atomic, sync_directory, write_bytes_atomic, write_json_atomic
 from support.safety import LOCK_FILE, UserError, lock_out_dir, process_is_alive, read_json, read_saved_pair
 
@@ -184,13 +184,16 @@ def export_peft(model, directory, base_model_name_or_path=None, adapter_name=Non
 
     Errors: an adapter with kept-trainable parameters besides LoRA (a classification head: GPT2LMHeadModel has no
     place for it), a model without biases or with smeared keys (not a GPT-2). Returns the weights file's path."""
-    name = adapter_name or active_adapter_name(model)
+    name = adapter_name or active_adapter(model)
     if base_model is not None:
         base_model_name_or_path = os.path.join(os.path.abspath(directory), "base")
-    config = adapter_config(model, name)  # raises for layers that are not one of apply_lora's targets
-    if config["trainable"]:
+    wrappers = dict(adapter_named(model, name))  # layer name -> its LoRALinear, whether the adapter is active or aside
+    config, kept = next(iter(wrappers.values())).settings, sorted(kept_trainable_parameters(model))
+    if any(not isinstance(w, LoRALinear) for w in wrappers.values()):
+        raise ValueError(f"adapter {name!r} is not a LoRA adapter; PEFT export writes LoRA adapters")
+    if kept:
         raise ValueError(
-            f"adapter {name!r} also trains {config['trainable'][0]!r} (apply_lora(trainable=...)), which PEFT's GPT2LMHeadModel "
+            f"adapter {name!r} also trains {kept[0]!r} (apply_lora(trainable=...)), which PEFT's GPT2LMHeadModel "
             "adapter cannot hold; export a LoRA-only adapter, or save the whole model with interop.save_hf_checkpoint after merging"
         )
     if not model.config.bias:
@@ -203,25 +206,25 @@ def export_peft(model, directory, base_model_name_or_path=None, adapter_name=Non
     n_embd = model.config.n_embd
     tensors = {}
     for i, block in enumerate(model.transformer.h):
-        modules = {"q": block.attn.q_proj, "k": block.attn.k_proj, "v": block.attn.v_proj, "o": block.attn.o_proj,
-                   "mlp_in": block.mlp.fc_in, "mlp_out": block.mlp.fc_out}
+        modules = {t: wrappers.get(f"transformer.h.{i}.{s}") or model.get_submodule(f"transformer.h.{i}.{s}")
+                   for t, s in OUR_SUFFIX.items()}
         prefix = f"{PEFT_PREFIX}{i}."
         if fused:
-            ref = modules[fused[0]].lora_A[name]
-            A = torch.cat([modules[t].lora_A[name] for t in fused], dim=0)
+            ref = modules[fused[0]].lora_A.weight
+            A = torch.cat([modules[t].lora_A.weight for t in fused], dim=0)
             B = ref.new_zeros(3 * n_embd, len(fused) * rank)
             for j, t in enumerate(fused):
                 rows = slice(QKV_SLOT[t] * n_embd, (QKV_SLOT[t] + 1) * n_embd)
-                B[rows, j * rank : (j + 1) * rank] = modules[t].lora_B[name]
+                B[rows, j * rank : (j + 1) * rank] = modules[t].lora_B.weight
             tensors[prefix + "attn.c_attn.lora_A.weight"], tensors[prefix + "attn.c_attn.lora_B.weight"] = A, B
             if use_dora:
-                tensors[prefix + "attn.c_attn.lora_magnitude_vector"] = torch.cat([dora_magnitude(modules[t], name) for t in ("q", "k", "v")])
+                tensors[prefix + "attn.c_attn.lora_magnitude_vector"] = torch.cat([dora_magnitude(modules[t]) for t in ("q", "k", "v")])
         for t, hf in HF_MODULE.items():
             if t in config["targets"]:
                 layer = modules[t]
-                tensors[prefix + hf + ".lora_A.weight"], tensors[prefix + hf + ".lora_B.weight"] = layer.lora_A[name], layer.lora_B[name]
+                tensors[prefix + hf + ".lora_A.weight"], tensors[prefix + hf + ".lora_B.weight"] = layer.lora_A.weight, layer.lora_B.weight
                 if use_dora:
-                    tensors[prefix + hf + ".lora_magnitude_vector"] = layer.lora_magnitude[name]
+                    tensors[prefix + hf + ".lora_magnitude_vector"] = layer.lora_magnitude
     target_modules = (["attn.c_attn"] if fused else []) + [HF_MODULE[t] for t in HF_MODULE if t in config["targets"]]
     rank_pattern, alpha_pattern = {}, {}
     if len(fused) > 1:
@@ -246,11 +249,11 @@ def export_peft(model, directory, base_model_name_or_path=None, adapter_name=Non
     return os.path.join(os.path.abspath(directory), ADAPTER_WEIGHTS)
 
 
-def dora_magnitude(layer, name):
+def dora_magnitude(layer):
     """DoRA's m of a (possibly un-adapted) q/k/v projection: the trained m, or the row norms of W0 where the
     projection has no adapter (m / ||W0|| = 1 leaves it unchanged)."""
-    if isinstance(layer, LoRALinear) and name in layer.lora_magnitude:
-        return layer.lora_magnitude[name]
+    if isinstance(layer, DoRALinear):
+        return layer.lora_magnitude
     base = layer.base if isinstance(layer, LoRALinear) else layer
     return torch.linalg.norm(dense_weight(base).float(), dim=1)
 
@@ -380,8 +383,8 @@ def import_peft(model, directory, adapter_name="default"):
             raise UserError(f"{directory}: block {layer} {module}'s lora_alpha and rank scale its update by {theirs:g}, beyond any "
                             f"adapter trained here (at most {MAX_LORA_SCALING:g}); the file is damaged or was edited")
     targets = [t for module in hf_modules for t in OUR_TARGETS[module]]
-    apply_lora(model, rank=rank, alpha=alpha, targets=targets, dropout=config.get("lora_dropout", 0.0), use_rslora=use_rslora,
-               use_dora=use_dora, adapter_name=adapter_name)
+    add_adapter(model, adapter_name, "lora", rank=rank, alpha=alpha, targets=targets,
+                dropout=config.get("lora_dropout", 0.0), use_rslora=use_rslora, use_dora=use_dora)
     alpha_pattern = config.get("alpha_pattern") or {}
     with torch.no_grad():
         for (layer, module), parts in modules.items():
@@ -394,10 +397,10 @@ def import_peft(model, directory, adapter_name="default"):
             for t in OUR_TARGETS[module]:
                 target = model.get_submodule(f"transformer.h.{layer}.{OUR_SUFFIX[t]}")
                 rows = slice(QKV_SLOT[t] * n_embd, (QKV_SLOT[t] + 1) * n_embd) if module == "attn.c_attn" else slice(None)
-                target.lora_A[adapter_name].zero_()[:r].copy_(A)
-                target.lora_B[adapter_name].zero_()[:, :r].copy_(B[rows])
+                target.lora_A.weight.zero_()[:r].copy_(A)
+                target.lora_B.weight.zero_()[:, :r].copy_(B[rows])
                 if use_dora:
-                    target.lora_magnitude[adapter_name].copy_(parts["lora_magnitude_vector"][rows])
+                    target.lora_magnitude.copy_(parts["lora_magnitude_vector"][rows])
     return model
 
 

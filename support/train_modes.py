@@ -5,7 +5,7 @@ and, with --adapter, the adapter of a LoRA run; write a run in Hugging Face's fo
 
 import os
 
-from support.adapter_files import read_adapter_config
+from support.adapters import read_adapter_config
 from support.checkpoints import TINY_BASE_DIR, load_base_model, load_finetuned
 from model import PRETRAINED
 from support.common import pick_device, user_cache_dir, write_json_atomic

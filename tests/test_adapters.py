@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from other_methods.adapters import (AdapterLayerNorm, AdapterLinear, adapter_names, apply_adapters, bottleneck_parameter_count, delete_adapter,
-                      disable_adapters, load_adapter, save_adapter, set_adapter)
+from other_methods.adapters import AdapterLayerNorm, AdapterLinear, apply_adapters, bottleneck_parameter_count
+from support.adapters import (add_adapter, adapter_names, delete_adapter, disable_adapters, load_adapter, save_adapter,
+                              set_adapter)
 from model import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from other_methods.adapters import adapter_names, load_adapter, save_adapter, set_adapter
+from support.adapters import (add_adapter, adapter_names, delete_adapter, disable_adapters, load_adapter, save_adapter,
+                              set_adapter)
 from other_methods.ia3 import IA3Linear, apply_ia3, ia3_parameter_count, merge_ia3
 from model import GPT, GPTConfig, hf_to_ours
 from support.checkpoints import load_weights

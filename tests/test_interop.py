@@ -7,7 +7,8 @@ import torch
 
 from conftest import randomize_weights
 from support.interop import export_merged_hf, export_peft, import_peft, save_hf_checkpoint
-from lora import apply_lora, load_adapter, save_adapter
+from lora import apply_lora
+from support.adapters import load_adapter, save_adapter
 from model import GPT, GPTConfig
 from quantize import quantize_model
 
@@ -135,7 +136,7 @@ def test_qlora_adapter_merged_export_gives_the_same_logits(tmp_path):
     with torch.no_grad():
         merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()(tokens()).logits
     assert (ours - merged).abs().max().item() <= 5e-5 and torch.equal(our_logits(model), ours)
-    from lora import disable_adapters
+    from support.adapters import disable_adapters
 
     disable_adapters(model)
     export_merged_hf(model, tmp_path / "base")  # the dequantized base alone: the adapter is what separates the two

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 import lora
 from model import GPT, GPTConfig, hf_to_ours
-from other_methods.adapters import (adapter_names, apply_adapters, delete_adapter, disable_adapters, load_adapter,
-                                    save_adapter, set_adapter)
+from other_methods.adapters import apply_adapters
+from support.adapters import (add_adapter, adapter_names, delete_adapter, disable_adapters, load_adapter, save_adapter,
+                              set_adapter)
 from other_methods.llama_adapter import AdaptionPrompt, apply_llama_adapter, llama_adapter_parameter_count
 from support.checkpoints import load_weights
 

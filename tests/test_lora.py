@@ -9,21 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import (
-    LoRALinear,
-    adapter_size_report,
-    apply_lora,
-    delete_adapter,
-    disable_adapters,
-    load_adapter,
-    lora_param_groups,
-    merge_lora,
-    save_adapter,
-    set_adapter,
-    unmerge_lora,
-)
+from lora import DoRALinear, LoRALinear, apply_lora, lora_param_groups, merge_lora, unmerge_lora
 from model import GPT, GPTConfig, count_parameters
 from quantize import Linear4bit
+from support.adapters import (active_adapter, adapter_names, adapter_size_report, add_adapter, delete_adapter,
+                              disable_adapters, load_adapter, save_adapter, set_adapter)
 
 TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -80,19 +70,19 @@ def test_layer_matches_peft(use_rslora, use_dora, dropout, training, bias, devic
     if bias:
         nn.init.normal_(base.bias)
     rank, alpha = 6, 12
-    ours = LoRALinear(copy.deepcopy(base), rank, alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
+    ours = (DoRALinear if use_dora else LoRALinear)(copy.deepcopy(base), rank, alpha, dropout, use_rslora).to(device)
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"], lora_dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
     theirs = peft.get_peft_model(OneLayer(copy.deepcopy(base)), config).base_model.model.proj
-    assert ours.scaling["default"] == theirs.scaling["default"]
+    assert ours.scaling == theirs.scaling["default"]
     with torch.no_grad():
         A, B = 0.1 * torch.randn(rank, 48, device=device), 0.1 * torch.randn(40, rank, device=device)
-        ours.lora_A["default"].copy_(A), theirs.lora_A["default"].weight.copy_(A)
-        ours.lora_B["default"].copy_(B), theirs.lora_B["default"].weight.copy_(B)
+        ours.lora_A.weight.copy_(A), theirs.lora_A["default"].weight.copy_(A)
+        ours.lora_B.weight.copy_(B), theirs.lora_B["default"].weight.copy_(B)
         if use_dora:  # both start m at the same row norms of W0; then move m off them
             m = theirs.lora_magnitude_vector["default"].weight
-            torch.testing.assert_close(ours.lora_magnitude["default"], m, rtol=0, atol=1e-6)
+            torch.testing.assert_close(ours.lora_magnitude, m, rtol=0, atol=1e-6)
             m.mul_(1 + 0.1 * torch.randn_like(m))
-            ours.lora_magnitude["default"].copy_(m)
+            ours.lora_magnitude.copy_(m)
     ours.train(training), theirs.train(training)
     x = torch.randn(3, 5, 48, device=device)
     torch.manual_seed(1)  # the same dropout mask for both
@@ -103,10 +93,10 @@ def test_layer_matches_peft(use_rslora, use_dora, dropout, training, bias, devic
     assert not torch.allclose(y_ours, base(x), atol=1e-3)  # the adapter did something
     y_ours.square().mean().backward()
     y_theirs.square().mean().backward()
-    torch.testing.assert_close(ours.lora_A["default"].grad, theirs.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(ours.lora_B["default"].grad, theirs.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.lora_A.weight.grad, theirs.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.lora_B.weight.grad, theirs.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
     if use_dora:
-        torch.testing.assert_close(ours.lora_magnitude["default"].grad, theirs.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ours.lora_magnitude.grad, theirs.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-6)
     assert base.weight.grad is None and ours.base.weight.grad is None  # W0 stays frozen
 
 
@@ -114,15 +104,15 @@ def test_layer_init_and_formula():
     torch.manual_seed(0)
     base = nn.Linear(20, 30)
     layer = LoRALinear(base, rank=4, alpha=8)
-    A, B = layer.lora_A["default"], layer.lora_B["default"]
-    assert A.shape == (4, 20) and B.shape == (30, 4) and layer.scaling["default"] == 2.0
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    assert A.shape == (4, 20) and B.shape == (30, 4) and layer.scaling == 2.0
     assert torch.all(B == 0) and A.abs().max() <= 1 / math.sqrt(20)  # kaiming_uniform(a=sqrt(5)) bound
     assert not base.weight.requires_grad and A.requires_grad and B.requires_grad
     with torch.no_grad():
         B.normal_()
     x = torch.randn(7, 20)
     torch.testing.assert_close(layer(x), x @ (base.weight + 2.0 * B @ A).T + base.bias)
-    assert LoRALinear(nn.Linear(20, 30), rank=4, alpha=8, use_rslora=True).scaling["default"] == 4.0
+    assert LoRALinear(nn.Linear(20, 30), rank=4, alpha=8, use_rslora=True).scaling == 4.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,16 +220,18 @@ def test_merge_matches_unmerged(kwargs):
     assert (fresh(idx)[0] - unmerged).abs().max().item() <= 1e-5
 
 
-def test_merge_errors():
-    model = apply_lora(tiny_gpt(), rank=2)
-    with pytest.raises(ValueError, match="nothing to unmerge"):
-        unmerge_lora(model)
+def test_a_merged_adapter_is_not_switched_away():
+    """While merged, the base weights hold W0 + ΔW: putting the adapter aside would leave a changed base behind."""
+    model, idx = apply_lora(tiny_gpt(), rank=2), tokens()
+    randomize_lora(model)
+    adapted = model(idx)[0]
     merge_lora(model)
-    with pytest.raises(RuntimeError, match="unmerge_lora"):
-        set_adapter(model, "default")
+    for switch in (disable_adapters, lambda m: add_adapter(m, "b", rank=2)):
+        with pytest.raises(RuntimeError, match="unmerge_lora"):
+            switch(model)
     disable_adapters(unmerge_lora(model))
-    with pytest.raises(ValueError, match="no active"):
-        merge_lora(model)
+    set_adapter(model, "default")
+    torch.testing.assert_close(model(idx)[0], adapted)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -247,8 +239,9 @@ def test_quantized_base_uses_dequantize_and_refuses_merge(use_dora):
     """On a 4-bit base, LoRA computes what it computes on the dequantized weight, and refuses to merge into 4 bits."""
     torch.manual_seed(0)
     quantized = Linear4bit.from_linear(nn.Linear(64, 16))
-    dense = LoRALinear(quantized.to_linear(), 4, 8, use_dora=use_dora)  # the same weights, dequantized once
-    quant = LoRALinear(quantized, 4, 8, use_dora=use_dora)
+    layer = DoRALinear if use_dora else LoRALinear
+    dense = layer(quantized.to_linear(), 4, 8)  # the same weights, dequantized once
+    quant = layer(quantized, 4, 8)
     randomize_lora(dense)
     quant.load_state_dict({k: v for k, v in dense.state_dict().items() if "lora_" in k}, strict=False)  # the same adapter
     x = torch.randn(5, 64)
@@ -257,7 +250,7 @@ def test_quantized_base_uses_dequantize_and_refuses_merge(use_dora):
     model.add_module("proj", quant)
     with pytest.raises(TypeError, match="merge_lora_into_dequantized"):
         merge_lora(model)
-    assert quant.merged_adapter is None
+    assert not quant.merged
 
 
 def test_real_linear4bit():
@@ -332,38 +325,44 @@ def test_load_adapter_errors(tmp_path):
     with pytest.raises(ValueError, match="another adapter_name"):
         load_adapter(other, tmp_path / "a")
     load_adapter(other, tmp_path / "a", adapter_name="second")  # fine under a new name
-    assert other.transformer.h[0].attn.q_proj.active_adapter == "second"
+    assert active_adapter(other) == "second" and adapter_names(other) == ["default", "second"]
 
 
 def test_switching_adapters(tmp_path):
     model, idx = tiny_gpt(), tokens()
     base, _ = model(idx)
-    apply_lora(model, rank=4, alpha=8, adapter_name="a")
+    add_adapter(model, "a", rank=4, alpha=8)
     randomize_lora(model, seed=10)
-    apply_lora(model, rank=2, alpha=4, targets=("k", "mlp_in"), adapter_name="b")
-    randomize_lora(model, seed=11)  # also moves a's weights: fine, both are just nonzero
+    a_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    add_adapter(model, "b", "lora", rank=2, alpha=4, targets=("k", "mlp_in"))
+    randomize_lora(model, seed=11)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.endswith(".b") for n in trainable)  # only the newest adapter trains
+    assert trainable and all(".k_proj.lora_" in n or ".fc_in.lora_" in n for n in trainable)  # only b is in the model
     out_b, _ = model(idx)
     set_adapter(model, "a")
     out_a, _ = model(idx)
+    assert all(torch.equal(p, a_weights[n]) for n, p in model.named_parameters() if "lora_" in n)  # b left a alone
+    assert not any(p.requires_grad for p in model.parameters())  # the adapters aside were frozen when b was added
     assert not torch.allclose(out_a, out_b, atol=1e-4) and not torch.allclose(out_a, base, atol=1e-4)
-    assert model.transformer.h[0].attn.k_proj.active_adapter is None  # b's layers, not covered by a
+    assert isinstance(model.transformer.h[0].attn.k_proj, nn.Linear)  # b's layers, not covered by a: their bases
     disable_adapters(model)
-    assert torch.equal(model(idx)[0], base)
+    assert torch.equal(model(idx)[0], base) and not any(isinstance(m, LoRALinear) for m in model.modules())
     set_adapter(model, "b")
     assert torch.equal(model(idx)[0], out_b)
     save_adapter(model, tmp_path / "b")  # the active one
+    save_adapter(model, tmp_path / "a", adapter_name="a")  # one aside
     with pytest.raises(ValueError, match="no adapter named 'c'.*'a', 'b'"):
         set_adapter(model, "c")
     delete_adapter(model, "b")
     set_adapter(model, "a")
     assert torch.equal(model(idx)[0], out_a)
     delete_adapter(model, "a")
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert not any(isinstance(m, LoRALinear) for m in model.modules()) and adapter_names(model) == []
     assert torch.equal(model(idx)[0], base)
     load_adapter(model, tmp_path / "b")
     assert torch.equal(model(idx)[0], out_b)
+    load_adapter(model, tmp_path / "a")
+    assert torch.equal(model(idx)[0], out_a) and adapter_names(model) == ["b", "a"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -381,8 +380,6 @@ def test_rank_larger_than_layer_allows():
     with pytest.raises(ValueError, match=r"min\(in, out\) = 32"):
         apply_lora(model, rank=33)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # nothing changed
-    with pytest.raises(ValueError, match=r"min\(in, out\) = 3$"):
-        LoRALinear(nn.Linear(3, 100), rank=4, alpha=8)
 
 
 def test_unknown_target_lists_valid_ones():
@@ -396,10 +393,9 @@ def test_applying_lora_twice():
     model = apply_lora(tiny_gpt(), rank=2)
     with pytest.raises(ValueError, match="twice"):
         apply_lora(model, rank=2)
-    with pytest.raises(TypeError, match="already has LoRA"):
-        LoRALinear(model.transformer.h[0].attn.q_proj, rank=2, alpha=4)
-    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
-        model.transformer.h[0].attn.q_proj.add_adapter("default", 2, 4)
+    with pytest.raises(ValueError, match="new, non-empty string.*'default'"):
+        add_adapter(model, "default", rank=2)
+    assert adapter_names(model) == ["default"] and active_adapter(model) == "default"  # the failed add changed nothing
 
 
 def test_bad_hyperparameters():
@@ -407,10 +403,8 @@ def test_bad_hyperparameters():
         apply_lora(tiny_gpt(), alpha=0)
     with pytest.raises(ValueError, match="dropout"):
         apply_lora(tiny_gpt(), dropout=1.0)
-    with pytest.raises(ValueError, match="adapter name"):
-        apply_lora(tiny_gpt(), adapter_name="a.b")
-    with pytest.raises(TypeError, match="nn.Linear"):
-        LoRALinear(nn.Conv1d(3, 3, 1), rank=1, alpha=1)
+    with pytest.raises(ValueError, match="without '.'"):
+        add_adapter(tiny_gpt(), "a.b", rank=2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -426,5 +420,3 @@ def test_non_finite_hyperparameters_are_refused():
     for alpha in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="alpha must be a positive number"):
             apply_lora(tiny_gpt(), alpha=alpha)
-    with pytest.raises(ValueError, match="loraplus_lr_ratio must be positive"):
-        lora_param_groups(apply_lora(tiny_gpt()), lr=1e-3, loraplus_lr_ratio=float("nan"))

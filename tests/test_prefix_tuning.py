@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from other_methods.adapters import adapter_names, delete_adapter, disable_adapters, load_adapter, save_adapter, set_adapter
+from support.adapters import (add_adapter, adapter_names, delete_adapter, disable_adapters, load_adapter, save_adapter,
+                              set_adapter)
 from model import GPT, GPTConfig, KVCache, hf_to_ours
 from other_methods.prefix_tuning import PrefixTuning, activations_of_tokens, apply_prefix_tuning, prefix_parameter_count
 from support.checkpoints import load_weights
