@@ -247,7 +247,7 @@ def read_adapter_config(directory):
                             f"not written by save_adapter, or was edited")
         if not valid(value):
             raise UserError(f"{path}: {key!r} is {json.dumps(value)}, but must be {description}")
-    if config["method"] == "lora":
+    if config["method"] == "lora" and settings["rank"] > 0:  # a rank out of range is apply_lora's to name
         alpha, rank = settings["alpha"], settings["rank"]
         scaling = lora_scaling(alpha, rank, settings["use_rslora"])
         if scaling > MAX_LORA_SCALING:

@@ -1,4 +1,4 @@
-"""support/adapter_files.py: what lora.save_adapter writes and lora.load_adapter reads back; a pair of files from two
+"""support/adapters.py on disk: what save_adapter writes and load_adapter reads back; a pair of files from two
 saves, non-finite or non-float tensors, unreadable or malformed files are refused with a message naming them."""
 import json
 import os
@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
-from lora import apply_lora, load_adapter, save_adapter
-from support import adapter_files
+from lora import apply_lora
+from support.adapters import load_adapter, save_adapter
+from support import adapters as adapter_files
 from test_lora import randomize_lora, tiny_gpt
 
 
@@ -79,11 +80,19 @@ def test_unreadable_adapter_files_are_named(tmp_path):
         (directory / "adapter_config.json").write_text(text)
         with pytest.raises(ValueError, match=f"adapter_config.json {problem}"):
             load_adapter(tiny_gpt(), directory)
-    for key, value, must_be in [("dropout", "0.1", "a number in"), ("targets", 5, "a list of target names"), ("rank", 2.5, "a positive integer"),
-                                ("use_dora", "yes", "true or false"), ("trainable", "head", "a list of parameter names")]:
+    for key, value, must_be in [("dropout", "0.1", "a number"), ("targets", 5, "a list of names"), ("rank", 2.5, "an integer"),
+                                ("use_dora", "yes", "true or false"), ("trainable", "head", "a list of parameter names"),
+                                ("method", "lora2", "one of lora, bottleneck")]:
         (directory / "adapter_config.json").write_text(json.dumps({**fixed, key: value}))
         with pytest.raises(ValueError, match=f"adapter_config.json: '{key}' is {json.dumps(value)}, but must be {must_be}"):
             load_adapter(tiny_gpt(), directory)
+    good = saved_adapter(tmp_path / "intact")
+    intact = json.loads((good / "adapter_config.json").read_text())
+    for key, value, problem in [("rank", 0, "rank must be a positive integer"), ("dropout", 1.5, "dropout must be in"),
+                                ("bottleneck", 4, "has setting 'bottleneck', which lora adapters do not take")]:
+        (good / "adapter_config.json").write_text(json.dumps({**intact, key: value}))
+        with pytest.raises(ValueError, match=problem):  # of the right kind but out of range: apply_lora's checks, named
+            load_adapter(tiny_gpt(), good)
 
 
 def test_saved_files_are_readable_like_the_rest(tmp_path):

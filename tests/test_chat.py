@@ -11,6 +11,7 @@ import torch
 
 import chat
 import lora
+from support.adapters import save_adapter
 import train
 from support import checkpoints
 from support.instructions import answer
@@ -36,9 +37,9 @@ def base_and_adapter(tmp_path_factory):
     torch.manual_seed(0)
     lora.apply_lora(model, rank=4, alpha=8, targets="all-linear")
     for _, layer in lora.lora_layers(model):
-        torch.nn.init.normal_(layer.lora_B["default"], std=0.5)
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
     adapter_dir = str(root / "adapter")
-    lora.save_adapter(model, adapter_dir, metadata={"run_id": "test", "init_from": base_dir, "finetune": "lora",
+    save_adapter(model, adapter_dir, metadata={"run_id": "test", "init_from": base_dir, "finetune": "lora",
                                                     "step": 0, "prompt_template": "compact",
                                                     "tokenizer": tokenizer_name, "base_sha256": base_sha256})
     return base_dir, adapter_dir

@@ -86,8 +86,8 @@ def test_export_writes_the_documented_block_construction(tmp_path):
     assert sorted(tensors) == [f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{p}.weight" for i in (0, 1) for p in "AB"]
     attn = model.transformer.h[1].attn
     A, B = tensors["base_model.model.transformer.h.1.attn.c_attn.lora_A.weight"], tensors["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"]
-    assert torch.equal(A, torch.cat([attn.q_proj.lora_A["default"], attn.v_proj.lora_A["default"]]).detach())
-    assert torch.equal(B[:32, :4], attn.q_proj.lora_B["default"].detach()) and torch.equal(B[64:, 4:], attn.v_proj.lora_B["default"].detach())
+    assert torch.equal(A, torch.cat([attn.q_proj.lora_A.weight, attn.v_proj.lora_A.weight]).detach())
+    assert torch.equal(B[:32, :4], attn.q_proj.lora_B.weight.detach()) and torch.equal(B[64:, 4:], attn.v_proj.lora_B.weight.detach())
     assert not B[:32, 4:].any() and not B[32:64].any() and not B[64:, :4].any()
 
 
@@ -180,7 +180,7 @@ def test_import_without_patterns_is_bit_exact_and_survives_save_adapter(tmp_path
     A, B = stored["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"], stored["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
     attn = model.transformer.h[0].attn
     for i, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
-        assert torch.equal(proj.lora_A["default"].detach(), A) and torch.equal(proj.lora_B["default"].detach(), B[32 * i : 32 * (i + 1)])
+        assert torch.equal(proj.lora_A.weight.detach(), A) and torch.equal(proj.lora_B.weight.detach(), B[32 * i : 32 * (i + 1)])
     save_adapter(model, tmp_path / "ours")  # an imported adapter is an ordinary adapter of ours
     reloaded = load_adapter(GPT.from_pretrained(str(base_dir)), tmp_path / "ours")
     assert torch.equal(our_logits(reloaded), our_logits(model))

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+from support.adapters import disable_adapters
 import quantize as Q
 from conftest import bitsandbytes_on
 from model import GPT, GPTConfig, count_parameters
@@ -426,7 +427,7 @@ def test_memory_report_gpt2_124m_shaped_model():
 def test_memory_report_counts_lora_adapters_separately():
     model = lora.apply_lora(Q.quantize_model(tiny_gpt()), rank=4, alpha=8, targets="all-linear")
     rows = {r["component"]: r for r in Q.memory_report(model)}
-    n_lora = sum(p.numel() for n, p in model.named_parameters() if lora.is_lora_parameter(n))
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if ("lora_" in n))
     assert rows["LoRA adapters"]["params"] == n_lora
     assert rows["linear weights"]["params"] == 2 * (4 * 64 * 64 + 2 * 64 * 256)
 
@@ -439,7 +440,7 @@ def test_qlora_training_step_updates_only_adapters(device):
     model = lora.apply_lora(Q.quantize_model(tiny_gpt().to(device)), rank=4, alpha=8, targets="all-linear")
     assert all(isinstance(layer.base, Q.Linear4bit) for _, layer in lora.lora_layers(model))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(lora.is_lora_parameter(n) for n in trainable)
+    assert trainable and all(("lora_" in n) for n in trainable)
     params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     buffers_before = {n: b.clone() for n, b in model.named_buffers()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -452,7 +453,7 @@ def test_qlora_training_step_updates_only_adapters(device):
         optimizer.step()
         losses.append(loss.item())
     for n, p in model.named_parameters():
-        assert torch.equal(p, params_before[n]) != lora.is_lora_parameter(n), n  # adapters all changed, nothing else
+        assert torch.equal(p, params_before[n]) != ("lora_" in n), n  # adapters all changed, nothing else
     for n, b in model.named_buffers():
         assert torch.equal(b, buffers_before[n]), n
     assert losses[-1] < losses[0]
@@ -462,7 +463,7 @@ def test_merge_lora_into_dequantized_copy_matches_qlora_model():
     torch.manual_seed(0)
     model = lora.apply_lora(Q.quantize_model(tiny_gpt()), rank=4, alpha=8, targets=("q", "v", "mlp_in"))
     for _, layer in lora.lora_layers(model):  # a trained-looking adapter: B != 0
-        nn.init.normal_(layer.lora_B["default"], std=0.05)
+        nn.init.normal_(layer.lora_B.weight, std=0.05)
     idx = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         expected, _ = model(idx)
@@ -472,7 +473,7 @@ def test_merge_lora_into_dequantized_copy_matches_qlora_model():
     assert isinstance(model.transformer.h[0].attn.q_proj.base, Q.Linear4bit)  # the original is untouched
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        plain_base, _ = Q.dequantize_model(lora.disable_adapters(model))(idx)
+        plain_base, _ = Q.dequantize_model(disable_adapters(model))(idx)
     assert (got - plain_base).abs().max() > 1e-2  # the adapter's update really is in the merged weights
 
 
