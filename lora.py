@@ -17,9 +17,8 @@ Three additions people use today, each a few lines below the idea:
   DoRA    (Liu et al. 2024, arXiv:2402.09353) learns each output row's magnitude separately from its direction,
   LoRA+   (Hayou et al. 2024, arXiv:2402.12354) gives B a larger learning rate than A (`lora_param_groups`).
 
-The paper's "efficient task switching" (§4.2: many small adapters on one frozen base) is the same for every
-method of the family, so it is written once, for all of them, in support/adapters.py: naming adapters, switching
-between them, saving and loading one.
+Task switching (§4.2: many small adapters on one frozen base) is the same for every method of the family, so
+support/adapters.py does it once for all of them: naming adapters, switching between them, saving and loading one.
 """
 
 import math
@@ -39,11 +38,8 @@ TARGETS = {  # apply_lora's short names -> how the names of those layers end in 
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update (LoRA §4.1, Eq. 3):
-
-        h = W0 x + b + scaling · B A dropout(x),    scaling = alpha / rank
-
-    `base` is an nn.Linear, or a quantize.Linear4bit under QLoRA. state_dict keys:
+    """A frozen linear layer plus a trainable low-rank update (LoRA §4.1, Eq. 3), h = W0 x + b + scaling · B A x,
+    scaling = alpha / rank. `base` is an nn.Linear, or a quantize.Linear4bit under QLoRA. state_dict keys:
 
         <layer>.base.weight, <layer>.base.bias     W0 and b, frozen
         <layer>.lora_A.weight                      A, (rank, in_features), Kaiming-uniform like any nn.Linear
@@ -186,7 +182,7 @@ def resolve_targets(targets):
     targets = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else list(targets)
     unknown = [t for t in targets if t not in TARGETS and t != "all-linear"] or ([] if targets else ["(none)"])
     if unknown:  # every entry is checked, so a typo next to 'all-linear' is not ignored
-        raise ValueError(f"unknown LoRA target {unknown[0]!r}; valid targets are {', '.join(TARGETS)} and 'all-linear'")
+        raise ValueError(f"unknown LoRA target {unknown[0]!r}; valid targets: {', '.join(TARGETS)} and 'all-linear'")
     return tuple(TARGETS.values()) if "all-linear" in targets else tuple(TARGETS[t] for t in dict.fromkeys(targets))
 
 
@@ -228,25 +224,15 @@ def apply_lora(model, rank=8, alpha=None, targets=("q", "v"), dropout=0.0, use_r
 
 def check_apply_lora(model, layers, rank, alpha, dropout, trainable):
     """apply_lora's arguments, checked before the model changes; each wrong one is named with what would be valid."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("the model has LoRA layers already: applying LoRA twice would stack two wrappers; add a "
-                         "second task's adapter with support.adapters.add_adapter(model, name, ...)")
-    if not layers:
-        raise ValueError(f"no layer of this {type(model).__name__} is named like a LoRA target; is it a model.GPT?")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}; LoRA papers use 1 to 64, 8 is a common start")
-    for name, layer in layers:
-        if rank > min(layer.in_features, layer.out_features):
-            raise ValueError(f"rank {rank} is larger than {name} allows: BA has rank at most min(in, out) = "
-                             f"{min(layer.in_features, layer.out_features)}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}; alpha = 2 * rank is a common choice")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()) or not layers:
+        raise ValueError("LoRA is applied already (add_adapter in support/adapters.py adds one more), or no target")
+    limit = min(min(layer.in_features, layer.out_features) for _, layer in layers)  # BA has rank at most min(in, out)
+    if not (isinstance(rank, int) and 0 < rank <= limit and 0 < alpha < math.inf and 0 <= dropout < 1):
+        raise ValueError(f"rank must be a positive integer at most min(in, out) = {limit}, alpha a positive number"
+                         f" (2 x rank is common), dropout in [0, 1): rank={rank!r}, alpha={alpha!r}, dropout={dropout}")
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    for t in trainable:  # a typo would otherwise leave it frozen without a word
-        if not any(n == t or n.startswith(t + ".") for n in names):
-            raise ValueError(f"trainable={t!r} names no module or parameter of the model")
+    for t in [t for t in trainable if not any(n == t or n.startswith(t + ".") for n in names)]:
+        raise ValueError(f"trainable={t!r} names no module or parameter of the model")  # a typo would leave it frozen
 
 
 def merge_lora(model, unload=False):
