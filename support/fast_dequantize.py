@@ -1,14 +1,12 @@
 """
 Faster ways to compute quantize.dequantize_4bit's values, bit for bit. quantize.py holds the definition and knows
-nothing of these: a program opts in (finetune_classifier.py and train.py: --dequantize) with
-use_fast_dequantize(model, path), which hands every Linear4bit of the model the function it dequantizes with.
+nothing of these: a program opts in (--dequantize) with use_fast_dequantize(model, path), which hands every Linear4bit
+of the model the function it dequantizes with.
 
     reference   quantize.dequantize_4bit, the definition (the default)
-    table       a byte-pair lookup in PyTorch (CPU and GPU)
+    table       in PyTorch (CPU and GPU): one gather per byte, not per 4-bit index (each of the 256 byte values maps to
+                its pair of code values, read as one 8-byte integer), then one in-place multiply by the scales
     kernel      dequantize_kernel.c on the CPU (the table path on a GPU, or where the kernel cannot be built)
-
-The table path: one gather per byte instead of one per 4-bit index (each of the 256 byte values maps to its pair of
-code values, read as one 8-byte integer), then one in-place multiply by the scales, in cache-sized chunks on one thread.
 
 The kernel: PyTorch has no op that looks up 16 indices in a 16-value table with one instruction, as bitsandbytes' C++
 does (AVX-512 `vpermps`), so dequantize_kernel.c holds that loop (AVX2: two 8-entry permutes and a blend; else plain C),
@@ -20,8 +18,7 @@ write (created 0700); a library is loaded only if its SHA-256 is the one recorde
 planted or changed there is rebuilt, with a warning, never loaded); once loaded, it must have its two functions and
 dequantize a test block exactly as the definition does. Bit-identical: each value is code x scale, one fp32 multiply,
 and a double-quantized scale is (8-bit code x group scale) + mean, two roundings in that order (-ffp-contract=off).
-Where the kernel cannot be used, the table path runs and a warning says why, once: a slower run is never a silent
-one. status() names the path in use.
+Where the kernel cannot be used, the table path runs and a warning says why, once. status() names the path in use.
 """
 
 import ctypes
@@ -43,16 +40,21 @@ from support.common import user_cache_dir
 PATHS = ("reference", "table", "kernel")
 
 
-def use_fast_dequantize(model, path):
-    """Make every Linear4bit of `model` dequantize by `path`, one of PATHS (all compute the same values); returns it."""
+def dequantizer(path):
+    """The function (q, dtype=None) that computes quantize.dequantize_4bit's values by `path`, one of PATHS."""
     if path not in PATHS:
         raise ValueError(f"dequantize path {path!r}: use one of {', '.join(PATHS)}")
+    return {"reference": quantize.dequantize_4bit, "table": dequantize_by_table, "kernel": dequantize_by_kernel}[path]
+
+
+def use_fast_dequantize(model, path):
+    """Make every Linear4bit of `model` dequantize by `path`, one of PATHS (all compute the same values); returns it."""
+    dequantize = dequantizer(path)
     layers = [module for module in model.modules() if isinstance(module, quantize.Linear4bit)]
     if path != "reference" and not layers:
         raise ValueError(f"dequantize path {path!r}: the model has no 4-bit layer; quantize it first (quantize_model)")
-    dequantize = {"reference": quantize.dequantize_4bit, "table": dequantize_by_table, "kernel": dequantize_by_kernel}
     for layer in layers:
-        layer.dequantize_weight = dequantize[path]
+        layer.dequantize_weight = dequantize
     return model
 
 
@@ -84,14 +86,11 @@ def byte_pair_table(quant_type, device):
 
 
 def dequantize_4bit_table(q):
-    """fp32 values of q, flat (padded to whole blocks): code value of each index times its block's absmax.
-
-    The gather copies one 8-byte element per byte (the pair of code values of byte_pair_table viewed as one int64)
-    instead of a row of two. On one CPU thread the work goes in chunks of DEQUANTIZE_CHUNK values, each finished
-    (indices widened to int32, gathered, scaled) before the next starts, so a chunk stays in the core's cache between
-    the three steps instead of streaming a whole tensor's worth through main memory three times. With more threads, or
-    on a GPU, one pass: PyTorch splits an op over its threads only when it is large (32K elements per thread, its
-    grain size), so a cache-sized chunk would run on one thread, and on a GPU each step is a kernel launch."""
+    """fp32 values of q, flat (padded to whole blocks): code value of each index times its block's absmax. On one CPU
+    thread, in chunks of DEQUANTIZE_CHUNK values, each finished (indices widened to int32, gathered, scaled) before the
+    next starts: a chunk stays in the core's cache between the three steps, where a whole tensor's worth would stream
+    through main memory three times. With more threads, or on a GPU, one pass: PyTorch splits an op over its threads
+    only when it is large (32K elements per thread, its grain size), and on a GPU each step is a kernel launch."""
     pairs_as_int64 = byte_pair_table(q.quant_type, q.codes.device).view(torch.int64).view(-1)
     absmax = quantize.dequantize_absmax(q)
     out = torch.empty(absmax.numel() * q.block_size // 2, dtype=torch.int64, device=q.codes.device)  # 2 fp32 per int64
