@@ -23,6 +23,7 @@ quantization, fp32 compute, LoRA r=8 on top.
 
 import argparse
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -422,25 +423,27 @@ def bench_classification(args, shape, weights_dir, results):
 
     def train_epochs(cache):
         model, optimizer = models[cache]
-        from_block = model.frozen_blocks() if cache else 0
-        rows = classifier.cache_trunk(model, messages, from_block, CLASSIFY_BATCH, 0, args.device) if from_block else messages
+        cached_blocks = model.frozen_blocks() if cache else 0
+        rows = classifier.cache_trunk(model, messages, cached_blocks, CLASSIFY_BATCH, 0, args.device) if cached_blocks else messages
+        logits_of = functools.partial(model.forward_from_block, block=cached_blocks) if cached_blocks else model
         model.train()
         for epoch in range(CLASSIFY_EPOCHS):
             order = torch.Generator().manual_seed(epoch)
-            for x, lengths, y in sms_data.make_batches(rows, CLASSIFY_BATCH, 0, order, sms_data.collate_activations if from_block else sms_data.collate_messages):
-                F.cross_entropy(model(x.to(args.device), lengths, from_block=from_block), y.to(args.device)).backward()
+            for x, lengths, y in sms_data.make_batches(rows, CLASSIFY_BATCH, 0, order, sms_data.collate_activations if cached_blocks else sms_data.collate_messages):
+                F.cross_entropy(logits_of(x.to(args.device), lengths), y.to(args.device)).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
     with torch.no_grad():  # both start from the same weights: the cached path must give the uncached logits
         x, lengths, _ = sms_data.collate_messages(messages, 0)
-        from_block = models[True][0].frozen_blocks()
-        cached = sms_data.collate_activations(classifier.cache_trunk(models[True][0], messages, from_block, CLASSIFY_BATCH, 0, args.device))[0]
-        difference = (models[True][0].eval()(cached, lengths, from_block=from_block) - models[False][0].eval()(x.to(args.device), lengths)).abs().max().item()
+        cached_blocks = models[True][0].frozen_blocks()
+        cached = sms_data.collate_activations(classifier.cache_trunk(models[True][0], messages, cached_blocks, CLASSIFY_BATCH, 0, args.device))[0]
+        from_cache = models[True][0].eval().forward_from_block(cached, lengths, cached_blocks)
+        difference = (from_cache - models[False][0].eval()(x.to(args.device), lengths)).abs().max().item()
     t_cached, t_uncached = alternate(lambda: train_epochs(True), lambda: train_epochs(False), args.repeats, args.warmup, args.device)
     record(results, "classify_last_block", f"last_block classification, {CLASSIFY_EPOCHS} epochs x {CLASSIFY_MESSAGES} messages: "
            f"ours trunk cached vs (HF column) ours uncached", "s", t_cached, t_uncached, False, max_logit_difference=difference,
-           cached_blocks=from_block)
+           cached_blocks=cached_blocks)
     del models
     release()
 
