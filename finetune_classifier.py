@@ -11,6 +11,7 @@ the one position that has seen the whole message, and the padding after it canno
     python finetune_classifier.py                         # LoRA on the tiny base, embedded SMS sample (offline)
     python finetune_classifier.py --mode last_block       # the book's baseline: head + last block + final norm
     python finetune_classifier.py --mode qlora            # LoRA on a 4-bit NF4 base
+    python finetune_classifier.py --mode qlora --dequantize kernel   # the same values, dequantized by a C loop
     python finetune_classifier.py --dataset uci           # the real SMS Spam Collection, downloaded from UCI
     python finetune_classifier.py --dataset FILE          # a local copy of it (label<TAB>text per line)
     python finetune_classifier.py --classify "WIN a prize! Call 0800 now" --out_dir out/classifier
@@ -68,10 +69,10 @@ class ClassifierConfig:
     lora_rank: int = 16  # rank r of each update B @ A
     lora_alpha: float = 0.0  # scaling = alpha / r; default (0): 2 x rank, so alpha / r = 2 at every rank (as in
                              # train.py)
-    dequantize: Literal["reference", "table", "kernel"] = "reference"  # mode qlora: a faster way to the same values
     lora_targets: str = "all-linear"  # comma-separated layers to adapt: q, k, v, o, mlp_in, mlp_out, or all-linear
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
     loraplus_ratio: float = 1.0  # LoRA+: B learns at this many times A's rate (arXiv 2402.12354 suggests 16)
+    dequantize: Literal["reference", "table", "kernel"] = "reference"  # mode qlora: a faster way to the same values
     # data
     max_length: int = 0  # truncate messages to this many tokens, keeping the start; default (0): the model's block_size
     split_seed: int = SPLIT_SEED  # seed of the class balancing and the 70/10/20 split

@@ -23,8 +23,9 @@ from support.tokenizer import get_tokenizer
 def save_trained(model, cfg, tokenizer_name, max_length, base_sha256, run_id=None):
     """Save what fine-tuning changed, and how to rebuild the rest. LoRA modes: the adapter directory (A, B and
     the head, via lora.save_adapter). Other modes: the trained tensors in classifier.pt. classifier.json
-    names the base and records its weights_sha256, so --classify can load base + trained parts and no other base. It is written last and records the run id and
-    the SHA-256 of the weights file written before it: a folder left half-updated by a killed run is refused."""
+    names the base and records its SHA-256 (base_sha256), so --classify can load base + trained parts, and on no
+    other base. It is written last and records the run id and the SHA-256 of the weights file written before it: a
+    folder left half-updated by a killed run is refused."""
     init_from = os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
     info = {"mode": cfg.mode, "init_from": init_from, "tokenizer": tokenizer_name, "labels": list(LABELS), "max_length": max_length,
             "base_sha256": base_sha256, "run_id": run_id}

@@ -164,7 +164,7 @@ def evaluate_classifier(model, batches, device, logits_of=None):
     logits_of(x, lengths): what computes a batch's logits; default: the model, on token ids (frozen-trunk caching
     passes model.forward_from_block, for batches of cached activations)."""
     model.eval()
-    logits_of = logits_of or model
+    logits_of = model if logits_of is None else logits_of
     total_loss, confusion = 0.0, torch.zeros(len(LABELS), len(LABELS), dtype=torch.long)
     for x, lengths, y in batches:
         x, lengths, y = x.to(device), lengths.to(device), y.to(device)
