@@ -11,6 +11,7 @@ the one position that has seen the whole message, and the padding after it canno
     python finetune_classifier.py                         # LoRA on the tiny base, embedded SMS sample (offline)
     python finetune_classifier.py --mode last_block       # the book's baseline: head + last block + final norm
     python finetune_classifier.py --mode qlora            # LoRA on a 4-bit NF4 base
+    python finetune_classifier.py --mode qlora --dequantize kernel   # the same values, dequantized by a C loop
     python finetune_classifier.py --dataset uci           # the real SMS Spam Collection, downloaded from UCI
     python finetune_classifier.py --dataset FILE          # a local copy of it (label<TAB>text per line)
     python finetune_classifier.py --classify "WIN a prize! Call 0800 now" --out_dir out/classifier
@@ -23,6 +24,7 @@ Modes (what trains; everything else stays frozen):
     full        every weight
 """
 
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -35,10 +37,11 @@ import torch.nn.functional as F
 import lora
 from model import count_parameters
 from quantize import quantize_model
-from support.checkpoints import load_base_model
-from support.classifier_files import base_fingerprint, load_classifier, save_trained
+from support.checkpoints import load_base_model, weights_sha256
+from support.classifier_files import load_classifier, save_trained
 from support.common import autocast_context, parse_config, peak_memory_bytes, pick_device, reset_peak_memory
 from support.config_checks import check_classifier_config
+from support.fast_dequantize import use_fast_dequantize
 from support.optim import clip_gradients, lr_at_step, make_optimizer, set_learning_rate
 from support.reports import write_classifier_log, write_classifier_summary
 from support.safety import (UserError, check_finite, error_line, lock_out_dir, main_errors, new_run_id,
@@ -69,6 +72,7 @@ class ClassifierConfig:
     lora_targets: str = "all-linear"  # comma-separated layers to adapt: q, k, v, o, mlp_in, mlp_out, or all-linear
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
     loraplus_ratio: float = 1.0  # LoRA+: B learns at this many times A's rate (arXiv 2402.12354 suggests 16)
+    dequantize: Literal["reference", "table", "kernel"] = "reference"  # mode qlora: a faster way to the same values
     # data
     max_length: int = 0  # truncate messages to this many tokens, keeping the start; default (0): the model's block_size
     split_seed: int = SPLIT_SEED  # seed of the class balancing and the 70/10/20 split
@@ -104,34 +108,38 @@ class GPTClassifier(nn.Module):
         self.gpt = gpt
         self.head = nn.Linear(gpt.config.n_embd, num_classes)
 
-    def forward(self, idx, lengths=None, from_block=0):
-        """(B, T) right-padded ids and each row's real length -> (B, num_classes) logits. Without lengths every row
-        is unpadded and its last position is read. from_block k > 0: idx is not token ids but the (B, T, n_embd)
-        residual stream entering block k, as `trunk` computes it (cache_trunk keeps it per message); blocks k.. run
-        on it, the model's own blocks, so the logits are the same as from the ids."""
-        if from_block == 0:
-            hidden = self.gpt.hidden_states(idx)  # (B, T, n_embd)
-        else:
-            x = idx
-            for block in self.gpt.transformer.h[from_block:]:
-                x = block(x)
-            hidden = self.gpt.transformer.ln_f(x)
+    def forward(self, idx, lengths=None):
+        """(B, T) right-padded token ids and each row's real length -> (B, num_classes) logits. Without lengths every
+        row is unpadded and its last position is read."""
+        return self.head_on_last_token(self.gpt.hidden_states(idx), lengths)  # hidden states: (B, T, n_embd)
+
+    def head_on_last_token(self, hidden, lengths):
         if lengths is None:
             return self.head(hidden[:, -1])
-        lengths = lengths.to(idx.device)
-        if lengths.shape != (idx.size(0),) or lengths.min() < 1 or lengths.max() > idx.size(1):
-            raise ValueError(f"lengths must hold one length in 1..{idx.size(1)} per row of idx, got {lengths.tolist()}")
-        last = hidden[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # (B, n_embd)
+        lengths = lengths.to(hidden.device)
+        if lengths.shape != (hidden.size(0),) or lengths.min() < 1 or lengths.max() > hidden.size(1):
+            raise ValueError(f"lengths must hold one length in 1..{hidden.size(1)} per row, got {lengths.tolist()}")
+        last = hidden[torch.arange(hidden.size(0), device=hidden.device), lengths - 1]  # (B, n_embd)
         return self.head(last)
+
+    # Frozen-trunk caching (modes head and last_block): the blocks below what trains compute the same in every epoch,
+    # so cache_trunk runs them once per message (trunk) and training runs the rest (forward_from_block).
 
     def trunk(self, idx, n_blocks):
         """(B, T) token ids -> the (B, T, n_embd) residual stream entering block n_blocks: the first steps of
-        GPT.hidden_states (embeddings, then blocks 0 .. n_blocks - 1), for forward(..., from_block=n_blocks)."""
+        GPT.hidden_states (embeddings, then blocks 0 .. n_blocks - 1)."""
         transformer = self.gpt.transformer
         x = transformer.drop(transformer.wte(idx) + transformer.wpe(torch.arange(idx.size(1), device=idx.device)))
         for block in transformer.h[:n_blocks]:
             x = block(x)
         return x
+
+    def forward_from_block(self, x, lengths, block):
+        """The residual stream entering `block` (trunk(idx, block)) -> the logits forward(idx, lengths) gives: the
+        model's own blocks `block`.. and final norm run on it."""
+        for later_block in self.gpt.transformer.h[block:]:
+            x = later_block(x)
+        return self.head_on_last_token(self.gpt.transformer.ln_f(x), lengths)
 
     def frozen_blocks(self):
         """How many blocks, counted from the input, compute the same function in every epoch: nothing in them or
@@ -150,23 +158,20 @@ class GPTClassifier(nn.Module):
         return frozen
 
 
-def build_classifier(gpt, mode, lora_rank=16, lora_alpha=0.0, lora_targets=("all-linear",), lora_dropout=0.0):
-    """Put a new head on gpt and set requires_grad to exactly what `mode` trains (see the module docstring).
-    lora_alpha 0 means 2 x lora_rank, as in train.py."""
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
+def build_classifier(gpt, mode, lora_rank=16, lora_alpha=None, lora_targets=("all-linear",), lora_dropout=0.0):
+    """Put a new head on gpt and set requires_grad to exactly what `mode`, one of MODES, trains (see the module
+    docstring). lora_alpha None: lora.apply_lora's default."""
     model = GPTClassifier(gpt).to(gpt.transformer.wte.weight.device)
     if mode in ("lora", "qlora"):
         if mode == "qlora":
             quantize_model(model, skip=("head",))  # the base goes to 4 bits; the head must stay trainable
-        lora.apply_lora(model, rank=lora_rank, alpha=lora_alpha or 2.0 * lora_rank, targets=lora_targets,
-                        dropout=lora_dropout, trainable=("head",))
+        lora.apply_lora(model, rank=lora_rank, alpha=lora_alpha or None, targets=lora_targets, dropout=lora_dropout,
+                        trainable=("head",))
         return model
-    model.requires_grad_(mode == "full")
-    if mode == "last_block":
-        model.gpt.transformer.h[-1].requires_grad_(True)
-        model.gpt.transformer.ln_f.requires_grad_(True)
-    model.head.requires_grad_(True)
+    trained_with_the_head = {"head": [], "last_block": [gpt.transformer.h[-1], gpt.transformer.ln_f], "full": [gpt]}
+    model.requires_grad_(False)
+    for module in [model.head, *trained_with_the_head[mode]]:
+        module.requires_grad_(True)
     return model
 
 
@@ -209,7 +214,6 @@ def classify(model, tokenizer, text, max_length, device="cpu"):
 def train_classifier(cfg):
     """Fine-tune one classifier end to end; returns the summary also written to out_dir/summary.json. The run owns
     out_dir while it lasts (lock_out_dir) and replaces an earlier run's files there once its base and data loaded."""
-    cfg.lora_alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank  # 0: 2 x rank, as train.py's resolve_defaults does
     check_classifier_config(cfg, MODES)
     pick_device(cfg.device)  # a --device this machine lacks is refused before anything is loaded
     with lock_out_dir(cfg.out_dir):
@@ -241,9 +245,10 @@ def run_classifier_training(cfg):
 
     # the model, and what trains
     torch.manual_seed(cfg.seed)
-    fingerprint = base_fingerprint(gpt)  # before anything changes it: --classify checks it loads the same base
-    model = build_classifier(gpt, cfg.mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
-                             cfg.lora_dropout)
+    base_sha256 = weights_sha256(gpt)  # before anything changes it: --classify checks it loads the same base
+    model = build_classifier(gpt, cfg.mode, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_targets, cfg.lora_dropout)
+    if cfg.mode == "qlora":
+        use_fast_dequantize(model, cfg.dequantize)
     trainable, total = count_parameters(model)
     print(f"{cfg.mode}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%) on {device}")
     remove_earlier_run(cfg.out_dir, CLASSIFIER_FILES)
@@ -255,17 +260,19 @@ def run_classifier_training(cfg):
 
     # frozen-trunk caching: compute the frozen lower blocks once per message (modes head and last_block)
     pad, t_cache = tokenizer.eot_token, time.time()
-    from_block = model.frozen_blocks() if cfg.cache_trunk else 0
-    if from_block:
-        splits = {name: cache_trunk(model, rows, from_block, cfg.batch_size, pad, device)
+    cached_blocks = model.frozen_blocks() if cfg.cache_trunk else 0
+    if cached_blocks:
+        splits = {name: cache_trunk(model, rows, cached_blocks, cfg.batch_size, pad, device)
                   for name, rows in splits.items()}
-        print(f"cached the outputs of the frozen embeddings and blocks 0-{from_block - 1} for every message in "
+        print(f"cached the outputs of the frozen embeddings and blocks 0-{cached_blocks - 1} for every message in "
               f"{time.time() - t_cache:.1f} s; each epoch runs only the layers above them")
     cache_seconds = time.time() - t_cache
-    collate_rows = collate_activations if from_block else collate_messages
+    # a batch's logits: from its token ids, or from its cached activations entering block cached_blocks (the same)
+    logits_of = functools.partial(model.forward_from_block, block=cached_blocks) if cached_blocks else model
+    collate_rows = collate_activations if cached_blocks else collate_messages
     eval_batches = {name: make_batches(rows, cfg.batch_size, pad, collate_rows=collate_rows)
                     for name, rows in splits.items()}
-    before = {name: evaluate_classifier(model, eval_batches[name], device, from_block) for name in eval_batches}
+    before = {name: evaluate_classifier(model, eval_batches[name], device, logits_of) for name in eval_batches}
     print(f"before fine-tuning: accuracy {before['train']['accuracy']:.1%} train, {before['val']['accuracy']:.1%} "
           f"validation, {before['test']['accuracy']:.1%} test (a new head guesses)")
     rows = [{"epoch": 0, "step": 0, "lr": 0.0, "train_loss": before["train"]["loss"],
@@ -290,7 +297,7 @@ def run_classifier_training(cfg):
             set_learning_rate(optimizer, lr)
             x, lengths, y = x.to(device), lengths.to(device), y.to(device)
             with autocast_context(device):
-                logits = model(x, lengths, from_block=from_block)
+                logits = logits_of(x, lengths)
             loss = F.cross_entropy(logits.float(), y)
             loss.backward()
             grad_norm = clip_gradients(model, cfg.grad_clip)
@@ -303,7 +310,7 @@ def run_classifier_training(cfg):
             correct += (logits.argmax(dim=-1) == y).sum().item()
             if cfg.progress:
                 batches.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}", refresh=False)
-        val = evaluate_classifier(model, eval_batches["val"], device, from_block)
+        val = evaluate_classifier(model, eval_batches["val"], device, logits_of)
         check_finite(step, f"the validation loss after epoch {epoch} is {val['loss']:g}", [val["loss"]], saved_step,
                      cfg.out_dir, peak_lr)
         rows.append({"epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / seen,
@@ -311,17 +318,17 @@ def run_classifier_training(cfg):
                      "seconds": round(time.time() - t0, 3)})
         print(f"epoch {epoch}: train loss {loss_sum / seen:.4f}, accuracy {correct / seen:.1%} (during the epoch) | "
               f"validation loss {val['loss']:.4f}, accuracy {val['accuracy']:.1%}")
-        save_trained(model, cfg, tokenizer_name, max_length, fingerprint, run_id)
+        save_trained(model, cfg, tokenizer_name, max_length, base_sha256, run_id)
         write_classifier_log(rows, cfg)
         saved_step = step
 
     # the result
     seconds, peak = time.time() - t0, peak_memory_bytes(device)
-    after = {name: evaluate_classifier(model, eval_batches[name], device, from_block) for name in eval_batches}
+    after = {name: evaluate_classifier(model, eval_batches[name], device, logits_of) for name in eval_batches}
     check_finite(step, "the train / validation / test loss after training is " + " / ".join(
         f"{after[n]['loss']:g}" for n in after), [after[n]["loss"] for n in after], saved_step, cfg.out_dir, peak_lr)
     run = dict(device=device, trainable=trainable, total=total, steps=step, learning_rate=peak_lr, seconds=seconds,
-               total_seconds=time.time() - t_start, cached_blocks=from_block, cache_seconds=cache_seconds, peak=peak,
+               total_seconds=time.time() - t_start, cached_blocks=cached_blocks, cache_seconds=cache_seconds, peak=peak,
                run_id=run_id)
     return write_classifier_summary(cfg, model, optimizer, before, after, splits, truncated, max_length, run)
 

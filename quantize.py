@@ -27,7 +27,6 @@ follows bitsandbytes, so our codes and scales are bit-identical to bitsandbytes.
 import copy
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -150,7 +149,7 @@ def quantize_blocks(flat, code, block_size):
     if padding:
         flat = F.pad(flat, (0, padding))  # zeros never raise a block's absmax
     blocks = flat.view(-1, block_size)
-    # abs().amax() rather than vector_norm(ord=inf), which gives the same (NaN included) but is 5-10x slower on the CPU
+    # abs().amax() rather than vector_norm(ord=inf), which gives the same (NaN included) but is slower on the CPU
     absmax = blocks.abs().amax(dim=1)
     scaled = blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]  # clamp: an all-zero block stays 0, not NaN
     midpoints = (code[:-1] + code[1:]) / 2
@@ -246,13 +245,7 @@ def dequantize_absmax(q):
 def dequantize_4bit(q, dtype=None):
     """Back to a dense tensor of q.shape (§2 Eq. 2): unpack the two 4-bit indices of each byte, look each one up in
     the code book, multiply it by its block's absmax. Computed in fp32, returned as `dtype` (default: the dtype the
-    tensor had before quantization). This is the definition, and what runs unless NANOQLORA_DEQUANTIZE asks for a
-    faster way to compute the same values (support/fast_dequantize.py: 'table', a byte-pair lookup in PyTorch, or
-    'kernel', a C loop, about 4x faster on the CPU)."""
-    if os.environ.get("NANOQLORA_DEQUANTIZE", "reference") != "reference":
-        from support.fast_dequantize import dequantize_4bit_fast  # an opt-in, bit-identical to what follows
-
-        return dequantize_4bit_fast(q, dtype)
+    tensor had before quantization)."""
     indices = torch.stack([q.codes >> 4, q.codes & 0x0F], dim=1).view(-1)  # the first of a pair is the high nibble
     _, code = code_book_on(q.quant_type, q.codes.device)
     values = code[indices.long()]  # each 4-bit index -> its value in [-1, 1]
@@ -325,6 +318,8 @@ class Linear4bit(nn.Module):
         self.register_buffer("weight_absmax_scale", weight.absmax_scale)  # None (not saved) without double quant
         self.register_buffer("weight_absmax_mean", weight.absmax_mean)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # the definition, unless a program opts in to a faster way to the same values (support/fast_dequantize.py)
+        self.dequantize_weight = dequantize_4bit
 
     @classmethod
     def from_linear(cls, linear, block_size=64, double_quant=True, compute_dtype=None, quant_type="nf4"):
@@ -350,7 +345,7 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype=None):
         """The dense (out_features, in_features) weight, in its original dtype unless `dtype` is given."""
-        return dequantize_4bit(self.quantized_weight, dtype)
+        return self.dequantize_weight(self.quantized_weight, dtype)
 
     def forward(self, x):
         dtype = self.compute_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)

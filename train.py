@@ -28,6 +28,7 @@ from support.checkpoints import load_base_model
 from support.common import autocast_context, parse_config, pick_device, reset_peak_memory, save_atomic, write_together
 from support.config_checks import check_inference_flags, check_train_config
 from support.corpus import PretrainingData
+from support.fast_dequantize import use_fast_dequantize
 from support.ddp import World, init_world
 from support.instructions import InstructionData, check_max_new_tokens, resolve_template
 from support.loss import LossAtTargets
@@ -50,6 +51,7 @@ class TrainConfig:
     out_dir: str = "out/instruct"  # where the log, plots, samples, summary.json and checkpoints go
     finetune: Literal["lora", "full"] = "lora"  # train adapters only, or every weight
     quantize: Literal["none", "nf4"] = "none"  # nf4: QLoRA, the frozen base in 4-bit NF4 with double quantization
+    dequantize: Literal["reference", "table", "kernel"] = "reference"  # --quantize nf4: a faster way to the same values
     # LoRA (--finetune lora; on a 4-bit base with --quantize nf4)
     lora_rank: int = 32  # rank r of each update B @ A
     lora_alpha: float = 0.0  # scaling = alpha / r (alpha / sqrt(r) with --use_rslora); default (0): 2 x rank, so
@@ -139,6 +141,7 @@ def prepare_model(cfg, device):
         return model, tokenizer_name, "full"
     if cfg.quantize == "nf4":
         quantize_model(model)  # QLoRA: every linear layer but the tied output head to 4-bit NF4, frozen
+        use_fast_dequantize(model, cfg.dequantize)
     apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, dropout=cfg.lora_dropout,
                use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)  # freezes everything but the new adapters
     return model, tokenizer_name, "qlora" if cfg.quantize == "nf4" else "lora"

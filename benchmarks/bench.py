@@ -23,6 +23,7 @@ quantization, fp32 compute, LoRA r=8 on top.
 
 import argparse
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -38,7 +39,7 @@ import torch
 
 from lora import apply_lora, merge_lora
 from model import GPT, count_parameters
-from quantize import dequantize_nf4, quantize_model, quantize_nf4
+from quantize import quantize_model, quantize_nf4
 from support import fast_dequantize
 from support.common import REPO_DIR, peak_memory_bytes, reset_peak_memory
 from support.loss import LossAtTargets
@@ -100,12 +101,14 @@ def save_random_gpt2(shape, directory, seed=0):
     return directory
 
 
-def build_ours(mode, weights_dir, device):
-    """Our GPT for a TRAIN_MODES (or MASKED_MODES) mode, trainable parameters set, in train mode."""
+def build_ours(mode, weights_dir, device, dequantize="reference"):
+    """Our GPT for a TRAIN_MODES (or MASKED_MODES) mode, trainable parameters set, in train mode. A QLoRA mode's
+    4-bit layers dequantize by `dequantize` (fast_dequantize.PATHS)."""
     targets, quantized = TRAIN_MODES[MASKED_MODES.get(mode, mode)]
     model = GPT.from_pretrained(weights_dir).to(device)
     if quantized:  # fp32 compute, like bnb_4bit_compute_dtype=float32 below (on a GPU ours would default to bf16)
         quantize_model(model, block_size=64, double_quant=True, compute_dtype=torch.float32)
+        fast_dequantize.use_fast_dequantize(model, dequantize)
     if targets is not None:
         apply_lora(model, rank=LORA_RANK, alpha=LORA_ALPHA, targets=targets, dropout=0.0)
     return model.train()
@@ -259,7 +262,7 @@ def bench_training(args, shape, weights_dir, wanted, results):
         rows = [f"train_{mode}", f"params_{mode}", f"state_{mode}"]
         if not any(r in wanted for r in rows):
             continue
-        ours, hf = build_ours(mode, weights_dir, args.device), build_hf(mode, weights_dir, args.device)
+        ours, hf = build_ours(mode, weights_dir, args.device, args.dequantize), build_hf(mode, weights_dir, args.device)
         ours_opt, hf_opt = make_optimizer(ours), make_optimizer(hf)
         masked = mode in MASKED_MODES
         ours_step, hf_step = training_step(ours, ours_opt, tokens, False, masked), training_step(hf, hf_opt, tokens, True, masked)
@@ -320,7 +323,8 @@ def bench_inference(args, shape, weights_dir, wanted, results):
     del ours, hf, ours_forward, hf_forward
     release()
     if "infer_qlora" in wanted:
-        ours, hf = build_ours("qlora_qv", weights_dir, args.device).eval(), build_hf("qlora_qv", weights_dir, args.device).eval()
+        ours = build_ours("qlora_qv", weights_dir, args.device, args.dequantize).eval()
+        hf = build_hf("qlora_qv", weights_dir, args.device).eval()
         t_ours, t_hf = alternate(lambda: ours(x), lambda: hf(input_ids=x), args.repeats, args.warmup, args.device)
         record(results, "infer_qlora", "forward, QLoRA NF4+DQ + LoRA unmerged: ours q,v; PEFT c_attn", "ms",
                scale(t_ours, 1e3), scale(t_hf, 1e3), False)
@@ -383,36 +387,19 @@ def bench_nf4(args, weights_dir, wanted, results):
         if row not in wanted:
             continue
         # the definition (quantize.dequantize_4bit, what runs by default), then the opt-ins of support/fast_dequantize.py
-        with dequantize_path(path):
-            ran_on = fast_dequantize.status() if path == "kernel" and args.device == "cpu" else path
-            ours_d, bnb_d = [dequantize_nf4(q) for q in ours_q], [bnbf.dequantize_4bit(c, s) for c, s in bnb_q]
-            difference = max((a - b.view_as(a)).abs().max().item() for a, b in zip(ours_d, bnb_d))
-            del ours_d, bnb_d
-            t_ours, t_hf = alternate(lambda: [dequantize_nf4(q) for q in ours_q], lambda: [bnbf.dequantize_4bit(c, s) for c, s in bnb_q],
-                                     args.repeats, args.warmup, args.device)
-        label = "NF4+DQ dequantize" + ("" if path == "reference" else f", NANOQLORA_DEQUANTIZE={path}")
+        dequantize = fast_dequantize.dequantizer(path)
+        ran_on = fast_dequantize.status() if path == "kernel" and args.device == "cpu" else path
+        ours_d, bnb_d = [dequantize(q) for q in ours_q], [bnbf.dequantize_4bit(c, s) for c, s in bnb_q]
+        difference = max((a - b.view_as(a)).abs().max().item() for a, b in zip(ours_d, bnb_d))
+        del ours_d, bnb_d
+        t_ours, t_hf = alternate(lambda: [dequantize(q) for q in ours_q], lambda: [bnbf.dequantize_4bit(c, s) for c, s in bnb_q],
+                                 args.repeats, args.warmup, args.device)
+        label = "NF4+DQ dequantize" + ("" if path == "reference" else f", --dequantize {path}")
         record(results, row, f"{label}, all {len(weights)} linear weights (higher is better)", "GB/s",
                [gigabytes / t for t in t_ours], [gigabytes / t for t in t_hf], True, max_difference=difference, gigabytes=gigabytes,
                path=ran_on)
     del weights, ours_q, bnb_q
     release()
-
-
-class dequantize_path:
-    """Within it, NANOQLORA_DEQUANTIZE is `path`; the value before is restored after."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __enter__(self):
-        self.saved = os.environ.get("NANOQLORA_DEQUANTIZE")
-        os.environ["NANOQLORA_DEQUANTIZE"] = self.path
-
-    def __exit__(self, *exc):
-        if self.saved is None:
-            os.environ.pop("NANOQLORA_DEQUANTIZE", None)
-        else:
-            os.environ["NANOQLORA_DEQUANTIZE"] = self.saved
 
 
 def bench_classification(args, shape, weights_dir, results):
@@ -436,25 +423,27 @@ def bench_classification(args, shape, weights_dir, results):
 
     def train_epochs(cache):
         model, optimizer = models[cache]
-        from_block = model.frozen_blocks() if cache else 0
-        rows = classifier.cache_trunk(model, messages, from_block, CLASSIFY_BATCH, 0, args.device) if from_block else messages
+        cached_blocks = model.frozen_blocks() if cache else 0
+        rows = classifier.cache_trunk(model, messages, cached_blocks, CLASSIFY_BATCH, 0, args.device) if cached_blocks else messages
+        logits_of = functools.partial(model.forward_from_block, block=cached_blocks) if cached_blocks else model
         model.train()
         for epoch in range(CLASSIFY_EPOCHS):
             order = torch.Generator().manual_seed(epoch)
-            for x, lengths, y in sms_data.make_batches(rows, CLASSIFY_BATCH, 0, order, sms_data.collate_activations if from_block else sms_data.collate_messages):
-                F.cross_entropy(model(x.to(args.device), lengths, from_block=from_block), y.to(args.device)).backward()
+            for x, lengths, y in sms_data.make_batches(rows, CLASSIFY_BATCH, 0, order, sms_data.collate_activations if cached_blocks else sms_data.collate_messages):
+                F.cross_entropy(logits_of(x.to(args.device), lengths), y.to(args.device)).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
     with torch.no_grad():  # both start from the same weights: the cached path must give the uncached logits
         x, lengths, _ = sms_data.collate_messages(messages, 0)
-        from_block = models[True][0].frozen_blocks()
-        cached = sms_data.collate_activations(classifier.cache_trunk(models[True][0], messages, from_block, CLASSIFY_BATCH, 0, args.device))[0]
-        difference = (models[True][0].eval()(cached, lengths, from_block=from_block) - models[False][0].eval()(x.to(args.device), lengths)).abs().max().item()
+        cached_blocks = models[True][0].frozen_blocks()
+        cached = sms_data.collate_activations(classifier.cache_trunk(models[True][0], messages, cached_blocks, CLASSIFY_BATCH, 0, args.device))[0]
+        from_cache = models[True][0].eval().forward_from_block(cached, lengths, cached_blocks)
+        difference = (from_cache - models[False][0].eval()(x.to(args.device), lengths)).abs().max().item()
     t_cached, t_uncached = alternate(lambda: train_epochs(True), lambda: train_epochs(False), args.repeats, args.warmup, args.device)
     record(results, "classify_last_block", f"last_block classification, {CLASSIFY_EPOCHS} epochs x {CLASSIFY_MESSAGES} messages: "
            f"ours trunk cached vs (HF column) ours uncached", "s", t_cached, t_uncached, False, max_logit_difference=difference,
-           cached_blocks=from_block)
+           cached_blocks=cached_blocks)
     del models
     release()
 
@@ -487,16 +476,16 @@ def current_memory_bytes(device):
     raise RuntimeError("peak memory on CPU needs Linux's /proc/self/status; run with --memory off")
 
 
-def measure_peak(mode, impl, weights_dir, shape, device, steps=2, warm_up=True):
+def measure_peak(mode, impl, weights_dir, shape, device, dequantize, steps=2, warm_up=True):
     """Peak memory of `steps` training steps in `mode` above what was in use before the model was loaded: the
     model, its activations, gradients and optimizer state. The peak counter is reset after loading, so
     loading's own transient copies do not count. CPU: resident set size (VmHWM); CUDA: max_memory_allocated."""
     if warm_up:  # first use maps library code and sets up thread pools and caches: not the model's memory
-        measure_peak(mode, impl, weights_dir, shape, device, steps=1, warm_up=False)
+        measure_peak(mode, impl, weights_dir, shape, device, dequantize, steps=1, warm_up=False)
     gc.collect()
     return_freed_memory(device)
     baseline = current_memory_bytes(device)
-    model = build_ours(mode, weights_dir, device) if impl == "ours" else build_hf(mode, weights_dir, device)
+    model = build_ours(mode, weights_dir, device, dequantize) if impl == "ours" else build_hf(mode, weights_dir, device)
     optimizer = make_optimizer(model)
     step = training_step(model, optimizer, random_tokens(shape, shape["batch"], shape["seq"] + 1, device), impl == "hf", mode in MASKED_MODES)
     reset_peak_memory(device)
@@ -510,15 +499,16 @@ def measure_peak(mode, impl, weights_dir, shape, device, steps=2, warm_up=True):
 
 
 def memory_worker(argv):
-    """`python -m benchmarks.bench --memory-worker MODE IMPL WEIGHTS_DIR SHAPE DEVICE THREADS`: print one peak, in a fresh process."""
-    mode, impl, weights_dir, shape_name, device, threads = argv
+    """`python -m benchmarks.bench --memory-worker MODE IMPL WEIGHTS_DIR SHAPE DEVICE THREADS DEQUANTIZE`: print one peak,
+    in a fresh process."""
+    mode, impl, weights_dir, shape_name, device, threads, dequantize = argv
     torch.set_num_threads(int(threads))
     if impl == "hf":  # import before the baseline, as ours imported its modules above
         import peft  # noqa: F401
 
         quiet_transformers()
     gc.freeze()  # the imported modules' objects are never garbage: keep gc.collect from scanning them each time
-    print(json.dumps({"peak_bytes": measure_peak(mode, impl, weights_dir, SHAPES[shape_name], device)}))
+    print(json.dumps({"peak_bytes": measure_peak(mode, impl, weights_dir, SHAPES[shape_name], device, dequantize)}))
 
 
 def bench_memory(args, shape, weights_dir, wanted, results):
@@ -532,13 +522,13 @@ def bench_memory(args, shape, weights_dir, wanted, results):
         for impl in ("ours", "hf"):
             if args.memory == "process":
                 command = [sys.executable, "-m", "benchmarks.bench", "--memory-worker", mode, impl, weights_dir, args.shape,
-                           args.device, str(args.threads)]
+                           args.device, str(args.threads), args.dequantize]
                 done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_DIR)
                 if done.returncode != 0:
                     raise RuntimeError(f"memory worker for {mode}/{impl} failed:\n{done.stderr[-3000:]}")
                 peaks[impl] = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
             else:
-                peaks[impl] = measure_peak(mode, impl, weights_dir, shape, args.device, warm_up=False)  # warm already
+                peaks[impl] = measure_peak(mode, impl, weights_dir, shape, args.device, args.dequantize, warm_up=False)  # warm already
         what = "RSS" if args.device == "cpu" else "allocated"
         record(results, f"peak_{mode}", f"peak training memory ({what}), {MODE_LABELS[mode]}", "MiB",
                peaks["ours"] / 2**20, peaks["hf"] / 2**20, False, method=args.memory)
@@ -611,7 +601,7 @@ def write_markdown(path, results, machine, command, shape_name, shape, args):
     if merged:
         lines += ["", f"LoRA merged / base model forward time (LoRA §4.1: merging adds no latency): ours {merged['ours']:.2f}, HF {merged['hf']:.2f}."]
     kernel_path = results.get("nf4_dequantize_kernel", {}).get("path")
-    lines += ["", f"QLoRA rows dequantize with NANOQLORA_DEQUANTIZE={args.dequantize} (--dequantize). The NF4 dequantize rows: "
+    lines += ["", f"QLoRA rows dequantize with --dequantize {args.dequantize}. The NF4 dequantize rows: "
               f"quantize.dequantize_4bit, the definition that runs by default, then the opt-in paths of support/fast_dequantize.py"
               + (f" (kernel: {kernel_path})." if kernel_path else ".")]
     lines += [
@@ -642,7 +632,7 @@ def parse_args(argv=None):
     parser.add_argument("--memory", choices=("process", "reset", "off"), default=None,
                         help="peak memory: a fresh process per measurement (default), one process with resets (--quick), or off")
     parser.add_argument("--dequantize", choices=fast_dequantize.PATHS, default="kernel",
-                        help="NANOQLORA_DEQUANTIZE for the QLoRA rows (default: kernel, the fastest on a CPU; reference: the definition)")
+                        help="how the QLoRA rows dequantize (default: kernel, the fastest on a CPU; reference: the definition)")
     parser.add_argument("--only", default=",".join(ROW_GROUPS), help=f"comma-separated groups ({', '.join(ROW_GROUPS)}) or row ids (default: all)")
     parser.add_argument("--out", default=os.path.join(REPO_DIR, "benchmarks", "results.json"),
                         help="JSON path; the Markdown table goes beside it with .md (default: benchmarks/results.json)")
@@ -672,7 +662,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.environ["NANOQLORA_DEQUANTIZE"] = args.dequantize  # the QLoRA rows (and their memory workers) dequantize this way
     torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
     command = ("python -m benchmarks.bench " + shlex.join(sys.argv[1:] if argv is None else argv)).rstrip()

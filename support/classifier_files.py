@@ -1,11 +1,11 @@
 """
 What finetune_classifier.py saves and --classify loads back: the trained parts (LoRA modes: the adapter directory,
-via lora.save_adapter; other modes: classifier.pt), and classifier.json, which names the base and is written last,
+via support.adapters.save_adapter; other modes: classifier.pt), and classifier.json, which names the base and is written last,
 recording the run id and the SHA-256 of the weights written before it, so a folder left half-updated by a killed
-run is refused. The base is recognised by a fingerprint of its weights: a retrained base at the same path is refused.
+run is refused. The base is recognised by the SHA-256 of its weights (checkpoints.weights_sha256, as an adapter of
+train.py's is): a retrained base at the same path is refused.
 """
 
-import math
 import os
 
 import torch
@@ -13,27 +13,22 @@ import torch
 import lora
 from quantize import quantize_model
 from support.adapters import ADAPTER_WEIGHTS, load_adapter, save_adapter
-from support.checkpoints import load_base_model
+from support.checkpoints import load_base_model, weights_sha256
 from support.common import save_atomic, write_json_atomic
 from support.safety import UserError, file_sha256, load_tensor_file, read_json
 from support.sms_data import LABELS
 from support.tokenizer import get_tokenizer
 
 
-def base_fingerprint(gpt):
-    """(parameter count, sum of squared weights) of a base model: cheap, and different for a retrained base."""
-    tensors = list(gpt.state_dict().values())
-    return [sum(t.numel() for t in tensors), sum(float(t.detach().cpu().double().square().sum()) for t in tensors)]
-
-
-def save_trained(model, cfg, tokenizer_name, max_length, fingerprint, run_id=None):
+def save_trained(model, cfg, tokenizer_name, max_length, base_sha256, run_id=None):
     """Save what fine-tuning changed, and how to rebuild the rest. LoRA modes: the adapter directory (A, B and
-    the head, via lora.save_adapter). Other modes: the trained tensors in classifier.pt. classifier.json
-    names the base, so --classify can load base + trained parts. It is written last and records the run id and
-    the SHA-256 of the weights file written before it: a folder left half-updated by a killed run is refused."""
+    the head, via support.adapters.save_adapter). Other modes: the trained tensors in classifier.pt. classifier.json
+    names the base and records its SHA-256 (base_sha256), so --classify can load base + trained parts, and on no
+    other base. It is written last and records the run id and the SHA-256 of the weights file written before it: a
+    folder left half-updated by a killed run is refused."""
     init_from = os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
     info = {"mode": cfg.mode, "init_from": init_from, "tokenizer": tokenizer_name, "labels": list(LABELS), "max_length": max_length,
-            "base_fingerprint": fingerprint, "run_id": run_id}
+            "base_sha256": base_sha256, "run_id": run_id}
     if cfg.mode in ("lora", "qlora"):
         weights_path = save_adapter(model, os.path.join(cfg.out_dir, "adapter"), metadata={"run_id": run_id})
     else:
@@ -50,7 +45,7 @@ def load_classifier(out_dir, device="cpu"):
     info_path = os.path.join(out_dir, "classifier.json")
     if not os.path.isfile(info_path):
         raise FileNotFoundError(f"no classifier in {out_dir} ({info_path} missing); train one with `python finetune_classifier.py --out_dir {out_dir}`")
-    needed = ("mode", "init_from", "tokenizer", "labels", "max_length", "base_fingerprint", "run_id", "weights_sha256")
+    needed = ("mode", "init_from", "tokenizer", "labels", "max_length", "base_sha256", "run_id", "weights_sha256")
     info = read_json(info_path, needed, what="classifier description written by finetune_classifier.py (train it again)")
     if info["mode"] not in MODES:
         raise UserError(f"{info_path}: 'mode' is {info['mode']!r}, but must be one of {', '.join(MODES)}")
@@ -66,8 +61,7 @@ def load_classifier(out_dir, device="cpu"):
     if os.path.isfile(summary_path) and read_json(summary_path, ["run_id"], what="classifier summary")["run_id"] != info["run_id"]:
         raise UserError(f"{summary_path} and {info_path} come from different runs; train the classifier again in an empty --out_dir")
     gpt, tokenizer_name = load_base_model(info["init_from"], device)
-    count, square_sum = base_fingerprint(gpt)
-    if count != info["base_fingerprint"][0] or not math.isclose(square_sum, info["base_fingerprint"][1], rel_tol=1e-6):
+    if weights_sha256(gpt) != info["base_sha256"]:
         raise ValueError(f"the base model at {info['init_from']} is not the one {out_dir} was trained on (its weights differ); "
                          f"retrain the classifier, or restore that base")
     if info["mode"] in ("lora", "qlora"):

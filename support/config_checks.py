@@ -24,10 +24,13 @@ def check_classifier_config(cfg, modes):
     if cfg.max_length < 0:
         raise UserError(f"--max_length {cfg.max_length}: use a positive number of tokens (or 0 for the model's block size)")
     check_finite_settings(cfg)
-    check_optimizer_ranges(cfg, {"warmup_ratio": (0 <= cfg.warmup_ratio <= 1, "in [0, 1]")})
+    check_optimizer_ranges(cfg, {"warmup_ratio": (0 <= cfg.warmup_ratio <= 1, "in [0, 1]"),
+                                 "lora_alpha": (cfg.lora_alpha >= 0, ">= 0 (0 = the default, 2 x --lora_rank)")})
     if cfg.mode in ("lora", "qlora"):
         check_lora_scaling(cfg)
         lora.resolve_targets(cfg.lora_targets)  # names the first unknown target
+    if cfg.dequantize != "reference" and cfg.mode != "qlora":
+        raise UserError(f"--dequantize {cfg.dequantize}: only --mode qlora has a 4-bit base to dequantize; drop the flag")
 
 
 def check_train_config(cfg):
@@ -73,8 +76,8 @@ def check_lora_scaling(cfg):
     from lora import lora_scaling
     from support.adapters import MAX_LORA_SCALING
 
-    alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank  # 0: the default, 2 x rank
-    scaling = lora_scaling(alpha, cfg.lora_rank, getattr(cfg, "use_rslora", False))
+    alpha = cfg.lora_alpha  # 0: apply_lora's default, a scaling of 2 (sqrt(2 r) with rsLoRA, within bounds at any rank)
+    scaling = lora_scaling(alpha, cfg.lora_rank, getattr(cfg, "use_rslora", False)) if alpha else 0.0
     if scaling > MAX_LORA_SCALING:
         raise UserError(f"--lora_alpha {alpha:g} with --lora_rank {cfg.lora_rank} scales the update by {scaling:g}; use an alpha "
                         f"that scales it by at most {MAX_LORA_SCALING:g} (2 x rank, a scaling of 2, is the usual choice)")

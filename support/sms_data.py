@@ -159,15 +159,17 @@ def collate_activations(rows, pad_id=None):
 
 
 @torch.no_grad()
-def evaluate_classifier(model, batches, device, from_block=0):
+def evaluate_classifier(model, batches, device, logits_of=None):
     """Mean cross-entropy, accuracy and confusion matrix (rows: true class, columns: predicted) over all batches.
-    from_block > 0: the batches hold cached trunk activations (see cache_trunk)."""
+    logits_of(x, lengths): what computes a batch's logits; default: the model, on token ids (frozen-trunk caching
+    passes model.forward_from_block, for batches of cached activations)."""
     model.eval()
+    logits_of = model if logits_of is None else logits_of
     total_loss, confusion = 0.0, torch.zeros(len(LABELS), len(LABELS), dtype=torch.long)
     for x, lengths, y in batches:
         x, lengths, y = x.to(device), lengths.to(device), y.to(device)
         with autocast_context(device):
-            logits = model(x, lengths, from_block=from_block)
+            logits = logits_of(x, lengths)
         total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
         predictions = logits.argmax(dim=-1)
         confusion += torch.bincount(y.cpu() * len(LABELS) + predictions.cpu(), minlength=len(LABELS) ** 2).view(len(LABELS), len(LABELS))

@@ -1,6 +1,7 @@
-"""support/fast_dequantize.py: the opt-in paths (NANOQLORA_DEQUANTIZE=table, =kernel) give exactly the values of
-quantize.dequantize_4bit, the definition; nothing is compiled unless asked; when the kernel cannot be built the table
-path runs, with a warning that says why."""
+"""support/fast_dequantize.py: the opt-in paths (use_fast_dequantize(model, "table" or "kernel"), --dequantize) give
+exactly the values of quantize.dequantize_4bit, the definition; nothing is compiled unless asked; when the kernel cannot
+be built the table path runs, with a warning that says why."""
+import copy
 import hashlib
 import os
 import shutil
@@ -30,13 +31,8 @@ def require_kernel():
 
 
 def definition(q):
-    """quantize.dequantize_4bit as it runs by default."""
-    saved = os.environ.pop("NANOQLORA_DEQUANTIZE", None)
-    try:
-        return Q.dequantize_4bit(q, torch.float32)
-    finally:
-        if saved is not None:
-            os.environ["NANOQLORA_DEQUANTIZE"] = saved
+    """quantize.dequantize_4bit, what a Linear4bit runs by default."""
+    return Q.dequantize_4bit(q, torch.float32)
 
 
 LAYOUTS = [(quant_type, double_quant) for quant_type in Q.QUANT_TYPES for double_quant in (False, True)]
@@ -44,12 +40,11 @@ SHAPES = [(1,), (3,), (33, 65), (4097,), (300, 64)]  # sizes that end inside a b
 
 
 @pytest.mark.parametrize("block_size", [2, 8, 16, 32, 64, 4096])
-def test_table_path_equals_the_definition_bit_for_bit(block_size, monkeypatch):
-    monkeypatch.setenv("NANOQLORA_DEQUANTIZE", "table")
+def test_table_path_equals_the_definition_bit_for_bit(block_size):
     torch.manual_seed(block_size)
     for (quant_type, double_quant), shape in [(layout, shape) for layout in LAYOUTS for shape in SHAPES]:
         q = Q.quantize_4bit(torch.randn(shape) * 0.05, quant_type, block_size, double_quant)
-        values = Q.dequantize_4bit(q, torch.float32)
+        values = K.dequantize_by_table(q, torch.float32)
         assert torch.equal(values, definition(q)), (quant_type, double_quant, shape)
 
 
@@ -92,7 +87,6 @@ def test_kernel_equals_the_definition_bit_for_bit(simd_level, block_size, monkey
 def test_kernel_splits_work_over_threads_without_changing_a_value(fresh_kernel):
     """Small per-thread shares force the split (and a last share that ends mid-way); the result is the same."""
     require_kernel()
-    fresh_kernel.setenv("NANOQLORA_DEQUANTIZE", "kernel")
     q = Q.quantize_nf4(torch.randn(1000, 777), double_quant=True)
     expected = definition(q)
     threads = torch.get_num_threads()
@@ -100,14 +94,13 @@ def test_kernel_splits_work_over_threads_without_changing_a_value(fresh_kernel):
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            assert torch.equal(Q.dequantize_4bit(q, torch.float32), expected), n
+            assert torch.equal(K.dequantize_by_kernel(q, torch.float32), expected), n
     finally:
         torch.set_num_threads(threads)
 
 
 def test_nothing_is_compiled_unless_asked(fresh_kernel, tmp_path):
     """The default path is the definition in quantize.py: a QLoRA forward and backward build and load no library."""
-    fresh_kernel.delenv("NANOQLORA_DEQUANTIZE", raising=False)
     fresh_kernel.setenv("NANOQLORA_KERNEL_CACHE", str(tmp_path / "cache"))
     import lora
     from model import GPT, GPTConfig
@@ -119,14 +112,27 @@ def test_nothing_is_compiled_unless_asked(fresh_kernel, tmp_path):
 
 
 def test_kernel_is_used_when_asked_and_says_so(fresh_kernel):
+    """use_fast_dequantize(model, "kernel") reaches every Linear4bit, nested ones included, and a copy of the model
+    keeps it; the layer then computes through the kernel exactly what the definition computes."""
     require_kernel()
-    fresh_kernel.setenv("NANOQLORA_DEQUANTIZE", "kernel")
+    from model import GPT, GPTConfig
+
+    model = Q.quantize_model(GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=64)))
+    layers = [m for m in model.modules() if isinstance(m, Q.Linear4bit)]
+    expected = [definition(layer.quantized_weight) for layer in layers]
+    assert K.use_fast_dequantize(model, "kernel") is model
     calls = []
-    real = K.dequantize_4bit_kernel
-    fresh_kernel.setattr(K, "dequantize_4bit_kernel", lambda *a, **k: calls.append(1) or real(*a, **k))
-    q = Q.quantize_nf4(torch.randn(64, 64))
-    assert torch.equal(Q.dequantize_nf4(q), definition(q).view(64, 64)) and calls
+    real = K.run_kernel
+    fresh_kernel.setattr(K, "run_kernel", lambda *a, **k: calls.append(1) or real(*a, **k))
+    copied = [m for m in copy.deepcopy(model).modules() if isinstance(m, Q.Linear4bit)]
+    for layers_of_a_model in (layers, copied):
+        calls.clear()
+        assert all(torch.equal(layer.dequantize(torch.float32), e) for layer, e in zip(layers_of_a_model, expected))
+        assert len(calls) == len(layers) == 12, "a layer did not take the kernel"
     assert K.status().startswith("C kernel (")
+    K.use_fast_dequantize(model, "reference")  # and back to the definition
+    calls.clear()
+    assert torch.equal(layers[0].dequantize(torch.float32), expected[0]) and not calls
 
 
 def test_library_is_built_once_per_source_and_compiler(tmp_path):
@@ -144,17 +150,16 @@ def test_library_is_built_once_per_source_and_compiler(tmp_path):
 
 
 def test_no_compiler_falls_back_to_the_table_path_with_a_warning(fresh_kernel, tmp_path):
-    fresh_kernel.setenv("NANOQLORA_DEQUANTIZE", "kernel")
     fresh_kernel.setenv("CC", str(tmp_path / "no-such-compiler"))
     fresh_kernel.setenv("NANOQLORA_KERNEL_CACHE", str(tmp_path / "cache"))
     q = Q.quantize_nf4(torch.randn(64, 64))
     with pytest.warns(RuntimeWarning, match="no-such-compiler"):
-        values = Q.dequantize_nf4(q)
+        values = K.dequantize_by_kernel(q)
     assert torch.equal(values, definition(q).view(64, 64))
     assert K.status().startswith("byte-pair table in PyTorch (no C kernel: cannot run the C compiler")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once is enough: the next call neither retries nor warns again
-        Q.dequantize_nf4(q)
+        K.dequantize_by_kernel(q)
 
 
 def test_compile_error_is_reported(tmp_path):
@@ -162,10 +167,15 @@ def test_compile_error_is_reported(tmp_path):
         K.compile_kernel("false", str(tmp_path))  # a "compiler" that always fails
 
 
-def test_an_unknown_path_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("NANOQLORA_DEQUANTIZE", "fast")
-    with pytest.raises(ValueError, match="NANOQLORA_DEQUANTIZE='fast': use one of reference, table, kernel"):
-        Q.dequantize_nf4(Q.quantize_nf4(torch.randn(8, 8)))
+def test_an_unknown_path_or_a_model_without_4bit_layers_is_a_clear_error():
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=32))
+    with pytest.raises(ValueError, match="dequantize path 'fast': use one of reference, table, kernel"):
+        K.use_fast_dequantize(Q.quantize_model(copy.deepcopy(model)), "fast")
+    with pytest.raises(ValueError, match="dequantize path 'table': the model has no 4-bit layer; quantize it first"):
+        K.use_fast_dequantize(model, "table")  # a silent no-op would leave the run on a path it did not ask for
+    assert K.use_fast_dequantize(model, "reference") is model
 
 
 @pytest.mark.parametrize("path", ["table", "kernel"])
@@ -176,10 +186,11 @@ def test_qlora_training_is_the_same_on_every_path(path, monkeypatch):
     import lora
     from model import GPT, GPTConfig
 
-    def train():
+    def train(dequantize):
         torch.manual_seed(0)
         model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=64))
-        model = lora.apply_lora(Q.quantize_model(model), rank=4, alpha=8, targets="all-linear")
+        model = K.use_fast_dequantize(Q.quantize_model(model), dequantize)
+        model = lora.apply_lora(model, rank=4, alpha=8, targets="all-linear")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         tokens = torch.randint(64, (4, 33), generator=torch.Generator().manual_seed(1))
         for _ in range(3):
@@ -188,13 +199,11 @@ def test_qlora_training_is_the_same_on_every_path(path, monkeypatch):
             optimizer.zero_grad()
         return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
-    monkeypatch.delenv("NANOQLORA_DEQUANTIZE", raising=False)
-    reference = train()
-    monkeypatch.setenv("NANOQLORA_DEQUANTIZE", path)
+    reference = train("reference")
     calls = []
     table = K.dequantize_4bit_table
     monkeypatch.setattr(K, "dequantize_4bit_table", lambda q: calls.append(1) or table(q))
-    fast = train()
+    fast = train(path)
     assert (not calls) if path == "kernel" else calls, "the chosen path did not run"
     assert reference.keys() == fast.keys() and all(torch.equal(reference[k], fast[k]) for k in reference)
 
@@ -251,11 +260,10 @@ def test_a_library_planted_in_the_cache_is_never_loaded(fresh_kernel, tmp_path, 
     os.replace(compile_c(PLANTED, str(tmp_path), "planted.so"), cache / expected_library_name())
     fresh_kernel.setenv("CC", "cc")
     fresh_kernel.setenv("NANOQLORA_KERNEL_CACHE", str(cache))
-    fresh_kernel.setenv("NANOQLORA_DEQUANTIZE", "kernel")
     fresh_kernel.setenv("PLANTED_MARKER", str(tmp_path / "marker"))
     q = Q.quantize_nf4(torch.randn(64, 64))
     with pytest.warns(RuntimeWarning, match="is not the library this code built"):
-        values = Q.dequantize_nf4(q)
+        values = K.dequantize_by_kernel(q)
     assert not (tmp_path / "marker").exists(), "the planted library's code ran"
     assert torch.equal(values, definition(q).view(64, 64)) and K.status().startswith("C kernel (")
 
@@ -267,10 +275,9 @@ def test_a_cache_others_can_write_is_not_used(fresh_kernel, tmp_path):
     shared.mkdir()
     shared.chmod(0o777)  # NANOQLORA_KERNEL_CACHE on a shared path: anyone could plant a library there
     fresh_kernel.setenv("NANOQLORA_KERNEL_CACHE", str(shared))
-    fresh_kernel.setenv("NANOQLORA_DEQUANTIZE", "kernel")
     q = Q.quantize_nf4(torch.randn(64, 64))
     with pytest.warns(RuntimeWarning, match="can be written by other users \\(mode 777\\); make it private"):
-        values = Q.dequantize_nf4(q)
+        values = K.dequantize_by_kernel(q)
     assert torch.equal(values, definition(q).view(64, 64)) and K.status().startswith("byte-pair table")
     assert list(shared.iterdir()) == []  # nothing built or loaded there
 
@@ -287,10 +294,9 @@ def test_a_library_that_lacks_the_function_or_computes_wrong_values_falls_back(f
     (tmp_path / "kernel.c").write_text(source)
     fresh_kernel.setattr(K, "KERNEL_SOURCE_PATH", str(tmp_path / "kernel.c"))
     fresh_kernel.setenv("NANOQLORA_KERNEL_CACHE", str(tmp_path / "cache"))
-    fresh_kernel.setenv("NANOQLORA_DEQUANTIZE", "kernel")
     q = Q.quantize_nf4(torch.randn(64, 64))
     with pytest.warns(RuntimeWarning, match=says):
-        values = Q.dequantize_nf4(q)
+        values = K.dequantize_by_kernel(q)
     assert torch.equal(values, definition(q).view(64, 64)) and K.status().startswith("byte-pair table")
 
 

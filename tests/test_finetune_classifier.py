@@ -139,6 +139,22 @@ def test_other_modes_save_and_reload_what_they_trained(tiny_base, tmp_path, mode
         assert all(not torch.equal(p, base.state_dict()[n]) for n, p in model.gpt.state_dict().items() if n.endswith("weight"))
 
 
+def test_qlora_trains_the_same_classifier_on_every_dequantize_path(tiny_base, tmp_path, monkeypatch):
+    """--dequantize table or kernel is an opt-in that computes the definition's values: the same losses, bit for bit,
+    and the chosen path is the one that ran."""
+    from support import fast_dequantize
+
+    data = two_class_file(tmp_path)
+    calls = []
+    table = fast_dequantize.dequantize_4bit_table
+    monkeypatch.setattr(fast_dequantize, "dequantize_4bit_table", lambda q: calls.append(1) or table(q))
+    runs = {path: fc.train_classifier(config(tiny_base, tmp_path / path, mode="qlora", lora_rank=2, dataset=data,
+                                             batch_size=4, dequantize=path)) for path in ("reference", "table")}
+    assert calls, "--dequantize table did not take the table path"
+    for key in ("train_loss", "val_loss", "test_loss", "test_accuracy"):
+        assert runs["table"][key] == runs["reference"][key], key
+
+
 def test_a_classifier_refuses_a_base_that_changed_since_training(tmp_path):
     base = tmp_path / "base.pt"
     save = lambda seed: torch.save({"model_config": vars(tiny_gpt(seed).config).copy(), "tokenizer": "bytes",
@@ -155,6 +171,8 @@ def test_a_classifier_refuses_a_base_that_changed_since_training(tmp_path):
 def test_bad_settings_are_clear_errors(tiny_base, tmp_path):
     with pytest.raises(ValueError, match="--mode 'adapter'"):
         fc.train_classifier(config(tiny_base, tmp_path, mode="adapter"))
+    with pytest.raises(ValueError, match="--dequantize kernel: only --mode qlora has a 4-bit base"):
+        fc.train_classifier(config(tiny_base, tmp_path, mode="lora", dequantize="kernel"))
     with pytest.raises(ValueError, match="--dataset 'imdb'"):
         fc.train_classifier(config(tiny_base, tmp_path, dataset="imdb"))
     with pytest.raises(ValueError, match="block_size 128"):
@@ -371,9 +389,11 @@ def test_cached_trunk_gives_the_same_logits_and_gradients(mode, smear_keys):
     assert [tuple(a.shape) for a, _ in cached] == [(len(ids), 32) for ids in messages] and [y for _, y in cached] == [0, 1, 0, 1]
     results = []
     model.train()
-    for x, lengths, y, from_block in (sms_data.collate_messages(rows, 256) + (0,), sms_data.collate_activations(cached) + (n,)):
+    from_ids = lambda x, lengths: model(x, lengths)
+    from_cache = lambda x, lengths: model.forward_from_block(x, lengths, n)
+    for (x, lengths, y), logits_of in ((sms_data.collate_messages(rows, 256), from_ids), (sms_data.collate_activations(cached), from_cache)):
         model.zero_grad(set_to_none=True)
-        logits = model(x, lengths, from_block=from_block)
+        logits = logits_of(x, lengths)
         torch.nn.functional.cross_entropy(logits, y).backward()
         results.append((logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
     (plain, plain_grads), (fast, fast_grads) = results
