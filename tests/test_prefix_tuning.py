@@ -142,8 +142,8 @@ def test_save_load_bit_exact_and_switching(tmp_path):
     logits_a = model(idx)[0]
     add_adapter(model, "b", "prefix", num_virtual_tokens=2, reparameterize=True, hidden_size=8)
     assert model.prefix is not prefix_a and not prefix_a.prefix.requires_grad  # a is aside, and frozen
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters()
-                                                                           if n.startswith("prefix.reparameterization.")}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("prefix.reparameterization.")}
     with torch.no_grad():  # b trains: a's prefix must not follow
         for p in model.prefix.parameters():
             p.add_(0.1 * torch.randn_like(p))
