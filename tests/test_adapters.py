@@ -134,7 +134,13 @@ def test_applying_twice_is_an_error():
         apply_adapters(model, bottleneck=4)
     with pytest.raises(ValueError, match="new, non-empty string.*'default'"):
         add_adapter(model, "default", "bottleneck", bottleneck=4)
+    perturb(model)
+    idx = tokens()
+    adapted = model(idx)[0]
+    with pytest.raises(ValueError, match="bottleneck must be a positive integer"):  # after "default" was put aside
+        add_adapter(model, "b", "bottleneck", bottleneck=0)
     assert adapter_names(model) == ["default"] and active_adapter(model) == "default"  # the failed adds changed nothing
+    assert torch.equal(model(idx)[0], adapted)  # "default" is back in the model
     quantized = tiny_gpt()  # a 4-bit layer has no dense weight for a bottleneck to follow
     quantized.transformer.h[1].mlp.fc_out = Linear4bit.from_linear(quantized.transformer.h[1].mlp.fc_out)
     with pytest.raises(ValueError, match="transformer.h.1.mlp.fc_out is not one"):

@@ -94,7 +94,12 @@ def test_only_vectors_and_head_train():
 def test_merge_matches_unmerged_and_blocks_switching():
     """Merged, the base weights hold the scaled W: putting the adapter aside would leave a changed base behind, and
     (IA)³ has no unmerge, so switching away is refused."""
-    model = apply_ia3(tiny_gpt())
+    model = tiny_gpt()
+    with torch.no_grad():  # GPT starts its biases at zero: give them values, so that scaling them shows
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    apply_ia3(model)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
