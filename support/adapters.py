@@ -65,6 +65,10 @@ def registry(model):
     if reg["active"] is not None and not in_model:  # its wrappers were taken out behind our back (merge_lora unload)
         del reg["adapters"][reg["active"]]
         reg["active"] = None
+    active_layers = {id(m) for _, m in reg["adapters"].get(reg["active"], [])}
+    if reg["active"] is not None and {id(m) for _, m in in_model} != active_layers:
+        raise RuntimeError(f"the adapter layers in the model are not those of its active adapter {reg['active']!r}: "
+                           f"they were switched through a submodule (e.g. a classifier's .gpt); use one model for all")
     if reg["active"] is None and in_model:
         reg["active"] = "default" if "default" not in reg["adapters"] else f"default{len(reg['adapters'])}"
         reg["adapters"][reg["active"]] = in_model

@@ -6,9 +6,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from other_methods.adapters import AdapterLayerNorm, AdapterLinear, apply_adapters, bottleneck_parameter_count
-from support.adapters import (add_adapter, adapter_names, delete_adapter, disable_adapters, load_adapter, save_adapter,
-                              set_adapter)
+from support.adapters import (active_adapter, add_adapter, adapter_names, adapter_tensors, delete_adapter,
+                              disable_adapters, load_adapter, save_adapter, set_adapter)
 from model import GPT, GPTConfig
+from quantize import Linear4bit
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -45,9 +46,8 @@ def perturb(model, seed=3, scale=0.1):
 
 def test_one_adapter_has_2md_plus_d_plus_m_parameters():
     for d, m in ((32, 4), (768, 64), (128, 16)):
-        layer = AdapterLinear(nn.Linear(d, d))
-        layer.add_adapter("a", dict(bottleneck=m, activation="gelu", init_std=1e-2))
-        assert sum(p.numel() for p in layer.adapter_tensors("a").values()) == bottleneck_parameter_count(d, m) == 2 * m * d + d + m
+        layer = AdapterLinear(nn.Linear(d, d), m, "gelu", 1e-2)
+        assert sum(p.numel() for p in layer.adapter.parameters()) == bottleneck_parameter_count(d, m) == 2 * m * d + d + m
 
 
 @pytest.mark.parametrize("placement,adapters_per_block,norms", [("houlsby", 2, 2 * TINY.n_layer + 1), ("pfeiffer", 1, 0)])
@@ -76,10 +76,8 @@ def test_fresh_adapter_leaves_logits_unchanged(placement):
 def test_adapter_formula():
     torch.manual_seed(0)
     base = nn.Linear(16, 16)
-    layer = AdapterLinear(base)
-    layer.add_adapter("a", dict(bottleneck=3, activation="relu", init_std=1e-2))
-    layer.active_adapter = "a"
-    ad = layer.adapters["a"]
+    layer = AdapterLinear(base, 3, "relu", 1e-2)
+    ad = layer.adapter
     with torch.no_grad():
         ad.up.weight.normal_()
     x = torch.randn(5, 16)
@@ -92,8 +90,9 @@ def test_one_step_changes_only_adapters_norms_and_head():
     model = Classifier(GPT(TINY))
     apply_adapters(model, bottleneck=4, trainable=("head",))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n in dict(model.named_parameters()) if ".adapters." in n or n.startswith("head.")
-                         or (n.endswith((".weight.default", ".bias.default")) and ("ln_" in n))}
+    # the adapters' bottlenecks, the head, and each LayerNorm's own copy of its gain and bias (not its frozen .base)
+    assert trainable == {n for n in dict(model.named_parameters()) if ".adapter." in n or n.startswith("head.")
+                         or (".ln_" in n and n.endswith((".weight", ".bias")) and ".base." not in n)}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     idx, labels = tokens(), torch.tensor([0, 1])
@@ -114,31 +113,44 @@ def test_one_step_changes_only_adapters_norms_and_head():
     (dict(bottleneck=0), "bottleneck must be a positive integer"),
     (dict(bottleneck=-3), "bottleneck must be a positive integer"),
     (dict(bottleneck=2.5), "bottleneck must be a positive integer"),
-    (dict(placement="parallel"), "unknown placement 'parallel'"),
-    (dict(activation="tanh"), "unknown activation"),
+    (dict(placement="parallel"), "placement must be one of houlsby, pfeiffer \\(got 'parallel'\\)"),
+    (dict(activation="tanh"), "activation one of gelu, relu \\(got 'tanh'\\)"),
+    (dict(init_std=0.0), "init_std positive \\(got 0.0\\)"),
     (dict(trainable=("heed",)), "names no module"),
-    (dict(adapter_name="a.b"), "without '.'"),
+    (dict(name="a.b"), "without '.'"),
 ])
 def test_bad_arguments(kwargs, match):
     model = tiny_gpt()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=match):
-        apply_adapters(model, **kwargs)
+        add_adapter(model, kwargs.pop("name", "a"), "bottleneck", **kwargs)
     assert not any(isinstance(m, (AdapterLinear, AdapterLayerNorm)) for m in model.modules())  # nothing half-applied
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and adapter_names(model) == []
 
 
 def test_applying_twice_is_an_error():
     model = apply_adapters(tiny_gpt(), bottleneck=4)
-    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+    with pytest.raises(ValueError, match="has an adapter already"):
         apply_adapters(model, bottleneck=4)
-    with pytest.raises(TypeError, match="after an nn.Linear"):
-        AdapterLinear(model.transformer.h[0].attn.o_proj)
+    with pytest.raises(ValueError, match="new, non-empty string.*'default'"):
+        add_adapter(model, "default", "bottleneck", bottleneck=4)
+    perturb(model)
+    idx = tokens()
+    adapted = model(idx)[0]
+    with pytest.raises(ValueError, match="bottleneck must be a positive integer"):  # after "default" was put aside
+        add_adapter(model, "b", "bottleneck", bottleneck=0)
+    assert adapter_names(model) == ["default"] and active_adapter(model) == "default"  # the failed adds changed nothing
+    assert torch.equal(model(idx)[0], adapted)  # "default" is back in the model
+    quantized = tiny_gpt()  # a 4-bit layer has no dense weight for a bottleneck to follow
+    quantized.transformer.h[1].mlp.fc_out = Linear4bit.from_linear(quantized.transformer.h[1].mlp.fc_out)
+    with pytest.raises(ValueError, match="transformer.h.1.mlp.fc_out is not one"):
+        apply_adapters(quantized, bottleneck=4, placement="pfeiffer")
+    assert not any(isinstance(m, AdapterLinear) for m in quantized.modules())  # checked before any layer changed
 
 
 def test_save_load_bit_exact(tmp_path):
     torch.manual_seed(0)
-    model = apply_adapters(Classifier(GPT(TINY)), bottleneck=4, trainable=("head",), adapter_name="spam")
+    model = add_adapter(Classifier(GPT(TINY)), "spam", "bottleneck", bottleneck=4, trainable=("head",))
     perturb(model)
     idx = tokens()
     expected = model(idx)
@@ -170,7 +182,8 @@ def test_load_rejects_another_shape(tmp_path):
 
 def test_two_tasks_on_one_frozen_base():
     """AdapterHub's workflow: a spam adapter (with its head) and a language-modelling adapter trained one after the
-    other on one base; switching picks either, and the base's own weights never move."""
+    other on one base; switching picks either, the adapter aside is untouched by training the other, and the base's
+    own weights never move."""
     torch.manual_seed(0)
     gpt = GPT(TINY)
     base_state = {k: v.clone() for k, v in gpt.state_dict().items()}
@@ -185,33 +198,46 @@ def test_two_tasks_on_one_frozen_base():
             loss_fn().backward()
             optimizer.step()
 
-    apply_adapters(classifier, bottleneck=4, trainable=("head",), adapter_name="spam")
+    add_adapter(classifier, "spam", "bottleneck", bottleneck=4, trainable=("head",))
     train(classifier, lambda: F.cross_entropy(classifier(idx), labels))
     spam_logits = classifier(idx).detach()
-    spam_state = {k: v.clone() for k, v in classifier.state_dict().items() if ".spam" in k or k.endswith(".spam")}
+    spam_tensors = {k: v.detach().clone() for k, v in adapter_tensors(classifier, "spam").items()}
 
-    apply_adapters(gpt, bottleneck=4, placement="pfeiffer", adapter_name="instruct")
-    trainable_in_gpt = {n for n, p in gpt.named_parameters() if p.requires_grad}
-    assert trainable_in_gpt and all(n.endswith(".instruct") or ".instruct." in n for n in trainable_in_gpt)  # spam's adapter is frozen
-    train(gpt, lambda: gpt(idx, targets)[1])
+    add_adapter(classifier, "instruct", "bottleneck", bottleneck=4, placement="pfeiffer")
+    assert not any(isinstance(m, AdapterLayerNorm) for m in classifier.modules())  # spam's layers are aside
+    trainable = {n for n, p in classifier.named_parameters() if p.requires_grad}
+    assert trainable and all(".mlp.fc_out.adapter." in n for n in trainable)  # spam's head is frozen too
+    train(classifier, lambda: gpt(idx, targets)[1])
     instruct_logits = gpt(idx)[0].detach()
+    assert all(torch.equal(v, spam_tensors[k]) for k, v in adapter_tensors(classifier, "spam").items())
 
-    assert adapter_names(gpt) == ["spam", "instruct"]
-    set_adapter(gpt, "spam")
+    assert adapter_names(classifier) == ["spam", "instruct"]
+    set_adapter(classifier, "spam")
     assert torch.equal(classifier(idx), spam_logits)  # training the second task did not touch the first
-    assert all(torch.equal(v, spam_state[k]) for k, v in classifier.state_dict().items() if k in spam_state)
-    set_adapter(gpt, "instruct")
+    in_model = {n: p for n, p in classifier.named_parameters() if n in spam_tensors}
+    assert in_model.keys() == spam_tensors.keys() and all(torch.equal(p, spam_tensors[n]) for n, p in in_model.items())
+    set_adapter(classifier, "instruct")
     assert torch.equal(gpt(idx)[0], instruct_logits)
-    disable_adapters(gpt)
+    disable_adapters(classifier)
     plain = GPT(TINY)
     plain.load_state_dict(base_state)
     assert torch.equal(gpt(idx)[0], plain(idx)[0])  # the frozen base is untouched
-    delete_adapter(gpt, "spam")
-    delete_adapter(gpt, "instruct")
+    delete_adapter(classifier, "spam")
+    delete_adapter(classifier, "instruct")
     assert not any(isinstance(m, (AdapterLinear, AdapterLayerNorm)) for m in gpt.modules())
     assert all(torch.equal(v, base_state[k]) for k, v in gpt.state_dict().items())
     with pytest.raises(ValueError, match="no adapter named 'spam'"):
-        set_adapter(gpt, "spam")
+        set_adapter(classifier, "spam")
+
+
+def test_switching_through_a_submodule_is_refused():
+    """The adapters are named on the model they were added to: switching them through a part of it (the classifier's
+    .gpt) swaps layers that model's names do not follow, which it then says instead of running the wrong adapter."""
+    classifier = Classifier(tiny_gpt())
+    add_adapter(classifier, "spam", "bottleneck", bottleneck=4)
+    add_adapter(classifier.gpt, "instruct", "bottleneck", bottleneck=4, placement="pfeiffer")
+    with pytest.raises(RuntimeError, match="switched through a submodule"):
+        set_adapter(classifier, "spam")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,8 +296,11 @@ def test_load_refuses_a_config_it_cannot_build(tmp_path):
     with pytest.raises(ValueError, match="has setting 'surprise', which bottleneck adapters do not take"):
         load_adapter(tiny_gpt(), directory)
     (directory / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "weights_sha256"}))
-    with pytest.raises(ValueError, match="records no checksum of its weights"):
+    with pytest.raises(ValueError, match="lacks 'weights_sha256'"):
         load_adapter(tiny_gpt(), directory)
     (directory / "adapter_config.json").write_text(json.dumps({**config, "init_std": "0.01"}))
+    with pytest.raises(ValueError, match="'init_std' is \"0.01\", but must be a number"):
+        load_adapter(tiny_gpt(), directory)
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "bottleneck": 0}))  # of the right kind
     with pytest.raises(ValueError, match="its settings do not build a bottleneck adapter"):
         load_adapter(tiny_gpt(), directory)

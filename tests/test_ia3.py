@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from support.adapters import (add_adapter, adapter_names, delete_adapter, disable_adapters, load_adapter, save_adapter,
-                              set_adapter)
+from support.adapters import (add_adapter, adapter_names, adapter_tensors, delete_adapter, disable_adapters,
+                              load_adapter, save_adapter, set_adapter)
 from other_methods.ia3 import IA3Linear, apply_ia3, ia3_parameter_count, merge_ia3
 from model import GPT, GPTConfig, hf_to_ours
 from support.checkpoints import load_weights
@@ -42,9 +42,9 @@ def test_equals_peft_ia3():
             block = theirs.base_model.model.transformer.h[i]
             block.attn.c_attn.ia3_l["default"].copy_(torch.cat([torch.ones(d), l_k, l_v])[:, None])  # q left alone
             block.mlp.c_proj.ia3_l["default"].copy_(l_ff[None, :])
-            ours.transformer.h[i].attn.k_proj.ia3_scale["default"].copy_(l_k)
-            ours.transformer.h[i].attn.v_proj.ia3_scale["default"].copy_(l_v)
-            ours.transformer.h[i].mlp.fc_out.ia3_scale["default"].copy_(l_ff)
+            ours.transformer.h[i].attn.k_proj.ia3_scale.copy_(l_k)
+            ours.transformer.h[i].attn.v_proj.ia3_scale.copy_(l_v)
+            ours.transformer.h[i].mlp.fc_out.ia3_scale.copy_(l_ff)
     idx = tokens(vocab=100, length=20)
     with torch.no_grad():
         expected, logits, base = theirs(input_ids=idx).logits, ours(idx)[0], hf(input_ids=idx).logits
@@ -67,12 +67,10 @@ def test_scale_input_and_output():
     torch.manual_seed(0)
     base = nn.Linear(6, 4)
     out_layer, in_layer = IA3Linear(copy.deepcopy(base), scale_input=False), IA3Linear(copy.deepcopy(base), scale_input=True)
-    for layer in (out_layer, in_layer):
-        layer.add_adapter("a", {})
-        layer.active_adapter = "a"
+    assert torch.equal(out_layer.ia3_scale, torch.ones(4)) and torch.equal(in_layer.ia3_scale, torch.ones(6))
     with torch.no_grad():
-        out_layer.ia3_scale["a"].copy_(torch.arange(4.0))
-        in_layer.ia3_scale["a"].copy_(torch.arange(6.0))
+        out_layer.ia3_scale.copy_(torch.arange(4.0))
+        in_layer.ia3_scale.copy_(torch.arange(6.0))
     x = torch.randn(3, 6)
     torch.testing.assert_close(out_layer(x), base(x) * torch.arange(4.0))
     torch.testing.assert_close(in_layer(x), base(x * torch.arange(6.0)))
@@ -94,7 +92,14 @@ def test_only_vectors_and_head_train():
 
 
 def test_merge_matches_unmerged_and_blocks_switching():
-    model = apply_ia3(tiny_gpt())
+    """Merged, the base weights hold the scaled W: putting the adapter aside would leave a changed base behind, and
+    (IA)³ has no unmerge, so switching away is refused."""
+    model = tiny_gpt()
+    with torch.no_grad():  # GPT starts its biases at zero: give them values, so that scaling them shows
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    apply_ia3(model)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -103,15 +108,17 @@ def test_merge_matches_unmerged_and_blocks_switching():
     expected = model(idx)[0]
     merge_ia3(model)
     torch.testing.assert_close(model(idx)[0], expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError, match="merged"):
-        set_adapter(model, "default")
-    with pytest.raises(ValueError, match="no active, unmerged"):
+    for switch in (disable_adapters, lambda m: add_adapter(m, "b", "ia3"), lambda m: delete_adapter(m, "default")):
+        with pytest.raises(RuntimeError, match="merged into the base weight"):
+            switch(model)
+    assert adapter_names(model) == ["default"] and all(m.merged for m in model.modules() if isinstance(m, IA3Linear))
+    with pytest.raises(ValueError, match="no unmerged"):
         merge_ia3(model)
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(targets=("k", "q")), "unknown \\(IA\\)³ target 'q'"),
-    (dict(targets=()), "targets is empty"),
+    (dict(targets=()), "unknown \\(IA\\)³ target '\\(none\\)'; valid targets are k, v, mlp"),
     (dict(trainable=("nope",)), "names no module"),
 ])
 def test_bad_arguments(kwargs, match):
@@ -122,18 +129,29 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_applying_twice_save_load_switch(tmp_path):
-    model = apply_ia3(tiny_gpt(), adapter_name="a")
-    with pytest.raises(ValueError, match="already has an adapter named 'a'"):
-        apply_ia3(model, adapter_name="a")
-    apply_ia3(model, targets=("mlp",), adapter_name="b")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "ia3_scale" in n:  # both adapters' vectors, the frozen "a" included
-                p.mul_(1 + 0.2 * torch.randn_like(p))
+    model = add_adapter(tiny_gpt(), "a", "ia3")
+    with pytest.raises(ValueError, match="new, non-empty string.*'a'"):
+        add_adapter(model, "a", "ia3")
+    with pytest.raises(ValueError, match="has an adapter already"):
+        apply_ia3(model)
     idx = tokens()
-    logits_b = model(idx)[0]
+
+    def perturb():
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "ia3_scale" in n:
+                    p.mul_(1 + 0.2 * torch.randn_like(p))
+        return model(idx)[0]
+
+    logits_a = perturb()
+    vectors_a = {k: v.detach().clone() for k, v in adapter_tensors(model, "a").items()}
+    add_adapter(model, "b", "ia3", targets=("mlp",))
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
+        f"transformer.h.{i}.mlp.fc_out.ia3_scale" for i in range(TINY.n_layer)]  # only b's vectors, in the model
+    logits_b = perturb()
     set_adapter(model, "a")
-    logits_a = model(idx)[0]
+    assert torch.equal(model(idx)[0], logits_a)  # a's vectors came back as they were put aside
+    assert all(torch.equal(p, vectors_a[n]) for n, p in model.named_parameters() if n in vectors_a)
     save_adapter(model, tmp_path / "a")
     save_adapter(model, tmp_path / "b", "b")
     fresh = tiny_gpt()

@@ -7,11 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lora
 from model import GPT, GPTConfig, hf_to_ours
-from other_methods.adapters import apply_adapters
-from support.adapters import (add_adapter, adapter_names, delete_adapter, disable_adapters, load_adapter, save_adapter,
-                              set_adapter)
+from quantize import dequantize_model, quantize_model
+from support.adapters import (add_adapter, adapter_names, adapter_tensors, delete_adapter, disable_adapters,
+                              load_adapter, save_adapter, set_adapter)
 from other_methods.llama_adapter import AdaptionPrompt, apply_llama_adapter, llama_adapter_parameter_count
 from support.checkpoints import load_weights
 
@@ -72,8 +71,8 @@ def paper_forward(gpt, idx, adapted):
 def test_equals_the_papers_equations():
     model = apply_llama_adapter(tiny_gpt(), prompt_length=4, start_layer=1)
     open_gates(model)
-    adapted = {i: (model.transformer.h[i].attn.adaption_prompt.prompt["default"],
-                   model.transformer.h[i].attn.adaption_prompt.gate["default"]) for i in (1, 2)}
+    adapted = {i: (model.transformer.h[i].attn.adaption_prompt.prompt, model.transformer.h[i].attn.adaption_prompt.gate)
+               for i in (1, 2)}
     idx = tokens()
     with torch.no_grad():
         expected, logits, plain = paper_forward(model, idx, adapted), model(idx)[0], paper_forward(model, idx, {})
@@ -103,8 +102,8 @@ def test_equals_peft_adaption_prompt_where_peft_agrees_with_the_paper():
             prompt, gate = torch.randn(K, d, generator=g), torch.randn(1, generator=g)
             wrapped.adaption_prompt.copy_(prompt[None])
             wrapped.adaption_gate.copy_(gate)
-            mine.prompt["default"].copy_(prompt)
-            mine.gate["default"].copy_(gate.expand(H))
+            mine.prompt.copy_(prompt)
+            mine.gate.copy_(gate.expand(H))
         idx = tokens(vocab=100, length=20)
         as_is = (theirs(input_ids=idx).logits - ours(idx)[0]).abs().max()
         for i in range(L - top, L):
@@ -125,7 +124,7 @@ def test_identity_at_start_and_kv_cache_generation(smear_keys):
     apply_llama_adapter(model, prompt_length=3)
     with torch.no_grad():
         assert torch.equal(model(idx)[0], before)  # every gate is zero: exactly the base
-    assert all(torch.equal(ap.gate["default"], torch.zeros(2)) for m in model.modules()
+    assert all(torch.equal(ap.gate, torch.zeros(2)) for m in model.modules()
                for ap in [m] if isinstance(ap, AdaptionPrompt))
     open_gates(model)
     cached = model.generate(idx[:, :5], 20, temperature=0)
@@ -170,40 +169,63 @@ def test_bad_arguments():
         with pytest.raises(ValueError, match=match):
             apply_llama_adapter(model, **kwargs)
     assert all(block.attn.adaption_prompt is None for block in model.transformer.h)
-    apply_llama_adapter(model, adapter_name="a")
-    with pytest.raises(ValueError, match="already has an adapter named 'a'"):
-        apply_llama_adapter(model, adapter_name="a")
+    add_adapter(model, "a", "llama_adapter")
+    with pytest.raises(ValueError, match="new, non-empty string.*'a'"):
+        add_adapter(model, "a", "llama_adapter")
+    with pytest.raises(ValueError, match="has an adapter already"):
+        apply_llama_adapter(model)
+    assert adapter_names(model) == ["a"]
+
+
+def test_prompts_go_through_the_layers_own_projections():
+    """The prompts' keys and values come from the attention's own k_proj and v_proj modules, whatever they are: on a
+    4-bit base (QLoRA's) they are the paper's equations with the dequantized weights."""
+    model, idx = quantize_model(tiny_gpt()), tokens()
+    add_adapter(model, "prompts", "llama_adapter", prompt_length=4, start_layer=1)
+    open_gates(model)
+    dense = dequantize_model(copy.deepcopy(model))
+    adapted = {i: (dense.transformer.h[i].attn.adaption_prompt.prompt, dense.transformer.h[i].attn.adaption_prompt.gate)
+               for i in (1, 2)}
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], paper_forward(dense, idx, adapted), rtol=1e-5, atol=1e-5)
 
 
 def test_save_load_and_switching_with_other_adapters_on_one_base(tmp_path):
-    """LLaMA-Adapter, a Houlsby adapter and LoRA on one base: each switched on alone gives its own logits, the files
-    reload them bit for bit on a fresh base, and deleting the adapter leaves the plain attention."""
+    """LLaMA-Adapter, a Houlsby adapter and LoRA added one after another on one base: each switched on gives its own
+    logits, the ones aside stay as they were, the file of one aside reloads it bit for bit on a fresh base, and deleting
+    the adapter leaves the plain attention."""
     model = tiny_gpt()
     idx = tokens()
     with torch.no_grad():
         base = model(idx)[0]
-    apply_llama_adapter(model, prompt_length=3, start_layer=1, adapter_name="prompts")
+    add_adapter(model, "prompts", "llama_adapter", prompt_length=3, start_layer=1)
     open_gates(model)
-    apply_adapters(model, bottleneck=4, adapter_name="houlsby")  # applied after: the projections keep their names
-    lora.apply_lora(model, rank=2, alpha=4, targets="q,v")  # so does LoRA, which has its own switch
+    prompts = {k: v.detach().clone() for k, v in adapter_tensors(model, "prompts").items()}
+    add_adapter(model, "houlsby", "bottleneck", bottleneck=4)  # the projections keep their names under the prompts
+    add_adapter(model, "lora", "lora", rank=2, alpha=4, targets="q,v")
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".adapters." in name or "lora_B" in name:
-                p.normal_(0, 0.1)
-        lora.disable_adapters(model)
-        houlsby = model(idx)[0]
-        set_adapter(model, "prompts")
-        prompts = model(idx)[0]
-        lora.set_adapter(model, "default")
-        both = model(idx)[0]  # LoRA's q and v also serve the prompts' keys and values: they go through the same layers
-    outputs = (base, houlsby, prompts, both)
+        for name in ("houlsby", "lora"):  # move the up-projections and B off zero, as training would
+            for key, p in adapter_tensors(model, name).items():
+                if ".adapter.up." in key or "lora_B" in key:
+                    p.normal_(0, 0.1)
+        outputs = [base]
+        for name in ("prompts", "houlsby", "lora"):
+            set_adapter(model, name)
+            outputs.append(model(idx)[0])
+        disable_adapters(model)
+        assert torch.equal(model(idx)[0], base)
     assert all((a - b).abs().max() > 1e-3 for i, a in enumerate(outputs) for b in outputs[i + 1:])  # four functions
-    model.requires_grad_(False)  # save_adapter also saves whatever else trains (LoRA's A and B here): nothing does
+    assert all(torch.equal(v, prompts[k]) for k, v in adapter_tensors(model, "prompts").items())
+    set_adapter(model, "lora")
+    assert any(p.requires_grad for p in model.parameters())  # LoRA's A and B train: they are LoRA's, not the prompts'
     save_adapter(model, tmp_path / "prompts", "prompts")
+    from safetensors.torch import load_file
+
+    assert load_file(tmp_path / "prompts" / "adapter_model.safetensors").keys() == prompts.keys()
     fresh = tiny_gpt()
     load_adapter(fresh, tmp_path / "prompts")
     with torch.no_grad():
-        assert torch.equal(fresh(idx)[0], prompts)
+        assert torch.equal(fresh(idx)[0], outputs[1])
     assert adapter_names(fresh) == ["prompts"]
     delete_adapter(fresh, "prompts")
     assert all(block.attn.adaption_prompt is None for block in fresh.transformer.h)

@@ -46,13 +46,13 @@ def test_equals_peft_prefix_tuning(hf_and_ours, reparameterize):
     ours = apply_prefix_tuning(copy.deepcopy(ours), num_virtual_tokens=P, reparameterize=reparameterize, hidden_size=hidden)
     with torch.no_grad():  # the same prefix values on both sides
         if reparameterize:
-            mlp = ours.prefix.reparameterization["default"]
+            mlp = ours.prefix.reparameterization
             mlp.embedding.copy_(encoder.embedding.weight)
             for i in (0, 2):
                 mlp.mlp[i].weight.copy_(encoder.transform[i].weight)
                 mlp.mlp[i].bias.copy_(encoder.transform[i].bias)
         else:  # peft's row per virtual token is n_layer x (key, value) x n_embd, layer-major: our (P, L, 2, d)
-            ours.prefix.prefix["default"].copy_(encoder.embedding.weight.view(P, 3, 2, 32))
+            ours.prefix.prefix.copy_(encoder.embedding.weight.view(P, 3, 2, 32))
     idx = tokens(vocab=100, length=20)
     with torch.no_grad():
         expected = theirs(input_ids=idx).logits
@@ -98,15 +98,15 @@ def test_parameter_count_and_only_prefix_trains():
     torch.manual_seed(0)
     model = apply_prefix_tuning(tiny_gpt(), num_virtual_tokens=4)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert list(trainable) == ["prefix.prefix.default"]
-    assert trainable["prefix.prefix.default"].numel() == prefix_parameter_count(4, 2, 32) == 4 * 2 * 2 * 32
+    assert list(trainable) == ["prefix.prefix"]
+    assert trainable["prefix.prefix"].numel() == prefix_parameter_count(4, 2, 32) == 4 * 2 * 2 * 32
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
     idx = tokens()
     model(idx, idx)[1].backward()
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == {"prefix.prefix.default"}
+    assert changed == {"prefix.prefix"}
     model2 = apply_prefix_tuning(tiny_gpt(), num_virtual_tokens=4, reparameterize=True, hidden_size=16)
     n = sum(p.numel() for p in model2.parameters() if p.requires_grad)
     assert n == prefix_parameter_count(4, 2, 32, reparameterize=True, hidden_size=16) == 4 * 32 + 33 * 16 + 17 * 128
@@ -128,19 +128,28 @@ def test_bad_arguments(kwargs, match):
 
 def test_applying_twice_and_context_length():
     model = apply_prefix_tuning(tiny_gpt(), num_virtual_tokens=4)
-    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+    with pytest.raises(ValueError, match="has an adapter already"):
         apply_prefix_tuning(model, num_virtual_tokens=4)
+    with pytest.raises(ValueError, match="new, non-empty string.*'default'"):
+        add_adapter(model, "default", "prefix", num_virtual_tokens=4)
     with pytest.raises(ValueError, match="longer than block_size"):  # 4 virtual + 30 real > 32 positions
         model(tokens(length=30))
 
 
 def test_save_load_bit_exact_and_switching(tmp_path):
-    model = apply_prefix_tuning(tiny_gpt(), num_virtual_tokens=4, adapter_name="a")
-    apply_prefix_tuning(model, num_virtual_tokens=2, reparameterize=True, hidden_size=8, adapter_name="b")
-    idx = tokens()
+    model, idx = add_adapter(tiny_gpt(), "a", "prefix", num_virtual_tokens=4), tokens()
+    prefix_a = model.prefix
+    logits_a = model(idx)[0]
+    add_adapter(model, "b", "prefix", num_virtual_tokens=2, reparameterize=True, hidden_size=8)
+    assert model.prefix is not prefix_a and not prefix_a.prefix.requires_grad  # a is aside, and frozen
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("prefix.reparameterization.")}
+    with torch.no_grad():  # b trains: a's prefix must not follow
+        for p in model.prefix.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     logits_b = model(idx)[0]
     set_adapter(model, "a")
-    logits_a = model(idx)[0]
+    assert model.prefix is prefix_a and torch.equal(model(idx)[0], logits_a)
     assert not torch.equal(logits_a, logits_b)
     save_adapter(model, tmp_path / "a", "a")
     save_adapter(model, tmp_path / "b", "b")
@@ -155,17 +164,21 @@ def test_save_load_bit_exact_and_switching(tmp_path):
     assert fresh.prefix is None and torch.equal(fresh(idx)[0], tiny_gpt()(idx)[0])  # back to the plain model
 
 
-def test_bake_prefix_keeps_the_output():
+def test_bake_prefix_keeps_the_output(tmp_path):
     model = apply_prefix_tuning(tiny_gpt(), num_virtual_tokens=3, reparameterize=True, hidden_size=8)
     idx = tokens()
     with torch.no_grad():
         before = model(idx)[0]
-        model.prefix.bake_prefix("default")
+        model.prefix.bake_prefix()
         after = model(idx)[0]
     assert torch.equal(before, after)
-    assert isinstance(model.prefix, PrefixTuning) and "default" in model.prefix.prefix
+    assert isinstance(model.prefix, PrefixTuning) and model.prefix.reparameterization is None
+    assert [n for n, _ in model.named_parameters() if n.startswith("prefix.")] == ["prefix.prefix"]
     with pytest.raises(ValueError, match="no reparameterisation"):
-        model.prefix.bake_prefix("default")
+        model.prefix.bake_prefix()
+    save_adapter(model, tmp_path)  # only the baked prefix is kept, and it rebuilds as a direct one
+    fresh = load_adapter(tiny_gpt(), tmp_path)
+    assert fresh.prefix.reparameterization is None and torch.equal(fresh(idx)[0], before)
 
 
 def test_activations_of_tokens_shape_and_values():
