@@ -43,7 +43,7 @@ def test_pissa_equals_peft_pissa_and_the_residual_quantizes_like_bitsandbytes():
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"], init_lora_weights="pissa")
     theirs = peft.get_peft_model(module, config).base_model.model.proj
     q, A, B = pissa_start(weight, rank, alpha / rank, double_quant=False)
-    assert torch.equal(A, theirs.lora_A.weight.weight) and torch.equal(B, theirs.lora_B.weight.weight)
+    assert torch.equal(A, theirs.lora_A["default"].weight) and torch.equal(B, theirs.lora_B["default"].weight)
     residual = theirs.base_layer.weight.detach()
     packed, state = bnb.quantize_4bit(residual, blocksize=64, quant_type="nf4", compress_statistics=False)
     assert torch.equal(Q.dequantize_4bit(q), bnb.dequantize_4bit(packed, state))  # QPiSSA: the same 4-bit residual
