@@ -7,10 +7,9 @@ matrices while the pretrained W0 stays frozen:
 
     h = W0 x + (alpha / r) · B A x          A: r x d_in,  B: d_out x r,  r << min(d_in, d_out)   (Eq. 3)
 
-A starts random and B starts at zero, so ΔW = BA = 0 and the adapted model first computes exactly what the
-pretrained one does. Only A and B train: for GPT-2 124M with r = 8 on the query and value projections that
-is 2 · 12 · (8·768 + 768·8) = 294,912 parameters, 0.24% of the model. After training, W0 + (alpha/r)·BA can
-be folded into one matrix (`merge_lora`), so inference costs nothing extra.
+A starts random and B at zero, so ΔW = BA = 0 and the adapted model first computes exactly what the pretrained one
+does. Only A and B train: for GPT-2 124M with r = 8 on the query and value projections, 2 · 12 · (8·768 + 768·8) =
+294,912 parameters, 0.24% of the model. W0 + (alpha/r)·BA folds into one matrix (`merge_lora`): no inference cost.
 
 Three additions people use today, each a few lines below the idea:
   rsLoRA  (Kalajdzievski 2023, arXiv:2312.03732) scales by alpha / sqrt(r) instead of alpha / r,
@@ -196,43 +195,42 @@ def lora_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def apply_lora(model, rank=8, alpha=None, targets=("q", "v"), dropout=0.0, use_rslora=False, use_dora=False,
-               trainable=()):
+def apply_lora(
+    model, rank=8, alpha=None, targets=("q", "v"), dropout=0.0, use_rslora=False, use_dora=False, trainable=()
+):
     """Wrap the target linear layers in LoRALinear (DoRALinear with use_dora), freeze every other parameter, and
-    return the model. alpha defaults to 2 x rank, so that alpha / r = 2 at every rank.
-
-    targets: short names from TARGETS ("q", "k", "v", "o", "mlp_in", "mlp_out") or "all-linear", or "q,v".
-    trainable: names of modules or parameters to keep trainable, e.g. ("head",) for a new classification
-    head; they are saved with the adapter."""
+    return the model. alpha defaults to 2 x rank, so that alpha / r = 2 at every rank. targets: short names from
+    TARGETS, "all-linear", or "q,v". trainable: modules or parameters to keep trainable, e.g. ("head",) for a new
+    classification head; they are saved with the adapter."""
     alpha = 2.0 * rank if alpha is None else alpha
     suffixes = resolve_targets(targets)
-    trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable)
     layers = [(n, m) for n, m in model.named_modules() if any(n == s or n.endswith("." + s) for s in suffixes)]
-    check_apply_lora(model, layers, rank, alpha, dropout, trainable)
-    # what support/adapters.py saves beside the weights, to rebuild this adapter on a fresh base
-    settings = dict(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora,
-                    targets=[t for t, s in TARGETS.items() if s in suffixes])
+    check_apply_lora(model, layers, rank, alpha, dropout)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    trainable = [trainable] if isinstance(trainable, str) else trainable  # get_submodule names a typo among them
+    kept = [parameters[t] if t in parameters else model.get_submodule(t) for t in trainable]
+    targets = [t for t, s in TARGETS.items() if s in suffixes]  # settings: what rebuilds this adapter on a fresh base
+    settings = dict(rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora, targets=targets)
     model.requires_grad_(False)
     for name, layer in layers:
         replace_module(model, name, (DoRALinear if use_dora else LoRALinear)(layer, rank, alpha, dropout, use_rslora))
         model.get_submodule(name).settings = settings
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if any(name == t or name.startswith(t + ".") for t in trainable):
-            p.requires_grad_(True)
+    for module_or_parameter in kept:
+        module_or_parameter.requires_grad_(True)
     return model
 
 
-def check_apply_lora(model, layers, rank, alpha, dropout, trainable):
+def check_apply_lora(model, layers, rank, alpha, dropout):
     """apply_lora's arguments, checked before the model changes; each wrong one is named with what would be valid."""
     if any(isinstance(m, LoRALinear) for m in model.modules()) or not layers:
         raise ValueError("LoRA is applied already (add_adapter in support/adapters.py adds one more), or no target")
     limit = min(min(layer.in_features, layer.out_features) for _, layer in layers)  # BA has rank at most min(in, out)
-    if not (isinstance(rank, int) and 0 < rank <= limit and 0 < alpha < math.inf and 0 <= dropout < 1):
-        raise ValueError(f"rank must be a positive integer at most min(in, out) = {limit}, alpha a positive number"
-                         f" (2 x rank is common), dropout in [0, 1): rank={rank!r}, alpha={alpha!r}, dropout={dropout}")
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    for t in [t for t in trainable if not any(n == t or n.startswith(t + ".") for n in names)]:
-        raise ValueError(f"trainable={t!r} names no module or parameter of the model")  # a typo would leave it frozen
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= limit:
+        raise ValueError(f"rank must be a positive integer at most min(in, out) = {limit}, got {rank!r}")
+    if not (0 < alpha < math.inf and 0 <= dropout < 1):
+        raise ValueError(
+            f"alpha must be a positive number (2 x rank is usual) and dropout in [0, 1): {alpha}, {dropout}"
+        )
 
 
 def merge_lora(model, unload=False):

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import replace_module
-from support.adapters import check_new_adapter, layers_ending_with, train_only
+from other_methods import check_new_adapter, layers_ending_with, train_only
 
 PLACEMENTS = {  # placement -> the layers whose output gets an adapter, as their names end in model.GPT
     "houlsby": ("attn.o_proj", "mlp.fc_out"),
@@ -90,8 +90,9 @@ class AdapterLayerNorm(nn.Module):
         return F.layer_norm(x, self.base.normalized_shape, self.weight, self.bias, self.base.eps)
 
 
-def apply_adapters(model, bottleneck=64, placement="houlsby", train_layer_norms=None, activation="gelu", init_std=1e-2,
-                   trainable=()):
+def apply_adapters(
+    model, bottleneck=64, placement="houlsby", train_layer_norms=None, activation="gelu", init_std=1e-2, trainable=()
+):
     """Add a bottleneck adapter of `bottleneck` units after each layer `placement` names (see PLACEMENTS), freeze
     everything else and return the model.
 
@@ -99,20 +100,31 @@ def apply_adapters(model, bottleneck=64, placement="houlsby", train_layer_norms=
     placement's own choice: True for houlsby, False for pfeiffer. trainable: modules to keep trainable as well,
     e.g. ("head",); they are saved with the adapter."""
     if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck <= 0:
-        raise ValueError(f"bottleneck must be a positive integer (the adapter's hidden size m), got {bottleneck!r}; "
-                         f"Houlsby used 8 to 256, 64 on BERT-base")
+        raise ValueError(
+            f"bottleneck must be a positive integer (the adapter's hidden size m), got {bottleneck!r}; "
+            f"Houlsby used 8 to 256, 64 on BERT-base"
+        )
     if placement not in PLACEMENTS or activation not in ACTIVATIONS or not init_std > 0:
-        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)} (got {placement!r}), activation one of "
-                         f"{', '.join(ACTIVATIONS)} (got {activation!r}), init_std positive (got {init_std!r})")
+        raise ValueError(
+            f"placement must be one of {', '.join(PLACEMENTS)} (got {placement!r}), activation one of "
+            f"{', '.join(ACTIVATIONS)} (got {activation!r}), init_std positive (got {init_std!r})"
+        )
     trainable = check_new_adapter(model, trainable)
     train_layer_norms = placement == "houlsby" if train_layer_norms is None else train_layer_norms
     targets = layers_ending_with(model, PLACEMENTS[placement])
     wrong = [name for name, layer in targets if not isinstance(layer, nn.Linear)]
     if not targets or wrong:
-        raise ValueError(f"a bottleneck adapter goes after the nn.Linear layers of a model.GPT; "
-                         f"{wrong[0] if wrong else 'none'} is not one")
-    settings = dict(bottleneck=bottleneck, placement=placement, train_layer_norms=train_layer_norms,
-                    activation=activation, init_std=init_std)
+        raise ValueError(
+            f"a bottleneck adapter goes after the nn.Linear layers of a model.GPT; "
+            f"{wrong[0] if wrong else 'none'} is not one"
+        )
+    settings = dict(
+        bottleneck=bottleneck,
+        placement=placement,
+        train_layer_norms=train_layer_norms,
+        activation=activation,
+        init_std=init_std,
+    )
     wrappers = [(name, AdapterLinear(layer, bottleneck, activation, init_std)) for name, layer in targets]
     if train_layer_norms:
         wrappers += [(n, AdapterLayerNorm(m)) for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]

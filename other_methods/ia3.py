@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from lora import replace_module
-from support.adapters import check_new_adapter, layers_ending_with, train_only
+from other_methods import check_new_adapter, layers_ending_with, train_only
 
 TARGETS = {  # apply_ia3's short names -> (how the layer's name ends in model.GPT, scale its input instead of its output)
     "k": ("attn.k_proj", False),

@@ -132,7 +132,9 @@ class IntrinsicDimension(nn.Module):
         self.projection = Fastfood(d, sum(self.sizes), seed).to(weight.device)
         self.theta_d = nn.Parameter(torch.zeros(d, device=weight.device, dtype=weight.dtype))
         self.said = said
-        self.said_scales = nn.Parameter(torch.ones(len(self.names), device=weight.device, dtype=weight.dtype)) if said else None
+        self.said_scales = (
+            nn.Parameter(torch.ones(len(self.names), device=weight.device, dtype=weight.dtype)) if said else None
+        )
         self.seed = seed
 
     @property
@@ -176,8 +178,10 @@ class IntrinsicDimension(nn.Module):
         config, weights_path = read_saved_pair(directory, CONFIG, WEIGHTS, "IntrinsicDimension.save")
         wrapped = cls(model, config["d"], config["said"], config["seed"])
         if wrapped.names != config["parameter_names"] or wrapped.D != config["D"]:
-            raise ValueError(f"{directory} was trained on a model with {config['D']} parameters in {len(config['parameter_names'])} tensors; "
-                             f"this one has {wrapped.D} in {len(wrapped.names)}: P would project onto different weights")
+            raise ValueError(
+                f"{directory} was trained on a model with {config['D']} parameters in {len(config['parameter_names'])} tensors; "
+                f"this one has {wrapped.D} in {len(wrapped.names)}: P would project onto different weights"
+            )
         stored = load_file(weights_path)
         with torch.no_grad():
             wrapped.theta_d.copy_(stored["theta_d"])

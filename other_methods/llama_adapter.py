@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from other_methods.prefix_tuning import find_gpt
-from support.adapters import check_new_adapter, train_only
+from other_methods import check_new_adapter, train_only
 
 
 class AdaptionPrompt(nn.Module):
@@ -75,13 +75,17 @@ def apply_llama_adapter(model, prompt_length=10, start_layer=0, init_std=1.0, tr
     gpt = find_gpt(model)
     n_layer = gpt.config.n_layer
     if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length <= 0:
-        raise ValueError(f"prompt_length must be a positive integer (K, the prompts per layer), got {prompt_length!r}; "
-                         f"the paper used 10")
+        raise ValueError(
+            f"prompt_length must be a positive integer (K, the prompts per layer), got {prompt_length!r}; "
+            f"the paper used 10"
+        )
     if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
         raise ValueError(f"init_std must be a positive number, got {init_std!r}")
     if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < n_layer:
-        raise ValueError(f"start_layer must be a layer index from 0 to {n_layer - 1} (this model has {n_layer} "
-                         f"layers), got {start_layer!r}")
+        raise ValueError(
+            f"start_layer must be a layer index from 0 to {n_layer - 1} (this model has {n_layer} "
+            f"layers), got {start_layer!r}"
+        )
     trainable = check_new_adapter(model, trainable)
     settings = dict(prompt_length=prompt_length, start_layer=start_layer, init_std=float(init_std))
     like = gpt.transformer.wte.weight  # the model's device and floating-point dtype (projections may be 4-bit)

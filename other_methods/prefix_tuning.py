@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from model import GPT, KVCache
-from support.adapters import check_new_adapter, train_only
+from other_methods import check_new_adapter, train_only
 
 
 class PrefixMLP(nn.Module):
@@ -36,7 +36,9 @@ class PrefixMLP(nn.Module):
     def __init__(self, num_virtual_tokens, n_layer, n_embd, hidden_size):
         super().__init__()
         self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, n_embd))  # like nn.Embedding's N(0, 1)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, hidden_size), nn.Tanh(), nn.Linear(hidden_size, n_layer * 2 * n_embd))
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, hidden_size), nn.Tanh(), nn.Linear(hidden_size, n_layer * 2 * n_embd)
+        )
         self.shape = (num_virtual_tokens, n_layer, 2, n_embd)
 
     def forward(self):
@@ -105,13 +107,16 @@ def activations_of_tokens(gpt, token_ids):
     finally:
         gpt.prefix = saved
     # each cache entry is (1, n_head, P, head_size) -> (P, n_embd) with heads side by side
-    per_layer = [torch.stack([k[0].transpose(0, 1).flatten(1), v[0].transpose(0, 1).flatten(1)], dim=1)
-                 for k, v in zip(cache.keys, cache.values)]
+    per_layer = [
+        torch.stack([k[0].transpose(0, 1).flatten(1), v[0].transpose(0, 1).flatten(1)], dim=1)
+        for k, v in zip(cache.keys, cache.values)
+    ]
     return torch.stack(per_layer, dim=1)
 
 
-def apply_prefix_tuning(model, num_virtual_tokens=10, reparameterize=False, hidden_size=512, init_token_ids=None,
-                        trainable=()):
+def apply_prefix_tuning(
+    model, num_virtual_tokens=10, reparameterize=False, hidden_size=512, init_token_ids=None, trainable=()
+):
     """Give the model's GPT a trainable prefix of num_virtual_tokens keys and values per layer, freeze everything
     else, and return the model.
 
@@ -120,11 +125,16 @@ def apply_prefix_tuning(model, num_virtual_tokens=10, reparameterize=False, hidd
     None draws P token ids at random from the vocabulary (torch's global generator). trainable: modules to keep
     trainable too, e.g. ("head",)."""
     gpt = find_gpt(model)
-    for name, value in (("num_virtual_tokens", num_virtual_tokens), ("hidden_size", hidden_size if reparameterize else 1)):
+    for name, value in (
+        ("num_virtual_tokens", num_virtual_tokens),
+        ("hidden_size", hidden_size if reparameterize else 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}; Li & Liang used 10 to 200 tokens")
     if num_virtual_tokens >= gpt.config.block_size:
-        raise ValueError(f"{num_virtual_tokens} virtual tokens leave no room in a block_size of {gpt.config.block_size}; use fewer")
+        raise ValueError(
+            f"{num_virtual_tokens} virtual tokens leave no room in a block_size of {gpt.config.block_size}; use fewer"
+        )
     trainable = check_new_adapter(model, trainable)
     initial_prefix = None
     if not reparameterize:
@@ -132,12 +142,18 @@ def apply_prefix_tuning(model, num_virtual_tokens=10, reparameterize=False, hidd
             init_token_ids = torch.randint(0, gpt.config.vocab_size, (num_virtual_tokens,)).tolist()
         init_token_ids = list(init_token_ids)
         if len(init_token_ids) != num_virtual_tokens:
-            raise ValueError(f"init_token_ids has {len(init_token_ids)} ids for {num_virtual_tokens} virtual tokens; give one per token")
+            raise ValueError(
+                f"init_token_ids has {len(init_token_ids)} ids for {num_virtual_tokens} virtual tokens; give one per token"
+            )
         initial_prefix = activations_of_tokens(gpt, init_token_ids).clone()
     weight = gpt.transformer.wte.weight
     hidden_size = hidden_size if reparameterize else 0
-    gpt.prefix = PrefixTuning(gpt.config, num_virtual_tokens, initial_prefix, hidden_size).to(weight.device, weight.dtype)
-    gpt.prefix.settings = dict(num_virtual_tokens=num_virtual_tokens, reparameterize=reparameterize, hidden_size=hidden_size)
+    gpt.prefix = PrefixTuning(gpt.config, num_virtual_tokens, initial_prefix, hidden_size).to(
+        weight.device, weight.dtype
+    )
+    gpt.prefix.settings = dict(
+        num_virtual_tokens=num_virtual_tokens, reparameterize=reparameterize, hidden_size=hidden_size
+    )
     train_only(model, [gpt.prefix], trainable)
     return model
 

@@ -74,8 +74,18 @@ def start_error(weight, layer):
         return torch.linalg.norm(weight.float() - approximation).item()
 
 
-def apply_qlora(model, rank=8, alpha=16, targets=("q", "v"), init="loftq", iterations=5, quant_type="nf4",
-                block_size=64, double_quant=True, trainable=()):
+def apply_qlora(
+    model,
+    rank=8,
+    alpha=16,
+    targets=("q", "v"),
+    init="loftq",
+    iterations=5,
+    quant_type="nf4",
+    block_size=64,
+    double_quant=True,
+    trainable=(),
+):
     """QLoRA on a dense model (a model.GPT, or a model holding one): every linear layer quantized as
     quantize.quantize_model does (the tied output layer and `trainable` ones stay as they are), LoRA on `targets`,
     and each target started as `init` says: 'zeros' (plain QLoRA: Q(W), B = 0), 'pissa' or 'loftq'. Returns
@@ -84,11 +94,16 @@ def apply_qlora(model, rank=8, alpha=16, targets=("q", "v"), init="loftq", itera
         raise ValueError(f"unknown start {init!r}; use one of {', '.join(STARTS)}")
     suffixes = resolve_targets(targets)
     trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable)
-    dense = {name: m.weight.detach().float().clone() for name, m in model.named_modules()
-             if type(m) is nn.Linear and any(name.endswith("." + s) for s in suffixes)}
+    dense = {
+        name: m.weight.detach().float().clone()
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and any(name.endswith("." + s) for s in suffixes)
+    }
     if not dense:
-        raise ValueError(f"no dense nn.Linear of this {type(model).__name__} is named like {', '.join(suffixes)}; "
-                         f"apply_qlora quantizes a dense model itself")
+        raise ValueError(
+            f"no dense nn.Linear of this {type(model).__name__} is named like {', '.join(suffixes)}; "
+            f"apply_qlora quantizes a dense model itself"
+        )
     quantize_model(model, block_size, double_quant, quant_type, skip=(*trainable, *suffixes))
     starts = {}
     for name, weight in dense.items():

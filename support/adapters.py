@@ -1,23 +1,13 @@
 """
-Named adapters for every PEFT method here, LoRA (lora.py) and the optional lessons (other_methods/), written once.
+Named adapters for every PEFT method here (lora.py, other_methods/), written once: the papers' one frozen base with
+one small adapter per task (LoRA §4.2, AdapterHub). An adapter is the set of wrappers one apply_* call put into the
+model; each holds the frozen module it adapts as `.base` and names its kind as `.method`. One adapter is in the
+model, the active one; the others are kept aside (their wrappers out, the bases back in), so no forward looks an
+adapter up by name and switching copies no tensor.
 
-The papers' workflow (LoRA §4.2, AdapterHub): one frozen base, one small adapter per task, switched at will. An
-adapter is the set of wrapper layers that one apply_* call put into the model (LoRALinear, AdapterLinear, ...): each
-holds the frozen module it adapts as `.base` and names its kind as `.method`. This module keeps one adapter in the
-model, the active one, and the others *aside*: their wrappers taken out and the bases put back in their place. So a
-layer's forward never looks an adapter up by name, and switching swaps wrappers in and out without copying a tensor.
-
-    add_adapter(model, "spam", "lora", rank=8)    put the active adapter aside, apply a new one under a name
-    set_adapter(model, "spam")                    make "spam" the active adapter again
-    disable_adapters(model)                       the frozen base alone (every adapter aside)
-    delete_adapter(model, "spam")
-    save_adapter / load_adapter                   one adapter on disk, of any method
-
-On disk a directory holds adapter_model.safetensors (the adapter's tensors keyed '<layer>.<tensor>', plus the
-kept-trainable parameters such as a classification head) and adapter_config.json (the method, the apply_* settings
-that rebuild it, the SHA-256 of the weights file and a metadata object). The two cannot be renamed into place at
-once, so the config is written last: it is the manifest of the pair, and weights that do not match it (a crash
-between the two renames, a file copied in by hand) are refused.
+On disk: adapter_model.safetensors (the tensors, keyed '<layer>.<tensor>', and the kept-trainable parameters such as
+a head) and adapter_config.json (method, name, the apply_* settings, the weights' SHA-256, metadata), written last:
+the manifest of the pair, so weights from another save (a crash between the two renames) are refused.
 """
 
 import hashlib
@@ -67,8 +57,10 @@ def registry(model):
         reg["active"] = None
     active_layers = {id(m) for _, m in reg["adapters"].get(reg["active"], [])}
     if reg["active"] is not None and {id(m) for _, m in in_model} != active_layers:
-        raise RuntimeError(f"the adapter layers in the model are not those of its active adapter {reg['active']!r}: "
-                           f"they were switched through a submodule (e.g. a classifier's .gpt); use one model for all")
+        raise RuntimeError(
+            f"the adapter layers in the model are not those of its active adapter {reg['active']!r}: "
+            f"they were switched through a submodule (e.g. a classifier's .gpt); use one model for all"
+        )
     if reg["active"] is None and in_model:
         reg["active"] = "default" if "default" not in reg["adapters"] else f"default{len(reg['adapters'])}"
         reg["adapters"][reg["active"]] = in_model
@@ -100,8 +92,10 @@ def put_aside(model):
     layers = adapter_named(model, reg["active"])
     merged = [n for n, layer in layers if getattr(layer, "merged", False)]
     if merged:
-        raise RuntimeError(f"{merged[0]} has its adapter merged into the base weight, so the base is no longer the "
-                           f"original: call lora.unmerge_lora(model) first")
+        raise RuntimeError(
+            f"{merged[0]} has its adapter merged into the base weight, so the base is no longer the "
+            f"original: call lora.unmerge_lora(model) first"
+        )
     for layer_name, wrapper in layers:
         replace_module(model, layer_name, wrapper.base)
     reg["active"] = None
@@ -143,8 +137,10 @@ def add_adapter(model, name, method="lora", **settings):
     arguments, e.g. rank=8 for LoRA), name it, and make it the active one. The adapters aside are frozen: training the
     new task cannot change another."""
     if not isinstance(name, str) or not name or "." in name or name in adapter_names(model):
-        raise ValueError(f"adapter name must be a new, non-empty string without '.', got {name!r}; the model has "
-                         f"{', '.join(map(repr, adapter_names(model))) or 'none'}")
+        raise ValueError(
+            f"adapter name must be a new, non-empty string without '.', got {name!r}; the model has "
+            f"{', '.join(map(repr, adapter_names(model))) or 'none'}"
+        )
     previous = active_adapter(model)
     put_aside(model)
     try:
@@ -165,8 +161,12 @@ def add_adapter(model, name, method="lora", **settings):
 
 def adapter_tensors(model, name):
     """{'<layer>.<tensor>': tensor} of adapter `name`, the frozen bases left out."""
-    return {f"{layer_name}.{key}": p for layer_name, wrapper in adapter_named(model, name)
-            for key, p in wrapper.named_parameters() if not key.startswith("base.")}
+    return {
+        f"{layer_name}.{key}": p
+        for layer_name, wrapper in adapter_named(model, name)
+        for key, p in wrapper.named_parameters()
+        if not key.startswith("base.")
+    }
 
 
 def kept_trainable_parameters(model):
@@ -207,8 +207,14 @@ def save_adapter(model, directory, adapter_name=None, metadata=None):
     os.makedirs(directory, exist_ok=True)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
     write_bytes_atomic(weights, weights_path)
-    config = dict(method=wrapper.method, adapter_name=name, **wrapper.settings, trainable=sorted(kept),
-                  weights_sha256=hashlib.sha256(weights).hexdigest(), metadata=metadata or {})
+    config = dict(
+        method=wrapper.method,
+        adapter_name=name,
+        **wrapper.settings,
+        trainable=sorted(kept),
+        weights_sha256=hashlib.sha256(weights).hexdigest(),
+        metadata=metadata or {},
+    )
     write_json_atomic(config, os.path.join(directory, ADAPTER_CONFIG))
     return weights_path
 
@@ -235,28 +241,37 @@ def read_adapter_config(directory):
     config, _ = read_saved_pair(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "save_adapter")
     path = os.path.join(directory, ADAPTER_CONFIG)
     if "peft_type" in config:  # interop.export_peft's output, or any adapter saved by PEFT
-        raise UserError(f"{path} is a PEFT adapter (peft_type {config['peft_type']!r}), not one written by save_adapter: "
-                        f"put it onto a model with interop.import_peft")
+        raise UserError(
+            f"{path} is a PEFT adapter (peft_type {config['peft_type']!r}), not one written by save_adapter: "
+            f"put it onto a model with interop.import_peft"
+        )
     missing = [k for k in FIELDS if k not in config]
     if missing:
-        raise UserError(f"{path} lacks {', '.join(map(repr, missing))}: it is not an adapter config written by "
-                        f"save_adapter; save the adapter again")
+        raise UserError(
+            f"{path} lacks {', '.join(map(repr, missing))}: it is not an adapter config written by "
+            f"save_adapter; save the adapter again"
+        )
     settings = {k: v for k, v in config.items() if k not in FIELDS}
     parameters = inspect.signature(apply_function(config["method"])).parameters if config["method"] in METHODS else {}
     for key, value in config.items():
-        valid, description = FIELDS.get(key) or KINDS.get(type(getattr(parameters.get(key), "default", None)),
-                                                           (lambda v: True, ""))
+        valid, description = FIELDS.get(key) or KINDS.get(
+            type(getattr(parameters.get(key), "default", None)), (lambda v: True, "")
+        )
         if key not in FIELDS and (key not in parameters or key in ("model", "trainable")):
-            raise UserError(f"{path} has setting {key!r}, which {config['method']} adapters do not take; the file was "
-                            f"not written by save_adapter, or was edited")
+            raise UserError(
+                f"{path} has setting {key!r}, which {config['method']} adapters do not take; the file was "
+                f"not written by save_adapter, or was edited"
+            )
         if not valid(value):
             raise UserError(f"{path}: {key!r} is {json.dumps(value)}, but must be {description}")
     if config["method"] == "lora" and settings["rank"] > 0:  # a rank out of range is apply_lora's to name
         alpha, rank = settings["alpha"], settings["rank"]
         scaling = lora_scaling(alpha, rank, settings["use_rslora"])
         if scaling > MAX_LORA_SCALING:
-            raise UserError(f"{path}: alpha {alpha:g} with rank {rank} scales the update by {scaling:g}, beyond any "
-                            f"adapter trained here (at most {MAX_LORA_SCALING:g}); the file is damaged or was edited")
+            raise UserError(
+                f"{path}: alpha {alpha:g} with rank {rank} scales the update by {scaling:g}, beyond any "
+                f"adapter trained here (at most {MAX_LORA_SCALING:g}); the file is damaged or was edited"
+            )
     return config
 
 
@@ -267,13 +282,16 @@ def read_adapter_weights(weights_path, sha256, manifest, fix="save or train the 
     from safetensors.torch import load
 
     if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"{weights_path} not found; an adapter directory holds {manifest} and "
-                                f"{os.path.basename(weights_path)}")
+        raise FileNotFoundError(
+            f"{weights_path} not found; an adapter directory holds {manifest} and {os.path.basename(weights_path)}"
+        )
     with open(weights_path, "rb") as f:
         weights = f.read()
     if sha256 is not None and hashlib.sha256(weights).hexdigest() != sha256:
-        raise UserError(f"{weights_path} is not the file {manifest} beside it was saved with (its checksum differs: "
-                        f"the two come from different saves, e.g. a run killed between writing them); {fix}")
+        raise UserError(
+            f"{weights_path} is not the file {manifest} beside it was saved with (its checksum differs: "
+            f"the two come from different saves, e.g. a run killed between writing them); {fix}"
+        )
     try:
         stored = load(weights)
     except Exception as e:  # safetensors raises its own error type for a corrupt header or data
@@ -282,8 +300,10 @@ def read_adapter_weights(weights_path, sha256, manifest, fix="save or train the 
         if not v.is_floating_point():
             raise UserError(f"{weights_path}: tensor {k!r} is {v.dtype}, but adapter weights are floating point; {fix}")
         if not torch.isfinite(v).all():
-            raise UserError(f"{weights_path}: tensor {k!r} holds NaN or infinite values; the training that saved it "
-                            f"diverged: train again (e.g. with a lower learning rate)")
+            raise UserError(
+                f"{weights_path}: tensor {k!r} holds NaN or infinite values; the training that saved it "
+                f"diverged: train again (e.g. with a lower learning rate)"
+            )
     return stored
 
 
@@ -301,13 +321,17 @@ def load_adapter(model, directory, adapter_name=None):
         try:
             add_adapter(model, name, config["method"], **settings, trainable=config["trainable"])
         except (TypeError, ValueError) as e:  # a setting out of range, e.g. a rank the layers cannot hold
-            raise UserError(f"{os.path.join(directory, ADAPTER_CONFIG)}: its settings do not build a {config['method']}"
-                            f" adapter on this model ({first_line(e)}); save the adapter again") from None
+            raise UserError(
+                f"{os.path.join(directory, ADAPTER_CONFIG)}: its settings do not build a {config['method']}"
+                f" adapter on this model ({first_line(e)}); save the adapter again"
+            ) from None
     try:
         wrapper = adapter_named(model, name)[0][1]
         if (wrapper.method, wrapper.settings) != (config["method"], settings):
-            raise ValueError(f"the model's adapter {name!r} is a {wrapper.method} adapter with {wrapper.settings}, but "
-                             f"{directory} holds {config['method']} with {settings}; load it under another adapter_name")
+            raise ValueError(
+                f"the model's adapter {name!r} is a {wrapper.method} adapter with {wrapper.settings}, but "
+                f"{directory} holds {config['method']} with {settings}; load it under another adapter_name"
+            )
         all_parameters = dict(model.named_parameters(remove_duplicate=False))
         missing = [n for n in config["trainable"] if n not in all_parameters]
         if missing:
@@ -324,37 +348,3 @@ def load_adapter(model, directory, adapter_name=None):
                 set_adapter(model, previous)
         raise
     return set_adapter(model, name)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# What the apply_* functions of other_methods/ share
-
-
-def layers_ending_with(model, suffixes):
-    return [(n, m) for n, m in model.named_modules() if any(n == s or n.endswith("." + s) for s in suffixes)]
-
-
-def check_new_adapter(model, trainable):
-    """No adapter in the model yet (add_adapter puts the active one aside first), and every `trainable` name is a
-    module or parameter of the model (a typo would otherwise leave it frozen without a word). -> trainable, a tuple."""
-    if adapter_layers(model):
-        raise ValueError("the model has an adapter already: applying a second would stack two; add another task's "
-                         "adapter with support.adapters.add_adapter(model, name, method, ...)")
-    trainable = (trainable,) if isinstance(trainable, str) else tuple(trainable)
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    for t in trainable:
-        if not any(n == t or n.startswith(t + ".") for n in names):
-            raise ValueError(f"trainable={t!r} names no module or parameter of the model")
-    return trainable
-
-
-def train_only(model, wrappers, trainable):
-    """Freeze everything, then unfreeze the new adapter's wrappers (not their bases) and the modules named in
-    `trainable`, e.g. a new classification head."""
-    model.requires_grad_(False)
-    for wrapper in wrappers:
-        for key, p in wrapper.named_parameters():
-            p.requires_grad_(not key.startswith("base."))
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if any(name == t or name.startswith(t + ".") for t in trainable):
-            p.requires_grad_(True)
