@@ -15,12 +15,13 @@ import time
 import pytest
 import torch
 
+import chat
 import train
-from support import checkpoints, config_checks, instructions, resume, train_modes
+from chat import ChatConfig
+from support import checkpoints, config_checks, export, instructions, reports, resume
 from support.common import write_json_atomic
-from support.loss import mean_token_loss
 from support.safety import UserError, lock_out_dir
-from train import TrainConfig, parse_args, resolve_defaults
+from train import TrainConfig, mean_token_loss, parse_args, resolve_defaults
 from conftest import WritesMarker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +126,7 @@ def test_lora_finetuning_lowers_loss_saves_only_the_adapter_and_reloads(small_ba
     assert reloaded_val_loss(tmp_path, finetune_config(small_base, tmp_path)) == pytest.approx(summary["val_loss_after"], abs=1e-6)
     samples = json.load(open(tmp_path / "samples.json"))
     capsys.readouterr()
-    train_modes.answer_prompt(TrainConfig(adapter=str(tmp_path), prompt=samples[0]["instruction"], max_new_tokens=24, device="cpu"))
+    chat.answer_prompt(ChatConfig(adapter=str(tmp_path), prompt=samples[0]["instruction"], max_new_tokens=24, device="cpu"))
     assert capsys.readouterr().out.strip() == samples[0]["after"]
 
 
@@ -152,7 +153,7 @@ def test_answers_are_scored_before_and_after_and_a_file_is_answered_the_same_way
     questions.append({"instruction": "Name a colour."})
     (tmp_path / "in.json").write_text(json.dumps(questions))
     capsys.readouterr()
-    train_modes.answer_file(TrainConfig(adapter=str(run), answer_file=str(tmp_path / "in.json"), answers_out=str(tmp_path / "out.json"),
+    chat.answer_file(ChatConfig(adapter=str(run), answer_file=str(tmp_path / "in.json"), answers_out=str(tmp_path / "out.json"),
                                   max_new_tokens=24, device="cpu"))
     answered = json.load(open(tmp_path / "out.json"))
     assert [{k: v for k, v in a.items() if k != "response"} for a in answered] == questions  # every other key kept
@@ -293,7 +294,7 @@ def test_export_peft_and_hf_from_the_command_line(plain_run, tmp_path):
     from peft import PeftModel
 
     _, run = plain_run
-    train_modes.export_run(parse_args(["--adapter", str(run), "--export_peft", str(tmp_path / "peft"), "--export_hf", str(tmp_path / "hf")]))
+    export.export_run(export.parse_args(["--adapter", str(run), "--peft", str(tmp_path / "peft"), "--hf", str(tmp_path / "hf")]))
     ours, _ = checkpoints.load_finetuned(str(run), "tiny", "cpu")
     idx = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -305,8 +306,8 @@ def test_export_peft_and_hf_from_the_command_line(plain_run, tmp_path):
     assert (expected - base_logits).abs().max().item() > 1e-3  # the adapter matters, so the comparisons below do
     assert (expected - peft_logits).abs().max().item() <= 1e-4
     assert (expected - merged_logits).abs().max().item() <= 1e-4
-    with pytest.raises(ValueError, match="--export_peft needs --adapter"):
-        train_modes.export_run(parse_args(["--export_peft", str(tmp_path / "x")]))
+    with pytest.raises(ValueError, match="--peft needs --adapter"):
+        export.export_run(export.parse_args(["--peft", str(tmp_path / "x")]))
     # the run's metadata travel in the safetensors header (PEFT reads only adapter_config.json's LoraConfig keys)
     from safetensors import safe_open
 
@@ -321,7 +322,7 @@ def test_export_peft_and_hf_from_the_command_line(plain_run, tmp_path):
 
 def test_a_base_with_smeared_keys_is_not_exported_to_hf(small_base, tmp_path):
     with pytest.raises(UserError, match="smeared keys.*--no-smear_keys"):
-        train_modes.export_run(parse_args(["--init_from", small_base, "--export_hf", str(tmp_path / "hf")]))
+        export.export_run(export.parse_args(["--init_from", small_base, "--hf", str(tmp_path / "hf")]))
     assert not (tmp_path / "hf").exists()
 
 
@@ -380,8 +381,8 @@ def test_no_loading_path_unpickles_objects_from_a_checkpoint(small_base, tmp_pat
     paths = {
         "--resume": lambda: train.train(finetune_config(small_base, resume_dir, resume=True)),
         "the tiny-base check of a default run": lambda: checkpoints.ensure_tiny_base(),
-        "--prompt": lambda: train_modes.answer_prompt(TrainConfig(prompt="Hi", device="cpu")),
-        "--adapter --prompt": lambda: train_modes.answer_prompt(TrainConfig(adapter=str(adapter_dir), prompt="Hi", device="cpu")),
+        "--prompt": lambda: chat.answer_prompt(ChatConfig(adapter="none", prompt="Hi", device="cpu")),
+        "--adapter --prompt": lambda: chat.answer_prompt(ChatConfig(adapter=str(adapter_dir), prompt="Hi", device="cpu")),
         "--init_from a checkpoint": lambda: checkpoints.load_checkpoint_model(str(resume_dir)),
     }
     for name, load in paths.items():
@@ -416,21 +417,21 @@ def test_a_huge_learning_rate_stops_the_run_without_saving_nan(tmp_path):
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from support.loss import LossAtTargets
+    from model import GPT
 
-    real_forward, training_forwards = LossAtTargets.forward, []
+    real_forward, training_forwards = GPT.forward, []
 
-    def nan_at_step_3(self, idx, targets, segment_ids=None):  # what train.py trains through (evaluation does not)
-        loss = real_forward(self, idx, targets, segment_ids)
-        training_forwards.append(1)
-        return loss * float("nan") if len(training_forwards) == 3 else loss
+    def nan_at_step_3(self, idx, targets=None, kv_cache=None, segment_ids=None):  # in training (evaluation: eval mode)
+        logits, loss = real_forward(self, idx, targets, kv_cache, segment_ids)
+        training_forwards.extend([1] if self.training else [])
+        return logits, loss * float("nan") if len(training_forwards) == 3 and self.training else loss
 
     common = dict(max_iters=6, eval_interval=1, eval_batches=1)
-    monkeypatch.setattr(LossAtTargets, "forward", nan_at_step_3)
+    monkeypatch.setattr(GPT, "forward", nan_at_step_3)
     with pytest.raises(UserError, match=r"^step 3: the training loss is nan and the gradient norm nan: training diverged, so it "
                                         r"stops here and .* keeps the checkpoint of step 2"):
         train.train(tiny_pretrain_config(tmp_path, **common))
-    monkeypatch.setattr(LossAtTargets, "forward", real_forward)
+    monkeypatch.setattr(GPT, "forward", real_forward)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["iter"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (tmp_path / "summary.json").exists()
@@ -476,23 +477,29 @@ BAD_FLAGS = [  # (flags, what the one-line error must say)
     (["--lora_dropout", "1.5"], "--lora_dropout 1.5: use a number in [0, 1)"),
     (["--lora_targets", "all-linear,zz"], "unknown LoRA target 'zz'"),
     (["--block_size", "128"], "--block_size 128 shapes a model trained from scratch"),
-    (["--adapter", "out/somewhere"], "--adapter out/somewhere needs --prompt"),
-    (["--export_peft", "out/peft"], "--export_peft needs --adapter"),
-    (["--adapter", "out/somewhere", "--export_hf", "out/hf", "--prompt", "Hi"], "--export_peft / --export_hf write the model and exit"),
-    (["--prompt", ""], "--prompt is empty"),
     (["--device", "gpu"], "--device 'gpu': use auto, cuda (or cuda:N), mps or cpu"),
     # issue 26: accepted silently, or a message that named neither the flag nor the fix
     (["--answer_limit", "-1"], "--answer_limit -1: use an integer >= 0"),
     (["--lora_alpha", "1e30"], "--lora_alpha 1e+30 with --lora_rank 32 scales the update by 3.125e+28; use an alpha"),
-    (["--prompt", "caf\udce9?"], "--prompt is not valid UTF-8 (byte 0xe9 at position 3): set your terminal or shell to UTF-8"),
-    (["--prompt", "Say <|endoftext|> twice."], "--prompt holds the text <|endoftext|>, which the tokenizer reads as the end-of-text token"),
 ]
 
 
-def test_export_flags_are_valid_uses_of_adapter():
-    for flags in (["--export_peft", "out/peft"], ["--export_hf", "out/hf"], ["--export_peft", "out/peft", "--export_hf", "out/hf"]):
-        config_checks.check_inference_flags(parse_args(["--adapter", "out/somewhere", *flags]))  # no error
-    config_checks.check_inference_flags(parse_args(["--export_hf", "out/hf"]))  # the base alone, no adapter
+ANSWER_FLAGS = [  # chat.py's answering flags and support/export.py's: (program, flags, what the one-line error must say)
+    ("support/export.py", ["--hf", "out/hf", "--peft", "out/peft"], "--peft needs --adapter"),
+    ("support/export.py", ["--adapter", "out/somewhere"], "nothing to export: give --peft DIR"),
+    ("chat.py", ["--prompt", ""], "--prompt is empty"),
+    ("chat.py", ["--prompt", "caf\udce9?"], "--prompt is not valid UTF-8 (byte 0xe9 at position 3): set your terminal or shell to UTF-8"),
+    ("chat.py", ["--prompt", "Say <|endoftext|> twice."], "--prompt holds the text <|endoftext|>, which the tokenizer reads as the end-of-text token"),
+    ("chat.py", ["--prompt", "Hi", "--answer_file", "in.json"], "--prompt and --answer_file both ask for answers"),
+    ("chat.py", ["--answers_out", "out.json"], "--answers_out out.json is where --answer_file writes its answers"),
+]
+
+
+@pytest.mark.parametrize("script, flags, message", ANSWER_FLAGS, ids=[" ".join(f) for _, f, _ in ANSWER_FLAGS])
+def test_bad_answer_and_export_flags_are_one_line_errors(script, flags, message, monkeypatch):
+    exit_message = run_main(script, "--init_from", "/nonexistent/base", *flags, monkeypatch=monkeypatch)
+    assert exit_message.startswith("error: ") and "\n" not in exit_message
+    assert message in exit_message
 
 
 @pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
@@ -510,7 +517,8 @@ def test_device_cuda_without_cuda_is_a_clear_error(monkeypatch):
 
 
 def test_max_new_tokens_beyond_the_context_is_a_clear_error(small_base, monkeypatch):
-    exit_message = run_main("train.py", "--init_from", small_base, "--prompt", "Hi", "--max_new_tokens", "100000", monkeypatch=monkeypatch)
+    exit_message = run_main("chat.py", "--adapter", "none", "--init_from", small_base, "--prompt", "Hi", "--max_new_tokens", "100000",
+                            monkeypatch=monkeypatch)
     assert exit_message == "error: --max_new_tokens 100000: the model sees 384 tokens at a time and the prompt needs some of them, so use 1 to 383"
 
 
@@ -716,40 +724,40 @@ def test_killed_at_random_points_and_resumed_a_run_ends_as_if_never_killed(small
 def test_an_export_never_writes_into_the_run_or_its_base(plain_run, tmp_path):
     base, run = plain_run
     kept = {p.name: p.read_bytes() for p in run.iterdir()}
-    for flags, what in ((["--adapter", str(run), "--export_peft", str(run)], "the --adapter run's own folder"),
-                        (["--adapter", str(run), "--export_hf", str(run)], "the --adapter run's own folder"),
-                        (["--init_from", str(base), "--adapter", str(run), "--export_hf", str(base)], "the folder of the base")):
+    for flags, what in ((["--adapter", str(run), "--peft", str(run)], "the --adapter run's own folder"),
+                        (["--adapter", str(run), "--hf", str(run)], "the --adapter run's own folder"),
+                        (["--init_from", str(base), "--adapter", str(run), "--hf", str(base)], "the folder of the base")):
         with pytest.raises(UserError, match=f"is {what}.*: an export never writes into it"):
-            train_modes.export_run(parse_args(flags))
+            export.export_run(export.parse_args(flags))
     assert {p.name: p.read_bytes() for p in run.iterdir()} == kept
     # the base as an HF folder (the same weights, so the same fingerprint): --export_hf of base + adapter into that
     # folder would rewrite the base with the adapter merged in, and the next load would apply the update twice
     hf = tmp_path / "hf-base"
-    train_modes.export_run(parse_args(["--init_from", str(base), "--export_hf", str(hf)]))
+    export.export_run(export.parse_args(["--init_from", str(base), "--hf", str(hf)]))
     weights = (hf / "model.safetensors").read_bytes()
     with pytest.raises(UserError, match="is the folder of the base"):
-        train_modes.export_run(parse_args(["--init_from", str(hf), "--adapter", str(run), "--export_hf", str(hf)]))
+        export.export_run(export.parse_args(["--init_from", str(hf), "--adapter", str(run), "--hf", str(hf)]))
     assert (hf / "model.safetensors").read_bytes() == weights
 
 
 def test_an_export_goes_only_into_a_new_empty_or_earlier_export_folder_and_takes_the_lock(plain_run, tmp_path):
     base, run = plain_run
-    export = lambda *flags: train_modes.export_run(parse_args(["--adapter", str(run), *flags]))
+    export_to = lambda *flags: export.export_run(export.parse_args(["--adapter", str(run), *flags]))
     with lock_out_dir(str(tmp_path / "busy")):  # a run training there
         with pytest.raises(UserError, match="busy is in use by another run or export"):
-            export("--export_hf", str(tmp_path / "busy"))
+            export_to("--hf", str(tmp_path / "busy"))
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("mine")
     with pytest.raises(UserError, match="notes holds todo.txt, which is not an earlier export of this kind"):
-        export("--export_peft", str(notes))
+        export_to("--peft", str(notes))
     assert [p.name for p in notes.iterdir()] == ["todo.txt"]
     hf = tmp_path / "hf"
-    export("--export_hf", str(hf))
+    export_to("--hf", str(hf))
     with pytest.raises(UserError, match="hf holds config.json, model.safetensors, which is not an earlier export of this kind"):
-        export("--export_peft", str(hf))  # an HF export is not a PEFT export
+        export_to("--peft", str(hf))  # an HF export is not a PEFT export
     merged = (hf / "model.safetensors").read_bytes()
-    train_modes.export_run(parse_args(["--init_from", str(base), "--export_hf", str(hf)]))  # the base alone, over it
+    export.export_run(export.parse_args(["--init_from", str(base), "--hf", str(hf)]))  # the base alone, over it
     assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
     assert (hf / "model.safetensors").read_bytes() != merged
     assert sorted(os.listdir(tmp_path)) == ["busy", "hf", "notes"]  # no working folder left beside them
@@ -760,7 +768,7 @@ def test_an_export_that_fails_half_way_leaves_the_earlier_export_whole(plain_run
 
     base, run = plain_run
     target = tmp_path / "peft"
-    train_modes.export_run(parse_args(["--adapter", str(run), "--export_peft", str(target)]))
+    export.export_run(export.parse_args(["--adapter", str(run), "--peft", str(target)]))
     files = {p.relative_to(target): (p.read_bytes(), p.stat().st_ino) for p in target.rglob("*") if p.is_file()}
     real_save = interop.save_safetensors_atomic
 
@@ -771,7 +779,7 @@ def test_an_export_that_fails_half_way_leaves_the_earlier_export_whole(plain_run
 
     monkeypatch.setattr(interop, "save_safetensors_atomic", die_after_the_base)
     with pytest.raises(KeyboardInterrupt):
-        train_modes.export_run(parse_args(["--adapter", str(run), "--export_peft", str(target)]))
+        export.export_run(export.parse_args(["--adapter", str(run), "--peft", str(target)]))
     # the same files, not even rewritten with the same bytes (a new inode would be): the new export went elsewhere
     assert {p.relative_to(target): (p.read_bytes(), p.stat().st_ino) for p in target.rglob("*") if p.is_file()} == files
     assert os.listdir(tmp_path) == ["peft"]
@@ -789,7 +797,7 @@ def test_bad_data_is_refused_before_training_and_the_earlier_run_stays(small_bas
         with pytest.raises(ValueError, match=f"entry 39 has '{key}'"):
             train.train(finetune_config(small_base, run, dataset=path, max_iters=2, eval_interval=2, answer_limit=4))
         with pytest.raises(ValueError, match=f"entry 39 has '{key}'"):
-            train_modes.answer_file(TrainConfig(adapter=str(run), answer_file=path, answers_out=str(tmp_path / "a.json"),
+            chat.answer_file(ChatConfig(adapter=str(run), answer_file=path, answers_out=str(tmp_path / "a.json"),
                                                 max_new_tokens=4, device="cpu"))
         assert {p.name: p.read_bytes() for p in run.iterdir()} == kept and not (tmp_path / "a.json").exists()
 
@@ -808,7 +816,7 @@ def test_an_adapter_is_refused_on_another_base_at_its_path(small_base, tmp_path,
     with pytest.raises(UserError, match=f"the adapter in {run} was trained on a base whose weights have fingerprint [0-9a-f]{{16}}, "
                                         f"but {base} now holds weights [0-9a-f]{{16}}"):
         checkpoints.load_finetuned(str(run), "tiny", "cpu")
-    exit_message = run_main("train.py", "--adapter", str(run), "--prompt", "Hi", monkeypatch=monkeypatch)
+    exit_message = run_main("chat.py", "--adapter", str(run), "--prompt", "Hi", monkeypatch=monkeypatch)
     assert exit_message.startswith(f"error: the adapter in {run} was trained on a base whose weights") and "\n" not in exit_message
 
 
@@ -821,9 +829,9 @@ def test_a_missing_base_is_an_error_never_a_pretraining(small_base, tmp_path, mo
     (run / "summary.json").unlink()
     monkeypatch.setattr(checkpoints, "TINY_BASE_DIR", str(tmp_path / "no-tiny-base"))
     monkeypatch.setattr(checkpoints, "run_script", lambda *args: pytest.fail(f"a pretraining started: {args}"))
-    for name, call in {"--adapter --prompt": lambda: train_modes.answer_prompt(TrainConfig(adapter=str(run), prompt="Hi", device="cpu")),
-                       "--prompt": lambda: train_modes.answer_prompt(TrainConfig(prompt="Hi", device="cpu")),
-                       "--export_hf": lambda: train_modes.export_run(parse_args(["--adapter", str(run), "--export_hf", str(tmp_path / "hf")]))}.items():
+    for name, call in {"--adapter --prompt": lambda: chat.answer_prompt(ChatConfig(adapter=str(run), prompt="Hi", device="cpu")),
+                       "--prompt": lambda: chat.answer_prompt(ChatConfig(adapter="none", prompt="Hi", device="cpu")),
+                       "--hf": lambda: export.export_run(export.parse_args(["--adapter", str(run), "--hf", str(tmp_path / "hf")]))}.items():
         with pytest.raises((UserError, FileNotFoundError), match="no tiny base model at .*no-tiny-base/ckpt.pt: pretrain it first"):
             call()
     assert sorted(os.listdir(tmp_path)) == ["run"]
@@ -909,17 +917,17 @@ def test_a_run_killed_between_its_last_checkpoint_and_its_log_is_completed_by_re
     together; --resume runs the last steps again and leaves the whole log, as the uninterrupted run does."""
     cfg = dict(max_iters=4, eval_interval=2, eval_batches=1)
     train.train(tiny_pretrain_config(tmp_path / "straight", **cfg))
-    real_log = train.write_train_log
+    real_log = reports.write_train_log
 
     def log_unless_last(rows, cfg_, mode):
         if rows[-1]["iter"] == 4:
             raise KeyboardInterrupt  # killed right after the last checkpoint
         real_log(rows, cfg_, mode)
 
-    monkeypatch.setattr(train, "write_train_log", log_unless_last)
+    monkeypatch.setattr(reports, "write_train_log", log_unless_last)
     with pytest.raises(KeyboardInterrupt):
         train.train(tiny_pretrain_config(tmp_path / "killed", **cfg))
-    monkeypatch.setattr(train, "write_train_log", real_log)
+    monkeypatch.setattr(reports, "write_train_log", real_log)
     assert len(list(csv.DictReader(open(tmp_path / "killed" / "log.csv")))) == 2
     train.train(tiny_pretrain_config(tmp_path / "killed", resume=True, **cfg))
     rows = lambda d: [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(tmp_path / d / "log.csv"))]
