@@ -96,6 +96,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (worth it on a GPU for long runs)
     progress: bool = True  # show a progress bar
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~1 more forward
+
     @property
     def pretraining(self):
         return self.init_from == "scratch"

@@ -1,7 +1,7 @@
 """
-What the programs report: the log and its plot after every save, the answers scored before and
-after fine-tuning, and summary.json at the end (train.py's report_run, finetune_classifier.py's
-write_classifier_summary); summary.json records every setting as the flag that gives it.
+What the programs report: the log and its plot after every save, the answers scored before and after fine-tuning,
+and summary.json at the end (train.py's report_run, finetune_classifier.py's write_classifier_summary); summary.json
+records every setting as the flag that gives it.
 """
 
 import os

@@ -108,3 +108,20 @@ def test_bad_inputs_are_one_line_errors(base_and_adapter, tmp_path, monkeypatch)
         line = exited.value.code  # sys.exit("error: ..."): printed as one line, exit status 1
         assert isinstance(line, str) and line.startswith("error: ") and message in line and "\n" not in line, (flags, line)
     assert not marker.exists()
+
+
+def test_a_prompt_or_a_file_is_answered_by_the_tuned_model_and_the_program_exits(base_and_adapter, tmp_path, monkeypatch, capsys):
+    """--prompt prints the tuned model's answer alone (no conversation is read from stdin); --answer_file writes every
+    example back with its response (tests/test_train.py checks the scores against a run's own answers)."""
+    _, adapter_dir = base_and_adapter
+    monkeypatch.setattr(sys, "stdin", io.StringIO("never read\n"))
+    tuned, _ = checkpoints.load_finetuned(adapter_dir, "tiny", "cpu")
+    chat.main(chat.ChatConfig(adapter=adapter_dir, prompt="Name a color.", max_new_tokens=TOKENS, device="cpu"))
+    assert capsys.readouterr().out.strip() == alone(tuned, "Name a color.").strip()
+    (tmp_path / "in.json").write_text('[{"instruction": "Say hi."}, {"instruction": "Name a color.", "note": 1}]')
+    chat.main(chat.ChatConfig(adapter=adapter_dir, answer_file=str(tmp_path / "in.json"), max_new_tokens=TOKENS, device="cpu"))
+    import json
+
+    answered = json.loads((tmp_path / "in.answers.json").read_text())
+    assert answered == [{"instruction": "Say hi.", "response": alone(tuned, "Say hi.")},
+                        {"instruction": "Name a color.", "note": 1, "response": alone(tuned, "Name a color.")}]

@@ -218,8 +218,9 @@ def test_qlora_trains_only_adapters(small_base, tmp_path):
     from quantize import Linear4bit
 
     cfg = finetune_config(small_base, tmp_path, quantize="nf4", max_iters=12, eval_interval=12, mask_prompt=True)
-    model, _, mode = train.prepare_model(cfg, "cpu")
+    model, _, mode, base_sha256 = train.prepare_model(cfg, "cpu")
     assert mode == "qlora" and any(isinstance(m, Linear4bit) for m in model.modules())
+    assert base_sha256 == checkpoints.weights_sha256(checkpoints.load_base_model(small_base)[0])  # the base before 4 bits
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     summary = train.train(cfg)
     assert (summary["finetune"], summary["quantize"]) == ("lora", "nf4") and summary["trainable_params"] == 2 * 2 * (4 * 48 + 48 * 4)
