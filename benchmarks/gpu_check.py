@@ -292,7 +292,7 @@ def measure_recipe(recipe, device, work, batch=8, seq=256, steps=5):
                   measured_loaded_bytes=loaded, measured_load_peak_bytes=load_peak, measured_training_peak_bytes=peak,
                   activations_and_workspace_bytes=peak - weights - state if device == "cuda" else None,
                   ms_per_step=round(1000 * statistics.median(times[1:] or times), 1), losses=losses)
-    del model, optimizer, loss_model, loss
+    del model, optimizer, loss
     if device == "cuda":
         torch.cuda.empty_cache()
     # what is on the GPU once loaded should be what memory_report computes: no fp32 copy of a quantized weight left
