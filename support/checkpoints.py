@@ -191,7 +191,8 @@ def ensure_tiny_base(device="cpu", progress=True):
 
 
 def load_base_model(init_from, device="cpu", pretrain=True, progress=True):
-    """'tiny' | a GPT-2 name or HF directory | a checkpoint of train.py -> (GPT, tokenizer name). pretrain=False: a missing tiny base is an error rather than pretrained first (what answers with an
+    """'tiny' | a GPT-2 name or HF directory | a checkpoint of train.py -> (GPT, tokenizer name).
+    pretrain=False: a missing tiny base is an error rather than pretrained first (what answers with an
     adapter, or exports one, must not start a training of its own: the new base would be another model)."""
     if init_from == "tiny":
         path = os.path.join(TINY_BASE_DIR, "ckpt.pt")

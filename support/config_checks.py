@@ -44,11 +44,11 @@ def check_train_config(cfg, device=None, world_size=1):
         raise ValueError("--pack packs instruction examples; pretraining windows are full already: drop --pack")
     check_values(cfg)
     if cfg.grad_accum % world_size:
-        raise UserError(f"--grad_accum {cfg.grad_accum} must be a multiple of the {world_size} processes, so each computes the "
-                        f"same number of micro-batches")
+        raise UserError(f"--grad_accum {cfg.grad_accum} must be a multiple of the {world_size} processes, so each "
+                        f"computes the same number of micro-batches")
     if world_size > 1 and device not in ("cuda", "cpu"):
-        raise UserError(f"torchrun data parallelism runs on 'cuda' (NCCL) or 'cpu' (Gloo), not {device!r}: pass --device cuda "
-                        f"or --device cpu")
+        raise UserError(f"torchrun data parallelism runs on 'cuda' (NCCL) or 'cpu' (Gloo), not {device!r}: pass "
+                        f"--device cuda or --device cpu")
 
 
 def check_values(cfg):

@@ -1,7 +1,7 @@
 """
 Write a train.py run in Hugging Face's formats (support/interop.py does the conversion):
 
-    python -m support.export --adapter out/instruct --peft out/peft   # the adapter for PEFT (adapter_config.json + weights)
+    python -m support.export --adapter out/instruct --peft out/peft   # the adapter for PEFT
     python -m support.export --adapter out/instruct --hf out/hf       # base + merged adapter for transformers' GPT-2
     python -m support.export --init_from checkpoints/plain-base --hf out/tiny-hf   # a base alone (no smeared keys)
 
@@ -38,7 +38,8 @@ class ExportConfig:
 def export_run(cfg):
     """Write the exports cfg asks for (see the module's docstring)."""
     if not (cfg.peft or cfg.hf):
-        raise UserError("nothing to export: give --peft DIR (the adapter for PEFT) and/or --hf DIR (a transformers GPT-2)")
+        raise UserError("nothing to export: give --peft DIR (the adapter for PEFT) and/or --hf DIR (a transformers "
+                        "GPT-2)")
     if cfg.peft and not cfg.adapter:
         raise UserError("--peft needs --adapter RUN_DIR, the out_dir of a LoRA or QLoRA run (whose adapter it writes)")
     if cfg.adapter:
@@ -47,26 +48,30 @@ def export_run(cfg):
     else:
         model, _ = load_base_model(cfg.init_from, "cpu", pretrain=False)
     init_from = trained_on["init_from"] if cfg.adapter and cfg.init_from == "tiny" else cfg.init_from  # as loaded
-    base_dir = (TINY_BASE_DIR if init_from == "tiny" else os.path.join(user_cache_dir(), init_from) if init_from in PRETRAINED
-                else init_from if os.path.isdir(init_from) else os.path.dirname(init_from))
+    if init_from == "tiny" or init_from in PRETRAINED:
+        base_dir = TINY_BASE_DIR if init_from == "tiny" else os.path.join(user_cache_dir(), init_from)
+    else:
+        base_dir = init_from if os.path.isdir(init_from) else os.path.dirname(init_from)
     protected = [("the --adapter run's own folder", cfg.adapter), (f"the folder of the base ({init_from})", base_dir)]
     if model.config.smear_keys:
-        raise UserError(f"{cfg.adapter or cfg.init_from}: its base has smeared keys (the tiny base's default), which Hugging "
-                        "Face's GPT-2 cannot hold; to export, pretrain a base with --no-smear_keys and fine-tune on that")
+        raise UserError(f"{cfg.adapter or cfg.init_from}: its base has smeared keys (the tiny base's default), which "
+                        "Hugging Face's GPT-2 cannot hold; to export, pretrain a base with --no-smear_keys and fine-tune "
+                        "on that")
     if cfg.hf:
         export_merged_hf(model, cfg.hf, protected)
         print(f"wrote {cfg.hf}: load it with transformers.GPT2LMHeadModel.from_pretrained({cfg.hf!r})")
     if cfg.peft:
         base_name = hf_base_name(init_from)
         base_model = None
-        if base_name is None:  # PEFT needs an HF base: ours beside the adapter (full precision; QLoRA users load it in 4 bits)
+        if base_name is None:  # PEFT needs an HF base: ours beside the adapter (full precision; QLoRA loads it in 4 bits)
             base_model = load_base_model(init_from, "cpu", pretrain=False)[0]
         export_peft(model, cfg.peft, base_model_name_or_path=base_name, metadata=trained_on, base_model=base_model,
                     protected=protected)
         base_name = base_name or os.path.join(os.path.abspath(cfg.peft), "base")
         template = trained_on.get("prompt_template")
-        print(f"wrote {cfg.peft}: peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base_name!r}), {cfg.peft!r})"
-              + (f"; it was trained on prompts in the {template!r} template (instructions.format_prompt)" if template else ""))
+        trained = f"; it was trained on prompts in the {template!r} template (instructions.format_prompt)" if template else ""
+        print(f"wrote {cfg.peft}: peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base_name!r}), "
+              f"{cfg.peft!r}){trained}")
 
 
 def parse_args(argv=None):

@@ -31,7 +31,8 @@ def stop_if_diverged(step, rows, cfg, **values):
     the message as "the training loss is nan and the gradient norm nan"), before it reaches the weights or a file;
     out_dir keeps the checkpoint of the last evaluation (safety.check_finite)."""
     (first, value), *others = values.items()
-    what = f"the {first.replace('_', ' ')} is {value:g}" + "".join(f" and the {n.replace('_', ' ')} {v:g}" for n, v in others)
+    what = f"the {first.replace('_', ' ')} is {value:g}"
+    what += "".join(f" and the {name.replace('_', ' ')} {other:g}" for name, other in others)
     check_finite(step, what, list(values.values()), last_saved_step(rows), cfg.out_dir, cfg.learning_rate)
 
 

@@ -7,9 +7,10 @@ What keeps the scripts honest about their inputs and their output folders:
   runs arbitrary code; our checkpoints hold only tensors and plain containers, so anything else is refused.
 - read_json: a JSON file that must be an object with some keys; an empty, partial or foreign file is named.
 - lock_out_dir: one run (or export) owns an output folder at a time. The lock is the operating system's (filelock:
-  flock on Unix, msvcrt on Windows, on out_dir/run.lock, which also holds the owner's process id for messages): the kernel releases it when its process
-  ends, however it ends, so there are no stale locks to judge and no race over taking one over. The temporary files a
-  killed writer left behind are removed when the next run starts, and a run that fails leaves no empty folders.
+  flock on Unix, msvcrt on Windows, on out_dir/run.lock, which also holds the owner's process id for messages): it
+  is released when its process ends, however it ends, so there are no stale locks to judge and no race over taking
+  one over. The temporary files a killed writer left behind are removed when the next run starts, and a run that
+  fails leaves no empty folders.
 - new_run_id / file_sha256: the files of one run are tied together by a run id, and a manifest written last records
   the checksum of the weights written before it, so a pair from two different saves is never loaded as one.
 - check_finite_settings: NaN and infinity are refused for every float setting; check_finite stops a run whose loss
