@@ -99,6 +99,12 @@ def test_bad_inputs_are_one_line_errors(base_and_adapter, tmp_path, monkeypatch)
         ("--adapter", "none", "--init_from", str(trapped)): "more than tensors and plain containers",
         ("--adapter", adapter_dir, "--max_new_tokens", "128"): "--max_new_tokens 128: the model sees 128 tokens",
         ("--adapter", adapter_dir, "--device", "tpu"): "--device 'tpu': use auto, cuda",
+        ("--prompt", ""): "--prompt is empty",
+        ("--prompt", "caf\udce9?"): "--prompt is not valid UTF-8 (byte 0xe9 at position 3): set your terminal or shell to UTF-8",
+        ("--prompt", "Say <|endoftext|> twice."): "--prompt holds the text <|endoftext|>, which the tokenizer reads as the end-of-text",
+        ("--prompt", "Hi", "--answer_file", "in.json"): "--prompt and --answer_file both ask for answers",
+        ("--answers_out", "out.json"): "--answers_out out.json is where --answer_file writes its answers",
+        ("--adapter", adapter_dir, "--prompt", "Hi", "--max_new_tokens", "128"): "--max_new_tokens 128: the model sees 128 tokens",
     }
     for flags, message in cases.items():  # run as `python chat.py FLAGS < "Hi."`, in this process (no second torch import)
         monkeypatch.setattr(sys, "argv", ["chat.py", *flags])
