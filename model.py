@@ -257,17 +257,17 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, kv_cache=None, segment_ids=None):
-        """(B, T) token ids -> (logits (B, T, vocab_size), loss). loss is None without targets; with targets (B, T) it
-        is the mean cross-entropy of predicting targets[:, t] from idx[:, :t+1], over the positions whose target is
-        not -100 (padding, and a prompt left out of the loss). segment_ids: see hidden_states.
-
-        train.py computes the same loss without materialising the logits (support/loss.py, LossAtTargets): on
-        instruction data most positions have no target, and B x T x vocab logits are a step's largest tensor."""
-        logits = self.lm_head(self.hidden_states(idx, kv_cache, segment_ids))
+        """(B, T) token ids -> (logits, loss). Without targets: the logits (B, T, vocab_size) of every position, and
+        loss None. With targets (B, T): the mean cross-entropy of predicting targets[:, t] from idx[:, :t+1] over the
+        positions whose target is not -100 (padding, and a prompt left out of the loss), and logits None: only those
+        positions reach lm_head, whose matmul is GPT-2's largest and whose B x T x vocab output a step's largest tensor,
+        and on instruction data most positions have no target. segment_ids: see hidden_states."""
+        x = self.hidden_states(idx, kv_cache, segment_ids)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+            return self.lm_head(x), None
+        has_target = targets != -100
+        logits = self.lm_head(x[has_target])  # (N, vocab_size): the N positions with a target
+        return None, F.cross_entropy(logits.float(), targets[has_target])  # NaN when no position has a target
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None, use_cache=True,

@@ -1,43 +1,41 @@
 """
 Train a GPT: pretrain the tiny base from scratch, or fine-tune a base on instructions (full, LoRA or QLoRA). Like
 nanoGPT's train.py it reads in the order it runs: configuration, model, data, the loop, save. What is not the lesson
-(checks of the settings, --resume, reports, the modes that answer with or export a run) is in support/.
+(checks of the settings, the data files, --resume, reports) is in support/; chat.py answers with a trained run and
+`python -m support.export` writes it in Hugging Face's formats.
 
     python train.py                                # LoRA instruction tuning of the tiny base (pretrained if missing)
     python train.py --finetune full                # every weight trains instead
     python train.py --quantize nf4                 # QLoRA: LoRA on a 4-bit NF4 base
     python train.py --init_from scratch --dataset stdlib --out_dir checkpoints/tiny-base   # pretrain the tiny base
-    python train.py --adapter out/instruct --prompt "Give an antonym of 'hot'."            # answer with base + adapter
-    python train.py --adapter out/instruct --answer_file my.json   # answer a file (--export_peft, --export_hf: export)
     torchrun --nproc_per_node=4 train.py --init_from gpt2 --dataset instruction-data --grad_accum 8   # data-parallel
+
+Data parallelism is nanoGPT's: torchrun starts one process per GPU (or CPU worker) and tells each its RANK,
+LOCAL_RANK and WORLD_SIZE; each holds the whole model, and DistributedDataParallel averages the gradients during
+backward (NCCL on CUDA, Gloo on the CPU). --grad_accum counts the micro-batches of a step over all processes: rank r
+computes micro-batches r, r + N, ... of the N processes, so one process with the same flags follows the same
+trajectory (up to the order of float sums). Evaluation is shared the same way; rank 0 alone prints and writes, and
+every rank reads ckpt.pt on --resume (on several machines out_dir must be on a file system they share).
 """
 
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from lora import apply_lora
 from model import GPT, PRETRAINED, GPTConfig, count_parameters
 from quantize import quantize_model
+from support import checkpoints, common, config_checks, instructions, optim, reports, resume, safety
 from support.adapters import save_adapter
-from support.checkpoints import load_base_model
-from support.common import autocast_context, parse_config, pick_device, reset_peak_memory, save_atomic, write_together
-from support.config_checks import check_inference_flags, check_train_config
-from support.corpus import PretrainingData
 from support.fast_dequantize import use_fast_dequantize
-from support.ddp import World, init_world
-from support.instructions import InstructionData, check_max_new_tokens, resolve_template
-from support.loss import LossAtTargets
-from support.optim import clip_gradients, lr_at_step, make_optimizer, set_learning_rate
-from support.reports import progress_bar, report_run, write_train_log
-from support.resume import RUN_FILES, last_saved_step, resume_run
-from support.safety import check_finite, error_line, lock_out_dir, main_errors, new_run_id, remove_earlier_run
-from support.tokenizer import get_tokenizer
-from support.train_modes import run_without_training, trains_nothing
 
 
 @dataclass
@@ -101,13 +99,6 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (worth it on a GPU for long runs)
     progress: bool = True  # show a progress bar
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~1 more forward
-    # answer with, or export, a trained run (these train nothing; python chat.py answers each line you type)
-    adapter: str = ""  # the out_dir of a LoRA run: its base + adapter answer or are exported
-    prompt: str = None  # answer this instruction, and exit
-    answer_file: str = ""  # answer every example of this Alpaca-format (or chat) JSON file, and exit
-    answers_out: str = ""  # where --answer_file writes its examples with a 'response' added; default: IN.answers.json
-    export_peft: str = ""  # write the --adapter run's adapter in PEFT's format to this directory, and exit
-    export_hf: str = ""  # write --init_from's model (--adapter's merged in) as an HF GPT-2 directory, and exit
 
     @property
     def pretraining(self):
@@ -120,116 +111,152 @@ def resolve_defaults(cfg):
     pre, full = cfg.pretraining, cfg.finetune == "full"
     gpt2 = cfg.init_from in PRETRAINED or os.path.isfile(os.path.join(cfg.init_from, "model.safetensors"))
     cfg.max_iters = cfg.max_iters or (1000 if pre else 200 if gpt2 else 4200)  # 200 x 16: ~3 epochs of instruction-data
-    # the tiny base learns more per second from many small steps: 4,200 x 8, each batch of about one length, cost what
-    # 1,200 x 16 did (docs/results.md)
+    # the tiny base learns more per second from many small steps (docs/results.md)
     cfg.batch_size = cfg.batch_size or (16 if pre or gpt2 else 8)
     cfg.learning_rate = cfg.learning_rate or (4e-3 if pre else (3e-4 if gpt2 else 2e-3) if full else 3e-3)
-    cfg.lora_alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
     cfg.warmup_iters = cfg.warmup_iters or max(1, cfg.max_iters // 20)
     cfg.eval_interval = cfg.eval_interval or max(1, cfg.max_iters // 10)
     return cfg
 
 
 def prepare_model(cfg, device):
-    """Build or load the model and make the chosen parameters trainable -> (model, tokenizer name, mode)."""
+    """Build or load the model and make the chosen parameters trainable -> (model, tokenizer name, mode, fingerprint
+    of the base's weights: what a LoRA adapter records, so that it loads on no other base; None for the other modes)."""
     if cfg.pretraining:  # a byte-level GPT of the configured shape, from random weights
         config = GPTConfig(block_size=cfg.block_size, vocab_size=257, n_layer=cfg.n_layer, n_head=cfg.n_head,
                            n_embd=cfg.n_embd, dropout=cfg.dropout, smear_keys=cfg.smear_keys)
-        return GPT(config).to(device), "bytes", "pretrain"
-    model, tokenizer_name = load_base_model(cfg.init_from, device, progress=cfg.progress)
+        return GPT(config).to(device), "bytes", "pretrain", None
+    model, tokenizer_name = checkpoints.load_base_model(cfg.init_from, device, progress=cfg.progress)
     if cfg.finetune == "full":
-        return model, tokenizer_name, "full"
+        return model, tokenizer_name, "full", None
+    base_sha256 = checkpoints.weights_sha256(model)  # of the base as loaded, before quantizing and adapting it
     if cfg.quantize == "nf4":
         quantize_model(model)  # QLoRA: every linear layer but the tied output head to 4-bit NF4, frozen
         use_fast_dequantize(model, cfg.dequantize)
-    apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, dropout=cfg.lora_dropout,
+    apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or None, targets=cfg.lora_targets, dropout=cfg.lora_dropout,
                use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)  # freezes everything but the new adapters
-    return model, tokenizer_name, "qlora" if cfg.quantize == "nf4" else "lora"
+    return model, tokenizer_name, "qlora" if cfg.quantize == "nf4" else "lora", base_sha256
 
 
-def run_training(cfg, world=None):
-    """One job end to end, as one process of `world` (default: the only one); returns the summary, also written to
+def run_training(cfg, device, rank=0, world_size=1):
+    """One job end to end, as process `rank` of `world_size` (torchrun); returns the summary, also written to
     out_dir/summary.json (None on the ranks other than 0, which write nothing)."""
-    world, device = world or World(), pick_device(cfg.device)
+    ddp, master = world_size > 1, rank == 0
     torch.manual_seed(cfg.seed)
-    model, tokenizer_name, mode = prepare_model(cfg, device)
-    tokenizer, block_size = get_tokenizer(tokenizer_name), model.config.block_size
-    template = resolve_template(cfg.prompt_template, tokenizer_name)
-    if cfg.pretraining:  # windows of the standard library's text
-        data = PretrainingData(tokenizer, block_size, cfg.seed, cfg.corpus)
-    else:  # prompt + response examples; the response's tokens are the targets (--mask_prompt)
-        check_max_new_tokens(cfg.max_new_tokens, block_size)
-        data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt, template, pack=cfg.pack,
-                               grad_accum=cfg.grad_accum, group_by_length=cfg.group_by_length)
+    model, tokenizer_name, mode, base_sha256 = prepare_model(cfg, device)
+    data, tokenizer, template = checkpoints.load_data(cfg, tokenizer_name, model.config.block_size)
     answered = [] if cfg.pretraining else data.test_examples[: cfg.answer_limit]  # scored before and after
     val_batches = data.val_batches(cfg.batch_size)[: cfg.eval_batches or None]
+    test_batches = [] if cfg.pretraining else data.val_batches(cfg.batch_size, "test")
     model.gradient_checkpointing = cfg.grad_checkpointing
-    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.loraplus_ratio)
+    betas = (cfg.beta1, cfg.beta2)
+    optimizer = optim.make_optimizer(model, cfg.learning_rate, cfg.weight_decay, betas, cfg.loraplus_ratio)
     trainable, total = count_parameters(model)
     print(f"{mode}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%) on {device}; "
           f"{data.describe()}")
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    start, rows, before, run_id = 0, [], {}, new_run_id()
-    if cfg.resume:  # the checkpoint's trained tensors, optimizer state, random state and log (support/resume.py)
-        start, rows, before, run_id = resume_run(ckpt_path, cfg, model, optimizer, device)
-    elif world.is_main:  # a fresh run replaces an earlier run's files; the other ranks write nothing
-        remove_earlier_run(cfg.out_dir, RUN_FILES, hint=" (--resume continues it instead)")
+    # --resume: the checkpoint's trained tensors, optimizer state, random state and log; else a fresh run
+    start, rows, before, run_id = resume.start_run(ckpt_path, cfg, model, optimizer, device, writes=master)
     if not before:  # measured once, before the first step, and carried through resumes; each rank scores its share
-        before["val_loss"] = world.mean_token_loss(model, val_batches, device)
+        before["val_loss"] = mean_token_loss(model, val_batches, device, rank, world_size)
         if not cfg.pretraining:
-            before["test_loss"] = world.mean_token_loss(model, data.val_batches(cfg.batch_size, "test"), device)
-            before["answers"] = world.answer_examples(model, tokenizer, answered, device, cfg.max_new_tokens, template)
+            before["test_loss"] = mean_token_loss(model, test_batches, device, rank, world_size)
+            before["answers"] = shared_answers(model, tokenizer, answered, device, cfg, template, rank, world_size)
         print(f"validation loss before training: {before['val_loss']:.4f}")
-    # the loss where a target exists, without the B x T x vocab logits (support/loss.py); DDP and compile wrap it
-    loss_model = world.wrap(torch.compile(LossAtTargets(model)) if cfg.compile else LossAtTargets(model))
-    if world.size > 1:  # each rank its own dropout masks, reproducible from (seed, rank, step resumed at)
-        torch.manual_seed(cfg.seed + world.rank + 1_000_003 * start)
+    train_model = torch.compile(model) if cfg.compile else model
+    if ddp:  # and each rank its own dropout masks, reproducible from (seed, rank, step resumed at)
+        train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
+        torch.manual_seed(cfg.seed + rank + 1_000_003 * start)
 
-    reset_peak_memory(device)
-    t0, tokens_seen = time.time(), (rows[-1]["tokens"] if rows else 0)
-    seconds_before, tokens_at_start = (rows[-1]["seconds"] if rows else 0.0), tokens_seen
+    common.reset_peak_memory(device)
+    t0, (tokens_seen, seconds_before) = time.time(), (rows[-1]["tokens"], rows[-1]["seconds"]) if rows else (0, 0.0)
     model.train()
-    steps = progress_bar(range(start, cfg.max_iters), mode, cfg.progress, initial=start, total=cfg.max_iters)
+    steps = tqdm(range(start, cfg.max_iters), mode, initial=start, total=cfg.max_iters, disable=not cfg.progress)
     for step in steps:
-        lr = lr_at_step(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
-        set_learning_rate(optimizer, lr)
+        lr = optim.lr_at_step(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
+        optim.set_learning_rate(optimizer, lr)
         step_loss, step_tokens = 0.0, 0
-        micro_batches = world.micro_batches(cfg.grad_accum)  # all of them for one process
+        micro_batches = range(rank, cfg.grad_accum, world_size)  # all of them for one process
         for micro in micro_batches:
             x, y, *segments = data.train_batch(step, micro, cfg.batch_size)  # segment ids only with --pack
             x, y, segment_ids = x.to(device), y.to(device), segments[0].to(device) if segments else None
-            with world.sync_unless(loss_model, last=micro == micro_batches[-1]), autocast_context(device):
-                loss = loss_model(x, y, segment_ids)
-                # x world.size: DDP averages the ranks' gradients; the step's gradient is the micro-batches' mean
-                (loss * world.size / cfg.grad_accum).backward()
+            if ddp:  # all-reduce the gradients only in the backward of the rank's last micro-batch of the step
+                train_model.require_backward_grad_sync = micro == micro_batches[-1]
+            with common.autocast_context(device):
+                _, loss = train_model(x, y, segment_ids=segment_ids)
+            # x world_size: DDP averages the ranks' gradients; the step's gradient is the micro-batches' mean
+            (loss * world_size / cfg.grad_accum).backward()
             step_loss, step_tokens = step_loss + loss.item() / cfg.grad_accum, step_tokens + x.numel()
-        step_loss, step_tokens = world.sum(step_loss, step_tokens)
+        if ddp:  # the step's loss and tokens over all ranks
+            totals = torch.tensor([step_loss, step_tokens], dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            step_loss, step_tokens = totals.tolist()
         tokens_seen += int(step_tokens)
-        grad_norm = clip_gradients(model, cfg.grad_clip)  # of the gradients all ranks share after DDP's all-reduce
-        check_finite(step + 1, f"the training loss is {step_loss:g} and the gradient norm {grad_norm:g}",
-                     [step_loss, grad_norm], last_saved_step(rows), cfg.out_dir, cfg.learning_rate)
+        grad_norm = optim.clip_gradients(model, cfg.grad_clip)  # of the gradients all ranks share after the all-reduce
+        resume.stop_if_diverged(step + 1, rows, cfg, training_loss=step_loss, gradient_norm=grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         row = {"iter": step + 1, "lr": lr, "train_loss": step_loss, "val_loss": "", "tokens": tokens_seen,
                "seconds": round(seconds_before + time.time() - t0, 3)}
         if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters:  # every rank evaluates its share
-            row["val_loss"] = world.mean_token_loss(model, val_batches, device)
-            check_finite(step + 1, f"the validation loss is {row['val_loss']:g}", [row["val_loss"]],
-                         last_saved_step(rows), cfg.out_dir, cfg.learning_rate)
+            row["val_loss"] = mean_token_loss(model, val_batches, device, rank, world_size)
+            resume.stop_if_diverged(step + 1, rows, cfg, validation_loss=row["val_loss"])
         rows.append(row)
-        speed = (tokens_seen - tokens_at_start) / max(time.time() - t0, 1e-9)
-        steps.set_postfix(loss=f"{step_loss:.3f}", val=f"{row['val_loss']:.3f}" if row["val_loss"] != "" else "-",
-                          tok_s=f"{speed:.0f}", refresh=False)
-        if row["val_loss"] != "" and world.is_main:  # every evaluation ends with a save, by rank 0
-            save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step + 1, rows, before, ckpt_path, run_id)
+        steps.set_postfix(loss=step_loss, val=row["val_loss"] or "-", refresh=False)
+        if row["val_loss"] != "" and master:  # every evaluation ends with a save, by rank 0
+            save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step + 1, rows, before, ckpt_path, run_id,
+                            base_sha256)
 
-    # the last evaluation is shared by the ranks too; rank 0 writes the results (the others get None)
-    return report_run(cfg, model, optimizer, mode, data, tokenizer, template, answered, before, rows, device,
-                      trainable, total, tokens_seen, run_id, world)
+    after = {}  # the last evaluation is shared by the ranks too; rank 0 writes the results (the others return None)
+    if not cfg.pretraining:
+        after["test_loss"] = mean_token_loss(model, test_batches, device, rank, world_size)
+        resume.stop_if_diverged(cfg.max_iters, rows, cfg, test_loss=after["test_loss"])
+        after["answers"] = shared_answers(model, tokenizer, answered, device, cfg, template, rank, world_size)
+    if not master:
+        return None
+    return reports.report_run(cfg, model, optimizer, mode, data, template, answered, before, after, rows, device,
+                              trainable, total, tokens_seen, run_id)
 
 
-def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, before, path, run_id=None):
+@torch.no_grad()
+def mean_token_loss(model, batches, device, rank=0, world_size=1):
+    """Mean cross-entropy per target token of a language model over (inputs, targets) batches, targets -100 left out
+    (in nats; per byte for the byte tokenizer): nanoGPT's estimate_loss. Under torchrun each rank scores batches rank,
+    rank + world_size, ... and the sums are added up over the ranks, so no rank waits in a collective while another
+    evaluates alone (a wait longer than the process group's timeout would end the run). The model is put back in
+    training mode afterwards."""
+    model.eval()
+    loss_sum, count = 0.0, 0
+    for x, y in batches[rank::world_size]:
+        with common.autocast_context(device):
+            _, loss = model(x.to(device), y.to(device))
+        targets = int((y != -100).sum())
+        if targets:  # a batch without targets has a NaN mean and adds nothing
+            loss_sum, count = loss_sum + loss.item() * targets, count + targets
+    if world_size > 1:
+        totals = torch.tensor([loss_sum, count], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        loss_sum, count = totals.tolist()
+    model.train()
+    if count == 0:
+        raise ValueError("no target tokens to evaluate on: an empty split, or every target masked")
+    return loss_sum / count
+
+
+def shared_answers(model, tokenizer, examples, device, cfg, template, rank=0, world_size=1):
+    """Greedy answers to the examples (instructions.answer_examples), each rank answering examples rank, rank +
+    world_size, ...; every rank gets all the answers, in order (a greedy answer does not depend on its batch)."""
+    mine = instructions.answer_examples(model, tokenizer, examples[rank::world_size], device, cfg.max_new_tokens,
+                                        template)
+    if world_size == 1:
+        return mine
+    shares = [None] * world_size
+    dist.all_gather_object(shares, mine)
+    return [shares[i % world_size][i // world_size] for i in range(len(examples))]
+
+
+def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, before, path, run_id, base_sha256=None):
     """Pretraining and full fine-tuning save every weight; LoRA saves only what trained (the adapter file is the
     shareable artefact, ckpt.pt adds the optimizer state needed to resume). Everything in ckpt.pt is a tensor or a
     plain container, so it loads with torch.load(weights_only=True). The step's files (ckpt.pt, the adapter, log.csv and
@@ -240,49 +267,49 @@ def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, bef
             "run_id": run_id}
     if mode in ("lora", "qlora"):
         ckpt["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        # the adapter describes its own base, so --adapter needs no other file of the run; with the base's fingerprint
-        # (support.checkpoints.weights_sha256) and tokenizer it loads on no other base
+        # the adapter describes its own base, so chat.py needs no other file of the run; with the base's fingerprint
+        # and tokenizer it loads on no other base
         trained_on = {"run_id": run_id, "init_from": cfg.init_from, "finetune": mode, "step": step,
-                      "prompt_template": resolve_template(cfg.prompt_template, tokenizer_name),
-                      "tokenizer": tokenizer_name, "base_sha256": model.base_sha256}
+                      "prompt_template": instructions.resolve_template(cfg.prompt_template, tokenizer_name),
+                      "tokenizer": tokenizer_name, "base_sha256": base_sha256}
     else:
         ckpt["model"] = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    with write_together():
+    with common.write_together():
         if mode in ("lora", "qlora"):
             save_adapter(model, os.path.dirname(path), metadata=trained_on)  # adapter_model.safetensors + its config
-        save_atomic(ckpt, path)
-        write_train_log(rows, cfg, mode)
+        common.save_atomic(ckpt, path)
+        reports.write_train_log(rows, cfg, mode)
 
 
 def train(cfg):
     """Run one job; returns its summary. Settings left at 0 get the job's default first (resolve_defaults). The run
-    owns out_dir while it lasts: a second run on the same folder is refused (lock_out_dir). Under torchrun rank 0
-    alone writes to out_dir, so it holds the lock for all ranks."""
-    check_train_config(resolve_defaults(cfg))
-    device = pick_device(cfg.device)  # a --device this machine lacks is refused before anything is loaded
-    world = init_world(device)  # under torchrun: this process's rank among world.size (support/ddp.py)
+    owns out_dir while it lasts: a second run on the same folder is refused (safety.lock_out_dir). Under torchrun
+    rank 0 alone writes to out_dir, so it holds the lock for all ranks."""
+    resolve_defaults(cfg)
+    device = common.pick_device(cfg.device)  # a --device this machine lacks is refused before anything is loaded
+    ddp = "RANK" in os.environ  # started by torchrun
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    config_checks.check_train_config(cfg, device, world_size)
+    if ddp:
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this process's GPU
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        if rank != 0:  # one voice: the other ranks' prints would repeat rank 0's (errors still reach stderr)
+            sys.stdout, cfg.progress = open(os.devnull, "w"), False
     try:
-        world.micro_batches(cfg.grad_accum)  # a --grad_accum the processes cannot share fails here, before any work
-        if not world.is_main:
-            cfg.progress = False  # rank 0 alone reports
-            return run_training(cfg, world)
-        with lock_out_dir(cfg.out_dir):
-            return run_training(cfg, world)
+        with safety.lock_out_dir(cfg.out_dir) if rank == 0 else nullcontext():
+            return run_training(cfg, device, rank, world_size)
     finally:
-        world.close()
+        if ddp:
+            dist.destroy_process_group()
 
 
 def parse_args(argv=None):
-    return parse_config(TrainConfig, argv, __doc__, aliases={"data_path": "dataset"})
+    return common.parse_config(TrainConfig, argv, __doc__, aliases={"data_path": "dataset"})
 
 
 if __name__ == "__main__":
-    config = parse_args()
     try:
-        check_inference_flags(config)
-        if trains_nothing(config):  # --prompt, --answer_file, --export_peft, --export_hf
-            run_without_training(config)
-        else:
-            train(config)
-    except main_errors() as e:
-        sys.exit(error_line(e))
+        train(parse_args())
+    except safety.main_errors() as e:
+        sys.exit(safety.error_line(e))

@@ -42,7 +42,6 @@ from model import GPT, count_parameters
 from quantize import quantize_model, quantize_nf4
 from support import fast_dequantize
 from support.common import REPO_DIR, peak_memory_bytes, reset_peak_memory
-from support.loss import LossAtTargets
 
 SHAPES = {  # model shape, and the work done with it
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, batch=4, seq=128, new_tokens=64),
@@ -168,13 +167,11 @@ def training_step(model, optimizer, tokens, is_hf, masked=False):
         y[:, :half] = -100  # ours: y[:, t] is position t's target
         labels[:, : half + 1] = -100  # HF: labels[:, t + 1] is position t's target
 
-    ours = None if is_hf else LossAtTargets(model)  # what train.py trains through: logits only where a target is
-
     def step():
         if is_hf:  # HF shifts labels itself: position t predicts labels[t + 1]
             loss = model(input_ids=x, labels=labels).loss
         else:
-            loss = ours(x, y)
+            loss = model(x, y)[1]  # as train.py trains: logits only where a target is
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

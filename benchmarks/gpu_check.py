@@ -241,11 +241,10 @@ def write_random_hf_weights(shape, directory, seed=0):
 
 def measure_recipe(recipe, device, work, batch=8, seq=256, steps=5):
     """Load random HF-format weights as train.py does (support.checkpoints.load_base_model), quantize for QLoRA, LoRA
-    r=8 on q,v, AdamW as train.py builds it; then a few steps of LossAtTargets under autocast_context on one batch."""
+    r=8 on q,v, AdamW as train.py builds it; then a few steps of its loss (GPT.forward) under autocast_context on one batch."""
     from lora import apply_lora
     from quantize import memory_report, quantize_model
     from support.checkpoints import load_base_model
-    from support.loss import LossAtTargets
     from support.optim import clip_gradients, make_optimizer
 
     name, shape, quantized, figure = recipe
@@ -272,7 +271,6 @@ def measure_recipe(recipe, device, work, batch=8, seq=256, steps=5):
     y = torch.randint(0, vocab, (batch, seq), generator=g)
     y[:, : seq // 2] = -100  # a masked prompt: half the positions have no target
     y = y.to(device)
-    loss_model = LossAtTargets(model)
     model.train()
     reset_peak_memory(device)
     times, losses = [], []
@@ -280,7 +278,7 @@ def measure_recipe(recipe, device, work, batch=8, seq=256, steps=5):
         synchronize(device)
         started = time.time()
         with autocast_context(device):
-            loss = loss_model(x, y)
+            loss = model(x, y)[1]
         loss.backward()
         clip_gradients(model, 1.0)
         optimizer.step()
@@ -294,7 +292,7 @@ def measure_recipe(recipe, device, work, batch=8, seq=256, steps=5):
                   measured_loaded_bytes=loaded, measured_load_peak_bytes=load_peak, measured_training_peak_bytes=peak,
                   activations_and_workspace_bytes=peak - weights - state if device == "cuda" else None,
                   ms_per_step=round(1000 * statistics.median(times[1:] or times), 1), losses=losses)
-    del model, optimizer, loss_model, loss
+    del model, optimizer, loss
     if device == "cuda":
         torch.cuda.empty_cache()
     # what is on the GPU once loaded should be what memory_report computes: no fp32 copy of a quantized weight left

@@ -83,13 +83,11 @@ def packing(datasets, steps, rounds):
 
 
 def run_steps(model, optimizer, data, pack, first_step, steps):
-    from support.loss import LossAtTargets
-
     seconds, real, positions = 0.0, 0, 0
     for step in range(first_step, first_step + steps):
         x, y, *segments = data.train_batch(step, 0, 8)
         t0 = time.perf_counter()
-        loss = LossAtTargets(model)(x, y, segments[0] if segments else None)  # as train.py trains
+        loss = model(x, y, segment_ids=segments[0] if segments else None)[1]  # as train.py trains
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -115,7 +113,6 @@ def checkpointing_one(mode, checkpointing, steps, batch, seq):
     from lora import apply_lora
     from model import GPT, GPTConfig
     from quantize import quantize_model
-    from support.loss import LossAtTargets
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -130,7 +127,7 @@ def checkpointing_one(mode, checkpointing, steps, batch, seq):
     idx = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(1))
 
     def step():
-        loss = LossAtTargets(model)(idx, idx)
+        loss = model(idx, idx)[1]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -10,14 +10,12 @@ lora.py, quantize.py, train.py, finetune_classifier.py); nothing here is needed 
     instructions.py      instruction data: templates, chat, datasets, collate and packing, answers and their scores
     sms_data.py          the SMS Spam Collection, its splits and batches, the classifier's metrics
     optim.py             AdamW with decay on matrices only, LoRA+ groups, warmup + cosine, gradient clipping
-    loss.py              the training loss without logits (LossAtTargets), the evaluation loss
-    checkpoints.py       what runs start from: the tiny base, GPT-2 (downloaded, checked), train.py's checkpoints
-    resume.py            train.py's --resume: the same settings, every tensor, the random state
+    checkpoints.py       what runs start from: the tiny base, GPT-2 (downloaded, checked), train.py's checkpoints, data
+    resume.py            where a train.py run starts (fresh or --resume: every tensor, the random state), the NaN stop
     reports.py           logs, plots, answers scored before and after, summary.json
-    train_modes.py       train.py's modes that train nothing: answer a prompt or a file, export
-    adapter_files.py     LoRA adapters on disk (lora.save_adapter / load_adapter)
+    export.py            python -m support.export: a run in Hugging Face's formats (PEFT, transformers' GPT-2)
+    adapters.py          named adapters of every method: switching, saving and loading one
     classifier_files.py  what finetune_classifier.py saves and --classify loads
     interop.py           Hugging Face: adapters to and from PEFT, models to and from transformers' GPT-2
-    ddp.py               data parallelism under torchrun
     fast_dequantize.py   opt-in faster 4-bit dequantize paths (a PyTorch byte-pair table, dequantize_kernel.c)
 """

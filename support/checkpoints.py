@@ -2,8 +2,9 @@
 The models the programs start from, and the files train.py leaves:
 
 - load_base_model: 'tiny' (the offline byte-level base in checkpoints/tiny-base), a GPT-2 name or HF directory, or a
-  checkpoint written by train.py -> (GPT, tokenizer name), the GPT carrying the fingerprint of its weights
-  (weights_sha256) as model.base_sha256: an adapter records it, and is loaded on no other base;
+  checkpoint written by train.py -> (GPT, tokenizer name); weights_sha256: the fingerprint of its weights, which an
+  adapter records (train.py computes it before adapting the base), and is loaded on no other base;
+- load_data: the data of a train.py job, the pretraining corpus or instruction examples, and their tokenizer;
 - ensure_tiny_base: the tiny base, pretrained first (by running `python train.py --init_from scratch --dataset stdlib`
   in a child process) if it is missing or its pretraining was interrupted;
 - load_finetuned: a base with the LoRA adapter of a train.py run loaded into it (quantized again for QLoRA), once the
@@ -190,9 +191,8 @@ def ensure_tiny_base(device="cpu", progress=True):
 
 
 def load_base_model(init_from, device="cpu", pretrain=True, progress=True):
-    """'tiny' | a GPT-2 name or HF directory | a checkpoint of train.py -> (GPT, tokenizer name). The model carries
-    the fingerprint of its weights as it was loaded, model.base_sha256 (weights_sha256), which an adapter trained on
-    it records. pretrain=False: a missing tiny base is an error rather than pretrained first (what answers with an
+    """'tiny' | a GPT-2 name or HF directory | a checkpoint of train.py -> (GPT, tokenizer name).
+    pretrain=False: a missing tiny base is an error rather than pretrained first (what answers with an
     adapter, or exports one, must not start a training of its own: the new base would be another model)."""
     if init_from == "tiny":
         path = os.path.join(TINY_BASE_DIR, "ckpt.pt")
@@ -208,7 +208,6 @@ def load_base_model(init_from, device="cpu", pretrain=True, progress=True):
         model, tokenizer_name = load_checkpoint_model(init_from)
     else:
         raise ValueError(f"--init_from {init_from!r}: use 'tiny', 'scratch', one of {', '.join(PRETRAINED)}, or an existing checkpoint path")
-    model.base_sha256 = weights_sha256(model)
     return model.to(device), tokenizer_name
 
 
@@ -240,7 +239,7 @@ def load_finetuned(adapter_dir, init_from, device):
     except FileNotFoundError as e:
         raise UserError(f"the adapter in {adapter_dir} was trained on {init_from}, which cannot be loaded ({e}); a base made "
                         f"again would be another model, so give --init_from the base it was trained on") from None
-    check_base(adapter_dir, trained_on, init_from, model.base_sha256, tokenizer_name)
+    check_base(adapter_dir, trained_on, init_from, weights_sha256(model), tokenizer_name)
     if trained_on["finetune"] == "qlora":
         from quantize import quantize_model
 
@@ -262,3 +261,20 @@ def check_base(adapter_dir, trained_on, init_from, base_sha256, tokenizer_name):
         raise UserError(f"the adapter in {adapter_dir} was trained on a base whose weights have fingerprint "
                         f"{trained_on['base_sha256'][:16]}, but {init_from} now holds weights {base_sha256[:16]} (pretrained "
                         f"again, or another model); give --init_from the base it was trained on, or train the adapter again on this one")
+
+
+def load_data(cfg, tokenizer_name, block_size):
+    """The data of a train.py job (cfg: its TrainConfig) -> (data, tokenizer, prompt template): windows of the standard
+    library's text to pretrain on (corpus.PretrainingData), or prompt + response examples whose response tokens are
+    the targets (instructions.InstructionData; --mask_prompt)."""
+    from support.corpus import PretrainingData
+    from support.instructions import InstructionData, check_max_new_tokens, resolve_template
+    from support.tokenizer import get_tokenizer
+
+    tokenizer, template = get_tokenizer(tokenizer_name), resolve_template(cfg.prompt_template, tokenizer_name)
+    if cfg.pretraining:
+        return PretrainingData(tokenizer, block_size, cfg.seed, cfg.corpus), tokenizer, template
+    check_max_new_tokens(cfg.max_new_tokens, block_size)  # refused now, not when the answers after training are due
+    data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt, template, pack=cfg.pack,
+                           grad_accum=cfg.grad_accum, group_by_length=cfg.group_by_length)
+    return data, tokenizer, template

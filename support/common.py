@@ -17,7 +17,6 @@ import contextlib
 import csv
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -251,12 +250,22 @@ def process_status_bytes(field):
 
 def peak_memory_bytes(device):
     """Peak GPU memory allocated on CUDA; on CPU the process's peak resident set size (which includes Python and
-    PyTorch themselves, a few hundred MB)."""
+    PyTorch themselves, a few hundred MB); None where neither Linux's /proc nor Unix's `resource` module says it
+    (Windows): reports then show "n/a"."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
     if os.path.exists("/proc/self/status"):
         return process_status_bytes("VmHWM")
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def memory_text(size):
+    """A byte count as reports print it: MiB, or "n/a" when it is not known (peak_memory_bytes on Windows)."""
+    return "n/a" if size is None else f"{size / 2**20:.0f} MiB"
 
 
 def training_state_bytes(model, optimizer):

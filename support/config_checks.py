@@ -1,6 +1,6 @@
 """
 The checks a program's settings go through before anything is loaded: every value within its valid range, the
-combinations that make sense, and the flags of the answer and export modes. A setting that would train nothing,
+combinations that make sense, and the flags with which chat.py answers. A setting that would train nothing,
 train on NaN, or be silently ignored is refused with one line that names it and what would be valid (UserError).
 """
 
@@ -33,7 +33,8 @@ def check_classifier_config(cfg, modes):
         raise UserError(f"--dequantize {cfg.dequantize}: only --mode qlora has a 4-bit base to dequantize; drop the flag")
 
 
-def check_train_config(cfg):
+def check_train_config(cfg, device=None, world_size=1):
+    """train.py's settings; under torchrun (world_size processes) also how they share the work and the device."""
     if cfg.finetune not in ("lora", "full"):
         raise ValueError(f"--finetune {cfg.finetune!r}: use 'lora' or 'full'")
     if cfg.quantize not in ("none", "nf4"):
@@ -45,6 +46,12 @@ def check_train_config(cfg):
     if cfg.pack and cfg.pretraining:
         raise ValueError("--pack packs instruction examples; pretraining windows are full already: drop --pack")
     check_values(cfg)
+    if cfg.grad_accum % world_size:
+        raise UserError(f"--grad_accum {cfg.grad_accum} must be a multiple of the {world_size} processes, so each "
+                        f"computes the same number of micro-batches")
+    if world_size > 1 and device not in ("cuda", "cpu"):
+        raise UserError(f"torchrun data parallelism runs on 'cuda' (NCCL) or 'cpu' (Gloo), not {device!r}: pass "
+                        f"--device cuda or --device cpu")
 
 
 def check_values(cfg):
@@ -99,10 +106,8 @@ def check_text_flag(flag, text):
         raise UserError(f"{flag} holds the text {EOT_TEXT}, which the tokenizer reads as the end-of-text token; leave it out")
 
 
-def check_inference_flags(cfg):
-    """--prompt answers one instruction and --answer_file a whole file, then exit; --export_peft / --export_hf write
-    the model in Hugging Face's formats and exit. --adapter only says which adapter to answer with or export, so it
-    needs one of them (a training run would silently ignore it)."""
+def check_answer_flags(cfg):
+    """chat.py's --prompt answers one instruction and --answer_file a whole file, then exit."""
     if cfg.prompt is not None and not cfg.prompt.strip():
         raise UserError("--prompt is empty: give the instruction to answer, e.g. --prompt \"Give an antonym of 'cold'.\"")
     if cfg.prompt is not None:
@@ -111,12 +116,3 @@ def check_inference_flags(cfg):
         raise UserError("--prompt and --answer_file both ask for answers: give one of them")
     if cfg.answers_out and not cfg.answer_file:
         raise UserError(f"--answers_out {cfg.answers_out} is where --answer_file writes its answers: give --answer_file IN.json too")
-    exporting = bool(cfg.export_peft or cfg.export_hf)
-    if exporting and (cfg.prompt is not None or cfg.answer_file):
-        raise UserError("--export_peft / --export_hf write the model and exit, --prompt / --answer_file answer with it: give one of them")
-    if cfg.export_peft and not cfg.adapter:
-        raise UserError("--export_peft needs --adapter RUN_DIR, the out_dir of a LoRA or QLoRA run (whose adapter it writes)")
-    if cfg.adapter and cfg.prompt is None and not cfg.answer_file and not exporting:
-        raise UserError(f"--adapter {cfg.adapter} needs --prompt \"...\" (one instruction) or --answer_file IN.json (a file of them) to "
-                        f"answer with it, or --export_peft / --export_hf DIR to export it; it does not train. To continue that run's "
-                        f"training use --out_dir {cfg.adapter} --resume")

@@ -281,7 +281,7 @@ PEFT_SETTING_TYPES = {  # LoraConfig key -> (check, what it must be), for the ke
 def read_peft_adapter(directory):
     """(adapter_config.json as a dict, {tensor name: tensor}) of a PEFT adapter directory, checked: every setting
     import_peft reads has its type (a string lora_alpha, a pattern that is no regular expression are named), and the
-    tensors are read as every adapter's are (adapter_files.read_adapter_weights: finite floats; an export of ours
+    tensors are read as every adapter's are (adapters.read_adapter_weights: finite floats; an export of ours
     also records the checksum of the config beside it, which must match)."""
     config, weights_path = read_saved_pair(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "PEFT's save_pretrained")
     paths = [os.path.join(directory, ADAPTER_CONFIG), weights_path]

@@ -1,42 +1,16 @@
 """
-What the programs report: the progress bar, the log and its plot after every save, the answers scored before and
-after fine-tuning, and summary.json at the end (train.py's report_run, finetune_classifier.py's
-write_classifier_summary); summary.json records every setting as the flag that gives it.
+What the programs report: the log and its plot after every save, the answers scored before and after fine-tuning,
+and summary.json at the end (train.py's report_run, finetune_classifier.py's write_classifier_summary); summary.json
+records every setting as the flag that gives it.
 """
 
 import os
-import sys
 from dataclasses import asdict
 
-from support.common import (peak_memory_bytes, save_figure_atomic, shown_path, training_state_bytes, write_csv_atomic, write_json_atomic,
-                            write_together)
-from support.ddp import World
+from support.common import (memory_text, peak_memory_bytes, save_figure_atomic, shown_path, training_state_bytes,
+                            write_csv_atomic, write_json_atomic, write_together)
 from support.instructions import chat_prompt, score_responses
-from support.resume import last_saved_step
-from support.safety import check_finite
 from support.sms_data import LABELS, format_confusion
-
-
-class NoProgressBar:
-    """What progress_bar returns with --no-progress: the steps, and a set_postfix that does nothing."""
-
-    def __init__(self, iterable):
-        self.iterable = iterable
-
-    def __iter__(self):
-        return iter(self.iterable)
-
-    def set_postfix(self, **_):
-        pass
-
-
-def progress_bar(iterable, description, show=True, **tqdm_options):
-    """tqdm over `iterable` (redrawn at most every 30 s when stderr is a file, not a terminal), or NoProgressBar."""
-    if not show:
-        return NoProgressBar(iterable)
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=description, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30, **tqdm_options)
 
 
 # ---------------------------------------------------------------------------------------------- train.py
@@ -136,14 +110,12 @@ def print_answer_table(by_kind, fields):
         print(line)
 
 
-def report_run(cfg, model, optimizer, mode, data, tokenizer, template, answered, before, rows, device, trainable, total,
-               tokens_seen, run_id, world=None):
-    """The end of a train.py run: the test loss and the answers after training, scored against those before; printed,
-    and written to summary.json (with samples.json and answers.csv for fine-tuning). Returns the summary. Under
-    torchrun every rank takes its share of the evaluation (world); rank 0 alone reports and writes, the others
-    return None. Everything is measured before anything is written, and the files are renamed into place together,
-    summary.json with them: a failure leaves none of them."""
-    world = world or World()
+def report_run(cfg, model, optimizer, mode, data, template, answered, before, after, rows, device, trainable, total,
+               tokens_seen, run_id):
+    """The end of a train.py run: the test loss and the answers after training (`after`, measured by train.py),
+    scored against those before; printed, and written to summary.json (with samples.json and answers.csv for
+    fine-tuning). Returns the summary. Under torchrun rank 0 alone calls it. The files are renamed into place
+    together, summary.json with them: a failure leaves none of them."""
     summary = {  # every setting as the flag that gives it: --init_from, --finetune (None when pretraining), --quantize
         "init_from": cfg.init_from, "finetune": None if cfg.pretraining else cfg.finetune, "quantize": cfg.quantize, "dataset": cfg.dataset,
         "lora_rank": cfg.lora_rank if mode in ("lora", "qlora") else None,
@@ -155,19 +127,13 @@ def report_run(cfg, model, optimizer, mode, data, tokenizer, template, answered,
         "training_state_bytes": training_state_bytes(model, optimizer), "device": device, "config": asdict(cfg), "run_id": run_id,
     }
     if not cfg.pretraining:
-        summary["test_loss_before"] = before["test_loss"]
-        summary["test_loss_after"] = world.mean_token_loss(model, data.val_batches(cfg.batch_size, "test"), device)
-        check_finite(cfg.max_iters, f"the test loss is {summary['test_loss_after']:g}", [summary["test_loss_after"]], last_saved_step(rows),
-                     cfg.out_dir, cfg.learning_rate)
-        after = world.answer_examples(model, tokenizer, answered, device, cfg.max_new_tokens, template)
-    if not world.is_main:
-        return None
+        summary["test_loss_before"], summary["test_loss_after"] = before["test_loss"], after["test_loss"]
     print(f"validation loss: {summary['val_loss_before']:.4f} before -> {summary['val_loss_after']:.4f} after "
-          f"{cfg.max_iters} steps in {summary['seconds']:.0f} s; peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB")
+          f"{cfg.max_iters} steps in {summary['seconds']:.0f} s; peak memory {memory_text(summary['peak_memory_bytes'])}")
     with write_together():  # samples.json, answers.csv and summary.json: all of them or none
         if not cfg.pretraining:
             summary["prompt_template"] = template
-            fields, by_kind, records = answer_report(answered, before["answers"], after)
+            fields, by_kind, records = answer_report(answered, before["answers"], after["answers"])
             summary.update(fields)
             summary["test_by_kind"] = by_kind
             for record in records[: cfg.num_samples]:
@@ -239,5 +205,5 @@ def write_classifier_summary(cfg, model, optimizer, before, after, splits, trunc
           f"{summary['test_accuracy']:.1%} (test before fine-tuning: {summary['test_accuracy_before']:.1%})")
     print(f"test confusion matrix:\n{format_confusion(after['test']['confusion'])}")
     print(f"{cfg.mode}: {trainable:,} trainable / {total:,} total parameters; {seconds:.0f} s of training, "
-          f"peak memory {peak / 2**20:.0f} MiB; outputs in {shown_path(cfg.out_dir)}")
+          f"peak memory {memory_text(peak)}; outputs in {shown_path(cfg.out_dir)}")
     return summary

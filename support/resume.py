@@ -1,7 +1,10 @@
 """
-train.py's --resume: continue a run from out_dir/ckpt.pt exactly where it stopped. Only a checkpoint made with the
-settings that shape the tensors, the optimizer and the data is accepted (each one that differs is named); every tensor
-is accounted for; the random generators are restored, so the resumed run repeats the uninterrupted one.
+Where a train.py run starts, and what stops it: a fresh run replaces an earlier run's files; --resume continues a run
+from out_dir/ckpt.pt exactly where it stopped; a NaN or infinity stops it with the last good checkpoint kept.
+
+--resume accepts only a checkpoint made with the settings that shape the tensors, the optimizer and the data (each one
+that differs is named); every tensor is accounted for; the random generators are restored, so the resumed run repeats
+the uninterrupted one.
 """
 
 import os
@@ -9,7 +12,28 @@ import os
 import torch
 
 from support.checkpoints import load_weights
-from support.safety import UserError, load_tensor_file, new_run_id
+from support.safety import UserError, check_finite, load_tensor_file, new_run_id, remove_earlier_run
+
+
+def start_run(path, cfg, model, optimizer, device, writes=True):
+    """-> (step to start at, log rows, the measurements made before training, run id): with --resume the checkpoint at
+    `path` loaded into the model and optimizer (resume_run); otherwise step 0 of a new run, whose process that writes
+    (`writes`: rank 0 under torchrun) first removes an earlier run's files from out_dir (RUN_FILES)."""
+    if cfg.resume:
+        return resume_run(path, cfg, model, optimizer, device)
+    if writes:
+        remove_earlier_run(cfg.out_dir, RUN_FILES, hint=" (--resume continues it instead)")
+    return 0, [], {}, new_run_id()
+
+
+def stop_if_diverged(step, rows, cfg, **values):
+    """Stop the run at the first NaN or infinity among `values` (e.g. training_loss=..., gradient_norm=...: named in
+    the message as "the training loss is nan and the gradient norm nan"), before it reaches the weights or a file;
+    out_dir keeps the checkpoint of the last evaluation (safety.check_finite)."""
+    (first, value), *others = values.items()
+    what = f"the {first.replace('_', ' ')} is {value:g}"
+    what += "".join(f" and the {name.replace('_', ' ')} {other:g}" for name, other in others)
+    check_finite(step, what, list(values.values()), last_saved_step(rows), cfg.out_dir, cfg.learning_rate)
 
 
 def resume_run(path, cfg, model, optimizer, device):

@@ -6,10 +6,11 @@ What keeps the scripts honest about their inputs and their output folders:
 - load_tensor_file: torch.load with weights_only=True. A checkpoint is a pickle, and unpickling an arbitrary object
   runs arbitrary code; our checkpoints hold only tensors and plain containers, so anything else is refused.
 - read_json: a JSON file that must be an object with some keys; an empty, partial or foreign file is named.
-- lock_out_dir: one run (or export) owns an output folder at a time. The lock is the operating system's (flock on
-  out_dir/run.lock, which also holds the owner's process id for messages): the kernel releases it when its process
-  ends, however it ends, so there are no stale locks to judge and no race over taking one over. The temporary files a
-  killed writer left behind are removed when the next run starts, and a run that fails leaves no empty folders.
+- lock_out_dir: one run (or export) owns an output folder at a time. The lock is the operating system's (filelock:
+  flock on Unix, msvcrt on Windows, on out_dir/run.lock, which also holds the owner's process id for messages): it
+  is released when its process ends, however it ends, so there are no stale locks to judge and no race over taking
+  one over. The temporary files a killed writer left behind are removed when the next run starts, and a run that
+  fails leaves no empty folders.
 - new_run_id / file_sha256: the files of one run are tied together by a run id, and a manifest written last records
   the checksum of the weights written before it, so a pair from two different saves is never loaded as one.
 - check_finite_settings: NaN and infinity are refused for every float setting; check_finite stops a run whose loss
@@ -258,54 +259,40 @@ def remove_if_empty(directories):
 
 
 class OutDirLock:
-    """An exclusive flock on `directory/run.lock`, held until release() or the process ends (the kernel drops it
-    then: a killed run leaves no lock that stops the next one). The file holds the owner's process id, read only to
-    name the owner in the message of a run that is refused."""
+    """An exclusive lock on `directory/run.lock` (filelock: flock on Unix, msvcrt on Windows), held until release() or
+    the process ends (the operating system drops it then: a killed run leaves no lock that stops the next one). The
+    file holds the owner's process id, read only to name the owner in the message of a run that is refused."""
 
     def __init__(self, directory):
-        import fcntl
+        from filelock import FileLock, Timeout
 
         self.path = os.path.join(directory, LOCK_FILE)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise write_error(self.path, e) or e from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                owner = read_lock_owner(self.path)
-                raise UserError(f"{directory} is in use by another run or export (process {owner if owner else '?'}, see "
-                                f"{self.path}); wait for it to finish or choose another folder") from None
-            # the holder before us may have removed the file after we opened it: then our lock is on a file no one else
-            # will open, and we try again on the one now at the path
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        else:
-            raise UserError(f"could not lock {directory}: other runs keep replacing {self.path}; choose another folder")
-        self.fd = fd
+        self.lock = FileLock(self.path, on_acquired=write_owner)
         try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            owner = read_lock_owner(self.path)
+            raise UserError(f"{directory} is in use by another run or export (process {owner if owner else '?'}, see "
+                            f"{self.path}); wait for it to finish or choose another folder") from None
         except OSError as e:
-            self.release()
             raise write_error(self.path, e) or e from None
+        self.stat = os.stat(self.path)
 
     def release(self):
-        """Remove the lock file (if it is still ours: an export may have moved its folder away) and unlock."""
-        if self.fd is None:
+        """Remove the lock file (if it is still ours: an export may have moved its folder away), then unlock. A run
+        that opened the file before its removal gets a lock on a file no longer at the path, which filelock refuses."""
+        if not self.lock.is_locked:
             return
         with contextlib.suppress(OSError):
-            if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+            if os.path.samestat(self.stat, os.stat(self.path)):
                 os.remove(self.path)
-        os.close(self.fd)
-        self.fd = None
+        self.lock.release()
+
+
+def write_owner(fd):
+    """Our process id into the lock file, through the locked descriptor (a run that is refused only reads it)."""
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
 
 
 @contextlib.contextmanager

@@ -100,6 +100,12 @@ def test_bad_inputs_are_one_line_errors(base_and_adapter, tmp_path, monkeypatch)
         ("--adapter", "none", "--init_from", str(trapped)): "more than tensors and plain containers",
         ("--adapter", adapter_dir, "--max_new_tokens", "128"): "--max_new_tokens 128: the model sees 128 tokens",
         ("--adapter", adapter_dir, "--device", "tpu"): "--device 'tpu': use auto, cuda",
+        ("--prompt", ""): "--prompt is empty",
+        ("--prompt", "caf\udce9?"): "--prompt is not valid UTF-8 (byte 0xe9 at position 3): set your terminal or shell to UTF-8",
+        ("--prompt", "Say <|endoftext|> twice."): "--prompt holds the text <|endoftext|>, which the tokenizer reads as the end-of-text",
+        ("--prompt", "Hi", "--answer_file", "in.json"): "--prompt and --answer_file both ask for answers",
+        ("--answers_out", "out.json"): "--answers_out out.json is where --answer_file writes its answers",
+        ("--adapter", adapter_dir, "--prompt", "Hi", "--max_new_tokens", "128"): "--max_new_tokens 128: the model sees 128 tokens",
     }
     for flags, message in cases.items():  # run as `python chat.py FLAGS < "Hi."`, in this process (no second torch import)
         monkeypatch.setattr(sys, "argv", ["chat.py", *flags])
@@ -109,3 +115,20 @@ def test_bad_inputs_are_one_line_errors(base_and_adapter, tmp_path, monkeypatch)
         line = exited.value.code  # sys.exit("error: ..."): printed as one line, exit status 1
         assert isinstance(line, str) and line.startswith("error: ") and message in line and "\n" not in line, (flags, line)
     assert not marker.exists()
+
+
+def test_a_prompt_or_a_file_is_answered_by_the_tuned_model_and_the_program_exits(base_and_adapter, tmp_path, monkeypatch, capsys):
+    """--prompt prints the tuned model's answer alone (no conversation is read from stdin); --answer_file writes every
+    example back with its response (tests/test_train.py checks the scores against a run's own answers)."""
+    _, adapter_dir = base_and_adapter
+    monkeypatch.setattr(sys, "stdin", io.StringIO("never read\n"))
+    tuned, _ = checkpoints.load_finetuned(adapter_dir, "tiny", "cpu")
+    chat.main(chat.ChatConfig(adapter=adapter_dir, prompt="Name a color.", max_new_tokens=TOKENS, device="cpu"))
+    assert capsys.readouterr().out.strip() == alone(tuned, "Name a color.").strip()
+    (tmp_path / "in.json").write_text('[{"instruction": "Say hi."}, {"instruction": "Name a color.", "note": 1}]')
+    chat.main(chat.ChatConfig(adapter=adapter_dir, answer_file=str(tmp_path / "in.json"), max_new_tokens=TOKENS, device="cpu"))
+    import json
+
+    answered = json.loads((tmp_path / "in.answers.json").read_text())
+    assert answered == [{"instruction": "Say hi.", "response": alone(tuned, "Say hi.")},
+                        {"instruction": "Name a color.", "note": 1, "response": alone(tuned, "Name a color.")}]

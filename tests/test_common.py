@@ -206,8 +206,14 @@ def test_job_dependent_defaults_say_what_they_depend_on(monkeypatch, capsys):
         train.parse_args(["--help"])
     out = capsys.readouterr().out
     assert "--max_iters N           optimizer steps; default (0): 1,000 pretraining" in out
-    assert "--answers_out TEXT" in out and "default: IN.answers.json" in out and "(default: )" not in out
+    assert "(default: )" not in out
     assert "pretraining only (--init_from scratch --dataset stdlib)" in out
+    import chat
+
+    with pytest.raises(SystemExit):
+        common.parse_config(chat.ChatConfig, ["--help"])
+    out = capsys.readouterr().out
+    assert "--answers_out TEXT" in out and "default: IN.answers.json" in out and "(default: )" not in out
 
 
 def test_a_renamed_flag_keeps_working_and_giving_both_names_is_an_error(capsys):
@@ -234,3 +240,26 @@ def test_a_printed_path_is_relative_inside_the_working_folder_or_its_parent_and_
     assert common.shown_path(str(tmp_path / "repo" / "checkpoints" / "tiny-base")) == os.path.join("..", "checkpoints", "tiny-base")
     assert common.shown_path(str(tmp_path / "repo" / "notebooks" / "out")) == "out"
     assert common.shown_path(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")  # two levels up: absolute
+
+
+def test_the_programs_import_where_resource_and_fcntl_are_missing():
+    """Windows has neither `resource` nor `fcntl`: importing the three programs (in a fresh process, where both are made
+    unimportable) must not need them; the run lock is filelock's (msvcrt there), peak memory falls back below."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['resource'] = None; sys.modules['fcntl'] = None; "
+            f"sys.path.insert(0, {common.REPO_DIR!r}); import train, finetune_classifier, chat; print('imported')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "imported", done.stderr[-2000:]
+
+
+def test_peak_memory_is_reported_as_not_known_where_no_source_says_it(monkeypatch):
+    import sys
+
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda path: False if str(path).startswith("/proc") else real_exists(path))
+    monkeypatch.setitem(sys.modules, "resource", None)  # no /proc (macOS, Windows) and no resource (Windows)
+    assert common.peak_memory_bytes("cpu") is None and common.memory_text(None) == "n/a"
+    monkeypatch.delitem(sys.modules, "resource")
+    assert common.peak_memory_bytes("cpu") > 0 and common.memory_text(3 * 2**20) == "3 MiB"

@@ -1,4 +1,4 @@
-"""ddp.py: under torchrun with 2 Gloo processes on the CPU, training follows the single-process trajectory: pretraining
+"""train.py's DDP: under torchrun with 2 Gloo processes on the CPU, training follows the single-process trajectory: pretraining
 from the start, and a QLoRA fine-tuning (LoRA adapters on a 4-bit base) resumed by 2 processes from a 1-process
 checkpoint. (benchmarks/gpu_check.py runs 2 NCCL processes where a machine has 2 GPUs.)"""
 import csv
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import train
-from support.ddp import World
+from support.config_checks import check_train_config
 from train import TrainConfig, resolve_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,12 +17,12 @@ FLAGS = dict(init_from="scratch", dataset="stdlib", n_layer=2, n_head=2, n_embd=
              max_iters=6, eval_interval=3, eval_batches=2, learning_rate=3e-3, device="cpu", progress=False)
 
 
-def test_each_rank_takes_every_nth_micro_batch():
-    assert World(rank=0, size=2).micro_batches(6) == [0, 2, 4]
-    assert World(rank=1, size=2).micro_batches(6) == [1, 3, 5]
-    assert World().micro_batches(3) == [0, 1, 2]
+def test_a_grad_accum_the_processes_cannot_share_is_refused():
+    check_train_config(resolve_defaults(TrainConfig(grad_accum=6)), "cpu", world_size=2)  # 3 micro-batches each
     with pytest.raises(ValueError, match="--grad_accum 5 must be a multiple of the 2 processes"):
-        World(rank=0, size=2).micro_batches(5)
+        check_train_config(resolve_defaults(TrainConfig(grad_accum=5)), "cpu", world_size=2)
+    with pytest.raises(ValueError, match="torchrun data parallelism runs on 'cuda' \\(NCCL\\) or 'cpu'"):
+        check_train_config(resolve_defaults(TrainConfig(grad_accum=6)), "mps", world_size=2)
 
 
 def torchrun(out_dir, flags=FLAGS, **overrides):
@@ -110,18 +110,17 @@ def test_a_qlora_run_resumed_by_two_processes_follows_the_single_process_traject
 # issue 26: evaluation is shared by the ranks, so none waits in a collective while another evaluates alone
 
 SHORT_TIMEOUT = """
-import datetime, functools, os, runpy, sys, time
+import datetime, functools, os, sys, time
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
 dist.init_process_group = functools.partial(dist.init_process_group, timeout=datetime.timedelta(seconds={timeout}))
-import support.loss
-real = support.loss.mean_token_loss
-def slow(model, batches, device):  # an evaluation that takes {per_batch} s per batch
-    time.sleep({per_batch} * len(batches))
-    return real(model, batches, device)
-support.loss.mean_token_loss = slow
-sys.argv = ["train.py"] + sys.argv[1:]
-runpy.run_path(os.path.join({root!r}, "train.py"), run_name="__main__")
+import train
+real = train.mean_token_loss
+def slow(model, batches, device, rank=0, world_size=1):  # an evaluation that takes {per_batch} s per batch scored
+    time.sleep({per_batch} * len(batches[rank::world_size]))
+    return real(model, batches, device, rank, world_size)
+train.mean_token_loss = slow
+train.train(train.parse_args())
 """
 
 
@@ -163,12 +162,12 @@ def shared_evaluation(rank, store, results):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         model = evaluation_model()
-        world = World(rank=rank, size=2)
         batches = [(torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(i)),) * 2 for i in range(5)]
         batches = [(x, torch.where(x % 3 == 0, -100, x)) for x, _ in batches]  # a different number of targets per batch
         examples = load_examples("embedded")[:7]
-        loss = world.mean_token_loss(model, batches, "cpu")
-        answers = world.answer_examples(model, ByteTokenizer(), examples, "cpu", 6, "compact")
+        loss = train.mean_token_loss(model, batches, "cpu", rank, 2)
+        settings = TrainConfig(max_new_tokens=6)
+        answers = train.shared_answers(model, ByteTokenizer(), examples, "cpu", settings, "compact", rank, 2)
         results.put((rank, loss, answers))
     finally:
         dist.destroy_process_group()
@@ -182,7 +181,6 @@ def test_shared_evaluation_gives_what_one_process_computes(tmp_path):
     import torch
 
     from support.instructions import answer_examples, load_examples
-    from support.loss import mean_token_loss
     from support.tokenizer import ByteTokenizer
 
     fork = multiprocessing.get_context("fork")
@@ -197,5 +195,5 @@ def test_shared_evaluation_gives_what_one_process_computes(tmp_path):
     batches = [(torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(i)),) * 2 for i in range(5)]
     batches = [(x, torch.where(x % 3 == 0, -100, x)) for x, _ in batches]
     answers = answer_examples(model, ByteTokenizer(), load_examples("embedded")[:7], "cpu", 6, "compact")
-    assert got[0][1] == got[1][1] == pytest.approx(mean_token_loss(model, batches, "cpu"), rel=1e-6)
+    assert got[0][1] == got[1][1] == pytest.approx(train.mean_token_loss(model, batches, "cpu"), rel=1e-6)
     assert got[0][2] == got[1][2] == answers and len(set(answers)) > 1

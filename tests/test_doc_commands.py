@@ -12,13 +12,14 @@ import chat
 import finetune_classifier
 import train
 from experiments import rank_sweep
-from support import config_checks
+from support import config_checks, export
 from support.common import parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", os.path.join("docs", "design.md"))
 PROGRAMS = {"train.py": train.parse_args, "finetune_classifier.py": finetune_classifier.parse_args,
-            "chat.py": lambda argv: parse_config(chat.ChatConfig, argv), "experiments.rank_sweep": rank_sweep.parse_args}
+            "chat.py": lambda argv: parse_config(chat.ChatConfig, argv), "experiments.rank_sweep": rank_sweep.parse_args,
+            "support.export": export.parse_args}
 COMMANDS = {"python", "python3", "pip", "jupyter", "torchrun", "pytest", "printf", "echo", "cat", "git", "cd", "time", "env",
             "nice", "taskset", "timeout", "export", "source", "bash", "sh", "ls", "mkdir", "cp", "mv", "rm", "head", "tail",
             "grep", "tar", "unzip", "curl", "wget"}  # what a documented line may run (the first word after VAR=value)
@@ -83,9 +84,9 @@ def test_each_command_parses_and_passes_the_checks(where, name, argv, capsys):
     except SystemExit:
         pytest.fail(f"{where}: `{name} {' '.join(argv)}` is refused: {capsys.readouterr().err.strip()}")
     if name == "train.py":
-        config_checks.check_inference_flags(cfg)
-        if cfg.prompt is None and not (cfg.answer_file or cfg.export_peft or cfg.export_hf):
-            config_checks.check_train_config(train.resolve_defaults(cfg))
+        config_checks.check_train_config(train.resolve_defaults(cfg))
+    if name == "chat.py":
+        config_checks.check_answer_flags(cfg)
 
 
 def test_the_check_catches_what_the_issue_found():

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LESSONS = {"model": set(), "lora": {"model"}, "quantize": {"model", "lora"}}  # what each may import at module level
 PROGRAMS = ("train", "finetune_classifier")
 LINE_LIMITS = {"model.py": 450, "lora.py": 450, "quantize.py": 500, "train.py": 350, "finetune_classifier.py": 400}
-ROOT_PROGRAMS = {"chat.py": 150}  # the one program at the root besides the lesson: talking to a tuned model
+ROOT_PROGRAMS = {"chat.py": 170}  # the one program at the root besides the lesson: answering with a trained run
 
 
 def project_modules():

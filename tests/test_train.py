@@ -15,12 +15,13 @@ import time
 import pytest
 import torch
 
+import chat
 import train
-from support import checkpoints, config_checks, instructions, resume, train_modes
+from chat import ChatConfig
+from support import checkpoints, config_checks, export, instructions, reports, resume
 from support.common import write_json_atomic
-from support.loss import mean_token_loss
 from support.safety import UserError, lock_out_dir
-from train import TrainConfig, parse_args, resolve_defaults
+from train import TrainConfig, mean_token_loss, parse_args, resolve_defaults
 from conftest import WritesMarker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +126,7 @@ def test_lora_finetuning_lowers_loss_saves_only_the_adapter_and_reloads(small_ba
     assert reloaded_val_loss(tmp_path, finetune_config(small_base, tmp_path)) == pytest.approx(summary["val_loss_after"], abs=1e-6)
     samples = json.load(open(tmp_path / "samples.json"))
     capsys.readouterr()
-    train_modes.answer_prompt(TrainConfig(adapter=str(tmp_path), prompt=samples[0]["instruction"], max_new_tokens=24, device="cpu"))
+    chat.answer_prompt(ChatConfig(adapter=str(tmp_path), prompt=samples[0]["instruction"], max_new_tokens=24, device="cpu"))
     assert capsys.readouterr().out.strip() == samples[0]["after"]
 
 
@@ -152,7 +153,7 @@ def test_answers_are_scored_before_and_after_and_a_file_is_answered_the_same_way
     questions.append({"instruction": "Name a colour."})
     (tmp_path / "in.json").write_text(json.dumps(questions))
     capsys.readouterr()
-    train_modes.answer_file(TrainConfig(adapter=str(run), answer_file=str(tmp_path / "in.json"), answers_out=str(tmp_path / "out.json"),
+    chat.answer_file(ChatConfig(adapter=str(run), answer_file=str(tmp_path / "in.json"), answers_out=str(tmp_path / "out.json"),
                                   max_new_tokens=24, device="cpu"))
     answered = json.load(open(tmp_path / "out.json"))
     assert [{k: v for k, v in a.items() if k != "response"} for a in answered] == questions  # every other key kept
@@ -217,8 +218,9 @@ def test_qlora_trains_only_adapters(small_base, tmp_path):
     from quantize import Linear4bit
 
     cfg = finetune_config(small_base, tmp_path, quantize="nf4", max_iters=12, eval_interval=12, mask_prompt=True)
-    model, _, mode = train.prepare_model(cfg, "cpu")
+    model, _, mode, base_sha256 = train.prepare_model(cfg, "cpu")
     assert mode == "qlora" and any(isinstance(m, Linear4bit) for m in model.modules())
+    assert base_sha256 == checkpoints.weights_sha256(checkpoints.load_base_model(small_base)[0])  # the base before 4 bits
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     summary = train.train(cfg)
     assert (summary["finetune"], summary["quantize"]) == ("lora", "nf4") and summary["trainable_params"] == 2 * 2 * (4 * 48 + 48 * 4)
@@ -287,44 +289,6 @@ def plain_run(tmp_path_factory):
     return root / "base", root / "run"
 
 
-def test_export_peft_and_hf_from_the_command_line(plain_run, tmp_path):
-    import torch
-    from transformers import GPT2LMHeadModel
-    from peft import PeftModel
-
-    _, run = plain_run
-    train_modes.export_run(parse_args(["--adapter", str(run), "--export_peft", str(tmp_path / "peft"), "--export_hf", str(tmp_path / "hf")]))
-    ours, _ = checkpoints.load_finetuned(str(run), "tiny", "cpu")
-    idx = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = ours(idx)[0]
-        base = GPT2LMHeadModel.from_pretrained(tmp_path / "peft" / "base")  # the tiny base is not an HF model: written beside the adapter
-        base_logits = base.eval()(idx).logits
-        peft_logits = PeftModel.from_pretrained(base, tmp_path / "peft").eval()(idx).logits
-        merged_logits = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()(idx).logits
-    assert (expected - base_logits).abs().max().item() > 1e-3  # the adapter matters, so the comparisons below do
-    assert (expected - peft_logits).abs().max().item() <= 1e-4
-    assert (expected - merged_logits).abs().max().item() <= 1e-4
-    with pytest.raises(ValueError, match="--export_peft needs --adapter"):
-        train_modes.export_run(parse_args(["--export_peft", str(tmp_path / "x")]))
-    # the run's metadata travel in the safetensors header (PEFT reads only adapter_config.json's LoraConfig keys)
-    from safetensors import safe_open
-
-    with safe_open(tmp_path / "peft" / "adapter_model.safetensors", "pt") as f:
-        header = json.loads(f.metadata()["nanoqlora"])
-    adapter_metadata = json.load(open(run / "adapter_config.json"))["metadata"]
-    assert header == adapter_metadata and header["prompt_template"] == "bare" and header["finetune"] == "lora"
-    assert "metadata" not in json.load(open(tmp_path / "peft" / "adapter_config.json"))
-    with pytest.raises(UserError, match="is a PEFT adapter .*interop.import_peft"):  # not loadable as one of ours
-        checkpoints.load_finetuned(str(tmp_path / "peft"), "tiny", "cpu")
-
-
-def test_a_base_with_smeared_keys_is_not_exported_to_hf(small_base, tmp_path):
-    with pytest.raises(UserError, match="smeared keys.*--no-smear_keys"):
-        train_modes.export_run(parse_args(["--init_from", small_base, "--export_hf", str(tmp_path / "hf")]))
-    assert not (tmp_path / "hf").exists()
-
-
 def test_chat_dataset_trains_on_assistant_turns_and_answers(small_base, tmp_path):
     conversations = [{"messages": [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": f"What is {i} plus {i}?"},
                                    {"role": "assistant", "content": str(2 * i)}, {"role": "user", "content": "And doubled?"},
@@ -380,8 +344,8 @@ def test_no_loading_path_unpickles_objects_from_a_checkpoint(small_base, tmp_pat
     paths = {
         "--resume": lambda: train.train(finetune_config(small_base, resume_dir, resume=True)),
         "the tiny-base check of a default run": lambda: checkpoints.ensure_tiny_base(),
-        "--prompt": lambda: train_modes.answer_prompt(TrainConfig(prompt="Hi", device="cpu")),
-        "--adapter --prompt": lambda: train_modes.answer_prompt(TrainConfig(adapter=str(adapter_dir), prompt="Hi", device="cpu")),
+        "--prompt": lambda: chat.answer_prompt(ChatConfig(adapter="none", prompt="Hi", device="cpu")),
+        "--adapter --prompt": lambda: chat.answer_prompt(ChatConfig(adapter=str(adapter_dir), prompt="Hi", device="cpu")),
         "--init_from a checkpoint": lambda: checkpoints.load_checkpoint_model(str(resume_dir)),
     }
     for name, load in paths.items():
@@ -416,21 +380,21 @@ def test_a_huge_learning_rate_stops_the_run_without_saving_nan(tmp_path):
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from support.loss import LossAtTargets
+    from model import GPT
 
-    real_forward, training_forwards = LossAtTargets.forward, []
+    real_forward, training_forwards = GPT.forward, []
 
-    def nan_at_step_3(self, idx, targets, segment_ids=None):  # what train.py trains through (evaluation does not)
-        loss = real_forward(self, idx, targets, segment_ids)
-        training_forwards.append(1)
-        return loss * float("nan") if len(training_forwards) == 3 else loss
+    def nan_at_step_3(self, idx, targets=None, kv_cache=None, segment_ids=None):  # in training (evaluation: eval mode)
+        logits, loss = real_forward(self, idx, targets, kv_cache, segment_ids)
+        training_forwards.extend([1] if self.training else [])
+        return logits, loss * float("nan") if len(training_forwards) == 3 and self.training else loss
 
     common = dict(max_iters=6, eval_interval=1, eval_batches=1)
-    monkeypatch.setattr(LossAtTargets, "forward", nan_at_step_3)
+    monkeypatch.setattr(GPT, "forward", nan_at_step_3)
     with pytest.raises(UserError, match=r"^step 3: the training loss is nan and the gradient norm nan: training diverged, so it "
                                         r"stops here and .* keeps the checkpoint of step 2"):
         train.train(tiny_pretrain_config(tmp_path, **common))
-    monkeypatch.setattr(LossAtTargets, "forward", real_forward)
+    monkeypatch.setattr(GPT, "forward", real_forward)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["iter"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (tmp_path / "summary.json").exists()
@@ -476,23 +440,11 @@ BAD_FLAGS = [  # (flags, what the one-line error must say)
     (["--lora_dropout", "1.5"], "--lora_dropout 1.5: use a number in [0, 1)"),
     (["--lora_targets", "all-linear,zz"], "unknown LoRA target 'zz'"),
     (["--block_size", "128"], "--block_size 128 shapes a model trained from scratch"),
-    (["--adapter", "out/somewhere"], "--adapter out/somewhere needs --prompt"),
-    (["--export_peft", "out/peft"], "--export_peft needs --adapter"),
-    (["--adapter", "out/somewhere", "--export_hf", "out/hf", "--prompt", "Hi"], "--export_peft / --export_hf write the model and exit"),
-    (["--prompt", ""], "--prompt is empty"),
     (["--device", "gpu"], "--device 'gpu': use auto, cuda (or cuda:N), mps or cpu"),
     # issue 26: accepted silently, or a message that named neither the flag nor the fix
     (["--answer_limit", "-1"], "--answer_limit -1: use an integer >= 0"),
     (["--lora_alpha", "1e30"], "--lora_alpha 1e+30 with --lora_rank 32 scales the update by 3.125e+28; use an alpha"),
-    (["--prompt", "caf\udce9?"], "--prompt is not valid UTF-8 (byte 0xe9 at position 3): set your terminal or shell to UTF-8"),
-    (["--prompt", "Say <|endoftext|> twice."], "--prompt holds the text <|endoftext|>, which the tokenizer reads as the end-of-text token"),
 ]
-
-
-def test_export_flags_are_valid_uses_of_adapter():
-    for flags in (["--export_peft", "out/peft"], ["--export_hf", "out/hf"], ["--export_peft", "out/peft", "--export_hf", "out/hf"]):
-        config_checks.check_inference_flags(parse_args(["--adapter", "out/somewhere", *flags]))  # no error
-    config_checks.check_inference_flags(parse_args(["--export_hf", "out/hf"]))  # the base alone, no adapter
 
 
 @pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
@@ -507,11 +459,6 @@ def test_bad_flags_are_one_line_errors(flags, message, monkeypatch):
 def test_device_cuda_without_cuda_is_a_clear_error(monkeypatch):
     exit_message = run_main("train.py", "--init_from", "/nonexistent/base", "--device", "cuda", monkeypatch=monkeypatch)
     assert exit_message.startswith("error: --device cuda: this PyTorch sees no CUDA GPU")
-
-
-def test_max_new_tokens_beyond_the_context_is_a_clear_error(small_base, monkeypatch):
-    exit_message = run_main("train.py", "--init_from", small_base, "--prompt", "Hi", "--max_new_tokens", "100000", monkeypatch=monkeypatch)
-    assert exit_message == "error: --max_new_tokens 100000: the model sees 384 tokens at a time and the prompt needs some of them, so use 1 to 383"
 
 
 def write_examples(path, examples):
@@ -713,70 +660,6 @@ def test_killed_at_random_points_and_resumed_a_run_ends_as_if_never_killed(small
 # an adapter, data that crashed the run after training, a full disk that mixed two steps, ...).
 
 
-def test_an_export_never_writes_into_the_run_or_its_base(plain_run, tmp_path):
-    base, run = plain_run
-    kept = {p.name: p.read_bytes() for p in run.iterdir()}
-    for flags, what in ((["--adapter", str(run), "--export_peft", str(run)], "the --adapter run's own folder"),
-                        (["--adapter", str(run), "--export_hf", str(run)], "the --adapter run's own folder"),
-                        (["--init_from", str(base), "--adapter", str(run), "--export_hf", str(base)], "the folder of the base")):
-        with pytest.raises(UserError, match=f"is {what}.*: an export never writes into it"):
-            train_modes.export_run(parse_args(flags))
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == kept
-    # the base as an HF folder (the same weights, so the same fingerprint): --export_hf of base + adapter into that
-    # folder would rewrite the base with the adapter merged in, and the next load would apply the update twice
-    hf = tmp_path / "hf-base"
-    train_modes.export_run(parse_args(["--init_from", str(base), "--export_hf", str(hf)]))
-    weights = (hf / "model.safetensors").read_bytes()
-    with pytest.raises(UserError, match="is the folder of the base"):
-        train_modes.export_run(parse_args(["--init_from", str(hf), "--adapter", str(run), "--export_hf", str(hf)]))
-    assert (hf / "model.safetensors").read_bytes() == weights
-
-
-def test_an_export_goes_only_into_a_new_empty_or_earlier_export_folder_and_takes_the_lock(plain_run, tmp_path):
-    base, run = plain_run
-    export = lambda *flags: train_modes.export_run(parse_args(["--adapter", str(run), *flags]))
-    with lock_out_dir(str(tmp_path / "busy")):  # a run training there
-        with pytest.raises(UserError, match="busy is in use by another run or export"):
-            export("--export_hf", str(tmp_path / "busy"))
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    (notes / "todo.txt").write_text("mine")
-    with pytest.raises(UserError, match="notes holds todo.txt, which is not an earlier export of this kind"):
-        export("--export_peft", str(notes))
-    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
-    hf = tmp_path / "hf"
-    export("--export_hf", str(hf))
-    with pytest.raises(UserError, match="hf holds config.json, model.safetensors, which is not an earlier export of this kind"):
-        export("--export_peft", str(hf))  # an HF export is not a PEFT export
-    merged = (hf / "model.safetensors").read_bytes()
-    train_modes.export_run(parse_args(["--init_from", str(base), "--export_hf", str(hf)]))  # the base alone, over it
-    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
-    assert (hf / "model.safetensors").read_bytes() != merged
-    assert sorted(os.listdir(tmp_path)) == ["busy", "hf", "notes"]  # no working folder left beside them
-
-
-def test_an_export_that_fails_half_way_leaves_the_earlier_export_whole(plain_run, tmp_path, monkeypatch):
-    from support import interop
-
-    base, run = plain_run
-    target = tmp_path / "peft"
-    train_modes.export_run(parse_args(["--adapter", str(run), "--export_peft", str(target)]))
-    files = {p.relative_to(target): (p.read_bytes(), p.stat().st_ino) for p in target.rglob("*") if p.is_file()}
-    real_save = interop.save_safetensors_atomic
-
-    def die_after_the_base(tensors, path, metadata=None):
-        if os.path.basename(path) == "adapter_model.safetensors":
-            raise KeyboardInterrupt  # killed after the base and the adapter's config were written
-        real_save(tensors, path, metadata)
-
-    monkeypatch.setattr(interop, "save_safetensors_atomic", die_after_the_base)
-    with pytest.raises(KeyboardInterrupt):
-        train_modes.export_run(parse_args(["--adapter", str(run), "--export_peft", str(target)]))
-    # the same files, not even rewritten with the same bytes (a new inode would be): the new export went elsewhere
-    assert {p.relative_to(target): (p.read_bytes(), p.stat().st_ino) for p in target.rglob("*") if p.is_file()} == files
-    assert os.listdir(tmp_path) == ["peft"]
-
-
 def test_bad_data_is_refused_before_training_and_the_earlier_run_stays(small_base, tmp_path):
     run = tmp_path / "run"
     train.train(finetune_config(small_base, run, max_iters=2, eval_interval=2, num_samples=0, answer_limit=4))
@@ -789,7 +672,7 @@ def test_bad_data_is_refused_before_training_and_the_earlier_run_stays(small_bas
         with pytest.raises(ValueError, match=f"entry 39 has '{key}'"):
             train.train(finetune_config(small_base, run, dataset=path, max_iters=2, eval_interval=2, answer_limit=4))
         with pytest.raises(ValueError, match=f"entry 39 has '{key}'"):
-            train_modes.answer_file(TrainConfig(adapter=str(run), answer_file=path, answers_out=str(tmp_path / "a.json"),
+            chat.answer_file(ChatConfig(adapter=str(run), answer_file=path, answers_out=str(tmp_path / "a.json"),
                                                 max_new_tokens=4, device="cpu"))
         assert {p.name: p.read_bytes() for p in run.iterdir()} == kept and not (tmp_path / "a.json").exists()
 
@@ -808,7 +691,7 @@ def test_an_adapter_is_refused_on_another_base_at_its_path(small_base, tmp_path,
     with pytest.raises(UserError, match=f"the adapter in {run} was trained on a base whose weights have fingerprint [0-9a-f]{{16}}, "
                                         f"but {base} now holds weights [0-9a-f]{{16}}"):
         checkpoints.load_finetuned(str(run), "tiny", "cpu")
-    exit_message = run_main("train.py", "--adapter", str(run), "--prompt", "Hi", monkeypatch=monkeypatch)
+    exit_message = run_main("chat.py", "--adapter", str(run), "--prompt", "Hi", monkeypatch=monkeypatch)
     assert exit_message.startswith(f"error: the adapter in {run} was trained on a base whose weights") and "\n" not in exit_message
 
 
@@ -821,9 +704,9 @@ def test_a_missing_base_is_an_error_never_a_pretraining(small_base, tmp_path, mo
     (run / "summary.json").unlink()
     monkeypatch.setattr(checkpoints, "TINY_BASE_DIR", str(tmp_path / "no-tiny-base"))
     monkeypatch.setattr(checkpoints, "run_script", lambda *args: pytest.fail(f"a pretraining started: {args}"))
-    for name, call in {"--adapter --prompt": lambda: train_modes.answer_prompt(TrainConfig(adapter=str(run), prompt="Hi", device="cpu")),
-                       "--prompt": lambda: train_modes.answer_prompt(TrainConfig(prompt="Hi", device="cpu")),
-                       "--export_hf": lambda: train_modes.export_run(parse_args(["--adapter", str(run), "--export_hf", str(tmp_path / "hf")]))}.items():
+    for name, call in {"--adapter --prompt": lambda: chat.answer_prompt(ChatConfig(adapter=str(run), prompt="Hi", device="cpu")),
+                       "--prompt": lambda: chat.answer_prompt(ChatConfig(adapter="none", prompt="Hi", device="cpu")),
+                       "--hf": lambda: export.export_run(export.parse_args(["--adapter", str(run), "--hf", str(tmp_path / "hf")]))}.items():
         with pytest.raises((UserError, FileNotFoundError), match="no tiny base model at .*no-tiny-base/ckpt.pt: pretrain it first"):
             call()
     assert sorted(os.listdir(tmp_path)) == ["run"]
@@ -909,17 +792,17 @@ def test_a_run_killed_between_its_last_checkpoint_and_its_log_is_completed_by_re
     together; --resume runs the last steps again and leaves the whole log, as the uninterrupted run does."""
     cfg = dict(max_iters=4, eval_interval=2, eval_batches=1)
     train.train(tiny_pretrain_config(tmp_path / "straight", **cfg))
-    real_log = train.write_train_log
+    real_log = reports.write_train_log
 
     def log_unless_last(rows, cfg_, mode):
         if rows[-1]["iter"] == 4:
             raise KeyboardInterrupt  # killed right after the last checkpoint
         real_log(rows, cfg_, mode)
 
-    monkeypatch.setattr(train, "write_train_log", log_unless_last)
+    monkeypatch.setattr(reports, "write_train_log", log_unless_last)
     with pytest.raises(KeyboardInterrupt):
         train.train(tiny_pretrain_config(tmp_path / "killed", **cfg))
-    monkeypatch.setattr(train, "write_train_log", real_log)
+    monkeypatch.setattr(reports, "write_train_log", real_log)
     assert len(list(csv.DictReader(open(tmp_path / "killed" / "log.csv")))) == 2
     train.train(tiny_pretrain_config(tmp_path / "killed", resume=True, **cfg))
     rows = lambda d: [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(tmp_path / d / "log.csv"))]
