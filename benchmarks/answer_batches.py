@@ -32,7 +32,7 @@ def measure(init_from="tiny", limit=None, new_tokens=80):
     cfg = train.resolve_defaults(train.TrainConfig(init_from=init_from, device="cpu"))  # train.py's defaults
     torch.manual_seed(cfg.seed)
     model, tokenizer_name = load_base_model(cfg.init_from, "cpu", progress=False, pretrain=False)
-    apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
+    apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or None, targets=cfg.lora_targets)
     tokenizer, template = get_tokenizer(tokenizer_name), resolve_template(cfg.prompt_template, tokenizer_name)
     data = InstructionData(cfg.dataset, tokenizer, model.config.block_size, cfg.seed, cfg.mask_prompt, template)
     examples = data.test_examples[:limit]

@@ -179,7 +179,7 @@ def check_optimizer_ranges(cfg, extra=None):
     (valid?, what is valid)); the first one outside names itself and what would be valid."""
     ranges = {
         "learning_rate": (cfg.learning_rate >= 0, ">= 0 (0 = the default for the job)"),
-        "lora_alpha": (cfg.lora_alpha > 0, "> 0 (2 x --lora_rank is a common choice)"),
+        "lora_alpha": (cfg.lora_alpha >= 0, ">= 0 (0 = the default, 2 x --lora_rank)"),
         "lora_dropout": (0 <= cfg.lora_dropout < 1, "in [0, 1)"),
         "loraplus_ratio": (cfg.loraplus_ratio > 0, "> 0 (1 = plain LoRA)"),
         "min_lr_ratio": (0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
