@@ -55,7 +55,7 @@ def stored_update(tensors, config, layer):
     if config["use_dora"]:
         raise ValueError("a DoRA adapter's update is not B A alone (it rescales the rows of W0 + B A): use a LoRA run")
     scaling = config["alpha"] / (config["rank"] ** 0.5 if config["use_rslora"] else config["rank"])
-    return scaling * tensors[f"{layer}.lora_B"].double() @ tensors[f"{layer}.lora_A"].double()
+    return scaling * tensors[f"{layer}.lora_B.weight"].double() @ tensors[f"{layer}.lora_A.weight"].double()
 
 
 def amplification(W, dW, rank, generator):
@@ -109,8 +109,8 @@ def main(argv=None):
 
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
-    image, grid = heat_map(axes[0], t8[f"{layer}.lora_A"], t64[f"{layer}.lora_A"], 8, 64, f"phi(A_r=8, A_r=64, i, j), {layer}")
-    _, seeds = heat_map(axes[1], t64[f"{layer}.lora_A"], t64b[f"{layer}.lora_A"], 64, 64, f"phi(A_r=64 seed {seed_a}, A_r=64 seed {seed_b}, i, j)")
+    image, grid = heat_map(axes[0], t8[f"{layer}.lora_A.weight"], t64[f"{layer}.lora_A.weight"], 8, 64, f"phi(A_r=8, A_r=64, i, j), {layer}")
+    _, seeds = heat_map(axes[1], t64[f"{layer}.lora_A.weight"], t64b[f"{layer}.lora_A.weight"], 64, 64, f"phi(A_r=64 seed {seed_a}, A_r=64 seed {seed_b}, i, j)")
     fig.colorbar(image, ax=list(axes))
     save_figure_atomic(fig, args.out)
     print(f"wrote {args.out}")

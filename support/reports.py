@@ -13,6 +13,11 @@ from support.instructions import chat_prompt, score_responses
 from support.sms_data import LABELS, format_confusion
 
 
+def lora_alpha(model):
+    """The alpha the model's LoRA layers were built with (apply_lora's default resolved), or None without LoRA."""
+    return next((m.settings["alpha"] for m in model.modules() if getattr(m, "method", None) == "lora"), None)
+
+
 # ---------------------------------------------------------------------------------------------- train.py
 
 
@@ -119,7 +124,7 @@ def report_run(cfg, model, optimizer, mode, data, template, answered, before, af
     summary = {  # every setting as the flag that gives it: --init_from, --finetune (None when pretraining), --quantize
         "init_from": cfg.init_from, "finetune": None if cfg.pretraining else cfg.finetune, "quantize": cfg.quantize, "dataset": cfg.dataset,
         "lora_rank": cfg.lora_rank if mode in ("lora", "qlora") else None,
-        "lora_alpha": cfg.lora_alpha if mode in ("lora", "qlora") else None, "lora_targets": cfg.lora_targets if mode in ("lora", "qlora") else None,
+        "lora_alpha": lora_alpha(model), "lora_targets": cfg.lora_targets if mode in ("lora", "qlora") else None,
         "trainable_params": trainable, "total_params": total, "train_examples": len(data.train) if not cfg.pretraining else None,
         "val_loss_before": before["val_loss"], "val_loss_after": rows[-1]["val_loss"] if rows else before["val_loss"],
         "steps": cfg.max_iters, "tokens": tokens_seen, "seconds": rows[-1]["seconds"] if rows else 0.0,
@@ -184,7 +189,7 @@ def write_classifier_summary(cfg, model, optimizer, before, after, splits, trunc
     trainable, total, seconds, peak = run["trainable"], run["total"], run["seconds"], run["peak"]
     summary = {
         "mode": cfg.mode, "init_from": cfg.init_from, "dataset": cfg.dataset, "device": run["device"],
-        "lora_rank": cfg.lora_rank if lora_mode else None, "lora_alpha": cfg.lora_alpha if lora_mode else None,
+        "lora_rank": cfg.lora_rank if lora_mode else None, "lora_alpha": lora_alpha(model),
         "lora_targets": cfg.lora_targets if lora_mode else None,
         "trainable_params": trainable, "total_params": total, "trainable_fraction": trainable / total,
         "train_examples": len(splits["train"]), "val_examples": len(splits["val"]), "test_examples": len(splits["test"]),
