@@ -91,9 +91,6 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         # one mixing logit per head; sigmoid(0) = 1/2 starts each key as the mean of its own and its predecessor's
         self.key_smear = nn.Parameter(torch.zeros(config.n_head)) if config.smear_keys else None
-        # LLaMA-Adapter (other_methods/llama_adapter.py) puts a module here: learned prompts that the queries attend to
-        # with a softmax of their own, through a gate that starts at zero. None: no adaption prompt.
-        self.adaption_prompt = None
 
     def smear(self, k, starts):
         """Smeared keys (Olsson et al. 2022, "In-context Learning and Induction Heads", §"smeared keys"):
@@ -133,8 +130,6 @@ class CausalSelfAttention(nn.Module):
         else:  # several new tokens after a cached prefix: new token i sees the past and new tokens <= i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        if self.adaption_prompt is not None:  # LLaMA-Adapter: its gated output joins before the output projection
-            y = y + self.adaption_prompt(q, self)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.o_proj(y))
 
@@ -195,9 +190,6 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         # Recompute each block's activations in backward instead of keeping them (see hidden_states).
         self.gradient_checkpointing = False
-        # Prefix tuning (other_methods/prefix_tuning.py) puts a module here that fills an empty KVCache with learned
-        # keys and values, as if every sequence were preceded by that many virtual tokens. None: no prefix.
-        self.prefix = None
         self.apply(self._init_weights)
         # GPT-2 §2.3: scale the init of layers that write into the residual stream by 1/sqrt(N),
         # N = 2 n_layer residual additions, so the stream's variance does not grow with depth.
@@ -229,8 +221,6 @@ class GPT(nn.Module):
         with frozen embeddings under LoRA, and replays the RNG state, so dropout masks are the same in the
         recomputation and the gradients equal those of the plain run."""
         B, T = idx.shape
-        if self.prefix is not None and (kv_cache is None or len(kv_cache) == 0):
-            kv_cache = self.prefix(B, KVCache(self.config.n_layer) if kv_cache is None else kv_cache)
         past = len(kv_cache) if kv_cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(

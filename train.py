@@ -133,8 +133,8 @@ def prepare_model(cfg, device):
     if cfg.quantize == "nf4":
         quantize_model(model)  # QLoRA: every linear layer but the tied output head to 4-bit NF4, frozen
         use_fast_dequantize(model, cfg.dequantize)
-    apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or None, targets=cfg.lora_targets, dropout=cfg.lora_dropout,
-               use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)  # freezes everything but the new adapters
+    apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or None, targets=cfg.lora_targets,
+               dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)  # freezes all but LoRA
     return model, tokenizer_name, "qlora" if cfg.quantize == "nf4" else "lora", base_sha256
 
 

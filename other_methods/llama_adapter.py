@@ -23,49 +23,51 @@ part the factor g_l. As lit-gpt does, g_l has one entry per head. With g_l = 0 t
 does; the prompts get a gradient only once the gates have opened. Only the prompts and the gates train:
 L·K·d + L·n_head numbers; GPT-2 124M with K = 10 from layer 2 (L = 10): 10·10·768 + 10·12 = 76,920.
 
-In model.GPT each attention layer has a slot, `attn.adaption_prompt`, which this file fills with an AdaptionPrompt:
-called with the layer's queries and the layer itself, it returns the gated term g_l · softmax(S_P) V_P, which the
-attention adds to y before W_o. The queries are the ones the attention computed, and the projections are the layer's
-own modules (so a LoRA or 4-bit projection serves the prompts as it serves the tokens). The prompts enter no KV cache:
-a cached generation step's queries attend to them afresh. Adapter v2's extra scales and biases are not built here.
+Here each adapted attention layer is wrapped (AdaptedAttention): the frozen layer computes its own output, and the
+wrapper adds W_o (g_l · softmax(S_P) V_P), which is the paper's term joined before W_o, since W_o is linear (its bias
+counted once, in the layer's output). The prompts go through the layer's own frozen projections (so a 4-bit layer
+serves the prompts as it serves the tokens). They enter no KV cache: a cached generation step's queries attend to
+them afresh. Adapter v2's extra scales and biases are not built here.
 """
 
 import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from lora import dense_weight
 
 from other_methods.prefix_tuning import find_gpt
 from other_methods import check_new_adapter, train_only
 
 
-class AdaptionPrompt(nn.Module):
-    """The adaption prompts of one attention layer: `prompt` (K, n_embd) and `gate` (n_head,), zeros. Installed as
-    `attn.adaption_prompt` by apply_llama_adapter; it wraps nothing (its base is None, what the slot holds without
-    it): the attention calls it."""
+class AdaptedAttention(nn.Module):
+    """A frozen model.CausalSelfAttention (`base`) plus its layer's adaption prompts: `prompt` (K, n_embd), drawn
+    from N(0, init_std^2) (the official code's nn.Embedding, i.e. N(0, 1), by default), and `gate` (n_head,), zeros."""
 
     method = "llama_adapter"
-    base = None
 
-    def __init__(self, n_head, n_embd, prompt_length, init_std, like):
-        """Prompts drawn from N(0, init_std^2) (the official code's nn.Embedding, i.e. N(0, 1), by default), gates at
-        zero; on the device and in the dtype of the tensor `like`."""
+    def __init__(self, base, prompt_length, init_std, like):
         super().__init__()
-        self.n_head, self.n_embd = n_head, n_embd
-        prompt = torch.randn(prompt_length, n_embd) * init_std
-        self.prompt = nn.Parameter(prompt.to(like.device, like.dtype))
-        self.gate = nn.Parameter(torch.zeros(n_head, device=like.device, dtype=like.dtype))
+        self.base, self.n_head = base, base.n_head
+        n_embd = base.o_proj.in_features
+        self.prompt = nn.Parameter((torch.randn(prompt_length, n_embd) * init_std).to(like.device, like.dtype))
+        self.gate = nn.Parameter(torch.zeros(self.n_head, device=like.device, dtype=like.dtype))
 
-    def forward(self, q, attention):
-        """q: (B, n_head, T, head_size), the layer's queries; attention: the model.CausalSelfAttention calling.
-        Returns g · softmax(q K_P^T / sqrt(head_size)) V_P, (B, n_head, T, head_size)."""
-        head_size = self.n_embd // self.n_head
+    def forward(self, x, kv_cache=None, attn_mask=None, starts=None):
+        """The layer's output plus W_o (g · softmax(q K_P^T / sqrt(head_size)) V_P), q the layer's queries."""
+        B, T, C = x.shape
+        head_size = C // self.n_head
+        q = self.base.q_proj(x).view(B, T, self.n_head, head_size).transpose(1, 2)  # (B, n_head, T, head_size)
         # (K, n_embd) -> (n_head, K, head_size): the prompts' keys and values through the layer's frozen projections
-        keys = attention.k_proj(self.prompt).view(-1, self.n_head, head_size).transpose(0, 1)
-        values = attention.v_proj(self.prompt).view(-1, self.n_head, head_size).transpose(0, 1)
+        keys = self.base.k_proj(self.prompt).view(-1, self.n_head, head_size).transpose(0, 1)
+        values = self.base.v_proj(self.prompt).view(-1, self.n_head, head_size).transpose(0, 1)
         scores = q @ keys.transpose(-2, -1) / math.sqrt(head_size)  # (B, n_head, T, K)
         weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # a softmax of their own, over the K prompts only
-        return self.gate.view(1, -1, 1, 1) * (weights @ values)
+        prompted = (self.gate.view(1, -1, 1, 1) * (weights @ values)).transpose(1, 2).reshape(B, T, C)
+        extra = F.linear(prompted, dense_weight(self.base.o_proj))  # W_o, its bias already in the layer's output
+        return self.base(x, kv_cache, attn_mask, starts) + self.base.resid_dropout(extra)
 
 
 def apply_llama_adapter(model, prompt_length=10, start_layer=0, init_std=1.0, trainable=()):
@@ -90,9 +92,9 @@ def apply_llama_adapter(model, prompt_length=10, start_layer=0, init_std=1.0, tr
     settings = dict(prompt_length=prompt_length, start_layer=start_layer, init_std=float(init_std))
     like = gpt.transformer.wte.weight  # the model's device and floating-point dtype (projections may be 4-bit)
     for block in gpt.transformer.h[start_layer:]:
-        block.attn.adaption_prompt = AdaptionPrompt(gpt.config.n_head, gpt.config.n_embd, prompt_length, init_std, like)
-        block.attn.adaption_prompt.settings = settings
-    train_only(model, [block.attn.adaption_prompt for block in gpt.transformer.h[start_layer:]], trainable)
+        block.attn = AdaptedAttention(block.attn, prompt_length, init_std, like)
+        block.attn.settings = settings
+    train_only(model, [block.attn for block in gpt.transformer.h[start_layer:]], trainable)
     return model
 
 

@@ -8,10 +8,10 @@ They are free parameters, not the activations of any real word, so they can stee
     attention(q, [K_prefix; K], [V_prefix; V])        K_prefix, V_prefix: P x d per layer, trained; base frozen
 
 Trainable numbers: P x n_layer x 2 x d (the keys and values of every layer). In model.GPT terms the prefix is a
-KV cache that was learned rather than computed, so `GPT.prefix` fills an empty KVCache with it before the first
-real token, and the real tokens take positions P..P+T-1, as if the virtual tokens had come first. That is also
-how Li & Liang's code (HF GPT-2 with `past_key_values`) and HF `peft` run it; it leaves block_size - P positions
-for real tokens.
+KV cache that was learned rather than computed: each attention layer is wrapped (PrefixAttention) so that it sees
+its layer's prefix before whatever its cache holds, and the position table is wrapped (PrefixPositions) so that the
+real tokens take positions P..P+T-1, as if the virtual tokens had come first. That is also how Li & Liang's code
+(HF GPT-2 with `past_key_values`) and HF `peft` run it; it leaves block_size - P positions for real tokens.
 
 Reparameterisation (§4.3): training the prefix directly was unstable for the authors, so they train a small
 MLP that produces it, P_θ[i, :] = MLP(P'_θ[i, :]), from P embeddings of width d; after training only the
@@ -46,13 +46,9 @@ class PrefixMLP(nn.Module):
 
 
 class PrefixTuning(nn.Module):
-    """The learned prefix of one GPT, installed as `gpt.prefix` by apply_prefix_tuning (it wraps nothing: its base
-    is None, what gpt.prefix is without it). Called by GPT.hidden_states with an empty KVCache, it appends the
-    prefix's keys and values to it. A directly trained prefix is one tensor `prefix` of shape (P, n_layer, 2, n_embd):
-    [i, l, 0] is virtual token i's key at layer l, [i, l, 1] its value, each n_embd = n_head x head_size wide."""
-
-    method = "prefix"
-    base = None
+    """The learned prefix of one GPT: one tensor `prefix` of shape (P, n_layer, 2, n_embd), [i, l, 0] virtual token
+    i's key at layer l and [i, l, 1] its value, each n_embd = n_head x head_size wide (heads side by side); or the
+    PrefixMLP that produces it. Shared by the wrappers apply_prefix_tuning puts into the GPT."""
 
     def __init__(self, config, num_virtual_tokens, initial_prefix=None, hidden_size=0):
         super().__init__()
@@ -67,16 +63,11 @@ class PrefixTuning(nn.Module):
         """(P, n_layer, 2, n_embd) keys and values."""
         return self.prefix if self.prefix is not None else self.reparameterization()
 
-    def forward(self, batch_size, kv_cache):
-        kv = self.prefix_keys_values()
-        P, head_size = kv.size(0), self.n_embd // self.n_head
-        # (P, L, 2, n_head, head_size) -> (L, 2, n_head, P, head_size): the (B, n_head, T, head_size) layout of the cache
-        kv = kv.view(P, self.n_layer, 2, self.n_head, head_size).permute(1, 2, 3, 0, 4)
-        for layer in range(self.n_layer):
-            keys = kv[layer, 0].unsqueeze(0).expand(batch_size, -1, -1, -1)
-            values = kv[layer, 1].unsqueeze(0).expand(batch_size, -1, -1, -1)
-            kv_cache.update(layer, keys, values)
-        return kv_cache
+    def keys_values(self, layer, batch_size):
+        """Layer `layer`'s prefix as two (batch_size, n_head, P, head_size) tensors, the layout of a KVCache."""
+        kv = self.prefix_keys_values()[:, layer]  # (P, 2, n_embd)
+        kv = kv.view(kv.size(0), 2, self.n_head, self.n_embd // self.n_head).permute(1, 2, 0, 3)
+        return kv[0].expand(batch_size, -1, -1, -1), kv[1].expand(batch_size, -1, -1, -1)
 
     @torch.no_grad()
     def bake_prefix(self):
@@ -85,7 +76,62 @@ class PrefixTuning(nn.Module):
             raise ValueError("this prefix has no reparameterisation MLP to bake")
         self.prefix = nn.Parameter(self.reparameterization().detach().clone())
         self.reparameterization = None
-        self.settings = {**self.settings, "reparameterize": False, "hidden_size": 0}
+        self.settings.update(reparameterize=False, hidden_size=0)  # the dict every wrapper of the adapter shares
+
+
+class CacheWithPrefix:
+    """A KVCache as one attention layer sees it: the learned prefix's keys and values, then what the real cache holds
+    (nothing when there is none, as in training). New keys and values go into the real cache only."""
+
+    def __init__(self, keys, values, cache):
+        self.keys, self.values, self.cache = keys, values, cache
+
+    def length(self, layer):
+        return self.keys.size(2) + (self.cache.length(layer) if self.cache is not None else 0)
+
+    def update(self, layer, k, v):
+        if self.cache is not None:
+            k, v = self.cache.update(layer, k, v)
+        return torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
+
+
+class PrefixAttention(nn.Module):
+    """A frozen model.CausalSelfAttention (`base`) that attends over its layer's prefix before the real tokens."""
+
+    method = "prefix"
+
+    def __init__(self, base, prefix, layer):
+        super().__init__()
+        self.base, self.prefix, self.layer = base, prefix, layer
+
+    def forward(self, x, kv_cache=None, attn_mask=None, starts=None):
+        keys, values = self.prefix.keys_values(self.layer, x.size(0))
+        P = keys.size(2)
+        if attn_mask is not None:  # packed rows: every position may see the prefix
+            attn_mask = nn.functional.pad(attn_mask, (P, 0), value=True)
+        if starts is not None:  # smeared keys: the prefix's first key starts the sequence
+            starts = nn.functional.pad(starts, (0, 0, P, 0), value=False)
+            starts[:, :, 0] = True
+        return self.base(x, CacheWithPrefix(keys, values, kv_cache), attn_mask, starts)
+
+
+class PrefixPositions(nn.Module):
+    """The frozen position table (`base`) read P positions on: the real tokens come after the P virtual ones."""
+
+    method = "prefix"
+
+    def __init__(self, base, prefix):
+        super().__init__()
+        self.base, self.prefix = base, prefix
+
+    def forward(self, positions):
+        positions = positions + self.prefix.num_virtual_tokens
+        if positions.numel() and int(positions.max()) >= self.base.num_embeddings:
+            raise ValueError(
+                f"{self.prefix.num_virtual_tokens} virtual tokens and these real ones are longer than "
+                f"block_size={self.base.num_embeddings}; crop the input"
+            )
+        return self.base(positions)
 
 
 def find_gpt(model):
@@ -99,13 +145,9 @@ def find_gpt(model):
 @torch.no_grad()
 def activations_of_tokens(gpt, token_ids):
     """(P, n_layer, 2, n_embd): the keys and values the frozen gpt computes for token_ids (Li & Liang §7.2's
-    initialisation from real words). Any active prefix is switched off while they are computed."""
-    saved, gpt.prefix = gpt.prefix, None
-    try:
-        cache = KVCache(gpt.config.n_layer)
-        gpt.hidden_states(torch.tensor([token_ids], device=gpt.transformer.wte.weight.device), kv_cache=cache)
-    finally:
-        gpt.prefix = saved
+    initialisation from real words)."""
+    cache = KVCache(gpt.config.n_layer)
+    gpt.hidden_states(torch.tensor([token_ids], device=gpt.transformer.wte.weight.device), kv_cache=cache)
     # each cache entry is (1, n_head, P, head_size) -> (P, n_embd) with heads side by side
     per_layer = [
         torch.stack([k[0].transpose(0, 1).flatten(1), v[0].transpose(0, 1).flatten(1)], dim=1)
@@ -148,14 +190,23 @@ def apply_prefix_tuning(
         initial_prefix = activations_of_tokens(gpt, init_token_ids).clone()
     weight = gpt.transformer.wte.weight
     hidden_size = hidden_size if reparameterize else 0
-    gpt.prefix = PrefixTuning(gpt.config, num_virtual_tokens, initial_prefix, hidden_size).to(
-        weight.device, weight.dtype
-    )
-    gpt.prefix.settings = dict(
+    prefix = PrefixTuning(gpt.config, num_virtual_tokens, initial_prefix, hidden_size).to(weight.device, weight.dtype)
+    prefix.settings = dict(
         num_virtual_tokens=num_virtual_tokens, reparameterize=reparameterize, hidden_size=hidden_size
     )
-    train_only(model, [gpt.prefix], trainable)
+    gpt.transformer.wpe = PrefixPositions(gpt.transformer.wpe, prefix)
+    for i, block in enumerate(gpt.transformer.h):
+        block.attn = PrefixAttention(block.attn, prefix, i)
+    wrappers = [gpt.transformer.wpe] + [block.attn for block in gpt.transformer.h]
+    for wrapper in wrappers:
+        wrapper.settings = prefix.settings  # one dict: bake_prefix updates it for all
+    train_only(model, wrappers, trainable)
     return model
+
+
+def prefix_of(model):
+    """The PrefixTuning of the model's active prefix adapter, or None."""
+    return next((m.prefix for m in model.modules() if isinstance(m, PrefixPositions)), None)
 
 
 def prefix_parameter_count(num_virtual_tokens, n_layer, n_embd, reparameterize=False, hidden_size=512):

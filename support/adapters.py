@@ -160,13 +160,15 @@ def add_adapter(model, name, method="lora", **settings):
 
 
 def adapter_tensors(model, name):
-    """{'<layer>.<tensor>': tensor} of adapter `name`, the frozen bases left out."""
-    return {
-        f"{layer_name}.{key}": p
-        for layer_name, wrapper in adapter_named(model, name)
-        for key, p in wrapper.named_parameters()
-        if not key.startswith("base.")
-    }
+    """{'<layer>.<tensor>': tensor} of adapter `name`, the frozen bases left out; a tensor that several wrappers share
+    (prefix tuning's prefix) under the first name it has."""
+    tensors, seen = {}, set()
+    for layer_name, wrapper in adapter_named(model, name):
+        for key, p in wrapper.named_parameters():
+            if not key.startswith("base.") and id(p) not in seen:
+                tensors[f"{layer_name}.{key}"] = p
+                seen.add(id(p))
+    return tensors
 
 
 def kept_trainable_parameters(model):

@@ -89,3 +89,13 @@ def test_train_py_reaches_its_loop_early():
     lines = open(os.path.join(ROOT, "train.py"), encoding="utf-8").read().splitlines()
     loop = next(number for number, line in enumerate(lines, 1) if line.strip().startswith("for step in steps"))
     assert loop < 200
+
+
+def test_the_lessons_know_nothing_of_what_comes_after_them():
+    """model.py names no optional lesson (prefix tuning and LLaMA-Adapter wrap its layers instead of filling slots in
+    it), and quantize.py's definition reads no environment variable (the fast paths are the programs' opt-in)."""
+    model_source = open(os.path.join(ROOT, "model.py"), encoding="utf-8").read()
+    methods = [name[:-3] for name in os.listdir(os.path.join(ROOT, "other_methods")) if name.endswith(".py")]
+    for word in ["other_methods", "adaption_prompt", "self.prefix", *[m for m in methods if m in ("ia3", "intrinsic") or "_" in m.strip("_")]]:
+        assert word not in model_source, word
+    assert "os.environ" not in open(os.path.join(ROOT, "quantize.py"), encoding="utf-8").read()

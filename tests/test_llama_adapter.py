@@ -11,7 +11,7 @@ from model import GPT, GPTConfig, hf_to_ours
 from quantize import dequantize_model, quantize_model
 from support.adapters import (add_adapter, adapter_names, adapter_tensors, delete_adapter, disable_adapters,
                               load_adapter, save_adapter, set_adapter)
-from other_methods.llama_adapter import AdaptionPrompt, apply_llama_adapter, llama_adapter_parameter_count
+from other_methods.llama_adapter import AdaptedAttention, apply_llama_adapter, llama_adapter_parameter_count
 from support.checkpoints import load_weights
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=3, n_head=2, n_embd=16)
@@ -31,7 +31,7 @@ def open_gates(model, seed=2, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".adaption_prompt." in name:
+            if name.endswith((".attn.prompt", ".attn.gate")):
                 p.add_(scale * torch.randn(p.shape, generator=g))
 
 
@@ -45,7 +45,7 @@ def paper_forward(gpt, idx, adapted):
     H = gpt.config.n_head
     hs = gpt.config.n_embd // H
     for layer, block in enumerate(gpt.transformer.h):
-        attn, a = block.attn, block.ln_1(x)
+        attn, a = getattr(block.attn, "base", block.attn), block.ln_1(x)  # the frozen layer under a wrapper
 
         def project(linear, inputs):
             return (inputs @ linear.weight.T + linear.bias).view(*inputs.shape[:-1], H, hs)
@@ -71,7 +71,7 @@ def paper_forward(gpt, idx, adapted):
 def test_equals_the_papers_equations():
     model = apply_llama_adapter(tiny_gpt(), prompt_length=4, start_layer=1)
     open_gates(model)
-    adapted = {i: (model.transformer.h[i].attn.adaption_prompt.prompt, model.transformer.h[i].attn.adaption_prompt.gate)
+    adapted = {i: (model.transformer.h[i].attn.prompt, model.transformer.h[i].attn.gate)
                for i in (1, 2)}
     idx = tokens()
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_equals_peft_adaption_prompt_where_peft_agrees_with_the_paper():
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for i in range(L - top, L):
-            wrapped, mine = theirs.base_model.model.transformer.h[i].attn, ours.transformer.h[i].attn.adaption_prompt
+            wrapped, mine = theirs.base_model.model.transformer.h[i].attn, ours.transformer.h[i].attn
             prompt, gate = torch.randn(K, d, generator=g), torch.randn(1, generator=g)
             wrapped.adaption_prompt.copy_(prompt[None])
             wrapped.adaption_gate.copy_(gate)
@@ -108,7 +108,7 @@ def test_equals_peft_adaption_prompt_where_peft_agrees_with_the_paper():
         as_is = (theirs(input_ids=idx).logits - ours(idx)[0]).abs().max()
         for i in range(L - top, L):
             theirs.base_model.model.transformer.h[i].attn.model.c_proj.weight.copy_(torch.eye(d))
-            ours.transformer.h[i].attn.o_proj.weight.copy_(torch.eye(d))
+            ours.transformer.h[i].attn.base.o_proj.weight.copy_(torch.eye(d))
         expected, logits = theirs(input_ids=idx).logits, ours(idx)[0]
     assert (logits - expected).abs().max().item() <= 1e-5
     assert as_is > 1e-2  # with GPT-2's own c_proj the placements differ, visibly
@@ -125,7 +125,7 @@ def test_identity_at_start_and_kv_cache_generation(smear_keys):
     with torch.no_grad():
         assert torch.equal(model(idx)[0], before)  # every gate is zero: exactly the base
     assert all(torch.equal(ap.gate, torch.zeros(2)) for m in model.modules()
-               for ap in [m] if isinstance(ap, AdaptionPrompt))
+               for ap in [m] if isinstance(ap, AdaptedAttention))
     open_gates(model)
     cached = model.generate(idx[:, :5], 20, temperature=0)
     recomputed = model.generate(idx[:, :5], 20, temperature=0, use_cache=False)
@@ -142,7 +142,7 @@ def test_parameter_count_and_gpt2_124m():
     with torch.device("meta"):
         gpt2 = apply_llama_adapter(GPT(GPTConfig()), prompt_length=10, start_layer=2)
     assert sum(p.numel() for p in gpt2.parameters() if p.requires_grad) == 76_920  # 10·10·768 + 10·12
-    assert gpt2.transformer.h[1].attn.adaption_prompt is None and gpt2.transformer.h[2].attn.adaption_prompt is not None
+    assert not isinstance(gpt2.transformer.h[1].attn, AdaptedAttention) and isinstance(gpt2.transformer.h[2].attn, AdaptedAttention)
 
 
 def test_only_prompts_gates_and_head_move():
@@ -152,7 +152,7 @@ def test_only_prompts_gates_and_head_move():
     model = torch.nn.ModuleDict(dict(gpt=gpt, head=head))
     apply_llama_adapter(model, prompt_length=3, trainable=("head",))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n in dict(model.named_parameters()) if ".adaption_prompt." in n or n.startswith("head.")}
+    assert trainable == {n for n in dict(model.named_parameters()) if n.endswith((".attn.prompt", ".attn.gate")) or n.startswith("head.")}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     for step in range(3):  # the prompts get a gradient only once the gates are open (from the second step)
@@ -168,7 +168,7 @@ def test_bad_arguments():
                           (dict(init_std=float("nan")), "init_std"), (dict(trainable=("nope",)), "names no module")):
         with pytest.raises(ValueError, match=match):
             apply_llama_adapter(model, **kwargs)
-    assert all(block.attn.adaption_prompt is None for block in model.transformer.h)
+    assert not any(isinstance(block.attn, AdaptedAttention) for block in model.transformer.h)
     add_adapter(model, "a", "llama_adapter")
     with pytest.raises(ValueError, match="new, non-empty string.*'a'"):
         add_adapter(model, "a", "llama_adapter")
@@ -184,7 +184,7 @@ def test_prompts_go_through_the_layers_own_projections():
     add_adapter(model, "prompts", "llama_adapter", prompt_length=4, start_layer=1)
     open_gates(model)
     dense = dequantize_model(copy.deepcopy(model))
-    adapted = {i: (dense.transformer.h[i].attn.adaption_prompt.prompt, dense.transformer.h[i].attn.adaption_prompt.gate)
+    adapted = {i: (dense.transformer.h[i].attn.prompt, dense.transformer.h[i].attn.gate)
                for i in (1, 2)}
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], paper_forward(dense, idx, adapted), rtol=1e-5, atol=1e-5)
@@ -228,6 +228,6 @@ def test_save_load_and_switching_with_other_adapters_on_one_base(tmp_path):
         assert torch.equal(fresh(idx)[0], outputs[1])
     assert adapter_names(fresh) == ["prompts"]
     delete_adapter(fresh, "prompts")
-    assert all(block.attn.adaption_prompt is None for block in fresh.transformer.h)
+    assert not any(isinstance(block.attn, AdaptedAttention) for block in fresh.transformer.h)
     with torch.no_grad():
         assert torch.equal(fresh(idx)[0], base)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from support.adapters import (add_adapter, adapter_names, delete_adapter, disable_adapters, load_adapter, save_adapter,
                               set_adapter)
 from model import GPT, GPTConfig, KVCache, hf_to_ours
-from other_methods.prefix_tuning import PrefixTuning, activations_of_tokens, apply_prefix_tuning, prefix_parameter_count
+from other_methods.prefix_tuning import PrefixTuning, activations_of_tokens, apply_prefix_tuning, prefix_of, prefix_parameter_count
 from support.checkpoints import load_weights
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -46,13 +46,13 @@ def test_equals_peft_prefix_tuning(hf_and_ours, reparameterize):
     ours = apply_prefix_tuning(copy.deepcopy(ours), num_virtual_tokens=P, reparameterize=reparameterize, hidden_size=hidden)
     with torch.no_grad():  # the same prefix values on both sides
         if reparameterize:
-            mlp = ours.prefix.reparameterization
+            mlp = prefix_of(ours).reparameterization
             mlp.embedding.copy_(encoder.embedding.weight)
             for i in (0, 2):
                 mlp.mlp[i].weight.copy_(encoder.transform[i].weight)
                 mlp.mlp[i].bias.copy_(encoder.transform[i].bias)
         else:  # peft's row per virtual token is n_layer x (key, value) x n_embd, layer-major: our (P, L, 2, d)
-            ours.prefix.prefix.copy_(encoder.embedding.weight.view(P, 3, 2, 32))
+            prefix_of(ours).prefix.copy_(encoder.embedding.weight.view(P, 3, 2, 32))
     idx = tokens(vocab=100, length=20)
     with torch.no_grad():
         expected = theirs(input_ids=idx).logits
@@ -98,15 +98,15 @@ def test_parameter_count_and_only_prefix_trains():
     torch.manual_seed(0)
     model = apply_prefix_tuning(tiny_gpt(), num_virtual_tokens=4)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert list(trainable) == ["prefix.prefix"]
-    assert trainable["prefix.prefix"].numel() == prefix_parameter_count(4, 2, 32) == 4 * 2 * 2 * 32
+    assert list(trainable) == ["transformer.wpe.prefix.prefix"]
+    assert trainable["transformer.wpe.prefix.prefix"].numel() == prefix_parameter_count(4, 2, 32) == 4 * 2 * 2 * 32
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
     idx = tokens()
     model(idx, idx)[1].backward()
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == {"prefix.prefix"}
+    assert changed == {"transformer.wpe.prefix.prefix"}
     model2 = apply_prefix_tuning(tiny_gpt(), num_virtual_tokens=4, reparameterize=True, hidden_size=16)
     n = sum(p.numel() for p in model2.parameters() if p.requires_grad)
     assert n == prefix_parameter_count(4, 2, 32, reparameterize=True, hidden_size=16) == 4 * 32 + 33 * 16 + 17 * 128
@@ -123,7 +123,7 @@ def test_bad_arguments(kwargs, match):
     model = tiny_gpt()
     with pytest.raises(ValueError, match=match):
         apply_prefix_tuning(model, **kwargs)
-    assert model.prefix is None or not adapter_names(model)
+    assert prefix_of(model) is None and not adapter_names(model)
 
 
 def test_applying_twice_and_context_length():
@@ -138,18 +138,18 @@ def test_applying_twice_and_context_length():
 
 def test_save_load_bit_exact_and_switching(tmp_path):
     model, idx = add_adapter(tiny_gpt(), "a", "prefix", num_virtual_tokens=4), tokens()
-    prefix_a = model.prefix
+    prefix_a = prefix_of(model)
     logits_a = model(idx)[0]
     add_adapter(model, "b", "prefix", num_virtual_tokens=2, reparameterize=True, hidden_size=8)
-    assert model.prefix is not prefix_a and not prefix_a.prefix.requires_grad  # a is aside, and frozen
+    assert prefix_of(model) is not prefix_a and not prefix_a.prefix.requires_grad  # a is aside, and frozen
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("prefix.reparameterization.")}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("transformer.wpe.prefix.reparameterization.")}
     with torch.no_grad():  # b trains: a's prefix must not follow
-        for p in model.prefix.parameters():
+        for p in prefix_of(model).parameters():
             p.add_(0.1 * torch.randn_like(p))
     logits_b = model(idx)[0]
     set_adapter(model, "a")
-    assert model.prefix is prefix_a and torch.equal(model(idx)[0], logits_a)
+    assert prefix_of(model) is prefix_a and torch.equal(model(idx)[0], logits_a)
     assert not torch.equal(logits_a, logits_b)
     save_adapter(model, tmp_path / "a", "a")
     save_adapter(model, tmp_path / "b", "b")
@@ -161,7 +161,7 @@ def test_save_load_bit_exact_and_switching(tmp_path):
     assert adapter_names(fresh) == ["b", "a"]
     delete_adapter(fresh, "a")
     delete_adapter(fresh, "b")
-    assert fresh.prefix is None and torch.equal(fresh(idx)[0], tiny_gpt()(idx)[0])  # back to the plain model
+    assert prefix_of(fresh) is None and torch.equal(fresh(idx)[0], tiny_gpt()(idx)[0])  # back to the plain model
 
 
 def test_bake_prefix_keeps_the_output(tmp_path):
@@ -169,16 +169,16 @@ def test_bake_prefix_keeps_the_output(tmp_path):
     idx = tokens()
     with torch.no_grad():
         before = model(idx)[0]
-        model.prefix.bake_prefix()
+        prefix_of(model).bake_prefix()
         after = model(idx)[0]
     assert torch.equal(before, after)
-    assert isinstance(model.prefix, PrefixTuning) and model.prefix.reparameterization is None
-    assert [n for n, _ in model.named_parameters() if n.startswith("prefix.")] == ["prefix.prefix"]
+    assert isinstance(prefix_of(model), PrefixTuning) and prefix_of(model).reparameterization is None
+    assert [n for n, _ in model.named_parameters() if n.startswith("transformer.wpe.prefix.")] == ["transformer.wpe.prefix.prefix"]
     with pytest.raises(ValueError, match="no reparameterisation"):
-        model.prefix.bake_prefix()
+        prefix_of(model).bake_prefix()
     save_adapter(model, tmp_path)  # only the baked prefix is kept, and it rebuilds as a direct one
     fresh = load_adapter(tiny_gpt(), tmp_path)
-    assert fresh.prefix.reparameterization is None and torch.equal(fresh(idx)[0], before)
+    assert prefix_of(fresh).reparameterization is None and torch.equal(fresh(idx)[0], before)
 
 
 def test_activations_of_tokens_shape_and_values():
