@@ -143,10 +143,10 @@ class GPTClassifier(nn.Module):
 
     def frozen_blocks(self):
         """How many blocks, counted from the input, compute the same function in every epoch: nothing in them or
-        below them trains, and no dropout or prefix makes them random. Their outputs can be computed once per
+        below them trains (a prefix-tuning wrapper trains), and no dropout makes them random. Their outputs can be computed once per
         message (cache_trunk): 0 for lora, qlora and full; n_layer - 1 for last_block; n_layer for head."""
         gpt = self.gpt
-        if gpt.config.dropout > 0 or gpt.prefix is not None:
+        if gpt.config.dropout > 0:
             return 0
         if any(p.requires_grad for p in (*gpt.transformer.wte.parameters(), *gpt.transformer.wpe.parameters())):
             return 0
