@@ -51,7 +51,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        like = dict(device=dense_weight(base).device, dtype=dense_weight(base).dtype)
+        W0 = dense_weight(base)  # for its device and dtype
+        like = dict(device=W0.device, dtype=W0.dtype)
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, **like)  # nn.Linear's init: loralib's choice for A
         # B is zeroed right away: skip_init spares drawing random values first
         self.lora_B = torch.nn.utils.skip_init(nn.Linear, rank, self.out_features, bias=False, **like)
