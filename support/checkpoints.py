@@ -268,7 +268,8 @@ def load_data(cfg, tokenizer_name, block_size):
     library's text to pretrain on (corpus.PretrainingData), or prompt + response examples whose response tokens are
     the targets (instructions.InstructionData; --mask_prompt)."""
     from support.corpus import PretrainingData
-    from support.instructions import InstructionData, check_max_new_tokens, resolve_template
+    from support.answers import check_max_new_tokens
+    from support.instructions import InstructionData, resolve_template
     from support.tokenizer import get_tokenizer
 
     tokenizer, template = get_tokenizer(tokenizer_name), resolve_template(cfg.prompt_template, tokenizer_name)

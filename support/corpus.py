@@ -123,7 +123,8 @@ def reference_topics():
 def instruction_documents():
     """The embedded instruction set's training examples, each as prompt and response in the compact template (the
     fine-tuning default when this source was measured; docs/results.md)."""
-    from support.instructions import EMBEDDED_INSTRUCTIONS_PATH, format_prompt, read_json_list, split_examples
+    from support.instruction_files import EMBEDDED_INSTRUCTIONS_PATH, read_json_list, split_examples
+    from support.instructions import format_prompt
 
     train = split_examples(read_json_list(EMBEDDED_INSTRUCTIONS_PATH))[0]  # the file's split: no test item, no held-out phrasing
     return [format_prompt(ex, "compact") + ex["output"] for ex in train]

@@ -9,7 +9,8 @@ from dataclasses import asdict
 
 from support.common import (memory_text, peak_memory_bytes, save_figure_atomic, shown_path, training_state_bytes,
                             write_csv_atomic, write_json_atomic, write_together)
-from support.instructions import chat_prompt, score_responses
+from support.answers import score_responses
+from support.instructions import chat_prompt
 from support.sms_data import LABELS, format_confusion
 
 
