@@ -69,7 +69,7 @@ HF_TOKENIZERS = {"gpt2": 50257, "bytes": 257}  # tokenizer name -> its vocabular
 
 
 def hf_tokenizer(hf, config_path):
-    """The tokenizer of an HF GPT-2 folder: the one config.json names under "nanoqlora" (interop.save_hf_checkpoint
+    """The tokenizer of an HF GPT-2 folder: the one config.json names under "nanoqlora" (hf_format.save_hf_checkpoint
     writes it), else the one whose vocabulary size it has; the two must agree."""
     ours = hf.get("nanoqlora")
     declared = ours.get("tokenizer") if isinstance(ours, dict) else None
