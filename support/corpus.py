@@ -19,8 +19,6 @@ from support.tokenizer import EOT_TEXT
 # left out: tests (code-heavy, huge), the IDE and GUI demos, vendored packages, bytecode
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "tkinter", "turtledemo"}
 SKIP_DIRS |= {"ensurepip", "pydoc_data", "__pycache__"}
-    "test tests idlelib site-packages dist-packages lib2to3 tkinter turtledemo ensurepip pydoc_data".split()
-)
 MIN_DOCSTRING_CHARS = 40  # one-liners like "Return x." teach little
 SOURCES = ("docstrings", "comments", "topics", "code", "instructions")
 VAL_EVERY = 20  # every 20th docstring is held out for validation
