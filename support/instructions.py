@@ -1,5 +1,5 @@
-"""Instruction data: prompt templates, the chat format, datasets and their checks, tokenizing, collating
-and packing with the prompt masked (targets -100), and the batches a run draws (InstructionData)."""
+"""Instruction data: prompt templates, the chat format, tokenizing, collating and packing with the prompt masked
+(targets -100), and the batches a run draws (InstructionData)."""
 
 import bisect
 
@@ -187,6 +187,7 @@ class InstructionData:
         grad_accum=1,
         group_by_length=False,
     ):
+        self.grad_accum, self.group_by_length = grad_accum, group_by_length
         self.train_examples, self.val_examples, self.test_examples = split_examples(load_examples(dataset))
         sizes = [len(self.train_examples), len(self.val_examples), len(self.test_examples)]
         if not all(sizes):
@@ -194,25 +195,20 @@ class InstructionData:
                 f"dataset {dataset!r} has {sum(sizes)} examples, which the 85/5/10 split cuts into {sizes[0]} train / "
                 f"{sizes[1]} validation / {sizes[2]} test; every split needs one or more, so use at least 20 examples"
             )
-        max_length = block_size + 1  # inputs and targets are the sequence shifted by one
-        self.train, dropped = tokenize_examples(self.train_examples, tokenizer, max_length, template)
-        self.val, dropped_val = tokenize_examples(self.val_examples, tokenizer, max_length, template)
-        self.test, dropped_test = tokenize_examples(self.test_examples, tokenizer, max_length, template)
-        self.dropped = dropped + dropped_val + dropped_test
-        for split, kept, examples in (
-            ("train", self.train, self.train_examples),
-            ("validation", self.val, self.val_examples),
-            ("test", self.test, self.test_examples),
-        ):
+        self.dropped, splits = 0, []
+        named = zip(("train", "validation", "test"), (self.train_examples, self.val_examples, self.test_examples))
+        for split, examples in named:
+            kept, dropped = tokenize_examples(examples, tokenizer, block_size + 1, template)  # inputs + 1 target
             if not kept:  # an empty split would train on nothing or report a loss of 0
                 raise UserError(
                     f"dataset {dataset!r}: all {len(examples)} {split} examples are longer than the model's context of "
                     f"{block_size} tokens; use shorter examples or a base with a longer block_size"
                 )
-        self.pad, self.seed, self.mask_prompt, self.grad_accum = tokenizer.eot_token, seed, mask_prompt, grad_accum
-        self.packed, self.block_size, self.group_by_length, self.epoch_order = None, block_size, group_by_length, {}
-        if pack:
-            self.packed = pack_examples(self.train, block_size)
+            self.dropped, splits = self.dropped + dropped, splits + [kept]
+        self.train, self.val, self.test = splits
+        self.pad, self.seed, self.mask_prompt, self.block_size = tokenizer.eot_token, seed, mask_prompt, block_size
+        self.epoch_order = {}
+        self.packed = pack_examples(self.train, block_size) if pack else None
 
     def train_batch(self, step, micro, batch_size):
         """The batch of (step, micro) alone, so a resumed run sees the same batches; packed: with segment_ids."""
@@ -252,14 +248,9 @@ class InstructionData:
         return [collate(rows[i : i + batch_size], self.pad, self.mask_prompt) for i in range(0, len(rows), batch_size)]
 
     def describe(self):
-        packed = ""
+        text = f"{len(self.train)} train / {len(self.val)} validation / {len(self.test)} test examples"
+        text += f" ({self.dropped} longer than the block size dropped)" if self.dropped else ""
         if self.packed is not None:
-            positions = sum(len(ids) - 1 for ids, _ in self.train)
-            packed = (
-                f"; packed into {len(self.packed)} rows ({positions / (len(self.packed) * self.block_size):.0%} full)"
-            )
-        return (
-            f"{len(self.train)} train / {len(self.val)} validation / {len(self.test)} test examples"
-            + (f" ({self.dropped} longer than the block size dropped)" if self.dropped else "")
-            + packed
-        )
+            full = sum(len(ids) - 1 for ids, _ in self.train) / (len(self.packed) * self.block_size)
+            text += f"; packed into {len(self.packed)} rows ({full:.0%} full)"
+        return text
