@@ -35,9 +35,7 @@ class ExportConfig:
 
 def export_run(cfg):
     if not (cfg.peft or cfg.hf):
-        raise UserError(
-            "nothing to export: give --peft DIR (the adapter for PEFT) and/or --hf DIR (a transformers GPT-2)"
-        )
+        raise UserError("nothing to export: give --peft DIR (the adapter for PEFT) and/or --hf DIR (transformers')")
     if cfg.peft and not cfg.adapter:
         raise UserError("--peft needs --adapter RUN_DIR, the out_dir of a LoRA or QLoRA run (whose adapter it writes)")
     if cfg.adapter:
@@ -54,35 +52,21 @@ def export_run(cfg):
     if model.config.smear_keys:
         raise UserError(
             f"{cfg.adapter or cfg.init_from}: its base has smeared keys (the tiny base's default), which "
-            "Hugging Face's GPT-2 cannot hold; to export, pretrain a base with --no-smear_keys and fine-tune "
-            "on that"
+            "GPT-2 cannot hold; to export, pretrain a base with --no-smear_keys and fine-tune on that"
         )
     if cfg.hf:
         export_merged_hf(model, cfg.hf, protected)
         print(f"wrote {cfg.hf}: load it with transformers.GPT2LMHeadModel.from_pretrained({cfg.hf!r})")
     if cfg.peft:
         base_name = hf_base_name(init_from)
-        base_model = None
-        if (
-            base_name is None
-        ):  # PEFT needs an HF base: ours beside the adapter (full precision; QLoRA loads it in 4 bits)
-            base_model = load_base_model(init_from, "cpu", pretrain=False)[0]
-        export_peft(
-            model,
-            cfg.peft,
-            base_model_name_or_path=base_name,
-            metadata=trained_on,
-            base_model=base_model,
-            protected=protected,
-        )
+        # PEFT needs an HF base: without one, ours goes beside the adapter (full precision; QLoRA loads it in 4 bits)
+        base_model = load_base_model(init_from, "cpu", pretrain=False)[0] if base_name is None else None
+        export_peft(model, cfg.peft, base_name, metadata=trained_on, base_model=base_model, protected=protected)
         base_name = base_name or os.path.join(os.path.abspath(cfg.peft), "base")
         template = trained_on.get("prompt_template")
-        trained = (
-            f"; it was trained on prompts in the {template!r} template (instructions.format_prompt)" if template else ""
-        )
+        loaded = f"peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base_name!r}), {cfg.peft!r})"
         print(
-            f"wrote {cfg.peft}: peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base_name!r}), "
-            f"{cfg.peft!r}){trained}"
+            f"wrote {cfg.peft}: {loaded}" + (f"; trained on prompts in the {template!r} template" if template else "")
         )
 
 

@@ -18,18 +18,8 @@ from support.common import save_safetensors_atomic, sync_directory, write_json_a
 from support.safety import LOCK_FILE, UserError, lock_out_dir, process_is_alive, read_json
 
 # apply_lora's short target -> the GPT-2 module that holds it (c_attn's output rows: q, then k, then v)
-HF_MODULE = {
-    "q": "attn.c_attn",
-    "k": "attn.c_attn",
-    "v": "attn.c_attn",
-    "o": "attn.c_proj",
-    "mlp_in": "mlp.c_fc",
-    "mlp_out": "mlp.c_proj",
-}
-WRITTEN_BY = {
-    "hf": "hf_format.save_hf_checkpoint",
-    "peft": "peft_format.export_peft",
-}  # the mark an export of each kind carries
+HF_MODULE = {**dict.fromkeys("qkv", "attn.c_attn"), "o": "attn.c_proj", "mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"}
+WRITTEN_BY = {"hf": "hf_format.save_hf_checkpoint", "peft": "peft_format.export_peft"}  # the mark each kind carries
 EXPORT_FILES = {"hf": {"config.json", "model.safetensors"}, "peft": {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "base"}}
 STAGING = re.compile(r"^\.(.+)\.(export|replaced)-(\d+)\.tmp$")  # export_folder's working folders beside the target
 
@@ -73,10 +63,10 @@ def export_folder(directory, kind, protected=()):
     with lock_out_dir(directory):
         contents = sorted(set(os.listdir(directory)) - {LOCK_FILE})
         if contents and not (set(contents) <= EXPORT_FILES[kind] and export_mark(directory, kind) == WRITTEN_BY[kind]):
+            shown = ", ".join(contents[:3]) + (" ..." if len(contents) > 3 else "")
             raise UserError(
-                f"{directory} holds {', '.join(contents[:3])}{' ...' if len(contents) > 3 else ''}, which is not an "
-                f"earlier export of this kind ({WRITTEN_BY[kind]}): an export writes only into a new or empty folder, or "
-                f"over an earlier export of its kind; choose another folder"
+                f"{directory} holds {shown}, which is not an earlier export of this kind ({WRITTEN_BY[kind]}): an export "
+                "writes only into a new or empty folder, or over an earlier export of its kind; choose another folder"
             )
         staging = os.path.join(parent, f".{name}.export-{os.getpid()}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
@@ -93,9 +83,7 @@ def export_folder(directory, kind, protected=()):
                 os.rename(replaced, directory)
                 raise
             sync_directory(parent)
-            shutil.rmtree(
-                replaced, ignore_errors=True
-            )  # the earlier export (or the empty folder), its lock file with it
+            shutil.rmtree(replaced, ignore_errors=True)  # the earlier export (or empty folder), its lock file with it
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -164,29 +152,17 @@ def write_hf_checkpoint(model, directory):
             )
     c = model.config
     tokenizer = {size: name for name, size in HF_TOKENIZERS.items()}.get(c.vocab_size)
-    hf_config = {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": c.vocab_size,
-        "n_positions": c.block_size,
-        "n_embd": c.n_embd,
-        "n_layer": c.n_layer,
-        "n_head": c.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-        "resid_pdrop": c.dropout,
-        "embd_pdrop": c.dropout,
-        "attn_pdrop": c.dropout,
-        "layer_norm_epsilon": 1e-5,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "tie_word_embeddings": True,
-        "use_cache": True,
+    hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size}
+    hf_config |= {"n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head}
+    hf_config |= {"n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
+    hf_config |= {"resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "initializer_range": 0.02}
+    hf_config |= {"scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True}
+    hf_config |= {
         "bos_token_id": c.vocab_size - 1,
-        "eos_token_id": c.vocab_size - 1,  # <|endoftext|>: the last id of both vocabularies
-        "dtype": str(model.transformer.wte.weight.dtype).removeprefix("torch."),
-        "nanoqlora": {"written_by": WRITTEN_BY["hf"], **({"tokenizer": tokenizer} if tokenizer else {})},
-    }
+        "eos_token_id": c.vocab_size - 1,
+    }  # <|endoftext|>, the last id of both
+    hf_config["dtype"] = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
+    hf_config["nanoqlora"] = {"written_by": WRITTEN_BY["hf"], **({"tokenizer": tokenizer} if tokenizer else {})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in ours_to_hf(model.state_dict(), c.n_layer).items()}
     os.makedirs(directory, exist_ok=True)
     write_json_atomic(hf_config, os.path.join(directory, "config.json"))
