@@ -12,23 +12,16 @@ import re
 import torch
 
 from lora import TARGETS, DoRALinear, LoRALinear, dense_weight, lora_scaling
-from support.adapters import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    MAX_LORA_SCALING,
-    active_adapter,
-    adapter_named,
-    add_adapter,
-    kept_trainable_parameters,
-    read_adapter_weights,
-)
+from support import adapters
 from support.common import save_safetensors_atomic, write_bytes_atomic
 from support.hf_format import HF_MODULE, WRITTEN_BY, export_folder, write_hf_checkpoint
 from support.safety import UserError, read_saved_pair
 
 PEFT_PREFIX = "base_model.model.transformer.h."
+GPT2_MODULES = tuple(dict.fromkeys(HF_MODULE.values()))  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 PEFT_KEY = re.compile(
-    r"base_model\.model\.transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)"
+    rf"{re.escape(PEFT_PREFIX)}(\d+)\.({'|'.join(map(re.escape, GPT2_MODULES))})\.({'|'.join(map(re.escape, PARTS))})"
 )
 # LoraConfig settings that change what the adapter computes beyond A, B (and DoRA's m); import refuses them.
 UNSUPPORTED_PEFT_SETTINGS = (
@@ -56,17 +49,17 @@ def export_peft(
     B = [[B_q, 0], [0, 0], [0, B_v]] (3 n_embd x n r), gives B A = [B_q A_q; 0; B_v A_v] exactly. The fused rank is
     n r, so PEFT's alpha' / (n r) must equal alpha / r: alpha' = n alpha (rsLoRA: sqrt(n) alpha). DoRA's magnitudes
     concatenate; an un-adapted projection gets m = ||W0 row||, which leaves it unchanged."""
-    name = adapter_name or active_adapter(model)
+    name = adapter_name or adapters.active_adapter(model)
     if base_model is not None:
         base_model_name_or_path = os.path.join(os.path.abspath(directory), "base")
-    wrappers = dict(adapter_named(model, name))  # layer name -> its LoRALinear, whether the adapter is active or aside
-    config, kept = next(iter(wrappers.values())).settings, sorted(kept_trainable_parameters(model))
+    wrappers = dict(adapters.adapter_named(model, name))  # layer name -> its LoRALinear, active or aside
+    config, kept = next(iter(wrappers.values())).settings, sorted(adapters.kept_trainable_parameters(model))
     if any(not isinstance(w, LoRALinear) for w in wrappers.values()):
         raise ValueError(f"adapter {name!r} is not a LoRA adapter; PEFT export writes LoRA adapters")
     if kept:
         raise ValueError(
-            f"adapter {name!r} also trains {kept[0]!r} (apply_lora(trainable=...)), which PEFT's GPT2LMHeadModel "
-            "adapter cannot hold; export a LoRA-only adapter, or save the whole model with hf_format.save_hf_checkpoint after merging"
+            f"adapter {name!r} also trains {kept[0]!r}, which a PEFT adapter for GPT2LMHeadModel cannot "
+            "hold; export a LoRA-only adapter, or the merged model (hf_format.export_merged_hf)"
         )
     if not model.config.bias:
         raise ValueError("the model has no biases, unlike GPT-2; PEFT export needs a GPT-2-family base")
@@ -76,10 +69,8 @@ def export_peft(
     fused = [t for t in "qkv" if t in config["targets"]]
     n_embd, tensors = model.config.n_embd, {}
     for i in range(model.config.n_layer):
-        layers = {
-            t: wrappers.get(f"transformer.h.{i}.{s}") or model.get_submodule(f"transformer.h.{i}.{s}")
-            for t, s in TARGETS.items()
-        }
+        names = {t: f"transformer.h.{i}.{suffix}" for t, suffix in TARGETS.items()}
+        layers = {t: wrappers.get(name) or model.get_submodule(name) for t, name in names.items()}
         prefix = f"{PEFT_PREFIX}{i}."
         if fused:
             B = layers[fused[0]].lora_A.weight.new_zeros(3 * n_embd, len(fused) * rank)
@@ -106,26 +97,19 @@ def export_peft(
     peft_config |= {"r": rank, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
     peft_config |= {"target_modules": target_modules, "fan_in_fan_out": True, "lora_dropout": config["dropout"]}
     peft_config |= {"bias": "none", "use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": None}
-    peft_config |= {
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    }
+    peft_config |= {"init_lora_weights": True, "inference_mode": True}
+    peft_config |= {"layers_to_transform": None, "layers_pattern": None}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
     config_bytes = json.dumps(peft_config, indent=2).encode()
-    header = {
-        "format": "pt",
-        "written_by": WRITTEN_BY["peft"],
-        "adapter_config_sha256": hashlib.sha256(config_bytes).hexdigest(),
-        **({"nanoqlora": json.dumps(metadata, allow_nan=False)} if metadata else {}),
-    }
+    header = {"format": "pt", "written_by": WRITTEN_BY["peft"]}
+    header["adapter_config_sha256"] = hashlib.sha256(config_bytes).hexdigest()
+    header |= {"nanoqlora": json.dumps(metadata, allow_nan=False)} if metadata else {}
     with export_folder(directory, "peft", protected) as staging:
         if base_model is not None:
             write_hf_checkpoint(base_model, os.path.join(staging, "base"))
-        write_bytes_atomic(config_bytes, os.path.join(staging, ADAPTER_CONFIG))
-        save_safetensors_atomic(tensors, os.path.join(staging, ADAPTER_WEIGHTS), metadata=header)
-    return os.path.join(os.path.abspath(directory), ADAPTER_WEIGHTS)
+        write_bytes_atomic(config_bytes, os.path.join(staging, adapters.ADAPTER_CONFIG))
+        save_safetensors_atomic(tensors, os.path.join(staging, adapters.ADAPTER_WEIGHTS), metadata=header)
+    return os.path.join(os.path.abspath(directory), adapters.ADAPTER_WEIGHTS)
 
 
 def dora_magnitude(layer):
@@ -140,44 +124,45 @@ def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def is_positive(v):
+    return is_number(v) and v > 0
+
+
 def is_count(v):
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
+def patterns_of(check):
+    return lambda v: isinstance(v, dict) and all(map(check, v.values()))
+
+
 PEFT_SETTING_TYPES = {  # LoraConfig key -> (check, what it must be), for the keys import_peft reads
     "r": (is_count, "a positive integer"),
-    "lora_alpha": (lambda v: is_number(v) and v > 0, "a positive number"),
+    "lora_alpha": (is_positive, "a positive number"),
     "lora_dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
-    "rank_pattern": (
-        lambda v: isinstance(v, dict) and all(map(is_count, v.values())),
-        "an object of module patterns -> positive integers",
-    ),
-    "alpha_pattern": (
-        lambda v: isinstance(v, dict) and all(is_number(x) and x > 0 for x in v.values()),
-        "an object of module patterns -> positive numbers",
-    ),
+    "rank_pattern": (patterns_of(is_count), "an object of module patterns -> positive integers"),
+    "alpha_pattern": (patterns_of(is_positive), "an object of module patterns -> positive numbers"),
 }
 
 
 def read_peft_adapter(directory):
     """(adapter_config.json, {name: tensor}) of a PEFT adapter folder, every setting import_peft reads checked and
     the tensors read as every adapter's are (finite floats; our export's config checksum must match)."""
-    config, weights_path = read_saved_pair(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "PEFT's save_pretrained")
-    config_path = os.path.join(directory, ADAPTER_CONFIG)
+    names = adapters.ADAPTER_CONFIG, adapters.ADAPTER_WEIGHTS
+    config, weights_path = read_saved_pair(directory, *names, "PEFT's save_pretrained")
+    config_path = os.path.join(directory, adapters.ADAPTER_CONFIG)
     if config.get("peft_type") != "LORA":
-        raise ValueError(
-            f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') can be imported"
-        )
+        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters ('LORA') import")
     for key in UNSUPPORTED_PEFT_SETTINGS:
         if config.get(key) not in (None, False, [], {}):
             raise ValueError(
-                f"{config_path} sets {key}={config[key]!r}, which our LoRA layers cannot express; only A, B (and DoRA's magnitude) import"
+                f"{config_path} sets {key}={config[key]!r}, which our LoRA layers cannot express; remove it"
             )
     if config.get("bias", "none") != "none":
         raise ValueError(
-            f"{config_path} trains biases (bias={config['bias']!r}); our LoRA keeps the base biases frozen, so only bias='none' imports"
+            f"{config_path} trains biases (bias={config['bias']!r}); only bias='none' imports (ours are frozen)"
         )
     if "lora_alpha" not in config:
         raise UserError(f"{config_path} has no lora_alpha: it is not a complete LoraConfig")
@@ -190,20 +175,21 @@ def read_peft_adapter(directory):
                 re.compile(pattern)
             except re.error as e:
                 raise UserError(
-                    f"{config_path}: {key} key {pattern!r} is not a regular expression ({e}); PEFT matches module names with it"
+                    f"{config_path}: {key} key {pattern!r} is not a regular expression ({e}); fix it"
                 ) from None
     with open(config_path, "rb") as f:
         config_sha256 = hashlib.sha256(f.read()).hexdigest()
     recorded = export_header(weights_path).get("adapter_config_sha256")
     if recorded is not None and recorded != config_sha256:
         raise UserError(
-            f"{config_path} is not the config {weights_path} was exported with (its checksum differs: files of two exports); export the adapter again"
+            f"{config_path} is not the config {weights_path} was exported with (files of two exports); export again"
         )
-    return config, read_adapter_weights(weights_path, None, ADAPTER_CONFIG, fix="export or save the adapter again")
+    fix = "export or save the adapter again"
+    return config, adapters.read_adapter_weights(weights_path, None, adapters.ADAPTER_CONFIG, fix=fix)
 
 
 def export_header(weights_path):
-    """A safetensors file's header metadata ({} when unreadable: read_adapter_weights names that file)."""
+    """A safetensors file's header metadata ({} when unreadable: adapters.read_adapter_weights names that file)."""
     from safetensors import safe_open
 
     try:
@@ -232,12 +218,10 @@ def import_peft(model, directory, adapter_name="default"):
     for key, tensor in stored.items():
         match = PEFT_KEY.fullmatch(key)
         if not match:
-            raise ValueError(
-                f"{directory}: tensor {key!r} is not a LoRA tensor of a GPT-2 block's c_attn, attn.c_proj, mlp.c_fc or mlp.c_proj; our model has no counterpart for it"
-            )
+            raise ValueError(f"{directory}: tensor {key!r} is not LoRA's on a GPT-2 block's {', '.join(GPT2_MODULES)}")
         if int(match[1]) >= n_layer:
             raise ValueError(
-                f"{directory}: tensor {key!r} is for block {match[1]}, but the model has {n_layer} blocks; is it for another base?"
+                f"{directory}: tensor {key!r} is for block {match[1]} of a model with {n_layer}; another base?"
             )
         modules.setdefault((int(match[1]), match[2]), {})[match[3]] = tensor
     hf_modules = sorted({m for _, m in modules})
@@ -247,14 +231,14 @@ def import_peft(model, directory, adapter_name="default"):
         for module in hf_modules:
             if (layer, module) not in modules:
                 raise ValueError(
-                    f"{directory} adapts {module} in some blocks but not in block {layer}; our apply_lora adapts a target in every block"
+                    f"{directory} adapts {module} in some blocks but not in block {layer}; ours adapt every block"
                 )
     use_dora, use_rslora, alpha = bool(config.get("use_dora")), bool(config.get("use_rslora")), config["lora_alpha"]
     for (layer, module), parts in modules.items():
-        wanted = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if use_dora else ())
-        if sorted(parts) != sorted(wanted):
+        wanted = list(PARTS if use_dora else PARTS[:2])
+        if sorted(parts) != wanted:
             raise ValueError(
-                f"{directory}: block {layer} {module} has {sorted(parts)}, expected {list(wanted)} (use_dora={use_dora})"
+                f"{directory}: block {layer} {module} has {sorted(parts)}, expected {wanted} (use_dora={use_dora})"
             )
         out_features = {"attn.c_attn": 3 * n_embd, "mlp.c_fc": 4 * n_embd}.get(module, n_embd)
         in_features = 4 * n_embd if module == "mlp.c_proj" else n_embd
@@ -267,16 +251,16 @@ def import_peft(model, directory, adapter_name="default"):
         # the module's scaling as PEFT computes it; its patterns match the module's name inside GPT2LMHeadModel
         module_alpha = pattern_value(config.get("alpha_pattern") or {}, f"transformer.h.{layer}.{module}", alpha)
         parts["scaling"] = lora_scaling(module_alpha, len(A), use_rslora)
-        if parts["scaling"] > MAX_LORA_SCALING:
+        if parts["scaling"] > adapters.MAX_LORA_SCALING:
             raise UserError(
-                f"{directory}: block {layer} {module}'s lora_alpha and rank scale its update by {parts['scaling']:g}, beyond any "
-                f"adapter trained here (at most {MAX_LORA_SCALING:g}); the file is damaged or was edited"
+                f"{directory}: block {layer} {module}'s lora_alpha and rank scale its update by {parts['scaling']:g}, "
+                f"beyond any adapter trained here (at most {adapters.MAX_LORA_SCALING:g}); the file is damaged or edited"
             )
     rank = max(len(parts["lora_A.weight"]) for parts in modules.values())
     ours = lora_scaling(alpha, rank, use_rslora)
     targets = [t for t in TARGETS if HF_MODULE[t] in hf_modules]
     settings = {"rank": rank, "alpha": alpha, "targets": targets, "dropout": config.get("lora_dropout", 0.0)}
-    add_adapter(model, adapter_name, "lora", **settings, use_rslora=use_rslora, use_dora=use_dora)
+    adapters.add_adapter(model, adapter_name, "lora", **settings, use_rslora=use_rslora, use_dora=use_dora)
     with torch.no_grad():
         for (layer, module), parts in modules.items():
             A, B, r = parts["lora_A.weight"], parts["lora_B.weight"], len(parts["lora_A.weight"])
