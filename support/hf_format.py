@@ -35,18 +35,26 @@ def hf_base_name(init_from):
     return None
 
 
+def safetensors_header(path):
+    """A safetensors file's header metadata, {} when it is missing or unreadable (its reader names that)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:
+        return {}
+
+
 def export_mark(directory, kind):
     """The mark our writers leave in an export of `kind` (config.json's, or the weights' header), or None."""
+    if kind == "peft":
+        return safetensors_header(os.path.join(directory, ADAPTER_WEIGHTS)).get("written_by")
     try:
-        if kind == "hf":
-            mark = read_json(os.path.join(directory, "config.json")).get("nanoqlora")
-            return mark.get("written_by") if isinstance(mark, dict) else None
-        from safetensors import safe_open
-
-        with safe_open(os.path.join(directory, ADAPTER_WEIGHTS), framework="pt") as f:
-            return (f.metadata() or {}).get("written_by")
+        mark = read_json(os.path.join(directory, "config.json")).get("nanoqlora")
     except Exception:  # missing, unreadable or foreign: not an export of ours
         return None
+    return mark.get("written_by") if isinstance(mark, dict) else None
 
 
 @contextlib.contextmanager

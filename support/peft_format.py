@@ -14,8 +14,8 @@ import torch
 from lora import TARGETS, DoRALinear, LoRALinear, dense_weight, lora_scaling
 from support import adapters
 from support.common import save_safetensors_atomic, write_bytes_atomic
-from support.hf_format import HF_MODULE, WRITTEN_BY, export_folder, write_hf_checkpoint
-from support.safety import UserError, read_saved_pair
+from support.hf_format import HF_MODULE, WRITTEN_BY, export_folder, safetensors_header, write_hf_checkpoint
+from support.safety import UserError, file_sha256, read_saved_pair
 
 PEFT_PREFIX = "base_model.model.transformer.h."
 GPT2_MODULES = tuple(dict.fromkeys(HF_MODULE.values()))  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
@@ -177,26 +177,13 @@ def read_peft_adapter(directory):
                 raise UserError(
                     f"{config_path}: {key} key {pattern!r} is not a regular expression ({e}); fix it"
                 ) from None
-    with open(config_path, "rb") as f:
-        config_sha256 = hashlib.sha256(f.read()).hexdigest()
-    recorded = export_header(weights_path).get("adapter_config_sha256")
-    if recorded is not None and recorded != config_sha256:
+    recorded = safetensors_header(weights_path).get("adapter_config_sha256")
+    if recorded is not None and recorded != file_sha256(config_path):
         raise UserError(
             f"{config_path} is not the config {weights_path} was exported with (files of two exports); export again"
         )
     fix = "export or save the adapter again"
     return config, adapters.read_adapter_weights(weights_path, None, adapters.ADAPTER_CONFIG, fix=fix)
-
-
-def export_header(weights_path):
-    """A safetensors file's header metadata ({} when unreadable: adapters.read_adapter_weights names that file)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(weights_path, framework="pt") as f:
-            return f.metadata() or {}
-    except Exception:
-        return {}
 
 
 def pattern_value(patterns, module_name, default):
