@@ -73,8 +73,8 @@ def export_folder(directory, kind, protected=()):
         if contents and not (set(contents) <= EXPORT_FILES[kind] and export_mark(directory, kind) == WRITTEN_BY[kind]):
             shown = ", ".join(contents[:3]) + (" ..." if len(contents) > 3 else "")
             raise UserError(
-                f"{directory} holds {shown}, which is not an earlier export of this kind ({WRITTEN_BY[kind]}): an export "
-                "writes only into a new or empty folder, or over an earlier export of its kind; choose another folder"
+                f"{directory} holds {shown}, which is not an earlier export of this kind ({WRITTEN_BY[kind]}): an "
+                "export writes only into a new or empty folder, or over an earlier export of its kind; choose another"
             )
         staging = os.path.join(parent, f".{name}.export-{os.getpid()}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
@@ -148,15 +148,15 @@ def write_hf_checkpoint(model, directory):
     """save_hf_checkpoint's files, written into `directory` as it is (export_folder's staging folder)."""
     if not model.config.bias:
         raise ValueError(
-            "HF's GPT-2 has a bias in every Linear and LayerNorm; a model built with bias=False cannot be saved in its format"
+            "HF's GPT-2 has a bias in every Linear and LayerNorm; a model with bias=False cannot be saved as one"
         )
     if model.config.smear_keys:
         raise ValueError("HF's GPT-2 has no smeared keys (smear_keys=True); this model cannot be saved in its format")
     for name, module in model.named_modules():
         if name.endswith(tuple(TARGETS.values())) and type(module) is not nn.Linear:
+            kind = type(module).__name__
             raise ValueError(
-                f"{name} is a {type(module).__name__}, not a plain nn.Linear: merge first, with lora.merge_lora(model, unload=True) "
-                f"for LoRA or quantize.merge_lora_into_dequantized(model) for QLoRA (train.py --export_hf does this)"
+                f"{name} is a {kind}, not a plain nn.Linear: merge first (export_merged_hf does, for LoRA and QLoRA)"
             )
     c = model.config
     tokenizer = {size: name for name, size in HF_TOKENIZERS.items()}.get(c.vocab_size)

@@ -232,8 +232,8 @@ def import_peft(model, directory, adapter_name="default"):
         A, B = parts["lora_A.weight"], parts["lora_B.weight"]
         if A.dim() != 2 or B.dim() != 2 or (A.shape[1], B.shape[0], B.shape[1]) != (in_features, out_features, len(A)):
             raise ValueError(
-                f"{directory}: block {layer} {module} has A {tuple(A.shape)} and B {tuple(B.shape)}, but this model needs "
-                f"A (r, {in_features}) and B ({out_features}, r): is it for a GPT-2 of another width?"
+                f"{directory}: block {layer} {module} has A {tuple(A.shape)} and B {tuple(B.shape)}, but this model "
+                f"needs A (r, {in_features}) and B ({out_features}, r): is it for a GPT-2 of another width?"
             )
         # the module's scaling as PEFT computes it; its patterns match the module's name inside GPT2LMHeadModel
         module_alpha = pattern_value(config.get("alpha_pattern") or {}, f"transformer.h.{layer}.{module}", alpha)
@@ -241,7 +241,7 @@ def import_peft(model, directory, adapter_name="default"):
         if parts["scaling"] > adapters.MAX_LORA_SCALING:
             raise UserError(
                 f"{directory}: block {layer} {module}'s lora_alpha and rank scale its update by {parts['scaling']:g}, "
-                f"beyond any adapter trained here (at most {adapters.MAX_LORA_SCALING:g}); the file is damaged or edited"
+                f"beyond any adapter trained here (at most {adapters.MAX_LORA_SCALING:g}): damaged or edited"
             )
     rank = max(len(parts["lora_A.weight"]) for parts in modules.values())
     ours = lora_scaling(alpha, rank, use_rslora)

@@ -5,7 +5,7 @@ import os
 from dataclasses import asdict
 
 from support import common
-from support.answers import score_responses
+from support.answers import contains_answer, score_responses
 from support.instructions import chat_prompt
 from support.sms_data import LABELS, format_confusion
 
@@ -83,33 +83,26 @@ def answer_report(examples, before, after):
                     row[f"{metric}{name}_before"] = kinds_before[kind][metric]
                     row[f"{metric}{name or '_after'}"] = after_scores[metric]
     columns = list(dict.fromkeys(key for row in rows.values() for key in row))  # every row gets every column
-    by_kind = [
-        {key: row.get(key, 0 if key.startswith("examples") else None) for key in columns}
-        for _, row in sorted(rows.items())
-    ]
-    _, _, rows_before = score_responses(examples, before)
-    _, _, rows_after = score_responses(examples, after)
-    records = []
-    for ex, b, a, rb, ra in zip(examples, before, after, rows_before, rows_after):
-        record = {**ex, "before": b, "after": a}
-        if "correct" in ra:
-            record["correct_before"], record["correct_after"] = rb["correct"], ra["correct"]
-        records.append(record)
+    missing = {key: 0 if key.startswith("examples") else None for key in columns}
+    by_kind = [missing | row for _, row in sorted(rows.items())]
+    records = [{**ex, "before": b, "after": a} for ex, b, a in zip(examples, before, after)]
+    for record in records:
+        if record.get("answer"):  # scored as score_responses does
+            record["correct_before"] = contains_answer(record["before"], record["answer"])
+            record["correct_after"] = contains_answer(record["after"], record["answer"])
     return fields, by_kind, records
 
 
 def print_answer_table(by_kind, fields):
     metric = "accuracy" if "test_accuracy_after" in fields or "test_accuracy_new_phrasings" in fields else "f1"
     new = f"test_{metric}_new_phrasings" in fields
+    what = ": key answer in the response" if metric == "accuracy" else " against the reference"
     print(
-        f"\nanswers on the test split ({metric}{': key answer in the response' if metric == 'accuracy' else ' against the reference'}"
-        + ("; new phrasings: asked in words training never used" if new else "")
-        + "):"
+        f"\nanswers on the test split ({metric}{what}"
+        + ("; new phrasings: asked in words training never used):" if new else "):")
     )
-    print(
-        f"  {'kind':14s} {'n':>4s}  {metric + ' before -> after':>24s}  {'exact before -> after':>22s}"
-        + (f"  {'n':>4s}  {'new phrasings before -> after':>30s}" if new else "")
-    )
+    header = f"  {'kind':14s} {'n':>4s}  {metric + ' before -> after':>24s}  {'exact before -> after':>22s}"
+    print(header + (f"  {'n':>4s}  {'new phrasings before -> after':>30s}" if new else ""))
 
     def cell(row, key, width):
         return f"{row[key]:{width}.2f}" if row.get(key) is not None else f"{'-':>{width}s}"
@@ -119,15 +112,14 @@ def print_answer_table(by_kind, fields):
         total[key.removeprefix("test_")] = value
     kinds = by_kind if [r["kind"] for r in by_kind] != ["all"] else []  # data without kinds: only the total row
     for row in kinds + [total]:
-        line = (
-            f"  {row['kind']:14s} {row.get('examples') or 0:4d}  {cell(row, metric + '_before', 10)} -> {cell(row, metric + '_after', 10)}  "
-            f"{cell(row, 'exact_match_before', 9)} -> {cell(row, 'exact_match_after', 9)}"
-        )
+        line = f"  {row['kind']:14s} {row.get('examples') or 0:4d}  {cell(row, metric + '_before', 10)} -> "
+        line += f"{cell(row, metric + '_after', 10)}  {cell(row, 'exact_match_before', 9)} -> "
+        line += cell(row, "exact_match_after", 9)
         if new:
             line += (
                 f"  {row.get('examples_new_phrasings') or 0:4d}  {cell(row, metric + '_new_phrasings_before', 13)} -> "
-                f"{cell(row, metric + '_new_phrasings', 13)}"
             )
+            line += cell(row, metric + "_new_phrasings", 13)
         print(line)
 
 
@@ -170,9 +162,10 @@ def report_run(
     summary |= {"training_state_bytes": common.training_state_bytes(model, optimizer), "config": asdict(cfg)}
     if not cfg.pretraining:
         summary["test_loss_before"], summary["test_loss_after"] = before["test_loss"], after["test_loss"]
+    peak = common.memory_text(summary["peak_memory_bytes"])
     print(
         f"validation loss: {summary['val_loss_before']:.4f} before -> {summary['val_loss_after']:.4f} after "
-        f"{cfg.max_iters} steps in {summary['seconds']:.0f} s; peak memory {common.memory_text(summary['peak_memory_bytes'])}"
+        f"{cfg.max_iters} steps in {summary['seconds']:.0f} s; peak memory {peak}"
     )
     with common.write_together():  # samples.json, answers.csv and summary.json: all of them or none
         if not cfg.pretraining:
@@ -182,11 +175,9 @@ def report_run(
             summary["test_by_kind"] = by_kind
             for record in records[: cfg.num_samples]:
                 shown = record if "messages" not in record else chat_display(record)
-                print(
-                    f"\n### {shown['instruction']}"
-                    + (f"\n    input:    {shown['input']}" if shown.get("input") else "")
-                    + f"\n    expected: {shown['output']}\n    before:   {record['before']}\n    after:    {record['after']}"
-                )
+                given = f"\n    input:    {shown['input']}" if shown.get("input") else ""
+                print(f"\n### {shown['instruction']}{given}\n    expected: {shown['output']}")
+                print(f"    before:   {record['before']}\n    after:    {record['after']}")
             common.write_json_atomic(records, os.path.join(cfg.out_dir, "samples.json"))
             if by_kind:
                 common.write_csv_atomic(by_kind, os.path.join(cfg.out_dir, "answers.csv"), list(by_kind[0]))

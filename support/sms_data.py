@@ -131,7 +131,7 @@ def collate_messages(rows, pad_id):
 
 
 def make_batches(rows, batch_size, pad_id, generator=None, collate_rows=collate_messages):
-    """Shuffled by `generator`, or (evaluation) sorted by length, which keeps the padding small and no metric changes."""
+    """Shuffled by `generator`, or (evaluation) sorted by length, which keeps the padding small."""
     if generator is not None:
         order = torch.randperm(len(rows), generator=generator).tolist()
     else:
