@@ -68,14 +68,7 @@ def example_targets(ids, learned, mask_prompt=False, ignore_index=-100):
 
 def collate(batch, pad_token, mask_prompt=False, ignore_index=-100):
     """Examples -> (inputs, targets), each (B, longest - 1), padded with pad_token and ignore_index."""
-    width = max(len(ids) for ids, _ in batch) - 1
-    inputs = torch.full((len(batch), width), pad_token, dtype=torch.long)
-    targets = torch.full((len(batch), width), ignore_index, dtype=torch.long)
-    for row, (ids, learned) in enumerate(batch):
-        example_inputs, example_targets_ = example_targets(ids, learned, mask_prompt, ignore_index)
-        inputs[row, : len(ids) - 1] = example_inputs
-        targets[row, : len(ids) - 1] = example_targets_
-    return inputs, targets
+    return collate_packed([[example] for example in batch], pad_token, mask_prompt, ignore_index)[:2]
 
 
 # ---------------------------------------------------------------------------------------------- packing
