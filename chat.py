@@ -82,7 +82,7 @@ def answer_file(cfg):
     """--answer_file: every example of an Alpaca-format JSON list answered greedily (its 'input' used), the list
     written back with a 'response' added to each, every other key kept. Examples with an 'answer' key are scored for
     accuracy, with an 'output' for exact match and token F1; a chat file's conversations are answered at their last
-    assistant turn and scored against it (instructions.score_responses)."""
+    assistant turn and scored against it (answers.score_responses)."""
     examples = load_answer_file(cfg.answer_file)
     out_path = cfg.answers_out or os.path.splitext(cfg.answer_file)[0] + ".answers.json"
     device = pick_device(cfg.device)
