@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from support.adapters import ADAPTER_CONFIG, active_adapter, disable_adapters, read_adapter_config, set_adapter
+from support.answers import answer, answer_examples, check_max_new_tokens, score_responses
 from support.checkpoints import load_base_model, load_finetuned
 from support.common import parse_config, pick_device, write_json_atomic
 from support.config_checks import check_answer_flags
-from support.instructions import (answer, answer_examples, check_max_new_tokens, example_prompt, load_answer_file,
-                                  resolve_template, score_responses)
+from support.instruction_files import load_answer_file
+from support.instructions import example_prompt, resolve_template
 from support.safety import UserError, error_line, main_errors
 from support.tokenizer import get_tokenizer
 
@@ -81,7 +82,7 @@ def answer_file(cfg):
     """--answer_file: every example of an Alpaca-format JSON list answered greedily (its 'input' used), the list
     written back with a 'response' added to each, every other key kept. Examples with an 'answer' key are scored for
     accuracy, with an 'output' for exact match and token F1; a chat file's conversations are answered at their last
-    assistant turn and scored against it (instructions.score_responses)."""
+    assistant turn and scored against it (answers.score_responses)."""
     examples = load_answer_file(cfg.answer_file)
     out_path = cfg.answers_out or os.path.splitext(cfg.answer_file)[0] + ".answers.json"
     device = pick_device(cfg.device)

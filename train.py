@@ -33,7 +33,7 @@ from tqdm import tqdm
 from lora import apply_lora
 from model import GPT, PRETRAINED, GPTConfig, count_parameters
 from quantize import quantize_model
-from support import checkpoints, common, config_checks, instructions, optim, reports, resume, safety
+from support import answers, checkpoints, common, config_checks, instructions, optim, reports, resume, safety
 from support.adapters import save_adapter
 from support.fast_dequantize import use_fast_dequantize
 
@@ -245,10 +245,9 @@ def mean_token_loss(model, batches, device, rank=0, world_size=1):
 
 
 def shared_answers(model, tokenizer, examples, device, cfg, template, rank=0, world_size=1):
-    """Greedy answers to the examples (instructions.answer_examples), each rank answering examples rank, rank +
+    """Greedy answers to the examples (answers.answer_examples), each rank answering examples rank, rank +
     world_size, ...; every rank gets all the answers, in order (a greedy answer does not depend on its batch)."""
-    mine = instructions.answer_examples(model, tokenizer, examples[rank::world_size], device, cfg.max_new_tokens,
-                                        template)
+    mine = answers.answer_examples(model, tokenizer, examples[rank::world_size], device, cfg.max_new_tokens, template)
     if world_size == 1:
         return mine
     shares = [None] * world_size

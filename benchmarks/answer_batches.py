@@ -5,7 +5,7 @@ so it answers as the base does), answers the embedded set's test prompts twice, 
 
     python -m benchmarks.answer_batches      # needs checkpoints/tiny-base (python train.py makes it); ~1 minute
 
-1. as train.py does it: support.instructions.answer_examples, which sorts the prompts by length and left-pads the
+1. as train.py does it: support.answers.answer_examples, which sorts the prompts by length and left-pads the
    shorter ones in each batch of 64 (GPT.generate's left_padding);
 2. the prompts of each length apart, as many batches as lengths (how train.py answered until left padding).
 Both must give the same answers; the script says whether they did.
@@ -20,7 +20,8 @@ import torch
 import train
 from lora import apply_lora
 from support.checkpoints import load_base_model
-from support.instructions import InstructionData, answer_examples, example_prompt, resolve_template
+from support.answers import answer_examples
+from support.instructions import InstructionData, example_prompt, resolve_template
 from support.safety import error_line, main_errors
 from support.tokenizer import get_tokenizer
 

@@ -228,7 +228,7 @@ def step_compile(args, work):
 def write_random_hf_weights(shape, directory, seed=0):
     """Random weights of GPT-2's shape (GPT-2's vocabulary and context), written as an HF GPT-2 directory."""
     from model import GPT, GPTConfig
-    from support.interop import save_hf_checkpoint
+    from support.hf_format import save_hf_checkpoint
 
     if os.path.isfile(os.path.join(directory, "model.safetensors")):  # the LoRA and QLoRA recipes share one shape
         return directory

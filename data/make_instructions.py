@@ -4,7 +4,7 @@
      "kind": "plural", "answer": "boxes", "item": "box",         # what the scorer and the split rule use
      "phrasing": "trained"}                                      # or "held_out": a phrasing training never shows
 
-`answer` is the key answer that a correct response contains (scored by instructions.contains_answer); `item` is the
+`answer` is the key answer that a correct response contains (scored by answers.contains_answer); `item` is the
 word, number, list, sentence or fact the question is about. Loaders read only Alpaca's three keys and ignore the rest.
 
 Two families of kinds, because they answer different questions about fine-tuning:
@@ -48,7 +48,7 @@ FILENAME = "instructions.json"
 TEST_ITEMS_PER_KIND = 10  # per kind: 10 test items asked in trained phrasings, 10 more in held-out phrasings
 TRAIN_ITEMS_PER_KIND = 220  # at most; kinds with fewer items (the facts) have fewer
 HELD_OUT_FRACTION = 4  # one in HELD_OUT_FRACTION of a kind's asks, and of its frames of each style, is held out
-TRAIN_FRAC, VAL_FRAC = 0.85, 0.05  # the split train.py makes (instructions.split_examples)
+TRAIN_FRAC, VAL_FRAC = 0.85, 0.05  # the split train.py makes (instruction_files.split_examples)
 
 # ---------------------------------------------------------------------------------------------- word lists
 

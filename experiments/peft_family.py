@@ -55,7 +55,8 @@ from other_methods.prefix_tuning import apply_prefix_tuning
 from other_methods.qlora_init import apply_qlora, start_error
 from support.checkpoints import load_base_model
 from support.common import peak_memory_bytes, reset_peak_memory, save_figure_atomic, training_state_bytes, write_csv_atomic
-from support.instructions import InstructionData, answer_examples, score_responses
+from support.answers import answer_examples, score_responses
+from support.instructions import InstructionData
 from train import mean_token_loss
 from support.optim import lr_at_step
 from support.sms_data import balance_classes, encode_messages, evaluate_classifier, load_messages, make_batches, split_messages

@@ -8,7 +8,7 @@ The phrasings of every kind are split too (data/make_instructions.py's split: a 
 held out), so every item is asked twice after fine-tuning: once in a trained phrasing (never one that item itself
 was trained in) and once in a held-out phrasing that no training example used. Each response is scored twice:
 - format: the response has the trained shape (the reference sentence with its item and answer as wildcards);
-- content: the key answer is in the response (instructions.contains_answer).
+- content: the key answer is in the response (answers.contains_answer).
 The sentence predicts: format ~100% everywhere; content high for seen facts and for unseen rule items; for
 unseen facts, no better than a guess; and, if what was learned is the rule and not the sentence, the same in
 held-out phrasings. LoRA and full fine-tuning run side by side on the same data and budget.
@@ -28,7 +28,7 @@ import re
 from support.checkpoints import load_checkpoint_model, load_finetuned
 from support.common import REPO_DIR, run_script, save_figure_atomic, write_csv_atomic
 from data import make_instructions  # its word lists, facts, phrasings and phrasing split are reused here
-from support.instructions import answer_examples, contains_answer
+from support.answers import answer_examples, contains_answer
 from support.tokenizer import get_tokenizer
 
 KINDS = {"plural": "rule", "past_tense": "rule", "capital": "fact", "animal_class": "fact"}

@@ -7,7 +7,9 @@ lora.py, quantize.py, train.py, finetune_classifier.py); nothing here is needed 
     config_checks.py     the programs' settings checked before anything loads
     tokenizer.py         GPT-2's BPE (tiktoken) and the byte-level tokenizer
     corpus.py            the offline pretraining corpus: the standard library's own text
-    instructions.py      instruction data: templates, chat, datasets, collate and packing, answers and their scores
+    instruction_files.py instruction datasets: the embedded set, downloads, local files, each entry checked
+    instructions.py      instruction data: templates, chat, collate and packing, InstructionData
+    answers.py           batched greedy answers and their scores
     sms_data.py          the SMS Spam Collection, its splits and batches, the classifier's metrics
     optim.py             AdamW with decay on matrices only, LoRA+ groups, warmup + cosine, gradient clipping
     checkpoints.py       what runs start from: the tiny base, GPT-2 (downloaded, checked), train.py's checkpoints, data
@@ -16,6 +18,7 @@ lora.py, quantize.py, train.py, finetune_classifier.py); nothing here is needed 
     export.py            python -m support.export: a run in Hugging Face's formats (PEFT, transformers' GPT-2)
     adapters.py          named adapters of every method: switching, saving and loading one
     classifier_files.py  what finetune_classifier.py saves and --classify loads
-    interop.py           Hugging Face: adapters to and from PEFT, models to and from transformers' GPT-2
+    peft_format.py       LoRA adapters to and from PEFT's format
+    hf_format.py         models in transformers' GPT-2 format; the export folder that never overwrites its source
     fast_dequantize.py   opt-in faster 4-bit dequantize paths (a PyTorch byte-pair table, dequantize_kernel.c)
 """

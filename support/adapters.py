@@ -242,10 +242,10 @@ def read_adapter_config(directory):
     no setting its method does not take, a LoRA scaling within bounds. Its keys besides FIELDS are the settings."""
     config, _ = read_saved_pair(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "save_adapter")
     path = os.path.join(directory, ADAPTER_CONFIG)
-    if "peft_type" in config:  # interop.export_peft's output, or any adapter saved by PEFT
+    if "peft_type" in config:  # peft_format.export_peft's output, or any adapter saved by PEFT
         raise UserError(
             f"{path} is a PEFT adapter (peft_type {config['peft_type']!r}), not one written by save_adapter: "
-            f"put it onto a model with interop.import_peft"
+            f"put it onto a model with peft_format.import_peft"
         )
     missing = [k for k in FIELDS if k not in config]
     if missing:
@@ -280,7 +280,7 @@ def read_adapter_config(directory):
 def read_adapter_weights(weights_path, sha256, manifest, fix="save or train the adapter again"):
     """The tensors of an adapter's safetensors file, checked: its SHA-256 is `sha256`, the one its manifest (the config
     file written after it) recorded (None: the format has no manifest, e.g. an adapter PEFT saved); it reads; every
-    tensor is floating point and finite. Every adapter loads through this, PEFT's too (interop.import_peft)."""
+    tensor is floating point and finite. Every adapter loads through this, PEFT's too (peft_format.import_peft)."""
     from safetensors.torch import load
 
     if not os.path.isfile(weights_path):

@@ -69,7 +69,7 @@ HF_TOKENIZERS = {"gpt2": 50257, "bytes": 257}  # tokenizer name -> its vocabular
 
 
 def hf_tokenizer(hf, config_path):
-    """The tokenizer of an HF GPT-2 folder: the one config.json names under "nanoqlora" (interop.save_hf_checkpoint
+    """The tokenizer of an HF GPT-2 folder: the one config.json names under "nanoqlora" (hf_format.save_hf_checkpoint
     writes it), else the one whose vocabulary size it has; the two must agree."""
     ours = hf.get("nanoqlora")
     declared = ours.get("tokenizer") if isinstance(ours, dict) else None
@@ -268,7 +268,8 @@ def load_data(cfg, tokenizer_name, block_size):
     library's text to pretrain on (corpus.PretrainingData), or prompt + response examples whose response tokens are
     the targets (instructions.InstructionData; --mask_prompt)."""
     from support.corpus import PretrainingData
-    from support.instructions import InstructionData, check_max_new_tokens, resolve_template
+    from support.answers import check_max_new_tokens
+    from support.instructions import InstructionData, resolve_template
     from support.tokenizer import get_tokenizer
 
     tokenizer, template = get_tokenizer(tokenizer_name), resolve_template(cfg.prompt_template, tokenizer_name)

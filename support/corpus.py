@@ -1,25 +1,9 @@
-"""
-An English pretraining corpus that exists on every machine with Python: the standard library's own text.
-
-A fresh offline machine cannot download GPT-2 or a web corpus, but the interpreter running this file ships its
-standard library as source. We read it without importing or executing anything, in sorted order, so the corpus is
-the same on every run of the same Python version. Four sources, each a list of documents:
-
-- "docstrings": module, class and function docstrings (~1.5 MB of carefully written English prose);
-- "comments":   each file's `#` comments, one document per file (~1.8 MB of terse English about code);
-- "topics":     `pydoc_data/topics.py`, the language reference pages that `help("if")` prints (~0.7 MB);
-- "code":       the source files themselves (~10 MB; code repeats its identifiers within a few lines, which
-                teaches a small model to copy from its context, the skill every rule-following answer needs).
-
-and one that is not the standard library's:
-- "instructions": the training part of the embedded instruction set (data/instructions.json's first 85%: never a
-                validation or test example, nor a held-out phrasing), each example as fine-tuning showed it when
-                this source was measured, the compact prompt and its response (~0.5 MB): instruction-like text
-                mixed into pretraining.
-
-Validation is always the same held-out docstrings (every 20th), whatever the training mix, so losses of bases
-trained on different mixes are comparable. PretrainingData cuts the text into the batches of a pretraining run.
-"""
+"""An English pretraining corpus that exists on every machine with Python: the standard library's own text, read
+as data (nothing imported or run) in sorted order, so it is the same on every run of one Python version. Sources:
+"docstrings" (prose), "comments" (each file's, one document per file), "topics" (the reference pages `help("if")`
+prints), "code" (the sources without docstrings: it teaches copying from context), and "instructions" (the embedded
+set's training split, in the compact template). Validation is always every VAL_EVERY-th docstring, held out of
+every mix, so losses of bases trained on different mixes compare."""
 
 import ast
 import functools
@@ -32,12 +16,13 @@ import torch
 
 from support.tokenizer import EOT_TEXT
 
-# Folders left out: tests (code-heavy, huge), the IDE and GUI demos, vendored packages, and bytecode.
-SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "tkinter", "turtledemo",
-             "ensurepip", "pydoc_data", "__pycache__"}
+# left out: tests (code-heavy, huge), the IDE and GUI demos, vendored packages, bytecode
+SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "tkinter", "turtledemo"}
+SKIP_DIRS |= {"ensurepip", "pydoc_data", "__pycache__"}
 MIN_DOCSTRING_CHARS = 40  # one-liners like "Return x." teach little
 SOURCES = ("docstrings", "comments", "topics", "code", "instructions")
 VAL_EVERY = 20  # every 20th docstring is held out for validation
+DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)  # what can have a docstring
 
 
 @functools.lru_cache(maxsize=1)  # reading ~560 files takes seconds; the result never changes within a run
@@ -68,7 +53,7 @@ def stdlib_docstrings(root=None):
         except (SyntaxError, ValueError):
             continue  # a few stdlib files are deliberately invalid (e.g. bad-encoding test data)
         for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            if isinstance(node, DOCUMENTED):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= MIN_DOCSTRING_CHARS:
                     docs.append(doc)
@@ -94,14 +79,14 @@ def stdlib_comments(root=None):
 
 
 def code_without_docstrings(source):
-    """A source file with its docstrings cut out, so that the held-out docstrings never reach training as code."""
+    """A source file without its docstrings, so that held-out docstrings never reach training as code."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return source
     lines, cut = source.splitlines(keepends=True), set()
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(node, clean=False) is not None:
+        if isinstance(node, DOCUMENTED) and ast.get_docstring(node, clean=False) is not None:
             first = node.body[0]
             cut.update(range(first.lineno - 1, first.end_lineno))
     return "".join(line for i, line in enumerate(lines) if i not in cut)
@@ -121,11 +106,11 @@ def reference_topics():
 
 
 def instruction_documents():
-    """The embedded instruction set's training examples, each as prompt and response in the compact template (the
-    fine-tuning default when this source was measured; docs/results.md)."""
-    from support.instructions import EMBEDDED_INSTRUCTIONS_PATH, format_prompt, read_json_list, split_examples
+    """The embedded set's training split (no test item, no held-out phrasing) as prompt and response."""
+    from support.instruction_files import EMBEDDED_INSTRUCTIONS_PATH, read_json_list, split_examples
+    from support.instructions import format_prompt
 
-    train = split_examples(read_json_list(EMBEDDED_INSTRUCTIONS_PATH))[0]  # the file's split: no test item, no held-out phrasing
+    train = split_examples(read_json_list(EMBEDDED_INSTRUCTIONS_PATH))[0]
     return [format_prompt(ex, "compact") + ex["output"] for ex in train]
 
 
@@ -145,9 +130,7 @@ def documents(source):
 
 
 def stdlib_corpus(sources=("docstrings",)):
-    """(train_text, val_text): documents separated by <|endoftext|>, so the model meets the token that later ends
-    every fine-tuning response. Training text is the chosen sources, one after the other; validation is every
-    VAL_EVERY-th docstring, held out of the training text whatever the sources."""
+    """(train_text, val_text), documents separated by <|endoftext|> (the token that later ends every response)."""
     if isinstance(sources, str):
         sources = tuple(s.strip() for s in sources.split(","))
     docs = stdlib_docstrings()
@@ -159,8 +142,8 @@ def stdlib_corpus(sources=("docstrings",)):
 
 
 class PretrainingData:
-    """The stdlib corpus as one long token stream. A training batch is batch_size random windows whose positions
-    depend only on (seed, step), so a resumed run sees exactly the batches the uninterrupted run would have."""
+    """The corpus as one token stream; a batch is random windows drawn by (seed, step) alone, so a resumed run
+    sees the batches the uninterrupted run would have."""
 
     def __init__(self, tokenizer, block_size, seed, sources="docstrings"):
         train_text, val_text = stdlib_corpus(sources)

@@ -1,16 +1,13 @@
 """
-Write a train.py run in Hugging Face's formats (support/interop.py does the conversion):
+Write a train.py run in Hugging Face's formats (support/peft_format.py, support/hf_format.py):
 
     python -m support.export --adapter out/instruct --peft out/peft   # the adapter for PEFT
     python -m support.export --adapter out/instruct --hf out/hf       # base + merged adapter for transformers' GPT-2
     python -m support.export --init_from checkpoints/plain-base --hf out/tiny-hf   # a base alone (no smeared keys)
 
---peft needs --adapter; when the base is not an HF model (the tiny base, a checkpoint of train.py), the base is
-written beside the adapter, in OUT/base, for PEFT to load it from. The adapter's metadata (run id, base, finetune,
-step, prompt template) travel in the safetensors header, where PEFT ignores them. --hf writes --init_from's model,
-with --adapter's adapter merged when given. An export writes only into a new or empty folder, or over an earlier
-export of its kind (interop.export_folder), never into the run's own folder or its base's, and holds the folder's
-run lock while it writes.
+--peft needs --adapter; a base that is not an HF model (the tiny base) is written beside the adapter, in OUT/base.
+An export writes only into a new or empty folder, or over an earlier export of its kind, never into the run's
+own folder or its base's.
 """
 
 import os
@@ -21,7 +18,8 @@ from model import PRETRAINED
 from support.adapters import read_adapter_config
 from support.checkpoints import TINY_BASE_DIR, load_base_model, load_finetuned
 from support.common import parse_config, user_cache_dir
-from support.interop import export_merged_hf, export_peft, hf_base_name
+from support.hf_format import export_merged_hf, hf_base_name
+from support.peft_format import export_peft
 from support.safety import UserError, error_line, main_errors
 
 
@@ -36,10 +34,8 @@ class ExportConfig:
 
 
 def export_run(cfg):
-    """Write the exports cfg asks for (see the module's docstring)."""
     if not (cfg.peft or cfg.hf):
-        raise UserError("nothing to export: give --peft DIR (the adapter for PEFT) and/or --hf DIR (a transformers "
-                        "GPT-2)")
+        raise UserError("nothing to export: give --peft DIR (the adapter for PEFT) and/or --hf DIR (transformers')")
     if cfg.peft and not cfg.adapter:
         raise UserError("--peft needs --adapter RUN_DIR, the out_dir of a LoRA or QLoRA run (whose adapter it writes)")
     if cfg.adapter:
@@ -54,24 +50,24 @@ def export_run(cfg):
         base_dir = init_from if os.path.isdir(init_from) else os.path.dirname(init_from)
     protected = [("the --adapter run's own folder", cfg.adapter), (f"the folder of the base ({init_from})", base_dir)]
     if model.config.smear_keys:
-        raise UserError(f"{cfg.adapter or cfg.init_from}: its base has smeared keys (the tiny base's default), which "
-                        "Hugging Face's GPT-2 cannot hold; to export, pretrain a base with --no-smear_keys and fine-tune "
-                        "on that")
+        raise UserError(
+            f"{cfg.adapter or cfg.init_from}: its base has smeared keys (the tiny base's default), which "
+            "GPT-2 cannot hold; to export, pretrain a base with --no-smear_keys and fine-tune on that"
+        )
     if cfg.hf:
         export_merged_hf(model, cfg.hf, protected)
         print(f"wrote {cfg.hf}: load it with transformers.GPT2LMHeadModel.from_pretrained({cfg.hf!r})")
     if cfg.peft:
         base_name = hf_base_name(init_from)
-        base_model = None
-        if base_name is None:  # PEFT needs an HF base: ours beside the adapter (full precision; QLoRA loads it in 4 bits)
-            base_model = load_base_model(init_from, "cpu", pretrain=False)[0]
-        export_peft(model, cfg.peft, base_model_name_or_path=base_name, metadata=trained_on, base_model=base_model,
-                    protected=protected)
+        # PEFT needs an HF base: without one, ours goes beside the adapter (full precision; QLoRA loads it in 4 bits)
+        base_model = load_base_model(init_from, "cpu", pretrain=False)[0] if base_name is None else None
+        export_peft(model, cfg.peft, base_name, metadata=trained_on, base_model=base_model, protected=protected)
         base_name = base_name or os.path.join(os.path.abspath(cfg.peft), "base")
         template = trained_on.get("prompt_template")
-        trained = f"; it was trained on prompts in the {template!r} template (instructions.format_prompt)" if template else ""
-        print(f"wrote {cfg.peft}: peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base_name!r}), "
-              f"{cfg.peft!r}){trained}")
+        loaded = f"peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained({base_name!r}), {cfg.peft!r})"
+        print(
+            f"wrote {cfg.peft}: {loaded}" + (f"; trained on prompts in the {template!r} template" if template else "")
+        )
 
 
 def parse_args(argv=None):

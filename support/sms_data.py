@@ -1,8 +1,5 @@
-"""
-The SMS Spam Collection for finetune_classifier.py: reading it (the embedded sample, the UCI download, a local
-file), balancing the classes, the 70/10/20 split, token ids and padded batches; and the classifier's metrics
-(loss, accuracy, confusion matrix).
-"""
+"""The SMS Spam Collection for finetune_classifier.py: reading it (the embedded sample, the UCI download, a local
+file), balancing the classes, the 70/10/20 split and padded batches; and the classifier's metrics."""
 
 import os
 import random
@@ -21,27 +18,26 @@ UCI_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip
 UCI_MEMBER = "SMSSpamCollection"  # the tab-separated file inside the zip
 SPLIT_SEED = 123  # the book's random_state: same balancing and split sizes as the published results
 
-
-# ---------------------------------------------------------------------------------------------- data
-
 Message = namedtuple("Message", "text label")  # label: index into LABELS
 
 
 def read_sms_file(path):
-    """Parse the SMS Spam Collection's format: UTF-8, one `label<TAB>text` per line, label ham or spam.
-    The file from UCI has no header; copies elsewhere (and data/sms_sample.tsv) start with `Label<TAB>SMS`,
-    which is skipped. Only the first tab separates: the text keeps any tabs of its own."""
+    """UTF-8 lines `ham<TAB>text` or `spam<TAB>text` (a `Label<TAB>SMS` header skipped; the text keeps its tabs)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no SMS file at {path}; give --dataset an existing label<TAB>text file, or 'embedded' "
-                                f"or 'uci'")
+        raise FileNotFoundError(
+            f"no SMS file at {path}; give --dataset an existing label<TAB>text file, 'embedded' or 'uci'"
+        )
     with open(path, "rb") as f:
         raw = f.read()
     messages = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
+        where = f"line {number} of {path}"
         try:
             line = line.decode("utf-8").removesuffix("\r")
         except UnicodeDecodeError as e:
-            raise ValueError(f"line {number} of {path} is not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+            raise ValueError(
+                f"{where} is not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8"
+            ) from None
         if number == 1:
             line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
         if not line.strip():
@@ -50,15 +46,14 @@ def read_sms_file(path):
         if number == 1 and label.strip().lower() == "label":
             continue  # header line
         if not tab:
-            raise ValueError(f"line {number} of {path} has no tab: {line[:60]!r}; each line must be 'ham<TAB>text' or 'spam<TAB>text'")
+            raise ValueError(f"{where} has no tab: {line[:60]!r}; each line must be 'ham<TAB>text' or 'spam<TAB>text'")
         if label not in LABELS:
-            raise ValueError(f"line {number} of {path} has label {label!r}; labels must be exactly 'ham' or 'spam' (lower case), "
-                             f"followed by a tab and the message")
+            raise ValueError(f"{where} has label {label!r}; use 'ham' or 'spam' (lower case), a tab and the message")
         if not text.strip():
-            raise ValueError(f"line {number} of {path} has an empty message; remove the line or add its text")
+            raise ValueError(f"{where} has an empty message; remove the line or add its text")
         messages.append(Message(text, LABELS.index(label)))
     if not messages:
-        raise ValueError(f"{path} holds no messages; expected lines 'ham<TAB>text' or 'spam<TAB>text' as in the SMS Spam Collection")
+        raise ValueError(f"{path} holds no messages; expected lines 'ham<TAB>text' or 'spam<TAB>text'")
     return messages
 
 
@@ -71,12 +66,14 @@ def download_sms_collection(directory=DOWNLOAD_DIR):
     try:
         zip_path = download_file(UCI_URL, os.path.join(directory, "sms_spam_collection.zip"))
     except OSError as e:  # no network, DNS failure, HTTP error (urllib's errors are OSErrors)
-        raise ConnectionError(f"could not download the SMS Spam Collection from {UCI_URL} ({e}). Fetch and unzip it on a "
-                              f"machine with a network and pass --dataset .../{UCI_MEMBER}, or use --dataset embedded") from e
+        raise ConnectionError(
+            f"could not download the SMS Spam Collection from {UCI_URL} ({e}). Fetch and unzip it on a "
+            f"machine with a network and pass --dataset .../{UCI_MEMBER}, or use --dataset embedded"
+        ) from e
     try:
         with zipfile.ZipFile(zip_path) as archive:
             if UCI_MEMBER not in archive.namelist():
-                raise ValueError(f"{zip_path} has no {UCI_MEMBER} (it holds {', '.join(archive.namelist())}); delete it and run again to re-download")
+                raise ValueError(f"{zip_path} has no {UCI_MEMBER}; delete it and run again to download it again")
             with archive.open(UCI_MEMBER) as source, open(path + ".part", "wb") as target:
                 target.write(source.read())
     except zipfile.BadZipFile:
@@ -86,16 +83,14 @@ def download_sms_collection(directory=DOWNLOAD_DIR):
 
 
 def load_messages(dataset="embedded"):
-    """The messages of `dataset`: 'embedded' (data/sms_sample.tsv), 'uci' (the SMS Spam Collection, downloaded once),
-    or the path of a label<TAB>text file."""
+    """'embedded' (data/sms_sample.tsv), 'uci' (the SMS Spam Collection, downloaded once) or a file's messages."""
     if dataset == "embedded":
         return read_sms_file(SMS_SAMPLE_PATH)
     return read_sms_file(download_sms_collection() if dataset == "uci" else dataset)
 
 
 def balance_classes(messages, seed=SPLIT_SEED):
-    """Undersample each larger class at random to the size of the smallest (ham down to the spam count),
-    keeping the original order within each class."""
+    """Each larger class undersampled at random to the size of the smallest, in the original order."""
     groups = [[m for m in messages if m.label == label] for label in range(len(LABELS))]
     if not all(groups):
         counts = ", ".join(f"{len(g)} {name}" for name, g in zip(LABELS, groups))
@@ -127,8 +122,7 @@ def encode_messages(messages, tokenizer, max_length):
 
 
 def collate_messages(rows, pad_id):
-    """Right-pad a list of (ids, label) to the longest -> ids (B, T), lengths (B,), labels (B,).
-    The pad id is never read: the head looks at position length - 1 only."""
+    """(ids, label) rows right-padded -> ids (B, T), lengths (B,), labels (B,); the head never reads the padding."""
     lengths = torch.tensor([len(ids) for ids, _ in rows])
     x = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
     for i, (ids, _) in enumerate(rows):
@@ -137,9 +131,7 @@ def collate_messages(rows, pad_id):
 
 
 def make_batches(rows, batch_size, pad_id, generator=None, collate_rows=collate_messages):
-    """Training: shuffled by `generator` (a torch.Generator). Evaluation (no generator): sorted by length,
-    which changes no metric (padding is never read) but keeps the padding, and so the compute, small.
-    collate_rows: `collate_messages` for (ids, label) rows, `collate_activations` for the rows of cache_trunk."""
+    """Shuffled by `generator`, or (evaluation) sorted by length, which keeps the padding small."""
     if generator is not None:
         order = torch.randperm(len(rows), generator=generator).tolist()
     else:
@@ -148,33 +140,30 @@ def make_batches(rows, batch_size, pad_id, generator=None, collate_rows=collate_
 
 
 def collate_activations(rows, pad_id=None):
-    """The collate of cached trunk outputs: [(activations (length, n_embd), label)] -> zero-padded (B, T, n_embd),
-    lengths (B,), labels (B,). As with token ids, the padding sits after each row's last real position and is never read."""
+    """collate_messages for cached trunk outputs: [(activations (length, n_embd), label)] -> (B, T, n_embd), ..."""
     lengths = torch.tensor([len(activations) for activations, _ in rows])
     x = nn.utils.rnn.pad_sequence([activations for activations, _ in rows], batch_first=True)
     return x, lengths, torch.tensor([label for _, label in rows])
 
 
-# ---------------------------------------------------------------------------------------------- metrics
-
-
 @torch.no_grad()
 def evaluate_classifier(model, batches, device, logits_of=None):
-    """Mean cross-entropy, accuracy and confusion matrix (rows: true class, columns: predicted) over all batches.
-    logits_of(x, lengths): what computes a batch's logits; default: the model, on token ids (frozen-trunk caching
-    passes model.forward_from_block, for batches of cached activations)."""
+    """Mean cross-entropy, accuracy and confusion matrix (rows: true class) over the batches; logits_of(x, lengths)
+    computes a batch's logits (default: the model; trunk caching passes model.forward_from_block)."""
     model.eval()
     logits_of = model if logits_of is None else logits_of
-    total_loss, confusion = 0.0, torch.zeros(len(LABELS), len(LABELS), dtype=torch.long)
+    n = len(LABELS)
+    total_loss, confusion = 0.0, torch.zeros(n, n, dtype=torch.long)
     for x, lengths, y in batches:
         x, lengths, y = x.to(device), lengths.to(device), y.to(device)
         with autocast_context(device):
             logits = logits_of(x, lengths)
         total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
         predictions = logits.argmax(dim=-1)
-        confusion += torch.bincount(y.cpu() * len(LABELS) + predictions.cpu(), minlength=len(LABELS) ** 2).view(len(LABELS), len(LABELS))
+        confusion += torch.bincount(y.cpu() * n + predictions.cpu(), minlength=n * n).view(n, n)
     count = int(confusion.sum())
-    return {"loss": total_loss / max(count, 1), "accuracy": confusion.trace().item() / max(count, 1), "confusion": confusion.tolist()}
+    accuracy = confusion.trace().item() / max(count, 1)
+    return {"loss": total_loss / max(count, 1), "accuracy": accuracy, "confusion": confusion.tolist()}
 
 
 def format_confusion(confusion):

@@ -14,7 +14,7 @@ import lora
 from support.adapters import save_adapter
 import train
 from support import checkpoints
-from support.instructions import answer
+from support.answers import answer
 from support.tokenizer import get_tokenizer
 from conftest import WritesMarker
 

@@ -115,7 +115,7 @@ def test_a_byte_level_hf_folder_loads_with_the_tokenizer_its_config_names(tmp_pa
     BPE was assumed for every HF folder: offline a download of its files was tried, with them an IndexError)."""
     import json
 
-    from support.interop import save_hf_checkpoint
+    from support.hf_format import save_hf_checkpoint
 
     torch.manual_seed(0)
     ours = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval()

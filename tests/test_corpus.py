@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from support import corpus
-from support.instructions import EMBEDDED_INSTRUCTIONS_PATH, format_prompt, split_examples
+from support.instruction_files import EMBEDDED_INSTRUCTIONS_PATH, split_examples
+from support.instructions import format_prompt
 from support.tokenizer import EOT_TEXT, get_tokenizer
 
 

@@ -63,7 +63,7 @@ def test_instructions_structure(examples):
 
 
 def test_every_output_contains_its_key_answer(examples):
-    from support.instructions import contains_answer
+    from support.answers import contains_answer
 
     for ex in examples:
         assert contains_answer(ex["output"], ex["answer"]), ex
@@ -80,7 +80,7 @@ def bare_phrasing(ex):
 
 def test_instructions_variety(examples):
     """Dozens of phrasings of every kind among the training examples, some with the item in the input field."""
-    from support.instructions import split_examples
+    from support.instruction_files import split_examples
 
     train = split_examples(examples)[0]
     kinds = Counter(ex["kind"] for ex in examples)
@@ -101,7 +101,8 @@ def leaked(trained, test):
 def test_test_split_items_are_never_trained_on(examples):
     """The split rule: no test prompt, and no test item (word, number, pair, list, sentence, country, animal) of a kind,
     in the train or validation part; every kind is in the test split, the fact kinds included."""
-    from support.instructions import FACT_KINDS, split_examples
+    from support.instruction_files import split_examples
+    from support.instructions import FACT_KINDS
 
     train, val, test = split_examples(examples)
     assert not leaked(train + val, test)
@@ -133,7 +134,7 @@ def matches(ex, patterns):
 def test_held_out_phrasings_are_never_trained_on(examples):
     """The phrasing split: no train or validation example is worded like any of its kind's held-out phrasings; every
     kind is tested in both; a test example tagged held-out is worded like a held-out phrasing and like no trained one."""
-    from support.instructions import split_examples
+    from support.instruction_files import split_examples
 
     gen = load_script("make_instructions")
     train, val, test = split_examples(examples)

@@ -156,7 +156,7 @@ def shared_evaluation(rank, store, results):
     import torch
     import torch.distributed as dist
 
-    from support.instructions import load_examples
+    from support.instruction_files import load_examples
     from support.tokenizer import ByteTokenizer
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -180,7 +180,8 @@ def test_shared_evaluation_gives_what_one_process_computes(tmp_path):
 
     import torch
 
-    from support.instructions import answer_examples, load_examples
+    from support.answers import answer_examples
+    from support.instruction_files import load_examples
     from support.tokenizer import ByteTokenizer
 
     fork = multiprocessing.get_context("fork")

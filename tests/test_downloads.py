@@ -9,18 +9,18 @@ import torch
 import train
 from conftest import shared_data
 from model import GPT, GPTConfig
-from support import instructions
+from support import instruction_files
 from train import TrainConfig, resolve_defaults
 
 
 @pytest.fixture
 def downloads(tmp_path, monkeypatch):
     """Point the dataset downloads at tmp_path/downloads; returns a function that serves a file under a dataset name."""
-    monkeypatch.setattr(instructions, "DOWNLOAD_DIR", str(tmp_path / "downloads"))
+    monkeypatch.setattr(instruction_files, "DOWNLOAD_DIR", str(tmp_path / "downloads"))
 
     def serve(name, path):
-        monkeypatch.setitem(instructions.DATASETS, name, ("file://" + str(path), instructions.DATASETS[name][1]))
-        return tmp_path / "downloads" / instructions.DATASETS[name][1]
+        monkeypatch.setitem(instruction_files.DATASETS, name, ("file://" + str(path), instruction_files.DATASETS[name][1]))
+        return tmp_path / "downloads" / instruction_files.DATASETS[name][1]
 
     return serve
 
@@ -41,7 +41,7 @@ def test_instruction_data_is_downloaded_once_and_trains(downloads, tmp_path):
     assert summary["dataset"] == "instruction-data" and 900 <= summary["train_examples"] <= 935  # 85% of 1,100, long ones dropped
     assert "test_exact_match_after" in summary and "test_accuracy_after" not in summary  # no key answers in this set
     downloads("instruction-data", tmp_path / "gone.json")  # the URL no longer serves anything: the copy is used
-    assert len(instructions.load_examples("instruction-data")) == 1100
+    assert len(instruction_files.load_examples("instruction-data")) == 1100
 
 
 def test_alpaca_is_downloaded_once_and_read(downloads, tmp_path):
@@ -50,11 +50,11 @@ def test_alpaca_is_downloaded_once_and_read(downloads, tmp_path):
     served = tmp_path / "served.json"
     served.write_text(json.dumps(examples))
     target = downloads("alpaca", served)
-    assert instructions.load_examples("alpaca") == examples
+    assert instruction_files.load_examples("alpaca") == examples
     assert target.name == "alpaca_data.json" and json.loads(target.read_text()) == examples
     served.unlink()
-    assert instructions.load_examples("alpaca") == examples  # read from data/downloads, not fetched again
+    assert instruction_files.load_examples("alpaca") == examples  # read from data/downloads, not fetched again
     served.write_text("[")  # a bad file at the URL is never fetched again either; a bad local copy is named
     target.write_text("[")
     with pytest.raises(ValueError, match="alpaca_data.json is not valid JSON"):
-        instructions.load_examples("alpaca")
+        instruction_files.load_examples("alpaca")

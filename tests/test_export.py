@@ -42,7 +42,7 @@ def test_export_peft_and_hf_from_the_command_line(plain_run, tmp_path):
     adapter_metadata = json.load(open(run / "adapter_config.json"))["metadata"]
     assert header == adapter_metadata and header["prompt_template"] == "bare" and header["finetune"] == "lora"
     assert "metadata" not in json.load(open(tmp_path / "peft" / "adapter_config.json"))
-    with pytest.raises(UserError, match="is a PEFT adapter .*interop.import_peft"):  # not loadable as one of ours
+    with pytest.raises(UserError, match="is a PEFT adapter .*peft_format.import_peft"):  # not loadable as one of ours
         checkpoints.load_finetuned(str(tmp_path / "peft"), "tiny", "cpu")
 
 
@@ -99,20 +99,20 @@ def test_an_export_goes_only_into_a_new_empty_or_earlier_export_folder_and_takes
 
 
 def test_an_export_that_fails_half_way_leaves_the_earlier_export_whole(plain_run, tmp_path, monkeypatch):
-    from support import interop
+    from support import peft_format
 
     base, run = plain_run
     target = tmp_path / "peft"
     export.export_run(export.parse_args(["--adapter", str(run), "--peft", str(target)]))
     files = {p.relative_to(target): (p.read_bytes(), p.stat().st_ino) for p in target.rglob("*") if p.is_file()}
-    real_save = interop.save_safetensors_atomic
+    real_save = peft_format.save_safetensors_atomic
 
     def die_after_the_base(tensors, path, metadata=None):
         if os.path.basename(path) == "adapter_model.safetensors":
             raise KeyboardInterrupt  # killed after the base and the adapter's config were written
         real_save(tensors, path, metadata)
 
-    monkeypatch.setattr(interop, "save_safetensors_atomic", die_after_the_base)
+    monkeypatch.setattr(peft_format, "save_safetensors_atomic", die_after_the_base)
     with pytest.raises(KeyboardInterrupt):
         export.export_run(export.parse_args(["--adapter", str(run), "--peft", str(target)]))
     # the same files, not even rewritten with the same bytes (a new inode would be): the new export went elsewhere

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import shared_data
-from support.instructions import (CHAT_TEMPLATE, LENGTH_WINDOW, PROMPT_HEADER, InstructionData, chat_prompt, collate, collate_packed, contains_answer, exact_match, example_prompt,
-                          format_prompt, load_answer_file, load_examples, pack_examples, score_responses, split_examples, token_f1,
-                          resolve_template, tokenize_conversation, tokenize_examples, validate_examples)
+from support.answers import contains_answer, exact_match, score_responses, token_f1
+from support.instruction_files import load_answer_file, load_examples, split_examples, validate_examples
+from support.instructions import CHAT_TEMPLATE, LENGTH_WINDOW, PROMPT_HEADER, InstructionData, chat_prompt, collate, collate_packed, example_prompt, format_prompt, pack_examples, resolve_template, tokenize_conversation, tokenize_examples
 from support.tokenizer import ByteTokenizer
 
 
@@ -164,7 +164,7 @@ def test_packed_loss_equals_unpacked_loss(mask_prompt):
     from model import GPT, GPTConfig
 
     tok = ByteTokenizer()
-    from support.instructions import EMBEDDED_INSTRUCTIONS_PATH
+    from support.instruction_files import EMBEDDED_INSTRUCTIONS_PATH
 
     examples = json.load(open(EMBEDDED_INSTRUCTIONS_PATH))[:12] + [
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ok"}]}
@@ -318,7 +318,7 @@ def test_every_field_is_checked_before_training(bad, message):
 
 
 def test_a_deeply_nested_file_and_a_directory_are_named(tmp_path):
-    from support.instructions import load_answer_file
+    from support.instruction_files import load_answer_file
 
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)

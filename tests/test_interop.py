@@ -1,4 +1,4 @@
-"""interop.py: our LoRA adapters in PEFT's format and back, checked against peft.PeftModel on GPT2LMHeadModel (a QLoRA
+"""peft_format.py, hf_format.py: our LoRA adapters in PEFT's format and back, checked against peft.PeftModel on GPT2LMHeadModel (a QLoRA
 adapter on a bitsandbytes 4-bit base), with base weights of std 0.2 and a tolerance of 5e-5 (conftest.randomize_weights)."""
 import json
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import randomize_weights
-from support.interop import export_merged_hf, export_peft, import_peft, save_hf_checkpoint
+from support.hf_format import export_merged_hf, save_hf_checkpoint
+from support.peft_format import export_peft, import_peft
 from lora import apply_lora
 from support.adapters import load_adapter, save_adapter
 from model import GPT, GPTConfig

@@ -191,7 +191,7 @@ def test_packed_rows_compute_each_example_as_if_alone(smear_keys, device):
 
 @pytest.mark.parametrize("smear_keys", [False, True])
 def test_left_padded_prompts_generate_as_if_alone(smear_keys, device):
-    """Prompts of different lengths in one batch (support.instructions.complete_prompts): the filler before a short
+    """Prompts of different lengths in one batch (support.answers.answer_examples): the filler before a short
     prompt is a segment of its own, so the prompt's positions start at 0 and nothing attends to the filler, in the
     prefill, in each cached step, and after the window slides past block_size."""
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
 """support/reports.py: the answer table train.py prints at the end of a run, with held-out phrasings scored apart."""
-from support.instructions import score_responses
+from support.answers import score_responses
 from support.reports import answer_report, print_answer_table
 
 

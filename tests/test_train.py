@@ -19,7 +19,7 @@ import chat
 import train
 from lora import DoRALinear
 from chat import ChatConfig
-from support import checkpoints, config_checks, export, instructions, reports, resume
+from support import answers, checkpoints, config_checks, export, instruction_files, instructions, reports, resume
 from support.common import write_json_atomic
 from support.safety import UserError, lock_out_dir
 from train import TrainConfig, mean_token_loss, parse_args, resolve_defaults
@@ -132,7 +132,7 @@ def test_lora_finetuning_lowers_loss_saves_only_the_adapter_and_reloads(small_ba
 
 
 def test_answers_are_scored_before_and_after_and_a_file_is_answered_the_same_way(small_base, tmp_path, capsys):
-    from support.instructions import contains_answer
+    from support.answers import contains_answer
 
     run = tmp_path / "run"
     summary = train.train(finetune_config(small_base, run, max_iters=4, eval_interval=4))
@@ -163,15 +163,16 @@ def test_answers_are_scored_before_and_after_and_a_file_is_answered_the_same_way
 
 
 def test_batched_answers_equal_one_at_a_time(small_base):
-    from support.instructions import format_prompt, load_examples
+    from support.instruction_files import load_examples
+    from support.instructions import format_prompt
     from support.tokenizer import get_tokenizer
 
     model, tokenizer_name = checkpoints.load_checkpoint_model(small_base)
     tokenizer, examples = get_tokenizer(tokenizer_name), load_examples("embedded")[:40]
     lengths = [len(tokenizer.encode(format_prompt(ex, "compact"))) for ex in examples]
     assert 5 < len(set(lengths)) < len(lengths) - 5  # shared lengths, and many: one batch, mostly left-padded rows
-    batched = instructions.answer_examples(model, tokenizer, examples, "cpu", max_new_tokens=16, template="compact")
-    alone = [instructions.answer(model, tokenizer, ex["instruction"], "cpu", 16, ex["input"], template="compact") for ex in examples]
+    batched = answers.answer_examples(model, tokenizer, examples, "cpu", max_new_tokens=16, template="compact")
+    alone = [answers.answer(model, tokenizer, ex["instruction"], "cpu", 16, ex["input"], template="compact") for ex in examples]
     assert batched == alone
     # the trained base answers alike with or without the filler in view; a random one (weights of std 0.2) does not
     import torch
@@ -180,8 +181,8 @@ def test_batched_answers_equal_one_at_a_time(small_base):
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = randomize_weights(GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval(), seed=3)
-    batched = instructions.answer_examples(model, tokenizer, examples, "cpu", max_new_tokens=8, template="compact")
-    alone = [instructions.answer(model, tokenizer, ex["instruction"], "cpu", 8, ex["input"], template="compact") for ex in examples]
+    batched = answers.answer_examples(model, tokenizer, examples, "cpu", max_new_tokens=8, template="compact")
+    alone = [answers.answer(model, tokenizer, ex["instruction"], "cpu", 8, ex["input"], template="compact") for ex in examples]
     assert batched == alone and len(set(alone)) > 20
 
 
@@ -209,9 +210,9 @@ def test_answer_is_greedy_in_eval_mode_whatever_mode_the_model_is_in():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=5.0)  # large: with B = 0 (or small) dropout on the adapter could not change a greedy answer
     tokenizer = ByteTokenizer()
-    in_train_mode = instructions.answer(model.train(), tokenizer, "Name a colour.", "cpu", max_new_tokens=16)
+    in_train_mode = answers.answer(model.train(), tokenizer, "Name a colour.", "cpu", max_new_tokens=16)
     assert model.training  # the caller's mode is restored
-    in_eval_mode = instructions.answer(model.eval(), tokenizer, "Name a colour.", "cpu", max_new_tokens=16)
+    in_eval_mode = answers.answer(model.eval(), tokenizer, "Name a colour.", "cpu", max_new_tokens=16)
     assert in_train_mode == in_eval_mode and in_eval_mode != ""
 
 
@@ -665,7 +666,7 @@ def test_bad_data_is_refused_before_training_and_the_earlier_run_stays(small_bas
     run = tmp_path / "run"
     train.train(finetune_config(small_base, run, max_iters=2, eval_interval=2, num_samples=0, answer_limit=4))
     kept = {p.name: p.read_bytes() for p in run.iterdir()}
-    examples = json.load(open(instructions.EMBEDDED_INSTRUCTIONS_PATH))[:40]
+    examples = json.load(open(instruction_files.EMBEDDED_INSTRUCTIONS_PATH))[:40]
     for key, value in (("answer", 5), ("kind", ["a", "b"])):
         bad = [dict(ex) for ex in examples]
         bad[-1][key] = value  # a test example: only scoring the answers after training would meet it
