@@ -20,8 +20,8 @@ import torch
 import train
 from lora import apply_lora
 from support.checkpoints import load_base_model
+from support.cli import error_line, main_errors
 from support.instructions import InstructionData, answer_examples, example_prompt, resolve_template
-from support.safety import error_line, main_errors
 from support.tokenizer import get_tokenizer
 
 BATCH = 64  # answer_examples's batch size

@@ -36,7 +36,7 @@ import torch
 
 import lora
 from other_methods.adapters import apply_adapters
-from support.common import write_json_atomic
+from support.files import write_json_atomic
 from other_methods.ia3 import apply_ia3
 from other_methods.llama_adapter import apply_llama_adapter
 from model import GPT, GPTConfig

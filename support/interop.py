@@ -44,8 +44,9 @@ import torch.nn as nn
 from lora import DoRALinear, LoRALinear, dense_weight, lora_scaling
 from support.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_LORA_SCALING, active_adapter, add_adapter,
                               adapter_named, kept_trainable_parameters, read_adapter_weights)
-from support.common import save_safetensors_atomic, sync_directory, write_bytes_atomic, write_json_atomic
-from support.safety import LOCK_FILE, UserError, lock_out_dir, process_is_alive, read_json, read_saved_pair
+from support.files import (UserError, read_json, read_saved_pair, save_safetensors_atomic, sync_directory,
+                           write_bytes_atomic, write_json_atomic)
+from support.runs import LOCK_FILE, lock_out_dir, process_is_alive
 
 QKV_SLOT = {"q": 0, "k": 1, "v": 2}  # row block of each projection inside c_attn's 3 n_embd outputs
 HF_MODULE = {"o": "attn.c_proj", "mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"}  # besides q, k, v -> attn.c_attn

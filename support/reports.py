@@ -7,9 +7,9 @@ records every setting as the flag that gives it.
 import os
 from dataclasses import asdict
 
-from support.common import (memory_text, peak_memory_bytes, save_figure_atomic, shown_path, training_state_bytes,
-                            write_csv_atomic, write_json_atomic, write_together)
+from support.files import save_figure_atomic, shown_path, write_csv_atomic, write_json_atomic, write_together
 from support.instructions import chat_prompt, score_responses
+from support.runs import memory_text, peak_memory_bytes, training_state_bytes
 from support.sms_data import LABELS, format_confusion
 
 

@@ -1,6 +1,6 @@
 """The downloaded instruction datasets, run offline: `--dataset instruction-data` and `--dataset alpaca` fetch their
 file once into data/downloads (here a temporary folder, from file:// URLs standing in for the canonical ones) through
-support.common.download_file, then train like any local file. (The SMS Spam Collection's zip: test_sms_data.py.)"""
+support.files.download_file, then train like any local file. (The SMS Spam Collection's zip: test_sms_data.py.)"""
 import json
 
 import pytest

@@ -8,7 +8,8 @@ import pytest
 
 import test_train
 from support import checkpoints, export
-from support.safety import UserError, lock_out_dir
+from support.files import UserError
+from support.runs import lock_out_dir
 from test_train import run_main
 
 plain_run, small_base = test_train.plain_run, test_train.small_base  # test_train.py's fixtures: a run on a plain base

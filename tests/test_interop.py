@@ -271,7 +271,7 @@ def edit_config(directory, **changes):
 def test_import_peft_refuses_settings_of_the_wrong_type_in_one_line(tmp_path, changes, message):
     base_dir, adapter_dir = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
     edit_config(adapter_dir, **changes)
-    from support.safety import UserError
+    from support.files import UserError
 
     with pytest.raises(UserError, match=message):
         import_peft(base_model(), adapter_dir)

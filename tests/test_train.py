@@ -18,9 +18,9 @@ import torch
 import chat
 import train
 from chat import ChatConfig
-from support import checkpoints, config_checks, export, instructions, reports, resume
-from support.common import write_json_atomic
-from support.safety import UserError, lock_out_dir
+from support import checkpoints, cli, export, instructions, reports, resume
+from support.files import UserError, write_json_atomic
+from support.runs import lock_out_dir
 from train import TrainConfig, mean_token_loss, parse_args, resolve_defaults
 from conftest import WritesMarker
 
@@ -81,11 +81,11 @@ def test_parse_args_types():
 
 def test_bad_combinations_are_clear_errors():
     with pytest.raises(ValueError, match="--finetune lora"):
-        config_checks.check_train_config(TrainConfig(finetune="full", quantize="nf4"))
+        cli.check_train_config(TrainConfig(finetune="full", quantize="nf4"))
     with pytest.raises(ValueError, match="'lora' or 'full'"):
-        config_checks.check_train_config(TrainConfig(finetune="adapter"))
+        cli.check_train_config(TrainConfig(finetune="adapter"))
     with pytest.raises(ValueError, match="--init_from scratch --dataset stdlib"):
-        config_checks.check_train_config(TrainConfig(init_from="scratch", dataset="embedded"))
+        cli.check_train_config(TrainConfig(init_from="scratch", dataset="embedded"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoints.load_checkpoint_model("/nonexistent/ckpt.pt")
 
