@@ -13,8 +13,17 @@ import torch
 from model import GPT, PRETRAINED, GPTConfig
 from support.adapters import load_adapter, read_adapter_config
 from support.cli import run_script
-from support.files import (REPO_DIR, UserError, check_tensors_match, download_file, first_line, load_tensor_file,
-                           read_json, shown_path, user_cache_dir)
+from support.files import (
+    REPO_DIR,
+    UserError,
+    check_tensors_match,
+    download_file,
+    first_line,
+    load_tensor_file,
+    read_json,
+    shown_path,
+    user_cache_dir,
+)
 
 TINY_BASE_DIR = os.path.join(REPO_DIR, "checkpoints", "tiny-base")
 HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
@@ -57,7 +66,7 @@ def check_hf_directory(directory):
     config_path, weights_path = os.path.join(directory, "config.json"), os.path.join(directory, "model.safetensors")
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{directory} has no {os.path.basename(path)}; an HF GPT-2 directory needs config.json and model.safetensors")
+            raise FileNotFoundError(f"{directory} has no {os.path.basename(path)}: not an HF GPT-2 folder")
     shape = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
     hf = read_json(config_path, shape, what="Hugging Face GPT-2 config")
     for key in shape:
@@ -69,16 +78,14 @@ def check_hf_directory(directory):
         with safe_open(weights_path, framework="pt") as f:
             stored = {k.removeprefix("transformer."): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error type for a corrupt header
-        raise UserError(f"{weights_path} is not a readable safetensors file ({first_line(e)}); download or save it again") from None
+        raise UserError(f"{weights_path} is not a readable safetensors file ({first_line(e)}); get it again") from None
     layers = {int(k.split(".")[1]) for k in stored if k.startswith("h.") and k.split(".")[1].isdigit()}
     if layers != set(range(hf["n_layer"])):  # else extra layers would be dropped, or a missing one a bare KeyError
-        raise UserError(f"{config_path} says n_layer={hf['n_layer']} but {weights_path} holds {len(layers)} layers; the "
-                        f"two files do not belong together")
+        raise UserError(f"{config_path} says n_layer={hf['n_layer']} but {weights_path} holds {len(layers)} layers")
     for name, expected in hf_tensor_shapes(hf["n_layer"], hf["n_embd"], hf["vocab_size"], hf["n_positions"]).items():
         if stored.get(name) != expected:
             found = f"is {stored[name]}" if name in stored else "is missing"
-            raise UserError(f"{weights_path}: {name} {found} but {config_path} implies {expected}; the two files do not "
-                            f"belong together")
+            raise UserError(f"{weights_path}: {name} {found} but {config_path} implies {expected}")
     return hf
 
 
@@ -89,14 +96,14 @@ def hf_tokenizer(hf, config_path):
     if declared is None:
         by_size = {size: name for name, size in HF_TOKENIZERS.items()}
         if hf["vocab_size"] not in by_size:
-            raise UserError(f"{config_path}: vocab_size {hf['vocab_size']} is neither GPT-2's BPE (50257) nor the byte-level "
-                            f"tokenizer's (257), and the config names no tokenizer; only those two tokenizers are here")
+            vocab = f"vocab_size {hf['vocab_size']} is neither GPT-2's BPE (50257) nor the byte-level tokenizer's (257)"
+            raise UserError(f"{config_path}: {vocab}, and the config names no tokenizer")
         return by_size[hf["vocab_size"]]
     if declared not in HF_TOKENIZERS:
         raise UserError(f"{config_path}: its tokenizer {json.dumps(declared)} is not one of {', '.join(HF_TOKENIZERS)}")
     if HF_TOKENIZERS[declared] != hf["vocab_size"]:
-        raise UserError(f"{config_path} names the {declared} tokenizer ({HF_TOKENIZERS[declared]} tokens) but vocab_size "
-                        f"{hf['vocab_size']}; the config is damaged")
+        tokens = f"the {declared} tokenizer ({HF_TOKENIZERS[declared]} tokens)"
+        raise UserError(f"{config_path} names {tokens} but vocab_size {hf['vocab_size']}; the config is damaged")
     return declared
 
 
@@ -105,8 +112,7 @@ def load_checkpoint_model(path, device="cpu"):
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     ckpt = load_tensor_file(path, fix="point --init_from at a checkpoint written by train.py")
     if "model" not in ckpt and "trainable" in ckpt:
-        raise UserError(f"{path} holds only LoRA adapter weights; load its base with --init_from and the adapter with "
-                        f"--adapter {os.path.dirname(path)}")
+        raise UserError(f"{path} holds only LoRA adapter weights: give --adapter {os.path.dirname(path)} instead")
     missing = [key for key in ("model", "model_config", "tokenizer") if key not in ckpt]
     if missing:
         raise UserError(f"{path} has no {missing[0]!r}: it is not a checkpoint written by train.py")
@@ -133,20 +139,18 @@ def weights_sha256(model):
 def ensure_tiny_base(device="cpu", progress=True):
     """The tiny base's checkpoint: pretrained first if missing, finished if its pretraining was interrupted (by
     train.py in a child process). `progress`: whether that pretraining draws its progress bar."""
-    path, out_dir = os.path.join(TINY_BASE_DIR, "ckpt.pt"), os.path.relpath(TINY_BASE_DIR)
-    command = f"python train.py --init_from scratch --dataset stdlib --out_dir {out_dir}"
-    if not os.path.isfile(path) and "RANK" in os.environ:  # every torchrun process would pretrain (and write) it at once
-        raise FileNotFoundError(f"no tiny base model at {path}: pretrain it first in one process ({command}), then start torchrun")
+    path, command = os.path.join(TINY_BASE_DIR, "ckpt.pt"), pretraining_command()
+    if not os.path.isfile(path) and "RANK" in os.environ:  # every torchrun process would pretrain (and write) it
+        raise FileNotFoundError(f"no tiny base model at {path}: pretrain it first ({command}), then start torchrun")
     if not os.path.isfile(path):
-        print(f"No tiny base model at {shown_path(path)}: pretraining it first on the standard library's docstrings "
-              f"(a few minutes on a laptop CPU; `{command}` does the same).")
+        print(f"No tiny base model at {shown_path(path)}: pretraining it first (a few CPU minutes; `{command}`).")
         settings = {"init_from": "scratch", "dataset": "stdlib", "out_dir": TINY_BASE_DIR, "device": device}
         run_script("train.py", {**settings, "progress": progress})
         return path
-    ckpt = load_tensor_file(path, fix=f"delete {TINY_BASE_DIR} to pretrain the tiny base again")
+    fix = f"delete {TINY_BASE_DIR} to pretrain the tiny base again"
+    ckpt = load_tensor_file(path, fix=fix)
     if "iter" not in ckpt or "max_iters" not in ckpt.get("train_config", {}):
-        raise UserError(f"{path} records no training progress (iter, train_config): it is not a checkpoint of train.py; "
-                        f"delete {TINY_BASE_DIR} to pretrain the tiny base again")
+        raise UserError(f"{path} records no training progress: it is not a checkpoint of train.py; {fix}")
     done, planned = ckpt["iter"], ckpt["train_config"]["max_iters"]
     if done < planned:
         print(f"The tiny base at {path} stopped at step {done} of {planned}: resuming its pretraining first.")
@@ -155,14 +159,17 @@ def ensure_tiny_base(device="cpu", progress=True):
     return path
 
 
+def pretraining_command():
+    return f"python train.py --init_from scratch --dataset stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}"
+
+
 def load_base_model(init_from, device="cpu", pretrain=True, progress=True):
     """'tiny' | a GPT-2 name or HF folder | a checkpoint of train.py -> (GPT, tokenizer name). pretrain=False: a
     missing tiny base is an error, not pretrained (a new base would be another model than an adapter's)."""
     if init_from == "tiny":
         path = os.path.join(TINY_BASE_DIR, "ckpt.pt")
         if not pretrain and not os.path.isfile(path):
-            raise FileNotFoundError(f"no tiny base model at {path}: pretrain it first (python train.py --init_from scratch "
-                                    f"--dataset stdlib --out_dir {os.path.relpath(TINY_BASE_DIR)}, or python train.py)")
+            raise FileNotFoundError(f"no tiny base model at {path}: pretrain it first ({pretraining_command()})")
         model, tokenizer_name = load_checkpoint_model(ensure_tiny_base(device, progress) if pretrain else path)
     elif init_from in PRETRAINED or os.path.isfile(os.path.join(init_from, "model.safetensors")):
         directory = download_pretrained(init_from) if init_from in PRETRAINED else init_from
@@ -172,8 +179,7 @@ def load_base_model(init_from, device="cpu", pretrain=True, progress=True):
     elif os.path.exists(init_from):
         model, tokenizer_name = load_checkpoint_model(init_from)
     else:
-        raise UserError(f"--init_from {init_from!r}: use 'tiny', 'scratch', one of {', '.join(PRETRAINED)}, or an "
-                        f"existing checkpoint path")
+        raise UserError(f"--init_from {init_from!r}: use 'tiny', 'scratch', {', '.join(PRETRAINED)} or a checkpoint")
     return model.to(device), tokenizer_name
 
 
@@ -185,28 +191,28 @@ def load_finetuned(adapter_dir, init_from, device):
     config_path = os.path.join(adapter_dir, "adapter_config.json")
     for key in ("run_id", "init_from", "finetune", "tokenizer", "base_sha256"):
         if not isinstance(trained_on.get(key), str):
-            raise UserError(f"{config_path} has no metadata {key!r} (a string) saying which base it was trained on: it "
-                            f"was not saved by train.py; load it with support.adapters.load_adapter")
+            raise UserError(f"{config_path} has no metadata {key!r} naming its base: not saved by train.py")
     summary_path = os.path.join(adapter_dir, "summary.json")
     if os.path.isfile(summary_path):  # the folder's summary must describe this adapter's run, not another one
         summary = read_json(summary_path, ["run_id"], what="summary of a train.py run")
         if summary["run_id"] != trained_on["run_id"]:
-            raise UserError(f"{summary_path} is from run {summary['run_id']} but the adapter in {adapter_dir} from run "
-                            f"{trained_on['run_id']}: the folder mixes two runs' files; train again in an empty --out_dir")
+            runs = f"run {summary['run_id']} but the adapter in {adapter_dir} from run {trained_on['run_id']}"
+            raise UserError(f"{summary_path} is from {runs}: the folder mixes two runs; train again in an empty folder")
     init_from = trained_on["init_from"] if init_from == "tiny" else init_from
     try:
         model, tokenizer_name = load_base_model(init_from, device, pretrain=False)
     except FileNotFoundError as e:
-        raise UserError(f"the adapter in {adapter_dir} was trained on {init_from}, which cannot be loaded ({e}); a base "
-                        f"made again would be another model, so give --init_from the base it was trained on") from None
+        raise UserError(
+            f"the adapter in {adapter_dir} was trained on {init_from}, which cannot be loaded ({e})"
+        ) from None
+    fix = "give --init_from the base it was trained on"
     if trained_on["tokenizer"] != tokenizer_name:
-        raise UserError(f"the adapter in {adapter_dir} was trained on a base with the {trained_on['tokenizer']} tokenizer, "
-                        f"but {init_from} uses the {tokenizer_name} tokenizer; give --init_from the base it was trained on")
-    fingerprint = weights_sha256(model)
-    if trained_on["base_sha256"] != fingerprint:
-        raise UserError(f"the adapter in {adapter_dir} was trained on a base whose weights have fingerprint "
-                        f"{trained_on['base_sha256'][:16]}, but {init_from} now holds weights {fingerprint[:16]} (pretrained "
-                        f"again, or another model); give --init_from the base it was trained on, or train it again on this one")
+        tokenizers = f"the {trained_on['tokenizer']} tokenizer, but {init_from} uses the {tokenizer_name} tokenizer"
+        raise UserError(f"the adapter in {adapter_dir} was trained on a base with {tokenizers}; {fix}")
+    fingerprint, trained = weights_sha256(model)[:16], trained_on["base_sha256"][:16]
+    if trained != fingerprint:
+        weights = f"whose weights have fingerprint {trained}, but {init_from} now holds weights {fingerprint}"
+        raise UserError(f"the adapter in {adapter_dir} was trained on a base {weights}; {fix}, or train it again")
     if trained_on["finetune"] == "qlora":
         from quantize import quantize_model
 
@@ -226,6 +232,6 @@ def load_data(cfg, tokenizer_name, block_size):
     if cfg.pretraining:
         return PretrainingData(tokenizer, block_size, cfg.seed, cfg.corpus), tokenizer, template
     check_max_new_tokens(cfg.max_new_tokens, block_size)  # refused now, not when the answers after training are due
-    data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt, template, pack=cfg.pack,
-                           grad_accum=cfg.grad_accum, group_by_length=cfg.group_by_length)
+    options = dict(pack=cfg.pack, grad_accum=cfg.grad_accum, group_by_length=cfg.group_by_length)
+    data = InstructionData(cfg.dataset, tokenizer, block_size, cfg.seed, cfg.mask_prompt, template, **options)
     return data, tokenizer, template

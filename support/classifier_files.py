@@ -29,8 +29,10 @@ def save_trained(model, cfg, tokenizer_name, max_length, base_sha256, run_id=Non
     else:
         save_atomic({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, weights_path)
     init_from = os.path.abspath(cfg.init_from) if os.path.exists(cfg.init_from) else cfg.init_from
-    info = dict(mode=cfg.mode, init_from=init_from, tokenizer=tokenizer_name, labels=list(LABELS), max_length=max_length,
-                base_sha256=base_sha256, run_id=run_id, weights_sha256=file_sha256(weights_path))
+    info = dict(
+        mode=cfg.mode, init_from=init_from, tokenizer=tokenizer_name, labels=list(LABELS), max_length=max_length
+    )
+    info |= dict(base_sha256=base_sha256, run_id=run_id, weights_sha256=file_sha256(weights_path))
     write_json_atomic(info, os.path.join(cfg.out_dir, "classifier.json"))
 
 
@@ -40,24 +42,27 @@ def load_classifier(out_dir, device="cpu"):
 
     info_path, again = os.path.join(out_dir, "classifier.json"), "train the classifier again"
     if not os.path.isfile(info_path):
-        raise FileNotFoundError(f"no classifier in {out_dir} ({info_path} missing); train one with "
-                                f"`python finetune_classifier.py --out_dir {out_dir}`")
+        raise FileNotFoundError(
+            f"no classifier in {out_dir}: train one with python finetune_classifier.py --out_dir ..."
+        )
     needed = ("mode", "init_from", "tokenizer", "labels", "max_length", "base_sha256", "run_id", "weights_sha256")
     info = read_json(info_path, needed, what=f"classifier description written by finetune_classifier.py ({again})")
     if info["mode"] not in MODES or info["labels"] != list(LABELS):
-        raise UserError(f"{info_path}: mode {info['mode']!r} and labels {info['labels']} are not one of {', '.join(MODES)} "
-                        f"and {list(LABELS)}; {again}")
+        raise UserError(f"{info_path}: mode {info['mode']!r} or labels {info['labels']} are not ours; {again}")
     weights_path = weights_path_of(out_dir, info["mode"])
     if not os.path.isfile(weights_path) or file_sha256(weights_path) != info["weights_sha256"]:
-        raise UserError(f"{weights_path} is not the file {info_path} was saved with (missing, or its checksum differs: a "
-                        f"run killed while saving, or files copied in by hand); {again}")
+        raise UserError(
+            f"{weights_path} is not the file {info_path} was saved with (missing, or another checksum); {again}"
+        )
     summary_path = os.path.join(out_dir, "summary.json")
-    if os.path.isfile(summary_path) and read_json(summary_path, ["run_id"], what="classifier summary")["run_id"] != info["run_id"]:
+    summary = read_json(summary_path, ["run_id"], what="classifier summary") if os.path.isfile(summary_path) else info
+    if summary["run_id"] != info["run_id"]:
         raise UserError(f"{summary_path} and {info_path} come from different runs; {again} in an empty --out_dir")
     gpt, tokenizer_name = load_base_model(info["init_from"], device)
     if weights_sha256(gpt) != info["base_sha256"]:
-        raise UserError(f"the base model at {info['init_from']} is not the one {out_dir} was trained on (its weights "
-                        f"differ); retrain the classifier, or restore that base")
+        raise UserError(
+            f"the base at {info['init_from']} is not the one {out_dir} was trained on; {again}, or restore it"
+        )
     if info["mode"] in ("lora", "qlora"):
         model = GPTClassifier(gpt).to(device)
         if info["mode"] == "qlora":
@@ -67,9 +72,12 @@ def load_classifier(out_dir, device="cpu"):
         model = build_classifier(gpt, info["mode"])
         trained = load_tensor_file(weights_path, what="classifier weights file", fix=again)
         expected = {n for n, p in model.named_parameters() if p.requires_grad}
-        bad = [n for n, v in trained.items() if not (torch.is_tensor(v) and v.is_floating_point() and torch.isfinite(v).all())]
-        if set(trained) != expected or bad:
-            raise UserError(f"{weights_path} holds {len(trained)} tensors ({len(bad)} not of finite floats), but mode "
-                            f"{info['mode']} trains {len(expected)}; {again}")
+        finite = [
+            torch.is_tensor(v) and v.is_floating_point() and bool(torch.isfinite(v).all()) for v in trained.values()
+        ]
+        if set(trained) != expected or not all(finite):
+            raise UserError(
+                f"{weights_path} holds other tensors than mode {info['mode']} trains, or not finite; {again}"
+            )
         model.load_state_dict({n: v.to(device) for n, v in trained.items()}, strict=False)
     return model.eval().requires_grad_(False), get_tokenizer(tokenizer_name), info

@@ -19,9 +19,10 @@ from support.files import REPO_DIR, UserError
 
 
 def main_errors():
-    """What a program's __main__ prints as one `error: ...` line: ours, and the errors whose message names a path."""
-    return (UserError, ValueError, FileNotFoundError, KeyError, ConnectionError, PermissionError, FileExistsError,
-            IsADirectoryError, NotADirectoryError)
+    """What a program's __main__ prints as one `error: ...` line: ours (UserError is a ValueError), and the errors
+    whose message names a path."""
+    paths = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+    return (ValueError, KeyError, ConnectionError, *paths)
 
 
 def error_line(e):
@@ -110,7 +111,9 @@ def parse_config(config_class, argv=None, description=None, aliases=None):
         for f in (by_name[name] for name in names):
             shown = ("on" if f.default else "off") if isinstance(f.default, bool) else str(f.default)
             default = f" (default: {shown})" if f.default not in (None, "") and "default" not in helps[f.name] else ""
-            options = dict(default=f.default, help=(helps[f.name] + default).replace("%", "%%"))  # argparse formats with %
+            options = dict(
+                default=f.default, help=(helps[f.name] + default).replace("%", "%%")
+            )  # argparse formats with %
             if f.type is bool:
                 group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **options)
             elif get_origin(f.type) is Literal:
@@ -121,7 +124,9 @@ def parse_config(config_class, argv=None, description=None, aliases=None):
     args = sys.argv[1:] if argv is None else list(argv)
     given = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
     for old, name in (aliases or {}).items():
-        parser.add_argument(f"--{old}", dest=name, type=by_name[name].type, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument(
+            f"--{old}", dest=name, type=by_name[name].type, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
         if {f"--{old}", f"--{name}"} <= given:
             parser.error(f"--{old} is the old name of --{name}: give only --{name}")
     return config_class(**vars(parser.parse_args(args)))
@@ -149,7 +154,7 @@ def run_script(script, settings, log_path=None, threads=None):
         status = subprocess.run(command, env=env, **output).returncode  # in our working directory, as out_dir means
     if status != 0:
         where = "printed above" if log_path is None else f"at the end of {log_path}"
-        raise UserError(f"`python {script} {' '.join(command[2:])}` failed with exit status {status} (its error is {where})")
+        raise UserError(f"`python {script} {' '.join(command[2:])}` failed with status {status} (its error: {where})")
     with open(os.path.join(settings["out_dir"], "summary.json")) as f:
         return json.load(f)
 
@@ -160,8 +165,8 @@ JOB_DEFAULTS = ("batch_size", "max_iters", "warmup_iters", "eval_interval", "eva
 
 
 def check_ranges(cfg, integers, numbers):
-    """Every float finite (a NaN passes any range check); integers {name: lowest}; numbers {name: (valid?, what is
-    valid)}, beside the LoRA and AdamW settings both programs share."""
+    """Every float finite (NaN passes any range check); integers {name: lowest}; numbers {name: (valid?, what is
+    valid)} besides the LoRA and AdamW settings both programs share."""
     for f in fields(cfg):
         if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
             raise UserError(f"--{f.name} {getattr(cfg, f.name)}: must be a finite number")
@@ -193,8 +198,8 @@ def check_lora_scaling(cfg):
     alpha = cfg.lora_alpha  # 0: the default, a scaling of 2 (sqrt(2 r) with rsLoRA, within bounds at any rank)
     scaling = lora.lora_scaling(alpha, cfg.lora_rank, getattr(cfg, "use_rslora", False)) if alpha else 0.0
     if scaling > MAX_LORA_SCALING:
-        raise UserError(f"--lora_alpha {alpha:g} with --lora_rank {cfg.lora_rank} scales the update by {scaling:g}; use an "
-                        f"alpha that scales it by at most {MAX_LORA_SCALING:g} (2 x rank, a scaling of 2, is the usual choice)")
+        given = f"--lora_alpha {alpha:g} with --lora_rank {cfg.lora_rank} scales the update by {scaling:g}"
+        raise UserError(f"{given}; use an alpha that scales it by at most {MAX_LORA_SCALING:g} (2 x rank is usual)")
 
 
 def check_classifier_config(cfg, modes):
@@ -202,15 +207,15 @@ def check_classifier_config(cfg, modes):
     if cfg.mode not in modes:
         raise UserError(f"--mode {cfg.mode!r}: use one of {', '.join(modes)}")
     if cfg.dataset not in ("embedded", "uci") and not os.path.isfile(cfg.dataset):
-        raise UserError(f"--dataset {cfg.dataset!r}: use 'embedded', 'uci', or the path of an existing label<TAB>text file")
+        raise UserError(f"--dataset {cfg.dataset!r}: use 'embedded', 'uci', or an existing label<TAB>text file")
     if cfg.init_from == "scratch":
-        raise UserError("--init_from scratch: a classifier starts from a pretrained model; use 'tiny', a GPT-2 name or a checkpoint")
+        raise UserError("--init_from scratch: a classifier starts from a pretrained model, e.g. 'tiny' or 'gpt2'")
     integers = {"epochs": 1, "batch_size": 1, "lora_rank": 1, "max_length": 0}  # max_length 0: the model's block size
     check_ranges(cfg, integers, {"warmup_ratio": (0 <= cfg.warmup_ratio <= 1, "in [0, 1]")})
     if cfg.mode in ("lora", "qlora"):
         lora.resolve_targets(cfg.lora_targets)  # names the first unknown target
     if cfg.dequantize != "reference" and cfg.mode != "qlora":
-        raise UserError(f"--dequantize {cfg.dequantize}: only --mode qlora has a 4-bit base to dequantize; drop the flag")
+        raise UserError(f"--dequantize {cfg.dequantize}: only --mode qlora has a 4-bit base; drop the flag")
 
 
 def check_train_config(cfg, device=None, world_size=1):
@@ -220,29 +225,27 @@ def check_train_config(cfg, device=None, world_size=1):
     if cfg.quantize not in ("none", "nf4"):
         raise UserError(f"--quantize {cfg.quantize!r}: use 'none' or 'nf4'")
     if cfg.quantize == "nf4" and (cfg.finetune == "full" or cfg.pretraining):
-        raise UserError("--quantize nf4 freezes the base in 4 bits, so only adapters can train: use it with --finetune lora")
+        raise UserError("--quantize nf4 freezes the base, so only adapters train: use it with --finetune lora")
     if cfg.pretraining != (cfg.dataset == "stdlib"):
-        raise UserError("pretraining and the stdlib corpus go together: use --init_from scratch --dataset stdlib, or "
-                        "fine-tune on an instruction dataset")
+        raise UserError("pretraining goes with the stdlib corpus: --init_from scratch --dataset stdlib, or fine-tune")
     if cfg.pack and cfg.pretraining:
         raise UserError("--pack packs instruction examples; pretraining windows are full already: drop --pack")
-    integers = dict.fromkeys(["batch_size", "max_iters", "warmup_iters", "eval_interval", "eval_batches"], 0)
-    integers |= dict.fromkeys(["grad_accum", "lora_rank", "n_layer", "n_head", "n_embd", "block_size", "max_new_tokens"], 1)
-    integers |= {"num_samples": 0, "answer_limit": 0}
+    integers = dict.fromkeys([*JOB_DEFAULTS, "num_samples", "answer_limit"], 0)
+    integers |= dict.fromkeys(
+        ["grad_accum", "lora_rank", "n_layer", "n_head", "n_embd", "block_size", "max_new_tokens"], 1
+    )
     check_ranges(cfg, integers, {"dropout": (0 <= cfg.dropout < 1, "in [0, 1)")})
     if not cfg.pretraining:
         lora.resolve_targets(cfg.lora_targets)  # names the first unknown target
         for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout", "smear_keys"):  # the base's shape stays
             if getattr(cfg, name) != getattr(type(cfg)(), name):
                 hint = "; dropout on the adapters is --lora_dropout" if name == "dropout" else ""
-                raise UserError(f"--{name} {getattr(cfg, name)} shapes a model trained from scratch (--init_from scratch); "
-                                f"fine-tuning keeps the shape of its base ({cfg.init_from}), so drop the flag{hint}")
+                given = f"--{name} {getattr(cfg, name)} shapes a model trained from scratch"
+                raise UserError(f"{given}; fine-tuning keeps its base's ({cfg.init_from}), so drop the flag{hint}")
     if cfg.grad_accum % world_size:
-        raise UserError(f"--grad_accum {cfg.grad_accum} must be a multiple of the {world_size} processes, so each "
-                        f"computes the same number of micro-batches")
+        raise UserError(f"--grad_accum {cfg.grad_accum} must be a multiple of the {world_size} processes (torchrun)")
     if world_size > 1 and device not in ("cuda", "cpu"):
-        raise UserError(f"torchrun data parallelism runs on 'cuda' (NCCL) or 'cpu' (Gloo), not {device!r}: pass "
-                        f"--device cuda or --device cpu")
+        raise UserError(f"torchrun data parallelism runs on 'cuda' (NCCL) or 'cpu' (Gloo), not {device!r}: pass one")
 
 
 def check_text_flag(flag, text):
@@ -255,19 +258,21 @@ def check_text_flag(flag, text):
     except UnicodeEncodeError as e:
         code = ord(text[e.start])
         what = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
-        raise UserError(f"{flag} is not valid UTF-8 ({what} at position {e.start}): set your terminal or shell to UTF-8 "
-                        f"(e.g. LANG=C.UTF-8), or pass the text in UTF-8") from None
+        where = f"{what} at position {e.start}"
+        raise UserError(
+            f"{flag} is not valid UTF-8 ({where}): set your terminal or shell to UTF-8 (LANG=C.UTF-8)"
+        ) from None
     if EOT_TEXT in text:
-        raise UserError(f"{flag} holds the text {EOT_TEXT}, which the tokenizer reads as the end-of-text token; leave it out")
+        raise UserError(f"{flag} holds the text {EOT_TEXT}, which the tokenizer reads as the end-of-text; drop it")
 
 
 def check_answer_flags(cfg):
     """chat.py's --prompt answers one instruction and --answer_file a whole file, then exit."""
     if cfg.prompt is not None and not cfg.prompt.strip():
-        raise UserError("--prompt is empty: give the instruction to answer, e.g. --prompt \"Give an antonym of 'cold'.\"")
+        raise UserError("--prompt is empty: give the instruction to answer, e.g. --prompt 'Name a colour.'")
     if cfg.prompt is not None:
         check_text_flag("--prompt", cfg.prompt)
     if cfg.prompt is not None and cfg.answer_file:
         raise UserError("--prompt and --answer_file both ask for answers: give one of them")
     if cfg.answers_out and not cfg.answer_file:
-        raise UserError(f"--answers_out {cfg.answers_out} is where --answer_file writes its answers: give --answer_file IN.json too")
+        raise UserError(f"--answers_out {cfg.answers_out} is where --answer_file writes its answers: give one")

@@ -9,23 +9,20 @@ import errno
 import hashlib
 import json
 import os
-import pickle
 import urllib.request
-import zipfile
 
 import torch
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, above support/
-DOWNLOAD_DIR = os.path.join(REPO_DIR, "data", "downloads")  # datasets fetched from the web (instruction-data, alpaca, SMS)
+DOWNLOAD_DIR = os.path.join(REPO_DIR, "data", "downloads")  # datasets fetched from the web (instructions, SMS)
 
 
 class UserError(ValueError):
-    """A bad input or a run that cannot go on; the message names the input and the fix. The programs print it as
-    one `error: ...` line."""
+    """A bad input or a run that cannot go on; the message names the input and the fix, in one line."""
 
 
 def user_cache_dir():
-    """Where downloaded GPT-2 weights (and the compiled dequantize kernel) go: $NANOQLORA_CACHE or ~/.cache/nanoqlora."""
+    """Where GPT-2's weights and the compiled kernel go: $NANOQLORA_CACHE or ~/.cache/nanoqlora."""
     return os.environ.get("NANOQLORA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanoqlora"))
 
 
@@ -48,8 +45,7 @@ WRITE_FIXES = {  # what to do when the file system refuses a write, by errno
 
 
 def write_error(path, error):
-    """The OSError behind a failed write (torch.save wraps it in a RuntimeError) as a UserError naming the path and
-    the fix; None when the failure is not the file system's."""
+    """The OSError behind a failed write (torch.save wraps it) as a UserError naming the path and the fix, or None."""
     while error is not None and not isinstance(error, OSError):
         error = error.__cause__ or error.__context__
     if error is None or error.errno is None:
@@ -90,31 +86,22 @@ def atomic_write(path, write):
 
 @contextlib.contextmanager
 def write_together():
-    """The files written inside are renamed into place together once all are written and synced; if anything fails
-    inside, none is, and their temporary files go: one step's files are replaced together or not at all."""
+    """The files written inside are renamed into place together once all are written and synced, or (on any
+    failure) none is: one step's files are replaced together or not at all."""
     if STAGED:  # nested: joins the outer
         yield
         return
     STAGED.append([])
     try:
         yield
-    except BaseException:
-        remove_temporary(STAGED.pop())
-        raise
-    staged = STAGED.pop()
-    try:
-        for tmp, path in staged:
+        for tmp, path in STAGED[-1]:
             os.replace(tmp, path)
+        for directory in {os.path.dirname(path) for _, path in STAGED[-1]}:
+            sync_directory(directory)
     finally:
-        remove_temporary(staged)  # only those a failed rename left
-    for directory in {os.path.dirname(path) for _, path in staged}:
-        sync_directory(directory)
-
-
-def remove_temporary(staged):
-    for tmp, _ in staged:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        for tmp, _ in STAGED.pop():  # those a failure left: none renamed, or some after a failed rename
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def sync_directory(directory):
@@ -128,8 +115,6 @@ def sync_directory(directory):
 
 
 def write_file_atomic(path, write, mode="w", **open_args):
-    """atomic_write through an open file: write(f)."""
-
     def write_to(tmp):
         with open(tmp, mode, **open_args) as f:
             write(f)
@@ -184,7 +169,8 @@ def download_file(url, path):
     with urllib.request.urlopen(url, timeout=60) as response:
         expected = response.headers.get("Content-Length")
         expected, received = int(expected) if expected is not None else None, 0
-        with open(partial, "wb") as f, tqdm(total=expected, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+        bar = tqdm(total=expected, unit="B", unit_scale=True, desc=os.path.basename(path))
+        with open(partial, "wb") as f, bar:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 received += len(chunk)
@@ -205,19 +191,17 @@ def first_line(e):
 
 
 def load_tensor_file(path, what="checkpoint", fix="delete it and train again"):
-    """torch.load with weights_only=True: tensors in plain containers only (a pickled object could run code as it
-    loads), a dict; anything else, or a truncated or corrupt file, is one line naming the file."""
+    """torch.load with weights_only=True: a dict of tensors and plain containers (a pickled object could run code as
+    it loads); anything else, or a truncated or corrupt file, is one line naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {what} at {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, UnicodeDecodeError, IndexError, KeyError,
-            ValueError, zipfile.BadZipFile) as e:  # which one depends on where the bytes stop making sense
+    except Exception as e:  # its type depends on where the bytes stop making sense
         if "Unsupported global" in str(e):  # weights_only refused a class or function
-            raise UserError(f"{path} holds more than tensors and plain containers (e.g. a pickled object, which could "
-                            f"run code as it loads), so it is not loaded: a {what} written here never does; {fix}") from None
-        raise UserError(f"{path} is not a readable {what} ({os.path.getsize(path):,} bytes that torch.load cannot read: "
-                        f"empty, truncated or not written by torch.save); {fix}") from None
+            raise UserError(f"{path} holds more than tensors and plain containers (a pickled object?); {fix}") from None
+        size = f"{os.path.getsize(path):,} bytes: empty, truncated or not written by torch.save"
+        raise UserError(f"{path} is not a readable {what} ({size}); {fix}") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not the dict a {what} is; {fix}")
     return obj
@@ -227,12 +211,12 @@ def check_tensors_match(stored, expected, source):
     """The same tensor names as the model's, each with the same shape; the first difference is named."""
     missing, unexpected = [k for k in expected if k not in stored], [k for k in stored if k not in expected]
     if missing:
-        raise KeyError(f"{source} lacks tensor {missing[0]!r} ({len(missing)} missing); was it saved from another model?")
+        raise KeyError(f"{source} lacks tensor {missing[0]!r} ({len(missing)} missing): saved from another model?")
     if unexpected:
-        raise KeyError(f"{source} has tensor {unexpected[0]!r} that this model has no place for ({len(unexpected)} in all)")
+        raise KeyError(f"{source} has tensor {unexpected[0]!r} that this model has no place for ({len(unexpected)})")
     for k, v in stored.items():
         if v.shape != expected[k].shape:
-            raise ValueError(f"tensor {k!r} is {tuple(v.shape)} in {source} but {tuple(expected[k].shape)} in the model")
+            raise ValueError(f"tensor {k!r} is {tuple(v.shape)} in {source} but {tuple(expected[k].shape)} here")
 
 
 def read_saved_pair(directory, config_name, weights_name, writer):
@@ -240,7 +224,7 @@ def read_saved_pair(directory, config_name, weights_name, writer):
     paths = [os.path.join(directory, name) for name in (config_name, weights_name)]
     for path in paths:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found; {writer} writes {config_name} and {weights_name} into a directory")
+            raise FileNotFoundError(f"{path} not found; {writer} writes {config_name} and {weights_name} together")
     return read_json(paths[0], what=f"config written by {writer}"), paths[1]
 
 
@@ -252,10 +236,10 @@ def read_json(path, required=(), what="file"):
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}), so not the {what} it should be") from None
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}), so not a {what}") from None
     except json.JSONDecodeError as e:
         problem = f"{e.msg}: line {e.lineno} column {e.colno}; empty or cut short?"
-        raise UserError(f"{path} is not valid JSON ({problem}), so not the {what} it should be") from None
+        raise UserError(f"{path} is not valid JSON ({problem}), so not a {what}") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a JSON {type(obj).__name__}, but a {what} is a JSON object")
     missing = [k for k in required if k not in obj]

@@ -17,16 +17,16 @@ from support.instructions import resolve_template
 from support.runs import check_finite, new_run_id, remove_earlier_run
 
 # every file a train.py run writes into its out_dir: a fresh run removes an earlier run's before it starts
-RUN_FILES = ("ckpt.pt", "adapter_model.safetensors", "adapter_config.json", "log.csv", "loss.png", "samples.json",
-             "answers.csv", "summary.json")
+RUN_FILES = ("ckpt.pt", "adapter_model.safetensors", "adapter_config.json", "log.csv", "loss.png", "samples.json")
+RUN_FILES += ("answers.csv", "summary.json")
 
 
 def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, before, path, run_id, base_sha256=None):
-    """ckpt.pt (tensors and plain containers only: every weight, or for LoRA what trained, plus what --resume needs),
-    the adapter (with its base's fingerprint: it loads on no other base) and the log, renamed into place together."""
-    ckpt = dict(model_config=vars(model.config).copy(), tokenizer=tokenizer_name, train_config=asdict(cfg), mode=mode,
-                iter=step, optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), log=rows, before=before,
-                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None, run_id=run_id)
+    """ckpt.pt (tensors and plain containers: every weight, or what trained, and what --resume needs), the adapter
+    (with its base's fingerprint: it loads on no other base) and the log, renamed into place together."""
+    ckpt = dict(model_config=vars(model.config).copy(), tokenizer=tokenizer_name, train_config=asdict(cfg), mode=mode)
+    ckpt |= dict(iter=step, optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), log=rows, before=before)
+    ckpt |= dict(cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None, run_id=run_id)
     adapter = mode in ("lora", "qlora")
     if adapter:
         ckpt["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -35,8 +35,10 @@ def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, bef
     with write_together():
         if adapter:  # the adapter names its own base, so chat.py needs no other file of the run
             template = resolve_template(cfg.prompt_template, tokenizer_name)
-            trained_on = dict(run_id=run_id, init_from=cfg.init_from, finetune=mode, step=step, prompt_template=template,
-                              tokenizer=tokenizer_name, base_sha256=base_sha256)
+            trained_on = dict(
+                run_id=run_id, init_from=cfg.init_from, finetune=mode, step=step, prompt_template=template
+            )
+            trained_on |= dict(tokenizer=tokenizer_name, base_sha256=base_sha256)
             save_adapter(model, os.path.dirname(path), metadata=trained_on)  # adapter_model.safetensors + its config
         save_atomic(ckpt, path)
         reports.write_train_log(rows, cfg, mode)
@@ -61,7 +63,8 @@ def stop_if_diverged(step, rows, cfg, **values):
     """Stop at the first NaN or infinity among `values` (training_loss=..., named "the training loss is nan"), with
     out_dir keeping the checkpoint of the last evaluation."""
     (first, value), *others = values.items()
-    what = f"the {first.replace('_', ' ')} is {value:g}" + "".join(f" and the {k.replace('_', ' ')} {v:g}" for k, v in others)
+    what = f"the {first.replace('_', ' ')} is {value:g}"
+    what += "".join(f" and the {k.replace('_', ' ')} {v:g}" for k, v in others)
     saved = [r["iter"] for r in rows if r["val_loss"] != ""]  # each evaluation ends with a save
     check_finite(step, what, list(values.values()), saved[-1] if saved else None, cfg.out_dir, cfg.learning_rate)
 
@@ -88,14 +91,16 @@ def load_resume_checkpoint(path, cfg):
         if key not in ckpt:
             raise UserError(f"{path} has no {key!r}, so --resume cannot continue from it; {fix}")
     saved = ckpt["train_config"]
-    differ = [f"--{name} {saved.get(name, '(not recorded)')} (now {getattr(cfg, name)})"
-              for name in settings_that_shape_the_run(cfg) if saved.get(name) != getattr(cfg, name)]
+    names = [name for name in settings_that_shape_the_run(cfg) if saved.get(name) != getattr(cfg, name)]
+    differ = ", ".join(f"--{name} {saved.get(name, '(not recorded)')} (now {getattr(cfg, name)})" for name in names)
     if differ:
-        raise UserError(f"--resume: {path} was trained with {', '.join(differ)}; resume with the saved settings, "
-                        f"or start a new run in another --out_dir")
+        raise UserError(f"--resume: {path} was trained with {differ}; resume with those, or use another --out_dir")
     if ckpt["iter"] > cfg.max_iters:  # it would train nothing, and report the checkpoint as a run of max_iters steps
-        raise UserError(f"--resume: {path} is at step {ckpt['iter']}, past --max_iters {cfg.max_iters}, so there is "
-                        f"nothing to train; give a --max_iters above {ckpt['iter']} to train on")
+        step = ckpt["iter"]
+        raise UserError(
+            f"--resume: {path} is at step {step}, past --max_iters {cfg.max_iters}, so there is nothing to "
+            f"train; give a --max_iters above {step}"
+        )
     return ckpt
 
 
@@ -114,9 +119,9 @@ def load_trained_tensors(model, ckpt, path):
     stored = ckpt.get("trainable", {})
     missing, unexpected = [n for n in trainable if n not in stored], [n for n in stored if n not in trainable]
     if missing or unexpected:
-        parts = [f"{len(missing)} trained tensors missing, e.g. {missing[0]!r}" if missing else "",
-                 f"{len(unexpected)} it has no place for, e.g. {unexpected[0]!r}" if unexpected else ""]
-        raise UserError(f"{path} does not fit this model: " + "; ".join(part for part in parts if part))
+        parts = [f"{len(missing)} trained tensors missing, e.g. {missing[0]!r}"] if missing else []
+        parts += [f"{len(unexpected)} it has no place for, e.g. {unexpected[0]!r}"] if unexpected else []
+        raise UserError(f"{path} does not fit this model: {'; '.join(parts)}")
     for n, v in stored.items():
         if v.shape != trainable[n].shape:
             raise UserError(f"{path}: tensor {n!r} is {tuple(v.shape)} but the model's is {tuple(trainable[n].shape)}")

@@ -19,13 +19,12 @@ TMP_NAME = re.compile(r"\.(\d+)\.tmp$")  # files.atomic_write's temporary files:
 
 
 def pick_device(name="auto"):
-    cuda, mps = torch.cuda.is_available(), bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name not in ("auto", "cuda", "mps", "cpu") and not (name.startswith("cuda:") and name[5:].isdigit()):
         raise UserError(f"--device {name!r}: use auto, cuda (or cuda:N), mps or cpu")
-    if name.startswith("cuda") and not cuda:
-        raise UserError(f"--device {name}: this PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); use --device cpu or auto")
-    if name == "mps" and not mps:
-        raise UserError("--device mps: this PyTorch sees no Apple GPU (torch.backends.mps.is_available() is False); use --device cpu or auto")
+    if (name.startswith("cuda") and not cuda) or (name == "mps" and not mps):
+        gpu = "CUDA GPU" if name.startswith("cuda") else "Apple GPU"
+        raise UserError(f"--device {name}: this PyTorch sees no {gpu}; use --device cpu or auto")
     return name if name != "auto" else "cuda" if cuda else "mps" if mps else "cpu"
 
 
@@ -56,7 +55,7 @@ def process_status_bytes(field):
 
 
 def peak_memory_bytes(device):
-    """Peak GPU memory on CUDA; on the CPU the process's peak resident set size; None where nothing says it (Windows)."""
+    """Peak GPU memory on CUDA; on the CPU the process's peak resident set size; None where unknown (Windows)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
     if os.path.exists("/proc/self/status"):
@@ -90,36 +89,34 @@ def check_finite(step, what, values, last_saved_step, out_dir, learning_rate):
     the last good evaluation (last_saved_step; None: nothing saved yet), from which --resume goes on."""
     if all(math.isfinite(v) for v in values):
         return
-    kept = f"{out_dir} keeps the checkpoint of step {last_saved_step}" if last_saved_step is not None else "nothing of this run was saved"
-    raise UserError(f"step {step}: {what}: training diverged, so it stops here and {kept}; "
-                    f"try a lower --learning_rate (this run: {learning_rate:g}) or --grad_clip")
+    kept = "nothing of this run was saved"
+    if last_saved_step is not None:
+        kept = f"{out_dir} keeps the checkpoint of step {last_saved_step}"
+    fix = f"try a lower --learning_rate (this run: {learning_rate:g}) or --grad_clip"
+    raise UserError(f"step {step}: {what}: training diverged, so it stops here and {kept}; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------- output folders
 
 
 def process_is_alive(pid):
-    """Whether a process with this id runs (a zombie has exited). Without a safe probe (Windows, where os.kill(pid, 0)
-    would send CTRL_C_EVENT) every process counts as alive, so nothing of another process's is removed."""
+    """Whether a process with this id exists. Where no probe is safe (Windows: os.kill(pid, 0) would send
+    CTRL_C_EVENT) every process counts as alive, so nothing of another process's is ever removed."""
     if os.name != "posix":
         return True
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # exists, owned by another user
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): os.kill said it exists
+        pass  # exists, owned by another user
+    return True
 
 
 def remove_stale_temporary_files(directory):
     """Delete the `<name>.<pid>.tmp` files of writers that no longer run (killed mid-write); returns their paths."""
-    stale = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names
-             if (match := TMP_NAME.search(name)) and not process_is_alive(int(match.group(1)))]
+    paths = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    stale = [path for path in paths if (match := TMP_NAME.search(path)) and not process_is_alive(int(match[1]))]
     for path in stale:
         os.remove(path)
     return stale
@@ -160,8 +157,10 @@ def lock_out_dir(directory):
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise UserError(f"{directory} is in use by another run or export (process {lock_owner(path) or '?'}, see "
-                        f"{path}); wait for it to finish or choose another folder") from None
+        owner = f"process {lock_owner(path) or '?'}, see {path}"
+        raise UserError(
+            f"{directory} is in use by another run or export ({owner}); wait or choose another folder"
+        ) from None
     except OSError as e:
         raise write_error(path, e) or e from None
     ours, failed = os.stat(path), True
@@ -181,7 +180,7 @@ def lock_out_dir(directory):
 
 
 def remove_earlier_run(out_dir, run_files, hint=""):
-    """A fresh run first removes what an earlier run left in out_dir (its `run_files`): the folder never mixes two runs."""
+    """A fresh run first removes an earlier run's `run_files` from out_dir: a folder never mixes two runs."""
     earlier = [name for name in run_files if os.path.exists(os.path.join(out_dir, name))]
     if earlier:
         print(f"{out_dir} holds an earlier run ({', '.join(earlier)}): replacing it{hint}")
