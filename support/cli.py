@@ -41,9 +41,8 @@ def one_line_errors():
 
 def config_help(config_class):
     """A config dataclass's comments as its --help: ({field: help}, [(group title, description, [fields])]). A
-    field's help is the comment ending its line, continued by the indented comment lines right below it ("#   ...",
-    as ruff format leaves them, or further right than the field); other comment lines before a field open a group
-    (title, then description)."""
+    field's help is the comment ending its line, continued by indented comment lines ("#   ...") right below it;
+    other comment lines before a field open a group (title, then description)."""
     import ast
     import inspect
     import io
@@ -111,9 +110,7 @@ def parse_config(config_class, argv=None, description=None, aliases=None):
         for f in (by_name[name] for name in names):
             shown = ("on" if f.default else "off") if isinstance(f.default, bool) else str(f.default)
             default = f" (default: {shown})" if f.default not in (None, "") and "default" not in helps[f.name] else ""
-            options = dict(
-                default=f.default, help=(helps[f.name] + default).replace("%", "%%")
-            )  # argparse formats with %
+            options = dict(default=f.default, help=(helps[f.name] + default).replace("%", "%%"))  # argparse formats %
             if f.type is bool:
                 group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **options)
             elif get_origin(f.type) is Literal:
@@ -124,9 +121,8 @@ def parse_config(config_class, argv=None, description=None, aliases=None):
     args = sys.argv[1:] if argv is None else list(argv)
     given = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
     for old, name in (aliases or {}).items():
-        parser.add_argument(
-            f"--{old}", dest=name, type=by_name[name].type, default=argparse.SUPPRESS, help=argparse.SUPPRESS
-        )
+        hidden = dict(default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument(f"--{old}", dest=name, type=by_name[name].type, **hidden)
         if {f"--{old}", f"--{name}"} <= given:
             parser.error(f"--{old} is the old name of --{name}: give only --{name}")
     return config_class(**vars(parser.parse_args(args)))

@@ -6,6 +6,7 @@ export per folder: filelock's, released by the operating system however the proc
 import contextlib
 import math
 import os
+import pathlib
 import re
 import sys
 import uuid
@@ -122,15 +123,6 @@ def remove_stale_temporary_files(directory):
     return stale
 
 
-def lock_owner(path):
-    """The process id in a lock file, or None (empty or unreadable: an owner killed before writing it)."""
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def write_owner(fd):
     """Our process id into the lock file, through the locked descriptor (a refused run only reads it)."""
     os.ftruncate(fd, 0)
@@ -157,7 +149,10 @@ def lock_out_dir(directory):
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        owner = f"process {lock_owner(path) or '?'}, see {path}"
+        owner = "?"  # the lock file's process id, if its owner lived to write it
+        with contextlib.suppress(OSError, ValueError):
+            owner = int(pathlib.Path(path).read_text())
+        owner = f"process {owner}, see {path}"
         raise UserError(
             f"{directory} is in use by another run or export ({owner}); wait or choose another folder"
         ) from None

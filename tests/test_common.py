@@ -97,7 +97,7 @@ def test_a_refused_write_is_one_line_naming_the_file_and_the_old_file_stays(tmp_
         try:
             raise error
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
 
     for write in (refused, refused_inside_torch_save):
         with pytest.raises(files.UserError) as caught:
