@@ -202,9 +202,7 @@ def load_finetuned(adapter_dir, init_from, device):
     try:
         model, tokenizer_name = load_base_model(init_from, device, pretrain=False)
     except FileNotFoundError as e:
-        raise UserError(
-            f"the adapter in {adapter_dir} was trained on {init_from}, which cannot be loaded ({e})"
-        ) from None
+        raise UserError(f"the adapter in {adapter_dir} was trained on {init_from}, which is missing ({e})") from None
     fix = "give --init_from the base it was trained on"
     if trained_on["tokenizer"] != tokenizer_name:
         tokenizers = f"the {trained_on['tokenizer']} tokenizer, but {init_from} uses the {tokenizer_name} tokenizer"

@@ -227,9 +227,8 @@ def check_train_config(cfg, device=None, world_size=1):
     if cfg.pack and cfg.pretraining:
         raise UserError("--pack packs instruction examples; pretraining windows are full already: drop --pack")
     integers = dict.fromkeys([*JOB_DEFAULTS, "num_samples", "answer_limit"], 0)
-    integers |= dict.fromkeys(
-        ["grad_accum", "lora_rank", "n_layer", "n_head", "n_embd", "block_size", "max_new_tokens"], 1
-    )
+    integers |= dict.fromkeys(["grad_accum", "lora_rank", "n_layer", "n_head", "n_embd", "block_size"], 1)
+    integers["max_new_tokens"] = 1
     check_ranges(cfg, integers, {"dropout": (0 <= cfg.dropout < 1, "in [0, 1)")})
     if not cfg.pretraining:
         lora.resolve_targets(cfg.lora_targets)  # names the first unknown target
@@ -255,9 +254,7 @@ def check_text_flag(flag, text):
         code = ord(text[e.start])
         what = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
         where = f"{what} at position {e.start}"
-        raise UserError(
-            f"{flag} is not valid UTF-8 ({where}): set your terminal or shell to UTF-8 (LANG=C.UTF-8)"
-        ) from None
+        raise UserError(f"{flag} is not valid UTF-8 ({where}): set your terminal or shell to UTF-8") from None
     if EOT_TEXT in text:
         raise UserError(f"{flag} holds the text {EOT_TEXT}, which the tokenizer reads as the end-of-text; drop it")
 

@@ -35,10 +35,8 @@ def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, bef
     with write_together():
         if adapter:  # the adapter names its own base, so chat.py needs no other file of the run
             template = resolve_template(cfg.prompt_template, tokenizer_name)
-            trained_on = dict(
-                run_id=run_id, init_from=cfg.init_from, finetune=mode, step=step, prompt_template=template
-            )
-            trained_on |= dict(tokenizer=tokenizer_name, base_sha256=base_sha256)
+            trained_on = dict(run_id=run_id, init_from=cfg.init_from, finetune=mode, step=step)
+            trained_on |= dict(prompt_template=template, tokenizer=tokenizer_name, base_sha256=base_sha256)
             save_adapter(model, os.path.dirname(path), metadata=trained_on)  # adapter_model.safetensors + its config
         save_atomic(ckpt, path)
         reports.write_train_log(rows, cfg, mode)
@@ -97,10 +95,8 @@ def load_resume_checkpoint(path, cfg):
         raise UserError(f"--resume: {path} was trained with {differ}; resume with those, or use another --out_dir")
     if ckpt["iter"] > cfg.max_iters:  # it would train nothing, and report the checkpoint as a run of max_iters steps
         step = ckpt["iter"]
-        raise UserError(
-            f"--resume: {path} is at step {step}, past --max_iters {cfg.max_iters}, so there is nothing to "
-            f"train; give a --max_iters above {step}"
-        )
+        past = f"is at step {step}, past --max_iters {cfg.max_iters}, so there is nothing to train"
+        raise UserError(f"--resume: {path} {past}; give a --max_iters above {step}")
     return ckpt
 
 

@@ -153,9 +153,7 @@ def lock_out_dir(directory):
         with contextlib.suppress(OSError, ValueError):
             owner = int(pathlib.Path(path).read_text())
         owner = f"process {owner}, see {path}"
-        raise UserError(
-            f"{directory} is in use by another run or export ({owner}); wait or choose another folder"
-        ) from None
+        raise UserError(f"{directory} is in use by another run or export ({owner}); wait, or use another") from None
     except OSError as e:
         raise write_error(path, e) or e from None
     ours, failed = os.stat(path), True
