@@ -179,7 +179,8 @@ def load_base_model(init_from, device="cpu", pretrain=True, progress=True):
     elif os.path.exists(init_from):
         model, tokenizer_name = load_checkpoint_model(init_from)
     else:
-        raise UserError(f"--init_from {init_from!r}: use 'tiny', 'scratch', {', '.join(PRETRAINED)} or a checkpoint")
+        choices = f"'tiny', 'scratch', one of {', '.join(PRETRAINED)}, or an existing checkpoint path"
+        raise UserError(f"--init_from {init_from!r}: use {choices}")
     return model.to(device), tokenizer_name
 
 
