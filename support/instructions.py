@@ -29,7 +29,7 @@ from collections import Counter
 import torch
 
 from support.files import DOWNLOAD_DIR, REPO_DIR, UserError, download_file
-from support.tokenizer import EOT_TEXT # the text both tokenizers read as the end-of-text token
+from support.tokenizer import EOT_TEXT  # the text both tokenizers read as the end-of-text token
 
 PROMPT_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 # Three prompt templates. "alpaca" is Alpaca's own (what GPT-2 runs use); "compact" drops its 105-byte preamble
