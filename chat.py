@@ -23,11 +23,11 @@ from typing import Literal
 from support.adapters import ADAPTER_CONFIG, active_adapter, disable_adapters, read_adapter_config, set_adapter
 from support.answers import answer, answer_examples, check_max_new_tokens, score_responses
 from support.checkpoints import load_base_model, load_finetuned
-from support.common import parse_config, pick_device, write_json_atomic
-from support.config_checks import check_answer_flags
+from support.cli import check_answer_flags, error_line, main_errors, parse_config
+from support.files import UserError, write_json_atomic
 from support.instruction_files import load_answer_file
 from support.instructions import example_prompt, resolve_template
-from support.safety import UserError, error_line, main_errors
+from support.runs import pick_device
 from support.tokenizer import get_tokenizer
 
 

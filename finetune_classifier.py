@@ -39,15 +39,33 @@ from model import count_parameters
 from quantize import quantize_model
 from support.checkpoints import load_base_model, weights_sha256
 from support.classifier_files import load_classifier, save_trained
-from support.common import autocast_context, parse_config, peak_memory_bytes, pick_device, reset_peak_memory
-from support.config_checks import check_classifier_config
+from support.cli import check_classifier_config, error_line, main_errors, parse_config
 from support.fast_dequantize import use_fast_dequantize
+from support.files import UserError
 from support.optim import clip_gradients, lr_at_step, make_optimizer, set_learning_rate
 from support.reports import write_classifier_log, write_classifier_summary
-from support.safety import (UserError, check_finite, error_line, lock_out_dir, main_errors, new_run_id,
-                            remove_earlier_run)
-from support.sms_data import (LABELS, SPLIT_SEED, balance_classes, collate_activations, collate_messages,
-                              encode_messages, evaluate_classifier, load_messages, make_batches, split_messages)
+from support.runs import (
+    autocast_context,
+    check_finite,
+    lock_out_dir,
+    new_run_id,
+    peak_memory_bytes,
+    pick_device,
+    remove_earlier_run,
+    reset_peak_memory,
+)
+from support.sms_data import (
+    LABELS,
+    SPLIT_SEED,
+    balance_classes,
+    collate_activations,
+    collate_messages,
+    encode_messages,
+    evaluate_classifier,
+    load_messages,
+    make_batches,
+    split_messages,
+)
 from support.tokenizer import get_tokenizer
 
 MODES = ("head", "last_block", "lora", "qlora", "full")

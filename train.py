@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -33,19 +33,20 @@ from tqdm import tqdm
 from lora import apply_lora
 from model import GPT, PRETRAINED, GPTConfig, count_parameters
 from quantize import quantize_model
-from support import answers, checkpoints, common, config_checks, instructions, optim, reports, resume, safety
-from support.adapters import save_adapter
+from support import checkpoints, cli, optim, resume, runs
+from support.answers import answer_examples
 from support.fast_dequantize import use_fast_dequantize
+from support.reports import report_run
 
 
 @dataclass
 class TrainConfig:
     # the job: what to start from, what to learn, where the results go
     init_from: str = "tiny"  # 'tiny' (checkpoints/tiny-base, pretrained first if missing), 'scratch' (pretrain a
-                             # new model), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, an HF GPT-2 directory, or the
-                             # out_dir of a pretraining or full fine-tuning run
+    #   new model), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, an HF GPT-2 directory, or the
+    #   out_dir of a pretraining or full fine-tuning run
     dataset: str = "embedded"  # 'embedded' (data/instructions.json), 'instruction-data' or 'alpaca' (downloaded), an
-                               # Alpaca or chat .json/.jsonl file, or 'stdlib' to pretrain (--data_path: the same)
+    #   Alpaca or chat .json/.jsonl file, or 'stdlib' to pretrain (--data_path: the same)
     out_dir: str = "out/instruct"  # where the log, plots, samples, summary.json and checkpoints go
     finetune: Literal["lora", "full"] = "lora"  # train adapters only, or every weight
     quantize: Literal["none", "nf4"] = "none"  # nf4: QLoRA, the frozen base in 4-bit NF4 with double quantization
@@ -53,7 +54,7 @@ class TrainConfig:
     # LoRA (--finetune lora; on a 4-bit base with --quantize nf4)
     lora_rank: int = 32  # rank r of each update B @ A
     lora_alpha: float = 0.0  # scaling = alpha / r (alpha / sqrt(r) with --use_rslora); default (0): 2 x rank, so
-                             # alpha / r = 2 at every rank (finetune_classifier.py does the same)
+    #   alpha / r = 2 at every rank (finetune_classifier.py does the same)
     lora_targets: str = "all-linear"  # comma-separated layers to adapt: q, k, v, o, mlp_in, mlp_out, or all-linear
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (arXiv 2312.03732)
@@ -79,7 +80,7 @@ class TrainConfig:
     # optimisation
     max_iters: int = 0  # optimizer steps; default (0): 1,000 pretraining, 4,200 fine-tuning the tiny base, 200 GPT-2
     learning_rate: float = 0.0  # peak rate; default (0): 4e-3 pretraining, 3e-3 LoRA, and for --finetune full 2e-3
-                                # (the tiny base) or 3e-4 (GPT-2)
+    #   (the tiny base) or 3e-4 (GPT-2)
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate x this
     warmup_iters: int = 0  # linear warmup steps; default (0): 5% of max_iters
     weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only
@@ -123,8 +124,15 @@ def prepare_model(cfg, device):
     """Build or load the model and make the chosen parameters trainable -> (model, tokenizer name, mode, fingerprint
     of the base's weights: what a LoRA adapter records, so that it loads on no other base; None for the other modes)."""
     if cfg.pretraining:  # a byte-level GPT of the configured shape, from random weights
-        config = GPTConfig(block_size=cfg.block_size, vocab_size=257, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                           n_embd=cfg.n_embd, dropout=cfg.dropout, smear_keys=cfg.smear_keys)
+        config = GPTConfig(
+            block_size=cfg.block_size,
+            vocab_size=257,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            dropout=cfg.dropout,
+            smear_keys=cfg.smear_keys,
+        )
         return GPT(config).to(device), "bytes", "pretrain", None
     model, tokenizer_name = checkpoints.load_base_model(cfg.init_from, device, progress=cfg.progress)
     if cfg.finetune == "full":
@@ -133,8 +141,15 @@ def prepare_model(cfg, device):
     if cfg.quantize == "nf4":
         quantize_model(model)  # QLoRA: every linear layer but the tied output head to 4-bit NF4, frozen
         use_fast_dequantize(model, cfg.dequantize)
-    apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or None, targets=cfg.lora_targets,
-               dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)  # freezes all but LoRA
+    apply_lora(
+        model,
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha or None,
+        targets=cfg.lora_targets,
+        dropout=cfg.lora_dropout,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+    )  # freezes everything but the new adapters
     return model, tokenizer_name, "qlora" if cfg.quantize == "nf4" else "lora", base_sha256
 
 
@@ -152,8 +167,10 @@ def run_training(cfg, device, rank=0, world_size=1):
     betas = (cfg.beta1, cfg.beta2)
     optimizer = optim.make_optimizer(model, cfg.learning_rate, cfg.weight_decay, betas, cfg.loraplus_ratio)
     trainable, total = count_parameters(model)
-    print(f"{mode}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%) on {device}; "
-          f"{data.describe()}")
+    print(
+        f"{mode}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%) on {device}; "
+        f"{data.describe()}"
+    )
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     # --resume: the checkpoint's trained tensors, optimizer state, random state and log; else a fresh run
@@ -169,7 +186,7 @@ def run_training(cfg, device, rank=0, world_size=1):
         train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
         torch.manual_seed(cfg.seed + rank + 1_000_003 * start)
 
-    common.reset_peak_memory(device)
+    runs.reset_peak_memory(device)
     t0, (tokens_seen, seconds_before) = time.time(), (rows[-1]["tokens"], rows[-1]["seconds"]) if rows else (0, 0.0)
     model.train()
     steps = tqdm(range(start, cfg.max_iters), mode, initial=start, total=cfg.max_iters, disable=not cfg.progress)
@@ -183,7 +200,7 @@ def run_training(cfg, device, rank=0, world_size=1):
             x, y, segment_ids = x.to(device), y.to(device), segments[0].to(device) if segments else None
             if ddp:  # all-reduce the gradients only in the backward of the rank's last micro-batch of the step
                 train_model.require_backward_grad_sync = micro == micro_batches[-1]
-            with common.autocast_context(device):
+            with runs.autocast_context(device):
                 _, loss = train_model(x, y, segment_ids=segment_ids)
             # x world_size: DDP averages the ranks' gradients; the step's gradient is the micro-batches' mean
             (loss * world_size / cfg.grad_accum).backward()
@@ -197,16 +214,23 @@ def run_training(cfg, device, rank=0, world_size=1):
         resume.stop_if_diverged(step + 1, rows, cfg, training_loss=step_loss, gradient_norm=grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {"iter": step + 1, "lr": lr, "train_loss": step_loss, "val_loss": "", "tokens": tokens_seen,
-               "seconds": round(seconds_before + time.time() - t0, 3)}
+        row = {
+            "iter": step + 1,
+            "lr": lr,
+            "train_loss": step_loss,
+            "val_loss": "",
+            "tokens": tokens_seen,
+            "seconds": round(seconds_before + time.time() - t0, 3),
+        }
         if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters:  # every rank evaluates its share
             row["val_loss"] = mean_token_loss(model, val_batches, device, rank, world_size)
             resume.stop_if_diverged(step + 1, rows, cfg, validation_loss=row["val_loss"])
         rows.append(row)
         steps.set_postfix(loss=step_loss, val=row["val_loss"] or "-", refresh=False)
         if row["val_loss"] != "" and master:  # every evaluation ends with a save, by rank 0
-            save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step + 1, rows, before, ckpt_path, run_id,
-                            base_sha256)
+            resume.save_checkpoint(
+                model, optimizer, cfg, tokenizer_name, mode, step + 1, rows, before, ckpt_path, run_id, base_sha256
+            )
 
     after = {}  # the last evaluation is shared by the ranks too; rank 0 writes the results (the others return None)
     if not cfg.pretraining:
@@ -215,8 +239,23 @@ def run_training(cfg, device, rank=0, world_size=1):
         after["answers"] = shared_answers(model, tokenizer, answered, device, cfg, template, rank, world_size)
     if not master:
         return None
-    return reports.report_run(cfg, model, optimizer, mode, data, template, answered, before, after, rows, device,
-                              trainable, total, tokens_seen, run_id)
+    return report_run(
+        cfg,
+        model,
+        optimizer,
+        mode,
+        data,
+        template,
+        answered,
+        before,
+        after,
+        rows,
+        device,
+        trainable,
+        total,
+        tokens_seen,
+        run_id,
+    )
 
 
 @torch.no_grad()
@@ -229,7 +268,7 @@ def mean_token_loss(model, batches, device, rank=0, world_size=1):
     model.eval()
     loss_sum, count = 0.0, 0
     for x, y in batches[rank::world_size]:
-        with common.autocast_context(device):
+        with runs.autocast_context(device):
             _, loss = model(x.to(device), y.to(device))
         targets = int((y != -100).sum())
         if targets:  # a batch without targets has a NaN mean and adds nothing
@@ -245,9 +284,9 @@ def mean_token_loss(model, batches, device, rank=0, world_size=1):
 
 
 def shared_answers(model, tokenizer, examples, device, cfg, template, rank=0, world_size=1):
-    """Greedy answers to the examples (answers.answer_examples), each rank answering examples rank, rank +
+    """Greedy answers to the examples (answer_examples), each rank answering examples rank, rank +
     world_size, ...; every rank gets all the answers, in order (a greedy answer does not depend on its batch)."""
-    mine = answers.answer_examples(model, tokenizer, examples[rank::world_size], device, cfg.max_new_tokens, template)
+    mine = answer_examples(model, tokenizer, examples[rank::world_size], device, cfg.max_new_tokens, template)
     if world_size == 1:
         return mine
     shares = [None] * world_size
@@ -255,40 +294,15 @@ def shared_answers(model, tokenizer, examples, device, cfg, template, rank=0, wo
     return [shares[i % world_size][i // world_size] for i in range(len(examples))]
 
 
-def save_checkpoint(model, optimizer, cfg, tokenizer_name, mode, step, rows, before, path, run_id, base_sha256=None):
-    """Pretraining and full fine-tuning save every weight; LoRA saves only what trained (the adapter file is the
-    shareable artefact, ckpt.pt adds the optimizer state needed to resume). Everything in ckpt.pt is a tensor or a
-    plain container, so it loads with torch.load(weights_only=True). The step's files (ckpt.pt, the adapter, log.csv and
-    loss.png) are renamed into place together once all are written, so a full disk leaves the last step's whole."""
-    ckpt = {"model_config": vars(model.config).copy(), "tokenizer": tokenizer_name, "train_config": asdict(cfg),
-            "mode": mode, "iter": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "log": rows,
-            "before": before, "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-            "run_id": run_id}
-    if mode in ("lora", "qlora"):
-        ckpt["trainable"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        # the adapter describes its own base, so chat.py needs no other file of the run; with the base's fingerprint
-        # and tokenizer it loads on no other base
-        trained_on = {"run_id": run_id, "init_from": cfg.init_from, "finetune": mode, "step": step,
-                      "prompt_template": instructions.resolve_template(cfg.prompt_template, tokenizer_name),
-                      "tokenizer": tokenizer_name, "base_sha256": base_sha256}
-    else:
-        ckpt["model"] = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    with common.write_together():
-        if mode in ("lora", "qlora"):
-            save_adapter(model, os.path.dirname(path), metadata=trained_on)  # adapter_model.safetensors + its config
-        common.save_atomic(ckpt, path)
-        reports.write_train_log(rows, cfg, mode)
-
-
 def train(cfg):
     """Run one job; returns its summary. Settings left at 0 get the job's default first (resolve_defaults). The run
-    owns out_dir while it lasts: a second run on the same folder is refused (safety.lock_out_dir). Under torchrun
+    owns out_dir while it lasts: a second run on the same folder is refused (runs.lock_out_dir). Under torchrun
     rank 0 alone writes to out_dir, so it holds the lock for all ranks."""
     resolve_defaults(cfg)
-    device = common.pick_device(cfg.device)  # a --device this machine lacks is refused before anything is loaded
+    device = runs.pick_device(cfg.device)  # a --device this machine lacks is refused before anything is loaded
     ddp = "RANK" in os.environ  # started by torchrun
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    config_checks.check_train_config(cfg, device, world_size)
+    cli.check_train_config(cfg, device, world_size)
     if ddp:
         if device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this process's GPU
@@ -296,7 +310,7 @@ def train(cfg):
         if rank != 0:  # one voice: the other ranks' prints would repeat rank 0's (errors still reach stderr)
             sys.stdout, cfg.progress = open(os.devnull, "w"), False
     try:
-        with safety.lock_out_dir(cfg.out_dir) if rank == 0 else nullcontext():
+        with runs.lock_out_dir(cfg.out_dir) if rank == 0 else nullcontext():
             return run_training(cfg, device, rank, world_size)
     finally:
         if ddp:
@@ -304,11 +318,9 @@ def train(cfg):
 
 
 def parse_args(argv=None):
-    return common.parse_config(TrainConfig, argv, __doc__, aliases={"data_path": "dataset"})
+    return cli.parse_config(TrainConfig, argv, __doc__, aliases={"data_path": "dataset"})
 
 
 if __name__ == "__main__":
-    try:
+    with cli.one_line_errors():
         train(parse_args())
-    except safety.main_errors() as e:
-        sys.exit(safety.error_line(e))

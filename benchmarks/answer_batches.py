@@ -19,10 +19,10 @@ import torch
 
 import train
 from lora import apply_lora
-from support.checkpoints import load_base_model
 from support.answers import answer_examples
+from support.checkpoints import load_base_model
+from support.cli import error_line, main_errors
 from support.instructions import InstructionData, example_prompt, resolve_template
-from support.safety import error_line, main_errors
 from support.tokenizer import get_tokenizer
 
 BATCH = 64  # answer_examples's batch size

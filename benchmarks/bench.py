@@ -41,7 +41,8 @@ from lora import apply_lora, merge_lora
 from model import GPT, count_parameters
 from quantize import quantize_model, quantize_nf4
 from support import fast_dequantize
-from support.common import REPO_DIR, peak_memory_bytes, reset_peak_memory
+from support.files import REPO_DIR
+from support.runs import peak_memory_bytes, reset_peak_memory
 
 SHAPES = {  # model shape, and the work done with it
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024, batch=4, seq=128, new_tokens=64),

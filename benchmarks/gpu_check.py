@@ -12,7 +12,7 @@ The steps, each recorded as ok, failed (with its error) or skipped (with the rea
            counted.
   default  the default job, `python train.py` (LoRA instruction tuning of the tiny base, pretrained first if
            checkpoints/tiny-base is missing), run as train.py runs it: with bf16 autocast on a GPU that computes in
-           bf16 natively (Ampere and later). On an older GPU support.common.autocast_context falls back to fp32 (such
+           bf16 natively (Ampere and later). On an older GPU support.runs.autocast_context falls back to fp32 (such
            GPUs report bf16 support only through emulation, which is slower than fp32); the table says which ran.
            On the CPU: a random 2-layer base and 4 steps, the same code path.
   compile  the same job for a few steps with --compile off and on: the same losses, the time per step after the
@@ -29,9 +29,8 @@ It writes one JSON file (benchmarks/gpu_check_<device>.json unless --out) and pr
 """
 
 import argparse
-import json
-import os
 import math
+import os
 import platform
 import re
 import statistics
@@ -43,8 +42,8 @@ import traceback
 
 import torch
 
-from support.common import (REPO_DIR, autocast_context, peak_memory_bytes, process_status_bytes, reset_peak_memory,
-                            write_json_atomic)
+from support.files import REPO_DIR, write_json_atomic
+from support.runs import autocast_context, peak_memory_bytes, process_status_bytes, reset_peak_memory
 
 STEPS = ("suite", "default", "compile", "memory", "ddp")
 MIB = 2**20
@@ -323,7 +322,7 @@ def step_ddp(args, work):
     import csv
 
     import train
-    from support.common import config_flags
+    from support.cli import config_flags
     from train import TrainConfig, resolve_defaults
 
     base = random_base(os.path.join(work, "ddp-base"))

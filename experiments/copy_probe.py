@@ -20,8 +20,8 @@ import random
 import torch
 import torch.nn.functional as F
 
-from support.tokenizer import get_tokenizer
 from support.checkpoints import load_checkpoint_model
+from support.tokenizer import get_tokenizer
 
 
 def random_words(rng, count=12):

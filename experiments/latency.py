@@ -35,12 +35,12 @@ import time
 import torch
 
 import lora
+from model import GPT, GPTConfig
 from other_methods.adapters import apply_adapters
-from support.common import write_json_atomic
 from other_methods.ia3 import apply_ia3
 from other_methods.llama_adapter import apply_llama_adapter
-from model import GPT, GPTConfig
 from other_methods.prefix_tuning import apply_prefix_tuning
+from support.files import write_json_atomic
 
 SHAPES = {  # name -> (GPTConfig, Houlsby bottleneck m)
     "gpt2": (GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768), 64),

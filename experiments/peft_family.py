@@ -53,13 +53,21 @@ from other_methods.intrinsic import IntrinsicDimension
 from other_methods.llama_adapter import apply_llama_adapter
 from other_methods.prefix_tuning import apply_prefix_tuning
 from other_methods.qlora_init import apply_qlora, start_error
-from support.checkpoints import load_base_model
-from support.common import peak_memory_bytes, reset_peak_memory, save_figure_atomic, training_state_bytes, write_csv_atomic
 from support.answers import answer_examples, score_responses
+from support.checkpoints import load_base_model
+from support.files import save_figure_atomic, write_csv_atomic
 from support.instructions import InstructionData
-from train import mean_token_loss
 from support.optim import lr_at_step
-from support.sms_data import balance_classes, encode_messages, evaluate_classifier, load_messages, make_batches, split_messages
+from support.runs import peak_memory_bytes, reset_peak_memory, training_state_bytes
+from support.sms_data import (
+    balance_classes,
+    encode_messages,
+    evaluate_classifier,
+    load_messages,
+    make_batches,
+    split_messages,
+)
+from train import mean_token_loss
 
 LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # learning rates, half a decade apart
 CENTER = {  # method -> the middle of the three rates its sweep starts with

@@ -25,7 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from support.checkpoints import ensure_tiny_base
-from support.common import HelpFormatter, run_script, save_figure_atomic, write_csv_atomic
+from support.cli import HelpFormatter, run_script
+from support.files import save_figure_atomic, write_csv_atomic
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 TARGET_SETS = ("q", "q,v", "q,k,v,o", "all-linear")

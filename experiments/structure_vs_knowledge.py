@@ -25,10 +25,11 @@ import os
 import random
 import re
 
-from support.checkpoints import load_checkpoint_model, load_finetuned
-from support.common import REPO_DIR, run_script, save_figure_atomic, write_csv_atomic
 from data import make_instructions  # its word lists, facts, phrasings and phrasing split are reused here
 from support.answers import answer_examples, contains_answer
+from support.checkpoints import load_checkpoint_model, load_finetuned
+from support.cli import run_script
+from support.files import REPO_DIR, save_figure_atomic, write_csv_atomic
 from support.tokenizer import get_tokenizer
 
 KINDS = {"plural": "rule", "past_tense": "rule", "capital": "fact", "animal_class": "fact"}

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from support.checkpoints import load_base_model
-from support.common import save_figure_atomic
+from support.files import save_figure_atomic
 
 
 def subspace_similarity(A1, A2, i, j):

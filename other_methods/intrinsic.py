@@ -38,8 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from support.common import save_safetensors_atomic, write_json_atomic
-from support.safety import read_saved_pair
+from support.files import read_saved_pair, save_safetensors_atomic, write_json_atomic
 
 WEIGHTS, CONFIG = "intrinsic.safetensors", "intrinsic_config.json"
 

@@ -37,9 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import dense_weight
-
-from other_methods.prefix_tuning import find_gpt
 from other_methods import check_new_adapter, train_only
+from other_methods.prefix_tuning import find_gpt
 
 
 class AdaptedAttention(nn.Module):

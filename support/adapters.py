@@ -20,8 +20,14 @@ import os
 import torch
 
 from lora import lora_scaling, replace_module
-from support.common import write_bytes_atomic, write_json_atomic
-from support.safety import UserError, check_tensors_match, first_line, read_saved_pair
+from support.files import (
+    UserError,
+    check_tensors_match,
+    first_line,
+    read_saved_pair,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 METHODS = {  # a wrapper's `method` -> the apply_* function that builds adapters of that kind
@@ -33,7 +39,7 @@ METHODS = {  # a wrapper's `method` -> the apply_* function that builds adapters
 }
 # The largest alpha / r (rsLoRA: alpha / sqrt(r)) a LoRA adapter may have: the usual 2 x rank gives 2, rsLoRA at rank
 # 256 about 32. A scaling beyond this is a damaged or hand-edited file (alpha 1e30 makes every answer blank), or a
-# setting that could not train (config_checks refuses it before a run starts).
+# setting that could not train (support.cli refuses it before a run starts).
 MAX_LORA_SCALING = 1000.0
 
 

@@ -6,8 +6,8 @@ from collections import Counter
 
 import torch
 
+from support.files import UserError
 from support.instructions import example_prompt
-from support.safety import UserError
 
 
 def check_max_new_tokens(max_new_tokens, block_size):

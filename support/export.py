@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from model import PRETRAINED
 from support.adapters import read_adapter_config
 from support.checkpoints import TINY_BASE_DIR, load_base_model, load_finetuned
-from support.common import parse_config, user_cache_dir
+from support.cli import error_line, main_errors, parse_config
+from support.files import UserError, user_cache_dir
 from support.hf_format import export_merged_hf, hf_base_name
 from support.peft_format import export_peft
-from support.safety import UserError, error_line, main_errors
 
 
 @dataclass

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import quantize
-from support.common import user_cache_dir
+from support.files import user_cache_dir
 
 PATHS = ("reference", "table", "kernel")
 

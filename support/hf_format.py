@@ -14,8 +14,8 @@ import torch.nn as nn
 from lora import TARGETS
 from support.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from support.checkpoints import HF_TOKENIZERS
-from support.common import save_safetensors_atomic, sync_directory, write_json_atomic
-from support.safety import LOCK_FILE, UserError, lock_out_dir, process_is_alive, read_json
+from support.files import UserError, read_json, save_safetensors_atomic, sync_directory, write_json_atomic
+from support.runs import LOCK_FILE, lock_out_dir, process_is_alive
 
 # apply_lora's short target -> the GPT-2 module that holds it (c_attn's output rows: q, then k, then v)
 HF_MODULE = {**dict.fromkeys("qkv", "attn.c_attn"), "o": "attn.c_proj", "mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"}

@@ -4,7 +4,7 @@ chat conversations, each checked before anything trains on it (one line naming t
 import json
 import os
 
-from support.common import DOWNLOAD_DIR, REPO_DIR, download_file
+from support.files import DOWNLOAD_DIR, REPO_DIR, download_file
 from support.tokenizer import EOT_TEXT  # the text both tokenizers read as the end-of-text token
 
 CHAT_ROLES = ("system", "user", "assistant")

@@ -5,8 +5,8 @@ import bisect
 
 import torch
 
+from support.files import UserError
 from support.instruction_files import load_examples, split_examples
-from support.safety import UserError
 
 PROMPT_HEADER = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."

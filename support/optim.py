@@ -1,8 +1,4 @@
-"""
-The optimizer and its schedule, shared by train.py and finetune_classifier.py (and the experiments' own loops). Each
-function takes the numbers it uses, as nanoGPT's configure_optimizers(weight_decay, learning_rate, betas) and
-get_lr(it) do, so any loop can call them without a config object.
-"""
+"""The optimizer and its schedule for every training loop here; each takes the numbers it uses, as nanoGPT's do."""
 
 import math
 
@@ -10,10 +6,8 @@ import torch
 
 
 def make_optimizer(model, learning_rate, weight_decay, betas, loraplus_ratio=1.0):
-    """AdamW (Loshchilov & Hutter 2019) over the trainable parameters. Matrices (dim >= 2) get weight decay; biases and
-    LayerNorm gains do not (decaying them only fights the normalisation). With loraplus_ratio != 1, LoRA's B matrices
-    get that many times A's rate (LoRA+, lora.lora_param_groups). Each group remembers its rate as a multiple of
-    learning_rate ("lr_scale"), which set_learning_rate keeps as the schedule moves."""
+    """AdamW over the trainable parameters, weight decay on matrices only (decaying gains fights the normalisation);
+    loraplus_ratio != 1: LoRA's B at that many times A's rate (LoRA+). Each group keeps its rate's "lr_scale"."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if loraplus_ratio != 1.0:
         from lora import lora_param_groups
@@ -30,8 +24,7 @@ def make_optimizer(model, learning_rate, weight_decay, betas, loraplus_ratio=1.0
 
 
 def lr_at_step(step, learning_rate, warmup_iters, max_iters, min_lr_ratio):
-    """Linear warmup over warmup_iters steps, then cosine decay to min_lr_ratio x learning_rate at max_iters (as in
-    GPT-3 / nanoGPT)."""
+    """Linear warmup, then cosine decay to min_lr_ratio x learning_rate at max_iters (GPT-3, nanoGPT)."""
     if step < warmup_iters:
         return learning_rate * (step + 1) / warmup_iters
     progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
@@ -46,8 +39,7 @@ def set_learning_rate(optimizer, lr):
 
 
 def clip_gradients(model, max_norm):
-    """Scale the trainable parameters' gradients to a global norm of at most max_norm (0 = no clipping); returns the
-    norm before clipping, which the loops check for NaN and infinity."""
+    """Clip the trainable parameters' gradients to a global norm of max_norm (0: none) -> the norm before clipping."""
     params = [p for p in model.parameters() if p.requires_grad]
     # max_norm = inf only measures: the scale factor min(1, inf / norm) is exactly 1
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))

@@ -13,9 +13,8 @@ import torch
 
 from lora import TARGETS, DoRALinear, LoRALinear, dense_weight, lora_scaling
 from support import adapters
-from support.common import save_safetensors_atomic, write_bytes_atomic
+from support.files import UserError, file_sha256, read_saved_pair, save_safetensors_atomic, write_bytes_atomic
 from support.hf_format import HF_MODULE, WRITTEN_BY, export_folder, safetensors_header, write_hf_checkpoint
-from support.safety import UserError, file_sha256, read_saved_pair
 
 PEFT_PREFIX = "base_model.model.transformer.h."
 GPT2_MODULES = tuple(dict.fromkeys(HF_MODULE.values()))  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj

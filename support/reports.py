@@ -4,7 +4,7 @@ fine-tuning, and summary.json at the end, which records every setting as the fla
 import os
 from dataclasses import asdict
 
-from support import common
+from support import files, runs
 from support.answers import contains_answer, score_responses
 from support.instructions import chat_prompt
 from support.sms_data import LABELS, format_confusion
@@ -14,7 +14,7 @@ def write_log(rows, out_dir, title, plot_name, x, x_label, metrics):
     """log.csv (one row per step or epoch) and a plot of each (metric, label), train next to validation."""
     from matplotlib.figure import Figure  # no pyplot: works headless and leaves a notebook's backend alone
 
-    common.write_csv_atomic(rows, os.path.join(out_dir, "log.csv"), list(rows[0]))
+    files.write_csv_atomic(rows, os.path.join(out_dir, "log.csv"), list(rows[0]))
     fig = Figure(figsize=(1 + 4.5 * len(metrics), 3.8))
     for ax, (metric, label) in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
         for split, style, name in (("train", "-", "train"), ("val", "o-", "validation")):
@@ -24,7 +24,7 @@ def write_log(rows, out_dir, title, plot_name, x, x_label, metrics):
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    common.save_figure_atomic(fig, os.path.join(out_dir, plot_name))
+    files.save_figure_atomic(fig, os.path.join(out_dir, plot_name))
 
 
 PLOTS = {  # the program -> (its plot, the x column and label, each (metric, label) plotted)
@@ -159,16 +159,16 @@ def report_run(
     summary |= {"val_loss_before": before["val_loss"], "val_loss_after": (rows[-1] if rows else before)["val_loss"]}
     summary |= {"steps": cfg.max_iters, "tokens": tokens_seen, "seconds": rows[-1]["seconds"] if rows else 0.0}
     summary["seconds_per_step"] = rows[-1]["seconds"] / len(rows) if rows else None
-    summary |= {"peak_memory_bytes": common.peak_memory_bytes(device), "device": device, "run_id": run_id}
-    summary |= {"training_state_bytes": common.training_state_bytes(model, optimizer), "config": asdict(cfg)}
+    summary |= {"peak_memory_bytes": runs.peak_memory_bytes(device), "device": device, "run_id": run_id}
+    summary |= {"training_state_bytes": runs.training_state_bytes(model, optimizer), "config": asdict(cfg)}
     if not cfg.pretraining:
         summary["test_loss_before"], summary["test_loss_after"] = before["test_loss"], after["test_loss"]
-    peak = common.memory_text(summary["peak_memory_bytes"])
+    peak = runs.memory_text(summary["peak_memory_bytes"])
     print(
         f"validation loss: {summary['val_loss_before']:.4f} before -> {summary['val_loss_after']:.4f} after "
         f"{cfg.max_iters} steps in {summary['seconds']:.0f} s; peak memory {peak}"
     )
-    with common.write_together():  # samples.json, answers.csv and summary.json: all of them or none
+    with files.write_together():  # samples.json, answers.csv and summary.json: all of them or none
         if not cfg.pretraining:
             summary["prompt_template"] = template
             fields, by_kind, records = answer_report(answered, before["answers"], after["answers"])
@@ -179,15 +179,15 @@ def report_run(
                 given = f"\n    input:    {shown['input']}" if shown.get("input") else ""
                 print(f"\n### {shown['instruction']}{given}\n    expected: {shown['output']}")
                 print(f"    before:   {record['before']}\n    after:    {record['after']}")
-            common.write_json_atomic(records, os.path.join(cfg.out_dir, "samples.json"))
+            files.write_json_atomic(records, os.path.join(cfg.out_dir, "samples.json"))
             if by_kind:
-                common.write_csv_atomic(by_kind, os.path.join(cfg.out_dir, "answers.csv"), list(by_kind[0]))
+                files.write_csv_atomic(by_kind, os.path.join(cfg.out_dir, "answers.csv"), list(by_kind[0]))
                 print_answer_table(by_kind, fields)
             print(f"\ntest loss: {summary['test_loss_before']:.4f} before -> {summary['test_loss_after']:.4f} after")
         print(
-            f"{mode}: {trainable:,} trainable / {total:,} total parameters; outputs in {common.shown_path(cfg.out_dir)}"
+            f"{mode}: {trainable:,} trainable / {total:,} total parameters; outputs in {files.shown_path(cfg.out_dir)}"
         )
-        common.write_json_atomic(summary, os.path.join(cfg.out_dir, "summary.json"))
+        files.write_json_atomic(summary, os.path.join(cfg.out_dir, "summary.json"))
     return summary
 
 
@@ -210,9 +210,9 @@ def write_classifier_summary(cfg, model, optimizer, before, after, splits, trunc
     summary |= {"epochs": cfg.epochs, "steps": run["steps"], "learning_rate": run["learning_rate"]}
     summary |= {"seconds": round(seconds, 3), "total_seconds": round(run["total_seconds"], 3)}
     summary |= {"cached_blocks": run["cached_blocks"], "trunk_cache_seconds": round(run["cache_seconds"], 3)}
-    summary |= {"peak_memory_bytes": peak, "training_state_bytes": common.training_state_bytes(model, optimizer)}
+    summary |= {"peak_memory_bytes": peak, "training_state_bytes": runs.training_state_bytes(model, optimizer)}
     summary |= {"config": asdict(cfg), "run_id": run["run_id"]}
-    common.write_json_atomic(summary, os.path.join(cfg.out_dir, "summary.json"))
+    files.write_json_atomic(summary, os.path.join(cfg.out_dir, "summary.json"))
     print(
         f"\naccuracy: train {summary['train_accuracy']:.1%}, validation {summary['val_accuracy']:.1%}, test "
         f"{summary['test_accuracy']:.1%} (test before fine-tuning: {summary['test_accuracy_before']:.1%})"
@@ -220,6 +220,6 @@ def write_classifier_summary(cfg, model, optimizer, before, after, splits, trunc
     print(f"test confusion matrix:\n{format_confusion(after['test']['confusion'])}")
     print(
         f"{cfg.mode}: {trainable:,} trainable / {total:,} total parameters; {seconds:.0f} s of training, "
-        f"peak memory {common.memory_text(peak)}; outputs in {common.shown_path(cfg.out_dir)}"
+        f"peak memory {runs.memory_text(peak)}; outputs in {files.shown_path(cfg.out_dir)}"
     )
     return summary

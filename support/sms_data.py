@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from support.common import DOWNLOAD_DIR, REPO_DIR, autocast_context, download_file
+from support.files import DOWNLOAD_DIR, REPO_DIR, download_file
+from support.runs import autocast_context
 
 LABELS = ("ham", "spam")  # class index -> name; spam = 1 is the "positive" class
 SMS_SAMPLE_PATH = os.path.join(REPO_DIR, "data", "sms_sample.tsv")  # 600 messages written for this repository

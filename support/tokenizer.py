@@ -1,11 +1,7 @@
 """
-Two tokenizers behind one small interface: .name, .vocab_size, .eot_token, .encode(text), .decode(ids).
-
-- "gpt2": OpenAI's byte-pair encoding through tiktoken, what the pretrained GPT-2 weights expect.
-- "bytes": UTF-8 bytes as tokens 0..255 plus <|endoftext|> = 256. It needs no file at all, which is
-  why the tiny models trained here use it: any text round-trips, and nothing has to be downloaded.
-
-In both, the literal text "<|endoftext|>" encodes to the end-of-text token.
+Two tokenizers with .name, .vocab_size, .eot_token, .encode(text), .decode(ids): "gpt2" (OpenAI's BPE through tiktoken,
+what GPT-2's weights expect) and "bytes" (UTF-8 bytes 0..255 and <|endoftext|> = 256: no file, any text round-trips,
+so the tiny models use it). In both the text "<|endoftext|>" encodes to the end-of-text token.
 """
 
 EOT_TEXT = "<|endoftext|>"

@@ -95,17 +95,17 @@ def no_network(monkeypatch):
 def crash_after_checkpoint(monkeypatch):
     """Call it to make the next train.train run die (KeyboardInterrupt) right after its first checkpoint is written, as
     a killed run would; call the function it returns to restore the real save_checkpoint."""
-    import train
+    from support import resume
 
     def install():
-        real_save = train.save_checkpoint
+        real_save = resume.save_checkpoint
 
         def save_then_crash(*args, **kwargs):
             real_save(*args, **kwargs)
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
-        return lambda: monkeypatch.setattr(train, "save_checkpoint", real_save)
+        monkeypatch.setattr(resume, "save_checkpoint", save_then_crash)
+        return lambda: monkeypatch.setattr(resume, "save_checkpoint", real_save)
 
     return install
 

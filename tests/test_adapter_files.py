@@ -5,11 +5,11 @@ import os
 
 import pytest
 import torch
+from test_lora import randomize_lora, tiny_gpt
 
 from lora import apply_lora
-from support.adapters import load_adapter, save_adapter
 from support import adapters as adapter_files
-from test_lora import randomize_lora, tiny_gpt
+from support.adapters import load_adapter, save_adapter
 
 
 def saved_adapter(tmp_path):

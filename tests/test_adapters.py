@@ -5,11 +5,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from other_methods.adapters import AdapterLayerNorm, AdapterLinear, apply_adapters, bottleneck_parameter_count
-from support.adapters import (active_adapter, add_adapter, adapter_names, adapter_tensors, delete_adapter,
-                              disable_adapters, load_adapter, save_adapter, set_adapter)
 from model import GPT, GPTConfig
+from other_methods.adapters import AdapterLayerNorm, AdapterLinear, apply_adapters, bottleneck_parameter_count
 from quantize import Linear4bit
+from support.adapters import (
+    active_adapter,
+    adapter_names,
+    adapter_tensors,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    save_adapter,
+    set_adapter,
+)
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 

@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 import pytest
+from test_train import tiny_pretrain_config
 
 import train
 from benchmarks import answer_batches
 from support.instructions import InstructionData, example_prompt, resolve_template
 from support.tokenizer import get_tokenizer
-from test_train import tiny_pretrain_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -82,7 +82,7 @@ def test_cpu_peak_memory_sees_a_known_allocation_and_forgets_it_after_a_reset():
     the peak, fails one of the two)."""
     import torch
 
-    from support.common import peak_memory_bytes, reset_peak_memory
+    from support.runs import peak_memory_bytes, reset_peak_memory
 
     bench.return_freed_memory("cpu")
     baseline = bench.current_memory_bytes("cpu")

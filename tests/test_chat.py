@@ -8,15 +8,15 @@ import sys
 
 import pytest
 import torch
+from conftest import WritesMarker
 
 import chat
 import lora
-from support.adapters import save_adapter
 import train
 from support import checkpoints
+from support.adapters import save_adapter
 from support.answers import answer
 from support.tokenizer import get_tokenizer
-from conftest import WritesMarker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINES = "Name a color.\n\n   \nGive an antonym of 'hot'.\nSay hi.\n"  # three instructions, two blank lines

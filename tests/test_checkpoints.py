@@ -10,7 +10,7 @@ import torch
 import train
 from model import GPT, GPTConfig
 from support import checkpoints
-from support.safety import UserError
+from support.files import UserError
 from train import TrainConfig, resolve_defaults
 
 
@@ -56,12 +56,12 @@ def test_unknown_base_lists_valid_ones():
 
 def test_download_then_load_offline_from_file_urls(hf_dir, tmp_path, monkeypatch):
     """The real download path, fed from local files: pretend the hub lives in hf_dir. Both the lesson's
-    GPT.from_pretrained("gpt2") and the programs' checked load_hf_model download once and load the same weights."""
+    GPT.from_pretrained("gpt2") and the programs' load_base_model download once and load the same weights."""
     directory, hf = hf_dir
     monkeypatch.setattr(checkpoints, "HF_URL", "file://" + directory + "/{file}")
     monkeypatch.setenv("NANOQLORA_CACHE", str(tmp_path))
     idx = torch.randint(0, 50257, (1, 10))
-    for load in (GPT.from_pretrained, checkpoints.load_hf_model):
+    for load in (GPT.from_pretrained, lambda name: checkpoints.load_base_model(name)[0]):
         ours = load("gpt2")
         assert sorted(os.listdir(tmp_path / "gpt2")) == ["config.json", "model.safetensors"]
         with torch.no_grad():
@@ -89,10 +89,10 @@ def test_a_config_whose_shapes_the_weights_do_not_have_is_refused_before_loading
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "n_embd": 200_000, "n_head": 4}))
     with pytest.raises(ValueError, match=r"wte.weight is \(50257, 64\) but .*config.json implies \(50257, 200000\)"):
-        checkpoints.load_hf_model(str(directory))
+        checkpoints.load_base_model(str(directory))
     (directory / "config.json").write_text(json.dumps({**config, "n_head": 3}))
     with pytest.raises(ValueError, match="n_embd 64 is not divisible by n_head 3"):
-        checkpoints.load_hf_model(str(directory))
+        checkpoints.load_base_model(str(directory))
 
 
 @pytest.mark.parametrize("change, message", [({"n_head": 3}, "n_embd 64 is not divisible by n_head 3"),
@@ -159,10 +159,10 @@ def test_config_with_fewer_layers_than_the_weights_is_refused(hf_dir, tmp_path):
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "n_layer": 2}))  # the weights hold 3 layers
     with pytest.raises(ValueError, match=r"config.json says n_layer=2 but .*model.safetensors holds 3 layers"):
-        checkpoints.load_hf_model(str(directory))
+        checkpoints.load_base_model(str(directory))
     (directory / "config.json").write_text(json.dumps({**config, "n_layer": 4}))
     with pytest.raises(ValueError, match=r"config.json says n_layer=4 but .*model.safetensors holds 3 layers"):
-        checkpoints.load_hf_model(str(directory))
+        checkpoints.load_base_model(str(directory))
 
 
 def test_unreadable_hf_files_are_named(hf_dir, tmp_path):
@@ -171,9 +171,9 @@ def test_unreadable_hf_files_are_named(hf_dir, tmp_path):
     for text, problem in [("", "is not valid JSON"), (config[:40], "is not valid JSON"), ('{"n_layer": 3}', "lacks 'n_positions'")]:
         (directory / "config.json").write_text(text)
         with pytest.raises(ValueError, match=f"config.json {problem}"):
-            checkpoints.load_hf_model(str(directory))
+            checkpoints.load_base_model(str(directory))
     (directory / "config.json").write_text(config)
     weights = (directory / "model.safetensors").read_bytes()
     (directory / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
-        checkpoints.load_hf_model(str(directory))
+        checkpoints.load_base_model(str(directory))

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import train
-from support.config_checks import check_train_config
+from support.cli import check_train_config
 from train import TrainConfig, resolve_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

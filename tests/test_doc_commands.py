@@ -12,8 +12,8 @@ import chat
 import finetune_classifier
 import train
 from experiments import rank_sweep
-from support import config_checks, export
-from support.common import parse_config
+from support import cli, export
+from support.cli import parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", os.path.join("docs", "design.md"))
@@ -84,9 +84,9 @@ def test_each_command_parses_and_passes_the_checks(where, name, argv, capsys):
     except SystemExit:
         pytest.fail(f"{where}: `{name} {' '.join(argv)}` is refused: {capsys.readouterr().err.strip()}")
     if name == "train.py":
-        config_checks.check_train_config(train.resolve_defaults(cfg))
+        cli.check_train_config(train.resolve_defaults(cfg))
     if name == "chat.py":
-        config_checks.check_answer_flags(cfg)
+        cli.check_answer_flags(cfg)
 
 
 def test_the_check_catches_what_the_issue_found():

@@ -1,13 +1,13 @@
 """The downloaded instruction datasets, run offline: `--dataset instruction-data` and `--dataset alpaca` fetch their
 file once into data/downloads (here a temporary folder, from file:// URLs standing in for the canonical ones) through
-support.common.download_file, then train like any local file. (The SMS Spam Collection's zip: test_sms_data.py.)"""
+support.files.download_file, then train like any local file. (The SMS Spam Collection's zip: test_sms_data.py.)"""
 import json
 
 import pytest
 import torch
+from conftest import shared_data
 
 import train
-from conftest import shared_data
 from model import GPT, GPTConfig
 from support import instruction_files
 from train import TrainConfig, resolve_defaults

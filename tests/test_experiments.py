@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from experiments.copy_probe import copy_losses
-from experiments.subspace import subspace_similarity
 from experiments.structure_vs_knowledge import KINDS, build, shape_pattern
+from experiments.subspace import subspace_similarity
 
 
 def worded_like(ex, templates):

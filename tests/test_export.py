@@ -5,19 +5,20 @@ import json
 import os
 
 import pytest
-
 import test_train
-from support import checkpoints, export
-from support.safety import UserError, lock_out_dir
 from test_train import run_main
+
+from support import checkpoints, export
+from support.files import UserError
+from support.runs import lock_out_dir
 
 plain_run, small_base = test_train.plain_run, test_train.small_base  # test_train.py's fixtures: a run on a plain base
 
 
 def test_export_peft_and_hf_from_the_command_line(plain_run, tmp_path):
     import torch
-    from transformers import GPT2LMHeadModel
     from peft import PeftModel
+    from transformers import GPT2LMHeadModel
 
     _, run = plain_run
     export.export_run(export.parse_args(["--adapter", str(run), "--peft", str(tmp_path / "peft"), "--hf", str(tmp_path / "hf")]))

@@ -11,13 +11,13 @@ import sys
 
 import pytest
 import torch
+from conftest import WritesMarker
 
 import finetune_classifier as fc
-from support import checkpoints, sms_data
 from model import GPT, GPTConfig, count_parameters
 from quantize import Linear4bit
-from support.safety import UserError
-from conftest import WritesMarker
+from support import checkpoints, sms_data
+from support.files import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -293,7 +293,7 @@ def test_a_new_run_replaces_the_earlier_runs_files_and_one_run_owns_the_folder(t
     fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", dataset=data))
     assert not (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()  # the LoRA run's weights are gone
     assert sorted(os.listdir(tmp_path / "out")) == ["adapter", "classifier.json", "classifier.pt", "curves.png", "log.csv", "summary.json"]
-    from support.safety import lock_out_dir
+    from support.runs import lock_out_dir
 
     with lock_out_dir(str(tmp_path / "out")):  # another run holds the folder (its flock)
         with pytest.raises(UserError, match="is in use by another run"):

@@ -6,10 +6,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from support.adapters import (add_adapter, adapter_names, adapter_tensors, delete_adapter, disable_adapters,
-                              load_adapter, save_adapter, set_adapter)
-from other_methods.ia3 import IA3Linear, apply_ia3, ia3_parameter_count, merge_ia3
 from model import GPT, GPTConfig, hf_to_ours
+from other_methods.ia3 import IA3Linear, apply_ia3, ia3_parameter_count, merge_ia3
+from support.adapters import (
+    adapter_names,
+    adapter_tensors,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    save_adapter,
+    set_adapter,
+)
 from support.checkpoints import load_weights
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)

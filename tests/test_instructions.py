@@ -3,11 +3,25 @@ import json
 
 import pytest
 import torch
-
 from conftest import shared_data
+
 from support.answers import contains_answer, exact_match, score_responses, token_f1
 from support.instruction_files import load_answer_file, load_examples, split_examples, validate_examples
-from support.instructions import CHAT_TEMPLATE, LENGTH_WINDOW, PROMPT_HEADER, InstructionData, chat_prompt, collate, collate_packed, example_prompt, format_prompt, pack_examples, resolve_template, tokenize_conversation, tokenize_examples
+from support.instructions import (
+    CHAT_TEMPLATE,
+    LENGTH_WINDOW,
+    PROMPT_HEADER,
+    InstructionData,
+    chat_prompt,
+    collate,
+    collate_packed,
+    example_prompt,
+    format_prompt,
+    pack_examples,
+    resolve_template,
+    tokenize_conversation,
+    tokenize_examples,
+)
 from support.tokenizer import ByteTokenizer
 
 

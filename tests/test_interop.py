@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
-
 from conftest import randomize_weights
-from support.hf_format import export_merged_hf, save_hf_checkpoint
-from support.peft_format import export_peft, import_peft
+
 from lora import apply_lora
-from support.adapters import load_adapter, save_adapter
 from model import GPT, GPTConfig
 from quantize import quantize_model
+from support.adapters import load_adapter, save_adapter
+from support.hf_format import export_merged_hf, save_hf_checkpoint
+from support.peft_format import export_peft, import_peft
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -272,7 +272,7 @@ def edit_config(directory, **changes):
 def test_import_peft_refuses_settings_of_the_wrong_type_in_one_line(tmp_path, changes, message):
     base_dir, adapter_dir = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
     edit_config(adapter_dir, **changes)
-    from support.safety import UserError
+    from support.files import UserError
 
     with pytest.raises(UserError, match=message):
         import_peft(base_model(), adapter_dir)

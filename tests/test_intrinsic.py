@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from other_methods.intrinsic import Fastfood, IntrinsicDimension, fast_walsh_hadamard
 from model import GPT, GPTConfig, count_parameters
+from other_methods.intrinsic import Fastfood, IntrinsicDimension, fast_walsh_hadamard
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 

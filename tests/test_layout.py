@@ -52,7 +52,7 @@ def test_the_import_check_sees_a_violation(tmp_path):
     """A mutant model.py that imports support at module level (and another that imports quantize) is caught; the
     same import inside a function is allowed (a lesson may reach support code for an optional path)."""
     bad = tmp_path / "model.py"
-    bad.write_text("import torch\nfrom support.common import download_file\nimport quantize\n\n\ndef f():\n    import support\n")
+    bad.write_text("import torch\nfrom support.files import download_file\nimport quantize\n\n\ndef f():\n    import support\n")
     assert violations(str(bad), LESSONS["model"]) == ["model.py:2 imports support", "model.py:3 imports quantize"]
 
 

@@ -8,10 +8,18 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig, hf_to_ours
-from quantize import dequantize_model, quantize_model
-from support.adapters import (add_adapter, adapter_names, adapter_tensors, delete_adapter, disable_adapters,
-                              load_adapter, save_adapter, set_adapter)
 from other_methods.llama_adapter import AdaptedAttention, apply_llama_adapter, llama_adapter_parameter_count
+from quantize import dequantize_model, quantize_model
+from support.adapters import (
+    adapter_names,
+    adapter_tensors,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    save_adapter,
+    set_adapter,
+)
 from support.checkpoints import load_weights
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=3, n_head=2, n_embd=16)

@@ -12,8 +12,17 @@ import torch.nn.functional as F
 from lora import DoRALinear, LoRALinear, apply_lora, lora_param_groups, merge_lora, unmerge_lora
 from model import GPT, GPTConfig, count_parameters
 from quantize import Linear4bit
-from support.adapters import (active_adapter, adapter_names, adapter_size_report, add_adapter, delete_adapter,
-                              disable_adapters, load_adapter, save_adapter, set_adapter)
+from support.adapters import (
+    active_adapter,
+    adapter_names,
+    adapter_size_report,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    save_adapter,
+    set_adapter,
+)
 
 TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 

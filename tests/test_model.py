@@ -3,13 +3,12 @@ comparisons with transformers use weights of std 0.2 (conftest.randomize_weights
 attention scale or a missing LayerNorm weight is 1e-3 or more away, and the tolerance is 5e-5; the ones that matter on
 a GPU run on every device present (the `device` fixture)."""
 import copy
-import os
 
 import pytest
 import torch
+from conftest import randomize_weights
 
 import model as model_module
-from conftest import randomize_weights
 from model import GPT, GPTConfig, KVCache, count_parameters, sample_next_token
 
 transformers = pytest.importorskip("transformers")

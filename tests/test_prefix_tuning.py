@@ -6,10 +6,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support.adapters import (add_adapter, adapter_names, delete_adapter, disable_adapters, load_adapter, save_adapter,
-                              set_adapter)
 from model import GPT, GPTConfig, KVCache, hf_to_ours
-from other_methods.prefix_tuning import PrefixTuning, activations_of_tokens, apply_prefix_tuning, prefix_of, prefix_parameter_count
+from other_methods.prefix_tuning import (
+    PrefixTuning,
+    activations_of_tokens,
+    apply_prefix_tuning,
+    prefix_of,
+    prefix_parameter_count,
+)
+from support.adapters import (
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    save_adapter,
+    set_adapter,
+)
 from support.checkpoints import load_weights
 
 TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)

@@ -5,10 +5,9 @@ import zipfile
 from collections import Counter
 
 import pytest
-import torch
+from conftest import shared_data
 
 from support import sms_data as classifier
-from conftest import shared_data
 
 
 def write(tmp_path, text, name="sms.tsv"):

@@ -14,16 +14,16 @@ import time
 
 import pytest
 import torch
+from conftest import WritesMarker
 
 import chat
 import train
-from lora import DoRALinear
 from chat import ChatConfig
-from support import answers, checkpoints, config_checks, export, instruction_files, instructions, reports, resume
-from support.common import write_json_atomic
-from support.safety import UserError, lock_out_dir
+from lora import DoRALinear
+from support import answers, checkpoints, cli, export, instruction_files, instructions, reports, resume
+from support.files import UserError, write_json_atomic
+from support.runs import lock_out_dir
 from train import TrainConfig, mean_token_loss, parse_args, resolve_defaults
-from conftest import WritesMarker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,11 +82,11 @@ def test_parse_args_types():
 
 def test_bad_combinations_are_clear_errors():
     with pytest.raises(ValueError, match="--finetune lora"):
-        config_checks.check_train_config(TrainConfig(finetune="full", quantize="nf4"))
+        cli.check_train_config(TrainConfig(finetune="full", quantize="nf4"))
     with pytest.raises(ValueError, match="'lora' or 'full'"):
-        config_checks.check_train_config(TrainConfig(finetune="adapter"))
+        cli.check_train_config(TrainConfig(finetune="adapter"))
     with pytest.raises(ValueError, match="--init_from scratch --dataset stdlib"):
-        config_checks.check_train_config(TrainConfig(init_from="scratch", dataset="embedded"))
+        cli.check_train_config(TrainConfig(init_from="scratch", dataset="embedded"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoints.load_checkpoint_model("/nonexistent/ckpt.pt")
 
@@ -176,8 +176,8 @@ def test_batched_answers_equal_one_at_a_time(small_base):
     assert batched == alone
     # the trained base answers alike with or without the filler in view; a random one (weights of std 0.2) does not
     import torch
-
     from conftest import randomize_weights
+
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = randomize_weights(GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval(), seed=3)
