@@ -39,7 +39,7 @@ class ChatConfig:
     # answering
     base: bool = True  # also answer with the base (the adapter switched off), beside the tuned model
     prompt_template: Literal["auto", "alpaca", "compact", "bare"] = "auto"  # auto: the adapter's own (else bare for the
-                                                                            # byte-level base, alpaca for GPT-2)
+    #   byte-level base, alpaca for GPT-2)
     max_new_tokens: int = 80  # tokens generated per answer
     device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cuda' (or cuda:N), 'mps' or 'cpu'
     # answer and exit, instead of a conversation
@@ -57,8 +57,10 @@ def load(cfg, device):
     elif not os.path.isfile(os.path.join(cfg.adapter, ADAPTER_CONFIG)):
         full_run = os.path.isfile(os.path.join(cfg.adapter, "ckpt.pt"))
         fix = f"a full-weight run: --init_from {cfg.adapter} --adapter none" if full_run else "train one (train.py)"
-        raise UserError(f"--adapter {cfg.adapter}: no LoRA adapter there ({ADAPTER_CONFIG} missing); {fix}, or talk "
-                        f"to the base alone with --adapter none")
+        raise UserError(
+            f"--adapter {cfg.adapter}: no LoRA adapter there ({ADAPTER_CONFIG} missing); {fix}, or talk "
+            f"to the base alone with --adapter none"
+        )
     template = cfg.prompt_template
     if cfg.adapter:
         model, tokenizer_name = load_finetuned(cfg.adapter, cfg.init_from, device)
@@ -94,8 +96,10 @@ def answer_file(cfg):
     if scored:
         overall, by_kind, _ = score_responses([ex for ex, _ in scored], [r for _, r in scored])
         for kind, scores in list(by_kind.items()) + [("all", overall)]:
-            print(f"  {kind:14s} " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                                for k, v in scores.items()))
+            print(
+                f"  {kind:14s} "
+                + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
+            )
 
 
 def instructions(interactive):
@@ -122,9 +126,13 @@ def chat(cfg, interactive=None):
     interactive = sys.stdin.isatty() if interactive is None else interactive
     trained_on = read_adapter_config(cfg.adapter)["metadata"] if adapter else {}
     base_name = trained_on["init_from"] if adapter and cfg.init_from == "tiny" else cfg.init_from  # as loaded
-    print(f"base: {base_name}" + (f"; tuned: {cfg.adapter} ({trained_on['finetune']}, "
-          f"step {trained_on.get('step', '?')})" if adapter else "") + f"; {template} template, greedy answers"
-          + (". Type an instruction; Ctrl-D ends." if interactive else ""), flush=True)
+    print(
+        f"base: {base_name}"
+        + (f"; tuned: {cfg.adapter} ({trained_on['finetune']}, step {trained_on.get('step', '?')})" if adapter else "")
+        + f"; {template} template, greedy answers"
+        + (". Type an instruction; Ctrl-D ends." if interactive else ""),
+        flush=True,
+    )
     transcript = []
     for instruction in instructions(interactive):
         base_answer = tuned_answer = None

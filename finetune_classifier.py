@@ -70,8 +70,15 @@ from support.tokenizer import get_tokenizer
 
 MODES = ("head", "last_block", "lora", "qlora", "full")
 DEFAULT_LEARNING_RATES = {"head": 1e-2, "last_block": 5e-4, "lora": 2e-3, "qlora": 2e-3, "full": 1e-4}
-CLASSIFIER_FILES = ("classifier.json", "classifier.pt", "adapter/adapter_model.safetensors",  # what a run writes
-                    "adapter/adapter_config.json", "summary.json", "log.csv", "curves.png")
+CLASSIFIER_FILES = (
+    "classifier.json",
+    "classifier.pt",
+    "adapter/adapter_model.safetensors",  # what a run writes
+    "adapter/adapter_config.json",
+    "summary.json",
+    "log.csv",
+    "curves.png",
+)
 
 
 @dataclass
@@ -79,14 +86,14 @@ class ClassifierConfig:
     # the job: what to start from, what to learn, where the results go
     mode: Literal[MODES] = "lora"  # what trains (the list above); qlora: LoRA on a base in 4-bit NF4
     init_from: str = "tiny"  # 'tiny' (checkpoints/tiny-base, pretrained first if missing), gpt2 / gpt2-medium / ...,
-                             # an HF GPT-2 directory, or the out_dir of a train.py pretraining or full fine-tuning run
+    #   an HF GPT-2 directory, or the out_dir of a train.py pretraining or full fine-tuning run
     dataset: str = "embedded"  # 'embedded' (data/sms_sample.tsv), 'uci' (downloaded into data/downloads/), or a
-                               # label<TAB>text file such as UCI's SMSSpamCollection (--data_path: the same)
+    #   label<TAB>text file such as UCI's SMSSpamCollection (--data_path: the same)
     out_dir: str = "out/classifier"  # where the log, plot, summary.json and trained weights go
     # LoRA (modes lora and qlora)
     lora_rank: int = 16  # rank r of each update B @ A
     lora_alpha: float = 0.0  # scaling = alpha / r; default (0): 2 x rank, so alpha / r = 2 at every rank (as in
-                             # train.py)
+    #   train.py)
     lora_targets: str = "all-linear"  # comma-separated layers to adapt: q, k, v, o, mlp_in, mlp_out, or all-linear
     lora_dropout: float = 0.0  # dropout on the LoRA branch's input
     loraplus_ratio: float = 1.0  # LoRA+: B learns at this many times A's rate (arXiv 2402.12354 suggests 16)
@@ -98,7 +105,7 @@ class ClassifierConfig:
     epochs: int = 5  # passes over the training split
     batch_size: int = 8  # messages per optimizer step
     learning_rate: float = 0.0  # peak rate; default (0): the mode's, head 1e-2, last_block 5e-4, (q)lora 2e-3,
-                                # full 1e-4
+    #   full 1e-4
     warmup_ratio: float = 0.05  # fraction of the steps spent in linear warmup
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate x this
     weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only
@@ -183,8 +190,14 @@ def build_classifier(gpt, mode, lora_rank=16, lora_alpha=None, lora_targets=("al
     if mode in ("lora", "qlora"):
         if mode == "qlora":
             quantize_model(model, skip=("head",))  # the base goes to 4 bits; the head must stay trainable
-        lora.apply_lora(model, rank=lora_rank, alpha=lora_alpha or None, targets=lora_targets, dropout=lora_dropout,
-                        trainable=("head",))
+        lora.apply_lora(
+            model,
+            rank=lora_rank,
+            alpha=lora_alpha or None,
+            targets=lora_targets,
+            dropout=lora_dropout,
+            trainable=("head",),
+        )
         return model
     trained_with_the_head = {"head": [], "last_block": [gpt.transformer.h[-1], gpt.transformer.ln_f], "full": [gpt]}
     model.requires_grad_(False)
@@ -220,8 +233,10 @@ def classify(model, tokenizer, text, max_length, device="cpu"):
         raise ValueError("the message is empty; give some text to classify")
     probabilities = model(torch.tensor([ids], device=device)).float().softmax(dim=-1)[0]
     if not torch.isfinite(probabilities).all():
-        raise UserError(f"the classifier's output for this message is {probabilities.tolist()}: its weights are "
-                        f"broken; train it again")
+        raise UserError(
+            f"the classifier's output for this message is {probabilities.tolist()}: its weights are "
+            f"broken; train it again"
+        )
     label = int(probabilities.argmax())
     return LABELS[label], probabilities[label].item()
 
@@ -245,8 +260,9 @@ def run_classifier_training(cfg):
     tokenizer = get_tokenizer(tokenizer_name)
     max_length = cfg.max_length or gpt.config.block_size
     if max_length > gpt.config.block_size:
-        raise UserError(f"--max_length {max_length} is longer than the model's block_size {gpt.config.block_size}; "
-                        f"use at most that")
+        raise UserError(
+            f"--max_length {max_length} is longer than the model's block_size {gpt.config.block_size}; use at most that"
+        )
 
     # data: balanced classes, split 70/10/20, token ids
     messages = load_messages(cfg.dataset)
@@ -255,11 +271,15 @@ def run_classifier_training(cfg):
     for name, subset in (("train", train_set), ("val", val_set), ("test", test_set)):
         splits[name], truncated[name] = encode_messages(subset, tokenizer, max_length)
     if not splits["val"] or not splits["test"]:
-        raise UserError(f"{len(messages)} messages leave no validation or test examples; the data needs at least 5 "
-                        f"messages per class")
-    print(f"{len(messages):,} messages -> balanced {sum(len(s) for s in splits.values()):,} -> {len(train_set)} train /"
-          f" {len(val_set)} validation / {len(test_set)} test"
-          + (f"; {sum(truncated.values())} cut to {max_length} tokens" if sum(truncated.values()) else ""))
+        raise UserError(
+            f"{len(messages)} messages leave no validation or test examples; the data needs at least 5 "
+            f"messages per class"
+        )
+    print(
+        f"{len(messages):,} messages -> balanced {sum(len(s) for s in splits.values()):,} -> {len(train_set)} train /"
+        f" {len(val_set)} validation / {len(test_set)} test"
+        + (f"; {sum(truncated.values())} cut to {max_length} tokens" if sum(truncated.values()) else "")
+    )
 
     # the model, and what trains
     torch.manual_seed(cfg.seed)
@@ -280,35 +300,55 @@ def run_classifier_training(cfg):
     pad, t_cache = tokenizer.eot_token, time.time()
     cached_blocks = model.frozen_blocks() if cfg.cache_trunk else 0
     if cached_blocks:
-        splits = {name: cache_trunk(model, rows, cached_blocks, cfg.batch_size, pad, device)
-                  for name, rows in splits.items()}
-        print(f"cached the outputs of the frozen embeddings and blocks 0-{cached_blocks - 1} for every message in "
-              f"{time.time() - t_cache:.1f} s; each epoch runs only the layers above them")
+        splits = {
+            name: cache_trunk(model, rows, cached_blocks, cfg.batch_size, pad, device) for name, rows in splits.items()
+        }
+        print(
+            f"cached the outputs of the frozen embeddings and blocks 0-{cached_blocks - 1} for every message in "
+            f"{time.time() - t_cache:.1f} s; each epoch runs only the layers above them"
+        )
     cache_seconds = time.time() - t_cache
     # a batch's logits: from its token ids, or from its cached activations entering block cached_blocks (the same)
     logits_of = functools.partial(model.forward_from_block, block=cached_blocks) if cached_blocks else model
     collate_rows = collate_activations if cached_blocks else collate_messages
-    eval_batches = {name: make_batches(rows, cfg.batch_size, pad, collate_rows=collate_rows)
-                    for name, rows in splits.items()}
+    eval_batches = {
+        name: make_batches(rows, cfg.batch_size, pad, collate_rows=collate_rows) for name, rows in splits.items()
+    }
     before = {name: evaluate_classifier(model, eval_batches[name], device, logits_of) for name in eval_batches}
-    print(f"before fine-tuning: accuracy {before['train']['accuracy']:.1%} train, {before['val']['accuracy']:.1%} "
-          f"validation, {before['test']['accuracy']:.1%} test (a new head guesses)")
-    rows = [{"epoch": 0, "step": 0, "lr": 0.0, "train_loss": before["train"]["loss"],
-             "train_accuracy": before["train"]["accuracy"], "val_loss": before["val"]["loss"],
-             "val_accuracy": before["val"]["accuracy"], "seconds": 0.0}]
+    print(
+        f"before fine-tuning: accuracy {before['train']['accuracy']:.1%} train, {before['val']['accuracy']:.1%} "
+        f"validation, {before['test']['accuracy']:.1%} test (a new head guesses)"
+    )
+    rows = [
+        {
+            "epoch": 0,
+            "step": 0,
+            "lr": 0.0,
+            "train_loss": before["train"]["loss"],
+            "train_accuracy": before["train"]["accuracy"],
+            "val_loss": before["val"]["loss"],
+            "val_accuracy": before["val"]["accuracy"],
+            "seconds": 0.0,
+        }
+    ]
 
     # the loop: one optimizer step per batch, an evaluation and a save after each epoch
     reset_peak_memory(device)
     t0, step, saved_step = time.time(), 0, None
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        batches = make_batches(splits["train"], cfg.batch_size, pad, torch.Generator().manual_seed(cfg.seed + epoch),
-                               collate_rows)
+        batches = make_batches(
+            splits["train"], cfg.batch_size, pad, torch.Generator().manual_seed(cfg.seed + epoch), collate_rows
+        )
         if cfg.progress:
             from tqdm import tqdm
 
-            batches = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", dynamic_ncols=True,
-                           mininterval=1 if sys.stderr.isatty() else 30)
+            batches = tqdm(
+                batches,
+                desc=f"epoch {epoch}/{cfg.epochs}",
+                dynamic_ncols=True,
+                mininterval=1 if sys.stderr.isatty() else 30,
+            )
         loss_sum, correct, seen = 0.0, 0, 0
         for x, lengths, y in batches:
             lr = lr_at_step(step, peak_lr, warmup_iters, max_iters, cfg.min_lr_ratio)
@@ -319,8 +359,14 @@ def run_classifier_training(cfg):
             loss = F.cross_entropy(logits.float(), y)
             loss.backward()
             grad_norm = clip_gradients(model, cfg.grad_clip)
-            check_finite(step + 1, f"the training loss is {loss.item():g} and the gradient norm {grad_norm:g}",
-                         [loss.item(), grad_norm], saved_step, cfg.out_dir, peak_lr)
+            check_finite(
+                step + 1,
+                f"the training loss is {loss.item():g} and the gradient norm {grad_norm:g}",
+                [loss.item(), grad_norm],
+                saved_step,
+                cfg.out_dir,
+                peak_lr,
+            )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -329,13 +375,30 @@ def run_classifier_training(cfg):
             if cfg.progress:
                 batches.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}", refresh=False)
         val = evaluate_classifier(model, eval_batches["val"], device, logits_of)
-        check_finite(step, f"the validation loss after epoch {epoch} is {val['loss']:g}", [val["loss"]], saved_step,
-                     cfg.out_dir, peak_lr)
-        rows.append({"epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / seen,
-                     "train_accuracy": correct / seen, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                     "seconds": round(time.time() - t0, 3)})
-        print(f"epoch {epoch}: train loss {loss_sum / seen:.4f}, accuracy {correct / seen:.1%} (during the epoch) | "
-              f"validation loss {val['loss']:.4f}, accuracy {val['accuracy']:.1%}")
+        check_finite(
+            step,
+            f"the validation loss after epoch {epoch} is {val['loss']:g}",
+            [val["loss"]],
+            saved_step,
+            cfg.out_dir,
+            peak_lr,
+        )
+        rows.append(
+            {
+                "epoch": epoch,
+                "step": step,
+                "lr": lr,
+                "train_loss": loss_sum / seen,
+                "train_accuracy": correct / seen,
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "seconds": round(time.time() - t0, 3),
+            }
+        )
+        print(
+            f"epoch {epoch}: train loss {loss_sum / seen:.4f}, accuracy {correct / seen:.1%} (during the epoch) | "
+            f"validation loss {val['loss']:.4f}, accuracy {val['accuracy']:.1%}"
+        )
         save_trained(model, cfg, tokenizer_name, max_length, base_sha256, run_id)
         write_classifier_log(rows, cfg)
         saved_step = step
@@ -343,11 +406,27 @@ def run_classifier_training(cfg):
     # the result
     seconds, peak = time.time() - t0, peak_memory_bytes(device)
     after = {name: evaluate_classifier(model, eval_batches[name], device, logits_of) for name in eval_batches}
-    check_finite(step, "the train / validation / test loss after training is " + " / ".join(
-        f"{after[n]['loss']:g}" for n in after), [after[n]["loss"] for n in after], saved_step, cfg.out_dir, peak_lr)
-    run = dict(device=device, trainable=trainable, total=total, steps=step, learning_rate=peak_lr, seconds=seconds,
-               total_seconds=time.time() - t_start, cached_blocks=cached_blocks, cache_seconds=cache_seconds, peak=peak,
-               run_id=run_id)
+    check_finite(
+        step,
+        "the train / validation / test loss after training is " + " / ".join(f"{after[n]['loss']:g}" for n in after),
+        [after[n]["loss"] for n in after],
+        saved_step,
+        cfg.out_dir,
+        peak_lr,
+    )
+    run = dict(
+        device=device,
+        trainable=trainable,
+        total=total,
+        steps=step,
+        learning_rate=peak_lr,
+        seconds=seconds,
+        total_seconds=time.time() - t_start,
+        cached_blocks=cached_blocks,
+        cache_seconds=cache_seconds,
+        peak=peak,
+        run_id=run_id,
+    )
     return write_classifier_summary(cfg, model, optimizer, before, after, splits, truncated, max_length, run)
 
 
@@ -360,7 +439,7 @@ def main(argv=None):
     if cfg.classify is None:
         return train_classifier(cfg)
     if not cfg.classify.strip():
-        raise UserError("--classify is empty: give the message to classify, e.g. --classify \"WIN a free cruise!\"")
+        raise UserError('--classify is empty: give the message to classify, e.g. --classify "WIN a free cruise!"')
     device = pick_device(cfg.device)
     model, tokenizer, info = load_classifier(cfg.out_dir, device)
     label, probability = classify(model, tokenizer, cfg.classify, info["max_length"], device)

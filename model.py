@@ -232,8 +232,10 @@ class GPT(nn.Module):
         attn_mask = starts = None
         if segment_ids is not None:  # with a KV cache: the ids of the cached positions too, then the T new ones
             if segment_ids.shape != (B, past + T):
-                raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; it names every position, the "
-                                 f"{past} cached ones too: ({B}, {past + T})")
+                raise ValueError(
+                    f"segment_ids has shape {tuple(segment_ids.shape)}; it names every position, the "
+                    f"{past} cached ones too: ({B}, {past + T})"
+                )
             pos, attn_mask = segment_positions_and_mask(segment_ids, first=past)  # the mask's rows: the new positions
             starts = (pos == 0)[:, None, :, None]  # every packed example starts afresh (keys of all positions)
             pos = pos[:, past:]
@@ -260,8 +262,18 @@ class GPT(nn.Module):
         return None, F.cross_entropy(logits.float(), targets[has_target])  # NaN when no position has a target
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None, use_cache=True,
-                 generator=None, left_padding=None):
+    def generate(
+        self,
+        idx,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        eos_token_id=None,
+        use_cache=True,
+        generator=None,
+        left_padding=None,
+    ):
         """Extend each row of idx (B, T) by up to max_new_tokens sampled tokens. temperature=0 is greedy.
         With eos_token_id, a row that emits it stops (later positions repeat eos) and generation ends
         once every row has. The KV cache gives the same tokens as recomputing the whole prefix.
@@ -307,8 +319,13 @@ class GPT(nn.Module):
         check_hf_directory(directory)
         with open(os.path.join(directory, "config.json")) as f:
             hf = json.load(f)
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"])
+        config = GPTConfig(
+            block_size=hf["n_positions"],
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+        )
         model = cls(config)
         state_dict = hf_to_ours(load_file(os.path.join(directory, "model.safetensors")), config.n_layer)
         state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]  # tied: HF stores it once

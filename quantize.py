@@ -28,7 +28,6 @@ import copy
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -108,7 +107,7 @@ CODE_BOOKS = {"nf4": nf4_code_book(), "fp4": fp4_code_book(), "int4": int4_code_
 DYNAMIC_8BIT_CODE_BOOK = dynamic_8bit_code_book()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_book_on(quant_type, device):
     """(code book, the same padded to 16 values) on `device`, copied there once: dequantize runs in every forward
     and backward. 15-value books never use index 15; the padding makes any 4-bit index a valid lookup."""
@@ -116,7 +115,7 @@ def code_book_on(quant_type, device):
     return code.to(device), torch.cat([code, code.new_zeros(16 - code.numel())]).to(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dynamic_8bit_code_on(device):
     """DYNAMIC_8BIT_CODE_BOOK on `device`, copied there once (dequantize runs in every forward and backward)."""
     return DYNAMIC_8BIT_CODE_BOOK.to(device)
@@ -176,8 +175,8 @@ class QuantizedTensor:
     dtype: torch.dtype
     block_size: int = 64
     quant_type: str = "nf4"
-    absmax_scale: Optional[torch.Tensor] = None
-    absmax_mean: Optional[torch.Tensor] = None
+    absmax_scale: torch.Tensor | None = None
+    absmax_mean: torch.Tensor | None = None
 
     @property
     def double_quant(self):
@@ -339,8 +338,14 @@ class Linear4bit(nn.Module):
         """The buffers viewed as a QuantizedTensor again (wherever .to(device) has moved them)."""
         shape = torch.Size((self.out_features, self.in_features))
         return QuantizedTensor(
-            self.weight_codes, self.weight_absmax, shape, self.weight_dtype, self.block_size, self.quant_type,
-            absmax_scale=self.weight_absmax_scale, absmax_mean=self.weight_absmax_mean,
+            self.weight_codes,
+            self.weight_absmax,
+            shape,
+            self.weight_dtype,
+            self.block_size,
+            self.quant_type,
+            absmax_scale=self.weight_absmax_scale,
+            absmax_mean=self.weight_absmax_mean,
         )
 
     def dequantize(self, dtype=None):
@@ -389,8 +394,9 @@ def quantize_model(model, block_size=64, double_quant=True, quant_type="nf4", co
     check_block_size(block_size)
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     if any(getattr(m, "merged", False) for m in model.modules()):
-        raise ValueError("a LoRA adapter is merged into this model's weights; call unmerge_lora(model) before "
-                         "quantizing")
+        raise ValueError(
+            "a LoRA adapter is merged into this model's weights; call unmerge_lora(model) before quantizing"
+        )
     replacements = []
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or tied_to_embedding(model, module):

@@ -202,7 +202,7 @@ def run_training(cfg, device, rank=0, world_size=1):
                 train_model.require_backward_grad_sync = micro == micro_batches[-1]
             with runs.autocast_context(device):
                 _, loss = train_model(x, y, segment_ids=segment_ids)
-            # x world_size: DDP averages the ranks' gradients; the step's gradient is the micro-batches' mean
+            #   x world_size: DDP averages the ranks' gradients; the step's gradient is the micro-batches' mean
             (loss * world_size / cfg.grad_accum).backward()
             step_loss, step_tokens = step_loss + loss.item() / cfg.grad_accum, step_tokens + x.numel()
         if ddp:  # the step's loss and tokens over all ranks

@@ -40,8 +40,10 @@ def measure(init_from="tiny", limit=None, new_tokens=80):
     keep = model.config.block_size - new_tokens  # answer_examples crops a longer prompt to its end the same way
     prompts = [tokenizer.encode(example_prompt(ex, template)[0])[-keep:] for ex in examples]
     lengths = sorted({len(p) for p in prompts})
-    print(f"{len(prompts)} test prompts of {lengths[0]}-{lengths[-1]} tokens, {len(lengths)} distinct lengths; "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{len(prompts)} test prompts of {lengths[0]}-{lengths[-1]} tokens, {len(lengths)} distinct lengths; "
+        f"{torch.get_num_threads()} threads"
+    )
 
     start = time.perf_counter()
     padded = answer_examples(model, tokenizer, examples, "cpu", new_tokens, template)
@@ -53,21 +55,35 @@ def measure(init_from="tiny", limit=None, new_tokens=80):
     grouped = [None] * len(examples)
     for length in lengths:  # each length its own call: no row of a batch is padded
         rows = [i for i, p in enumerate(prompts) if len(p) == length]
-        for i, answer in zip(rows, answer_examples(model, tokenizer, [examples[i] for i in rows], "cpu", new_tokens, template)):
+        for i, answer in zip(
+            rows, answer_examples(model, tokenizer, [examples[i] for i in rows], "cpu", new_tokens, template)
+        ):
             grouped[i] = answer
     grouped_seconds = time.perf_counter() - start
     same = grouped == padded
-    print(f"one length per batch ({len(lengths)} lengths): {grouped_seconds:.1f} s "
-          f"({grouped_seconds / padded_seconds:.1f}x the time); the same {len(prompts)} answers: {'yes' if same else 'NO'}")
-    return {"prompts": len(prompts), "lengths": len(lengths), "batches": batches, "padded_seconds": padded_seconds,
-            "grouped_seconds": grouped_seconds, "same_answers": same}
+    print(
+        f"one length per batch ({len(lengths)} lengths): {grouped_seconds:.1f} s "
+        f"({grouped_seconds / padded_seconds:.1f}x the time); the same {len(prompts)} answers: {'yes' if same else 'NO'}"
+    )
+    return {
+        "prompts": len(prompts),
+        "lengths": len(lengths),
+        "batches": batches,
+        "padded_seconds": padded_seconds,
+        "grouped_seconds": grouped_seconds,
+        "same_answers": same,
+    }
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
-    parser.add_argument("--init_from", default="tiny", help="the base, as train.py's --init_from (default: the tiny base)")
+    parser.add_argument(
+        "--init_from", default="tiny", help="the base, as train.py's --init_from (default: the tiny base)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="answer the first N test prompts only (default: all)")
-    parser.add_argument("--new_tokens", type=int, default=80, help="tokens generated per answer (train.py's default: 80)")
+    parser.add_argument(
+        "--new_tokens", type=int, default=80, help="tokens generated per answer (train.py's default: 80)"
+    )
     args = parser.parse_args()
     try:
         measure(args.init_from, args.limit, args.new_tokens)

@@ -73,7 +73,11 @@ TRAIN_ROWS = [f"train_{m}" for m in (*TRAIN_MODES, *MASKED_MODES)]  # seconds pe
 PARAM_ROWS = [f"params_{m}" for m in TRAIN_MODES]  # trainable parameters
 STATE_ROWS = [f"state_{m}" for m in TRAIN_MODES]  # bytes of weights + gradients + AdamW state
 PEAK_ROWS = [f"peak_{m}" for m in (*TRAIN_MODES, *MASKED_MODES)]  # peak memory of a training step
-CLASSIFY_MESSAGES, CLASSIFY_BATCH, CLASSIFY_EPOCHS = 32, 8, 5  # the classification row: random messages of seq/8 .. seq/4 tokens
+CLASSIFY_MESSAGES, CLASSIFY_BATCH, CLASSIFY_EPOCHS = (
+    32,
+    8,
+    5,
+)  # the classification row: random messages of seq/8 .. seq/4 tokens
 ROW_GROUPS = {  # --only takes these group names or the row ids; the table lists rows in this order
     "train": TRAIN_ROWS + PARAM_ROWS,
     "infer": ["infer_base", "infer_lora", "infer_lora_merged", "infer_qlora"],
@@ -94,9 +98,18 @@ def save_random_gpt2(shape, directory, seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=shape["vocab_size"], n_positions=shape["block_size"], n_embd=shape["n_embd"],
-                        n_layer=shape["n_layer"], n_head=shape["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=shape["vocab_size"],
+        n_positions=shape["block_size"],
+        n_embd=shape["n_embd"],
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     GPT2LMHeadModel(config).save_pretrained(directory)
     return directory
 
@@ -122,18 +135,36 @@ def build_hf(mode, weights_dir, device):
     # disable_mmap: read the weights into memory, as ours does. Memory-mapped, HF's weights would sit in the page
     # cache (counted in RSS, including pages of the fp32 weights that were quantized away) instead of in the heap.
     if quantized:
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32)
-        model = GPT2LMHeadModel.from_pretrained(weights_dir, attn_implementation="sdpa", dtype=torch.float32, disable_mmap=True,
-                                                quantization_config=bnb, device_map={"": device})
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        model = GPT2LMHeadModel.from_pretrained(
+            weights_dir,
+            attn_implementation="sdpa",
+            dtype=torch.float32,
+            disable_mmap=True,
+            quantization_config=bnb,
+            device_map={"": device},
+        )
     else:
-        model = GPT2LMHeadModel.from_pretrained(weights_dir, attn_implementation="sdpa", dtype=torch.float32, disable_mmap=True).to(device)
+        model = GPT2LMHeadModel.from_pretrained(
+            weights_dir, attn_implementation="sdpa", dtype=torch.float32, disable_mmap=True
+        ).to(device)
     if targets is not None:
         from peft import LoraConfig, get_peft_model
 
         # GPT-2's Conv1D stores weights as (in, out): fan_in_fan_out; bitsandbytes' Linear4bit is a plain (out, in)
-        config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=["c_attn"],
-                            fan_in_fan_out=not quantized, bias="none")
+        config = LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=0.0,
+            target_modules=["c_attn"],
+            fan_in_fan_out=not quantized,
+            bias="none",
+        )
         model = get_peft_model(model, config)
     return model.train()
 
@@ -146,7 +177,9 @@ def quiet_transformers():
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated transformers API
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*"
+    )  # peft calls a deprecated transformers API
 
 
 def trainable_parameters(model):
@@ -194,7 +227,9 @@ def state_bytes(model, optimizer):
                     weights[t.data_ptr()] = t.numel() * t.element_size()
             quant_state = getattr(quant_state, "state2", None)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    states = sum(
+        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
     return sum(weights.values()), grads, states
 
 
@@ -240,7 +275,10 @@ def record(results, row, label, unit, ours, hf, higher_is_better=None, **extra):
     entry["ratio"] = entry["ours"] / entry["hf"] if entry["hf"] else None
     results[row] = entry
     ratio = f"{entry['ratio']:.2f}" if entry["ratio"] is not None else "-"
-    print(f"  {label:<58} ours {format_value(entry['ours'], unit):>12}   HF {format_value(entry['hf'], unit):>12}   ours/HF {ratio}", flush=True)
+    print(
+        f"  {label:<58} ours {format_value(entry['ours'], unit):>12}   HF {format_value(entry['hf'], unit):>12}   ours/HF {ratio}",
+        flush=True,
+    )
 
 
 def release():
@@ -263,7 +301,10 @@ def bench_training(args, shape, weights_dir, wanted, results):
         ours, hf = build_ours(mode, weights_dir, args.device, args.dequantize), build_hf(mode, weights_dir, args.device)
         ours_opt, hf_opt = make_optimizer(ours), make_optimizer(hf)
         masked = mode in MASKED_MODES
-        ours_step, hf_step = training_step(ours, ours_opt, tokens, False, masked), training_step(hf, hf_opt, tokens, True, masked)
+        ours_step, hf_step = (
+            training_step(ours, ours_opt, tokens, False, masked),
+            training_step(hf, hf_opt, tokens, True, masked),
+        )
         if f"train_{mode}" in wanted:
             t_ours, t_hf = alternate(ours_step, hf_step, args.repeats, args.warmup, args.device)
             record(results, f"train_{mode}", f"train step, {MODE_LABELS[mode]}", "s", t_ours, t_hf, False)
@@ -272,13 +313,27 @@ def bench_training(args, shape, weights_dir, wanted, results):
             hf_step()
         if f"params_{mode}" in wanted:
             n_hf = sum(p.numel() for p in trainable_parameters(hf))
-            record(results, f"params_{mode}", f"trainable parameters, {MODE_LABELS[mode]}", "params", count_parameters(ours)[0], n_hf)
+            record(
+                results,
+                f"params_{mode}",
+                f"trainable parameters, {MODE_LABELS[mode]}",
+                "params",
+                count_parameters(ours)[0],
+                n_hf,
+            )
         if f"state_{mode}" in wanted:
             (w_o, g_o, s_o), (w_h, g_h, s_h) = state_bytes(ours, ours_opt), state_bytes(hf, hf_opt)
-            record(results, f"state_{mode}", f"weights + grads + AdamW state, {MODE_LABELS[mode]}", "MiB",
-                   (w_o + g_o + s_o) / 2**20, (w_h + g_h + s_h) / 2**20, False,
-                   ours_parts_MiB=dict(weights=w_o / 2**20, grads=g_o / 2**20, optimizer=s_o / 2**20),
-                   hf_parts_MiB=dict(weights=w_h / 2**20, grads=g_h / 2**20, optimizer=s_h / 2**20))
+            record(
+                results,
+                f"state_{mode}",
+                f"weights + grads + AdamW state, {MODE_LABELS[mode]}",
+                "MiB",
+                (w_o + g_o + s_o) / 2**20,
+                (w_h + g_h + s_h) / 2**20,
+                False,
+                ours_parts_MiB=dict(weights=w_o / 2**20, grads=g_o / 2**20, optimizer=s_o / 2**20),
+                hf_parts_MiB=dict(weights=w_h / 2**20, grads=g_h / 2**20, optimizer=s_h / 2**20),
+            )
         del ours, hf, ours_opt, hf_opt, ours_step, hf_step
         release()
 
@@ -291,17 +346,29 @@ def bench_inference(args, shape, weights_dir, wanted, results):
     ours, hf = build_ours("full", weights_dir, args.device).eval(), build_hf("full", weights_dir, args.device).eval()
     logits_difference = (ours(x)[0] - hf(input_ids=x).logits).abs().max().item()
     if logits_difference > 1e-3:
-        raise RuntimeError(f"ours and HF disagree by {logits_difference:.2g} on the same weights: the comparison would be meaningless")
+        raise RuntimeError(
+            f"ours and HF disagree by {logits_difference:.2g} on the same weights: the comparison would be meaningless"
+        )
     ours_forward, hf_forward = (lambda: ours(x)), (lambda: hf(input_ids=x))
     if "infer_base" in wanted:
         t_ours, t_hf = alternate(ours_forward, hf_forward, args.repeats, args.warmup, args.device)
-        record(results, "infer_base", "forward, base model", "ms", scale(t_ours, 1e3), scale(t_hf, 1e3), False,
-               max_logit_difference=logits_difference)
+        record(
+            results,
+            "infer_base",
+            "forward, base model",
+            "ms",
+            scale(t_ours, 1e3),
+            scale(t_hf, 1e3),
+            False,
+            max_logit_difference=logits_difference,
+        )
     if "infer_lora" in wanted or "infer_lora_merged" in wanted:
         from peft import LoraConfig, get_peft_model
 
         apply_lora(ours, rank=LORA_RANK, alpha=LORA_ALPHA, targets=("q", "v"))
-        hf = get_peft_model(hf, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=["c_attn"], fan_in_fan_out=True))
+        hf = get_peft_model(
+            hf, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=["c_attn"], fan_in_fan_out=True)
+        )
         for name, p in [*ours.named_parameters(), *hf.named_parameters()]:
             if "lora_B" in name:  # B = 0 at init would make the adapters no-ops; give them something to add
                 p.normal_(std=0.02)
@@ -309,23 +376,50 @@ def bench_inference(args, shape, weights_dir, wanted, results):
         hf.eval()
         if "infer_lora" in wanted:
             t_ours, t_hf = alternate(ours_forward, hf_forward, args.repeats, args.warmup, args.device)
-            record(results, "infer_lora", "forward, LoRA r=8 unmerged: ours q,v; PEFT c_attn", "ms", scale(t_ours, 1e3), scale(t_hf, 1e3), False)
+            record(
+                results,
+                "infer_lora",
+                "forward, LoRA r=8 unmerged: ours q,v; PEFT c_attn",
+                "ms",
+                scale(t_ours, 1e3),
+                scale(t_hf, 1e3),
+                False,
+            )
         if "infer_lora_merged" in wanted:
             merge_lora(ours)
             hf.merge_adapter()
             t_ours, t_hf = alternate(ours_forward, hf_forward, args.repeats, args.warmup, args.device)
             extra = {}
             if "infer_base" in results:  # LoRA §4.1: a merged adapter adds no latency, so this should be about 1
-                extra["merged_over_base"] = {side: statistics.median(t) * 1e3 / results["infer_base"][side] for side, t in (("ours", t_ours), ("hf", t_hf))}
-            record(results, "infer_lora_merged", "forward, LoRA r=8 merged", "ms", scale(t_ours, 1e3), scale(t_hf, 1e3), False, **extra)
+                extra["merged_over_base"] = {
+                    side: statistics.median(t) * 1e3 / results["infer_base"][side]
+                    for side, t in (("ours", t_ours), ("hf", t_hf))
+                }
+            record(
+                results,
+                "infer_lora_merged",
+                "forward, LoRA r=8 merged",
+                "ms",
+                scale(t_ours, 1e3),
+                scale(t_hf, 1e3),
+                False,
+                **extra,
+            )
     del ours, hf, ours_forward, hf_forward
     release()
     if "infer_qlora" in wanted:
         ours = build_ours("qlora_qv", weights_dir, args.device, args.dequantize).eval()
         hf = build_hf("qlora_qv", weights_dir, args.device).eval()
         t_ours, t_hf = alternate(lambda: ours(x), lambda: hf(input_ids=x), args.repeats, args.warmup, args.device)
-        record(results, "infer_qlora", "forward, QLoRA NF4+DQ + LoRA unmerged: ours q,v; PEFT c_attn", "ms",
-               scale(t_ours, 1e3), scale(t_hf, 1e3), False)
+        record(
+            results,
+            "infer_qlora",
+            "forward, QLoRA NF4+DQ + LoRA unmerged: ours q,v; PEFT c_attn",
+            "ms",
+            scale(t_ours, 1e3),
+            scale(t_hf, 1e3),
+            False,
+        )
         del ours, hf
         release()
 
@@ -349,10 +443,20 @@ def bench_generation(args, shape, weights_dir, results):
 
     t_ours, t_hf = alternate(ours_generate, hf_generate, args.repeats, args.warmup, args.device)
     if outputs["ours"].shape != outputs["hf"].shape:
-        raise RuntimeError(f"ours generated {tuple(outputs['ours'].shape)} tokens, HF {tuple(outputs['hf'].shape)}: not the same work")
+        raise RuntimeError(
+            f"ours generated {tuple(outputs['ours'].shape)} tokens, HF {tuple(outputs['hf'].shape)}: not the same work"
+        )
     same = (outputs["ours"] == outputs["hf"]).float().mean().item()
-    record(results, "generate", f"generation, batch 1, {shape['seq']}-token prompt + {n} new (higher is better)", "tok/s",
-           [n / t for t in t_ours], [n / t for t in t_hf], True, same_tokens_fraction=same)
+    record(
+        results,
+        "generate",
+        f"generation, batch 1, {shape['seq']}-token prompt + {n} new (higher is better)",
+        "tok/s",
+        [n / t for t in t_ours],
+        [n / t for t in t_hf],
+        True,
+        same_tokens_fraction=same,
+    )
     del ours, hf
     release()
 
@@ -363,7 +467,11 @@ def bench_nf4(args, weights_dir, wanted, results):
     import bitsandbytes.functional as bnbf
 
     model = GPT.from_pretrained(weights_dir)
-    weights = [m.weight.detach().to(args.device) for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head]
+    weights = [
+        m.weight.detach().to(args.device)
+        for m in model.modules()
+        if type(m) is torch.nn.Linear and m is not model.lm_head
+    ]
     del model
     release()
     gigabytes = sum(w.numel() * 4 for w in weights) / 1e9
@@ -378,8 +486,17 @@ def bench_nf4(args, weights_dir, wanted, results):
     same_codes = all(torch.equal(o.codes.view(-1), b[0].view(-1)) for o, b in zip(ours_q, bnb_q))
     if "nf4_quantize" in wanted:
         t_ours, t_hf = alternate(ours_quantize, bnb_quantize, args.repeats, args.warmup, args.device)
-        record(results, "nf4_quantize", f"NF4+DQ quantize, all {len(weights)} linear weights (higher is better)", "GB/s",
-               [gigabytes / t for t in t_ours], [gigabytes / t for t in t_hf], True, identical_codes=same_codes, gigabytes=gigabytes)
+        record(
+            results,
+            "nf4_quantize",
+            f"NF4+DQ quantize, all {len(weights)} linear weights (higher is better)",
+            "GB/s",
+            [gigabytes / t for t in t_ours],
+            [gigabytes / t for t in t_hf],
+            True,
+            identical_codes=same_codes,
+            gigabytes=gigabytes,
+        )
     paths = {"nf4_dequantize": "reference", "nf4_dequantize_table": "table", "nf4_dequantize_kernel": "kernel"}
     for row, path in paths.items():
         if row not in wanted:
@@ -390,12 +507,26 @@ def bench_nf4(args, weights_dir, wanted, results):
         ours_d, bnb_d = [dequantize(q) for q in ours_q], [bnbf.dequantize_4bit(c, s) for c, s in bnb_q]
         difference = max((a - b.view_as(a)).abs().max().item() for a, b in zip(ours_d, bnb_d))
         del ours_d, bnb_d
-        t_ours, t_hf = alternate(lambda: [dequantize(q) for q in ours_q], lambda: [bnbf.dequantize_4bit(c, s) for c, s in bnb_q],
-                                 args.repeats, args.warmup, args.device)
+        t_ours, t_hf = alternate(
+            lambda: [dequantize(q) for q in ours_q],
+            lambda: [bnbf.dequantize_4bit(c, s) for c, s in bnb_q],
+            args.repeats,
+            args.warmup,
+            args.device,
+        )
         label = "NF4+DQ dequantize" + ("" if path == "reference" else f", --dequantize {path}")
-        record(results, row, f"{label}, all {len(weights)} linear weights (higher is better)", "GB/s",
-               [gigabytes / t for t in t_ours], [gigabytes / t for t in t_hf], True, max_difference=difference, gigabytes=gigabytes,
-               path=ran_on)
+        record(
+            results,
+            row,
+            f"{label}, all {len(weights)} linear weights (higher is better)",
+            "GB/s",
+            [gigabytes / t for t in t_ours],
+            [gigabytes / t for t in t_hf],
+            True,
+            max_difference=difference,
+            gigabytes=gigabytes,
+            path=ran_on,
+        )
     del weights, ours_q, bnb_q
     release()
 
@@ -411,7 +542,9 @@ def bench_classification(args, shape, weights_dir, results):
     from support import sms_data
 
     g = torch.Generator().manual_seed(4)
-    lengths = torch.randint(max(1, shape["seq"] // 8), shape["seq"] // 4 + 1, (CLASSIFY_MESSAGES,), generator=g).tolist()
+    lengths = torch.randint(
+        max(1, shape["seq"] // 8), shape["seq"] // 4 + 1, (CLASSIFY_MESSAGES,), generator=g
+    ).tolist()
     messages = [(torch.randint(shape["vocab_size"], (n,), generator=g).tolist(), i % 2) for i, n in enumerate(lengths)]
     models = {}
     for cache in (True, False):
@@ -422,12 +555,22 @@ def bench_classification(args, shape, weights_dir, results):
     def train_epochs(cache):
         model, optimizer = models[cache]
         cached_blocks = model.frozen_blocks() if cache else 0
-        rows = classifier.cache_trunk(model, messages, cached_blocks, CLASSIFY_BATCH, 0, args.device) if cached_blocks else messages
+        rows = (
+            classifier.cache_trunk(model, messages, cached_blocks, CLASSIFY_BATCH, 0, args.device)
+            if cached_blocks
+            else messages
+        )
         logits_of = functools.partial(model.forward_from_block, block=cached_blocks) if cached_blocks else model
         model.train()
         for epoch in range(CLASSIFY_EPOCHS):
             order = torch.Generator().manual_seed(epoch)
-            for x, lengths, y in sms_data.make_batches(rows, CLASSIFY_BATCH, 0, order, sms_data.collate_activations if cached_blocks else sms_data.collate_messages):
+            for x, lengths, y in sms_data.make_batches(
+                rows,
+                CLASSIFY_BATCH,
+                0,
+                order,
+                sms_data.collate_activations if cached_blocks else sms_data.collate_messages,
+            ):
                 F.cross_entropy(logits_of(x.to(args.device), lengths), y.to(args.device)).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -435,13 +578,26 @@ def bench_classification(args, shape, weights_dir, results):
     with torch.no_grad():  # both start from the same weights: the cached path must give the uncached logits
         x, lengths, _ = sms_data.collate_messages(messages, 0)
         cached_blocks = models[True][0].frozen_blocks()
-        cached = sms_data.collate_activations(classifier.cache_trunk(models[True][0], messages, cached_blocks, CLASSIFY_BATCH, 0, args.device))[0]
+        cached = sms_data.collate_activations(
+            classifier.cache_trunk(models[True][0], messages, cached_blocks, CLASSIFY_BATCH, 0, args.device)
+        )[0]
         from_cache = models[True][0].eval().forward_from_block(cached, lengths, cached_blocks)
         difference = (from_cache - models[False][0].eval()(x.to(args.device), lengths)).abs().max().item()
-    t_cached, t_uncached = alternate(lambda: train_epochs(True), lambda: train_epochs(False), args.repeats, args.warmup, args.device)
-    record(results, "classify_last_block", f"last_block classification, {CLASSIFY_EPOCHS} epochs x {CLASSIFY_MESSAGES} messages: "
-           f"ours trunk cached vs (HF column) ours uncached", "s", t_cached, t_uncached, False, max_logit_difference=difference,
-           cached_blocks=cached_blocks)
+    t_cached, t_uncached = alternate(
+        lambda: train_epochs(True), lambda: train_epochs(False), args.repeats, args.warmup, args.device
+    )
+    record(
+        results,
+        "classify_last_block",
+        f"last_block classification, {CLASSIFY_EPOCHS} epochs x {CLASSIFY_MESSAGES} messages: "
+        f"ours trunk cached vs (HF column) ours uncached",
+        "s",
+        t_cached,
+        t_uncached,
+        False,
+        max_logit_difference=difference,
+        cached_blocks=cached_blocks,
+    )
     del models
     release()
 
@@ -485,7 +641,13 @@ def measure_peak(mode, impl, weights_dir, shape, device, dequantize, steps=2, wa
     baseline = current_memory_bytes(device)
     model = build_ours(mode, weights_dir, device, dequantize) if impl == "ours" else build_hf(mode, weights_dir, device)
     optimizer = make_optimizer(model)
-    step = training_step(model, optimizer, random_tokens(shape, shape["batch"], shape["seq"] + 1, device), impl == "hf", mode in MASKED_MODES)
+    step = training_step(
+        model,
+        optimizer,
+        random_tokens(shape, shape["batch"], shape["seq"] + 1, device),
+        impl == "hf",
+        mode in MASKED_MODES,
+    )
     reset_peak_memory(device)
     for _ in range(steps):
         step()
@@ -519,17 +681,38 @@ def bench_memory(args, shape, weights_dir, wanted, results):
         peaks = {}
         for impl in ("ours", "hf"):
             if args.memory == "process":
-                command = [sys.executable, "-m", "benchmarks.bench", "--memory-worker", mode, impl, weights_dir, args.shape,
-                           args.device, str(args.threads), args.dequantize]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.bench",
+                    "--memory-worker",
+                    mode,
+                    impl,
+                    weights_dir,
+                    args.shape,
+                    args.device,
+                    str(args.threads),
+                    args.dequantize,
+                ]
                 done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_DIR)
                 if done.returncode != 0:
                     raise RuntimeError(f"memory worker for {mode}/{impl} failed:\n{done.stderr[-3000:]}")
                 peaks[impl] = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
             else:
-                peaks[impl] = measure_peak(mode, impl, weights_dir, shape, args.device, args.dequantize, warm_up=False)  # warm already
+                peaks[impl] = measure_peak(
+                    mode, impl, weights_dir, shape, args.device, args.dequantize, warm_up=False
+                )  # warm already
         what = "RSS" if args.device == "cpu" else "allocated"
-        record(results, f"peak_{mode}", f"peak training memory ({what}), {MODE_LABELS[mode]}", "MiB",
-               peaks["ours"] / 2**20, peaks["hf"] / 2**20, False, method=args.memory)
+        record(
+            results,
+            f"peak_{mode}",
+            f"peak training memory ({what}), {MODE_LABELS[mode]}",
+            "MiB",
+            peaks["ours"] / 2**20,
+            peaks["hf"] / 2**20,
+            False,
+            method=args.memory,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -565,9 +748,18 @@ def machine_description(args):
     import peft
     import transformers
 
-    info = dict(cpu=cpu, logical_cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), device=args.device,
-                python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
-                peft=peft.__version__, bitsandbytes=bitsandbytes.__version__, platform=platform.platform())
+    info = dict(
+        cpu=cpu,
+        logical_cpus=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        device=args.device,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        peft=peft.__version__,
+        bitsandbytes=bitsandbytes.__version__,
+        platform=platform.platform(),
+    )
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -593,26 +785,38 @@ def write_markdown(path, results, machine, command, shape_name, shape, args):
     ]
     for entry in results.values():
         ratio = f"{entry['ratio']:.2f}" if entry["ratio"] is not None else "-"
-        lines.append(f"| {entry['label']} ({entry['unit']}) | {format_value(entry['ours'], entry['unit'])} | "
-                     f"{format_value(entry['hf'], entry['unit'])} | {ratio} | {verdict(entry)} |")
+        lines.append(
+            f"| {entry['label']} ({entry['unit']}) | {format_value(entry['ours'], entry['unit'])} | "
+            f"{format_value(entry['hf'], entry['unit'])} | {ratio} | {verdict(entry)} |"
+        )
     merged = results.get("infer_lora_merged", {}).get("merged_over_base")
     if merged:
-        lines += ["", f"LoRA merged / base model forward time (LoRA §4.1: merging adds no latency): ours {merged['ours']:.2f}, HF {merged['hf']:.2f}."]
+        lines += [
+            "",
+            f"LoRA merged / base model forward time (LoRA §4.1: merging adds no latency): ours {merged['ours']:.2f}, HF {merged['hf']:.2f}.",
+        ]
     kernel_path = results.get("nf4_dequantize_kernel", {}).get("path")
-    lines += ["", f"QLoRA rows dequantize with --dequantize {args.dequantize}. The NF4 dequantize rows: "
-              f"quantize.dequantize_4bit, the definition that runs by default, then the opt-in paths of support/fast_dequantize.py"
-              + (f" (kernel: {kernel_path})." if kernel_path else ".")]
+    lines += [
+        "",
+        f"QLoRA rows dequantize with --dequantize {args.dequantize}. The NF4 dequantize rows: "
+        f"quantize.dequantize_4bit, the definition that runs by default, then the opt-in paths of support/fast_dequantize.py"
+        + (f" (kernel: {kernel_path})." if kernel_path else "."),
+    ]
     lines += [
         "",
         "HF = transformers `GPT2LMHeadModel` (sdpa attention), + peft LoRA on the fused `c_attn` (q, k and v share one",
         "A of r x d and one B of 3d x r: the same trainable parameter count as ours on q, v), + bitsandbytes `Linear4bit`",
-        "(NF4, double quantization, fp32 compute) for QLoRA. \"better\": within 3% is a tie. Peak memory is measured above",
-        "the memory in use before loading the model" + (", each in a fresh process." if args.memory == "process" else
-                                                      ", in one process with the peak counter reset between rows (approximate)."),
-        "\"Half the positions without a target\": the first half of every row's targets are -100 for both libraries (as",
+        '(NF4, double quantization, fp32 compute) for QLoRA. "better": within 3% is a tie. Peak memory is measured above',
+        "the memory in use before loading the model"
+        + (
+            ", each in a fresh process."
+            if args.memory == "process"
+            else ", in one process with the peak counter reset between rows (approximate)."
+        ),
+        '"Half the positions without a target": the first half of every row\'s targets are -100 for both libraries (as',
         "with `train.py --mask_prompt`); ours applies the output layer only where a target is, HF computes every logit.",
         f"The classification row compares ours with ours: `last_block`, {CLASSIFY_EPOCHS} epochs over {CLASSIFY_MESSAGES} random messages "
-        "with the frozen trunk cached (building the cache counts) in the \"ours\" column, the uncached path in the \"HF\" one.",
+        'with the frozen trunk cached (building the cache counts) in the "ours" column, the uncached path in the "HF" one.',
     ]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -620,20 +824,48 @@ def write_markdown(path, results, machine, command, shape_name, shape, args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=SHAPES, default="gpt2", help="model shape and work size (default: gpt2, the 124M model)")
+    parser.add_argument(
+        "--shape", choices=SHAPES, default="gpt2", help="model shape and work size (default: gpt2, the 124M model)"
+    )
     parser.add_argument("--quick", action="store_true", help="--shape small --repeats 2 --memory reset, unless given")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row and library (default 5; 2 with --quick)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats per row and library (default 5; 2 with --quick)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each before timing (default 1)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads for both (default: torch's default)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where both run (default: cuda if available)")
-    parser.add_argument("--memory", choices=("process", "reset", "off"), default=None,
-                        help="peak memory: a fresh process per measurement (default), one process with resets (--quick), or off")
-    parser.add_argument("--dequantize", choices=fast_dequantize.PATHS, default="kernel",
-                        help="how the QLoRA rows dequantize (default: kernel, the fastest on a CPU; reference: the definition)")
-    parser.add_argument("--only", default=",".join(ROW_GROUPS), help=f"comma-separated groups ({', '.join(ROW_GROUPS)}) or row ids (default: all)")
-    parser.add_argument("--out", default=os.path.join(REPO_DIR, "benchmarks", "results.json"),
-                        help="JSON path; the Markdown table goes beside it with .md (default: benchmarks/results.json)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch.set_num_threads for both (default: torch's default)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where both run (default: cuda if available)",
+    )
+    parser.add_argument(
+        "--memory",
+        choices=("process", "reset", "off"),
+        default=None,
+        help="peak memory: a fresh process per measurement (default), one process with resets (--quick), or off",
+    )
+    parser.add_argument(
+        "--dequantize",
+        choices=fast_dequantize.PATHS,
+        default="kernel",
+        help="how the QLoRA rows dequantize (default: kernel, the fastest on a CPU; reference: the definition)",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(ROW_GROUPS),
+        help=f"comma-separated groups ({', '.join(ROW_GROUPS)}) or row ids (default: all)",
+    )
+    parser.add_argument(
+        "--out",
+        default=os.path.join(REPO_DIR, "benchmarks", "results.json"),
+        help="JSON path; the Markdown table goes beside it with .md (default: benchmarks/results.json)",
+    )
     args = parser.parse_args(argv)
     explicit = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
     if args.quick and "--shape" not in explicit:
@@ -666,7 +898,9 @@ def main(argv=None):
     machine = machine_description(args)  # imports transformers, peft and bitsandbytes
     quiet_transformers()
     gc.freeze()  # the imported modules' objects are never garbage: keep gc.collect from scanning them each time
-    print(f"{command}\n{machine['cpu']}, {args.threads} threads, device {args.device}, torch {machine['torch']}; shape {args.shape}: {shape}")
+    print(
+        f"{command}\n{machine['cpu']}, {args.threads} threads, device {args.device}, torch {machine['torch']}; shape {args.shape}: {shape}"
+    )
     results = {}
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="nanoqlora-bench-") as weights_dir:
@@ -692,14 +926,26 @@ def main(argv=None):
             bench_memory(args, shape, weights_dir, wanted, results)
     results = {r: results[r] for r in ALL_ROWS if r in results}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    report = dict(command=command, machine=machine, shape_name=args.shape, shape=shape, repeats=args.repeats, warmup=args.warmup,
-                  memory_method=args.memory, seconds=round(time.time() - started, 1), rows=results)
+    report = dict(
+        command=command,
+        machine=machine,
+        shape_name=args.shape,
+        shape=shape,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        memory_method=args.memory,
+        seconds=round(time.time() - started, 1),
+        rows=results,
+    )
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     markdown = os.path.splitext(args.out)[0] + ".md"
     write_markdown(markdown, results, machine, command, args.shape, shape, args)
     slower = [e["label"] for e in results.values() if verdict(e) == "HF"]
-    print(f"wrote {args.out} and {markdown} in {report['seconds']:.0f} s" + (f"; HF is better on: {'; '.join(slower)}" if slower else ""))
+    print(
+        f"wrote {args.out} and {markdown} in {report['seconds']:.0f} s"
+        + (f"; HF is better on: {'; '.join(slower)}" if slower else "")
+    )
     return report
 
 

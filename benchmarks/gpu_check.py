@@ -66,12 +66,23 @@ def native_bf16(device):
 
 
 def describe_machine(device):
-    machine = dict(torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
-                   cpu=platform.processor() or platform.machine(), device=device)
+    machine = dict(
+        torch=torch.__version__,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        cpu=platform.processor() or platform.machine(),
+        device=device,
+    )
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        machine.update(gpu=props.name, gpus=torch.cuda.device_count(), capability=f"{props.major}.{props.minor}",
-                       gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda, native_bf16=native_bf16(device))
+        machine.update(
+            gpu=props.name,
+            gpus=torch.cuda.device_count(),
+            capability=f"{props.major}.{props.minor}",
+            gpu_memory_bytes=props.total_memory,
+            cuda=torch.version.cuda,
+            native_bf16=native_bf16(device),
+        )
     try:
         import bitsandbytes
         import bitsandbytes.cextension
@@ -120,14 +131,22 @@ def step_suite(args, work):
     """The suite's CUDA part in a child process (before this process touches the GPU)."""
     command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"]
     if args.device == "cpu":  # collect only, and only the files whose tests take the device fixture (quicker)
-        files = sorted(os.path.join("tests", name) for name in os.listdir(os.path.join(REPO_DIR, "tests"))
-                       if name.startswith("test_") and name.endswith(".py") and DEVICE_TEST.search(open(os.path.join(REPO_DIR, "tests", name)).read()))
+        files = sorted(
+            os.path.join("tests", name)
+            for name in os.listdir(os.path.join(REPO_DIR, "tests"))
+            if name.startswith("test_")
+            and name.endswith(".py")
+            and DEVICE_TEST.search(open(os.path.join(REPO_DIR, "tests", name)).read())
+        )
         command = command[:3] + ["--collect-only"] + command[3:-1] + files
     done = subprocess.run(command, cwd=REPO_DIR, capture_output=True, text=True, timeout=args.suite_timeout)
     lines = done.stdout.strip().splitlines()
     summary = lines[-1] if lines else done.stderr.strip()[-300:]
-    result = dict(command=" ".join(["python", *command[1:]]), summary=summary,
-                  failed_tests=[line.split(" ")[1] for line in lines if line.startswith("FAILED ")][:30])
+    result = dict(
+        command=" ".join(["python", *command[1:]]),
+        summary=summary,
+        failed_tests=[line.split(" ")[1] for line in lines if line.startswith("FAILED ")][:30],
+    )
     if args.device == "cpu":
         items = [line for line in lines if "::" in line]
         result.update(cuda_items=len(items), note="no GPU: the CUDA items are collected and counted, not run")
@@ -148,8 +167,14 @@ def random_base(directory, seed=0):
     model = GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=1, n_head=2, n_embd=32, smear_keys=True))
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "ckpt.pt")
-    torch.save({"model_config": vars(model.config).copy(), "tokenizer": "bytes",
-                "model": {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}}, path)
+    torch.save(
+        {
+            "model_config": vars(model.config).copy(),
+            "tokenizer": "bytes",
+            "model": {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"},
+        },
+        path,
+    )
     return path
 
 
@@ -159,8 +184,15 @@ def job_config(args, work, out_name, **overrides):
 
     settings = dict(out_dir=os.path.join(work, out_name), device=args.device, progress=False)
     if args.device == "cpu":
-        settings.update(init_from=random_base(os.path.join(work, "base")), max_iters=4, batch_size=8, eval_batches=2,
-                        answer_limit=8, num_samples=0, max_new_tokens=8)
+        settings.update(
+            init_from=random_base(os.path.join(work, "base")),
+            max_iters=4,
+            batch_size=8,
+            eval_batches=2,
+            answer_limit=8,
+            num_samples=0,
+            max_new_tokens=8,
+        )
     settings.update(overrides)
     return resolve_defaults(TrainConfig(**settings))
 
@@ -168,17 +200,34 @@ def job_config(args, work, out_name, **overrides):
 def step_default(args, work):
     import train
 
-    pretrained_first = args.device == "cuda" and not os.path.isfile(os.path.join(REPO_DIR, "checkpoints", "tiny-base", "ckpt.pt"))
+    pretrained_first = args.device == "cuda" and not os.path.isfile(
+        os.path.join(REPO_DIR, "checkpoints", "tiny-base", "ckpt.pt")
+    )
     cfg = job_config(args, work, "default")
     started = time.time()
     summary = train.train(cfg)
     seconds = time.time() - started
-    keys = ("init_from", "max_iters", "batch_size", "lora_rank", "val_loss_before", "val_loss_after", "test_accuracy_before",
-            "test_accuracy_after", "test_exact_match_after", "seconds", "peak_memory_bytes")
+    keys = (
+        "init_from",
+        "max_iters",
+        "batch_size",
+        "lora_rank",
+        "val_loss_before",
+        "val_loss_after",
+        "test_accuracy_before",
+        "test_accuracy_after",
+        "test_exact_match_after",
+        "seconds",
+        "peak_memory_bytes",
+    )
     result = {key: summary.get(key) for key in keys}
-    result.update(max_iters=cfg.max_iters, autocast=autocast_in_use(args.device), wall_seconds=round(seconds, 1),
-                  steps_per_second=round(cfg.max_iters / summary["seconds"], 2),
-                  pretrained_tiny_base_first=pretrained_first)
+    result.update(
+        max_iters=cfg.max_iters,
+        autocast=autocast_in_use(args.device),
+        wall_seconds=round(seconds, 1),
+        steps_per_second=round(cfg.max_iters / summary["seconds"], 2),
+        pretrained_tiny_base_first=pretrained_first,
+    )
     return result
 
 
@@ -197,14 +246,28 @@ def step_compile(args, work):
     torch.compile = lambda model, **kwargs: real_compile(model, backend=backend, **kwargs)
     try:
         for compiled in (False, True):
-            cfg = job_config(args, work, f"compile-{'on' if compiled else 'off'}", compile=compiled, max_iters=steps,
-                             eval_interval=steps, answer_limit=8, num_samples=0, max_new_tokens=8, eval_batches=2)
+            cfg = job_config(
+                args,
+                work,
+                f"compile-{'on' if compiled else 'off'}",
+                compile=compiled,
+                max_iters=steps,
+                eval_interval=steps,
+                answer_limit=8,
+                num_samples=0,
+                max_new_tokens=8,
+                eval_batches=2,
+            )
             summary = train.train(cfg)
             with open(os.path.join(cfg.out_dir, "log.csv")) as f:
                 rows = list(csv.DictReader(f))
             times = [float(r["seconds"]) for r in rows]
-            runs[compiled] = dict(losses=[float(r["train_loss"]) for r in rows], step_seconds=[times[0]] + [
-                b - a for a, b in zip(times, times[1:])], total_seconds=times[-1], val_loss_after=summary["val_loss_after"])
+            runs[compiled] = dict(
+                losses=[float(r["train_loss"]) for r in rows],
+                step_seconds=[times[0]] + [b - a for a, b in zip(times, times[1:])],
+                total_seconds=times[-1],
+                val_loss_after=summary["val_loss_after"],
+            )
     finally:
         torch.compile = real_compile
     eager, compiled = runs[False], runs[True]
@@ -213,12 +276,20 @@ def step_compile(args, work):
     tolerance = 2e-2 if native_bf16(args.device) else 1e-4
     # instruction batches are padded to their longest example, so shapes vary: torch.compile compiles again for the
     # second shape it meets (then with dynamic shapes); the median of the later half of the steps leaves those out
-    median_ms = {name: round(1000 * statistics.median(run["step_seconds"][max(2, steps // 2):]), 2) for name, run in
-                 (("eager", eager), ("compiled", compiled))}
-    result = dict(steps=steps, backend=backend, max_relative_loss_difference=difference, tolerance=tolerance,
-                  eager_ms_per_step=median_ms["eager"], compiled_ms_per_step=median_ms["compiled"],
-                  compile_seconds=round(compiled["total_seconds"] - eager["total_seconds"], 1),
-                  val_loss_after=dict(eager=eager["val_loss_after"], compiled=compiled["val_loss_after"]))
+    median_ms = {
+        name: round(1000 * statistics.median(run["step_seconds"][max(2, steps // 2) :]), 2)
+        for name, run in (("eager", eager), ("compiled", compiled))
+    }
+    result = dict(
+        steps=steps,
+        backend=backend,
+        max_relative_loss_difference=difference,
+        tolerance=tolerance,
+        eager_ms_per_step=median_ms["eager"],
+        compiled_ms_per_step=median_ms["compiled"],
+        compile_seconds=round(compiled["total_seconds"] - eager["total_seconds"], 1),
+        val_loss_after=dict(eager=eager["val_loss_after"], compiled=compiled["val_loss_after"]),
+    )
     if not difference <= tolerance:
         result.update(status="failed", error=f"--compile changed the losses by up to {difference:.2e} (relative)")
     return result
@@ -233,8 +304,12 @@ def write_random_hf_weights(shape, directory, seed=0):
         return directory
     n_layer, n_head, n_embd = shape
     torch.manual_seed(seed)
-    vocab, block = (50257, 1024) if n_embd >= 256 else (257, 256)  # the byte-level vocabulary: a config names a tokenizer this code has
-    save_hf_checkpoint(GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, block_size=block)), directory)
+    vocab, block = (
+        (50257, 1024) if n_embd >= 256 else (257, 256)
+    )  # the byte-level vocabulary: a config names a tokenizer this code has
+    save_hf_checkpoint(
+        GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, block_size=block)), directory
+    )
     return directory
 
 
@@ -286,17 +361,28 @@ def measure_recipe(recipe, device, work, batch=8, seq=256, steps=5):
         times.append(time.time() - started)
         losses.append(loss.item())
     peak = peak_memory_bytes(device) - before_load
-    result = dict(recipe=name, design_md=figure, batch=f"{batch} x {seq} tokens, half masked", lora_params=lora_params,
-                  computed_weights_bytes=weights, computed_weights_and_state_bytes=weights + state,
-                  measured_loaded_bytes=loaded, measured_load_peak_bytes=load_peak, measured_training_peak_bytes=peak,
-                  activations_and_workspace_bytes=peak - weights - state if device == "cuda" else None,
-                  ms_per_step=round(1000 * statistics.median(times[1:] or times), 1), losses=losses)
+    result = dict(
+        recipe=name,
+        design_md=figure,
+        batch=f"{batch} x {seq} tokens, half masked",
+        lora_params=lora_params,
+        computed_weights_bytes=weights,
+        computed_weights_and_state_bytes=weights + state,
+        measured_loaded_bytes=loaded,
+        measured_load_peak_bytes=load_peak,
+        measured_training_peak_bytes=peak,
+        activations_and_workspace_bytes=peak - weights - state if device == "cuda" else None,
+        ms_per_step=round(1000 * statistics.median(times[1:] or times), 1),
+        losses=losses,
+    )
     del model, optimizer, loss
     if device == "cuda":
         torch.cuda.empty_cache()
     # what is on the GPU once loaded should be what memory_report computes: no fp32 copy of a quantized weight left
     if loaded is not None and loaded > 1.05 * weights + 8 * MIB:
-        result.update(status="failed", error=f"{loaded / MIB:.0f} MiB in use after loading, {weights / MIB:.0f} MiB computed")
+        result.update(
+            status="failed", error=f"{loaded / MIB:.0f} MiB in use after loading, {weights / MIB:.0f} MiB computed"
+        )
     if not all(math.isfinite(v) for v in losses):
         result.update(status="failed", error=f"non-finite losses {losses}")
     return result
@@ -306,8 +392,12 @@ def step_memory(args, work):
     recipes = RECIPES if args.device == "cuda" else [CPU_RECIPE]
     results = [measure_recipe(recipe, args.device, work) for recipe in recipes]
     failed = [r for r in results if r.get("status") == "failed"]
-    out = dict(recipes=results, peak="torch.cuda.max_memory_allocated" if args.device == "cuda" else
-               "resident set size above the start (includes the allocator's slack; not comparable with the figures)")
+    out = dict(
+        recipes=results,
+        peak="torch.cuda.max_memory_allocated"
+        if args.device == "cuda"
+        else "resident set size above the start (includes the allocator's slack; not comparable with the figures)",
+    )
     if failed:
         out.update(status="failed", error="; ".join(f"{r['recipe']}: {r['error']}" for r in failed))
     return out
@@ -316,7 +406,9 @@ def step_memory(args, work):
 def step_ddp(args, work):
     """2 NCCL processes against 1: a QLoRA run on a random base, the same losses step by step."""
     if args.device != "cuda":
-        return dict(status="skipped", reason="--device cpu: NCCL needs GPUs (2 Gloo processes on the CPU: tests/test_ddp.py)")
+        return dict(
+            status="skipped", reason="--device cpu: NCCL needs GPUs (2 Gloo processes on the CPU: tests/test_ddp.py)"
+        )
     if torch.cuda.device_count() < 2:
         return dict(status="skipped", reason=f"this machine has {torch.cuda.device_count()} GPU; 2 are needed")
     import csv
@@ -326,12 +418,33 @@ def step_ddp(args, work):
     from train import TrainConfig, resolve_defaults
 
     base = random_base(os.path.join(work, "ddp-base"))
-    settings = dict(init_from=base, dataset="embedded", quantize="nf4", lora_rank=4, lora_targets="q,v,mlp_in", batch_size=4,
-                    grad_accum=4, max_iters=6, eval_interval=3, eval_batches=2, answer_limit=4, num_samples=0, max_new_tokens=4,
-                    device="cuda", progress=False)
+    settings = dict(
+        init_from=base,
+        dataset="embedded",
+        quantize="nf4",
+        lora_rank=4,
+        lora_targets="q,v,mlp_in",
+        batch_size=4,
+        grad_accum=4,
+        max_iters=6,
+        eval_interval=3,
+        eval_batches=2,
+        answer_limit=4,
+        num_samples=0,
+        max_new_tokens=4,
+        device="cuda",
+        progress=False,
+    )
     train.train(resolve_defaults(TrainConfig(**settings, out_dir=os.path.join(work, "ddp-1"))))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               *config_flags({**settings, "out_dir": os.path.join(work, "ddp-2")})]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        *config_flags({**settings, "out_dir": os.path.join(work, "ddp-2")}),
+    ]
     done = subprocess.run(command, cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         return dict(status="failed", error=f"torchrun exited {done.returncode}", output_tail=done.stderr[-3000:])
@@ -358,25 +471,35 @@ def brief(name, step):
     if "error" in step and name != "memory":
         return step["error"][:150]
     if name == "suite":
-        return f"{step['cuda_items']} CUDA items collected (not run: no GPU)" if "cuda_items" in step else step["summary"]
+        return (
+            f"{step['cuda_items']} CUDA items collected (not run: no GPU)" if "cuda_items" in step else step["summary"]
+        )
     if name == "default":
         accuracy = ""
         if step.get("test_accuracy_after") is not None:
             accuracy = f"; test answers {step['test_accuracy_before']:.2f} -> {step['test_accuracy_after']:.2f}"
-        return (f"{step['max_iters']} steps at {step['steps_per_second']} steps/s; val loss {step['val_loss_before']:.3f} -> "
-                f"{step['val_loss_after']:.3f}{accuracy}; autocast {step['autocast']}; peak {step['peak_memory_bytes'] / MIB:.0f} MiB")
+        return (
+            f"{step['max_iters']} steps at {step['steps_per_second']} steps/s; val loss {step['val_loss_before']:.3f} -> "
+            f"{step['val_loss_after']:.3f}{accuracy}; autocast {step['autocast']}; peak {step['peak_memory_bytes'] / MIB:.0f} MiB"
+        )
     if name == "compile":
-        return (f"{step['steps']} steps ({step['backend']}): median {step['eager_ms_per_step']} ms/step eager, "
-                f"{step['compiled_ms_per_step']} compiled (compiling cost {step['compile_seconds']} s); losses agree to "
-                f"{step['max_relative_loss_difference']:.1e}")
+        return (
+            f"{step['steps']} steps ({step['backend']}): median {step['eager_ms_per_step']} ms/step eager, "
+            f"{step['compiled_ms_per_step']} compiled (compiling cost {step['compile_seconds']} s); losses agree to "
+            f"{step['max_relative_loss_difference']:.1e}"
+        )
     if name == "memory":
         lines = []
         for r in step["recipes"]:
-            loaded = f"loaded {r['measured_loaded_bytes'] / MIB:.1f} MiB, " if r["measured_loaded_bytes"] is not None else ""
-            lines.append(f"{r['recipe']}: computed {r['computed_weights_bytes'] / MIB:.1f} MiB weights + "
-                         f"{(r['computed_weights_and_state_bytes'] - r['computed_weights_bytes']) / MIB:.2f} MiB state; "
-                         f"measured {loaded}training peak {r['measured_training_peak_bytes'] / MIB:.0f} MiB; {r['ms_per_step']} ms/step"
-                         + (f" [{r['error']}]" if "error" in r else ""))
+            loaded = (
+                f"loaded {r['measured_loaded_bytes'] / MIB:.1f} MiB, " if r["measured_loaded_bytes"] is not None else ""
+            )
+            lines.append(
+                f"{r['recipe']}: computed {r['computed_weights_bytes'] / MIB:.1f} MiB weights + "
+                f"{(r['computed_weights_and_state_bytes'] - r['computed_weights_bytes']) / MIB:.2f} MiB state; "
+                f"measured {loaded}training peak {r['measured_training_peak_bytes'] / MIB:.0f} MiB; {r['ms_per_step']} ms/step"
+                + (f" [{r['error']}]" if "error" in r else "")
+            )
         return "\n".join(lines)
     if name == "ddp":
         return f"2 NCCL processes vs 1: losses agree to {step['max_relative_difference']:.1e}"
@@ -384,8 +507,10 @@ def brief(name, step):
 
 
 def print_table(results):
-    print(f"\ngpu_check on {results['machine'].get('gpu', results['device'])} (torch {results['machine']['torch']}): "
-          f"{results['seconds']:.0f} s")
+    print(
+        f"\ngpu_check on {results['machine'].get('gpu', results['device'])} (torch {results['machine']['torch']}): "
+        f"{results['seconds']:.0f} s"
+    )
     print(f"{'step':<9}{'status':<9}{'seconds':>8}  result")
     for name, step in results["steps"].items():
         lines = brief(name, step).splitlines() or [""]
@@ -396,8 +521,12 @@ def print_table(results):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="cuda where a GPU is seen (default)")
-    parser.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps of {', '.join(STEPS)} (default: all)")
+    parser.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="cuda where a GPU is seen (default)"
+    )
+    parser.add_argument(
+        "--only", default=",".join(STEPS), help=f"comma-separated steps of {', '.join(STEPS)} (default: all)"
+    )
     parser.add_argument("--out", default="", help="the results file (default: benchmarks/gpu_check_<device>.json)")
     parser.add_argument("--suite_timeout", type=int, default=300, help="seconds the suite step may take")
     args = parser.parse_args(argv)
@@ -416,8 +545,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
-    results = dict(command="python -m benchmarks.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv),
-                   device=args.device, machine=describe_machine(args.device), steps={})
+    results = dict(
+        command="python -m benchmarks.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv),
+        device=args.device,
+        machine=describe_machine(args.device),
+        steps={},
+    )
     functions = dict(suite=step_suite, default=step_default, compile=step_compile, memory=step_memory, ddp=step_ddp)
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as work:
         for name in args.steps:

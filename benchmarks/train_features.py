@@ -56,7 +56,12 @@ def packing(datasets, steps, rounds):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         # the Alpaca template, as when train_features.json was measured (on the embedded set before its regeneration);
         # train.py now prompts the byte-level base in the shorter 'bare' template by default (--prompt_template)
-        data = {pack: InstructionData(name, get_tokenizer("bytes"), 512, 1337, mask_prompt=False, template="alpaca", pack=pack) for pack in (False, True)}
+        data = {
+            pack: InstructionData(
+                name, get_tokenizer("bytes"), 512, 1337, mask_prompt=False, template="alpaca", pack=pack
+            )
+            for pack in (False, True)
+        }
         totals = {pack: {"seconds": 0.0, "real_tokens": 0, "positions": 0, "steps": 0} for pack in (False, True)}
         step_of = {False: 0, True: 0}
         for pack in (False, True):  # warm-up step each
@@ -72,13 +77,20 @@ def packing(datasets, steps, rounds):
                 t["steps"] += steps
         row = {}
         for pack, t in totals.items():
-            row["packed" if pack else "padded"] = {**t, "real_tokens_per_s": t["real_tokens"] / t["seconds"], "fill": t["real_tokens"] / t["positions"]}
+            row["packed" if pack else "padded"] = {
+                **t,
+                "real_tokens_per_s": t["real_tokens"] / t["seconds"],
+                "fill": t["real_tokens"] / t["positions"],
+            }
         row["speedup"] = row["packed"]["real_tokens_per_s"] / row["padded"]["real_tokens_per_s"]
         row["examples"] = len(data[False].train)
         row["packed_rows"] = len(data[True].packed)
         out[os.path.basename(name)] = row
-        print(f"{name}: padded {row['padded']['real_tokens_per_s']:.0f} real tok/s (fill {row['padded']['fill']:.0%}), "
-              f"packed {row['packed']['real_tokens_per_s']:.0f} real tok/s (fill {row['packed']['fill']:.0%}): x{row['speedup']:.2f}", flush=True)
+        print(
+            f"{name}: padded {row['padded']['real_tokens_per_s']:.0f} real tok/s (fill {row['padded']['fill']:.0%}), "
+            f"packed {row['packed']['real_tokens_per_s']:.0f} real tok/s (fill {row['packed']['fill']:.0%}): x{row['speedup']:.2f}",
+            flush=True,
+        )
     return out
 
 
@@ -140,14 +152,33 @@ def checkpointing_one(mode, checkpointing, steps, batch, seq):
     for _ in range(steps):
         step()
     seconds = (time.perf_counter() - t0) / steps
-    print(json.dumps({"mode": mode, "checkpointing": checkpointing, "seconds_per_step": seconds, "step_peak_bytes": rss_bytes("VmHWM") - before}))
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "checkpointing": checkpointing,
+                "seconds_per_step": seconds,
+                "step_peak_bytes": rss_bytes("VmHWM") - before,
+            }
+        )
+    )
 
 
 def checkpointing(modes, steps, batch, seq):
     out = []
     for mode in modes:
         for on in (False, True):
-            cmd = [sys.executable, "-m", "benchmarks.train_features", "checkpointing-one", mode, str(int(on)), str(steps), str(batch), str(seq)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.train_features",
+                "checkpointing-one",
+                mode,
+                str(int(on)),
+                str(steps),
+                str(batch),
+                str(seq),
+            ]
             # glibc keeps freed blocks below its (self-raising) mmap threshold for reuse, so the resident size would not fall
             # back between steps and a step's peak would hide in memory the warm-up step left behind; a fixed threshold of
             # 128 KiB returns every activation-sized block to the system when freed
@@ -155,7 +186,10 @@ def checkpointing(modes, steps, batch, seq):
             result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=ROOT)
             row = json.loads(result.stdout.strip().splitlines()[-1])
             out.append(row)
-            print(f"{mode:5} checkpointing={on!s:5} {row['seconds_per_step']:.2f} s/step, step peak {row['step_peak_bytes'] / 2**20:.0f} MiB", flush=True)
+            print(
+                f"{mode:5} checkpointing={on!s:5} {row['seconds_per_step']:.2f} s/step, step peak {row['step_peak_bytes'] / 2**20:.0f} MiB",
+                flush=True,
+            )
     return {"batch": batch, "seq": seq, "steps": steps, "rows": out}
 
 
@@ -166,9 +200,14 @@ if __name__ == "__main__":
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["packing", "checkpointing"])
-    parser.add_argument("--steps", type=int, default=5, help="steps per block (packing) or timed steps per setting (checkpointing)")
+    parser.add_argument(
+        "--steps", type=int, default=5, help="steps per block (packing) or timed steps per setting (checkpointing)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="packing: alternating blocks of steps per mode")
-    parser.add_argument("--datasets", default="embedded," + os.path.join(os.path.dirname(ROOT), "shared", "data", "instruction-data.json"))
+    parser.add_argument(
+        "--datasets",
+        default="embedded," + os.path.join(os.path.dirname(ROOT), "shared", "data", "instruction-data.json"),
+    )
     parser.add_argument("--modes", default="full,lora,qlora")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)

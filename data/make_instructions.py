@@ -72,7 +72,9 @@ NOUNS_Y = """city baby party story lady family country berry cherry penny puppy 
 enemy library factory candy daisy duty jelly lily battery bakery cookery county lorry nanny poppy ruby ferry
 colony melody memory mystery navy pastry query remedy rivalry salary strawberry theory trophy trolley""".split()
 NOUNS_Y = [w for w in NOUNS_Y if w[-2] not in "aeiou"]  # trolley -> trolleys follows the plain -s rule
-NOUNS_VOWEL_Y = "day key toy boy valley monkey tray play guy ray donkey jockey turkey chimney alley journey highway".split()
+NOUNS_VOWEL_Y = (
+    "day key toy boy valley monkey tray play guy ray donkey jockey turkey chimney alley journey highway".split()
+)
 
 VERBS = """walk talk jump play open help look cook clean paint visit finish watch kick climb pull push call answer
 ask paint fix mix wash wish brush rest laugh learn listen melt pick plant pour print rain reach remember rock roll
@@ -86,7 +88,9 @@ chase choose compare complete decide describe dine divide escape excuse explore 
 juggle live manage measure nudge paste place prepare produce promise raise receive refuse relate remove rescue
 retire scare score serve shave skate slide sneeze solve squeeze stare store suppose surprise taste tickle trace
 trade tumble type unite vote whistle wipe wrestle""".split()
-VERBS_Y = "cry try study carry hurry worry marry copy reply bury apply deny dry fry tidy spy envy pity rely supply".split()
+VERBS_Y = (
+    "cry try study carry hurry worry marry copy reply bury apply deny dry fry tidy spy envy pity rely supply".split()
+)
 
 ADJECTIVES = """tall small long short fast slow cold warm old young high low kind loud quick rich poor smart soft strong
 weak deep dark clean clear cheap bright fresh great hard light neat plain proud quiet sharp sweet thick tough wild
@@ -105,23 +109,112 @@ pasta salad sugar tomato potato carrot onion garlic spinach""".split()
 
 # Sentences for the yes/no-question, negation and last-word kinds: people and animals can do things; things only
 # have states. (subject, is-or-are)
-PEOPLE = [("my brother", "is"), ("the teacher", "is"), ("your sister", "is"), ("the baby", "is"), ("our neighbor", "is"),
-          ("the doctor", "is"), ("my friend", "is"), ("the dog", "is"), ("he", "is"), ("she", "is"), ("the kids", "are"),
-          ("my parents", "are"), ("our friends", "are"), ("the students", "are"), ("the players", "are"), ("they", "are"),
-          ("we", "are"), ("the twins", "are")]
-THINGS = [("the shop", "is"), ("the soup", "is"), ("the train", "is"), ("the garden", "is"), ("my phone", "is"),
-          ("the door", "is"), ("the room", "is"), ("the road", "is"), ("it", "is"), ("the shoes", "are"),
-          ("the cookies", "are"), ("the windows", "are"), ("the keys", "are"), ("the lights", "are")]
-PEOPLE_STATES = ["hungry", "tired", "happy", "ready", "at home", "in the garden", "late again", "still asleep",
-                 "outside", "very busy", "upstairs", "in the kitchen", "at school", "on holiday", "very quiet", "sick"]
-THING_STATES = ["open today", "too cold", "broken", "clean now", "on the table", "too loud", "very old", "ready",
-                "too small", "in the car", "still wet", "very cheap", "closed", "new"]
-ACTIONS = ["swim", "come tomorrow", "fix it", "wait here", "help us", "win the game", "see the sea", "read the map",
-           "play outside", "stay for dinner", "sing well", "climb the hill", "find the keys", "finish early",
-           "cook lunch", "drive to town", "call later", "carry the bag"]
-PAST_ACTIONS = ["painted the fence", "washed the car", "visited the zoo", "cleaned the room", "opened the box",
-                "planted a tree", "called the doctor", "watched a film", "baked a cake", "fixed the bike",
-                "missed the bus", "found the ball", "crossed the river", "closed the gate"]
+PEOPLE = [
+    ("my brother", "is"),
+    ("the teacher", "is"),
+    ("your sister", "is"),
+    ("the baby", "is"),
+    ("our neighbor", "is"),
+    ("the doctor", "is"),
+    ("my friend", "is"),
+    ("the dog", "is"),
+    ("he", "is"),
+    ("she", "is"),
+    ("the kids", "are"),
+    ("my parents", "are"),
+    ("our friends", "are"),
+    ("the students", "are"),
+    ("the players", "are"),
+    ("they", "are"),
+    ("we", "are"),
+    ("the twins", "are"),
+]
+THINGS = [
+    ("the shop", "is"),
+    ("the soup", "is"),
+    ("the train", "is"),
+    ("the garden", "is"),
+    ("my phone", "is"),
+    ("the door", "is"),
+    ("the room", "is"),
+    ("the road", "is"),
+    ("it", "is"),
+    ("the shoes", "are"),
+    ("the cookies", "are"),
+    ("the windows", "are"),
+    ("the keys", "are"),
+    ("the lights", "are"),
+]
+PEOPLE_STATES = [
+    "hungry",
+    "tired",
+    "happy",
+    "ready",
+    "at home",
+    "in the garden",
+    "late again",
+    "still asleep",
+    "outside",
+    "very busy",
+    "upstairs",
+    "in the kitchen",
+    "at school",
+    "on holiday",
+    "very quiet",
+    "sick",
+]
+THING_STATES = [
+    "open today",
+    "too cold",
+    "broken",
+    "clean now",
+    "on the table",
+    "too loud",
+    "very old",
+    "ready",
+    "too small",
+    "in the car",
+    "still wet",
+    "very cheap",
+    "closed",
+    "new",
+]
+ACTIONS = [
+    "swim",
+    "come tomorrow",
+    "fix it",
+    "wait here",
+    "help us",
+    "win the game",
+    "see the sea",
+    "read the map",
+    "play outside",
+    "stay for dinner",
+    "sing well",
+    "climb the hill",
+    "find the keys",
+    "finish early",
+    "cook lunch",
+    "drive to town",
+    "call later",
+    "carry the bag",
+]
+PAST_ACTIONS = [
+    "painted the fence",
+    "washed the car",
+    "visited the zoo",
+    "cleaned the room",
+    "opened the box",
+    "planted a tree",
+    "called the doctor",
+    "watched a film",
+    "baked a cake",
+    "fixed the bike",
+    "missed the bus",
+    "found the ball",
+    "crossed the river",
+    "closed the gate",
+]
 
 # FREE SENTENCES (--free_sentences, not in the committed file) for the kinds that read a sentence: first and last word,
 # word count, sentence type. The sentences built from PEOPLE and PAST_ACTIONS end in one of 14 words and have four or
@@ -133,14 +226,48 @@ MANY = {"mouse": "mice", "sheep": "sheep", "man": "men", "woman": "women", "chil
 CREATURES = """dog cat horse bird goat fox duck owl bear mouse cow sheep frog girl boy man woman child farmer
 pilot""".split()
 # (base, past) of the verbs: the past tense makes statements, the base form questions ("Did the fox jump?")
-INTRANSITIVE = [("sleep", "slept"), ("laugh", "laughed"), ("wait", "waited"), ("smile", "smiled"),
-                ("arrive", "arrived"), ("dance", "danced"), ("rest", "rested"), ("sing", "sang"), ("run", "ran"),
-                ("jump", "jumped"), ("walk", "walked"), ("play", "played"), ("shout", "shouted"), ("stay", "stayed"),
-                ("sit", "sat"), ("swim", "swam"), ("hide", "hid"), ("work", "worked")]
-TRANSITIVE = [("find", "found"), ("see", "saw"), ("paint", "painted"), ("wash", "washed"), ("carry", "carried"),
-              ("open", "opened"), ("clean", "cleaned"), ("fix", "fixed"), ("watch", "watched"), ("buy", "bought"),
-              ("drop", "dropped"), ("push", "pushed"), ("build", "built"), ("move", "moved"), ("lose", "lost"),
-              ("sell", "sold"), ("make", "made"), ("hold", "held"), ("park", "parked"), ("read", "read")]
+INTRANSITIVE = [
+    ("sleep", "slept"),
+    ("laugh", "laughed"),
+    ("wait", "waited"),
+    ("smile", "smiled"),
+    ("arrive", "arrived"),
+    ("dance", "danced"),
+    ("rest", "rested"),
+    ("sing", "sang"),
+    ("run", "ran"),
+    ("jump", "jumped"),
+    ("walk", "walked"),
+    ("play", "played"),
+    ("shout", "shouted"),
+    ("stay", "stayed"),
+    ("sit", "sat"),
+    ("swim", "swam"),
+    ("hide", "hid"),
+    ("work", "worked"),
+]
+TRANSITIVE = [
+    ("find", "found"),
+    ("see", "saw"),
+    ("paint", "painted"),
+    ("wash", "washed"),
+    ("carry", "carried"),
+    ("open", "opened"),
+    ("clean", "cleaned"),
+    ("fix", "fixed"),
+    ("watch", "watched"),
+    ("buy", "bought"),
+    ("drop", "dropped"),
+    ("push", "pushed"),
+    ("build", "built"),
+    ("move", "moved"),
+    ("lose", "lost"),
+    ("sell", "sold"),
+    ("make", "made"),
+    ("hold", "held"),
+    ("park", "parked"),
+    ("read", "read"),
+]
 PLACES = ["in", "on", "near", "under", "behind", "by", "beside", "across", "over", "into", "at"]
 DETERMINERS = ["the", "a", "my", "our", "her", "his", "that", "their"]
 COLOURS = "red blue green white black brown grey pink".split()
@@ -160,9 +287,15 @@ def noun_phrase(rng, nouns, max_words):
 def free_clause(rng):
     """-> (subject, verb (base, past), rest): the parts of one sentence of 2 to 9 words, lower case."""
     r = rng.random()
-    subject = (rng.choice(NAMES) if r < 0.3 else rng.choice(["we", "they", "you", "she", "he", "I"]) if r < 0.45
-               else MANY.get(noun := rng.choice(CREATURES), noun + "s") if r < 0.55
-               else noun_phrase(rng, CREATURES, 3))
+    subject = (
+        rng.choice(NAMES)
+        if r < 0.3
+        else rng.choice(["we", "they", "you", "she", "he", "I"])
+        if r < 0.45
+        else MANY.get(noun := rng.choice(CREATURES), noun + "s")
+        if r < 0.55
+        else noun_phrase(rng, CREATURES, 3)
+    )
     transitive = rng.random() < 0.6
     verb = rng.choice(TRANSITIVE if transitive else INTRANSITIVE)
     rest = []
@@ -205,37 +338,112 @@ def free_typed_sentences(rng, count):
             text = " ".join(filter(None, (wh, did, subject, base, rest))) + "?"
         else:
             adjective, noun = rng.choice(ADJECTIVES), rng.choice([n for n in NOUNS if n not in PROBE_ITEMS])
-            text = rng.choice([f"What {article(adjective)} {adjective} {noun} this is!",
-                               f"How {adjective} the {noun} is!",
-                               capitalized(" ".join(filter(None, (subject, past, rest)))) + "!"])
+            text = rng.choice(
+                [
+                    f"What {article(adjective)} {adjective} {noun} this is!",
+                    f"How {adjective} the {noun} is!",
+                    capitalized(" ".join(filter(None, (subject, past, rest)))) + "!",
+                ]
+            )
         out[text] = None
     return list(out)
 
 
 # ---------------------------------------------------------------------------------------------- facts
 
-CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Portugal", "Lisbon"),
-            ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "New Delhi"), ("Australia", "Canberra"),
-            ("Canada", "Ottawa"), ("Brazil", "Brasilia"), ("Argentina", "Buenos Aires"), ("Mexico", "Mexico City"),
-            ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Nigeria", "Abuja"), ("Russia", "Moscow"), ("Turkey", "Ankara"),
-            ("Greece", "Athens"), ("Sweden", "Stockholm"), ("Norway", "Oslo"), ("Finland", "Helsinki"),
-            ("Denmark", "Copenhagen"), ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Hungary", "Budapest"),
-            ("Ireland", "Dublin"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Colombia", "Bogota"),
-            ("Venezuela", "Caracas"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("South Korea", "Seoul"),
-            ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Saudi Arabia", "Riyadh"), ("Pakistan", "Islamabad"),
-            ("Bangladesh", "Dhaka"), ("Nepal", "Kathmandu"), ("Morocco", "Rabat"), ("Ethiopia", "Addis Ababa"),
-            ("Ghana", "Accra"), ("New Zealand", "Wellington"), ("Cuba", "Havana"), ("Belgium", "Brussels"),
-            ("Romania", "Bucharest"), ("Ukraine", "Kyiv"), ("Iceland", "Reykjavik"), ("Uruguay", "Montevideo"),
-            ("Ecuador", "Quito"), ("Croatia", "Zagreb"), ("Serbia", "Belgrade"), ("Bulgaria", "Sofia"),
-            ("Slovakia", "Bratislava"), ("Slovenia", "Ljubljana"), ("Lithuania", "Vilnius"), ("Latvia", "Riga"),
-            ("Estonia", "Tallinn"), ("Jamaica", "Kingston"), ("Uganda", "Kampala"), ("Senegal", "Dakar"),
-            ("Algeria", "Algiers"), ("Tunisia", "Tunis"), ("Afghanistan", "Kabul"), ("Mongolia", "Ulaanbaatar"),
-            ("Qatar", "Doha"), ("Jordan", "Amman"), ("Lebanon", "Beirut"), ("Syria", "Damascus"), ("Libya", "Tripoli"),
-            ("Sudan", "Khartoum"), ("Zambia", "Lusaka"), ("Zimbabwe", "Harare"), ("Angola", "Luanda"),
-            ("Bolivia", "Sucre"), ("Paraguay", "Asuncion"), ("Panama", "Panama City"), ("Malaysia", "Kuala Lumpur"),
-            ("Indonesia", "Jakarta"), ("Cambodia", "Phnom Penh"), ("Laos", "Vientiane"), ("Georgia", "Tbilisi"),
-            ("Armenia", "Yerevan"), ("Belarus", "Minsk"), ("Moldova", "Chisinau"), ("Albania", "Tirana"),
-            ("Cyprus", "Nicosia"), ("Malta", "Valletta"), ("Switzerland", "Bern"), ("Netherlands", "Amsterdam")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("India", "New Delhi"),
+    ("Australia", "Canberra"),
+    ("Canada", "Ottawa"),
+    ("Brazil", "Brasilia"),
+    ("Argentina", "Buenos Aires"),
+    ("Mexico", "Mexico City"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Nigeria", "Abuja"),
+    ("Russia", "Moscow"),
+    ("Turkey", "Ankara"),
+    ("Greece", "Athens"),
+    ("Sweden", "Stockholm"),
+    ("Norway", "Oslo"),
+    ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"),
+    ("Poland", "Warsaw"),
+    ("Austria", "Vienna"),
+    ("Hungary", "Budapest"),
+    ("Ireland", "Dublin"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Colombia", "Bogota"),
+    ("Venezuela", "Caracas"),
+    ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"),
+    ("South Korea", "Seoul"),
+    ("Iran", "Tehran"),
+    ("Iraq", "Baghdad"),
+    ("Saudi Arabia", "Riyadh"),
+    ("Pakistan", "Islamabad"),
+    ("Bangladesh", "Dhaka"),
+    ("Nepal", "Kathmandu"),
+    ("Morocco", "Rabat"),
+    ("Ethiopia", "Addis Ababa"),
+    ("Ghana", "Accra"),
+    ("New Zealand", "Wellington"),
+    ("Cuba", "Havana"),
+    ("Belgium", "Brussels"),
+    ("Romania", "Bucharest"),
+    ("Ukraine", "Kyiv"),
+    ("Iceland", "Reykjavik"),
+    ("Uruguay", "Montevideo"),
+    ("Ecuador", "Quito"),
+    ("Croatia", "Zagreb"),
+    ("Serbia", "Belgrade"),
+    ("Bulgaria", "Sofia"),
+    ("Slovakia", "Bratislava"),
+    ("Slovenia", "Ljubljana"),
+    ("Lithuania", "Vilnius"),
+    ("Latvia", "Riga"),
+    ("Estonia", "Tallinn"),
+    ("Jamaica", "Kingston"),
+    ("Uganda", "Kampala"),
+    ("Senegal", "Dakar"),
+    ("Algeria", "Algiers"),
+    ("Tunisia", "Tunis"),
+    ("Afghanistan", "Kabul"),
+    ("Mongolia", "Ulaanbaatar"),
+    ("Qatar", "Doha"),
+    ("Jordan", "Amman"),
+    ("Lebanon", "Beirut"),
+    ("Syria", "Damascus"),
+    ("Libya", "Tripoli"),
+    ("Sudan", "Khartoum"),
+    ("Zambia", "Lusaka"),
+    ("Zimbabwe", "Harare"),
+    ("Angola", "Luanda"),
+    ("Bolivia", "Sucre"),
+    ("Paraguay", "Asuncion"),
+    ("Panama", "Panama City"),
+    ("Malaysia", "Kuala Lumpur"),
+    ("Indonesia", "Jakarta"),
+    ("Cambodia", "Phnom Penh"),
+    ("Laos", "Vientiane"),
+    ("Georgia", "Tbilisi"),
+    ("Armenia", "Yerevan"),
+    ("Belarus", "Minsk"),
+    ("Moldova", "Chisinau"),
+    ("Albania", "Tirana"),
+    ("Cyprus", "Nicosia"),
+    ("Malta", "Valletta"),
+    ("Switzerland", "Bern"),
+    ("Netherlands", "Amsterdam"),
+]
 ANIMALS = {
     "mammal": """dog cat horse cow whale dolphin bat elephant lion tiger rabbit mouse bear giraffe kangaroo monkey sheep
 goat pig fox wolf deer squirrel otter camel zebra hedgehog seal badger beaver mole hamster llama panda koala moose
@@ -245,29 +453,117 @@ hummingbird seagull woodpecker goose emu falcon heron pelican stork vulture magp
     "fish": """salmon tuna trout shark goldfish cod carp herring sardine catfish mackerel perch eel swordfish halibut pike
 anchovy seahorse haddock bass minnow guppy piranha stingray sturgeon tilapia barracuda""".split(),
 }
-ANTONYMS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("early", "late"), ("open", "closed"),
-            ("full", "empty"), ("strong", "weak"), ("rich", "poor"), ("young", "old"), ("wet", "dry"), ("hard", "soft"),
-            ("loud", "quiet"), ("buy", "sell"), ("push", "pull"), ("win", "lose"), ("love", "hate"),
-            ("remember", "forget"), ("accept", "reject"), ("true", "false"), ("clean", "dirty"),
-            ("cheap", "expensive"), ("thick", "thin"), ("wide", "narrow"), ("deep", "shallow"), ("safe", "dangerous"),
-            ("polite", "rude"), ("ancient", "modern"), ("increase", "decrease"), ("include", "exclude"),
-            ("maximum", "minimum"), ("victory", "defeat"), ("friend", "enemy"), ("question", "answer"),
-            ("always", "never"), ("inside", "outside"), ("above", "below"), ("before", "after"), ("first", "last"),
-            ("easy", "difficult"), ("sharp", "blunt"), ("smooth", "rough"), ("tight", "loose"), ("asleep", "awake"),
-            ("give", "take"), ("float", "sink"), ("borrow", "lend"), ("shout", "whisper"), ("import", "export"),
-            ("entrance", "exit"), ("day", "night"), ("north", "south"), ("east", "west"), ("success", "failure"),
-            ("presence", "absence"), ("temporary", "permanent"), ("public", "private"), ("guilty", "innocent"),
-            ("generous", "stingy"), ("up", "down"), ("light", "dark"), ("heavy", "light"), ("tall", "short"),
-            ("arrive", "depart"), ("brave", "cowardly"), ("begin", "end"), ("laugh", "cry"), ("wild", "tame"),
-            ("sweet", "sour"), ("noisy", "silent"), ("alive", "dead"), ("come", "go"), ("found", "lost")]
+ANTONYMS = [
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("early", "late"),
+    ("open", "closed"),
+    ("full", "empty"),
+    ("strong", "weak"),
+    ("rich", "poor"),
+    ("young", "old"),
+    ("wet", "dry"),
+    ("hard", "soft"),
+    ("loud", "quiet"),
+    ("buy", "sell"),
+    ("push", "pull"),
+    ("win", "lose"),
+    ("love", "hate"),
+    ("remember", "forget"),
+    ("accept", "reject"),
+    ("true", "false"),
+    ("clean", "dirty"),
+    ("cheap", "expensive"),
+    ("thick", "thin"),
+    ("wide", "narrow"),
+    ("deep", "shallow"),
+    ("safe", "dangerous"),
+    ("polite", "rude"),
+    ("ancient", "modern"),
+    ("increase", "decrease"),
+    ("include", "exclude"),
+    ("maximum", "minimum"),
+    ("victory", "defeat"),
+    ("friend", "enemy"),
+    ("question", "answer"),
+    ("always", "never"),
+    ("inside", "outside"),
+    ("above", "below"),
+    ("before", "after"),
+    ("first", "last"),
+    ("easy", "difficult"),
+    ("sharp", "blunt"),
+    ("smooth", "rough"),
+    ("tight", "loose"),
+    ("asleep", "awake"),
+    ("give", "take"),
+    ("float", "sink"),
+    ("borrow", "lend"),
+    ("shout", "whisper"),
+    ("import", "export"),
+    ("entrance", "exit"),
+    ("day", "night"),
+    ("north", "south"),
+    ("east", "west"),
+    ("success", "failure"),
+    ("presence", "absence"),
+    ("temporary", "permanent"),
+    ("public", "private"),
+    ("guilty", "innocent"),
+    ("generous", "stingy"),
+    ("up", "down"),
+    ("light", "dark"),
+    ("heavy", "light"),
+    ("tall", "short"),
+    ("arrive", "depart"),
+    ("brave", "cowardly"),
+    ("begin", "end"),
+    ("laugh", "cry"),
+    ("wild", "tame"),
+    ("sweet", "sour"),
+    ("noisy", "silent"),
+    ("alive", "dead"),
+    ("come", "go"),
+    ("found", "lost"),
+]
 
 # The items data/new_questions.json asks about (written by hand, apart from this file, to try a trained model on
 # questions it has never seen in any form): no kind uses them.
-PROBE_ITEMS = {"lamp", "blanket", "pillow", "yell", "stitch", "keen", "crisp", "7359", "412", "the cat slept on the mat.",
-               "we walked to the old bridge.", "the baby is asleep.", "the cat is hungry.", "pebble", "walnut", "58",
-               "312 or 87", "5820113", "fiji", "walrus", "empty", "parcels", "puddles", "umbrella", "velvet", "640 or 215",
-               "77 or 903", "birds sang in the tall trees.", "the red kite flew over the farm.", "what a lovely garden this is!",
-               "where did you park the car?"}
+PROBE_ITEMS = {
+    "lamp",
+    "blanket",
+    "pillow",
+    "yell",
+    "stitch",
+    "keen",
+    "crisp",
+    "7359",
+    "412",
+    "the cat slept on the mat.",
+    "we walked to the old bridge.",
+    "the baby is asleep.",
+    "the cat is hungry.",
+    "pebble",
+    "walnut",
+    "58",
+    "312 or 87",
+    "5820113",
+    "fiji",
+    "walrus",
+    "empty",
+    "parcels",
+    "puddles",
+    "umbrella",
+    "velvet",
+    "640 or 215",
+    "77 or 903",
+    "birds sang in the tall trees.",
+    "the red kite flew over the farm.",
+    "what a lovely garden this is!",
+    "where did you park the car?",
+}
 
 # ---------------------------------------------------------------------------------------------- rules
 
@@ -313,11 +609,16 @@ def aux_sentences():
     triples = []
     for subjects, states in ((PEOPLE, PEOPLE_STATES), (THINGS, THING_STATES)):
         for (subject, be), state in ((p, s) for p in subjects for s in states):
-            aux = be if len(state) % 2 else {"is": "was", "are": "were"}[be]  # present and past, deterministically mixed
+            aux = (
+                be if len(state) % 2 else {"is": "was", "are": "were"}[be]
+            )  # present and past, deterministically mixed
             triples.append((subject, aux, state))
     for (subject, _), action in ((p, a) for p in PEOPLE for a in ACTIONS):
         triples.append((subject, ("can", "will", "should")[len(action) % 3], action))
-    return [(sentence(s, f"{a} {r}"), f"{a.capitalize()} {s} {r}?", sentence(s, f"{negative(a)} {r}")) for s, a, r in triples]
+    return [
+        (sentence(s, f"{a} {r}"), f"{a.capitalize()} {s} {r}?", sentence(s, f"{negative(a)} {r}"))
+        for s, a, r in triples
+    ]
 
 
 def superlative(adjective):
@@ -341,163 +642,379 @@ def sentence_type(text):
 # ask without one ("the plural of this noun") gets the item in the input field.
 
 FRAMES = {
-    "np": ["What is {x}?", "What's {x}?", "Tell me {x}.", "Give {x}.", "Give me {x}.", "Write {x}.", "Find {x}.",
-           "Provide {x}.", "State {x}.", "Please give {x}.", "Please tell me {x}.", "Could you tell me {x}?",
-           "Can you give me {x}?", "Would you write {x}, please?", "I need {x}.", "I'd like {x}, please.",
-           "Do you know {x}?", "{x}?", "{x}, please.", "Quick question: what is {x}?", "Help me find {x}.",
-           "Kindly provide {x}.", "Name {x}.", "Show me {x}."],
-    "cmd": ["{x}.", "Please {x}.", "Can you {x}?", "Could you {x}, please?", "{x}, please.", "I need you to {x}.",
-            "Kindly {x}.", "Your task: {x}.", "Now {x}.", "Would you {x}?", "Help me {x}.", "{x}!", "Task: {x}.",
-            "Go ahead and {x}.", "I want you to {x}.", "Try to {x}."],
-    "q": ["{x}", "Tell me: {x}", "Quick question: {x}", "Please answer: {x}", "Question: {x}", "I wonder, {x}",
-          "Can you answer this? {x}", "Answer this: {x}", "{x} Thanks!", "Hey, {x}", "{x} Answer briefly.",
-          "Here's one: {x}"],
+    "np": [
+        "What is {x}?",
+        "What's {x}?",
+        "Tell me {x}.",
+        "Give {x}.",
+        "Give me {x}.",
+        "Write {x}.",
+        "Find {x}.",
+        "Provide {x}.",
+        "State {x}.",
+        "Please give {x}.",
+        "Please tell me {x}.",
+        "Could you tell me {x}?",
+        "Can you give me {x}?",
+        "Would you write {x}, please?",
+        "I need {x}.",
+        "I'd like {x}, please.",
+        "Do you know {x}?",
+        "{x}?",
+        "{x}, please.",
+        "Quick question: what is {x}?",
+        "Help me find {x}.",
+        "Kindly provide {x}.",
+        "Name {x}.",
+        "Show me {x}.",
+    ],
+    "cmd": [
+        "{x}.",
+        "Please {x}.",
+        "Can you {x}?",
+        "Could you {x}, please?",
+        "{x}, please.",
+        "I need you to {x}.",
+        "Kindly {x}.",
+        "Your task: {x}.",
+        "Now {x}.",
+        "Would you {x}?",
+        "Help me {x}.",
+        "{x}!",
+        "Task: {x}.",
+        "Go ahead and {x}.",
+        "I want you to {x}.",
+        "Try to {x}.",
+    ],
+    "q": [
+        "{x}",
+        "Tell me: {x}",
+        "Quick question: {x}",
+        "Please answer: {x}",
+        "Question: {x}",
+        "I wonder, {x}",
+        "Can you answer this? {x}",
+        "Answer this: {x}",
+        "{x} Thanks!",
+        "Hey, {x}",
+        "{x} Answer briefly.",
+        "Here's one: {x}",
+    ],
 }
 
 
 def word_form_asks(name, pos, extra=()):
     """Asks for a word-form kind ('plural' of a 'noun', 'past tense' of a 'verb', ...)."""
-    return [("np", f"the {name} of {{q}}"), ("np", f"the {name} form of {{q}}"), ("np", f"the {name} of the {pos} {{q}}"),
-            ("np", f"the {name} of this {pos}"), ("np", f"the {name} form of the word below"),
-            ("np", f"the {name} of the given word"),
-            ("cmd", f"write the {name} of {{q}}"), ("cmd", f"give the {name} form of {{q}}"), ("cmd", f"put {{q}} in the {name}"),
-            ("cmd", f"change the {pos} {{q}} to the {name}"), ("cmd", f"convert this word to its {name} form"),
-            ("cmd", f"turn the following {pos} into the {name}"), ("cmd", f"form the {name} of this word"),
-            ("q", f"what is the {name} of {{q}}?"), ("q", f"how do you write {{q}} in the {name}?"),
-            ("q", f"what is the {name} form of this {pos}?"), ("q", f"which word is the {name} of {{q}}?"),
-            ("q", f"do you know the {name} of the word below?"), *extra]
+    return [
+        ("np", f"the {name} of {{q}}"),
+        ("np", f"the {name} form of {{q}}"),
+        ("np", f"the {name} of the {pos} {{q}}"),
+        ("np", f"the {name} of this {pos}"),
+        ("np", f"the {name} form of the word below"),
+        ("np", f"the {name} of the given word"),
+        ("cmd", f"write the {name} of {{q}}"),
+        ("cmd", f"give the {name} form of {{q}}"),
+        ("cmd", f"put {{q}} in the {name}"),
+        ("cmd", f"change the {pos} {{q}} to the {name}"),
+        ("cmd", f"convert this word to its {name} form"),
+        ("cmd", f"turn the following {pos} into the {name}"),
+        ("cmd", f"form the {name} of this word"),
+        ("q", f"what is the {name} of {{q}}?"),
+        ("q", f"how do you write {{q}} in the {name}?"),
+        ("q", f"what is the {name} form of this {pos}?"),
+        ("q", f"which word is the {name} of {{q}}?"),
+        ("q", f"do you know the {name} of the word below?"),
+        *extra,
+    ]
 
 
 ASKS = {
-    "plural": word_form_asks("plural", "noun", [("cmd", "make {q} plural"), ("cmd", "pluralize the following noun"),
-                                                ("q", "what do you call more than one {q}?"), ("q", "one {q}, two what?")]),
-    "singular": word_form_asks("singular", "noun", [("cmd", "make {q} singular"), ("q", "what is just one of {q} called?"),
-                                                    ("np", "the word for one of {q}")]),
-    "past_tense": word_form_asks("past tense", "verb", [("np", "the simple past of {q}"),
-                                                        ("q", "how does {q} look in the past tense?"),
-                                                        ("cmd", "conjugate {q} in the simple past")]),
-    "comparative": word_form_asks("comparative", "adjective", [("np", "the comparative degree of {q}"),
-                                                               ("q", "which word means \"more {v}\"?")]),
-    "superlative": word_form_asks("superlative", "adjective", [("np", "the superlative degree of {q}"),
-                                                               ("q", "which word means \"the most {v}\"?")]),
-    "uppercase": [("np", "{q} in capital letters"), ("np", "{q} in upper case"), ("np", "the uppercase form of {q}"),
-                  ("np", "this word in capitals"), ("np", "the given word in block letters"),
-                  ("cmd", "write {q} in capital letters"), ("cmd", "capitalize every letter of {q}"),
-                  ("cmd", "convert {q} to uppercase"), ("cmd", "put this word in all caps"),
-                  ("cmd", "change the following word to upper case"), ("cmd", "spell {q} in capitals"),
-                  ("q", "how is {q} written in capitals?"), ("q", "what does {q} look like in upper case?"),
-                  ("q", "how do you write this word in all capital letters?")],
-    "first_letter": [("np", "the first letter of {q}"), ("np", "the letter {q} starts with"),
-                     ("np", "the initial letter of this word"), ("np", "the first letter of the word below"),
-                     ("cmd", "give the first letter of {q}"), ("cmd", "name the letter at the start of this word"),
-                     ("cmd", "find the first letter of the following word"), ("cmd", "write down the letter {q} begins with"),
-                     ("q", "what letter does {q} begin with?"), ("q", "which letter starts the word {q}?"),
-                     ("q", "what is the first letter of this word?"), ("q", "with which letter does this word start?")],
-    "parity": [("np", "the parity of {v}"), ("np", "whether {v} is even or odd"), ("np", "the parity of this number"),
-               ("cmd", "tell me if {v} is odd or even"), ("cmd", "decide whether this number is even or odd"),
-               ("cmd", "classify {v} as even or odd"), ("cmd", "label the following number as odd or even"),
-               ("q", "is {v} even or odd?"), ("q", "is {v} an even or an odd number?"), ("q", "is the number {v} odd or even?"),
-               ("q", "even or odd: {v}?"), ("q", "is this number even or odd?"), ("q", "odd or even, this number?")],
-    "next_number": [("np", "the number after {v}"), ("np", "the next number after {v}"), ("np", "the successor of {v}"),
-                    ("np", "the number that comes after this one"), ("cmd", "count one up from {v}"),
-                    ("cmd", "add one to {v}"), ("cmd", "give the number that follows this one"),
-                    ("cmd", "write the number after {v}"), ("q", "what number comes after {v}?"),
-                    ("q", "what is the next number after {v}?"), ("q", "which number follows {v}?"),
-                    ("q", "what comes right after {v} when counting?"), ("q", "what number is one more than {v}?"),
-                    ("q", "what number comes next after this one?")],
-    "larger": [("np", "the larger of {a} and {b}"), ("np", "the bigger number of {a} and {b}"),
-               ("np", "the maximum of {a} and {b}"), ("np", "the larger of these two numbers"),
-               ("cmd", "pick the larger of {a} and {b}"), ("cmd", "choose the bigger number: {a} or {b}"),
-               ("cmd", "compare {a} and {b} and name the larger one"), ("cmd", "pick the greater of the two numbers"),
-               ("q", "which number is larger, {a} or {b}?"), ("q", "which is bigger: {a} or {b}?"),
-               ("q", "which is greater, {a} or {b}?"), ("q", "of {a} and {b}, which is larger?"),
-               ("q", "which of these two numbers is larger?")],
-    "smaller": [("np", "the smaller of {a} and {b}"), ("np", "the lesser number of {a} and {b}"),
-                ("np", "the minimum of {a} and {b}"), ("np", "the smaller of these two numbers"),
-                ("cmd", "pick the smaller of {a} and {b}"), ("cmd", "choose the lower number: {a} or {b}"),
-                ("cmd", "compare {a} and {b} and name the smaller one"), ("cmd", "pick the lesser of the two numbers"),
-                ("q", "which number is smaller, {a} or {b}?"), ("q", "which is less: {a} or {b}?"),
-                ("q", "which is lower, {a} or {b}?"), ("q", "of {a} and {b}, which is smaller?"),
-                ("q", "which of these two numbers is smaller?")],
-    "commas": [("np", "{v} with commas"), ("np", "{v} with thousands separators"), ("np", "this number with commas"),
-               ("cmd", "write {v} with commas between the thousands"), ("cmd", "add commas to {v}"),
-               ("cmd", "add thousands separators to {v}"), ("cmd", "put commas in this number"),
-               ("cmd", "format the following number with thousands separators"), ("cmd", "group the digits of {v} with commas"),
-               ("q", "how is {v} written with commas?"), ("q", "how do you write {v} with thousands separators?"),
-               ("q", "where do the commas go in this number?"), ("q", "what does {v} look like with commas?")],
-    "sort_words": [("np", "these words in alphabetical order"), ("np", "the alphabetical order of {v}"),
-                   ("np", "the words {v} sorted from A to Z"), ("cmd", "sort these words alphabetically"),
-                   ("cmd", "put the following words in alphabetical order"), ("cmd", "arrange {v} in alphabetical order"),
-                   ("cmd", "sort the words {v} from A to Z"), ("cmd", "alphabetize this list"),
-                   ("q", "what is the alphabetical order of these words?"), ("q", "in alphabetical order, how do {v} go?"),
-                   ("q", "how would these words be ordered in a dictionary?")],
-    "sort_numbers": [("np", "these numbers in ascending order"), ("np", "the numbers {v} in increasing order"),
-                     ("np", "this list sorted from smallest to largest"), ("cmd", "sort these numbers from smallest to largest"),
-                     ("cmd", "arrange {v} in ascending order"), ("cmd", "put the following numbers in increasing order"),
-                     ("cmd", "order the numbers {v} from low to high"), ("cmd", "sort this list in ascending order"),
-                     ("q", "what are these numbers in ascending order?"), ("q", "how do {v} go from smallest to largest?"),
-                     ("q", "in what order do these numbers go, smallest first?")],
-    "reverse_words": [("np", "these words in reverse order"), ("np", "the words {v} in reverse order"),
-                      ("np", "this list reversed"), ("cmd", "reverse the order of these words"),
-                      ("cmd", "write the words {v} in reverse order"), ("cmd", "list the following words backwards"),
-                      ("cmd", "turn this list around"), ("cmd", "reverse the list {v}"),
-                      ("q", "what are these words in reverse order?"), ("q", "how does {v} read backwards, word by word?"),
-                      ("q", "what is this list with the last word first?")],
-    "question": [("np", "the question form of {q}"), ("np", "the yes/no question for this statement"),
-                 ("np", "this sentence as a question"), ("cmd", "turn this statement into a yes/no question"),
-                 ("cmd", "rewrite the sentence as a question"), ("cmd", "make a question out of this sentence"),
-                 ("cmd", "change the following statement into a question"), ("cmd", "turn {q} into a question"),
-                 ("cmd", "rewrite {q} as a yes-no question"), ("q", "how would you ask this as a question?"),
-                 ("q", "what is the yes/no question for {q}?"), ("q", "how does this statement go as a question?")],
-    "negation": [("np", "the negative form of {q}"), ("np", "the negation of this sentence"),
-                 ("np", "this statement in the negative"), ("cmd", "make this sentence negative"),
-                 ("cmd", "rewrite the sentence with \"not\""), ("cmd", "negate {q}"),
-                 ("cmd", "turn the following sentence into a negative one"), ("cmd", "put this statement in the negative"),
-                 ("cmd", "make {q} negative"), ("q", "how do you say this with \"not\"?"), ("q", "what is the negative of {q}?"),
-                 ("q", "what is the negative version of this sentence?")],
-    "last_word": [("np", "the last word of {q}"), ("np", "the final word of this sentence"),
-                  ("np", "the word this sentence ends with"), ("cmd", "name the final word of the sentence"),
-                  ("cmd", "give the last word of {q}"), ("cmd", "find the word that ends this sentence"),
-                  ("cmd", "copy out the last word"), ("q", "what is the last word of this sentence?"),
-                  ("q", "which word ends the sentence?"), ("q", "what is the final word in {q}?"),
-                  ("q", "which word is at the end of {q}?")],
-    "first_word": [("np", "the first word of {q}"), ("np", "the opening word of this sentence"),
-                   ("np", "the word this sentence starts with"), ("cmd", "name the first word of the sentence"),
-                   ("cmd", "give the first word of {q}"), ("cmd", "find the word that begins this sentence"),
-                   ("cmd", "copy out the first word"), ("q", "what is the first word of this sentence?"),
-                   ("q", "which word starts the sentence?"), ("q", "what is the opening word in {q}?"),
-                   ("q", "which word is at the start of {q}?")],
-    "count_words": [("np", "the number of words in {q}"), ("np", "the word count of this sentence"),
-                    ("np", "how many words this sentence has"), ("cmd", "count the words in this sentence"),
-                    ("cmd", "count the words in {q}"), ("cmd", "tell me how many words the following sentence has"),
-                    ("cmd", "give the word count of {q}"), ("q", "how many words are in this sentence?"),
-                    ("q", "how many words does {q} have?"), ("q", "what is the word count of the sentence below?")],
-    "sentence_type": [("np", "the type of this sentence: statement, question or exclamation"),
-                      ("np", "the kind of sentence {q} is: statement, question or exclamation"),
-                      ("cmd", "classify this sentence as a statement, a question or an exclamation"),
-                      ("cmd", "say whether {q} is a statement, a question or an exclamation"),
-                      ("cmd", "label the following sentence: statement, question or exclamation"),
-                      ("q", "is this sentence a statement, a question or an exclamation?"),
-                      ("q", "is {q} a question, a statement or an exclamation?"),
-                      ("q", "statement, question or exclamation: which is this sentence?")],
-    "capital": [("np", "the capital of {v}"), ("np", "the capital city of this country"), ("np", "the capital of the country below"),
-                ("cmd", "name the capital city of {v}"), ("cmd", "give the capital of the following country"),
-                ("cmd", "tell me the capital of {v}"), ("q", "what is the capital of {v}?"),
-                ("q", "which city is the capital of {v}?"), ("q", "what is the capital city of this country?"),
-                ("q", "where is the seat of government of {v}?")],
-    "animal_class": [("np", "the class of the {v}: mammal, bird or fish"),
-                     ("np", "the animal group of this creature: mammal, bird or fish"),
-                     ("cmd", "classify the animal as a mammal, a bird, or a fish"),
-                     ("cmd", "say whether {art} {v} is a mammal, bird or fish"),
-                     ("cmd", "sort this animal into mammal, bird or fish"),
-                     ("q", "is {art} {v} a mammal, a bird, or a fish?"), ("q", "which group does the {v} belong to: mammal, bird or fish?"),
-                     ("q", "what kind of animal is {art} {v}: mammal, bird or fish?"),
-                     ("q", "is this animal a mammal, a bird or a fish?")],
-    "antonym": [("np", "the opposite of {q}"), ("np", "an antonym of {q}"), ("np", "the antonym of this word"),
-                ("cmd", "give an antonym of {q}"), ("cmd", "find the antonym of the given word"),
-                ("cmd", "name a word that means the opposite of {q}"), ("cmd", "write the opposite of the following word"),
-                ("q", "what is the opposite of {q}?"), ("q", "what word means the opposite of {q}?"),
-                ("q", "what is an antonym for this word?")],
+    "plural": word_form_asks(
+        "plural",
+        "noun",
+        [
+            ("cmd", "make {q} plural"),
+            ("cmd", "pluralize the following noun"),
+            ("q", "what do you call more than one {q}?"),
+            ("q", "one {q}, two what?"),
+        ],
+    ),
+    "singular": word_form_asks(
+        "singular",
+        "noun",
+        [("cmd", "make {q} singular"), ("q", "what is just one of {q} called?"), ("np", "the word for one of {q}")],
+    ),
+    "past_tense": word_form_asks(
+        "past tense",
+        "verb",
+        [
+            ("np", "the simple past of {q}"),
+            ("q", "how does {q} look in the past tense?"),
+            ("cmd", "conjugate {q} in the simple past"),
+        ],
+    ),
+    "comparative": word_form_asks(
+        "comparative", "adjective", [("np", "the comparative degree of {q}"), ("q", 'which word means "more {v}"?')]
+    ),
+    "superlative": word_form_asks(
+        "superlative", "adjective", [("np", "the superlative degree of {q}"), ("q", 'which word means "the most {v}"?')]
+    ),
+    "uppercase": [
+        ("np", "{q} in capital letters"),
+        ("np", "{q} in upper case"),
+        ("np", "the uppercase form of {q}"),
+        ("np", "this word in capitals"),
+        ("np", "the given word in block letters"),
+        ("cmd", "write {q} in capital letters"),
+        ("cmd", "capitalize every letter of {q}"),
+        ("cmd", "convert {q} to uppercase"),
+        ("cmd", "put this word in all caps"),
+        ("cmd", "change the following word to upper case"),
+        ("cmd", "spell {q} in capitals"),
+        ("q", "how is {q} written in capitals?"),
+        ("q", "what does {q} look like in upper case?"),
+        ("q", "how do you write this word in all capital letters?"),
+    ],
+    "first_letter": [
+        ("np", "the first letter of {q}"),
+        ("np", "the letter {q} starts with"),
+        ("np", "the initial letter of this word"),
+        ("np", "the first letter of the word below"),
+        ("cmd", "give the first letter of {q}"),
+        ("cmd", "name the letter at the start of this word"),
+        ("cmd", "find the first letter of the following word"),
+        ("cmd", "write down the letter {q} begins with"),
+        ("q", "what letter does {q} begin with?"),
+        ("q", "which letter starts the word {q}?"),
+        ("q", "what is the first letter of this word?"),
+        ("q", "with which letter does this word start?"),
+    ],
+    "parity": [
+        ("np", "the parity of {v}"),
+        ("np", "whether {v} is even or odd"),
+        ("np", "the parity of this number"),
+        ("cmd", "tell me if {v} is odd or even"),
+        ("cmd", "decide whether this number is even or odd"),
+        ("cmd", "classify {v} as even or odd"),
+        ("cmd", "label the following number as odd or even"),
+        ("q", "is {v} even or odd?"),
+        ("q", "is {v} an even or an odd number?"),
+        ("q", "is the number {v} odd or even?"),
+        ("q", "even or odd: {v}?"),
+        ("q", "is this number even or odd?"),
+        ("q", "odd or even, this number?"),
+    ],
+    "next_number": [
+        ("np", "the number after {v}"),
+        ("np", "the next number after {v}"),
+        ("np", "the successor of {v}"),
+        ("np", "the number that comes after this one"),
+        ("cmd", "count one up from {v}"),
+        ("cmd", "add one to {v}"),
+        ("cmd", "give the number that follows this one"),
+        ("cmd", "write the number after {v}"),
+        ("q", "what number comes after {v}?"),
+        ("q", "what is the next number after {v}?"),
+        ("q", "which number follows {v}?"),
+        ("q", "what comes right after {v} when counting?"),
+        ("q", "what number is one more than {v}?"),
+        ("q", "what number comes next after this one?"),
+    ],
+    "larger": [
+        ("np", "the larger of {a} and {b}"),
+        ("np", "the bigger number of {a} and {b}"),
+        ("np", "the maximum of {a} and {b}"),
+        ("np", "the larger of these two numbers"),
+        ("cmd", "pick the larger of {a} and {b}"),
+        ("cmd", "choose the bigger number: {a} or {b}"),
+        ("cmd", "compare {a} and {b} and name the larger one"),
+        ("cmd", "pick the greater of the two numbers"),
+        ("q", "which number is larger, {a} or {b}?"),
+        ("q", "which is bigger: {a} or {b}?"),
+        ("q", "which is greater, {a} or {b}?"),
+        ("q", "of {a} and {b}, which is larger?"),
+        ("q", "which of these two numbers is larger?"),
+    ],
+    "smaller": [
+        ("np", "the smaller of {a} and {b}"),
+        ("np", "the lesser number of {a} and {b}"),
+        ("np", "the minimum of {a} and {b}"),
+        ("np", "the smaller of these two numbers"),
+        ("cmd", "pick the smaller of {a} and {b}"),
+        ("cmd", "choose the lower number: {a} or {b}"),
+        ("cmd", "compare {a} and {b} and name the smaller one"),
+        ("cmd", "pick the lesser of the two numbers"),
+        ("q", "which number is smaller, {a} or {b}?"),
+        ("q", "which is less: {a} or {b}?"),
+        ("q", "which is lower, {a} or {b}?"),
+        ("q", "of {a} and {b}, which is smaller?"),
+        ("q", "which of these two numbers is smaller?"),
+    ],
+    "commas": [
+        ("np", "{v} with commas"),
+        ("np", "{v} with thousands separators"),
+        ("np", "this number with commas"),
+        ("cmd", "write {v} with commas between the thousands"),
+        ("cmd", "add commas to {v}"),
+        ("cmd", "add thousands separators to {v}"),
+        ("cmd", "put commas in this number"),
+        ("cmd", "format the following number with thousands separators"),
+        ("cmd", "group the digits of {v} with commas"),
+        ("q", "how is {v} written with commas?"),
+        ("q", "how do you write {v} with thousands separators?"),
+        ("q", "where do the commas go in this number?"),
+        ("q", "what does {v} look like with commas?"),
+    ],
+    "sort_words": [
+        ("np", "these words in alphabetical order"),
+        ("np", "the alphabetical order of {v}"),
+        ("np", "the words {v} sorted from A to Z"),
+        ("cmd", "sort these words alphabetically"),
+        ("cmd", "put the following words in alphabetical order"),
+        ("cmd", "arrange {v} in alphabetical order"),
+        ("cmd", "sort the words {v} from A to Z"),
+        ("cmd", "alphabetize this list"),
+        ("q", "what is the alphabetical order of these words?"),
+        ("q", "in alphabetical order, how do {v} go?"),
+        ("q", "how would these words be ordered in a dictionary?"),
+    ],
+    "sort_numbers": [
+        ("np", "these numbers in ascending order"),
+        ("np", "the numbers {v} in increasing order"),
+        ("np", "this list sorted from smallest to largest"),
+        ("cmd", "sort these numbers from smallest to largest"),
+        ("cmd", "arrange {v} in ascending order"),
+        ("cmd", "put the following numbers in increasing order"),
+        ("cmd", "order the numbers {v} from low to high"),
+        ("cmd", "sort this list in ascending order"),
+        ("q", "what are these numbers in ascending order?"),
+        ("q", "how do {v} go from smallest to largest?"),
+        ("q", "in what order do these numbers go, smallest first?"),
+    ],
+    "reverse_words": [
+        ("np", "these words in reverse order"),
+        ("np", "the words {v} in reverse order"),
+        ("np", "this list reversed"),
+        ("cmd", "reverse the order of these words"),
+        ("cmd", "write the words {v} in reverse order"),
+        ("cmd", "list the following words backwards"),
+        ("cmd", "turn this list around"),
+        ("cmd", "reverse the list {v}"),
+        ("q", "what are these words in reverse order?"),
+        ("q", "how does {v} read backwards, word by word?"),
+        ("q", "what is this list with the last word first?"),
+    ],
+    "question": [
+        ("np", "the question form of {q}"),
+        ("np", "the yes/no question for this statement"),
+        ("np", "this sentence as a question"),
+        ("cmd", "turn this statement into a yes/no question"),
+        ("cmd", "rewrite the sentence as a question"),
+        ("cmd", "make a question out of this sentence"),
+        ("cmd", "change the following statement into a question"),
+        ("cmd", "turn {q} into a question"),
+        ("cmd", "rewrite {q} as a yes-no question"),
+        ("q", "how would you ask this as a question?"),
+        ("q", "what is the yes/no question for {q}?"),
+        ("q", "how does this statement go as a question?"),
+    ],
+    "negation": [
+        ("np", "the negative form of {q}"),
+        ("np", "the negation of this sentence"),
+        ("np", "this statement in the negative"),
+        ("cmd", "make this sentence negative"),
+        ("cmd", 'rewrite the sentence with "not"'),
+        ("cmd", "negate {q}"),
+        ("cmd", "turn the following sentence into a negative one"),
+        ("cmd", "put this statement in the negative"),
+        ("cmd", "make {q} negative"),
+        ("q", 'how do you say this with "not"?'),
+        ("q", "what is the negative of {q}?"),
+        ("q", "what is the negative version of this sentence?"),
+    ],
+    "last_word": [
+        ("np", "the last word of {q}"),
+        ("np", "the final word of this sentence"),
+        ("np", "the word this sentence ends with"),
+        ("cmd", "name the final word of the sentence"),
+        ("cmd", "give the last word of {q}"),
+        ("cmd", "find the word that ends this sentence"),
+        ("cmd", "copy out the last word"),
+        ("q", "what is the last word of this sentence?"),
+        ("q", "which word ends the sentence?"),
+        ("q", "what is the final word in {q}?"),
+        ("q", "which word is at the end of {q}?"),
+    ],
+    "first_word": [
+        ("np", "the first word of {q}"),
+        ("np", "the opening word of this sentence"),
+        ("np", "the word this sentence starts with"),
+        ("cmd", "name the first word of the sentence"),
+        ("cmd", "give the first word of {q}"),
+        ("cmd", "find the word that begins this sentence"),
+        ("cmd", "copy out the first word"),
+        ("q", "what is the first word of this sentence?"),
+        ("q", "which word starts the sentence?"),
+        ("q", "what is the opening word in {q}?"),
+        ("q", "which word is at the start of {q}?"),
+    ],
+    "count_words": [
+        ("np", "the number of words in {q}"),
+        ("np", "the word count of this sentence"),
+        ("np", "how many words this sentence has"),
+        ("cmd", "count the words in this sentence"),
+        ("cmd", "count the words in {q}"),
+        ("cmd", "tell me how many words the following sentence has"),
+        ("cmd", "give the word count of {q}"),
+        ("q", "how many words are in this sentence?"),
+        ("q", "how many words does {q} have?"),
+        ("q", "what is the word count of the sentence below?"),
+    ],
+    "sentence_type": [
+        ("np", "the type of this sentence: statement, question or exclamation"),
+        ("np", "the kind of sentence {q} is: statement, question or exclamation"),
+        ("cmd", "classify this sentence as a statement, a question or an exclamation"),
+        ("cmd", "say whether {q} is a statement, a question or an exclamation"),
+        ("cmd", "label the following sentence: statement, question or exclamation"),
+        ("q", "is this sentence a statement, a question or an exclamation?"),
+        ("q", "is {q} a question, a statement or an exclamation?"),
+        ("q", "statement, question or exclamation: which is this sentence?"),
+    ],
+    "capital": [
+        ("np", "the capital of {v}"),
+        ("np", "the capital city of this country"),
+        ("np", "the capital of the country below"),
+        ("cmd", "name the capital city of {v}"),
+        ("cmd", "give the capital of the following country"),
+        ("cmd", "tell me the capital of {v}"),
+        ("q", "what is the capital of {v}?"),
+        ("q", "which city is the capital of {v}?"),
+        ("q", "what is the capital city of this country?"),
+        ("q", "where is the seat of government of {v}?"),
+    ],
+    "animal_class": [
+        ("np", "the class of the {v}: mammal, bird or fish"),
+        ("np", "the animal group of this creature: mammal, bird or fish"),
+        ("cmd", "classify the animal as a mammal, a bird, or a fish"),
+        ("cmd", "say whether {art} {v} is a mammal, bird or fish"),
+        ("cmd", "sort this animal into mammal, bird or fish"),
+        ("q", "is {art} {v} a mammal, a bird, or a fish?"),
+        ("q", "which group does the {v} belong to: mammal, bird or fish?"),
+        ("q", "what kind of animal is {art} {v}: mammal, bird or fish?"),
+        ("q", "is this animal a mammal, a bird or a fish?"),
+    ],
+    "antonym": [
+        ("np", "the opposite of {q}"),
+        ("np", "an antonym of {q}"),
+        ("np", "the antonym of this word"),
+        ("cmd", "give an antonym of {q}"),
+        ("cmd", "find the antonym of the given word"),
+        ("cmd", "name a word that means the opposite of {q}"),
+        ("cmd", "write the opposite of the following word"),
+        ("q", "what is the opposite of {q}?"),
+        ("q", "what word means the opposite of {q}?"),
+        ("q", "what is an antonym for this word?"),
+    ],
 }
 
 
@@ -568,7 +1085,11 @@ def kinds(rng, names=None, free_sentences=False):
     singulars = {plural(w): w for w in nouns}  # the rule run backwards ("horses" -> "horse", not "hors")
     word_triples = three_distinct(rng, sorted(set(NOUNS)), 600, key=lambda w: w[0], ordered=sorted)
     number_triples = three_distinct(rng, list(range(1, 100)), 600, ordered=sorted)
-    typed = [s for s, _, _ in sentences[::3]] + [q for _, q, _ in sentences[1::3]] + [s[:-1] + "!" for s, _, _ in sentences[2::3]]
+    typed = (
+        [s for s, _, _ in sentences[::3]]
+        + [q for _, q, _ in sentences[1::3]]
+        + [s[:-1] + "!" for s, _, _ in sentences[2::3]]
+    )
     statements = [sentence(subject, action) for subject, _ in PEOPLE for action in PAST_ACTIONS]
     last = statements
     first = [s for s, _, _ in sentences[::2]] + statements[::2]
@@ -580,34 +1101,84 @@ def kinds(rng, names=None, free_sentences=False):
         count = [s for s, _, _ in sentences[1::4]] + free[300:600]
     table = {
         "plural": ("rule", nouns, lambda w: (f'The plural of "{w}" is "{plural(w)}".', plural(w))),
-        "past_tense": ("rule", VERBS + VERBS_E + VERBS_Y, lambda w: (f'The past tense of "{w}" is "{past_tense(w)}".', past_tense(w))),
-        "comparative": ("rule", adjectives, lambda w: (f'The comparative of "{w}" is "{comparative(w)}".', comparative(w))),
-        "uppercase": ("rule", list(dict.fromkeys(CAPS_WORDS + NOUNS)), lambda w: (f'In capital letters, "{w}" is "{w.upper()}".', w.upper())),
-        "parity": ("rule", numbers[:300], lambda n: (f"{n} is an {('odd', 'even')[n % 2 == 0]} number.", ("odd", "even")[n % 2 == 0])),
-        "next_number": ("rule", rng.sample(range(1, 1000), 260), lambda n: (f"The number after {n} is {n + 1}.", str(n + 1))),
+        "past_tense": (
+            "rule",
+            VERBS + VERBS_E + VERBS_Y,
+            lambda w: (f'The past tense of "{w}" is "{past_tense(w)}".', past_tense(w)),
+        ),
+        "comparative": (
+            "rule",
+            adjectives,
+            lambda w: (f'The comparative of "{w}" is "{comparative(w)}".', comparative(w)),
+        ),
+        "uppercase": (
+            "rule",
+            list(dict.fromkeys(CAPS_WORDS + NOUNS)),
+            lambda w: (f'In capital letters, "{w}" is "{w.upper()}".', w.upper()),
+        ),
+        "parity": (
+            "rule",
+            numbers[:300],
+            lambda n: (f"{n} is an {('odd', 'even')[n % 2 == 0]} number.", ("odd", "even")[n % 2 == 0]),
+        ),
+        "next_number": (
+            "rule",
+            rng.sample(range(1, 1000), 260),
+            lambda n: (f"The number after {n} is {n + 1}.", str(n + 1)),
+        ),
         "larger": ("rule", pairs[:400], lambda p: (f"The larger number is {max(p)}.", str(max(p)))),
         "commas": ("rule", rng.sample(range(1000, 10_000_000), 300), lambda n: (f"{n} is written {n:,}.", f"{n:,}")),
-        "question": ("rule", sentences[::2], lambda t: (t[1], t[1])),  # one sentence is never both a question and a negation item
+        "question": (
+            "rule",
+            sentences[::2],
+            lambda t: (t[1], t[1]),
+        ),  # one sentence is never both a question and a negation item
         "negation": ("rule", sentences[1::2], lambda t: (t[2], t[2])),
-        "last_word": ("rule", last,
-                      lambda s: (f'The last word is "{s.rstrip(".").split()[-1]}".', s.rstrip(".").split()[-1])),
-        "superlative": ("rule", adjectives, lambda w: (f'The superlative of "{w}" is "{superlative(w)}".', superlative(w))),
+        "last_word": (
+            "rule",
+            last,
+            lambda s: (f'The last word is "{s.rstrip(".").split()[-1]}".', s.rstrip(".").split()[-1]),
+        ),
+        "superlative": (
+            "rule",
+            adjectives,
+            lambda w: (f'The superlative of "{w}" is "{superlative(w)}".', superlative(w)),
+        ),
         "singular": ("rule", list(singulars), lambda w: (f'The singular of "{w}" is "{singulars[w]}".', singulars[w])),
-        "first_letter": ("rule", list(dict.fromkeys(NOUNS + CAPS_WORDS)), lambda w: (f'The word "{w}" starts with "{w[0]}".', w[0])),
+        "first_letter": (
+            "rule",
+            list(dict.fromkeys(NOUNS + CAPS_WORDS)),
+            lambda w: (f'The word "{w}" starts with "{w[0]}".', w[0]),
+        ),
         "smaller": ("rule", pairs[400:], lambda p: (f"The smaller number is {min(p)}.", str(min(p)))),
-        "first_word": ("rule", first,
-                       lambda s: (f'The first word is "{s.split()[0]}".', s.split()[0])),
-        "count_words": ("rule", count,
-                        lambda s: (f"The sentence has {len(s.split())} words.", str(len(s.split())))),
-        "sentence_type": ("rule", typed[::2] + free_typed_sentences(rng, 300) if free_sentences else typed,
-                          lambda s: (f"It is {article(sentence_type(s))} {sentence_type(s)}.", sentence_type(s))),
-        "sort_words": ("rule", word_triples, lambda t: (f"In alphabetical order: {', '.join(sorted(t))}.", ", ".join(sorted(t)))),
-        "sort_numbers": ("rule", number_triples,
-                         lambda t: (f"From smallest to largest: {', '.join(map(str, sorted(t)))}.", ", ".join(map(str, sorted(t))))),
-        "reverse_words": ("rule", word_triples[::-1], lambda t: (f"In reverse order: {', '.join(t[::-1])}.", ", ".join(t[::-1]))),
+        "first_word": ("rule", first, lambda s: (f'The first word is "{s.split()[0]}".', s.split()[0])),
+        "count_words": ("rule", count, lambda s: (f"The sentence has {len(s.split())} words.", str(len(s.split())))),
+        "sentence_type": (
+            "rule",
+            typed[::2] + free_typed_sentences(rng, 300) if free_sentences else typed,
+            lambda s: (f"It is {article(sentence_type(s))} {sentence_type(s)}.", sentence_type(s)),
+        ),
+        "sort_words": (
+            "rule",
+            word_triples,
+            lambda t: (f"In alphabetical order: {', '.join(sorted(t))}.", ", ".join(sorted(t))),
+        ),
+        "sort_numbers": (
+            "rule",
+            number_triples,
+            lambda t: (f"From smallest to largest: {', '.join(map(str, sorted(t)))}.", ", ".join(map(str, sorted(t)))),
+        ),
+        "reverse_words": (
+            "rule",
+            word_triples[::-1],
+            lambda t: (f"In reverse order: {', '.join(t[::-1])}.", ", ".join(t[::-1])),
+        ),
         "capital": ("fact", CAPITALS, lambda f: (f"The capital of {f[0]} is {f[1]}.", f[1])),
-        "animal_class": ("fact", [(a, g) for g, names in ANIMALS.items() for a in names],
-                         lambda f: (f"{article(f[0]).capitalize()} {f[0]} is a {f[1]}.", f[1])),
+        "animal_class": (
+            "fact",
+            [(a, g) for g, names in ANIMALS.items() for a in names],
+            lambda f: (f"{article(f[0]).capitalize()} {f[0]} is a {f[1]}.", f[1]),
+        ),
         "antonym": ("fact", ANTONYMS, lambda p: (f'The opposite of "{p[0]}" is "{p[1]}".', p[1])),
     }
     return {name: table[name] for name in (names or table)}
@@ -617,9 +1188,28 @@ def kinds(rng, names=None, free_sentences=False):
 # from 800 LoRA steps (measured: data/README.md): superlative (it mixes it up with the comparative, which shares the
 # rule and differs in one word, and loses both), sort_words, sort_numbers and reverse_words (none right in held-out
 # phrasings: three items compared or moved at once).
-KINDS = ("plural", "past_tense", "comparative", "uppercase", "parity", "next_number", "larger", "commas", "question",
-         "negation", "last_word", "singular", "first_letter", "smaller", "first_word", "count_words", "sentence_type",
-         "capital", "animal_class", "antonym")
+KINDS = (
+    "plural",
+    "past_tense",
+    "comparative",
+    "uppercase",
+    "parity",
+    "next_number",
+    "larger",
+    "commas",
+    "question",
+    "negation",
+    "last_word",
+    "singular",
+    "first_letter",
+    "smaller",
+    "first_word",
+    "count_words",
+    "sentence_type",
+    "capital",
+    "animal_class",
+    "antonym",
+)
 
 
 def article(word):
@@ -649,8 +1239,13 @@ def make_example(kind, item, answer, phrasing_list, rng):
     template, in_input = rng.choice(phrasing_list)
     values, input_text = slots(item, rng)
     output, key = answer(item)
-    return {"instruction": surface(template.format(**values), rng), "input": input_text if in_input else "",
-            "output": output, "kind": kind, "answer": key}
+    return {
+        "instruction": surface(template.format(**values), rng),
+        "input": input_text if in_input else "",
+        "output": output,
+        "kind": kind,
+        "answer": key,
+    }
 
 
 def item_key(item):
@@ -662,20 +1257,28 @@ def item_key(item):
     return str(item[0] if isinstance(item, tuple) else item)
 
 
-def build_examples(seed=SEED, names=KINDS, test_items=TEST_ITEMS_PER_KIND, train_items=TRAIN_ITEMS_PER_KIND,
-                   free_sentences=False):
+def build_examples(
+    seed=SEED, names=KINDS, test_items=TEST_ITEMS_PER_KIND, train_items=TRAIN_ITEMS_PER_KIND, free_sentences=False
+):
     """Train + validation + test examples in file order (see the module docstring for the two splits)."""
     rng = random.Random(seed)
     test, trainval = [], []
     for kind, (family, items, answer) in kinds(rng, names, free_sentences).items():
         trained, held_out = phrasings(kind, seed)
-        items = [item for item in dict.fromkeys(items) if item_key(item).lower() not in PROBE_ITEMS]  # listed twice: one item
+        items = [
+            item for item in dict.fromkeys(items) if item_key(item).lower() not in PROBE_ITEMS
+        ]  # listed twice: one item
         rng.shuffle(items)
-        parts = ((test, "trained", trained, items[:test_items]), (test, "held_out", held_out, items[test_items : 2 * test_items]),
-                 (trainval, "trained", trained, items[2 * test_items : 2 * test_items + train_items]))
+        parts = (
+            (test, "trained", trained, items[:test_items]),
+            (test, "held_out", held_out, items[test_items : 2 * test_items]),
+            (trainval, "trained", trained, items[2 * test_items : 2 * test_items + train_items]),
+        )
         for part, tag, phrasing_list, chosen in parts:
             for item in chosen:
-                part.append({**make_example(kind, item, answer, phrasing_list, rng), "item": item_key(item), "phrasing": tag})
+                part.append(
+                    {**make_example(kind, item, answer, phrasing_list, rng), "item": item_key(item), "phrasing": tag}
+                )
     rng.shuffle(test)
     rng.shuffle(trainval)
     # shrink the train+validation part until the file-order split puts exactly the test examples last
@@ -690,9 +1293,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="output directory")
     parser.add_argument("--seed", type=int, default=SEED, help="another seed: other items, phrasings held out, order")
-    parser.add_argument("--kinds", default="", help="comma-separated kinds ('all': every kind written here); default: KINDS")
-    parser.add_argument("--free_sentences", action="store_true",
-                        help="the sentence kinds read free sentences of 2 to 9 words (see FREE SENTENCES)")
+    parser.add_argument(
+        "--kinds", default="", help="comma-separated kinds ('all': every kind written here); default: KINDS"
+    )
+    parser.add_argument(
+        "--free_sentences",
+        action="store_true",
+        help="the sentence kinds read free sentences of 2 to 9 words (see FREE SENTENCES)",
+    )
     args = parser.parse_args()
     names = KINDS if not args.kinds else list(kinds(random.Random(0))) if args.kinds == "all" else args.kinds.split(",")
     examples = build_examples(args.seed, names, free_sentences=args.free_sentences)

@@ -41,46 +41,204 @@ HEADER = "Label\tSMS"
 # ----------------------------------------------------------------------------------------------
 # Fillers
 
-NAMES = ["Tom", "Priya", "José", "Zoë", "Sam", "Aisha", "Chloé", "Mehmet", "Kai", "Nia", "Björn",
-         "Lena", "Raj", "Ellie", "Dan", "Fatima", "Marco", "Siobhán", "Jo", "Wei", "Olu", "Gemma",
-         "Luca", "Hannah", "Ravi", "Amélie", "Kofi", "Maya", "Ben", "Noor"]
+NAMES = [
+    "Tom",
+    "Priya",
+    "José",
+    "Zoë",
+    "Sam",
+    "Aisha",
+    "Chloé",
+    "Mehmet",
+    "Kai",
+    "Nia",
+    "Björn",
+    "Lena",
+    "Raj",
+    "Ellie",
+    "Dan",
+    "Fatima",
+    "Marco",
+    "Siobhán",
+    "Jo",
+    "Wei",
+    "Olu",
+    "Gemma",
+    "Luca",
+    "Hannah",
+    "Ravi",
+    "Amélie",
+    "Kofi",
+    "Maya",
+    "Ben",
+    "Noor",
+]
 FAMILY = ["Mum", "Dad", "Nan", "Grandad", "sis", "bro", "Auntie Pat", "Uncle Raj"]
-PLACES = ["the station", "the library", "the gym", "the big Tesco", "uni", "the café on King St",
-          "the bus stop", "the cinema", "your mum's", "the park gates", "the office", "the pub",
-          "the car park", "the market", "Platform 4", "the dentist", "Nando's", "the chippy"]
-CITIES = ["Leeds", "Glasgow", "Lisbon", "Kraków", "Dublin", "Manchester", "Bristol", "Cardiff",
-          "Málaga", "Edinburgh", "Berlin", "Porto"]
-TIMES = ["6", "half 6", "7", "7.30", "8", "noon", "1ish", "2pm", "quarter past 5", "9am", "10",
-         "after work", "lunchtime", "11.15"]
-DAYS = ["Monday", "Tuesday", "Wed", "Thursday", "Fri", "Saturday", "Sunday", "tmrw", "tonight",
-        "the weekend"]
-ITEMS = ["milk", "bread", "eggs", "loo roll", "bin bags", "a birthday card", "ice", "batteries",
-         "nappies", "coffee", "some crisps", "cat food", "bananas", "a charger"]
-FOODS = ["pizza", "curry", "Chinese", "fish and chips", "tacos", "pasta", "a roast", "sushi",
-         "burgers", "leftovers"]
-ACTIVITIES = ["a drink", "coffee", "the cinema", "five-a-side", "a walk", "the quiz", "badminton",
-              "lunch", "a swim", "the gig", "pizza", "brunch"]
-WORK_THINGS = ["report", "slides", "spreadsheet", "timesheet", "rota", "invoice", "essay",
-               "lab write-up", "budget", "presentation"]
-EVENTS = ["the wedding", "Zoë's party", "the beach", "graduation", "the barbecue", "Nan's 80th",
-          "the trip", "Christmas", "the hike", "sports day"]
-TOPICS = ["the car", "Saturday", "the flat", "Mum's birthday", "the holiday", "work stuff",
-          "the cat", "the bills", "the kids' school", "your sister"]
+PLACES = [
+    "the station",
+    "the library",
+    "the gym",
+    "the big Tesco",
+    "uni",
+    "the café on King St",
+    "the bus stop",
+    "the cinema",
+    "your mum's",
+    "the park gates",
+    "the office",
+    "the pub",
+    "the car park",
+    "the market",
+    "Platform 4",
+    "the dentist",
+    "Nando's",
+    "the chippy",
+]
+CITIES = [
+    "Leeds",
+    "Glasgow",
+    "Lisbon",
+    "Kraków",
+    "Dublin",
+    "Manchester",
+    "Bristol",
+    "Cardiff",
+    "Málaga",
+    "Edinburgh",
+    "Berlin",
+    "Porto",
+]
+TIMES = [
+    "6",
+    "half 6",
+    "7",
+    "7.30",
+    "8",
+    "noon",
+    "1ish",
+    "2pm",
+    "quarter past 5",
+    "9am",
+    "10",
+    "after work",
+    "lunchtime",
+    "11.15",
+]
+DAYS = ["Monday", "Tuesday", "Wed", "Thursday", "Fri", "Saturday", "Sunday", "tmrw", "tonight", "the weekend"]
+ITEMS = [
+    "milk",
+    "bread",
+    "eggs",
+    "loo roll",
+    "bin bags",
+    "a birthday card",
+    "ice",
+    "batteries",
+    "nappies",
+    "coffee",
+    "some crisps",
+    "cat food",
+    "bananas",
+    "a charger",
+]
+FOODS = ["pizza", "curry", "Chinese", "fish and chips", "tacos", "pasta", "a roast", "sushi", "burgers", "leftovers"]
+ACTIVITIES = [
+    "a drink",
+    "coffee",
+    "the cinema",
+    "five-a-side",
+    "a walk",
+    "the quiz",
+    "badminton",
+    "lunch",
+    "a swim",
+    "the gig",
+    "pizza",
+    "brunch",
+]
+WORK_THINGS = [
+    "report",
+    "slides",
+    "spreadsheet",
+    "timesheet",
+    "rota",
+    "invoice",
+    "essay",
+    "lab write-up",
+    "budget",
+    "presentation",
+]
+EVENTS = [
+    "the wedding",
+    "Zoë's party",
+    "the beach",
+    "graduation",
+    "the barbecue",
+    "Nan's 80th",
+    "the trip",
+    "Christmas",
+    "the hike",
+    "sports day",
+]
+TOPICS = [
+    "the car",
+    "Saturday",
+    "the flat",
+    "Mum's birthday",
+    "the holiday",
+    "work stuff",
+    "the cat",
+    "the bills",
+    "the kids' school",
+    "your sister",
+]
 
 AMOUNTS = ["500", "1000", "2000", "1500", "750", "5000", "250", "3000", "900", "10,000"]
-PRIZES = ["brand new iPhone", "£500 shopping voucher", "2-week holiday to Florida",
-          "Nokia camcorder", "£1000 cash award", "PS5 console", "luxury cruise for 2",
-          "50-inch TV", "£200 gift card", "weekend break in Paris"]
+PRIZES = [
+    "brand new iPhone",
+    "£500 shopping voucher",
+    "2-week holiday to Florida",
+    "Nokia camcorder",
+    "£1000 cash award",
+    "PS5 console",
+    "luxury cruise for 2",
+    "50-inch TV",
+    "£200 gift card",
+    "weekend break in Paris",
+]
 GADGETS = ["iPad", "games console", "smart watch", "laptop", "pair of wireless earbuds", "camera"]
 HOLIDAYS = ["Canary Islands", "Disney", "Ibiza", "New York", "Caribbean", "Tenerife"]
-COMPANIES = ["Northbank", "Crestline Bank", "Orbitel Mobile", "PayQuick", "Streamly", "MegaMart",
-             "Celltone", "RoyalParcel", "QuickPost", "HMRC Refunds Dept"]
-CLUBS = ["TonesClub", "JokeTXT", "FunZone", "Ringtone World", "GameAlerts", "LuvHoroscopes",
-         "PicOfTheDay", "VIPVideos"]
+COMPANIES = [
+    "Northbank",
+    "Crestline Bank",
+    "Orbitel Mobile",
+    "PayQuick",
+    "Streamly",
+    "MegaMart",
+    "Celltone",
+    "RoyalParcel",
+    "QuickPost",
+    "HMRC Refunds Dept",
+]
+CLUBS = ["TonesClub", "JokeTXT", "FunZone", "Ringtone World", "GameAlerts", "LuvHoroscopes", "PicOfTheDay", "VIPVideos"]
 GIRLS = ["Jess", "Kelly", "Suzi", "Amber", "Dani", "Lucy", "Tasha", "Bella"]
 GENRES = ["top 10", "chart", "R&B", "dance", "rock", "classic 90s"]
-URL_WORDS = ["claim", "prize", "win", "secure", "verify", "bonus", "reward", "account", "refund",
-             "parcel", "deal", "login", "support", "update"]
+URL_WORDS = [
+    "claim",
+    "prize",
+    "win",
+    "secure",
+    "verify",
+    "bonus",
+    "reward",
+    "account",
+    "refund",
+    "parcel",
+    "deal",
+    "login",
+    "support",
+    "update",
+]
 URL_TLDS = [".example", ".test", ".invalid"]
 
 
@@ -96,7 +254,9 @@ def shortcode(rng):
 def url(rng):
     words = rng.sample(URL_WORDS, 2)
     sep = rng.choice(["-", "", "."])
-    path = rng.choice(["", "/c", "/go", "/win", "/" + "".join(rng.choice("abcdefghjkmnpqrstuvwxyz23456789") for _ in range(5))])
+    path = rng.choice(
+        ["", "/c", "/go", "/win", "/" + "".join(rng.choice("abcdefghjkmnpqrstuvwxyz23456789") for _ in range(5))]
+    )
     return rng.choice(["www.", "", "http://"]) + sep.join(words) + rng.choice(URL_TLDS) + path
 
 
@@ -115,23 +275,42 @@ def price(rng):
 
 # Each filler name maps to a function of rng; templates use {name}-style fields.
 FILLERS = {
-    "name": lambda r: r.choice(NAMES), "name2": lambda r: r.choice(NAMES),
-    "family": lambda r: r.choice(FAMILY), "place": lambda r: r.choice(PLACES),
-    "city": lambda r: r.choice(CITIES), "time": lambda r: r.choice(TIMES),
-    "time2": lambda r: r.choice(TIMES), "day": lambda r: r.choice(DAYS),
-    "item": lambda r: r.choice(ITEMS), "item2": lambda r: r.choice(ITEMS),
-    "food": lambda r: r.choice(FOODS), "food2": lambda r: r.choice(FOODS),
-    "activity": lambda r: r.choice(ACTIVITIES), "work": lambda r: r.choice(WORK_THINGS),
-    "event": lambda r: r.choice(EVENTS), "topic": lambda r: r.choice(TOPICS),
-    "n": lambda r: str(r.randint(2, 25)), "mins": lambda r: str(r.choice([5, 10, 15, 20, 30, 45])),
-    "row": lambda r: r.choice("ABCDEFGHJK"), "seat": lambda r: str(r.randint(1, 30)),
+    "name": lambda r: r.choice(NAMES),
+    "name2": lambda r: r.choice(NAMES),
+    "family": lambda r: r.choice(FAMILY),
+    "place": lambda r: r.choice(PLACES),
+    "city": lambda r: r.choice(CITIES),
+    "time": lambda r: r.choice(TIMES),
+    "time2": lambda r: r.choice(TIMES),
+    "day": lambda r: r.choice(DAYS),
+    "item": lambda r: r.choice(ITEMS),
+    "item2": lambda r: r.choice(ITEMS),
+    "food": lambda r: r.choice(FOODS),
+    "food2": lambda r: r.choice(FOODS),
+    "activity": lambda r: r.choice(ACTIVITIES),
+    "work": lambda r: r.choice(WORK_THINGS),
+    "event": lambda r: r.choice(EVENTS),
+    "topic": lambda r: r.choice(TOPICS),
+    "n": lambda r: str(r.randint(2, 25)),
+    "mins": lambda r: str(r.choice([5, 10, 15, 20, 30, 45])),
+    "row": lambda r: r.choice("ABCDEFGHJK"),
+    "seat": lambda r: str(r.randint(1, 30)),
     "money": lambda r: str(r.choice([5, 10, 12, 15, 20, 25, 30, 40, 50, 60])),
-    "amount": lambda r: r.choice(AMOUNTS), "prize": lambda r: r.choice(PRIZES),
-    "gadget": lambda r: r.choice(GADGETS), "holiday": lambda r: r.choice(HOLIDAYS),
-    "company": lambda r: r.choice(COMPANIES), "club": lambda r: r.choice(CLUBS),
-    "girl": lambda r: r.choice(GIRLS), "genre": lambda r: r.choice(GENRES),
-    "phone": phone, "short": shortcode, "url": url, "code": claim_code, "box": postcode,
-    "price": price, "fee": lambda r: r.choice(["1.99", "2.99", "0.99", "3.49", "1.45"]),
+    "amount": lambda r: r.choice(AMOUNTS),
+    "prize": lambda r: r.choice(PRIZES),
+    "gadget": lambda r: r.choice(GADGETS),
+    "holiday": lambda r: r.choice(HOLIDAYS),
+    "company": lambda r: r.choice(COMPANIES),
+    "club": lambda r: r.choice(CLUBS),
+    "girl": lambda r: r.choice(GIRLS),
+    "genre": lambda r: r.choice(GENRES),
+    "phone": phone,
+    "short": shortcode,
+    "url": url,
+    "code": claim_code,
+    "box": postcode,
+    "price": price,
+    "fee": lambda r: r.choice(["1.99", "2.99", "0.99", "3.49", "1.45"]),
     "pct": lambda r: str(r.choice([60, 70, 75, 80, 85, 90])),
     "small": lambda r: str(r.choice([100, 200, 250, 500])),
     "big": lambda r: str(r.choice([2000, 5000, 10000, 25000])),
@@ -181,7 +360,7 @@ HAM_TEMPLATES = [
     "Call me when you can, it's about {topic}, nothing urgent",
     "Ok. I'm at home now. &lt;#&gt; mins to get to {place}",
     "They're about &lt;#&gt; quid each, still want one?",
-    "The kids say \"hi\" & want to know when you're visiting",
+    'The kids say "hi" & want to know when you\'re visiting',
     "Did you read {name}'s email? \"all hands at {time}\"... what's that about",
     "Yeah {time} works for me. {place}?",
     "Are you coming to {event} or not? Need numbers by {day}",
@@ -266,7 +445,7 @@ HANDWRITTEN = [
     ("ham", "Where did you put the spare key?"),
     ("ham", "Don't forget your PE kit tomorrow"),
     ("ham", "Booked the table for 8, under my name"),
-    ("ham", "He said \"we'll see\" which means no lol"),
+    ("ham", 'He said "we\'ll see" which means no lol'),
     ("ham", "Mum's making her famous lasagne, come round at 7"),
     ("ham", "I'm so tired I could sleep for a week"),
     ("ham", "Can you feed the fish while I'm away? Just a pinch each morning"),
@@ -303,45 +482,78 @@ HANDWRITTEN = [
     ("ham", "I'm outside, the blue car"),
     ("ham", "Are u still up?"),
     ("ham", "Dad fixed the boiler himself, only flooded the kitchen a little"),
-    ("spam", "Lucky Draw Result: mobile ending in your number took 2nd place - £1,250 unclaimed. Ring 09061457703 b4 Fri. 150p/min"),
+    (
+        "spam",
+        "Lucky Draw Result: mobile ending in your number took 2nd place - £1,250 unclaimed. Ring 09061457703 b4 Fri. 150p/min",
+    ),
     ("spam", "FunTXT: text PICS to 84127 for 3 free phone wallpapers a week, then £1.50 each. Help? 08712 440391"),
-    ("spam", "Your bank account will be closed today unless you confirm your details: http://secure-login.invalid/verify"),
+    (
+        "spam",
+        "Your bank account will be closed today unless you confirm your details: http://secure-login.invalid/verify",
+    ),
     ("spam", "hiya its Roxy 💋 stuck in on my own & bored. ring me on 09058812644 for a proper chat xx £1.50/min"),
     ("spam", "Reminder: a £750 prize is still waiting in your name. Call 08712402961 today, ref code XK77"),
     ("spam", "ur TuneBox ringtone plan is now active. £4.50/wk until u text STOP to 88039"),
     ("spam", "Were you hurt in a car accident that wasn't your fault? You could be owed £2,400. Reply CLAIM"),
-    ("spam", "Spin & win: every txt gives u a chance at £50-£5000 in our daily jackpot! Send SPIN to 87575. £1.50/day, 16+"),
-    ("spam", "Hi, this is the fraud team. A payment of £899 was attempted on your card. If this wasn't you reply NO and call 0871 622 9481"),
+    (
+        "spam",
+        "Spin & win: every txt gives u a chance at £50-£5000 in our daily jackpot! Send SPIN to 87575. £1.50/day, 16+",
+    ),
+    (
+        "spam",
+        "Hi, this is the fraud team. A payment of £899 was attempted on your card. If this wasn't you reply NO and call 0871 622 9481",
+    ),
     ("spam", "Someone has a crush on u 😍 and wants u 2 know! Find out who by calling 09065171142 now. Calls 60p/min"),
     ("spam", "Want a new phone for FREE? Upgrade today with Orbitel. Text UPGRADE to 69966, no contract checks"),
     ("spam", "omg have u seen this?? u're in this video lol {url}"),
     ("spam", "Your Streamly payment failed. Update your billing info within 48 hours: www.streamly-billing.example"),
     ("spam", "Last minute deal! 7 nights in Tenerife for only £99pp. Call 09064019788 to book now. Calls £1/min"),
-    ("spam", "Hello dear, I am a lawyer representing a late client who shares your surname. Reply for details of a $4.5m inheritance"),
+    (
+        "spam",
+        "Hello dear, I am a lawyer representing a late client who shares your surname. Reply for details of a $4.5m inheritance",
+    ),
     ("spam", "Lonely tonight? 100s of real singles near you are online NOW. Txt MEET to 69888. 18+ £3/msg"),
     ("spam", "We tried to deliver your parcel today. Reschedule here: www.royalparcel-redelivery.test (£1.45 fee)"),
     ("spam", "Urgent! Your car insurance expires today. Reply RENEW to get a quote 50% cheaper"),
     ("spam", "Footy fans! Win 2 tickets to the cup final - just text GOAL to 87121 and answer 1 easy question. £1/txt"),
-    ("spam", "Half price line rental for 12 months + unlimited texts! Reply YES for ur free upgrade or call 08000839402"),
+    (
+        "spam",
+        "Half price line rental for 12 months + unlimited texts! Reply YES for ur free upgrade or call 08000839402",
+    ),
     ("spam", "Cashback alert: £150 has been credited to your account. Confirm at www.bonus.reward.example to release"),
     ("spam", "Hey it's Mike from the gym 😊 found a crazy investment, turned £200 into £4k. DM me or go to {url}"),
     ("spam", "Your mobile number has been selected for a £5000 loan at 0% interest. Text YES to 61105"),
     ("spam", "Dont miss out!! 400 bonus minutes + a free handset when u switch today. Call 08002888812"),
     ("spam", "Quiz time! Name the capital of France & u could win a tablet! Txt ur answer to 82277. £1.50 per entry"),
-    ("spam", "As a valued customer, you've been chosen for a 12-month FREE magazine subscription. Just pay £2.99 p&p at {url}"),
-    ("spam", "An old friend has left you a voice message on our dating line! To hear it call 09058097218 from a landline"),
+    (
+        "spam",
+        "As a valued customer, you've been chosen for a 12-month FREE magazine subscription. Just pay £2.99 p&p at {url}",
+    ),
+    (
+        "spam",
+        "An old friend has left you a voice message on our dating line! To hear it call 09058097218 from a landline",
+    ),
     ("spam", "Tired of being broke? Earn £300/day working from home. No experience needed. Reply START"),
-    ("spam", "ALERT: Your PayQuick ID has been used on a new device. If this wasn't you secure your account &gt;&gt; {url}"),
+    (
+        "spam",
+        "ALERT: Your PayQuick ID has been used on a new device. If this wasn't you secure your account &gt;&gt; {url}",
+    ),
     ("spam", "Ur weekly horoscope is ready! Txt STAR to 85023 to read it. £1/msg. Unsubscribe? txt STOP"),
-    ("spam", "Hi! U've been picked 4 our exclusive \"Mystery Box\" - worth up to £1000! Just £4.99 to open: {url}"),
-    ("spam", "This is your final warning. A lawsuit has been filed against you over unpaid tax. Call 0872 344 1265 immediately"),
+    ("spam", 'Hi! U\'ve been picked 4 our exclusive "Mystery Box" - worth up to £1000! Just £4.99 to open: {url}'),
+    (
+        "spam",
+        "This is your final warning. A lawsuit has been filed against you over unpaid tax. Call 0872 344 1265 immediately",
+    ),
     ("spam", "We have been trying to reach you about your car's extended warranty. Press 1 or call 08719181513"),
     ("spam", "New chart tones every Monday!! 1st one on us, then £3/wk. Txt TUNES to 89693"),
     ("spam", "Hey! Your friend Sam has sent you a £50 voucher 🎁 Tap to accept: {url}"),
     ("spam", "Café Olé 2-4-1 deal: show this text for free coffee!! Join the VIP club, text CAFE to 65432, £2/wk"),
     ("spam", "Adult content alert: unlock 18+ clips straight 2 ur phone. Txt VIP to 69696. £4.50/wk, 18+ only"),
     ("spam", "lol forgot 2 tell u, u won that comp we entered! just need ur bank details 2 send the £800 x"),
-    ("spam", "Important information for Crestline Bank customers: a new security update is required. Log in now: {url}"),
+    (
+        "spam",
+        "Important information for Crestline Bank customers: a new security update is required. Log in now: {url}",
+    ),
     ("spam", "Hi mum, this is my new number, phone broke. Can u send £250 for a bill? will explain later x"),
     ("spam", "Good news! You qualify for a free energy-saving boiler under a new scheme. Reply BOILER to check"),
     ("spam", "Your Celltone SIM will be deactivated in 24 hrs. To keep your number verify here: {url}"),
@@ -353,9 +565,18 @@ HANDWRITTEN = [
 # ----------------------------------------------------------------------------------------------
 # Texting style: applied to some template messages so the two classes overlap in surface form.
 
-TEXTING_SWAPS = [(r"\byou\b", "u"), (r"\byour\b", "ur"), (r"\bare\b", "r"), (r"\bto\b", "2"),
-                 (r"\bfor\b", "4"), (r"\bplease\b", "pls"), (r"\btomorrow\b", "tmrw"),
-                 (r"\bthanks\b", "thx"), (r"\bbefore\b", "b4"), (r"\bgoing to\b", "gonna")]
+TEXTING_SWAPS = [
+    (r"\byou\b", "u"),
+    (r"\byour\b", "ur"),
+    (r"\bare\b", "r"),
+    (r"\bto\b", "2"),
+    (r"\bfor\b", "4"),
+    (r"\bplease\b", "pls"),
+    (r"\btomorrow\b", "tmrw"),
+    (r"\bthanks\b", "thx"),
+    (r"\bbefore\b", "b4"),
+    (r"\bgoing to\b", "gonna"),
+]
 
 
 def texting_style(text, rng):
@@ -388,8 +609,9 @@ def from_templates(templates, target, rng, styled_fraction):
         template = templates[attempts % len(templates)]
         attempts += 1
         if attempts > 50 * target:
-            raise RuntimeError(f"could only make {len(messages)} distinct messages of {target}; "
-                               f"add templates or fillers")
+            raise RuntimeError(
+                f"could only make {len(messages)} distinct messages of {target}; add templates or fillers"
+            )
         text = fill(template, rng)
         if rng.random() < styled_fraction:
             text = texting_style(text, rng)
@@ -424,8 +646,11 @@ def build_messages(seed=SEED, per_class=300):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)),
-                        help="folder to write sms_sample.tsv into (default: this folder)")
+    parser.add_argument(
+        "--out",
+        default=os.path.dirname(os.path.abspath(__file__)),
+        help="folder to write sms_sample.tsv into (default: this folder)",
+    )
     args = parser.parse_args()
 
     rows = build_messages()

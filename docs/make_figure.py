@@ -1,9 +1,9 @@
 """Draws docs/lora_qlora.png, the README's picture, from the lesson's own code:
 
-    left   h = W0 x + (alpha / r) · B A x for one LoRALinear: the frozen W0 and the thin trained B and A, to scale
-    right  the 16 NF4 values of quantize.nf4_code_book(): the quantiles of N(0, 1) that QLoRA stores W0 with
+left   h = W0 x + (alpha / r) · B A x for one LoRALinear: the frozen W0 and the thin trained B and A, to scale
+right  the 16 NF4 values of quantize.nf4_code_book(): the quantiles of N(0, 1) that QLoRA stores W0 with
 
-    python docs/make_figure.py    (a second or two on a CPU; writes docs/lora_qlora.png)
+python docs/make_figure.py    (a second or two on a CPU; writes docs/lora_qlora.png)
 """
 
 import os
@@ -41,14 +41,20 @@ for column, sign in ((1, "+ α/r ·"), (3, "")):
     ax = fig.add_subplot(left[column])
     ax.text(0.5, 0.5, sign, ha="center", va="center", fontsize=11)
     ax.axis("off")
-fig.text(0.05, 0.02, f"LoRA (Eq. 3): only B and A train, r = {r} of d = {d}: {2 * d * r:,} numbers instead of {d * d:,}",
-         fontsize=9)
+fig.text(
+    0.05,
+    0.02,
+    f"LoRA (Eq. 3): only B and A train, r = {r} of d = {d}: {2 * d * r:,} numbers instead of {d * d:,}",
+    fontsize=9,
+)
 
 ax = fig.add_subplot(grid[1])
 x = torch.linspace(-3.2, 3.2, 400)
 ax.plot(x, torch.exp(-(x**2) / 2) / (2 * torch.pi) ** 0.5, color="gray", label="N(0, 1): pretrained weights")
 absmax = torch.randn(10_000, 64).abs().amax(dim=1).median()  # a typical block of 64 weights' largest |w|
-ax.vlines(nf4_code_book() * absmax, 0, 0.05, color="tab:blue", label=f"the 16 NF4 values x {absmax:.2f} (a block's absmax)")
+ax.vlines(
+    nf4_code_book() * absmax, 0, 0.05, color="tab:blue", label=f"the 16 NF4 values x {absmax:.2f} (a block's absmax)"
+)
 ax.set_title("QLoRA §3: W0 stored in 4 bits, one code\nper equal share of a normal distribution", fontsize=10)
 ax.set_yticks([]), ax.legend(fontsize=8, loc="upper right", frameon=False)
 fig.savefig(os.path.join(ROOT, "docs", "lora_qlora.png"), dpi=110, bbox_inches="tight")

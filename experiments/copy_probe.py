@@ -25,7 +25,9 @@ from support.tokenizer import get_tokenizer
 
 
 def random_words(rng, count=12):
-    return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7))) for _ in range(count))
+    return " ".join(
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7))) for _ in range(count)
+    )
 
 
 @torch.no_grad()
@@ -47,8 +49,12 @@ def copy_losses(model, tokenizer, lists=32, seed=0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", nargs="+", help="checkpoint files or folders written by train.py --init_from scratch")
-    parser.add_argument("--lists", type=int, default=32, help="random word lists to average over (default: %(default)s)")
+    parser.add_argument(
+        "checkpoints", nargs="+", help="checkpoint files or folders written by train.py --init_from scratch"
+    )
+    parser.add_argument(
+        "--lists", type=int, default=32, help="random word lists to average over (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     for path in args.checkpoints:
         model, tokenizer_name = load_checkpoint_model(path)

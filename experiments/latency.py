@@ -90,7 +90,7 @@ def measure(forms, batch, tokens, rounds, vocab):
         for name in names:  # warm-up: first calls allocate
             forms[name](idx)
         for r in range(rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 t0 = time.perf_counter()
                 forms[name](idx)
@@ -109,24 +109,46 @@ def main(argv=None):
     args = parser.parse_args(argv)
     config, bottleneck = SHAPES[args.shape]
     forms = build_forms(config, bottleneck, args.prefix_tokens)
-    results = {"shape": args.shape, "tokens": args.tokens, "rounds": args.rounds, "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "command": " ".join(sys.argv), "batches": {}}
+    results = {
+        "shape": args.shape,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "command": " ".join(sys.argv),
+        "batches": {},
+    }
     for batch in (int(b) for b in args.batches.split(",")):
         times = measure(forms, batch, args.tokens, args.rounds, config.vocab_size)
         medians = {name: statistics.median(t) for name, t in times.items()}
-        minima = {name: min(t) for name, t in times.items()}  # the least-disturbed run: robust when other jobs share the core
-        results["batches"][str(batch)] = {name: {"median_ms": round(1000 * m, 3), "ratio": round(m / medians["base"], 3),
-                                                 "min_ms": round(1000 * minima[name], 3), "ratio_of_min": round(minima[name] / minima["base"], 3),
-                                                 "samples_ms": [round(1000 * t, 3) for t in times[name]]} for name, m in medians.items()}
+        minima = {
+            name: min(t) for name, t in times.items()
+        }  # the least-disturbed run: robust when other jobs share the core
+        results["batches"][str(batch)] = {
+            name: {
+                "median_ms": round(1000 * m, 3),
+                "ratio": round(m / medians["base"], 3),
+                "min_ms": round(1000 * minima[name], 3),
+                "ratio_of_min": round(minima[name] / minima["base"], 3),
+                "samples_ms": [round(1000 * t, 3) for t in times[name]],
+            }
+            for name, m in medians.items()
+        }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_json_atomic(results, args.out)
     batches = list(results["batches"])
-    print(f"forward pass, {args.shape} shape, {args.tokens} tokens, median of {args.rounds} rotating rounds, {results['threads']} thread(s)")
+    print(
+        f"forward pass, {args.shape} shape, {args.tokens} tokens, median of {args.rounds} rotating rounds, {results['threads']} thread(s)"
+    )
     print("| form | " + " | ".join(f"batch {b}: median ms | ratio | min ms | ratio" for b in batches) + " |")
     print("|---|" + "---:|---:|---:|---:|" * len(batches))
     for name in results["batches"][batches[0]]:
-        cells = " | ".join(f"{results['batches'][b][name]['median_ms']:.1f} | {results['batches'][b][name]['ratio']:.3f} | "
-                           f"{results['batches'][b][name]['min_ms']:.1f} | {results['batches'][b][name]['ratio_of_min']:.3f}" for b in batches)
+        cells = " | ".join(
+            f"{results['batches'][b][name]['median_ms']:.1f} | {results['batches'][b][name]['ratio']:.3f} | "
+            f"{results['batches'][b][name]['min_ms']:.1f} | {results['batches'][b][name]['ratio_of_min']:.3f}"
+            for b in batches
+        )
         print(f"| {name} | {cells} |")
 
 

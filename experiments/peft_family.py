@@ -71,18 +71,71 @@ from train import mean_token_loss
 
 LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # learning rates, half a decade apart
 CENTER = {  # method -> the middle of the three rates its sweep starts with
-    "head": 1e-2, "last_block": 1e-3, "full": 1e-3, "lora_qv": 3e-3, "lora_all": 3e-3, "houlsby": 3e-3, "pfeiffer": 3e-3,
-    "prefix": 1e-2, "ia3": 1e-2, "llama_adapter": 1e-2, "qlora": 3e-3, "qlora_pissa": 3e-3, "qlora_loftq": 3e-3,
+    "head": 1e-2,
+    "last_block": 1e-3,
+    "full": 1e-3,
+    "lora_qv": 3e-3,
+    "lora_all": 3e-3,
+    "houlsby": 3e-3,
+    "pfeiffer": 3e-3,
+    "prefix": 1e-2,
+    "ia3": 1e-2,
+    "llama_adapter": 1e-2,
+    "qlora": 3e-3,
+    "qlora_pissa": 3e-3,
+    "qlora_loftq": 3e-3,
 }
 INTRINSIC_CENTER = 1e-1
-HEADLINE = ("full", "lora_qv", "lora_all", "houlsby", "prefix", "ia3", "llama_adapter", "qlora", "qlora_pissa", "qlora_loftq")
+HEADLINE = (
+    "full",
+    "lora_qv",
+    "lora_all",
+    "houlsby",
+    "prefix",
+    "ia3",
+    "llama_adapter",
+    "qlora",
+    "qlora_pissa",
+    "qlora_loftq",
+)
 QLORA_STARTS = {"qlora": "zeros", "qlora_pissa": "pissa", "qlora_loftq": "loftq"}
-RUN_COLUMNS = ["task", "method", "d", "learning_rate", "seed", "trainable_params", "val_loss", "val_accuracy",
-               "test_metric_name", "test_metric", "test_exact_match", "start_error", "diverged", "seconds_per_step",
-               "steps", "training_state_bytes", "peak_rss_bytes"]
-TABLE_COLUMNS = ["task", "method", "trainable_params", "rates_tried", "learning_rate", "seeds", "test_metric_name",
-                 "mean", "std", "min", "max", "val_loss_mean", "start_error", "seconds_per_step", "training_state_bytes",
-                 "peak_rss_bytes"]
+RUN_COLUMNS = [
+    "task",
+    "method",
+    "d",
+    "learning_rate",
+    "seed",
+    "trainable_params",
+    "val_loss",
+    "val_accuracy",
+    "test_metric_name",
+    "test_metric",
+    "test_exact_match",
+    "start_error",
+    "diverged",
+    "seconds_per_step",
+    "steps",
+    "training_state_bytes",
+    "peak_rss_bytes",
+]
+TABLE_COLUMNS = [
+    "task",
+    "method",
+    "trainable_params",
+    "rates_tried",
+    "learning_rate",
+    "seeds",
+    "test_metric_name",
+    "mean",
+    "std",
+    "min",
+    "max",
+    "val_loss_mean",
+    "start_error",
+    "seconds_per_step",
+    "training_state_bytes",
+    "peak_rss_bytes",
+]
 
 
 def center_of(method):
@@ -108,7 +161,9 @@ def build(method, gpt, task, args, seed):
         for name in keep:
             getattr(model, name).requires_grad_(True)
     elif method.startswith("lora_"):
-        lora.apply_lora(model, rank=8, alpha=16, targets=("q", "v") if method == "lora_qv" else "all-linear", trainable=keep)
+        lora.apply_lora(
+            model, rank=8, alpha=16, targets=("q", "v") if method == "lora_qv" else "all-linear", trainable=keep
+        )
     elif method in ("houlsby", "pfeiffer"):
         apply_adapters(model, bottleneck=args.bottleneck, placement=method, trainable=keep)
     elif method == "prefix":
@@ -118,8 +173,15 @@ def build(method, gpt, task, args, seed):
     elif method == "llama_adapter":
         apply_llama_adapter(model, prompt_length=args.prefix_tokens, start_layer=0, trainable=keep)
     elif method in QLORA_STARTS:
-        model, dense = apply_qlora(model, rank=8, alpha=16, targets="all-linear", init=QLORA_STARTS[method],
-                                   iterations=args.loftq_iterations, trainable=keep)
+        model, dense = apply_qlora(
+            model,
+            rank=8,
+            alpha=16,
+            targets="all-linear",
+            init=QLORA_STARTS[method],
+            iterations=args.loftq_iterations,
+            trainable=keep,
+        )
         layers = lora.lora_layers(model)  # the error at step 0, relative to the dense weights' norm
         error = math.sqrt(sum(start_error(dense[n], layer) ** 2 for n, layer in layers))
         error = round(error / math.sqrt(sum(w.square().sum().item() for w in dense.values())), 6)
@@ -135,8 +197,10 @@ def classification_data(args, tokenizer, max_length):
     train_set, val_set, test_set = split_messages(balance_classes(load_messages(args.sms or "embedded")))
     if args.max_train:
         train_set = train_set[: args.max_train]
-    return {name: encode_messages(subset, tokenizer, max_length)[0]
-            for name, subset in (("train", train_set), ("val", val_set), ("test", test_set))}
+    return {
+        name: encode_messages(subset, tokenizer, max_length)[0]
+        for name, subset in (("train", train_set), ("val", val_set), ("test", test_set))
+    }
 
 
 def instruction_data(args, tokenizer, max_length, seed):
@@ -164,8 +228,11 @@ def run(method, task, gpt, tokenizer, args, learning_rate, seed):
     pad = tokenizer.eot_token
     if task == "classify":
         data = classification_data(args, tokenizer, max_length)
-        batches = [b for epoch in range(args.epochs)
-                   for b in make_batches(data["train"], args.batch_size, pad, torch.Generator().manual_seed(seed + epoch))]
+        batches = [
+            b
+            for epoch in range(args.epochs)
+            for b in make_batches(data["train"], args.batch_size, pad, torch.Generator().manual_seed(seed + epoch))
+        ]
     else:
         data = instruction_data(args, tokenizer, max_length, seed)
         batches = [data.train_batch(step, 0, args.batch_size) for step in range(args.instruct_steps)]
@@ -189,25 +256,47 @@ def run(method, task, gpt, tokenizer, args, learning_rate, seed):
         steps_done += 1
     seconds = time.time() - t0
     peak = peak_memory_bytes("cpu")
-    row = dict(task=task, method=method, d=method.split("_")[1] if method.startswith(("did_", "said_")) else "",
-               learning_rate=learning_rate, seed=seed, trainable_params=trainable, start_error=error, diverged=int(diverged),
-               seconds_per_step=round(seconds / max(steps_done, 1), 4), steps=len(batches),
-               training_state_bytes=training_state_bytes(model, optimizer), peak_rss_bytes=peak,
-               val_loss=float("nan"), val_accuracy="", test_metric=float("nan"), test_exact_match="")
+    row = dict(
+        task=task,
+        method=method,
+        d=method.split("_")[1] if method.startswith(("did_", "said_")) else "",
+        learning_rate=learning_rate,
+        seed=seed,
+        trainable_params=trainable,
+        start_error=error,
+        diverged=int(diverged),
+        seconds_per_step=round(seconds / max(steps_done, 1), 4),
+        steps=len(batches),
+        training_state_bytes=training_state_bytes(model, optimizer),
+        peak_rss_bytes=peak,
+        val_loss=float("nan"),
+        val_accuracy="",
+        test_metric=float("nan"),
+        test_exact_match="",
+    )
     if diverged:
         row["test_metric_name"] = "test_accuracy" if task == "classify" else "test_answer_accuracy"
         return row
     if task == "classify":
         val = evaluate_classifier(model, make_batches(data["val"], 32, pad), "cpu")
         test = evaluate_classifier(model, make_batches(data["test"], 32, pad), "cpu")
-        row.update(val_loss=round(val["loss"], 5), val_accuracy=round(val["accuracy"], 5), test_metric_name="test_accuracy",
-                   test_metric=round(test["accuracy"], 5))
+        row.update(
+            val_loss=round(val["loss"], 5),
+            val_accuracy=round(val["accuracy"], 5),
+            test_metric_name="test_accuracy",
+            test_metric=round(test["accuracy"], 5),
+        )
     else:
         row["val_loss"] = round(mean_token_loss(model, data.val_batches(args.batch_size), "cpu"), 5)
-        responses = answer_examples(answering_model(model), tokenizer, data.test_examples, "cpu", args.max_new_tokens, "compact")
+        responses = answer_examples(
+            answering_model(model), tokenizer, data.test_examples, "cpu", args.max_new_tokens, "compact"
+        )
         overall = score_responses(data.test_examples, responses)[0]
-        row.update(test_metric_name="test_answer_accuracy", test_metric=round(overall["accuracy"], 5),
-                   test_exact_match=round(overall["exact_match"], 5))
+        row.update(
+            test_metric_name="test_answer_accuracy",
+            test_metric=round(overall["accuracy"], 5),
+            test_exact_match=round(overall["exact_match"], 5),
+        )
     return row
 
 
@@ -260,7 +349,10 @@ def sweep(method, task, gpt, tokenizer, args, rows, path):
     def record(lr, seed):
         print(f"=== {task}: {method}, learning rate {lr:g}, seed {seed}", flush=True)
         row = run(method, task, gpt, tokenizer, args, lr, seed)
-        print({k: row[k] for k in ("val_loss", "val_accuracy", "test_metric", "start_error", "seconds_per_step")}, flush=True)
+        print(
+            {k: row[k] for k in ("val_loss", "val_accuracy", "test_metric", "start_error", "seconds_per_step")},
+            flush=True,
+        )
         rows.append(row)
         write_csv_atomic(rows, path, RUN_COLUMNS)
 
@@ -270,8 +362,10 @@ def sweep(method, task, gpt, tokenizer, args, rows, path):
             break
         record(next_rate, seeds[0])
     for seed in seeds[1:]:
-        if not any(r["method"] == method and int(r["seed"]) == seed and math.isclose(float(r["learning_rate"]), best)
-                   for r in rows):
+        if not any(
+            r["method"] == method and int(r["seed"]) == seed and math.isclose(float(r["learning_rate"]), best)
+            for r in rows
+        ):
             record(best, seed)
 
 
@@ -287,17 +381,30 @@ def table(rows, max_rates):
         at_best = [r for r in mine if math.isclose(float(r["learning_rate"]), best)]
         metric = [float(r["test_metric"]) for r in at_best]
         first = at_best[0]
-        out.append(dict(
-            task=first["task"], method=method, trainable_params=first["trainable_params"],
-            rates_tried=" ".join(f"{float(r['learning_rate']):g}" for r in sorted(mine, key=lambda r: float(r["learning_rate"]))
-                                 if int(r["seed"]) == first_seed),
-            learning_rate=best, seeds=len(at_best), test_metric_name=first["test_metric_name"],
-            mean=round(statistics.mean(metric), 5), std=round(statistics.stdev(metric), 5) if len(metric) > 1 else "",
-            min=min(metric), max=max(metric), val_loss_mean=round(statistics.mean(score(r) for r in at_best), 5),
-            start_error=first["start_error"],
-            seconds_per_step=round(statistics.median(float(r["seconds_per_step"]) for r in at_best), 4),
-            training_state_bytes=first["training_state_bytes"],
-            peak_rss_bytes=max(int(r["peak_rss_bytes"]) for r in at_best)))
+        out.append(
+            dict(
+                task=first["task"],
+                method=method,
+                trainable_params=first["trainable_params"],
+                rates_tried=" ".join(
+                    f"{float(r['learning_rate']):g}"
+                    for r in sorted(mine, key=lambda r: float(r["learning_rate"]))
+                    if int(r["seed"]) == first_seed
+                ),
+                learning_rate=best,
+                seeds=len(at_best),
+                test_metric_name=first["test_metric_name"],
+                mean=round(statistics.mean(metric), 5),
+                std=round(statistics.stdev(metric), 5) if len(metric) > 1 else "",
+                min=min(metric),
+                max=max(metric),
+                val_loss_mean=round(statistics.mean(score(r) for r in at_best), 5),
+                start_error=first["start_error"],
+                seconds_per_step=round(statistics.median(float(r["seconds_per_step"]) for r in at_best), 4),
+                training_state_bytes=first["training_state_bytes"],
+                peak_rss_bytes=max(int(r["peak_rss_bytes"]) for r in at_best),
+            )
+        )
     return out
 
 
@@ -328,7 +435,7 @@ def time_steps(methods, task, gpt, tokenizer, args, rounds):
     for m in methods:
         step(m)  # warm-up: AdamW creates its state on the first step
     for r in range(rounds):
-        for m in methods[r % len(methods):] + methods[: r % len(methods)]:
+        for m in methods[r % len(methods) :] + methods[: r % len(methods)]:
             t0 = time.perf_counter()
             step(m)
             times[m].append(time.perf_counter() - t0)
@@ -357,7 +464,9 @@ def d90(rows):
     threshold = 0.9 * full[0]
     found = {}
     for kind in ("did", "said"):
-        reached = sorted(int(r["d"]) for r in rows if r["method"].startswith(kind + "_") and float(r["metric"]) >= threshold)
+        reached = sorted(
+            int(r["d"]) for r in rows if r["method"].startswith(kind + "_") and float(r["metric"]) >= threshold
+        )
         found[kind] = reached[0] if reached else None
     return found, threshold
 
@@ -374,14 +483,21 @@ def plot(summary, runs, task, path):
         left.errorbar([x], [y], yerr=[[y - float(r["min"])], [float(r["max"]) - y]], fmt="o", capsize=3)
         left.annotate(r["method"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     left.set_xscale("log")
-    left.set(xlabel="trainable parameters", ylabel=summary[0]["test_metric_name"].replace("_", " "),
-             title=f"{task}: each method at its swept rate, mean and range over seeds")
+    left.set(
+        xlabel="trainable parameters",
+        ylabel=summary[0]["test_metric_name"].replace("_", " "),
+        title=f"{task}: each method at its swept rate, mean and range over seeds",
+    )
     left.grid(alpha=0.3)
     for r in summary:
         first_seed = min(int(x["seed"]) for x in runs if x["method"] == r["method"])
-        mine = sorted((x for x in runs if x["method"] == r["method"] and int(x["seed"]) == first_seed),
-                      key=lambda x: float(x["learning_rate"]))
-        right.plot([float(x["learning_rate"]) for x in mine], [min(score(x), 10.0) for x in mine], "o-", label=r["method"])
+        mine = sorted(
+            (x for x in runs if x["method"] == r["method"] and int(x["seed"]) == first_seed),
+            key=lambda x: float(x["learning_rate"]),
+        )
+        right.plot(
+            [float(x["learning_rate"]) for x in mine], [min(score(x), 10.0) for x in mine], "o-", label=r["method"]
+        )
     right.set_xscale("log")
     right.set(xlabel="peak learning rate", ylabel="validation loss", title="the sweep (first seed)")
     right.grid(alpha=0.3)
@@ -413,14 +529,19 @@ def plot_d90(rows, path):
 
 
 def format_table(summary):
-    lines = ["| method | trainable | rate (of those tried) | test metric, mean ± std [min, max] | seeds | start error | s/step "
-             "| state MiB | peak RSS MiB |", "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | trainable | rate (of those tried) | test metric, mean ± std [min, max] | seeds | start error | s/step "
+        "| state MiB | peak RSS MiB |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in summary:
         std = f" ± {float(r['std']):.3f}" if r["std"] != "" else ""
-        lines.append(f"| {r['method']} | {int(r['trainable_params']):,} | {float(r['learning_rate']):g} ({r['rates_tried']}) | "
-                     f"{float(r['mean']):.3f}{std} [{float(r['min']):.3f}, {float(r['max']):.3f}] | {r['seeds']} | "
-                     f"{r['start_error']} | {float(r['seconds_per_step']):.3f} | {int(r['training_state_bytes']) / 2**20:.1f} | "
-                     f"{int(r['peak_rss_bytes']) / 2**20:.0f} |")
+        lines.append(
+            f"| {r['method']} | {int(r['trainable_params']):,} | {float(r['learning_rate']):g} ({r['rates_tried']}) | "
+            f"{float(r['mean']):.3f}{std} [{float(r['min']):.3f}, {float(r['max']):.3f}] | {r['seeds']} | "
+            f"{r['start_error']} | {float(r['seconds_per_step']):.3f} | {int(r['training_state_bytes']) / 2**20:.1f} | "
+            f"{int(r['peak_rss_bytes']) / 2**20:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -429,7 +550,9 @@ def main(argv=None):
     parser.add_argument("--task", choices=("classify", "instruct", "both"), default="both")
     parser.add_argument("--methods", default="", help="comma-separated methods (default: the headline ones, HEADLINE)")
     parser.add_argument("--sweep", action="store_true", help="run the protocol (three or more rates, then the seeds)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds at the chosen rate, the sweep's included (default: %(default)s)")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="seeds at the chosen rate, the sweep's included (default: %(default)s)"
+    )
     parser.add_argument("--max_rates", type=int, default=5, help="most rates tried per method (default: %(default)s)")
     parser.add_argument("--init_from", default="tiny", help="base model (default: %(default)s)")
     parser.add_argument("--sms", default="", help="SMS file (default: the embedded sample)")
@@ -439,13 +562,30 @@ def main(argv=None):
     parser.add_argument("--instruct_steps", type=int, default=200, help="instruction steps (default: %(default)s)")
     parser.add_argument("--max_new_tokens", type=int, default=48, help="tokens per test answer (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--bottleneck", type=int, default=16, help="adapter size m (Houlsby's 64 on 768 wide, scaled to 128; default: %(default)s)")
-    parser.add_argument("--prefix_tokens", type=int, default=10, help="virtual tokens of the prefix, prompts of LLaMA-Adapter (default: %(default)s)")
+    parser.add_argument(
+        "--bottleneck",
+        type=int,
+        default=16,
+        help="adapter size m (Houlsby's 64 on 768 wide, scaled to 128; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prefix_tokens",
+        type=int,
+        default=10,
+        help="virtual tokens of the prefix, prompts of LLaMA-Adapter (default: %(default)s)",
+    )
     parser.add_argument("--loftq_iterations", type=int, default=5, help="LoftQ's alternations (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=1337, help="the first seed; the others follow it (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=1337, help="the first seed; the others follow it (default: %(default)s)"
+    )
     parser.add_argument("--out_dir", default="experiments/results")
     parser.add_argument("--table_only", action="store_true", help="only the table and plots, from the runs CSV")
-    parser.add_argument("--time_steps", type=int, default=0, help="instead of training: median time of one step per method over N rotating rounds")
+    parser.add_argument(
+        "--time_steps",
+        type=int,
+        default=0,
+        help="instead of training: median time of one step per method over N rotating rounds",
+    )
     parser.add_argument("--d90", action="store_true", help=f"only redraw intrinsic_d90.png from {ONE_RATE_CSV}")
     args = parser.parse_args(argv)
     if args.d90:
@@ -469,8 +609,15 @@ def main(argv=None):
         mine = [m for m in methods if not (task == "instruct" and m == "head")]
         if args.time_steps:
             medians = time_steps(mine, task, gpt, tokenizer, args, args.time_steps)
-            rows = [dict(task=task, method=m, median_step_seconds=round(t, 4),
-                         ratio_to_full=round(t / medians["full"], 3) if "full" in medians else "") for m, t in medians.items()]
+            rows = [
+                dict(
+                    task=task,
+                    method=m,
+                    median_step_seconds=round(t, 4),
+                    ratio_to_full=round(t / medians["full"], 3) if "full" in medians else "",
+                )
+                for m, t in medians.items()
+            ]
             write_csv_atomic(rows, os.path.join(args.out_dir, f"peft_family_{task}_step_times.csv"), list(rows[0]))
             for r in rows:
                 print(r)

@@ -63,7 +63,9 @@ def build(seed, per_kind, trained_phrasings=2):
             if part == "seen":
                 train_examples += [example(gen, kind, item, answer, t, rng) for t in templates[:-1]]
             tests.setdefault((kind, part, "seen"), []).append(example(gen, kind, item, answer, templates[-1], rng))
-            tests.setdefault((kind, part, "new"), []).append(example(gen, kind, item, answer, rng.choice(held_out), rng))
+            tests.setdefault((kind, part, "new"), []).append(
+                example(gen, kind, item, answer, rng.choice(held_out), rng)
+            )
     rng.shuffle(train_examples)
     return train_examples, tests
 
@@ -89,9 +91,21 @@ def run(mode, args, train_examples, tests):
     os.makedirs(out_dir, exist_ok=True)
     held_out = [ex for examples in tests.values() for ex in examples]
     data_path = dataset_file(train_examples, held_out, os.path.join(out_dir, "data.json"))
-    summary = run_script("train.py", dict(
-        init_from=args.init_from, dataset=data_path, out_dir=out_dir, finetune="full" if mode == "full" else "lora",
-        max_iters=args.max_iters, answer_limit=0, num_samples=0, seed=args.seed, progress=False, device=args.device))
+    summary = run_script(
+        "train.py",
+        dict(
+            init_from=args.init_from,
+            dataset=data_path,
+            out_dir=out_dir,
+            finetune="full" if mode == "full" else "lora",
+            max_iters=args.max_iters,
+            answer_limit=0,
+            num_samples=0,
+            seed=args.seed,
+            progress=False,
+            device=args.device,
+        ),
+    )
     if mode == "full":
         model, tokenizer_name = load_checkpoint_model(out_dir, summary["device"])
     else:
@@ -101,10 +115,23 @@ def run(mode, args, train_examples, tests):
         responses = answer_examples(model, tokenizer, examples, summary["device"], 64, summary["prompt_template"])
         form = sum(bool(re.fullmatch(shape_pattern(ex), r)) for ex, r in zip(examples, responses)) / len(examples)
         content = sum(contains_answer(r, ex["answer"]) for ex, r in zip(examples, responses)) / len(examples)
-        rows.append(dict(mode=mode, kind=kind, family=KINDS[kind], items=items, phrasings=phrasings, examples=len(examples),
-                         format_accuracy=round(form, 4), content_accuracy=round(content, 4), seconds=round(summary["seconds"], 1)))
-        print(f"{mode:5s} {kind:13s} {items:6s} items, {phrasings:4s} phrasings: format {form:.2f}  content {content:.2f}  "
-              f"e.g. {responses[0]!r}")
+        rows.append(
+            dict(
+                mode=mode,
+                kind=kind,
+                family=KINDS[kind],
+                items=items,
+                phrasings=phrasings,
+                examples=len(examples),
+                format_accuracy=round(form, 4),
+                content_accuracy=round(content, 4),
+                seconds=round(summary["seconds"], 1),
+            )
+        )
+        print(
+            f"{mode:5s} {kind:13s} {items:6s} items, {phrasings:4s} phrasings: format {form:.2f}  content {content:.2f}  "
+            f"e.g. {responses[0]!r}"
+        )
     return rows
 
 
@@ -133,14 +160,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="lora,full", help="comma-separated: lora, full (default: %(default)s)")
     parser.add_argument("--init_from", default="tiny", help="the base model (default: %(default)s)")
-    parser.add_argument("--per_kind", type=int, default=80, help="items per kind, half seen, half unseen (default: %(default)s)")
-    parser.add_argument("--max_iters", type=int, default=0, help="optimizer steps (default 0: train.py's fine-tuning default)")
+    parser.add_argument(
+        "--per_kind", type=int, default=80, help="items per kind, half seen, half unseen (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max_iters", type=int, default=0, help="optimizer steps (default 0: train.py's fine-tuning default)"
+    )
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--out_dir", default=os.path.join(REPO_DIR, "experiments", "results"))
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     train_examples, tests = build(args.seed, args.per_kind)
-    print(f"{len(train_examples)} training examples; tested: " + ", ".join(f"{'/'.join(k)} {len(v)}" for k, v in tests.items()))
+    print(
+        f"{len(train_examples)} training examples; tested: "
+        + ", ".join(f"{'/'.join(k)} {len(v)}" for k, v in tests.items())
+    )
     rows = [row for mode in args.modes.split(",") for row in run(mode.strip(), args, train_examples, tests)]
     write_csv_atomic(rows, os.path.join(args.out_dir, "structure_vs_knowledge.csv"), COLUMNS)
     plot(rows, os.path.join(args.out_dir, "structure_vs_knowledge.png"))

@@ -78,7 +78,7 @@ def shaped(values, q, dtype):
 DEQUANTIZE_CHUNK = 1 << 16  # values per step on one CPU thread: 256 KiB of fp32 output, within a core's L2 cache
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def byte_pair_table(quant_type, device):
     """(256, 2) fp32: for each byte value, the pair of code values it packs, (code[byte >> 4], code[byte & 15])."""
     _, padded = quantize.code_book_on(quant_type, device)
@@ -130,12 +130,16 @@ def private_directory(directory):
     if not stat.S_ISDIR(info.st_mode):
         raise RuntimeError(f"the kernel cache {directory} is not a folder (a symbolic link?)")
     if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise RuntimeError(f"the kernel cache {directory} belongs to another user (uid {info.st_uid}); point "
-                           f"NANOQLORA_KERNEL_CACHE at a folder of your own")
+        raise RuntimeError(
+            f"the kernel cache {directory} belongs to another user (uid {info.st_uid}); point "
+            f"NANOQLORA_KERNEL_CACHE at a folder of your own"
+        )
     if info.st_mode & 0o022:
-        raise RuntimeError(f"the kernel cache {directory} can be written by other users (mode "
-                           f"{stat.S_IMODE(info.st_mode):o}); make it private (chmod 700) or point "
-                           f"NANOQLORA_KERNEL_CACHE at a private folder")
+        raise RuntimeError(
+            f"the kernel cache {directory} can be written by other users (mode "
+            f"{stat.S_IMODE(info.st_mode):o}); make it private (chmod 700) or point "
+            f"NANOQLORA_KERNEL_CACHE at a private folder"
+        )
     return directory
 
 
@@ -199,9 +203,11 @@ def compile_kernel(compiler, directory):
         key = hashlib.sha256("\n".join([kernel_source, *command, *flags]).encode()).hexdigest()[:16]
         library = os.path.join(directory, f"dequantize_4bit-{key}.so")
         if os.path.lexists(library) and not trusted(library):
-            warnings.warn(f"dequantize kernel: {library} is not the library this code built (its SHA-256 is not the "
-                          f"one recorded when it was built, or none is), so it is not loaded; building it again",
-                          RuntimeWarning)
+            warnings.warn(
+                f"dequantize kernel: {library} is not the library this code built (its SHA-256 is not the "
+                f"one recorded when it was built, or none is), so it is not loaded; building it again",
+                RuntimeWarning,
+            )
             os.remove(library)
         if not os.path.exists(library):
             error = build_library(command, flags, kernel_source, directory, library)
@@ -234,15 +240,17 @@ def first_line(error):
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load():
     """(the loaded library or None, which path CPU dequantization takes and why): built or found once per process."""
     try:
         return compile_kernel(os.environ.get("CC", "cc"), cache_dir())
     except (RuntimeError, OSError) as error:  # OSError: a cache folder or library the file system refuses
-        warnings.warn(f"dequantize kernel: no C kernel ({error}), so 4-bit dequantize takes the slower byte-pair table "
-                      f"path. Install a C compiler (or set CC), or choose --dequantize table for that path.",
-                      RuntimeWarning)
+        warnings.warn(
+            f"dequantize kernel: no C kernel ({error}), so 4-bit dequantize takes the slower byte-pair table "
+            f"path. Install a C compiler (or set CC), or choose --dequantize table for that path.",
+            RuntimeWarning,
+        )
         return None, f"byte-pair table in PyTorch (no C kernel: {error})"
 
 

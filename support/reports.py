@@ -50,7 +50,11 @@ def lora_settings(cfg, mode, model):
     """The LoRA flags of a run, None for a run without LoRA; alpha as the layers were built (0: apply_lora's default)."""
     lora = mode in ("lora", "qlora")
     alpha = next((m.settings["alpha"] for m in model.modules() if getattr(m, "method", None) == "lora"), None)
-    return {"lora_rank": cfg.lora_rank if lora else None, "lora_alpha": alpha, "lora_targets": cfg.lora_targets if lora else None}
+    return {
+        "lora_rank": cfg.lora_rank if lora else None,
+        "lora_alpha": alpha,
+        "lora_targets": cfg.lora_targets if lora else None,
+    }
 
 
 def chat_display(example):

@@ -1,5 +1,6 @@
 """Shared test setup: import the repo's modules, find ../shared offline, never touch the network; the `device` fixture
 that runs a test on every device present; random weights at a scale where a wrong computation shows."""
+
 import atexit
 import os
 import shutil
@@ -31,7 +32,10 @@ atexit.register(shutil.rmtree, KERNEL_CACHE, ignore_errors=True)
 # "cpu" always, "cuda" where torch sees a CUDA GPU. Elsewhere the CUDA variants are skipped, not failed; they carry the
 # `cuda` mark, so `python -m pytest -m cuda` runs exactly the suite's CUDA part (benchmarks/gpu_check.py does).
 CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA GPU here")])]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA GPU here")]),
+]
 
 
 def pytest_configure(config):

@@ -1,5 +1,6 @@
 """support/adapters.py on disk: what save_adapter writes and load_adapter reads back; a pair of files from two
 saves, non-finite or non-float tensors, unreadable or malformed files are refused with a message naming them."""
+
 import json
 import os
 
@@ -61,7 +62,9 @@ def test_weights_and_config_of_different_saves_are_refused(tmp_path, monkeypatch
     monkeypatch.setattr(adapter_files, "write_json_atomic", crash_before_the_config)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(newer, directory)
-    with pytest.raises(ValueError, match="adapter_model.safetensors is not the file adapter_config.json beside it was saved with"):
+    with pytest.raises(
+        ValueError, match="adapter_model.safetensors is not the file adapter_config.json beside it was saved with"
+    ):
         load_adapter(tiny_gpt(), directory)
 
 
@@ -76,20 +79,34 @@ def test_unreadable_adapter_files_are_named(tmp_path):
     (directory / "adapter_config.json").write_text(json.dumps(fixed))
     with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
         load_adapter(tiny_gpt(), directory)
-    for text, problem in [("", "is not valid JSON"), (config[: len(config) // 2], "is not valid JSON"), ("[1, 2]", "holds a JSON list")]:
+    for text, problem in [
+        ("", "is not valid JSON"),
+        (config[: len(config) // 2], "is not valid JSON"),
+        ("[1, 2]", "holds a JSON list"),
+    ]:
         (directory / "adapter_config.json").write_text(text)
         with pytest.raises(ValueError, match=f"adapter_config.json {problem}"):
             load_adapter(tiny_gpt(), directory)
-    for key, value, must_be in [("dropout", "0.1", "a number"), ("targets", 5, "a list of names"), ("rank", 2.5, "an integer"),
-                                ("use_dora", "yes", "true or false"), ("trainable", "head", "a list of parameter names"),
-                                ("method", "lora2", "one of lora, bottleneck")]:
+    for key, value, must_be in [
+        ("dropout", "0.1", "a number"),
+        ("targets", 5, "a list of names"),
+        ("rank", 2.5, "an integer"),
+        ("use_dora", "yes", "true or false"),
+        ("trainable", "head", "a list of parameter names"),
+        ("method", "lora2", "one of lora, bottleneck"),
+    ]:
         (directory / "adapter_config.json").write_text(json.dumps({**fixed, key: value}))
-        with pytest.raises(ValueError, match=f"adapter_config.json: '{key}' is {json.dumps(value)}, but must be {must_be}"):
+        with pytest.raises(
+            ValueError, match=f"adapter_config.json: '{key}' is {json.dumps(value)}, but must be {must_be}"
+        ):
             load_adapter(tiny_gpt(), directory)
     good = saved_adapter(tmp_path / "intact")
     intact = json.loads((good / "adapter_config.json").read_text())
-    for key, value, problem in [("rank", 0, "rank must be a positive integer.*got 0"), ("dropout", 1.5, r"dropout in \[0, 1\): 8, 1.5"),
-                                ("bottleneck", 4, "has setting 'bottleneck', which lora adapters do not take")]:
+    for key, value, problem in [
+        ("rank", 0, "rank must be a positive integer.*got 0"),
+        ("dropout", 1.5, r"dropout in \[0, 1\): 8, 1.5"),
+        ("bottleneck", 4, "has setting 'bottleneck', which lora adapters do not take"),
+    ]:
         (good / "adapter_config.json").write_text(json.dumps({**intact, key: value}))
         with pytest.raises(ValueError, match=problem):  # of the right kind but out of range: apply_lora's checks, named
             load_adapter(tiny_gpt(), good)
@@ -108,7 +125,11 @@ def test_an_absurd_scaling_is_refused(tmp_path):
     directory = saved_adapter(tmp_path)
     config = json.loads((directory / "adapter_config.json").read_text())
     (directory / "adapter_config.json").write_text(json.dumps({**config, "alpha": 1e30}))
-    with pytest.raises(ValueError, match=r"alpha 1e\+30 with rank 4 scales the update by 2.5e\+29, beyond any adapter trained here"):
+    with pytest.raises(
+        ValueError, match=r"alpha 1e\+30 with rank 4 scales the update by 2.5e\+29, beyond any adapter trained here"
+    ):
         load_adapter(tiny_gpt(), directory)
-    (directory / "adapter_config.json").write_text(json.dumps({**config, "alpha": 4000.0}))  # scaling 1000: the largest allowed
+    (directory / "adapter_config.json").write_text(
+        json.dumps({**config, "alpha": 4000.0})
+    )  # scaling 1000: the largest allowed
     load_adapter(tiny_gpt(), directory)

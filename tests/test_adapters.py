@@ -1,5 +1,6 @@
 """adapters.py: Houlsby/Pfeiffer bottleneck adapters, their parameter count, the identity start, freezing, errors,
 adapter files, and several named adapters (one per task) on one frozen base."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -56,10 +57,14 @@ def perturb(model, seed=3, scale=0.1):
 def test_one_adapter_has_2md_plus_d_plus_m_parameters():
     for d, m in ((32, 4), (768, 64), (128, 16)):
         layer = AdapterLinear(nn.Linear(d, d), m, "gelu", 1e-2)
-        assert sum(p.numel() for p in layer.adapter.parameters()) == bottleneck_parameter_count(d, m) == 2 * m * d + d + m
+        assert (
+            sum(p.numel() for p in layer.adapter.parameters()) == bottleneck_parameter_count(d, m) == 2 * m * d + d + m
+        )
 
 
-@pytest.mark.parametrize("placement,adapters_per_block,norms", [("houlsby", 2, 2 * TINY.n_layer + 1), ("pfeiffer", 1, 0)])
+@pytest.mark.parametrize(
+    "placement,adapters_per_block,norms", [("houlsby", 2, 2 * TINY.n_layer + 1), ("pfeiffer", 1, 0)]
+)
 def test_placement_and_trainable_count(placement, adapters_per_block, norms):
     model = apply_adapters(tiny_gpt(), bottleneck=4, placement=placement)
     wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, AdapterLinear))
@@ -91,7 +96,9 @@ def test_adapter_formula():
         ad.up.weight.normal_()
     x = torch.randn(5, 16)
     h = base(x)
-    torch.testing.assert_close(layer(x), h + F.linear(F.relu(F.linear(h, ad.down.weight, ad.down.bias)), ad.up.weight, ad.up.bias))
+    torch.testing.assert_close(
+        layer(x), h + F.linear(F.relu(F.linear(h, ad.down.weight, ad.down.bias)), ad.up.weight, ad.up.bias)
+    )
 
 
 def test_one_step_changes_only_adapters_norms_and_head():
@@ -100,8 +107,13 @@ def test_one_step_changes_only_adapters_norms_and_head():
     apply_adapters(model, bottleneck=4, trainable=("head",))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     # the adapters' bottlenecks, the head, and each LayerNorm's own copy of its gain and bias (not its frozen .base)
-    assert trainable == {n for n in dict(model.named_parameters()) if ".adapter." in n or n.startswith("head.")
-                         or (".ln_" in n and n.endswith((".weight", ".bias")) and ".base." not in n)}
+    assert trainable == {
+        n
+        for n in dict(model.named_parameters())
+        if ".adapter." in n
+        or n.startswith("head.")
+        or (".ln_" in n and n.endswith((".weight", ".bias")) and ".base." not in n)
+    }
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     idx, labels = tokens(), torch.tensor([0, 1])
@@ -118,16 +130,19 @@ def test_one_step_changes_only_adapters_norms_and_head():
     assert step() == trainable
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(bottleneck=0), "bottleneck must be a positive integer"),
-    (dict(bottleneck=-3), "bottleneck must be a positive integer"),
-    (dict(bottleneck=2.5), "bottleneck must be a positive integer"),
-    (dict(placement="parallel"), "placement must be one of houlsby, pfeiffer \\(got 'parallel'\\)"),
-    (dict(activation="tanh"), "activation one of gelu, relu \\(got 'tanh'\\)"),
-    (dict(init_std=0.0), "init_std positive \\(got 0.0\\)"),
-    (dict(trainable=("heed",)), "names no module"),
-    (dict(name="a.b"), "without '.'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(bottleneck=0), "bottleneck must be a positive integer"),
+        (dict(bottleneck=-3), "bottleneck must be a positive integer"),
+        (dict(bottleneck=2.5), "bottleneck must be a positive integer"),
+        (dict(placement="parallel"), "placement must be one of houlsby, pfeiffer \\(got 'parallel'\\)"),
+        (dict(activation="tanh"), "activation one of gelu, relu \\(got 'tanh'\\)"),
+        (dict(init_std=0.0), "init_std positive \\(got 0.0\\)"),
+        (dict(trainable=("heed",)), "names no module"),
+        (dict(name="a.b"), "without '.'"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     model = tiny_gpt()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -167,7 +182,9 @@ def test_save_load_bit_exact(tmp_path):
     from safetensors.torch import load_file
 
     stored = load_file(tmp_path / "adapter_model.safetensors")
-    assert "head.weight" in stored and not any(k.endswith("base.weight") or k.startswith("gpt.transformer.wte") for k in stored)
+    assert "head.weight" in stored and not any(
+        k.endswith("base.weight") or k.startswith("gpt.transformer.wte") for k in stored
+    )
     torch.manual_seed(0)
     fresh = Classifier(GPT(TINY))  # the same base and head initialisation; the file supplies the rest
     with torch.no_grad():
@@ -257,8 +274,11 @@ def saved(tmp_path, method="bottleneck"):
     from other_methods.ia3 import apply_ia3
     from other_methods.prefix_tuning import apply_prefix_tuning
 
-    apply = {"bottleneck": lambda m: apply_adapters(m, bottleneck=4), "prefix": lambda m: apply_prefix_tuning(m, num_virtual_tokens=3),
-             "ia3": apply_ia3}[method]
+    apply = {
+        "bottleneck": lambda m: apply_adapters(m, bottleneck=4),
+        "prefix": lambda m: apply_prefix_tuning(m, num_virtual_tokens=3),
+        "ia3": apply_ia3,
+    }[method]
     model = apply(tiny_gpt())
     perturb(model)
     save_adapter(model, tmp_path / method)
@@ -266,12 +286,15 @@ def saved(tmp_path, method="bottleneck"):
 
 
 @pytest.mark.parametrize("method", ["bottleneck", "prefix", "ia3"])
-@pytest.mark.parametrize("damage, message", [
-    ("nan", "holds NaN or infinite values"),
-    ("int32", "is torch.int32, but adapter weights are floating point"),
-    ("other weights", "is not the file adapter_config.json beside it was saved with"),
-    ("truncated", "is not the file adapter_config.json beside it was saved with"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("nan", "holds NaN or infinite values"),
+        ("int32", "is torch.int32, but adapter weights are floating point"),
+        ("other weights", "is not the file adapter_config.json beside it was saved with"),
+        ("truncated", "is not the file adapter_config.json beside it was saved with"),
+    ],
+)
 def test_load_refuses_damaged_weights(tmp_path, method, damage, message):
     import hashlib
     import json
@@ -285,13 +308,18 @@ def test_load_refuses_damaged_weights(tmp_path, method, damage, message):
     if damage == "truncated":
         data = weights.read_bytes()[: weights.stat().st_size // 2]
     else:
-        tensors[name] = {"nan": torch.full_like(tensors[name], float("nan")), "int32": tensors[name].round().to(torch.int32),
-                         "other weights": tensors[name] + 1}[damage]
+        tensors[name] = {
+            "nan": torch.full_like(tensors[name], float("nan")),
+            "int32": tensors[name].round().to(torch.int32),
+            "other weights": tensors[name] + 1,
+        }[damage]
         data = save(tensors)
     weights.write_bytes(data)
     if damage in ("nan", "int32"):  # written with a matching checksum, as a diverged or foreign save would be
         config = json.loads((directory / "adapter_config.json").read_text())
-        (directory / "adapter_config.json").write_text(json.dumps({**config, "weights_sha256": hashlib.sha256(data).hexdigest()}))
+        (directory / "adapter_config.json").write_text(
+            json.dumps({**config, "weights_sha256": hashlib.sha256(data).hexdigest()})
+        )
     with pytest.raises(ValueError, match=message):
         load_adapter(tiny_gpt(), directory)
 
@@ -304,7 +332,9 @@ def test_load_refuses_a_config_it_cannot_build(tmp_path):
     (directory / "adapter_config.json").write_text(json.dumps({**config, "surprise": 1}))
     with pytest.raises(ValueError, match="has setting 'surprise', which bottleneck adapters do not take"):
         load_adapter(tiny_gpt(), directory)
-    (directory / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "weights_sha256"}))
+    (directory / "adapter_config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k != "weights_sha256"})
+    )
     with pytest.raises(ValueError, match="lacks 'weights_sha256'"):
         load_adapter(tiny_gpt(), directory)
     (directory / "adapter_config.json").write_text(json.dumps({**config, "init_std": "0.01"}))

@@ -1,5 +1,6 @@
 """benchmarks/answer_batches.py is a script that prints times, not a timed test: here it only has to run end to end on
 a small base and count what it answered the way train.py would."""
+
 import math
 import os
 import subprocess
@@ -40,8 +41,15 @@ def test_both_ways_answer_the_test_prompts_train_py_answers_alike(base, capsys):
 
 
 def test_a_missing_base_is_one_line_and_a_non_zero_exit(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "benchmarks.answer_batches", "--init_from", str(tmp_path / "nothing")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.answer_batches", "--init_from", str(tmp_path / "nothing")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines() == [f"error: --init_from {str(tmp_path / 'nothing')!r}: use 'tiny', 'scratch', "
-                                                "one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, or an existing checkpoint path"]
+    assert done.stderr.strip().splitlines() == [
+        f"error: --init_from {str(tmp_path / 'nothing')!r}: use 'tiny', 'scratch', "
+        "one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, or an existing checkpoint path"
+    ]

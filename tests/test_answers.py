@@ -1,5 +1,6 @@
 """support/answers.py: answers batched across prompt lengths are the answers one at a time, for a plain model and
 for one whose prefix (prefix tuning) fills the KV cache ahead of every row, where no left padding can go."""
+
 import pytest
 import torch
 
@@ -8,8 +9,12 @@ from other_methods.prefix_tuning import apply_prefix_tuning
 from support.answers import answer, answer_examples
 from support.tokenizer import ByteTokenizer
 
-EXAMPLES = [{"instruction": "Hi.", "input": ""}, {"instruction": "Name a colour of the sea.", "input": "sea"},
-            {"instruction": "Two", "input": ""}, {"instruction": "A longer instruction than the others here.", "input": ""}]
+EXAMPLES = [
+    {"instruction": "Hi.", "input": ""},
+    {"instruction": "Name a colour of the sea.", "input": "sea"},
+    {"instruction": "Two", "input": ""},
+    {"instruction": "A longer instruction than the others here.", "input": ""},
+]
 
 
 @pytest.mark.parametrize("prefix", [False, True], ids=["plain", "prefix tuning"])

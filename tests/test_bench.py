@@ -1,4 +1,5 @@
 """benchmarks/bench.py is a script, not a timed test: here it only has to run end to end on the tiny shape and write every row."""
+
 import json
 import math
 import os
@@ -15,8 +16,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
-    command = [sys.executable, "-m", "benchmarks.bench", "--shape", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1",
-               "--memory", "reset", "--device", "cpu", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench",
+        "--shape",
+        "tiny",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--memory",
+        "reset",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(out) as f:
@@ -31,7 +49,11 @@ def test_json_has_every_row_with_both_measurements(report):
     assert list(results["rows"]) == bench.ALL_ROWS
     for row, entry in results["rows"].items():
         if row.startswith("peak_"):  # --memory reset on a model this small may find no growth at all (see below)
-            assert entry["unit"] == "MiB" and entry["method"] == "reset" and all(math.isfinite(entry[s]) for s in ("ours", "hf"))
+            assert (
+                entry["unit"] == "MiB"
+                and entry["method"] == "reset"
+                and all(math.isfinite(entry[s]) for s in ("ours", "hf"))
+            )
             continue
         for side in ("ours", "hf"):
             assert math.isfinite(entry[side]) and entry[side] > 0, (row, side, entry[side])
@@ -71,7 +93,13 @@ def test_unknown_row_or_bad_flag_is_an_error(capsys):
         bench.parse_args(["--repeats", "0"])
     args = bench.parse_args(["--quick", "--only", "nf4,train_full"])
     assert (args.shape, args.repeats, args.memory) == ("small", 2, "reset")
-    assert args.wanted == {"nf4_quantize", "nf4_dequantize", "nf4_dequantize_table", "nf4_dequantize_kernel", "train_full"}
+    assert args.wanted == {
+        "nf4_quantize",
+        "nf4_dequantize",
+        "nf4_dequantize_table",
+        "nf4_dequantize_kernel",
+        "train_full",
+    }
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="the CPU peak needs Linux's /proc")

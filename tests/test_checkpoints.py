@@ -1,6 +1,7 @@
 """support/checkpoints.py: an interrupted pretraining of the tiny base is finished by train.py in a child process (with
 the settings it was started with), and a finished one is loaded as it is; GPT-2 downloads (offline, from file URLs)
 and HF folders are checked before anything loads; a wrong tensor is named."""
+
 import csv
 import os
 
@@ -16,8 +17,21 @@ from train import TrainConfig, resolve_defaults
 
 def test_an_interrupted_tiny_base_is_finished_by_train_py_then_loaded(tmp_path, monkeypatch, crash_after_checkpoint):
     base_dir = tmp_path / "tiny-base"
-    settings = dict(init_from="scratch", dataset="stdlib", out_dir=str(base_dir), n_layer=1, n_head=2, n_embd=16, block_size=32,
-                    batch_size=4, max_iters=4, eval_interval=2, eval_batches=1, progress=False, device="cpu")
+    settings = dict(
+        init_from="scratch",
+        dataset="stdlib",
+        out_dir=str(base_dir),
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        block_size=32,
+        batch_size=4,
+        max_iters=4,
+        eval_interval=2,
+        eval_batches=1,
+        progress=False,
+        device="cpu",
+    )
     crash_after_checkpoint()
     with pytest.raises(KeyboardInterrupt):
         train.train(resolve_defaults(TrainConfig(**settings)))
@@ -27,7 +41,10 @@ def test_an_interrupted_tiny_base_is_finished_by_train_py_then_loaded(tmp_path, 
     log = list(csv.DictReader(open(base_dir / "log.csv")))
     assert [int(r["iter"]) for r in log] == [1, 2, 3, 4]  # resumed at step 2, not started again
     model, tokenizer_name = checkpoints.load_base_model("tiny")
-    assert tokenizer_name == "bytes" and (model.config.n_layer, model.config.n_embd) == (1, 16)  # the shape it was started with
+    assert tokenizer_name == "bytes" and (model.config.n_layer, model.config.n_embd) == (
+        1,
+        16,
+    )  # the shape it was started with
     finished = (base_dir / "ckpt.pt").stat().st_mtime_ns
     checkpoints.ensure_tiny_base("cpu")
     assert (base_dir / "ckpt.pt").stat().st_mtime_ns == finished  # done: nothing runs again
@@ -95,9 +112,14 @@ def test_a_config_whose_shapes_the_weights_do_not_have_is_refused_before_loading
         checkpoints.load_base_model(str(directory))
 
 
-@pytest.mark.parametrize("change, message", [({"n_head": 3}, "n_embd 64 is not divisible by n_head 3"),
-                                             ({"n_embd": 128}, r"wte.weight is \(50257, 64\) but .*config.json implies \(50257, 128\)")],
-                         ids=["n_head 3", "n_embd 128"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"n_head": 3}, "n_embd 64 is not divisible by n_head 3"),
+        ({"n_embd": 128}, r"wte.weight is \(50257, 64\) but .*config.json implies \(50257, 128\)"),
+    ],
+    ids=["n_head 3", "n_embd 128"],
+)
 def test_the_lessons_from_pretrained_checks_the_config_against_the_weights_too(hf_dir, tmp_path, change, message):
     """GPT.from_pretrained (model.py) used to trust config.json: an AssertionError for n_head 3, and a model of the
     config's size allocated before its weights were read (40 GB for n_embd 200,000). Now one line, nothing allocated."""
@@ -121,7 +143,9 @@ def test_a_byte_level_hf_folder_loads_with_the_tokenizer_its_config_names(tmp_pa
     ours = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval()
     save_hf_checkpoint(ours, tmp_path / "hf")
     model, tokenizer_name = checkpoints.load_base_model(str(tmp_path / "hf"))
-    assert tokenizer_name == "bytes" and checkpoints.weights_sha256(model) == checkpoints.weights_sha256(ours)  # the same weights, the same fingerprint
+    assert tokenizer_name == "bytes" and checkpoints.weights_sha256(model) == checkpoints.weights_sha256(
+        ours
+    )  # the same weights, the same fingerprint
     idx = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(model(idx)[0], ours(idx)[0])
@@ -130,7 +154,9 @@ def test_a_byte_level_hf_folder_loads_with_the_tokenizer_its_config_names(tmp_pa
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "nanoqlora": {"tokenizer": "gpt2"}}))
     with pytest.raises(UserError, match=r"config.json names the gpt2 tokenizer \(50257 tokens\) but vocab_size 257"):
         checkpoints.load_base_model(str(tmp_path / "hf"))
-    with pytest.raises(UserError, match="vocab_size 300 is neither GPT-2's BPE"):  # no tokenizer named, none of this size
+    with pytest.raises(
+        UserError, match="vocab_size 300 is neither GPT-2's BPE"
+    ):  # no tokenizer named, none of this size
         checkpoints.hf_tokenizer({"vocab_size": 300}, "config.json")
     assert checkpoints.hf_tokenizer({"vocab_size": 50257}, "config.json") == "gpt2"  # GPT-2's own folders name none
 
@@ -168,7 +194,11 @@ def test_config_with_fewer_layers_than_the_weights_is_refused(hf_dir, tmp_path):
 def test_unreadable_hf_files_are_named(hf_dir, tmp_path):
     directory = copy_hf_dir(hf_dir[0], tmp_path / "hf")
     config = (directory / "config.json").read_text()
-    for text, problem in [("", "is not valid JSON"), (config[:40], "is not valid JSON"), ('{"n_layer": 3}', "lacks 'n_positions'")]:
+    for text, problem in [
+        ("", "is not valid JSON"),
+        (config[:40], "is not valid JSON"),
+        ('{"n_layer": 3}', "lacks 'n_positions'"),
+    ]:
         (directory / "config.json").write_text(text)
         with pytest.raises(ValueError, match=f"config.json {problem}"):
             checkpoints.load_base_model(str(directory))

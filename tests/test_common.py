@@ -1,5 +1,6 @@
 """files.py, runs.py, cli.py: atomic writes reach the disk before they replace a file, an interrupted download is never
 kept, and a config goes to the command line and back unchanged."""
+
 import io
 import os
 import warnings
@@ -81,10 +82,19 @@ def test_pick_device_refuses_what_this_machine_lacks(monkeypatch):
 # writes the file system refuses are one line; a step's files are replaced together or not at all
 
 
-@pytest.mark.parametrize("error, says", [
-    (OSError(28, "No space left on device"), "No space left on device (the disk is full: free some space, or choose another folder)"),
-    (OSError(30, "Read-only file system"), "Read-only file system (the file system is read-only: choose a folder you can write to)"),
-])
+@pytest.mark.parametrize(
+    "error, says",
+    [
+        (
+            OSError(28, "No space left on device"),
+            "No space left on device (the disk is full: free some space, or choose another folder)",
+        ),
+        (
+            OSError(30, "Read-only file system"),
+            "Read-only file system (the file system is read-only: choose a folder you can write to)",
+        ),
+    ],
+)
 def test_a_refused_write_is_one_line_naming_the_file_and_the_old_file_stays(tmp_path, error, says):
     path = tmp_path / "log.csv"
     path.write_text("the old log")
@@ -132,12 +142,15 @@ def test_every_writer_gives_the_usual_permissions(tmp_path):
     files.save_safetensors_atomic({"x": runs.torch.zeros(2)}, str(tmp_path / "a.safetensors"))
     files.write_json_atomic({}, str(tmp_path / "a.json"))
     files.save_atomic({}, str(tmp_path / "a.pt"))
-    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == dict.fromkeys(["a.safetensors", "a.json", "a.pt"], 0o666 & ~umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == dict.fromkeys(
+        ["a.safetensors", "a.json", "a.pt"], 0o666 & ~umask
+    )
 
 
 def test_autocast_is_bf16_only_on_a_gpu_that_computes_in_bf16(monkeypatch):
     """A GPU older than Ampere reports bf16 support through emulation (torch.cuda.is_bf16_supported() is True by default
     there): training must then run in fp32, not in emulated bf16. Stand-ins for torch.cuda answer as such a GPU does."""
+
     def older_gpu(including_emulation=True):
         return including_emulation  # no native bf16, emulation possible
 
@@ -176,7 +189,9 @@ def test_help_of_both_programs_is_grouped_narrow_and_says_every_default(columns,
     what it depends on instead of "(default: 0)"."""
     for config_class in program_configs():
         helps, groups = cli.config_help(config_class)
-        assert all(helps[f.name].strip() for f in fields(config_class)), [f.name for f in fields(config_class) if not helps[f.name]]
+        assert all(helps[f.name].strip() for f in fields(config_class)), [
+            f.name for f in fields(config_class) if not helps[f.name]
+        ]
         assert len(groups) >= 5 and "options" not in [title for title, _, _ in groups]
         help_text(config_class, monkeypatch, columns)
         out = capsys.readouterr().out
@@ -194,8 +209,17 @@ def test_job_dependent_defaults_say_what_they_depend_on(monkeypatch, capsys):
     import finetune_classifier
     import train
 
-    zero_means = {train.TrainConfig: ("max_iters", "learning_rate", "warmup_iters", "eval_interval", "eval_batches", "lora_alpha"),
-                  finetune_classifier.ClassifierConfig: ("max_length", "learning_rate", "lora_alpha")}
+    zero_means = {
+        train.TrainConfig: (
+            "max_iters",
+            "learning_rate",
+            "warmup_iters",
+            "eval_interval",
+            "eval_batches",
+            "lora_alpha",
+        ),
+        finetune_classifier.ClassifierConfig: ("max_length", "learning_rate", "lora_alpha"),
+    }
     for config_class, names in zero_means.items():
         helps, _ = cli.config_help(config_class)
         for name in names:
@@ -229,15 +253,21 @@ def test_a_renamed_flag_keeps_working_and_giving_both_names_is_an_error(capsys):
         with pytest.raises(SystemExit):
             parse(["--help"])
         out = capsys.readouterr().out
-        assert "--data_path TEXT" not in out and "(--data_path: the same)" in out  # one name listed, the old one mentioned
+        assert (
+            "--data_path TEXT" not in out and "(--data_path: the same)" in out
+        )  # one name listed, the old one mentioned
     assert "data_path" not in {f.name for f in fields(finetune_classifier.ClassifierConfig)}
 
 
-def test_a_printed_path_is_relative_inside_the_working_folder_or_its_parent_and_absolute_elsewhere(tmp_path, monkeypatch):
+def test_a_printed_path_is_relative_inside_the_working_folder_or_its_parent_and_absolute_elsewhere(
+    tmp_path, monkeypatch
+):
     """Notebooks run in notebooks/ and print where runs write: ../checkpoints/..., never a machine's own folders."""
     (tmp_path / "repo" / "notebooks").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "repo" / "notebooks")
-    assert files.shown_path(str(tmp_path / "repo" / "checkpoints" / "tiny-base")) == os.path.join("..", "checkpoints", "tiny-base")
+    assert files.shown_path(str(tmp_path / "repo" / "checkpoints" / "tiny-base")) == os.path.join(
+        "..", "checkpoints", "tiny-base"
+    )
     assert files.shown_path(str(tmp_path / "repo" / "notebooks" / "out")) == "out"
     assert files.shown_path(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")  # two levels up: absolute
 
@@ -248,8 +278,10 @@ def test_the_programs_import_where_resource_and_fcntl_are_missing():
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['resource'] = None; sys.modules['fcntl'] = None; "
-            f"sys.path.insert(0, {files.REPO_DIR!r}); import train, finetune_classifier, chat; print('imported')")
+    code = (
+        "import sys; sys.modules['resource'] = None; sys.modules['fcntl'] = None; "
+        f"sys.path.insert(0, {files.REPO_DIR!r}); import train, finetune_classifier, chat; print('imported')"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "imported", done.stderr[-2000:]
 

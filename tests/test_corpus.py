@@ -1,6 +1,7 @@
 """support/corpus.py: the pretraining text read from a standard library (here a small stand-in written by the test),
 the held-out validation docstrings that no training source contains (not even as code), the batches of a run, and the
 'instructions' source: the embedded set's training part, never a test example or phrasing."""
+
 import json
 import os
 
@@ -25,13 +26,21 @@ def fake_stdlib(tmp_path, monkeypatch):
     root = tmp_path / "lib"
     (root / "pkg").mkdir(parents=True)
     (root / "test").mkdir()
-    functions = lambda numbers: "".join(f'def f{i}(x):\n    """{docstring(i)}"""\n    # comment {i} on the body\n    return x + {i}\n\n'
-                                        for i in numbers)
-    (root / "alpha.py").write_text('"""The alpha module: the first half of the stand-in library\'s functions."""\n' + functions(range(0, 20)))
+    functions = lambda numbers: "".join(
+        f'def f{i}(x):\n    """{docstring(i)}"""\n    # comment {i} on the body\n    return x + {i}\n\n'
+        for i in numbers
+    )
+    (root / "alpha.py").write_text(
+        '"""The alpha module: the first half of the stand-in library\'s functions."""\n' + functions(range(0, 20))
+    )
     (root / "pkg" / "beta.py").write_text(functions(range(20, 41)) + 'class C:\n    """Short."""\n')
     (root / "test" / "test_gamma.py").write_text(functions(range(100, 105)))  # tests: skipped
-    (root / "broken.py").write_text('"""A module docstring that cannot be read: the file has a syntax error."""\ndef (:\n')
-    (root / "latin.py").write_bytes('"""Caf\xe9 au lait, a docstring in Latin-1, not UTF-8 at all."""\n'.encode("latin-1"))
+    (root / "broken.py").write_text(
+        '"""A module docstring that cannot be read: the file has a syntax error."""\ndef (:\n'
+    )
+    (root / "latin.py").write_bytes(
+        '"""Caf\xe9 au lait, a docstring in Latin-1, not UTF-8 at all."""\n'.encode("latin-1")
+    )
     sources = corpus.stdlib_sources.__wrapped__(str(root))
     monkeypatch.setattr(corpus, "stdlib_sources", lambda root=None: sources)
     read_docstrings = corpus.stdlib_docstrings.__wrapped__  # uncached: it calls the stand-in stdlib_sources
@@ -47,7 +56,10 @@ def test_sources_are_read_in_a_fixed_order_without_tests_or_unreadable_files(fak
 def test_docstrings_comments_and_code(fake_stdlib):
     docs = corpus.stdlib_docstrings()
     module_doc = "The alpha module: the first half of the stand-in library's functions."
-    assert docs == (module_doc, *[docstring(i) for i in range(41)])  # "Short." is under 40 characters; broken.py unparsed
+    assert docs == (
+        module_doc,
+        *[docstring(i) for i in range(41)],
+    )  # "Short." is under 40 characters; broken.py unparsed
     comments = corpus.stdlib_comments()
     assert len(comments) == 2 and comments[0].splitlines()[:2] == ["comment 0 on the body", "comment 1 on the body"]
     source = dict(corpus.stdlib_sources())[str(fake_stdlib / "alpha.py")]
@@ -79,7 +91,9 @@ def test_batches_depend_only_on_seed_step_and_micro_batch(fake_stdlib):
     assert not torch.equal(data.train_batch(6, 1, 4)[0], x) and not torch.equal(data.train_batch(5, 0, 4)[0], x)
     val = data.val_batches(batch_size=3)
     windows = torch.cat([vx for vx, _ in val])
-    assert windows.shape[1] == 16 and torch.equal(windows.flatten(), data.val[: windows.numel()])  # every window, in order
+    assert windows.shape[1] == 16 and torch.equal(
+        windows.flatten(), data.val[: windows.numel()]
+    )  # every window, in order
     assert torch.equal(torch.cat([vy for _, vy in val]).flatten(), data.val[1 : windows.numel() + 1])
 
 

@@ -13,7 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 INSTRUCTIONS = DATA / "instructions.json"
-NEW_QUESTIONS = DATA / "new_questions.json"  # hand-written, for --answer_file: same kinds, new items, some new phrasings
+NEW_QUESTIONS = (
+    DATA / "new_questions.json"
+)  # hand-written, for --answer_file: same kinds, new items, some new phrasings
 SMS = DATA / "sms_sample.tsv"
 
 
@@ -49,6 +51,7 @@ def of_kind(examples, kind):
 
 # ---------------------------------------------------------------------------------------------
 # instructions.json: structure
+
 
 def test_instructions_structure(examples):
     assert isinstance(examples, list) and len(examples) >= 1500
@@ -113,8 +116,13 @@ def test_test_split_items_are_never_trained_on(examples):
     assert leaked(train + [dict(test[1], item="something else")], test) == [test[1]]
 
 
-SLOTS = {"q": r"""(?:"[^"]*"|'[^']*'|[^\s"']+)""", "v": r"(?:[\w-]+, [\w-]+, [\w-]+|[A-Z]\w*(?: [A-Z]\w*)*|[\w-]+)",
-         "a": r"\d+", "b": r"\d+", "art": r"an?"}
+SLOTS = {
+    "q": r"""(?:"[^"]*"|'[^']*'|[^\s"']+)""",
+    "v": r"(?:[\w-]+, [\w-]+, [\w-]+|[A-Z]\w*(?: [A-Z]\w*)*|[\w-]+)",
+    "a": r"\d+",
+    "b": r"\d+",
+    "art": r"an?",
+}
 
 
 def template_pattern(template):
@@ -186,7 +194,7 @@ RULES = {  # kind -> (the answer the example must have, from the prompt) ; item 
     "next_number": lambda ex: str(numbers_in(ex)[0] + 1),
     "larger": lambda ex: str(max(numbers_in(ex))),
     "smaller": lambda ex: str(min(numbers_in(ex))),
-    "commas": lambda ex: "{:,}".format(numbers_in(ex)[0]),
+    "commas": lambda ex: f"{numbers_in(ex)[0]:,}",
     "sort_words": lambda ex: ", ".join(sorted(listed(ex))),
     "sort_numbers": lambda ex: ", ".join(sorted(listed(ex), key=int)),
     "reverse_words": lambda ex: ", ".join(listed(ex)[::-1]),
@@ -225,12 +233,25 @@ def test_sentence_rules(answered):
 
 def test_rule_checks_catch_a_wrong_answer():
     """The checks above can fail: one wrong letter, number or order is caught, kind by kind."""
-    cases = [{"kind": "plural", "item": "box", "instruction": "Plural of box?", "input": "", "answer": "boxs"},
-             {"kind": "past_tense", "item": "cry", "instruction": "Past of cry?", "input": "", "answer": "cryed"},
-             {"kind": "smaller", "item": "12 or 7", "instruction": "Smaller: 12 or 7?", "input": "", "answer": "12"},
-             {"kind": "sort_words", "item": "pear, apple, fig", "instruction": "Sort.", "input": "pear, apple, fig",
-              "answer": "apple, pear, fig"},
-             {"kind": "count_words", "item": "We ate the cake.", "instruction": "Count.", "input": "We ate the cake.", "answer": "3"}]
+    cases = [
+        {"kind": "plural", "item": "box", "instruction": "Plural of box?", "input": "", "answer": "boxs"},
+        {"kind": "past_tense", "item": "cry", "instruction": "Past of cry?", "input": "", "answer": "cryed"},
+        {"kind": "smaller", "item": "12 or 7", "instruction": "Smaller: 12 or 7?", "input": "", "answer": "12"},
+        {
+            "kind": "sort_words",
+            "item": "pear, apple, fig",
+            "instruction": "Sort.",
+            "input": "pear, apple, fig",
+            "answer": "apple, pear, fig",
+        },
+        {
+            "kind": "count_words",
+            "item": "We ate the cake.",
+            "instruction": "Count.",
+            "input": "We ate the cake.",
+            "answer": "3",
+        },
+    ]
     for ex in cases:
         assert RULES[ex["kind"]](ex) != ex["answer"], ex
 
@@ -249,6 +270,7 @@ def test_new_questions_ask_about_items_the_data_set_never_does(examples):
 
 # ---------------------------------------------------------------------------------------------
 # sms_sample.tsv
+
 
 def read_sms():
     lines = SMS.read_text(encoding="utf-8").split("\n")
@@ -275,11 +297,14 @@ def test_sms_format():
 # ---------------------------------------------------------------------------------------------
 # Regenerating gives byte-identical files
 
-@pytest.mark.parametrize("script, filename", [("make_instructions.py", "instructions.json"),
-                                              ("make_sms_sample.py", "sms_sample.tsv")])
+
+@pytest.mark.parametrize(
+    "script, filename", [("make_instructions.py", "instructions.json"), ("make_sms_sample.py", "sms_sample.tsv")]
+)
 def test_regeneration_is_byte_identical(tmp_path, script, filename):
-    subprocess.run([sys.executable, str(DATA / script), "--out", str(tmp_path)], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [sys.executable, str(DATA / script), "--out", str(tmp_path)], check=True, capture_output=True, timeout=60
+    )
     assert (tmp_path / filename).read_bytes() == (DATA / filename).read_bytes()
 
 
@@ -287,8 +312,12 @@ def test_free_sentences_vary_what_the_sentence_kinds_ask(tmp_path):
     """--free_sentences: the sentence kinds' answers can no longer be picked from a short list. In the committed file
     the last word is one of 14 and the word count one of 4 values; in the free file both spread wide, questions come
     in several shapes, every rule answer still follows from the prompt, and the file keeps its kinds and its size."""
-    subprocess.run([sys.executable, str(DATA / "make_instructions.py"), "--free_sentences", "--out", str(tmp_path)],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [sys.executable, str(DATA / "make_instructions.py"), "--free_sentences", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     free = json.loads((tmp_path / "instructions.json").read_text(encoding="utf-8"))
     committed = json.loads(INSTRUCTIONS.read_text(encoding="utf-8"))
 

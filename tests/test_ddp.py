@@ -1,6 +1,7 @@
 """train.py's DDP: under torchrun with 2 Gloo processes on the CPU, training follows the single-process trajectory: pretraining
 from the start, and a QLoRA fine-tuning (LoRA adapters on a 4-bit base) resumed by 2 processes from a 1-process
 checkpoint. (benchmarks/gpu_check.py runs 2 NCCL processes where a machine has 2 GPUs.)"""
+
 import csv
 import os
 import subprocess
@@ -13,8 +14,22 @@ from support.cli import check_train_config
 from train import TrainConfig, resolve_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = dict(init_from="scratch", dataset="stdlib", n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=4, grad_accum=4,
-             max_iters=6, eval_interval=3, eval_batches=2, learning_rate=3e-3, device="cpu", progress=False)
+FLAGS = dict(
+    init_from="scratch",
+    dataset="stdlib",
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    block_size=64,
+    batch_size=4,
+    grad_accum=4,
+    max_iters=6,
+    eval_interval=3,
+    eval_batches=2,
+    learning_rate=3e-3,
+    device="cpu",
+    progress=False,
+)
 
 
 def test_a_grad_accum_the_processes_cannot_share_is_refused():
@@ -35,8 +50,14 @@ def torchrun(out_dir, flags=FLAGS, **overrides):
         else:
             argv += [f"--{key}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *argv],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -76,7 +97,9 @@ def test_two_gloo_processes_follow_the_single_process_trajectory(tmp_path):
     for name, weight in ckpts[0]["model"].items():
         assert torch.allclose(weight, ckpts[1]["model"][name], rtol=1e-4, atol=1e-5), name
 
-    assert json.load(open(tmp_path / "ddp" / "summary.json"))["val_loss_after"] == pytest.approx(single["val_loss_after"], rel=1e-5)
+    assert json.load(open(tmp_path / "ddp" / "summary.json"))["val_loss_after"] == pytest.approx(
+        single["val_loss_after"], rel=1e-5
+    )
 
 
 def test_a_qlora_run_resumed_by_two_processes_follows_the_single_process_trajectory(tmp_path, crash_after_checkpoint):
@@ -89,11 +112,32 @@ def test_a_qlora_run_resumed_by_two_processes_follows_the_single_process_traject
 
     torch.manual_seed(0)
     base = GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=32, smear_keys=True))
-    torch.save({"model_config": vars(base.config).copy(), "tokenizer": "bytes",
-                "model": {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"}}, tmp_path / "base.pt")
-    qlora = dict(init_from=str(tmp_path / "base.pt"), dataset="embedded", quantize="nf4", lora_rank=4, lora_targets="q,v,mlp_in",
-                 batch_size=4, grad_accum=4, max_iters=4, eval_interval=2, eval_batches=2, answer_limit=2, num_samples=0,
-                 max_new_tokens=4, learning_rate=3e-3, device="cpu", progress=False)
+    torch.save(
+        {
+            "model_config": vars(base.config).copy(),
+            "tokenizer": "bytes",
+            "model": {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"},
+        },
+        tmp_path / "base.pt",
+    )
+    qlora = dict(
+        init_from=str(tmp_path / "base.pt"),
+        dataset="embedded",
+        quantize="nf4",
+        lora_rank=4,
+        lora_targets="q,v,mlp_in",
+        batch_size=4,
+        grad_accum=4,
+        max_iters=4,
+        eval_interval=2,
+        eval_batches=2,
+        answer_limit=2,
+        num_samples=0,
+        max_new_tokens=4,
+        learning_rate=3e-3,
+        device="cpu",
+        progress=False,
+    )
     train.train(resolve_defaults(TrainConfig(**qlora, out_dir=str(tmp_path / "single"))))
     crash_after_checkpoint()
     with pytest.raises(KeyboardInterrupt):
@@ -129,10 +173,27 @@ def test_an_evaluation_longer_than_the_process_group_timeout_ends_no_run(tmp_pat
     the other waited in a collective ended the run; shared, each rank scores 10 batches (5 s), and they meet."""
     wrapper = tmp_path / "short_timeout.py"
     wrapper.write_text(SHORT_TIMEOUT.format(root=ROOT, timeout=8, per_batch=0.5))
-    flags = {**FLAGS, "max_iters": 2, "eval_interval": 2, "eval_batches": 20, "grad_accum": 2, "out_dir": str(tmp_path / "ddp")}
-    argv = [part for key, value in flags.items() for part in ((f"--{key}" if value else f"--no-{key}",) if isinstance(value, bool) else (f"--{key}", str(value)))]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper), *argv],
-                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    flags = {
+        **FLAGS,
+        "max_iters": 2,
+        "eval_interval": 2,
+        "eval_batches": 20,
+        "grad_accum": 2,
+        "out_dir": str(tmp_path / "ddp"),
+    }
+    argv = [
+        part
+        for key, value in flags.items()
+        for part in ((f"--{key}" if value else f"--no-{key}",) if isinstance(value, bool) else (f"--{key}", str(value)))
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper), *argv],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["iter"] for r in log(tmp_path / "ddp")] == ["1", "2"] and log(tmp_path / "ddp")[-1]["val_loss"] != ""
 

@@ -2,6 +2,7 @@
 finetune_classifier.py ...`, `python chat.py ...` and `python -m experiments.rank_sweep ...` line of their bash blocks
 parses with the program's own command line (a flag, choice or value it would refuse fails here), train.py's settings pass
 its checks, and nothing is piped into a word that is not a program (`--mode head|lora` runs `lora` as a command)."""
+
 import os
 import re
 import shlex
@@ -17,12 +18,47 @@ from support.cli import parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", os.path.join("docs", "design.md"))
-PROGRAMS = {"train.py": train.parse_args, "finetune_classifier.py": finetune_classifier.parse_args,
-            "chat.py": lambda argv: parse_config(chat.ChatConfig, argv), "experiments.rank_sweep": rank_sweep.parse_args,
-            "support.export": export.parse_args}
-COMMANDS = {"python", "python3", "pip", "jupyter", "torchrun", "pytest", "printf", "echo", "cat", "git", "cd", "time", "env",
-            "nice", "taskset", "timeout", "export", "source", "bash", "sh", "ls", "mkdir", "cp", "mv", "rm", "head", "tail",
-            "grep", "tar", "unzip", "curl", "wget"}  # what a documented line may run (the first word after VAR=value)
+PROGRAMS = {
+    "train.py": train.parse_args,
+    "finetune_classifier.py": finetune_classifier.parse_args,
+    "chat.py": lambda argv: parse_config(chat.ChatConfig, argv),
+    "experiments.rank_sweep": rank_sweep.parse_args,
+    "support.export": export.parse_args,
+}
+COMMANDS = {
+    "python",
+    "python3",
+    "pip",
+    "jupyter",
+    "torchrun",
+    "pytest",
+    "printf",
+    "echo",
+    "cat",
+    "git",
+    "cd",
+    "time",
+    "env",
+    "nice",
+    "taskset",
+    "timeout",
+    "export",
+    "source",
+    "bash",
+    "sh",
+    "ls",
+    "mkdir",
+    "cp",
+    "mv",
+    "rm",
+    "head",
+    "tail",
+    "grep",
+    "tar",
+    "unzip",
+    "curl",
+    "wget",
+}  # what a documented line may run (the first word after VAR=value)
 
 
 def shell_lines(path):
@@ -56,9 +92,14 @@ def program_calls(line):
             current.append(word)
     calls = []
     for segment in filter(None, segments):
-        segment = [w for i, w in enumerate(segment) if not (re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", w) and
-                                                           all("=" in v for v in segment[:i]))] or ["true"]
-        assert segment[0] in COMMANDS | {"true"}, f"runs {segment[0]!r}: a '|' or '&&' inside what was meant as one value?"
+        segment = [
+            w
+            for i, w in enumerate(segment)
+            if not (re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", w) and all("=" in v for v in segment[:i]))
+        ] or ["true"]
+        assert segment[0] in COMMANDS | {"true"}, (
+            f"runs {segment[0]!r}: a '|' or '&&' inside what was meant as one value?"
+        )
         for i, word in enumerate(segment):
             name = os.path.basename(word)
             if name in PROGRAMS and ({"python", "python3", "torchrun"} & set(segment[:i]) or segment[i - 1] == "-m"):
@@ -68,8 +109,12 @@ def program_calls(line):
 
 
 def all_calls():
-    return [(f"{path}:{number}", name, argv) for path in DOCS for number, line in shell_lines(path)
-            for name, argv in program_calls(line)]
+    return [
+        (f"{path}:{number}", name, argv)
+        for path in DOCS
+        for number, line in shell_lines(path)
+        for name, argv in program_calls(line)
+    ]
 
 
 def test_the_docs_hold_commands_of_every_program():
@@ -98,4 +143,6 @@ def test_the_check_catches_what_the_issue_found():
         PROGRAMS[name](argv)
     assert program_calls("printf 'a\\nb\\n' | python chat.py --adapter none") == [("chat.py", ["--adapter", "none"])]
     assert program_calls("python -m experiments.rank_sweep --quick") == [("experiments.rank_sweep", ["--quick"])]
-    assert program_calls("OMP_NUM_THREADS=1 taskset -c 0 python train.py --max_iters 5") == [("train.py", ["--max_iters", "5"])]
+    assert program_calls("OMP_NUM_THREADS=1 taskset -c 0 python train.py --max_iters 5") == [
+        ("train.py", ["--max_iters", "5"])
+    ]

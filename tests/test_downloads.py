@@ -1,6 +1,7 @@
 """The downloaded instruction datasets, run offline: `--dataset instruction-data` and `--dataset alpaca` fetch their
 file once into data/downloads (here a temporary folder, from file:// URLs standing in for the canonical ones) through
 support.files.download_file, then train like any local file. (The SMS Spam Collection's zip: test_sms_data.py.)"""
+
 import json
 
 import pytest
@@ -19,7 +20,9 @@ def downloads(tmp_path, monkeypatch):
     monkeypatch.setattr(instruction_files, "DOWNLOAD_DIR", str(tmp_path / "downloads"))
 
     def serve(name, path):
-        monkeypatch.setitem(instruction_files.DATASETS, name, ("file://" + str(path), instruction_files.DATASETS[name][1]))
+        monkeypatch.setitem(
+            instruction_files.DATASETS, name, ("file://" + str(path), instruction_files.DATASETS[name][1])
+        )
         return tmp_path / "downloads" / instruction_files.DATASETS[name][1]
 
     return serve
@@ -30,15 +33,35 @@ def test_instruction_data_is_downloaded_once_and_trains(downloads, tmp_path):
     target = downloads("instruction-data", source)
     torch.manual_seed(0)
     base = GPT(GPTConfig(block_size=512, vocab_size=257, n_layer=1, n_head=2, n_embd=32))
-    torch.save({"model_config": vars(base.config).copy(), "tokenizer": "bytes",
-                "model": {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"}}, tmp_path / "base.pt")
-    cfg = TrainConfig(init_from=str(tmp_path / "base.pt"), dataset="instruction-data", out_dir=str(tmp_path / "run"),
-                      lora_rank=2, batch_size=4, max_iters=2, eval_interval=2, eval_batches=1, answer_limit=2, num_samples=0,
-                      max_new_tokens=4, progress=False, device="cpu")
+    torch.save(
+        {
+            "model_config": vars(base.config).copy(),
+            "tokenizer": "bytes",
+            "model": {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"},
+        },
+        tmp_path / "base.pt",
+    )
+    cfg = TrainConfig(
+        init_from=str(tmp_path / "base.pt"),
+        dataset="instruction-data",
+        out_dir=str(tmp_path / "run"),
+        lora_rank=2,
+        batch_size=4,
+        max_iters=2,
+        eval_interval=2,
+        eval_batches=1,
+        answer_limit=2,
+        num_samples=0,
+        max_new_tokens=4,
+        progress=False,
+        device="cpu",
+    )
     summary = train.train(resolve_defaults(cfg))
     assert target.read_bytes() == open(source, "rb").read()  # the whole file, under its canonical name
     assert not target.with_name(target.name + ".part").exists()
-    assert summary["dataset"] == "instruction-data" and 900 <= summary["train_examples"] <= 935  # 85% of 1,100, long ones dropped
+    assert (
+        summary["dataset"] == "instruction-data" and 900 <= summary["train_examples"] <= 935
+    )  # 85% of 1,100, long ones dropped
     assert "test_exact_match_after" in summary and "test_accuracy_after" not in summary  # no key answers in this set
     downloads("instruction-data", tmp_path / "gone.json")  # the URL no longer serves anything: the copy is used
     assert len(instruction_files.load_examples("instruction-data")) == 1100

@@ -1,5 +1,6 @@
 """experiments/: the structure-vs-knowledge experiment's data split and format check, the copy probe's scoring, LoRA
 §7.2's subspace similarity."""
+
 import math
 import re
 
@@ -16,8 +17,9 @@ def worded_like(ex, templates):
     case of the first letter and the final mark."""
     item, art = ex["item"], "an" if ex["item"][0] in "aeiou" else "a"
     norm = lambda text: (text[:1].lower() + text[1:]).rstrip(".?!")  # noqa: E731
-    return norm(ex["instruction"]) in {norm(t.format(v=item, q=q, art=art)) for t, _ in templates
-                                       for q in (item, f'"{item}"', f"'{item}'")}
+    return norm(ex["instruction"]) in {
+        norm(t.format(v=item, q=q, art=art)) for t, _ in templates for q in (item, f'"{item}"', f"'{item}'")
+    }
 
 
 def test_seen_items_are_tested_in_new_prompts_and_unseen_items_and_phrasings_never_trained():
@@ -28,7 +30,9 @@ def test_seen_items_are_tested_in_new_prompts_and_unseen_items_and_phrasings_nev
     train, tests = build(seed=0, per_kind=20)
     trained_prompts = {(ex["instruction"], ex["input"]) for ex in train}
     trained_items = {(ex["kind"], ex["item"]) for ex in train}
-    assert set(tests) == {(kind, items, phr) for kind in KINDS for items in ("seen", "unseen") for phr in ("seen", "new")}
+    assert set(tests) == {
+        (kind, items, phr) for kind in KINDS for items in ("seen", "unseen") for phr in ("seen", "new")
+    }
     for (kind, items, phr), examples in tests.items():
         trained, held_out = phrasings(kind, 0)
         assert len(examples) == 10
@@ -127,15 +131,55 @@ def test_a_sweep_side_by_side_writes_one_row_per_run_and_the_table(tmp_path, cap
     from experiments import rank_sweep
 
     base = str(tmp_path / "base")
-    train.train(train.resolve_defaults(train.TrainConfig(
-        init_from="scratch", dataset="stdlib", out_dir=base, n_layer=2, n_head=2, n_embd=32, block_size=256, batch_size=4,
-        max_iters=2, eval_interval=2, eval_batches=1, progress=False, device="cpu")))
+    train.train(
+        train.resolve_defaults(
+            train.TrainConfig(
+                init_from="scratch",
+                dataset="stdlib",
+                out_dir=base,
+                n_layer=2,
+                n_head=2,
+                n_embd=32,
+                block_size=256,
+                batch_size=4,
+                max_iters=2,
+                eval_interval=2,
+                eval_batches=1,
+                progress=False,
+                device="cpu",
+            )
+        )
+    )
     out = tmp_path / "lab"
-    rank_sweep.main(["--task", "instruct", "--ranks", "1,2", "--targets", "q", "--instruct_iters", "2", "--answer_limit", "3",
-                     "--init_from", base, "--out_dir", str(out), "--name", "lab", "--jobs", "2", "--device", "cpu"])
+    rank_sweep.main(
+        [
+            "--task",
+            "instruct",
+            "--ranks",
+            "1,2",
+            "--targets",
+            "q",
+            "--instruct_iters",
+            "2",
+            "--answer_limit",
+            "3",
+            "--init_from",
+            base,
+            "--out_dir",
+            str(out),
+            "--name",
+            "lab",
+            "--jobs",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     rows = list(csv.DictReader(open(out / "lab_instruct.csv")))
     assert [(r["rank"], r["targets"], r["steps"]) for r in rows] == [("1", "q", "2"), ("2", "q", "2")]
-    assert int(rows[1]["trainable_params"]) == 2 * int(rows[0]["trainable_params"]) == 2 * 2 * 2 * 32  # n_layer r (d_in + d_out)
+    assert (
+        int(rows[1]["trainable_params"]) == 2 * int(rows[0]["trainable_params"]) == 2 * 2 * 2 * 32
+    )  # n_layer r (d_in + d_out)
     for r in rows:
         run = out / "runs" / rank_sweep.run_name("instruct", int(r["rank"]), "q", 1337)
         summary = __import__("json").load(open(run / "summary.json"))
@@ -145,10 +189,14 @@ def test_a_sweep_side_by_side_writes_one_row_per_run_and_the_table(tmp_path, cap
         assert "validation loss before training" in open(str(run) + ".log").read()
         answered = __import__("json").load(open(run / "samples.json"))  # every answered example, both phrasings
         assert len(answered) == 3 and float(r["answer_accuracy"]) == pytest.approx(
-            sum(ex["correct_after"] for ex in answered) / 3)
+            sum(ex["correct_after"] for ex in answered) / 3
+        )
     assert (out / "lab_instruct.png").exists() and (out / "lab_instruct_accuracy.png").exists()
     table = capsys.readouterr().out.split("rank  targets")[-1]
-    assert all(column in table for column in ("trainable", "val loss", "answers right", "s/step", "training state", "peak memory"))
+    assert all(
+        column in table
+        for column in ("trainable", "val loss", "answers right", "s/step", "training state", "peak memory")
+    )
 
 
 def test_the_tiny_base_is_made_before_any_run_starts(tmp_path, monkeypatch):

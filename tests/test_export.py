@@ -1,6 +1,7 @@
 """support/export.py (python -m support.export): a run in Hugging Face's formats, PEFT's adapter and transformers'
 GPT-2, whose logits are ours; an export never writes into the run or its base, goes only into a new, empty or earlier
 export folder under that folder's run lock, and a failed export leaves the earlier one whole."""
+
 import json
 import os
 
@@ -21,12 +22,16 @@ def test_export_peft_and_hf_from_the_command_line(plain_run, tmp_path):
     from transformers import GPT2LMHeadModel
 
     _, run = plain_run
-    export.export_run(export.parse_args(["--adapter", str(run), "--peft", str(tmp_path / "peft"), "--hf", str(tmp_path / "hf")]))
+    export.export_run(
+        export.parse_args(["--adapter", str(run), "--peft", str(tmp_path / "peft"), "--hf", str(tmp_path / "hf")])
+    )
     ours, _ = checkpoints.load_finetuned(str(run), "tiny", "cpu")
     idx = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ours(idx)[0]
-        base = GPT2LMHeadModel.from_pretrained(tmp_path / "peft" / "base")  # the tiny base is not an HF model: written beside the adapter
+        base = GPT2LMHeadModel.from_pretrained(
+            tmp_path / "peft" / "base"
+        )  # the tiny base is not an HF model: written beside the adapter
         base_logits = base.eval()(idx).logits
         peft_logits = PeftModel.from_pretrained(base, tmp_path / "peft").eval()(idx).logits
         merged_logits = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()(idx).logits
@@ -47,20 +52,20 @@ def test_export_peft_and_hf_from_the_command_line(plain_run, tmp_path):
         checkpoints.load_finetuned(str(tmp_path / "peft"), "tiny", "cpu")
 
 
-
 def test_a_base_with_smeared_keys_is_not_exported_to_hf(small_base, tmp_path):
     with pytest.raises(UserError, match="smeared keys.*--no-smear_keys"):
         export.export_run(export.parse_args(["--init_from", small_base, "--hf", str(tmp_path / "hf")]))
     assert not (tmp_path / "hf").exists()
 
 
-
 def test_an_export_never_writes_into_the_run_or_its_base(plain_run, tmp_path):
     base, run = plain_run
     kept = {p.name: p.read_bytes() for p in run.iterdir()}
-    for flags, what in ((["--adapter", str(run), "--peft", str(run)], "the --adapter run's own folder"),
-                        (["--adapter", str(run), "--hf", str(run)], "the --adapter run's own folder"),
-                        (["--init_from", str(base), "--adapter", str(run), "--hf", str(base)], "the folder of the base")):
+    for flags, what in (
+        (["--adapter", str(run), "--peft", str(run)], "the --adapter run's own folder"),
+        (["--adapter", str(run), "--hf", str(run)], "the --adapter run's own folder"),
+        (["--init_from", str(base), "--adapter", str(run), "--hf", str(base)], "the folder of the base"),
+    ):
         with pytest.raises(UserError, match=f"is {what}.*: an export never writes into it"):
             export.export_run(export.parse_args(flags))
     assert {p.name: p.read_bytes() for p in run.iterdir()} == kept
@@ -72,7 +77,6 @@ def test_an_export_never_writes_into_the_run_or_its_base(plain_run, tmp_path):
     with pytest.raises(UserError, match="is the folder of the base"):
         export.export_run(export.parse_args(["--init_from", str(hf), "--adapter", str(run), "--hf", str(hf)]))
     assert (hf / "model.safetensors").read_bytes() == weights
-
 
 
 def test_an_export_goes_only_into_a_new_empty_or_earlier_export_folder_and_takes_the_lock(plain_run, tmp_path):
@@ -89,14 +93,15 @@ def test_an_export_goes_only_into_a_new_empty_or_earlier_export_folder_and_takes
     assert [p.name for p in notes.iterdir()] == ["todo.txt"]
     hf = tmp_path / "hf"
     export_to("--hf", str(hf))
-    with pytest.raises(UserError, match="hf holds config.json, model.safetensors, which is not an earlier export of this kind"):
+    with pytest.raises(
+        UserError, match="hf holds config.json, model.safetensors, which is not an earlier export of this kind"
+    ):
         export_to("--peft", str(hf))  # an HF export is not a PEFT export
     merged = (hf / "model.safetensors").read_bytes()
     export.export_run(export.parse_args(["--init_from", str(base), "--hf", str(hf)]))  # the base alone, over it
     assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
     assert (hf / "model.safetensors").read_bytes() != merged
     assert sorted(os.listdir(tmp_path)) == ["busy", "hf", "notes"]  # no working folder left beside them
-
 
 
 def test_an_export_that_fails_half_way_leaves_the_earlier_export_whole(plain_run, tmp_path, monkeypatch):
@@ -121,8 +126,13 @@ def test_an_export_that_fails_half_way_leaves_the_earlier_export_whole(plain_run
     assert os.listdir(tmp_path) == ["peft"]
 
 
-@pytest.mark.parametrize("flags, message", [(["--hf", "out/hf", "--peft", "out/peft"], "--peft needs --adapter"),
-                                            (["--adapter", "out/somewhere"], "nothing to export: give --peft DIR")])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--hf", "out/hf", "--peft", "out/peft"], "--peft needs --adapter"),
+        (["--adapter", "out/somewhere"], "nothing to export: give --peft DIR"),
+    ],
+)
 def test_bad_export_flags_are_one_line_errors(flags, message, monkeypatch):
     exit_message = run_main("support/export.py", "--init_from", "/nonexistent/base", *flags, monkeypatch=monkeypatch)
     assert exit_message.startswith("error: ") and "\n" not in exit_message and message in exit_message

@@ -1,6 +1,7 @@
 """support/fast_dequantize.py: the opt-in paths (use_fast_dequantize(model, "table" or "kernel"), --dequantize) give
 exactly the values of quantize.dequantize_4bit, the definition; nothing is compiled unless asked; when the kernel cannot
 be built the table path runs, with a warning that says why."""
+
 import copy
 import hashlib
 import os
@@ -105,7 +106,9 @@ def test_nothing_is_compiled_unless_asked(fresh_kernel, tmp_path):
     import lora
     from model import GPT, GPTConfig
 
-    model = lora.apply_lora(Q.quantize_model(GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=32))))
+    model = lora.apply_lora(
+        Q.quantize_model(GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=32)))
+    )
     tokens = torch.randint(32, (2, 9))
     model(tokens[:, :-1], tokens[:, 1:])[1].backward()
     assert K.load.cache_info().currsize == 0 and not (tmp_path / "cache").exists()
@@ -208,7 +211,6 @@ def test_qlora_training_is_the_same_on_every_path(path, monkeypatch):
     assert reference.keys() == fast.keys() and all(torch.equal(reference[k], fast[k]) for k in reference)
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # issue 26: the cache loads only what this code built; anything else falls back to the table path, with a warning
 
@@ -282,10 +284,17 @@ def test_a_cache_others_can_write_is_not_used(fresh_kernel, tmp_path):
     assert list(shared.iterdir()) == []  # nothing built or loaded there
 
 
-@pytest.mark.parametrize("source, says", [
-    ("int simd_level(void) { return 0; }\n", "cannot be used .*undefined symbol: dequantize_4bit"),
-    (PLANTED.replace("__attribute__((constructor))", "__attribute__((unused))"), "computes other values than the definition"),
-], ids=["no dequantize_4bit", "returns zeros"])
+@pytest.mark.parametrize(
+    "source, says",
+    [
+        ("int simd_level(void) { return 0; }\n", "cannot be used .*undefined symbol: dequantize_4bit"),
+        (
+            PLANTED.replace("__attribute__((constructor))", "__attribute__((unused))"),
+            "computes other values than the definition",
+        ),
+    ],
+    ids=["no dequantize_4bit", "returns zeros"],
+)
 def test_a_library_that_lacks_the_function_or_computes_wrong_values_falls_back(fresh_kernel, tmp_path, source, says):
     """Even a library this code built (so its hash matches) is used only if it has the function and dequantizes a test
     block exactly: before, a missing symbol was an AttributeError traceback, and wrong values were used."""

@@ -1,6 +1,7 @@
 """finetune_classifier.py: the head reads the last real token, each mode trains exactly what it claims, the cached trunk
 computes what the whole model does; a trained classifier is saved, reloaded and used from the command line; bad
 settings and files are refused. (The data: test_sms_data.py.)"""
+
 import csv
 import hashlib
 import json
@@ -32,8 +33,14 @@ def tiny_gpt(seed=0, block_size=128, smear_keys=False):
 
 def save_base(gpt, path):
     """A GPT saved in train.py's checkpoint format: loads like any --init_from path."""
-    torch.save({"model_config": vars(gpt.config).copy(), "tokenizer": "bytes",
-                "model": {k: v for k, v in gpt.state_dict().items() if k != "lm_head.weight"}}, path)
+    torch.save(
+        {
+            "model_config": vars(gpt.config).copy(),
+            "tokenizer": "bytes",
+            "model": {k: v for k, v in gpt.state_dict().items() if k != "lm_head.weight"},
+        },
+        path,
+    )
     return str(path)
 
 
@@ -68,9 +75,18 @@ def config(tiny_base, out_dir, **overrides):
 def test_cached_and_uncached_training_runs_agree_on_a_smeared_base(smeared_base, tmp_path, mode):
     """End to end, on a base with smeared keys (the default tiny base has them): --cache_trunk (the default) and
     --no-cache_trunk train the same classifier, epoch by epoch."""
-    data = write(tmp_path, "".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'home soon'} {i}\n" for i in range(40)))
-    runs = [fc.train_classifier(config(smeared_base, tmp_path / str(cache), mode=mode, dataset=data, batch_size=4, epochs=3,
-                                       cache_trunk=cache)) for cache in (True, False)]
+    data = write(
+        tmp_path,
+        "".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'home soon'} {i}\n" for i in range(40)),
+    )
+    runs = [
+        fc.train_classifier(
+            config(
+                smeared_base, tmp_path / str(cache), mode=mode, dataset=data, batch_size=4, epochs=3, cache_trunk=cache
+            )
+        )
+        for cache in (True, False)
+    ]
     assert (runs[0]["cached_blocks"], runs[1]["cached_blocks"]) == ({"last_block": 1, "head": 2}[mode], 0)
     logs = [list(csv.DictReader(open(tmp_path / str(cache) / "log.csv"))) for cache in (True, False)]
     assert len(logs[0]) == len(logs[1]) == 4  # before training, and 3 epochs
@@ -88,10 +104,22 @@ def test_lora_training_learns_the_sample_and_the_saved_classifier_reloads(tiny_b
     for name in ("summary.json", "log.csv", "curves.png", "classifier.json", "adapter/adapter_model.safetensors"):
         assert (tmp_path / name).exists(), name
     saved = json.loads((tmp_path / "summary.json").read_text())
-    for key in ("mode", "init_from", "lora_rank", "trainable_params", "total_params", "train_accuracy", "val_accuracy", "test_accuracy", "seconds"):
+    for key in (
+        "mode",
+        "init_from",
+        "lora_rank",
+        "trainable_params",
+        "total_params",
+        "train_accuracy",
+        "val_accuracy",
+        "test_accuracy",
+        "seconds",
+    ):
         assert key in saved, key
     assert saved["mode"] == "lora" and saved["lora_rank"] == 16 and saved["trainable_params"] < saved["total_params"]
-    assert summary["test_accuracy_before"] < 0.7 and summary["test_accuracy"] > 0.85  # a random base, but the sample is easy
+    assert (
+        summary["test_accuracy_before"] < 0.7 and summary["test_accuracy"] > 0.85
+    )  # a random base, but the sample is easy
     assert sum(map(sum, summary["confusion_matrix"]["test"])) == summary["test_examples"] == 120
     assert summary["truncated_examples"] == 2  # two sample messages are longer than the 128-byte block
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 1 + 3  # header, before, 2 epochs
@@ -117,7 +145,10 @@ test_split_metrics.__test__ = False  # a helper, not a test
 def test_other_modes_save_and_reload_what_they_trained(tiny_base, tmp_path, mode, monkeypatch):
     """Each mode's saved classifier, loaded afresh, is the trained model: the same test loss as the run reported, and
     the same probabilities as the model that finished training (held on to as it was saved)."""
-    data = write(tmp_path, "".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'home soon'} {i}\n" for i in range(40)))
+    data = write(
+        tmp_path,
+        "".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'home soon'} {i}\n" for i in range(40)),
+    )
     saved = []
     real_save = fc.save_trained
     monkeypatch.setattr(fc, "save_trained", lambda model, *args: saved.append(model) or real_save(model, *args))
@@ -127,16 +158,23 @@ def test_other_modes_save_and_reload_what_they_trained(tiny_base, tmp_path, mode
     model, tokenizer, info = fc.load_classifier(str(tmp_path / "out"))
     assert any(isinstance(m, Linear4bit) for m in model.modules()) == (mode == "qlora")
     reloaded = test_split_metrics(model, tokenizer, data, info["max_length"])
-    assert reloaded["loss"] == pytest.approx(summary["test_loss"], abs=1e-5) and reloaded["accuracy"] == summary["test_accuracy"]
+    assert (
+        reloaded["loss"] == pytest.approx(summary["test_loss"], abs=1e-5)
+        and reloaded["accuracy"] == summary["test_accuracy"]
+    )
     untrained = fc.build_classifier(checkpoints.load_checkpoint_model(tiny_base)[0], mode, lora_targets=("all-linear",))
     assert abs(test_split_metrics(untrained, tokenizer, data, info["max_length"])["loss"] - summary["test_loss"]) > 1e-3
     for message in ("WIN cash now 99", "home soon 12", "hello"):
         label, probability = fc.classify(model, tokenizer, message, info["max_length"])
-        assert (label, probability) == pytest.approx(fc.classify(trained, tokenizer, message, info["max_length"]), abs=1e-6)
+        assert (label, probability) == pytest.approx(
+            fc.classify(trained, tokenizer, message, info["max_length"]), abs=1e-6
+        )
     if mode == "full":  # every weight trained, the tied embedding included, and every one is in the saved file
         base = checkpoints.load_checkpoint_model(tiny_base)[0]
         assert (model.gpt.transformer.wte.weight - base.transformer.wte.weight).abs().max() > 0
-        assert all(not torch.equal(p, base.state_dict()[n]) for n, p in model.gpt.state_dict().items() if n.endswith("weight"))
+        assert all(
+            not torch.equal(p, base.state_dict()[n]) for n, p in model.gpt.state_dict().items() if n.endswith("weight")
+        )
 
 
 def test_qlora_trains_the_same_classifier_on_every_dequantize_path(tiny_base, tmp_path, monkeypatch):
@@ -148,8 +186,12 @@ def test_qlora_trains_the_same_classifier_on_every_dequantize_path(tiny_base, tm
     calls = []
     table = fast_dequantize.dequantize_4bit_table
     monkeypatch.setattr(fast_dequantize, "dequantize_4bit_table", lambda q: calls.append(1) or table(q))
-    runs = {path: fc.train_classifier(config(tiny_base, tmp_path / path, mode="qlora", lora_rank=2, dataset=data,
-                                             batch_size=4, dequantize=path)) for path in ("reference", "table")}
+    runs = {
+        path: fc.train_classifier(
+            config(tiny_base, tmp_path / path, mode="qlora", lora_rank=2, dataset=data, batch_size=4, dequantize=path)
+        )
+        for path in ("reference", "table")
+    }
     assert calls, "--dequantize table did not take the table path"
     for key in ("train_loss", "val_loss", "test_loss", "test_accuracy"):
         assert runs["table"][key] == runs["reference"][key], key
@@ -157,8 +199,14 @@ def test_qlora_trains_the_same_classifier_on_every_dequantize_path(tiny_base, tm
 
 def test_a_classifier_refuses_a_base_that_changed_since_training(tmp_path):
     base = tmp_path / "base.pt"
-    save = lambda seed: torch.save({"model_config": vars(tiny_gpt(seed).config).copy(), "tokenizer": "bytes",
-                                    "model": {k: v for k, v in tiny_gpt(seed).state_dict().items() if k != "lm_head.weight"}}, base)
+    save = lambda seed: torch.save(
+        {
+            "model_config": vars(tiny_gpt(seed).config).copy(),
+            "tokenizer": "bytes",
+            "model": {k: v for k, v in tiny_gpt(seed).state_dict().items() if k != "lm_head.weight"},
+        },
+        base,
+    )
     save(seed=0)
     data = write(tmp_path, "".join(f"{'spam' if i % 2 else 'ham'}\tmessage {i}\n" for i in range(40)))
     fc.train_classifier(config(str(base), tmp_path / "out", mode="head", dataset=data))
@@ -183,9 +231,28 @@ def test_bad_settings_are_clear_errors(tiny_base, tmp_path):
 
 def test_command_line_trains_and_classifies(tiny_base, tmp_path):
     out = str(tmp_path / "out")
-    data = write(tmp_path, "".join(f"{'spam' if i % 2 else 'ham'}\t{'Claim your prize' if i % 2 else 'See you later'} {i}\n" for i in range(40)))
-    run = lambda *args: subprocess.run([sys.executable, "finetune_classifier.py", *args], cwd=ROOT, capture_output=True, text=True)
-    trained = run("--init_from", tiny_base, "--data_path", data, "--out_dir", out, "--mode", "head", "--epochs", "1", "--no-progress")
+    data = write(
+        tmp_path,
+        "".join(
+            f"{'spam' if i % 2 else 'ham'}\t{'Claim your prize' if i % 2 else 'See you later'} {i}\n" for i in range(40)
+        ),
+    )
+    run = lambda *args: subprocess.run(
+        [sys.executable, "finetune_classifier.py", *args], cwd=ROOT, capture_output=True, text=True
+    )
+    trained = run(
+        "--init_from",
+        tiny_base,
+        "--data_path",
+        data,
+        "--out_dir",
+        out,
+        "--mode",
+        "head",
+        "--epochs",
+        "1",
+        "--no-progress",
+    )
     assert trained.returncode == 0, trained.stderr
     assert "head: 66 trainable" in trained.stdout and "confusion matrix" in trained.stdout  # 2 x 32 weights + 2 biases
     answer = run("--classify", "Claim your prize 7", "--out_dir", out)
@@ -193,7 +260,9 @@ def test_command_line_trains_and_classifies(tiny_base, tmp_path):
     label, probability = answer.stdout.split()[0], float(answer.stdout.split("probability ")[1].rstrip(")\n"))
     model, tokenizer, info = fc.load_classifier(out)  # what the saved classifier says, computed here
     expected_label, expected_probability = fc.classify(model, tokenizer, "Claim your prize 7", info["max_length"])
-    assert label == expected_label and probability == pytest.approx(expected_probability, abs=5e-4)  # printed to 3 places
+    assert label == expected_label and probability == pytest.approx(
+        expected_probability, abs=5e-4
+    )  # printed to 3 places
     with pytest.raises(FileNotFoundError, match="no classifier"):  # the script prints it as "error: ..." and exits 1
         fc.main(["--classify", "hello", "--out_dir", str(tmp_path / "nothing")])
 
@@ -217,7 +286,10 @@ def test_flags_mirror_the_config_and_unknown_flags_fail(capsys):
 
 
 def two_class_file(tmp_path):
-    return write(tmp_path, "".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'home soon'} {i}\n" for i in range(40)))
+    return write(
+        tmp_path,
+        "".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'home soon'} {i}\n" for i in range(40)),
+    )
 
 
 def test_no_loading_path_unpickles_objects_from_a_checkpoint(tiny_base, tmp_path, monkeypatch):
@@ -230,7 +302,9 @@ def test_no_loading_path_unpickles_objects_from_a_checkpoint(tiny_base, tmp_path
     out = tmp_path / "out"
     fc.train_classifier(config(tiny_base, out, mode="head", dataset=two_class_file(tmp_path)))
     info = json.loads((out / "classifier.json").read_text())
-    (out / "classifier.json").write_text(json.dumps({**info, "init_from": "tiny"}))  # trained on the (now booby-trapped) tiny base
+    (out / "classifier.json").write_text(
+        json.dumps({**info, "init_from": "tiny"})
+    )  # trained on the (now booby-trapped) tiny base
     with pytest.raises(UserError, match="more than tensors and plain containers"):
         fc.train_classifier(config("tiny", tmp_path / "out2", mode="head", dataset=two_class_file(tmp_path)))
     assert not marker.exists(), "training from the tiny base ran code from its checkpoint"
@@ -238,7 +312,9 @@ def test_no_loading_path_unpickles_objects_from_a_checkpoint(tiny_base, tmp_path
         fc.main(["--classify", "hello", "--out_dir", str(out)])
     assert not marker.exists(), "--classify ran code from the tiny base's checkpoint"
     torch.save(trap, out / "classifier.pt")
-    (out / "classifier.json").write_text(json.dumps({**info, "weights_sha256": hashlib.sha256((out / "classifier.pt").read_bytes()).hexdigest()}))
+    (out / "classifier.json").write_text(
+        json.dumps({**info, "weights_sha256": hashlib.sha256((out / "classifier.pt").read_bytes()).hexdigest()})
+    )
     with pytest.raises(UserError, match="classifier.pt holds more than tensors"):
         fc.load_classifier(str(out))
     assert not marker.exists(), "--classify ran code from classifier.pt"
@@ -250,13 +326,16 @@ def test_classify_with_an_empty_message_is_an_error_not_a_training_run(tmp_path)
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("lora_alpha", float("nan"), "--lora_alpha nan: must be a finite number"),
-    ("weight_decay", float("inf"), "--weight_decay inf: must be a finite number"),
-    ("loraplus_ratio", float("nan"), "--loraplus_ratio nan: must be a finite number"),
-    ("learning_rate", -1.0, "--learning_rate -1.0: use a number >= 0"),
-    ("lora_targets", "all-linear,zz", "unknown LoRA target 'zz'"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("lora_alpha", float("nan"), "--lora_alpha nan: must be a finite number"),
+        ("weight_decay", float("inf"), "--weight_decay inf: must be a finite number"),
+        ("loraplus_ratio", float("nan"), "--loraplus_ratio nan: must be a finite number"),
+        ("learning_rate", -1.0, "--learning_rate -1.0: use a number >= 0"),
+        ("lora_targets", "all-linear,zz", "unknown LoRA target 'zz'"),
+    ],
+)
 def test_bad_settings_are_refused_before_anything_runs(tiny_base, tmp_path, flag, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         fc.train_classifier(config(tiny_base, tmp_path, **{flag: value}))
@@ -264,7 +343,11 @@ def test_bad_settings_are_refused_before_anything_runs(tiny_base, tmp_path, flag
 
 def test_a_diverging_run_stops_before_saving_nan(tiny_base, tmp_path):
     with pytest.raises(UserError, match=r"^step \d+: the (training|validation) loss .* training diverged"):
-        fc.train_classifier(config(tiny_base, tmp_path, mode="head", learning_rate=1e12, grad_clip=0.0, dataset=two_class_file(tmp_path)))
+        fc.train_classifier(
+            config(
+                tiny_base, tmp_path, mode="head", learning_rate=1e12, grad_clip=0.0, dataset=two_class_file(tmp_path)
+            )
+        )
     if (tmp_path / "classifier.json").exists():  # an epoch ended well before: what it saved is finite and loads
         model, tokenizer, info = fc.load_classifier(str(tmp_path))
         assert math.isfinite(fc.classify(model, tokenizer, "WIN cash now", info["max_length"])[1])
@@ -275,7 +358,11 @@ def test_unreadable_or_mixed_classifier_files_are_named(tiny_base, tmp_path):
     fc.train_classifier(config(tiny_base, tmp_path, mode="head", dataset=two_class_file(tmp_path)))
     info_path = tmp_path / "classifier.json"
     info = info_path.read_text()
-    for text, problem in [("", "is not valid JSON"), (info[:30], "is not valid JSON"), ('{"mode": "head"}', "lacks 'init_from'")]:
+    for text, problem in [
+        ("", "is not valid JSON"),
+        (info[:30], "is not valid JSON"),
+        ('{"mode": "head"}', "lacks 'init_from'"),
+    ]:
         info_path.write_text(text)
         with pytest.raises(UserError, match=f"classifier.json {problem}"):
             fc.load_classifier(str(tmp_path))
@@ -292,7 +379,14 @@ def test_a_new_run_replaces_the_earlier_runs_files_and_one_run_owns_the_folder(t
     fc.train_classifier(config(tiny_base, tmp_path / "out", mode="lora", lora_rank=2, dataset=data))
     fc.train_classifier(config(tiny_base, tmp_path / "out", mode="head", dataset=data))
     assert not (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()  # the LoRA run's weights are gone
-    assert sorted(os.listdir(tmp_path / "out")) == ["adapter", "classifier.json", "classifier.pt", "curves.png", "log.csv", "summary.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "adapter",
+        "classifier.json",
+        "classifier.pt",
+        "curves.png",
+        "log.csv",
+        "summary.json",
+    ]
     from support.runs import lock_out_dir
 
     with lock_out_dir(str(tmp_path / "out")):  # another run holds the folder (its flock)
@@ -359,7 +453,12 @@ def test_parameter_counts_on_the_tiny_base_config():
     config = GPTConfig(block_size=512, vocab_size=257, n_layer=4, n_head=4, n_embd=256)
     block = 2 * 512 + 4 * (256 * 256 + 256) + (256 * 1024 + 1024) + (1024 * 256 + 256)
     total = 257 * 256 + 512 * 256 + 4 * block + 512 + (256 * 2 + 2)
-    expected = {"head": 514, "last_block": block + 512 + 514, "lora": 4 * 16 * (6 * 256 + 4 * 256 + 2 * 1024) + 514, "full": total}
+    expected = {
+        "head": 514,
+        "last_block": block + 512 + 514,
+        "lora": 4 * 16 * (6 * 256 + 4 * 256 + 2 * 1024) + 514,
+        "full": total,
+    }
     for mode, trainable in expected.items():
         torch.manual_seed(0)
         counts = count_parameters(fc.build_classifier(GPT(config), mode, lora_rank=16, lora_targets=("all-linear",)))
@@ -371,7 +470,9 @@ def test_parameter_counts_on_the_tiny_base_config():
 def test_frozen_blocks_are_the_ones_below_everything_that_trains(mode):
     model = fc.build_classifier(tiny_gpt(), mode, lora_rank=4, lora_alpha=8)
     assert model.frozen_blocks() == {"head": 2, "last_block": 1}.get(mode, 0)
-    dropout = fc.build_classifier(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=32, dropout=0.1)), mode)
+    dropout = fc.build_classifier(
+        GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=32, dropout=0.1)), mode
+    )
     assert dropout.frozen_blocks() == 0  # random outputs cannot be computed once
 
 
@@ -382,20 +483,35 @@ def test_cached_trunk_gives_the_same_logits_and_gradients(mode, smear_keys):
     loss and gradients, whatever the padding, with and without smeared keys (a copy of attention once missed them)."""
     model = fc.build_classifier(tiny_gpt(smear_keys=smear_keys), mode)
     model.gpt.transformer.h[-1].mlp.fc_out.weight.data.normal_(std=0.1)  # make the last block matter
-    messages = [list(b"see u at 6"), list(b"WIN a \xc2\xa31000 prize, call now!"), list(b"ok"), list(b"free entry in 2 a wkly comp")]
+    messages = [
+        list(b"see u at 6"),
+        list(b"WIN a \xc2\xa31000 prize, call now!"),
+        list(b"ok"),
+        list(b"free entry in 2 a wkly comp"),
+    ]
     rows = [(ids, i % 2) for i, ids in enumerate(messages)]
     n = model.frozen_blocks()
     cached = fc.cache_trunk(model, rows, n, batch_size=3, pad_id=256, device="cpu")
-    assert [tuple(a.shape) for a, _ in cached] == [(len(ids), 32) for ids in messages] and [y for _, y in cached] == [0, 1, 0, 1]
+    assert [tuple(a.shape) for a, _ in cached] == [(len(ids), 32) for ids in messages] and [y for _, y in cached] == [
+        0,
+        1,
+        0,
+        1,
+    ]
     results = []
     model.train()
     from_ids = lambda x, lengths: model(x, lengths)
     from_cache = lambda x, lengths: model.forward_from_block(x, lengths, n)
-    for (x, lengths, y), logits_of in ((sms_data.collate_messages(rows, 256), from_ids), (sms_data.collate_activations(cached), from_cache)):
+    for (x, lengths, y), logits_of in (
+        (sms_data.collate_messages(rows, 256), from_ids),
+        (sms_data.collate_activations(cached), from_cache),
+    ):
         model.zero_grad(set_to_none=True)
         logits = logits_of(x, lengths)
         torch.nn.functional.cross_entropy(logits, y).backward()
-        results.append((logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
+        results.append(
+            (logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad})
+        )
     (plain, plain_grads), (fast, fast_grads) = results
     assert (plain - fast).abs().max().item() <= 1e-6
     assert plain_grads.keys() == fast_grads.keys() and len(plain_grads) > 1

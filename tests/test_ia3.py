@@ -1,4 +1,5 @@
 """ia3.py: equal to HF peft's (IA)³ on GPT2LMHeadModel, identity start, freezing, merging, errors, adapter files."""
+
 import copy
 
 import pytest
@@ -37,7 +38,9 @@ def test_equals_peft_ia3():
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     L, d = 3, 32
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=L, n_head=4, n_embd=d, n_positions=64, vocab_size=100)).eval()
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=L, n_head=4, n_embd=d, n_positions=64, vocab_size=100)
+    ).eval()
     ours = GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=L, n_head=4, n_embd=d))
     load_weights(ours, hf_to_ours(hf.state_dict(), L))
     apply_ia3(ours.eval())
@@ -65,7 +68,11 @@ def test_fresh_ia3_leaves_logits_unchanged_and_counts():
     before, _ = model(idx)
     apply_ia3(model)
     assert torch.equal(model(idx)[0], before)
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == ia3_parameter_count(2, 32) == 2 * (32 + 32 + 128)
+    assert (
+        sum(p.numel() for p in model.parameters() if p.requires_grad)
+        == ia3_parameter_count(2, 32)
+        == 2 * (32 + 32 + 128)
+    )
     with torch.device("meta"):
         gpt2 = apply_ia3(GPT(GPTConfig()))
     assert sum(p.numel() for p in gpt2.parameters() if p.requires_grad) == 55_296  # 12 x (768 + 768 + 3072)
@@ -74,7 +81,10 @@ def test_fresh_ia3_leaves_logits_unchanged_and_counts():
 def test_scale_input_and_output():
     torch.manual_seed(0)
     base = nn.Linear(6, 4)
-    out_layer, in_layer = IA3Linear(copy.deepcopy(base), scale_input=False), IA3Linear(copy.deepcopy(base), scale_input=True)
+    out_layer, in_layer = (
+        IA3Linear(copy.deepcopy(base), scale_input=False),
+        IA3Linear(copy.deepcopy(base), scale_input=True),
+    )
     assert torch.equal(out_layer.ia3_scale, torch.ones(4)) and torch.equal(in_layer.ia3_scale, torch.ones(6))
     with torch.no_grad():
         out_layer.ia3_scale.copy_(torch.arange(4.0))
@@ -124,11 +134,14 @@ def test_merge_matches_unmerged_and_blocks_switching():
         merge_ia3(model)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(targets=("k", "q")), "unknown \\(IA\\)³ target 'q'"),
-    (dict(targets=()), "unknown \\(IA\\)³ target '\\(none\\)'; valid targets are k, v, mlp"),
-    (dict(trainable=("nope",)), "names no module"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(targets=("k", "q")), "unknown \\(IA\\)³ target 'q'"),
+        (dict(targets=()), "unknown \\(IA\\)³ target '\\(none\\)'; valid targets are k, v, mlp"),
+        (dict(trainable=("nope",)), "names no module"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     model = tiny_gpt()
     with pytest.raises(ValueError, match=match):
@@ -155,7 +168,8 @@ def test_applying_twice_save_load_switch(tmp_path):
     vectors_a = {k: v.detach().clone() for k, v in adapter_tensors(model, "a").items()}
     add_adapter(model, "b", "ia3", targets=("mlp",))
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
-        f"transformer.h.{i}.mlp.fc_out.ia3_scale" for i in range(TINY.n_layer)]  # only b's vectors, in the model
+        f"transformer.h.{i}.mlp.fc_out.ia3_scale" for i in range(TINY.n_layer)
+    ]  # only b's vectors, in the model
     logits_b = perturb()
     set_adapter(model, "a")
     assert torch.equal(model(idx)[0], logits_a)  # a's vectors came back as they were put aside

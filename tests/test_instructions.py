@@ -1,4 +1,5 @@
 """instructions.py: the prompt format, the collate function's padding and masking, loading and its errors."""
+
 import json
 
 import pytest
@@ -46,7 +47,10 @@ def test_collate_pads_and_masks_exactly():
 
 def test_tokenize_drops_overlong_examples_with_a_count():
     tok = ByteTokenizer()
-    examples = [{"instruction": "Say hi.", "input": "", "output": "Hi."}, {"instruction": "x" * 500, "input": "", "output": "y"}]
+    examples = [
+        {"instruction": "Say hi.", "input": "", "output": "Hi."},
+        {"instruction": "x" * 500, "input": "", "output": "y"},
+    ]
     kept, dropped = tokenize_examples(examples, tok, max_length=200)
     assert dropped == 1 and len(kept) == 1
     ids, prompt_length = kept[0]
@@ -54,12 +58,15 @@ def test_tokenize_drops_overlong_examples_with_a_count():
     assert ids[prompt_length:] == tok.encode("Hi.") + [tok.eot_token]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], "entry 1 has no non-empty string 'output'"),
-    ([{"instruction": "a", "output": "b", "input": 3}], "entry 0 has an 'input' that is not a string"),
-    (["just text"], "entry 0 is a str"),
-    ([], "non-empty JSON list"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], "entry 1 has no non-empty string 'output'"),
+        ([{"instruction": "a", "output": "b", "input": 3}], "entry 0 has an 'input' that is not a string"),
+        (["just text"], "entry 0 is a str"),
+        ([], "non-empty JSON list"),
+    ],
+)
 def test_malformed_entries_are_named(bad, message):
     with pytest.raises(ValueError, match=message):
         validate_examples(bad, "test.json")
@@ -113,7 +120,9 @@ def test_chat_template_renders_as_documented_and_learns_assistant_turns_only():
     ids, learned = tokenize_conversation(messages, tok)
     text = "### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\nYo\0\n\n### User:\nBye\n\n### Assistant:\nOk\0"
     assert ids == [ord(c) for c in text]
-    assert "".join(chr(i) for i, keep in zip(ids, learned) if keep) == "Yo\0Ok\0"  # content + end of each assistant turn
+    assert (
+        "".join(chr(i) for i, keep in zip(ids, learned) if keep) == "Yo\0Ok\0"
+    )  # content + end of each assistant turn
     # targets: the first learned target is "Y", predicted from the newline that ends "### Assistant:\n"
     inputs, targets = collate([(ids, learned)], pad_token=0, mask_prompt=True)
     kept = [(t, chr(inputs[0, i])) for i, t in enumerate(targets[0].tolist()) if t != -100]
@@ -126,7 +135,10 @@ def test_chat_template_renders_as_documented_and_learns_assistant_turns_only():
 
 
 def test_chat_dataset_as_json_and_jsonl(tmp_path):
-    conversations = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": str(i)}]} for i in range(3)]
+    conversations = [
+        {"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": str(i)}]}
+        for i in range(3)
+    ]
     (tmp_path / "chat.json").write_text(json.dumps(conversations))
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in conversations) + "\n")
     assert load_examples(str(tmp_path / "chat.json")) == conversations == load_examples(str(tmp_path / "chat.jsonl"))
@@ -139,13 +151,29 @@ def test_chat_dataset_as_json_and_jsonl(tmp_path):
         load_examples(str(tmp_path / "broken.jsonl"))
 
 
-@pytest.mark.parametrize("messages, message", [
-    ([{"role": "user", "content": "Hi"}], "entry 0 has no assistant turn"),
-    ([{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "message 0 has role 'human'; use one of system, user, assistant"),
-    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}], "message 1 \\(assistant\\) has no non-empty string 'content'"),
-    ([{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be nice."}, {"role": "assistant", "content": "Yo"}], "system message after the start"),
-    ([], "no non-empty 'messages' list"),
-])
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([{"role": "user", "content": "Hi"}], "entry 0 has no assistant turn"),
+        (
+            [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+            "message 0 has role 'human'; use one of system, user, assistant",
+        ),
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}],
+            "message 1 \\(assistant\\) has no non-empty string 'content'",
+        ),
+        (
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "system", "content": "Be nice."},
+                {"role": "assistant", "content": "Yo"},
+            ],
+            "system message after the start",
+        ),
+        ([], "no non-empty 'messages' list"),
+    ],
+)
 def test_malformed_conversations_are_named(messages, message):
     with pytest.raises(ValueError, match=message):
         validate_examples([{"messages": messages}], "chat.json")
@@ -181,7 +209,14 @@ def test_packed_loss_equals_unpacked_loss(mask_prompt):
     from support.instruction_files import EMBEDDED_INSTRUCTIONS_PATH
 
     examples = json.load(open(EMBEDDED_INSTRUCTIONS_PATH))[:12] + [
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ok"}]}
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Yo"},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Ok"},
+            ]
+        }
     ]
     kept, dropped = tokenize_examples(examples, tok, max_length=385)
     assert dropped == 0 and len(kept) == 13
@@ -204,13 +239,17 @@ def test_group_by_length_keeps_every_example_and_cuts_the_padding():
     the same examples as the plain stream (across an epoch's end too), far less of each batch is padding, the batches
     of a window come in a shuffled order (not shortest first), and a batch depends on its step alone (--resume)."""
     tokenizer, steps, batch = ByteTokenizer(), 8 * LENGTH_WINDOW * 8, 8  # 4,096 examples: past the first epoch's 3,400
-    plain, grouped = (InstructionData("embedded", tokenizer, 256, 1337, True, "bare", group_by_length=on) for on in (False, True))
+    plain, grouped = (
+        InstructionData("embedded", tokenizer, 256, 1337, True, "bare", group_by_length=on) for on in (False, True)
+    )
 
     def examples_and_padding(data):
         examples, padded, widths = [], 0, []
         for step in range(steps):
             x, _ = data.train_batch(step, 0, batch)
-            lengths = (x != tokenizer.eot_token).sum(dim=1)  # the byte tokenizer's inputs hold no end-of-text but padding
+            lengths = (x != tokenizer.eot_token).sum(
+                dim=1
+            )  # the byte tokenizer's inputs hold no end-of-text but padding
             examples += [tuple(row[:n].tolist()) for row, n in zip(x, lengths)]
             padded, widths = padded + (x.numel() - lengths.sum().item()), widths + [x.size(1)]
         return sorted(examples), padded / (steps * batch * sum(widths) / len(widths)), widths
@@ -243,19 +282,22 @@ def test_bare_template_keeps_the_words_and_a_blank_line_before_the_response():
     assert len(format_prompt(with_input, "compact")) - len(format_prompt(with_input, "bare")) == 43
 
 
-@pytest.mark.parametrize("response, answer, correct", [
-    ('The plural of "box" is "boxes".', "boxes", True),     # the answer inside a longer sentence, quoted
-    ("BOXES!", "boxes", True),                              # case and punctuation do not matter
-    ('The plural of "box" is "boxs".', "boxes", False),     # a wrong answer
-    ("", "boxes", False),                                   # an empty response
-    ("The number after 119 is 120.", "20", False),          # a number inside another number is not the answer
-    ("1234567 is written 1234567.", "1,234,567", False),    # separators inside a word are kept
-    ("The capital of Peru is Lima.", "Lima", True),
-    ("Can the dog swim?", "Can the dog swim?", True),       # a whole-sentence answer
-    ("The dog can swim?", "Can the dog swim?", False),
-    ('In capital letters: "PEPPER".', "PEPPER", True),      # an answer in capitals must be in capitals
-    ('In capital letters: "pepper".', "PEPPER", False),
-])
+@pytest.mark.parametrize(
+    "response, answer, correct",
+    [
+        ('The plural of "box" is "boxes".', "boxes", True),  # the answer inside a longer sentence, quoted
+        ("BOXES!", "boxes", True),  # case and punctuation do not matter
+        ('The plural of "box" is "boxs".', "boxes", False),  # a wrong answer
+        ("", "boxes", False),  # an empty response
+        ("The number after 119 is 120.", "20", False),  # a number inside another number is not the answer
+        ("1234567 is written 1234567.", "1,234,567", False),  # separators inside a word are kept
+        ("The capital of Peru is Lima.", "Lima", True),
+        ("Can the dog swim?", "Can the dog swim?", True),  # a whole-sentence answer
+        ("The dog can swim?", "Can the dog swim?", False),
+        ('In capital letters: "PEPPER".', "PEPPER", True),  # an answer in capitals must be in capitals
+        ('In capital letters: "pepper".', "PEPPER", False),
+    ],
+)
 def test_contains_answer_on_hand_made_responses(response, answer, correct):
     assert contains_answer(response, answer) is correct
 
@@ -269,10 +311,12 @@ def test_exact_match_and_token_f1():
 
 
 def test_score_responses_overall_and_per_kind():
-    examples = [{"instruction": "q", "output": "It is even.", "answer": "even", "kind": "parity"},
-                {"instruction": "q", "output": "It is odd.", "answer": "odd", "kind": "parity"},
-                {"instruction": "q", "output": "Lima.", "answer": "Lima", "kind": "capital"},
-                {"instruction": "q", "output": "A free answer."}]  # no key answer: exact match and F1 only
+    examples = [
+        {"instruction": "q", "output": "It is even.", "answer": "even", "kind": "parity"},
+        {"instruction": "q", "output": "It is odd.", "answer": "odd", "kind": "parity"},
+        {"instruction": "q", "output": "Lima.", "answer": "Lima", "kind": "capital"},
+        {"instruction": "q", "output": "A free answer."},
+    ]  # no key answer: exact match and F1 only
     overall, by_kind, rows = score_responses(examples, ["It is even.", "It is even.", "Paris", "A free answer."])
     assert overall["examples"] == 4 and overall["accuracy"] == pytest.approx(1 / 3) and overall["exact_match"] == 0.5
     assert by_kind["parity"]["accuracy"] == 0.5 and by_kind["capital"]["accuracy"] == 0.0
@@ -283,11 +327,17 @@ def test_score_responses_overall_and_per_kind():
 
 
 def test_chat_examples_are_answered_and_scored_at_their_last_assistant_turn(tmp_path):
-    conversation = {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]}
+    conversation = {
+        "messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]
+    }
     alpaca = {"instruction": "Name a colour.", "output": "Red."}
     # the Alpaca template applies to Alpaca examples only; a conversation always uses CHAT_TEMPLATE
     assert example_prompt(alpaca, "compact") == (format_prompt(alpaca, "compact"), "Red.")
-    assert example_prompt(conversation, "compact") == example_prompt(conversation, "alpaca") == chat_prompt(conversation["messages"])
+    assert (
+        example_prompt(conversation, "compact")
+        == example_prompt(conversation, "alpaca")
+        == chat_prompt(conversation["messages"])
+    )
     overall, by_kind, rows = score_responses([conversation, alpaca], ["lima", "Blue."])
     assert rows == [{"kind": "all", "exact_match": True, "f1": 1.0}, {"kind": "all", "exact_match": False, "f1": 0.0}]
     assert "accuracy" not in overall and overall["exact_match"] == 0.5  # no key answers: no accuracy
@@ -304,7 +354,9 @@ def test_packing_uses_the_run_template():
         rows = pack_examples(kept, capacity=1024)
         assert len(rows) == 1  # equal lengths: one row, in file order
         inputs, _, segments = collate_packed(rows, tok.eot_token)
-        for i, ex in enumerate(examples):  # each segment is its example's inputs: the prompt in this template, the output
+        for i, ex in enumerate(
+            examples
+        ):  # each segment is its example's inputs: the prompt in this template, the output
             assert tok.decode(inputs[0][segments[0] == i].tolist()) == format_prompt(ex, template) + ex["output"]
 
 
@@ -312,17 +364,38 @@ def test_packing_uses_the_run_template():
 EOT = "<|endoftext|>"
 
 
-@pytest.mark.parametrize("bad, message", [
-    ([{"instruction": "a", "output": "b", "answer": 5}], "entry 0 has 'answer': 5, but it must be a string"),
-    ([{"instruction": "a", "output": "b", "kind": ["x", "y"]}], r"entry 0 has 'kind': \["),
-    ([{"instruction": "a", "output": "b", "kind": ""}], "entry 0 has 'kind': \"\", but it must be a non-empty string"),
-    ([{"instruction": "a", "output": 7}], "entry 0 has no non-empty string 'output'"),
-    ([{"instruction": "a", "output": f"b {EOT} c"}], "entry 0's 'output' holds the text <\\|endoftext\\|>"),
-    ([{"instruction": f"a{EOT}", "output": "b"}], "entry 0's 'instruction' holds the text <\\|endoftext\\|>"),
-    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"x{EOT}"}]}],
-     "entry 0 message 1's 'content' holds the text <\\|endoftext\\|>"),
-    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "answer": 3}], "entry 0 has 'answer': 3"),
-], ids=["answer int", "kind list", "kind empty", "output int", "eot in output", "eot in instruction", "eot in chat", "chat answer int"])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([{"instruction": "a", "output": "b", "answer": 5}], "entry 0 has 'answer': 5, but it must be a string"),
+        ([{"instruction": "a", "output": "b", "kind": ["x", "y"]}], r"entry 0 has 'kind': \["),
+        (
+            [{"instruction": "a", "output": "b", "kind": ""}],
+            "entry 0 has 'kind': \"\", but it must be a non-empty string",
+        ),
+        ([{"instruction": "a", "output": 7}], "entry 0 has no non-empty string 'output'"),
+        ([{"instruction": "a", "output": f"b {EOT} c"}], "entry 0's 'output' holds the text <\\|endoftext\\|>"),
+        ([{"instruction": f"a{EOT}", "output": "b"}], "entry 0's 'instruction' holds the text <\\|endoftext\\|>"),
+        (
+            [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"x{EOT}"}]}],
+            "entry 0 message 1's 'content' holds the text <\\|endoftext\\|>",
+        ),
+        (
+            [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "answer": 3}],
+            "entry 0 has 'answer': 3",
+        ),
+    ],
+    ids=[
+        "answer int",
+        "kind list",
+        "kind empty",
+        "output int",
+        "eot in output",
+        "eot in instruction",
+        "eot in chat",
+        "chat answer int",
+    ],
+)
 def test_every_field_is_checked_before_training(bad, message):
     with pytest.raises(ValueError, match=message):
         validate_examples(bad, "test.json")
@@ -345,5 +418,8 @@ def test_a_deeply_nested_file_and_a_directory_are_named(tmp_path):
         load_examples(str(lines))
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.json").write_text("[]")
-    with pytest.raises(ValueError, match=f"--dataset {tmp_path / 'data'} is a directory; give a .json or .jsonl file, e.g. .*train.json"):
+    with pytest.raises(
+        ValueError,
+        match=f"--dataset {tmp_path / 'data'} is a directory; give a .json or .jsonl file, e.g. .*train.json",
+    ):
         load_examples(str(tmp_path / "data"))

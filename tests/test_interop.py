@@ -1,5 +1,6 @@
 """peft_format.py, hf_format.py: our LoRA adapters in PEFT's format and back, checked against peft.PeftModel on GPT2LMHeadModel (a QLoRA
 adapter on a bitsandbytes 4-bit base), with base weights of std 0.2 and a tolerance of 5e-5 (conftest.randomize_weights)."""
+
 import json
 
 import pytest
@@ -57,7 +58,9 @@ def our_logits(model):
     [
         dict(targets=("q", "v")),  # the default: c_attn with a rank-2r block construction
         dict(targets=("q",)),  # one projection: rank r, no pattern needed
-        dict(targets="all-linear", use_rslora=True),  # rank 3r on c_attn with alpha sqrt(3) alpha, and every other module
+        dict(
+            targets="all-linear", use_rslora=True
+        ),  # rank 3r on c_attn with alpha sqrt(3) alpha, and every other module
         dict(targets=("q", "k", "o", "mlp_out"), use_dora=True),  # DoRA: v's rows keep magnitude ||W0||
     ],
     ids=["lora-qv", "lora-q", "rslora-all", "dora-qko-mlpout"],
@@ -81,14 +84,26 @@ def test_export_writes_the_documented_block_construction(tmp_path):
     from safetensors.torch import load_file
 
     config = json.load(open(tmp_path / "adapter_config.json"))
-    assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]) == (4, 8, {"attn.c_attn": 8}, {"attn.c_attn": 16})
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]) == (
+        4,
+        8,
+        {"attn.c_attn": 8},
+        {"attn.c_attn": 16},
+    )
     assert config["target_modules"] == ["attn.c_attn"] and config["fan_in_fan_out"] is True
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    assert sorted(tensors) == [f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{p}.weight" for i in (0, 1) for p in "AB"]
+    assert sorted(tensors) == [
+        f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{p}.weight" for i in (0, 1) for p in "AB"
+    ]
     attn = model.transformer.h[1].attn
-    A, B = tensors["base_model.model.transformer.h.1.attn.c_attn.lora_A.weight"], tensors["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"]
+    A, B = (
+        tensors["base_model.model.transformer.h.1.attn.c_attn.lora_A.weight"],
+        tensors["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"],
+    )
     assert torch.equal(A, torch.cat([attn.q_proj.lora_A.weight, attn.v_proj.lora_A.weight]).detach())
-    assert torch.equal(B[:32, :4], attn.q_proj.lora_B.weight.detach()) and torch.equal(B[64:, 4:], attn.v_proj.lora_B.weight.detach())
+    assert torch.equal(B[:32, :4], attn.q_proj.lora_B.weight.detach()) and torch.equal(
+        B[64:, 4:], attn.v_proj.lora_B.weight.detach()
+    )
     assert not B[:32, 4:].any() and not B[32:64].any() and not B[64:, :4].any()
 
 
@@ -96,8 +111,15 @@ def bitsandbytes_4bit(double_quant):
     """from_pretrained settings that load the HF base in bitsandbytes' NF4 (blocks of 64, fp32 compute), as PEFT's QLoRA
     users do; quantization happens as it loads, in bitsandbytes' code, from the fp32 weights."""
     pytest.importorskip("bitsandbytes")
-    return dict(quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32), device_map={"": "cpu"})
+    return dict(
+        quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+        device_map={"": "cpu"},
+    )
 
 
 def test_qlora_adapter_runs_in_peft_on_a_bitsandbytes_4bit_base(tmp_path):
@@ -161,7 +183,14 @@ def peft_adapter(tmp_path, **lora_config):
     "lora_config",
     [
         dict(r=4, lora_alpha=8, target_modules=["c_attn"]),
-        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], use_rslora=True, rank_pattern={"mlp.c_fc": 2}, alpha_pattern={"c_proj": 3}),
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            use_rslora=True,
+            rank_pattern={"mlp.c_fc": 2},
+            alpha_pattern={"c_proj": 3},
+        ),
         dict(r=4, lora_alpha=8, target_modules=["c_attn", "attn.c_proj"], use_dora=True),
     ],
     ids=["lora-c_attn", "rslora-patterns-all", "dora"],
@@ -178,10 +207,15 @@ def test_import_without_patterns_is_bit_exact_and_survives_save_adapter(tmp_path
     from safetensors.torch import load_file
 
     stored = load_file(adapter_dir / "adapter_model.safetensors")
-    A, B = stored["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"], stored["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    A, B = (
+        stored["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"],
+        stored["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"],
+    )
     attn = model.transformer.h[0].attn
     for i, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
-        assert torch.equal(proj.lora_A.weight.detach(), A) and torch.equal(proj.lora_B.weight.detach(), B[32 * i : 32 * (i + 1)])
+        assert torch.equal(proj.lora_A.weight.detach(), A) and torch.equal(
+            proj.lora_B.weight.detach(), B[32 * i : 32 * (i + 1)]
+        )
     save_adapter(model, tmp_path / "ours")  # an imported adapter is an ordinary adapter of ours
     reloaded = load_adapter(GPT.from_pretrained(str(base_dir)), tmp_path / "ours")
     assert torch.equal(our_logits(reloaded), our_logits(model))
@@ -200,14 +234,20 @@ def test_what_peft_cannot_express_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="transformer.ln_f.*cannot hold"):
         export_peft(model, tmp_path / "a")
     torch.manual_seed(0)
-    no_bias = apply_lora(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, bias=False)), rank=2, alpha=4)
+    no_bias = apply_lora(
+        GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, bias=False)), rank=2, alpha=4
+    )
     with pytest.raises(ValueError, match="no biases"):
         export_peft(no_bias, tmp_path / "b")
-    smeared = apply_lora(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, smear_keys=True)), rank=2, alpha=4)
+    smeared = apply_lora(
+        GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, smear_keys=True)), rank=2, alpha=4
+    )
     with pytest.raises(ValueError, match="smeared keys.*--no-smear_keys"):
         export_peft(smeared, tmp_path / "c")
     assert not (tmp_path / "c").exists()
-    base_dir, adapter_dir = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, layers_to_transform=[0])
+    base_dir, adapter_dir = peft_adapter(
+        tmp_path, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, layers_to_transform=[0]
+    )
     with pytest.raises(ValueError, match="layers_to_transform"):
         import_peft(base_model(), adapter_dir)
     config = json.load(open(adapter_dir / "adapter_config.json"))
@@ -220,7 +260,9 @@ def test_what_peft_cannot_express_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("vocab_size", [257, 50257], ids=["byte-level", "gpt2-bpe"])
 def test_save_hf_checkpoint_loads_in_hf_with_equal_logits_and_round_trips(tmp_path, vocab_size):
     torch.manual_seed(0)
-    ours = randomize_weights(GPT(GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=2, n_head=4, n_embd=32))).eval()
+    ours = randomize_weights(
+        GPT(GPTConfig(block_size=64, vocab_size=vocab_size, n_layer=2, n_head=4, n_embd=32))
+    ).eval()
     save_hf_checkpoint(ours, tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
@@ -238,13 +280,17 @@ def test_save_hf_checkpoint_refuses_what_gpt2_cannot_hold(tmp_path):
 
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="bias=False"):
-        save_hf_checkpoint(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, bias=False)), tmp_path)
+        save_hf_checkpoint(
+            GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, bias=False)), tmp_path
+        )
     model = apply_lora(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16)), rank=2, alpha=4)
     with pytest.raises(ValueError, match="attn.q_proj is a LoRALinear.*merge"):
         save_hf_checkpoint(model, tmp_path)
     save_hf_checkpoint(merge_lora(model, unload=True), tmp_path)  # merged: fine
     with pytest.raises(ValueError, match="smeared keys"):
-        save_hf_checkpoint(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, smear_keys=True)), tmp_path)
+        save_hf_checkpoint(
+            GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, smear_keys=True)), tmp_path
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,12 +309,16 @@ def edit_config(directory, **changes):
     json.dump({**config, **changes}, open(directory / "adapter_config.json", "w"))
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(lora_alpha="16"), "'lora_alpha' is \"16\", but must be a positive number"),
-    (dict(lora_alpha=1e30), "scale its update by 2.5e\\+29, beyond any adapter trained here"),
-    (dict(alpha_pattern={"(": 4}), "alpha_pattern key '\\(' is not a regular expression"),
-    (dict(use_dora="false"), "'use_dora' is \"false\", but must be true or false"),
-], ids=["string alpha", "absurd alpha", "bad regex", "string bool"])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(lora_alpha="16"), "'lora_alpha' is \"16\", but must be a positive number"),
+        (dict(lora_alpha=1e30), "scale its update by 2.5e\\+29, beyond any adapter trained here"),
+        (dict(alpha_pattern={"(": 4}), "alpha_pattern key '\\(' is not a regular expression"),
+        (dict(use_dora="false"), "'use_dora' is \"false\", but must be true or false"),
+    ],
+    ids=["string alpha", "absurd alpha", "bad regex", "string bool"],
+)
 def test_import_peft_refuses_settings_of_the_wrong_type_in_one_line(tmp_path, changes, message):
     base_dir, adapter_dir = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
     edit_config(adapter_dir, **changes)
@@ -285,9 +335,14 @@ def test_import_peft_refuses_tensors_that_are_not_finite_floats(tmp_path, bad):
     base_dir, adapter_dir = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
     name = sorted(tensors)[0]
-    tensors[name] = torch.full_like(tensors[name], float("nan")) if bad == "nan" else tensors[name].round().to(torch.int32)
+    tensors[name] = (
+        torch.full_like(tensors[name], float("nan")) if bad == "nan" else tensors[name].round().to(torch.int32)
+    )
     save_file(tensors, adapter_dir / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=f"tensor '{name}' (holds NaN or infinite values|is torch.int32, but adapter weights are floating point)"):
+    with pytest.raises(
+        ValueError,
+        match=f"tensor '{name}' (holds NaN or infinite values|is torch.int32, but adapter weights are floating point)",
+    ):
         import_peft(base_model(), adapter_dir)
 
 
@@ -298,7 +353,9 @@ def test_an_exported_pair_from_two_exports_is_refused(tmp_path):
     trained_looking(model, seed=4)
     export_peft(model, tmp_path / "b")
     (tmp_path / "b" / "adapter_config.json").replace(first / "adapter_config.json")
-    with pytest.raises(ValueError, match="adapter_config.json is not the config .*adapter_model.safetensors was exported with"):
+    with pytest.raises(
+        ValueError, match="adapter_config.json is not the config .*adapter_model.safetensors was exported with"
+    ):
         import_peft(base_model(), first)
 
 
@@ -312,4 +369,6 @@ def test_exported_files_are_readable_like_the_rest(tmp_path):
     save_hf_checkpoint(base_model(), tmp_path / "hf")
     exported_lora(tmp_path)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(files) == 4 and all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in files), [(p.name, oct(p.stat().st_mode)) for p in files]
+    assert len(files) == 4 and all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in files), [
+        (p.name, oct(p.stat().st_mode)) for p in files
+    ]

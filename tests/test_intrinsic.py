@@ -1,5 +1,6 @@
 """intrinsic.py: the Walsh-Hadamard transform, Fastfood's norms, DID and SAID (identity start, exactly d (+ layers)
 trainable numbers, only they move), errors, save/load."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -80,7 +81,9 @@ def test_fastfood_is_linear_and_seeded():
     assert torch.equal(Fastfood(10, 100, seed=1)(a), P(a)) and not torch.equal(Fastfood(10, 100, seed=2)(a), P(a))
 
 
-@pytest.mark.parametrize("d,match", [(0, "positive integer"), (-5, "positive integer"), (2.0, "positive integer"), (10**9, "larger than")])
+@pytest.mark.parametrize(
+    "d,match", [(0, "positive integer"), (-5, "positive integer"), (2.0, "positive integer"), (10**9, "larger than")]
+)
 def test_bad_d(d, match):
     with pytest.raises(ValueError, match=match):
         IntrinsicDimension(tiny_gpt(), d)
@@ -115,7 +118,9 @@ def test_a_step_moves_only_theta_d_and_changes_the_model(said):
     if said:
         assert (wrapped.said_scales != 1).all()
     weights = wrapped.weights()
-    offsets = wrapped.projection(wrapped.theta_d).split(wrapped.sizes)  # θ - θ0 = P θ_d, per tensor λ_i times it for SAID
+    offsets = wrapped.projection(wrapped.theta_d).split(
+        wrapped.sizes
+    )  # θ - θ0 = P θ_d, per tensor λ_i times it for SAID
     for i, (n, offset) in enumerate(zip(wrapped.names, offsets)):
         scale = wrapped.said_scales[i] if said else 1.0
         torch.testing.assert_close(weights[n] - frozen[n], (scale * offset).view(frozen[n].shape), rtol=1e-4, atol=1e-6)

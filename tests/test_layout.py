@@ -1,5 +1,6 @@
 """The repository's shape: the root holds the lesson, lessons import only earlier lessons (model <- lora <- quantize),
 support code stays in support/, and the lesson files stay short enough to read."""
+
 import ast
 import os
 import sys
@@ -39,8 +40,11 @@ def module_level_imports(path):
 
 def violations(path, allowed):
     project = project_modules()
-    return [f"{os.path.basename(path)}:{line} imports {name}" for line, name in module_level_imports(path)
-            if name in project and name not in allowed]
+    return [
+        f"{os.path.basename(path)}:{line} imports {name}"
+        for line, name in module_level_imports(path)
+        if name in project and name not in allowed
+    ]
 
 
 @pytest.mark.parametrize("lesson", LESSONS)
@@ -52,7 +56,9 @@ def test_the_import_check_sees_a_violation(tmp_path):
     """A mutant model.py that imports support at module level (and another that imports quantize) is caught; the
     same import inside a function is allowed (a lesson may reach support code for an optional path)."""
     bad = tmp_path / "model.py"
-    bad.write_text("import torch\nfrom support.files import download_file\nimport quantize\n\n\ndef f():\n    import support\n")
+    bad.write_text(
+        "import torch\nfrom support.files import download_file\nimport quantize\n\n\ndef f():\n    import support\n"
+    )
     assert violations(str(bad), LESSONS["model"]) == ["model.py:2 imports support", "model.py:3 imports quantize"]
 
 
@@ -61,8 +67,10 @@ def test_importing_a_lesson_loads_no_other_project_module():
     import subprocess
 
     for lesson, allowed in LESSONS.items():
-        code = (f"import sys; sys.path.insert(0, {ROOT!r}); import {lesson}; "
-                f"print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(project_modules())!r})))")
+        code = (
+            f"import sys; sys.path.insert(0, {ROOT!r}); import {lesson}; "
+            f"print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(project_modules())!r})))"
+        )
         loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
         assert lesson in loaded and set(loaded) <= {lesson} | allowed, (lesson, loaded)
 
@@ -96,6 +104,11 @@ def test_the_lessons_know_nothing_of_what_comes_after_them():
     it), and quantize.py's definition reads no environment variable (the fast paths are the programs' opt-in)."""
     model_source = open(os.path.join(ROOT, "model.py"), encoding="utf-8").read()
     methods = [name[:-3] for name in os.listdir(os.path.join(ROOT, "other_methods")) if name.endswith(".py")]
-    for word in ["other_methods", "adaption_prompt", "self.prefix", *[m for m in methods if m in ("ia3", "intrinsic") or "_" in m.strip("_")]]:
+    for word in [
+        "other_methods",
+        "adaption_prompt",
+        "self.prefix",
+        *[m for m in methods if m in ("ia3", "intrinsic") or "_" in m.strip("_")],
+    ]:
         assert word not in model_source, word
     assert "os.environ" not in open(os.path.join(ROOT, "quantize.py"), encoding="utf-8").read()

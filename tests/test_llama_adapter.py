@@ -1,5 +1,6 @@
 """llama_adapter.py: the paper's equations computed directly, HF peft's adaption prompt on GPT2LMHeadModel, the identity
 start, only prompts and gates training, the KV cache, the count for GPT-2 124M, files and switching with other adapters."""
+
 import copy
 import math
 
@@ -79,8 +80,7 @@ def paper_forward(gpt, idx, adapted):
 def test_equals_the_papers_equations():
     model = apply_llama_adapter(tiny_gpt(), prompt_length=4, start_layer=1)
     open_gates(model)
-    adapted = {i: (model.transformer.h[i].attn.prompt, model.transformer.h[i].attn.gate)
-               for i in (1, 2)}
+    adapted = {i: (model.transformer.h[i].attn.prompt, model.transformer.h[i].attn.gate) for i in (1, 2)}
     idx = tokens()
     with torch.no_grad():
         expected, logits, plain = paper_forward(model, idx, adapted), model(idx)[0], paper_forward(model, idx, {})
@@ -96,8 +96,9 @@ def test_equals_peft_adaption_prompt_where_peft_agrees_with_the_paper():
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     L, d, H, K, top = 3, 32, 4, 5, 2
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=L, n_head=H, n_embd=d, n_positions=64,
-                                                              vocab_size=100)).eval()
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=L, n_head=H, n_embd=d, n_positions=64, vocab_size=100)
+    ).eval()
     ours = GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=L, n_head=H, n_embd=d))
     load_weights(ours, hf_to_ours(hf.state_dict(), L))
     apply_llama_adapter(ours.eval(), prompt_length=K, start_layer=L - top)
@@ -132,8 +133,9 @@ def test_identity_at_start_and_kv_cache_generation(smear_keys):
     apply_llama_adapter(model, prompt_length=3)
     with torch.no_grad():
         assert torch.equal(model(idx)[0], before)  # every gate is zero: exactly the base
-    assert all(torch.equal(ap.gate, torch.zeros(2)) for m in model.modules()
-               for ap in [m] if isinstance(ap, AdaptedAttention))
+    assert all(
+        torch.equal(ap.gate, torch.zeros(2)) for m in model.modules() for ap in [m] if isinstance(ap, AdaptedAttention)
+    )
     open_gates(model)
     cached = model.generate(idx[:, :5], 20, temperature=0)
     recomputed = model.generate(idx[:, :5], 20, temperature=0, use_cache=False)
@@ -150,7 +152,9 @@ def test_parameter_count_and_gpt2_124m():
     with torch.device("meta"):
         gpt2 = apply_llama_adapter(GPT(GPTConfig()), prompt_length=10, start_layer=2)
     assert sum(p.numel() for p in gpt2.parameters() if p.requires_grad) == 76_920  # 10·10·768 + 10·12
-    assert not isinstance(gpt2.transformer.h[1].attn, AdaptedAttention) and isinstance(gpt2.transformer.h[2].attn, AdaptedAttention)
+    assert not isinstance(gpt2.transformer.h[1].attn, AdaptedAttention) and isinstance(
+        gpt2.transformer.h[2].attn, AdaptedAttention
+    )
 
 
 def test_only_prompts_gates_and_head_move():
@@ -160,7 +164,9 @@ def test_only_prompts_gates_and_head_move():
     model = torch.nn.ModuleDict(dict(gpt=gpt, head=head))
     apply_llama_adapter(model, prompt_length=3, trainable=("head",))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n in dict(model.named_parameters()) if n.endswith((".attn.prompt", ".attn.gate")) or n.startswith("head.")}
+    assert trainable == {
+        n for n in dict(model.named_parameters()) if n.endswith((".attn.prompt", ".attn.gate")) or n.startswith("head.")
+    }
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     for step in range(3):  # the prompts get a gradient only once the gates are open (from the second step)
@@ -172,8 +178,12 @@ def test_only_prompts_gates_and_head_move():
 
 def test_bad_arguments():
     model = tiny_gpt()
-    for kwargs, match in ((dict(prompt_length=0), "prompt_length"), (dict(start_layer=3), "start_layer must be"),
-                          (dict(init_std=float("nan")), "init_std"), (dict(trainable=("nope",)), "names no module")):
+    for kwargs, match in (
+        (dict(prompt_length=0), "prompt_length"),
+        (dict(start_layer=3), "start_layer must be"),
+        (dict(init_std=float("nan")), "init_std"),
+        (dict(trainable=("nope",)), "names no module"),
+    ):
         with pytest.raises(ValueError, match=match):
             apply_llama_adapter(model, **kwargs)
     assert not any(isinstance(block.attn, AdaptedAttention) for block in model.transformer.h)
@@ -192,8 +202,7 @@ def test_prompts_go_through_the_layers_own_projections():
     add_adapter(model, "prompts", "llama_adapter", prompt_length=4, start_layer=1)
     open_gates(model)
     dense = dequantize_model(copy.deepcopy(model))
-    adapted = {i: (dense.transformer.h[i].attn.prompt, dense.transformer.h[i].attn.gate)
-               for i in (1, 2)}
+    adapted = {i: (dense.transformer.h[i].attn.prompt, dense.transformer.h[i].attn.gate) for i in (1, 2)}
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], paper_forward(dense, idx, adapted), rtol=1e-5, atol=1e-5)
 
@@ -222,7 +231,7 @@ def test_save_load_and_switching_with_other_adapters_on_one_base(tmp_path):
             outputs.append(model(idx)[0])
         disable_adapters(model)
         assert torch.equal(model(idx)[0], base)
-    assert all((a - b).abs().max() > 1e-3 for i, a in enumerate(outputs) for b in outputs[i + 1:])  # four functions
+    assert all((a - b).abs().max() > 1e-3 for i, a in enumerate(outputs) for b in outputs[i + 1 :])  # four functions
     assert all(torch.equal(v, prompts[k]) for k, v in adapter_tensors(model, "prompts").items())
     set_adapter(model, "lora")
     assert any(p.requires_grad for p in model.parameters())  # LoRA's A and B train: they are LoRA's, not the prompts'

@@ -1,4 +1,5 @@
 """lora.py: equivalence with HF PEFT, the zero-start property, freezing, merge, adapter files, switching."""
+
 import copy
 import json
 import math
@@ -80,7 +81,14 @@ def test_layer_matches_peft(use_rslora, use_dora, dropout, training, bias, devic
         nn.init.normal_(base.bias)
     rank, alpha = 6, 12
     ours = (DoRALinear if use_dora else LoRALinear)(copy.deepcopy(base), rank, alpha, dropout, use_rslora).to(device)
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"], lora_dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=["proj"],
+        lora_dropout=dropout,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+    )
     theirs = peft.get_peft_model(OneLayer(copy.deepcopy(base)), config).base_model.model.proj
     assert ours.scaling == theirs.scaling["default"]
     with torch.no_grad():
@@ -105,7 +113,9 @@ def test_layer_matches_peft(use_rslora, use_dora, dropout, training, bias, devic
     torch.testing.assert_close(ours.lora_A.weight.grad, theirs.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ours.lora_B.weight.grad, theirs.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
     if use_dora:
-        torch.testing.assert_close(ours.lora_magnitude.grad, theirs.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            ours.lora_magnitude.grad, theirs.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-6
+        )
     assert base.weight.grad is None and ours.base.weight.grad is None  # W0 stays frozen
 
 
@@ -128,7 +138,9 @@ def test_layer_init_and_formula():
 # A whole model: start, freezing, training
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(use_rslora=True), dict(use_dora=True), dict(targets="all-linear", dropout=0.1)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(use_rslora=True), dict(use_dora=True), dict(targets="all-linear", dropout=0.1)]
+)
 def test_fresh_lora_leaves_logits_unchanged(kwargs):
     model, idx = tiny_gpt(), tokens()
     before, _ = model(idx)
@@ -205,7 +217,9 @@ def test_lora_param_groups_loraplus():
 # Merge
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(use_rslora=True, targets="all-linear"), dict(use_dora=True, targets=("q", "k", "mlp_in"))])
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(use_rslora=True, targets="all-linear"), dict(use_dora=True, targets=("q", "k", "mlp_in"))]
+)
 def test_merge_matches_unmerged(kwargs):
     model, idx = apply_lora(tiny_gpt(), rank=4, alpha=8, **kwargs), tokens()
     randomize_lora(model)
@@ -214,7 +228,9 @@ def test_merge_matches_unmerged(kwargs):
     merge_lora(model)
     merged, _ = model(idx)
     assert (merged - unmerged).abs().max().item() <= 1e-5
-    assert not torch.allclose(original["transformer.h.0.attn.q_proj.base.weight"], model.transformer.h[0].attn.q_proj.base.weight)
+    assert not torch.allclose(
+        original["transformer.h.0.attn.q_proj.base.weight"], model.transformer.h[0].attn.q_proj.base.weight
+    )
     unmerge_lora(model)
     for n, p in model.named_parameters():
         if n in original:
@@ -252,7 +268,9 @@ def test_quantized_base_uses_dequantize_and_refuses_merge(use_dora):
     dense = layer(quantized.to_linear(), 4, 8)  # the same weights, dequantized once
     quant = layer(quantized, 4, 8)
     randomize_lora(dense)
-    quant.load_state_dict({k: v for k, v in dense.state_dict().items() if "lora_" in k}, strict=False)  # the same adapter
+    quant.load_state_dict(
+        {k: v for k, v in dense.state_dict().items() if "lora_" in k}, strict=False
+    )  # the same adapter
     x = torch.randn(5, 64)
     torch.testing.assert_close(quant(x), dense(x))
     model = nn.Sequential()
@@ -294,7 +312,10 @@ def test_save_load_round_trip(tmp_path, kwargs):
     idx = tokens()
     expected = model(idx)
     path = save_adapter(model, tmp_path / "adapter")
-    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files left
+    assert sorted(os.listdir(tmp_path / "adapter")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]  # no temp files left
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["rank"] == 4 and config["alpha"] == 8 and config["trainable"] == ["head.bias", "head.weight"]
     assert config["use_dora"] == kwargs.get("use_dora", False) and config["adapter_name"] == "default"

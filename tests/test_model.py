@@ -2,6 +2,7 @@
 comparisons with transformers use weights of std 0.2 (conftest.randomize_weights), where a wrong GELU, a wrong
 attention scale or a missing LayerNorm weight is 1e-3 or more away, and the tolerance is 5e-5; the ones that matter on
 a GPU run on every device present (the `device` fixture)."""
+
 import copy
 
 import pytest
@@ -48,9 +49,13 @@ def test_greedy_generation_matches_hf_and_cache_matches_no_cache(hf_dir, device)
     cached = ours.generate(prompt, 30, temperature=0)
     uncached = ours.generate(prompt, 30, temperature=0, use_cache=False)
     assert torch.equal(cached, uncached)
-    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False, pad_token_id=0)
+    theirs = hf.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False, pad_token_id=0
+    )
     assert torch.equal(cached, theirs)
-    assert len(set(cached[0, 7:].tolist())) > 3  # a real continuation, not one token repeated (that any model could match)
+    assert (
+        len(set(cached[0, 7:].tolist())) > 3
+    )  # a real continuation, not one token repeated (that any model could match)
 
 
 def randomize_key_smear(model):
@@ -63,7 +68,11 @@ def randomize_key_smear(model):
 @pytest.mark.parametrize("smear_keys", [False, True])
 def test_smeared_keys_mix_each_key_with_its_predecessor(smear_keys, device):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, smear_keys=smear_keys)).to(device).eval()
+    model = (
+        GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16, smear_keys=smear_keys))
+        .to(device)
+        .eval()
+    )
     randomize_key_smear(model)
     attn, seen = model.transformer.h[0].attn, {}
     attn.register_forward_hook(lambda module, args, out: seen.update(x=args[0]))
@@ -82,7 +91,11 @@ def test_smeared_keys_mix_each_key_with_its_predecessor(smear_keys, device):
 @pytest.mark.parametrize("smear_keys", [False, True])
 def test_cache_chunked_prefill_equals_full_forward(smear_keys, device):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16, smear_keys=smear_keys)).to(device).eval()
+    model = (
+        GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16, smear_keys=smear_keys))
+        .to(device)
+        .eval()
+    )
     randomize_weights(model, seed=1)
     randomize_key_smear(model)
     idx = torch.randint(0, 50, (1, 20)).to(device)
@@ -97,13 +110,22 @@ def test_cache_chunked_prefill_equals_full_forward(smear_keys, device):
 @pytest.mark.parametrize("smear_keys", [False, True])
 def test_cached_generation_past_block_size_equals_uncached(smear_keys, device):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, smear_keys=smear_keys)).to(device).eval()
+    model = (
+        GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, smear_keys=smear_keys))
+        .to(device)
+        .eval()
+    )
     randomize_weights(model, seed=1)
     randomize_key_smear(model)
     prompt = torch.randint(0, 50, (1, 10)).to(device)
-    assert torch.equal(model.generate(prompt, 20, temperature=0), model.generate(prompt, 20, temperature=0, use_cache=False))
+    assert torch.equal(
+        model.generate(prompt, 20, temperature=0), model.generate(prompt, 20, temperature=0, use_cache=False)
+    )
     # greedy decoding of a random model soon repeats one token; sampling (the same random numbers for both) does not
-    sampled = [model.generate(prompt, 20, use_cache=cache, generator=torch.Generator(device).manual_seed(3)) for cache in (True, False)]
+    sampled = [
+        model.generate(prompt, 20, use_cache=cache, generator=torch.Generator(device).manual_seed(3))
+        for cache in (True, False)
+    ]
     assert torch.equal(sampled[0], sampled[1]) and len(set(sampled[0][0, 10:].tolist())) > 5
 
 
@@ -118,8 +140,18 @@ def test_generation_stops_at_eos():
     assert stopped.size(1) == first_eos + 1 and stopped[0, -1].item() == eos
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, None, None), (1.6, None, None), (1.0, 20, None),
-                                                       (0.8, None, 0.9), (1.3, 50, 0.5), (1.0, None, 0.05)])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [
+        (1.0, None, None),
+        (0.7, None, None),
+        (1.6, None, None),
+        (1.0, 20, None),
+        (0.8, None, 0.9),
+        (1.3, 50, 0.5),
+        (1.0, None, 0.05),
+    ],
+)
 def test_sampling_distribution_matches_hf_warpers(temperature, top_k, top_p, monkeypatch):
     """The distribution sample_next_token draws from equals the one transformers' temperature, top-k and top-p warpers
     (applied in generate's order) leave, token by token, on logits spread like a language model's."""
@@ -127,7 +159,11 @@ def test_sampling_distribution_matches_hf_warpers(temperature, top_k, top_p, mon
 
     logits = 3 * torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
     drawn_from = []
-    monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples, generator=None: drawn_from.append(probs) or probs.argmax(-1, keepdim=True))
+    monkeypatch.setattr(
+        torch,
+        "multinomial",
+        lambda probs, num_samples, generator=None: drawn_from.append(probs) or probs.argmax(-1, keepdim=True),
+    )
     sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
     if top_k is not None:
@@ -172,11 +208,17 @@ def test_packed_rows_compute_each_example_as_if_alone(smear_keys, device):
     """segment_ids: restarting positions and a block-diagonal causal mask give each packed example its own logits
     (with smeared keys, an example's first key is not mixed with the previous example's last)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=16, smear_keys=smear_keys)).to(device).eval()
+    model = (
+        GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=16, smear_keys=smear_keys))
+        .to(device)
+        .eval()
+    )
     randomize_weights(model, seed=1)
     randomize_key_smear(model)
     a, b = torch.randint(0, 257, (1, 7)).to(device), torch.randint(0, 257, (1, 5)).to(device)
-    packed = torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long, device=device)], dim=1)  # two examples, then 3 padding positions
+    packed = torch.cat(
+        [a, b, torch.zeros(1, 3, dtype=torch.long, device=device)], dim=1
+    )  # two examples, then 3 padding positions
     segments = torch.tensor([[0] * 7 + [1] * 5 + [2] * 3], device=device)
     with torch.no_grad():
         logits = model(packed, segment_ids=segments)[0]
@@ -194,7 +236,11 @@ def test_left_padded_prompts_generate_as_if_alone(smear_keys, device):
     prompt is a segment of its own, so the prompt's positions start at 0 and nothing attends to the filler, in the
     prefill, in each cached step, and after the window slides past block_size."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=24, vocab_size=50, n_layer=2, n_head=2, n_embd=16, smear_keys=smear_keys)).to(device).eval()
+    model = (
+        GPT(GPTConfig(block_size=24, vocab_size=50, n_layer=2, n_head=2, n_embd=16, smear_keys=smear_keys))
+        .to(device)
+        .eval()
+    )
     randomize_weights(model, seed=1)
     randomize_key_smear(model)
     prompts = [torch.randint(0, 50, (n,)).to(device) for n in (3, 9, 6)]
@@ -205,15 +251,19 @@ def test_left_padded_prompts_generate_as_if_alone(smear_keys, device):
         cache = KVCache(2)
         prefill = model.hidden_states(rows, kv_cache=cache, segment_ids=segment_ids)
         step = torch.randint(0, 50, (3, 1)).to(device)
-        cached = model.hidden_states(step, kv_cache=cache, segment_ids=torch.cat([segment_ids, torch.ones_like(step)], 1))
+        cached = model.hidden_states(
+            step, kv_cache=cache, segment_ids=torch.cat([segment_ids, torch.ones_like(step)], 1)
+        )
         for p, pad, new, hidden, following in zip(prompts, padding, step, prefill, cached):
             alone = model.hidden_states(torch.cat([p, new])[None])[0]
             assert (hidden[pad:] - alone[:-1]).abs().max().item() <= 2e-5
             assert (following[0] - alone[-1]).abs().max().item() <= 2e-5
     out = model.generate(rows, 20, temperature=0, left_padding=padding)  # 9 + 20 > 24: the longest row's window slides
     for p, row in zip(prompts, out):
-        assert torch.equal(row[9:], model.generate(p[None], 20, temperature=0)[0, len(p):])
-    with pytest.raises(ValueError, match=r"segment_ids has shape \(3, 9\); it names every position, the 10 cached ones too: \(3, 11\)"):
+        assert torch.equal(row[9:], model.generate(p[None], 20, temperature=0)[0, len(p) :])
+    with pytest.raises(
+        ValueError, match=r"segment_ids has shape \(3, 9\); it names every position, the 10 cached ones too: \(3, 11\)"
+    ):
         model.hidden_states(step, kv_cache=cache, segment_ids=segment_ids)
 
 

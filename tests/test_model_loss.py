@@ -1,5 +1,6 @@
 """GPT.forward's loss, what train.py trains on, runs lm_head only where a target is: its loss and gradients are those of
 F.cross_entropy over every position's logits; train.mean_token_loss averages over target tokens."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,9 @@ def test_loss_only_at_targets_has_the_same_loss_and_gradients(mode, device):
     (ours, our_grads), (reference, reference_grads) = results
     assert abs(ours.item() - reference.item()) <= 1e-5
     assert our_grads.keys() == reference_grads.keys() and len(our_grads) > 0
-    bf16 = device == "cuda" and mode == "qlora"  # Linear4bit computes in bf16 on a GPU: gradients agree to its precision
+    bf16 = (
+        device == "cuda" and mode == "qlora"
+    )  # Linear4bit computes in bf16 on a GPU: gradients agree to its precision
     for name in our_grads:
         tolerance = 2e-2 * reference_grads[name].abs().max().item() if bf16 else 1e-5
         assert (our_grads[name] - reference_grads[name]).abs().max().item() <= tolerance, name
@@ -58,7 +61,10 @@ def test_loss_only_at_targets_has_the_same_loss_and_gradients(mode, device):
 def test_loss_with_no_target_is_nan_like_the_full_logits_loss():
     model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16))
     idx = torch.randint(0, 257, (2, 8))
-    assert model(idx, torch.full((2, 8), -100))[1].isnan() and full_logits_loss(model, idx, torch.full((2, 8), -100)).isnan()
+    assert (
+        model(idx, torch.full((2, 8), -100))[1].isnan()
+        and full_logits_loss(model, idx, torch.full((2, 8), -100)).isnan()
+    )
 
 
 def test_packed_rows_give_the_full_logits_loss(device):
@@ -96,7 +102,9 @@ def test_compiled_loss_equals_the_eager_loss_and_stops_compiling_whatever_the_nu
     from lora import apply_lora
 
     torch.manual_seed(0)
-    model = apply_lora(GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, smear_keys=True)), rank=2, alpha=4)
+    model = apply_lora(
+        GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=1, n_head=2, n_embd=16, smear_keys=True)), rank=2, alpha=4
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)

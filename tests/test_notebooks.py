@@ -1,5 +1,6 @@
 """Every notebook runs top to bottom on small settings (NANOQLORA_SMALL=1), so none of them can rot, and every claim
 it prints as True or False (`merged W0 + scaling·BA computes the same: True`) comes out as in its committed outputs."""
+
 import glob
 import os
 import re
@@ -17,16 +18,24 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
 def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("NANOQLORA_SMALL", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel is one more process on a small CI machine: don't oversubscribe it
+    monkeypatch.setenv(
+        "OMP_NUM_THREADS", "1"
+    )  # the kernel is one more process on a small CI machine: don't oversubscribe it
     notebook = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOK_DIR}})
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOK_DIR}}
+    )
     client.execute()  # raises CellExecutionError naming the failing cell
     committed, executed = printed_claims(nbformat.read(path, as_version=4)), printed_claims(notebook)
     shared = [key for key in committed if key in executed]
     missing = [key for key in committed if key not in executed]
-    assert len(shared) >= 0.8 * len(committed), f"only {len(shared)} of the {len(committed)} printed claims came out: {missing}"
+    assert len(shared) >= 0.8 * len(committed), (
+        f"only {len(shared)} of the {len(committed)} printed claims came out: {missing}"
+    )
     for key in shared:  # (how often a line is printed may depend on the size: compare which booleans it printed)
-        assert set(executed[key]) == set(committed[key]), f"{key!r} printed {executed[key]}, the committed notebook {committed[key]}"
+        assert set(executed[key]) == set(committed[key]), (
+            f"{key!r} printed {executed[key]}, the committed notebook {committed[key]}"
+        )
 
 
 # a claim is a boolean printed after ": ", " = ", "? " or another claim; `bias=True` in a printed config is a setting

@@ -1,4 +1,5 @@
 """optim.py: the schedule's warmup and cosine ends, which parameters decay, and LoRA+'s rate for B."""
+
 import math
 
 import pytest

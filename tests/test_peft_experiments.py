@@ -1,5 +1,6 @@
 """experiments/peft_family.py and experiments/latency.py: every method builds and trains on a tiny model, d90 picks the
 smallest d over the threshold, the latency forms compute the same thing where they should."""
+
 import math
 import os
 from types import SimpleNamespace
@@ -14,11 +15,12 @@ from support.tokenizer import get_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
-
 def test_d90_is_the_smallest_d_over_90_percent_of_full():
     rows = [dict(method="full", metric="0.9", d="")]
-    rows += [dict(method=f"did_{d}", metric=str(acc), d=str(d)) for d, acc in ((10, 0.5), (100, 0.80), (1000, 0.82), (3000, 0.7))]
+    rows += [
+        dict(method=f"did_{d}", metric=str(acc), d=str(d))
+        for d, acc in ((10, 0.5), (100, 0.80), (1000, 0.82), (3000, 0.7))
+    ]
     rows += [dict(method=f"said_{d}", metric=str(acc), d=str(d)) for d, acc in ((10, 0.6), (100, 0.7))]
     found, threshold = peft_family.d90(rows)
     assert threshold == pytest.approx(0.81) and found == {"did": 1000, "said": None}
@@ -45,15 +47,29 @@ def outputs_and_metric(model, batches, task):
     loss_sum = count = 0
     for x, y in batches:
         logits = model(x)[0]
-        loss_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        loss_sum += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
         count += (y != -100).sum().item()
     return model(batches[0][0])[0], loss_sum / count
 
 
 def sweep_row(lr, val_loss, seed=1, method="lora_all", diverged=0, test=0.5):
-    return dict(method=method, learning_rate=str(lr), seed=str(seed), val_loss=str(val_loss), diverged=str(diverged),
-                test_metric=str(test), task="classify", trainable_params="10", test_metric_name="test_accuracy",
-                start_error="", seconds_per_step="0.1", training_state_bytes="100", peak_rss_bytes="1000")
+    return dict(
+        method=method,
+        learning_rate=str(lr),
+        seed=str(seed),
+        val_loss=str(val_loss),
+        diverged=str(diverged),
+        test_metric=str(test),
+        task="classify",
+        trainable_params="10",
+        test_metric_name="test_accuracy",
+        start_error="",
+        seconds_per_step="0.1",
+        training_state_bytes="100",
+        peak_rss_bytes="1000",
+    )
 
 
 def test_the_sweep_tries_three_rates_then_extends_past_an_edge():
@@ -72,21 +88,41 @@ def test_the_sweep_tries_three_rates_then_extends_past_an_edge():
 
 
 def test_the_table_reports_the_seeds_at_the_chosen_rate():
-    rows = [sweep_row(1e-3, 0.5, test=0.1), sweep_row(3e-3, 0.3, test=0.8), sweep_row(1e-2, 0.4, test=0.9),
-            sweep_row(3e-3, 0.35, seed=2, test=0.7), sweep_row(3e-3, 0.32, seed=3, test=0.9),
-            sweep_row(1e-2, 0.2, method="ia3"), sweep_row(3e-2, 0.1, method="ia3")]  # ia3's sweep is unfinished
+    rows = [
+        sweep_row(1e-3, 0.5, test=0.1),
+        sweep_row(3e-3, 0.3, test=0.8),
+        sweep_row(1e-2, 0.4, test=0.9),
+        sweep_row(3e-3, 0.35, seed=2, test=0.7),
+        sweep_row(3e-3, 0.32, seed=3, test=0.9),
+        sweep_row(1e-2, 0.2, method="ia3"),
+        sweep_row(3e-2, 0.1, method="ia3"),
+    ]  # ia3's sweep is unfinished
     [summary] = peft_family.table(rows, 5)
     assert summary["method"] == "lora_all" and summary["learning_rate"] == 3e-3 and summary["seeds"] == 3
     assert summary["mean"] == pytest.approx(0.8) and summary["std"] == pytest.approx(0.1)
     assert (summary["min"], summary["max"]) == (0.7, 0.9) and summary["rates_tried"] == "0.001 0.003 0.01"
-    assert "| lora_all | 10 | 0.003 (0.001 0.003 0.01) | 0.800 ± 0.100 [0.700, 0.900] | 3 |" in peft_family.format_table([summary])
+    assert (
+        "| lora_all | 10 | 0.003 (0.001 0.003 0.01) | 0.800 ± 0.100 [0.700, 0.900] | 3 |"
+        in peft_family.format_table([summary])
+    )
 
 
 def tiny_setup():
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(block_size=400, vocab_size=257, n_layer=1, n_head=2, n_embd=16))
-    args = SimpleNamespace(seed=1, bottleneck=4, prefix_tokens=3, sms="", max_train=8, epochs=1, batch_size=4,
-                           instruct_dataset="embedded", instruct_steps=2, max_new_tokens=4, loftq_iterations=2)
+    args = SimpleNamespace(
+        seed=1,
+        bottleneck=4,
+        prefix_tokens=3,
+        sms="",
+        max_train=8,
+        epochs=1,
+        batch_size=4,
+        instruct_dataset="embedded",
+        instruct_steps=2,
+        max_new_tokens=4,
+        loftq_iterations=2,
+    )
     return gpt, args
 
 
@@ -103,13 +139,26 @@ def test_every_method_trains_and_counts(task, monkeypatch):
 
         monkeypatch.setattr(peft_family, "instruction_data", few_test_examples)
     lora_all = 4 * 8 * (16 + 16) + 2 * 8 * (16 + 64)  # r = 8 on q, k, v, o (16 -> 16) and the MLP (16 <-> 64)
-    expected = {"lora_qv": 2 * (8 * 16 + 16 * 8), "pfeiffer": 2 * 4 * 16 + 16 + 4, "prefix": 3 * 2 * 16, "ia3": 6 * 16,
-                "llama_adapter": 3 * 16 + 2, "qlora_loftq": lora_all, "did_50": 50}
+    expected = {
+        "lora_qv": 2 * (8 * 16 + 16 * 8),
+        "pfeiffer": 2 * 4 * 16 + 16 + 4,
+        "prefix": 3 * 2 * 16,
+        "ia3": 6 * 16,
+        "llama_adapter": 3 * 16 + 2,
+        "qlora_loftq": lora_all,
+        "did_50": 50,
+    }
     head = 16 * 2 + 2 if task == "classify" else 0
     evaluated = []  # (model, batches) of each run's evaluation: the trained model itself
     for name in ("evaluate_classifier", "mean_token_loss"):
         measure = getattr(peft_family, name)
-        monkeypatch.setattr(peft_family, name, lambda model, batches, device, measure=measure: evaluated.append((model, batches)) or measure(model, batches, device))
+        monkeypatch.setattr(
+            peft_family,
+            name,
+            lambda model, batches, device, measure=measure: (
+                evaluated.append((model, batches)) or measure(model, batches, device)
+            ),
+        )
     for method, count in expected.items():
         row = peft_family.run(method, task, gpt, get_tokenizer("bytes"), args, 1e-3, 1)
         assert row["trainable_params"] == count + (head if not method.startswith("did") else 0)
@@ -154,5 +203,7 @@ def test_latency_forms_and_measurement():
 
 def test_time_steps_gives_one_positive_median_per_method():
     gpt, args = tiny_setup()
-    medians = peft_family.time_steps(["full", "llama_adapter", "did_20"], "classify", gpt, get_tokenizer("bytes"), args, rounds=3)
+    medians = peft_family.time_steps(
+        ["full", "llama_adapter", "did_20"], "classify", gpt, get_tokenizer("bytes"), args, rounds=3
+    )
     assert list(medians) == ["full", "llama_adapter", "did_20"] and all(t > 0 for t in medians.values())

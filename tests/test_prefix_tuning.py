@@ -1,5 +1,6 @@
 """prefix_tuning.py: equal to HF peft's prefix tuning on GPT2LMHeadModel (direct and reparameterised), the KV-cache
 path, freezing, errors, adapter files, baking the MLP away."""
+
 import copy
 
 import pytest
@@ -53,10 +54,14 @@ def test_equals_peft_prefix_tuning(hf_and_ours, reparameterize):
     peft = pytest.importorskip("peft")
     hf, ours = hf_and_ours
     P, hidden = 5, 24
-    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=reparameterize, encoder_hidden_size=hidden)
+    config = peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=reparameterize, encoder_hidden_size=hidden
+    )
     theirs = peft.get_peft_model(copy.deepcopy(hf), config).eval()
     encoder = theirs.prompt_encoder["default"]
-    ours = apply_prefix_tuning(copy.deepcopy(ours), num_virtual_tokens=P, reparameterize=reparameterize, hidden_size=hidden)
+    ours = apply_prefix_tuning(
+        copy.deepcopy(ours), num_virtual_tokens=P, reparameterize=reparameterize, hidden_size=hidden
+    )
     with torch.no_grad():  # the same prefix values on both sides
         if reparameterize:
             mlp = prefix_of(ours).reparameterization
@@ -72,7 +77,9 @@ def test_equals_peft_prefix_tuning(hf_and_ours, reparameterize):
         logits, _ = ours(idx)
         base_logits = hf(input_ids=idx).logits
     assert (logits - expected).abs().max().item() <= 1e-5
-    assert (logits - base_logits).abs().max().item() > 1e-2  # the prefix changed the output, so equality means something
+    assert (
+        logits - base_logits
+    ).abs().max().item() > 1e-2  # the prefix changed the output, so equality means something
     # with an attention mask over right padding, as in a padded batch
     mask = torch.ones_like(idx)
     mask[0, 15:] = 0
@@ -101,7 +108,9 @@ def test_generation_with_and_without_cache_agree():
     cached = model.generate(idx, 8, temperature=0)
     uncached = model.generate(idx, 8, temperature=0, use_cache=False)
     assert torch.equal(cached, uncached)
-    with torch.no_grad():  # and the prefix is in the cache's first step: the first new token's logits are the prefixed ones
+    with (
+        torch.no_grad()
+    ):  # and the prefix is in the cache's first step: the first new token's logits are the prefixed ones
         expected = model(idx)[0][:, -1]
     cache_logits = model.lm_head(model.hidden_states(idx, kv_cache=KVCache(TINY.n_layer))[:, -1])
     torch.testing.assert_close(cache_logits, expected)
@@ -125,13 +134,16 @@ def test_parameter_count_and_only_prefix_trains():
     assert n == prefix_parameter_count(4, 2, 32, reparameterize=True, hidden_size=16) == 4 * 32 + 33 * 16 + 17 * 128
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(num_virtual_tokens=0), "num_virtual_tokens must be a positive integer"),
-    (dict(num_virtual_tokens=-2), "num_virtual_tokens must be a positive integer"),
-    (dict(num_virtual_tokens=32), "leave no room"),
-    (dict(reparameterize=True, hidden_size=0), "hidden_size"),
-    (dict(num_virtual_tokens=3, init_token_ids=[1, 2]), "one per token"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_virtual_tokens=0), "num_virtual_tokens must be a positive integer"),
+        (dict(num_virtual_tokens=-2), "num_virtual_tokens must be a positive integer"),
+        (dict(num_virtual_tokens=32), "leave no room"),
+        (dict(reparameterize=True, hidden_size=0), "hidden_size"),
+        (dict(num_virtual_tokens=3, init_token_ids=[1, 2]), "one per token"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     model = tiny_gpt()
     with pytest.raises(ValueError, match=match):
@@ -156,7 +168,9 @@ def test_save_load_bit_exact_and_switching(tmp_path):
     add_adapter(model, "b", "prefix", num_virtual_tokens=2, reparameterize=True, hidden_size=8)
     assert prefix_of(model) is not prefix_a and not prefix_a.prefix.requires_grad  # a is aside, and frozen
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("transformer.wpe.prefix.reparameterization.")}
+    assert trainable == {
+        n for n, _ in model.named_parameters() if n.startswith("transformer.wpe.prefix.reparameterization.")
+    }
     with torch.no_grad():  # b trains: a's prefix must not follow
         for p in prefix_of(model).parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -186,7 +200,9 @@ def test_bake_prefix_keeps_the_output(tmp_path):
         after = model(idx)[0]
     assert torch.equal(before, after)
     assert isinstance(prefix_of(model), PrefixTuning) and prefix_of(model).reparameterization is None
-    assert [n for n, _ in model.named_parameters() if n.startswith("transformer.wpe.prefix.")] == ["transformer.wpe.prefix.prefix"]
+    assert [n for n, _ in model.named_parameters() if n.startswith("transformer.wpe.prefix.")] == [
+        "transformer.wpe.prefix.prefix"
+    ]
     with pytest.raises(ValueError, match="no reparameterisation"):
         prefix_of(model).bake_prefix()
     save_adapter(model, tmp_path)  # only the baked prefix is kept, and it rebuilds as a direct one
@@ -198,6 +214,10 @@ def test_activations_of_tokens_shape_and_values():
     model = tiny_gpt()
     kv = activations_of_tokens(model, [1, 2, 3])
     assert kv.shape == (3, TINY.n_layer, 2, TINY.n_embd)
-    k0 = model.transformer.h[0].attn.k_proj(model.transformer.h[0].ln_1(model.transformer.wte(torch.tensor([1, 2, 3])) + model.transformer.wpe(torch.arange(3))))
+    k0 = model.transformer.h[0].attn.k_proj(
+        model.transformer.h[0].ln_1(
+            model.transformer.wte(torch.tensor([1, 2, 3])) + model.transformer.wpe(torch.arange(3))
+        )
+    )
     torch.testing.assert_close(kv[:, 0, 0], k0, rtol=1e-5, atol=1e-6)
     assert F.mse_loss(kv[:, 1, 1], kv[:, 0, 1]) > 0

@@ -1,6 +1,7 @@
 """qlora_init.py: PiSSA and LoftQ starts equal PEFT's initialisations (PiSSA on the CPU as PEFT runs it, LoftQ with
 PEFT's hard-coded CUDA device pointed at the CPU), they reduce the error at step 0 below plain QLoRA's, and the
 quantized model trains only A and B."""
+
 import copy
 from unittest import mock
 
@@ -61,9 +62,13 @@ def run_peft_loftq_on_the_cpu(weight, bits, rank, iterations):
             args = tuple("cpu" if a == "cuda" else a for a in args)
             kwargs = {k: "cpu" if v == "cuda" else v for k, v in kwargs.items()}
             return original(self, *args, **kwargs)
+
         return to
 
-    with mock.patch.object(torch.Tensor, "to", on_cpu(tensor_to)), mock.patch.object(bnb.nn.Params4bit, "to", on_cpu(params_to)):
+    with (
+        mock.patch.object(torch.Tensor, "to", on_cpu(tensor_to)),
+        mock.patch.object(bnb.nn.Params4bit, "to", on_cpu(params_to)),
+    ):
         return loftq_utils.loftq_init(weight, bits, rank, num_iter=iterations)
 
 

@@ -1,6 +1,7 @@
 """quantize.py against bitsandbytes (its CPU build here; its CUDA build too where a GPU and that build exist): the
 code books, the stored codes and scales, dequantized values in fp32, bf16 and fp16, Linear4bit against bitsandbytes'
 Linear4bit and matmul_4bit; then quantize_model, memory_report and QLoRA steps."""
+
 import copy
 import math
 
@@ -87,8 +88,16 @@ def test_identical_for_half_precision_and_other_block_sizes(bnb, dtype, block_si
 def stored_like_bitsandbytes(packed, state):
     """bitsandbytes' stored 4-bit tensor (its packed codes and QuantState) as our QuantizedTensor: the same bits."""
     nested = state.state2 is not None
-    return Q.QuantizedTensor(packed.reshape(-1), state.absmax, state.shape, state.dtype, state.blocksize, state.quant_type,
-                             absmax_scale=state.state2.absmax if nested else None, absmax_mean=state.offset if nested else None)
+    return Q.QuantizedTensor(
+        packed.reshape(-1),
+        state.absmax,
+        state.shape,
+        state.dtype,
+        state.blocksize,
+        state.quant_type,
+        absmax_scale=state.state2.absmax if nested else None,
+        absmax_mean=state.offset if nested else None,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -256,7 +265,12 @@ def test_linear4bit_matches_functional_linear_and_stores_buffers():
     assert torch.equal(layer(x), expected)
     assert torch.equal(layer.dequantize(), Q.dequantize_nf4(Q.quantize_nf4(linear.weight)))
     assert [n for n, _ in layer.named_parameters()] == ["bias"] and not layer.bias.requires_grad
-    assert {n for n, _ in layer.named_buffers()} == {"weight_codes", "weight_absmax", "weight_absmax_scale", "weight_absmax_mean"}
+    assert {n for n, _ in layer.named_buffers()} == {
+        "weight_codes",
+        "weight_absmax",
+        "weight_absmax_scale",
+        "weight_absmax_mean",
+    }
     assert (layer.in_features, layer.out_features) == (96, 40)
     assert (layer(x) - linear(x)).abs().max() < 0.1 * linear(x).abs().max()  # close to the fp layer
 
@@ -269,10 +283,21 @@ def bitsandbytes_linear4bit(linear, double_quant, compute_dtype, device):
     """bitsandbytes' Linear4bit holding `linear`'s weight (NF4, blocks of 64), quantized as it moves to `device`."""
     import bitsandbytes
 
-    layer = bitsandbytes.nn.Linear4bit(linear.in_features, linear.out_features, bias=True, compute_dtype=compute_dtype,
-                                       compress_statistics=double_quant, quant_type="nf4")
-    layer.weight = bitsandbytes.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, blocksize=64,
-                                              compress_statistics=double_quant, quant_type="nf4")
+    layer = bitsandbytes.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=True,
+        compute_dtype=compute_dtype,
+        compress_statistics=double_quant,
+        quant_type="nf4",
+    )
+    layer.weight = bitsandbytes.nn.Params4bit(
+        linear.weight.detach().clone(),
+        requires_grad=False,
+        blocksize=64,
+        compress_statistics=double_quant,
+        quant_type="nf4",
+    )
     layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return layer.to(device)
 
@@ -290,7 +315,9 @@ def test_linear4bit_computes_what_bitsandbytes_linear4bit_and_matmul_4bit_comput
     linear = nn.Linear(256, 96)
     nn.init.normal_(linear.bias, std=0.5)
     theirs = bitsandbytes_linear4bit(linear, double_quant, compute_dtype, device)
-    ours = Q.Linear4bit(stored_like_bitsandbytes(theirs.weight.data, theirs.weight.quant_state), theirs.bias, compute_dtype).to(device)
+    ours = Q.Linear4bit(
+        stored_like_bitsandbytes(theirs.weight.data, theirs.weight.quant_state), theirs.bias, compute_dtype
+    ).to(device)
     x = torch.randn(3, 5, 256, device=device)
     x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
@@ -303,7 +330,9 @@ def test_linear4bit_computes_what_bitsandbytes_linear4bit_and_matmul_4bit_comput
     assert (x_ours.grad - x_theirs.grad).abs().max().item() <= tolerance * x_theirs.grad.abs().max().item()
     state = theirs.weight.quant_state
     with torch.no_grad():
-        functional = bitsandbytes.matmul_4bit(x.to(compute_dtype), theirs.weight.data.t(), state, bias=theirs.bias.to(compute_dtype))
+        functional = bitsandbytes.matmul_4bit(
+            x.to(compute_dtype), theirs.weight.data.t(), state, bias=theirs.bias.to(compute_dtype)
+        )
         assert (ours(x) - functional.float()).abs().max().item() <= tolerance * functional.float().abs().max().item()
     if not double_quant:
         from_linear = Q.Linear4bit.from_linear(linear.to(device), compute_dtype=compute_dtype, double_quant=False)
@@ -349,7 +378,9 @@ def test_linear4bit_backward_under_autocast():
         y = layer(x)
     y.float().square().sum().backward()
     expected = torch.func.grad(lambda x_: F.linear(x_, layer.dequantize(), layer.bias).square().sum())(x.detach())
-    assert x.grad.dtype == torch.float32 and torch.allclose(x.grad, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+    assert x.grad.dtype == torch.float32 and torch.allclose(
+        x.grad, expected, rtol=0.05, atol=0.05 * expected.abs().max().item()
+    )
 
 
 def test_linear4bit_unfrozen_bias_gets_its_gradient():
@@ -391,7 +422,14 @@ def test_quantize_model_replaces_linears_but_not_embeddings_or_tied_head():
     before, _ = model(idx)
     Q.quantize_model(model)
     for block in model.transformer.h:
-        for layer in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.o_proj, block.mlp.fc_in, block.mlp.fc_out):
+        for layer in (
+            block.attn.q_proj,
+            block.attn.k_proj,
+            block.attn.v_proj,
+            block.attn.o_proj,
+            block.mlp.fc_in,
+            block.mlp.fc_out,
+        ):
             assert isinstance(layer, Q.Linear4bit)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.transformer.wte.weight
     after, _ = model(idx)

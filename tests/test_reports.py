@@ -1,4 +1,5 @@
 """support/reports.py: the answer table train.py prints at the end of a run, with held-out phrasings scored apart."""
+
 from support.answers import score_responses
 from support.reports import answer_report, print_answer_table
 
@@ -19,8 +20,10 @@ def test_data_without_kinds_prints_its_total_once(capsys):
 
 
 def test_data_with_kinds_prints_each_kind_and_the_total(capsys):
-    examples = [{"instruction": "Plural of 'cat'?", "input": "", "output": "cats", "answer": "cats", "kind": "plural"},
-                {"instruction": "Capital of France?", "input": "", "output": "Paris", "answer": "Paris", "kind": "capital"}]
+    examples = [
+        {"instruction": "Plural of 'cat'?", "input": "", "output": "cats", "answer": "cats", "kind": "plural"},
+        {"instruction": "Capital of France?", "input": "", "output": "Paris", "answer": "Paris", "kind": "capital"},
+    ]
     lines = table(examples, ["", ""], ["cats", "Lyon"], capsys)
     names = [line.split()[0] for line in lines if line.startswith("  ") and not line.strip().startswith("kind")]
     assert names == ["capital", "plural", "all"]
@@ -28,13 +31,25 @@ def test_data_with_kinds_prints_each_kind_and_the_total(capsys):
 
 
 def example(kind, answer, phrasing):
-    return {"instruction": f"a {kind} question", "input": "", "output": f"It is {answer}.", "answer": answer, "kind": kind,
-            "phrasing": phrasing}
+    return {
+        "instruction": f"a {kind} question",
+        "input": "",
+        "output": f"It is {answer}.",
+        "answer": answer,
+        "kind": kind,
+        "phrasing": phrasing,
+    }
 
 
 def test_held_out_phrasings_are_scored_apart_overall_and_per_kind(capsys):
-    examples = [example("parity", "even", "trained"), example("parity", "odd", "trained"), example("parity", "odd", "held_out"),
-                example("capital", "Lima", "held_out"), example("capital", "Oslo", "held_out"), example("plural", "cats", "trained")]
+    examples = [
+        example("parity", "even", "trained"),
+        example("parity", "odd", "trained"),
+        example("parity", "odd", "held_out"),
+        example("capital", "Lima", "held_out"),
+        example("capital", "Oslo", "held_out"),
+        example("plural", "cats", "trained"),
+    ]
     before = ["no"] * 6
     after = ["It is even.", "It is even.", "It is odd.", "Lima", "Paris", "It is cats."]
     fields, by_kind, records = answer_report(examples, before, after)
@@ -44,7 +59,10 @@ def test_held_out_phrasings_are_scored_apart_overall_and_per_kind(capsys):
     rows = {row["kind"]: row for row in by_kind}
     assert (rows["parity"]["examples"], rows["parity"]["accuracy_after"]) == (2, 0.5)
     assert (rows["parity"]["examples_new_phrasings"], rows["parity"]["accuracy_new_phrasings"]) == (1, 1.0)
-    assert (rows["capital"]["examples"], rows["capital"]["accuracy_after"]) == (0, None)  # asked only in held-out phrasings
+    assert (rows["capital"]["examples"], rows["capital"]["accuracy_after"]) == (
+        0,
+        None,
+    )  # asked only in held-out phrasings
     assert (rows["capital"]["examples_new_phrasings"], rows["capital"]["accuracy_new_phrasings"]) == (2, 0.5)
     assert (rows["plural"]["examples_new_phrasings"], rows["plural"]["accuracy_new_phrasings"]) == (0, None)
     assert all(set(row) == set(by_kind[0]) for row in by_kind)  # one set of columns for answers.csv
@@ -55,9 +73,19 @@ def test_held_out_phrasings_are_scored_apart_overall_and_per_kind(capsys):
 
 
 def test_without_phrasing_tags_every_example_counts_as_before():
-    examples = [{"instruction": "q", "output": "It is even.", "answer": "even", "kind": "parity"},
-                {"instruction": "q", "output": "It is odd.", "answer": "odd", "kind": "parity"}]
+    examples = [
+        {"instruction": "q", "output": "It is even.", "answer": "even", "kind": "parity"},
+        {"instruction": "q", "output": "It is odd.", "answer": "odd", "kind": "parity"},
+    ]
     fields, by_kind, _ = answer_report(examples, ["x", "x"], ["even", "even"])
     assert fields["test_accuracy_after"] == 0.5 and "test_accuracy_new_phrasings" not in fields
-    assert list(by_kind[0]) == ["kind", "examples", "accuracy_before", "accuracy_after", "exact_match_before",
-                                "exact_match_after", "f1_before", "f1_after"]
+    assert list(by_kind[0]) == [
+        "kind",
+        "examples",
+        "accuracy_before",
+        "accuracy_after",
+        "exact_match_before",
+        "exact_match_after",
+        "f1_before",
+        "f1_after",
+    ]

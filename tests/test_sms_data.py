@@ -1,5 +1,6 @@
 """support/sms_data.py: the loader reads the real format (embedded, UCI download, local file), balances and splits
 as the book does, and encodes messages keeping their start."""
+
 import os
 import zipfile
 from collections import Counter
@@ -20,11 +21,13 @@ def write(tmp_path, text, name="sms.tsv"):
 
 
 def test_reads_the_collection_format_header_tabs_in_text_and_unicode(tmp_path):
-    text = ("Label\tSMS\r\n"
-            "ham\tOk lar... Joking wif u oni...\r\n"
-            "spam\tWINNER!! £900 prize\tcall 09061701461 now\r\n"  # a tab inside the message stays in it
-            "ham\tZoë says 👋 &lt;#&gt; see you at the café\r\n"
-            "\n")
+    text = (
+        "Label\tSMS\r\n"
+        "ham\tOk lar... Joking wif u oni...\r\n"
+        "spam\tWINNER!! £900 prize\tcall 09061701461 now\r\n"  # a tab inside the message stays in it
+        "ham\tZoë says 👋 &lt;#&gt; see you at the café\r\n"
+        "\n"
+    )
     messages = classifier.read_sms_file(write(tmp_path, text))
     assert messages == [
         classifier.Message("Ok lar... Joking wif u oni...", 0),
@@ -34,19 +37,24 @@ def test_reads_the_collection_format_header_tabs_in_text_and_unicode(tmp_path):
 
 
 def test_reads_the_uci_file_which_has_no_header(tmp_path):
-    messages = classifier.read_sms_file(write(tmp_path, "ham\tGo until jurong point\nspam\tFree entry in 2 a wkly comp"))
+    messages = classifier.read_sms_file(
+        write(tmp_path, "ham\tGo until jurong point\nspam\tFree entry in 2 a wkly comp")
+    )
     assert [m.label for m in messages] == [0, 1] and messages[0].text == "Go until jurong point"
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("", "holds no messages"),
-    ("Label\tSMS\n\n", "holds no messages"),
-    ("ham\tfine\nSpam\tWIN NOW\n", "line 2 .* label 'Spam'.*'ham' or 'spam'"),
-    ("ham\tfine\nneutral\tok\n", "line 2 .* label 'neutral'"),
-    ("ham fine, no tab here\n", "line 1 .* no tab"),
-    ("ham\tfine\nspam\t   \n", "line 2 .* empty message"),
-    (b"ham\tfine\nspam\tcaf\xe9 prize\n", "line 2 .* not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("", "holds no messages"),
+        ("Label\tSMS\n\n", "holds no messages"),
+        ("ham\tfine\nSpam\tWIN NOW\n", "line 2 .* label 'Spam'.*'ham' or 'spam'"),
+        ("ham\tfine\nneutral\tok\n", "line 2 .* label 'neutral'"),
+        ("ham fine, no tab here\n", "line 1 .* no tab"),
+        ("ham\tfine\nspam\t   \n", "line 2 .* empty message"),
+        (b"ham\tfine\nspam\tcaf\xe9 prize\n", "line 2 .* not valid UTF-8"),
+    ],
+)
 def test_bad_files_are_clear_errors(tmp_path, content, problem):
     with pytest.raises(ValueError, match=problem):
         classifier.read_sms_file(write(tmp_path, content))
@@ -71,7 +79,11 @@ def test_real_collection_balanced_and_split_like_the_published_run():
     train, val, test = classifier.split_messages(balanced)
     assert (len(train), len(val), len(test)) == (1045, 149, 300)  # the book's 70/10/20 of 1,494
     assert sorted(train + val + test) == sorted(balanced)
-    assert classifier.split_messages(classifier.balance_classes(messages)) == (train, val, test)  # fixed seed: the same split every time
+    assert classifier.split_messages(classifier.balance_classes(messages)) == (
+        train,
+        val,
+        test,
+    )  # fixed seed: the same split every time
 
 
 def test_embedded_sample_loads_balanced():
@@ -82,7 +94,9 @@ def test_embedded_sample_loads_balanced():
 
 
 def test_balancing_undersamples_the_larger_class_and_needs_both():
-    messages = [classifier.Message(f"ham {i}", 0) for i in range(30)] + [classifier.Message(f"spam {i}", 1) for i in range(10)]
+    messages = [classifier.Message(f"ham {i}", 0) for i in range(30)] + [
+        classifier.Message(f"spam {i}", 1) for i in range(10)
+    ]
     balanced = classifier.balance_classes(messages, seed=1)
     assert sum(m.label == 0 for m in balanced) == 10 and sum(m.label == 1 for m in balanced) == 10
     assert balanced != classifier.balance_classes(messages, seed=2)  # the seed picks which ham stay
@@ -128,5 +142,7 @@ def test_failed_or_broken_downloads_are_clear_errors(tmp_path, monkeypatch):
 def test_encoding_truncates_keeping_the_start_and_counts():
     from support.tokenizer import get_tokenizer
 
-    rows, truncated = classifier.encode_messages([classifier.Message("abcdef", 1), classifier.Message("ab", 0)], get_tokenizer("bytes"), 4)
+    rows, truncated = classifier.encode_messages(
+        [classifier.Message("abcdef", 1), classifier.Message("ab", 0)], get_tokenizer("bytes"), 4
+    )
     assert rows == [(list(b"abcd"), 1), (list(b"ab"), 0)] and truncated == 1

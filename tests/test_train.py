@@ -1,5 +1,6 @@
 """train.py: pretraining lowers the loss, resuming continues the same trajectory, the CLI's contract, and every
 hostile or careless input is refused with a clear one-line error (issue 17)."""
+
 import csv
 import errno
 import json
@@ -29,8 +30,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_pretrain_config(out_dir, **overrides):
-    settings = dict(init_from="scratch", dataset="stdlib", out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=64,
-                    batch_size=8, max_iters=30, eval_interval=10, eval_batches=4, learning_rate=3e-3, progress=False, device="cpu")
+    settings = dict(
+        init_from="scratch",
+        dataset="stdlib",
+        out_dir=str(out_dir),
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=64,
+        batch_size=8,
+        max_iters=30,
+        eval_interval=10,
+        eval_batches=4,
+        learning_rate=3e-3,
+        progress=False,
+        device="cpu",
+    )
     settings.update(overrides)
     return resolve_defaults(TrainConfig(**settings))
 
@@ -64,10 +79,24 @@ def test_resume_continues_the_identical_trajectory(tmp_path, crash_after_checkpo
 
 
 def test_help_lists_every_flag_with_its_default_and_unknown_flags_fail():
-    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={**os.environ, "COLUMNS": "120"}).stdout
-    for flag in ("--lora_rank", "--lora_alpha", "--lora_targets", "--quantize", "--init_from", "--[no-]resume", "--device",
-                 "--[no-]mask_prompt"):
+    out = subprocess.run(
+        [sys.executable, "train.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "120"},
+    ).stdout
+    for flag in (
+        "--lora_rank",
+        "--lora_alpha",
+        "--lora_targets",
+        "--quantize",
+        "--init_from",
+        "--[no-]resume",
+        "--device",
+        "--[no-]mask_prompt",
+    ):
         assert flag in out
     words = " ".join(out.split())  # help texts wrap
     assert "(default: 32)" in words and "(default: all-linear)" in words
@@ -103,9 +132,24 @@ def small_base(tmp_path_factory):
 
 
 def finetune_config(base, out_dir, **overrides):
-    settings = dict(init_from=base, dataset="embedded", out_dir=str(out_dir), lora_rank=4, lora_alpha=8, lora_targets="q,v", batch_size=8, max_iters=15,
-                    eval_interval=15, eval_batches=3, learning_rate=3e-3, num_samples=2, max_new_tokens=24, answer_limit=24,
-                    progress=False, device="cpu")
+    settings = dict(
+        init_from=base,
+        dataset="embedded",
+        out_dir=str(out_dir),
+        lora_rank=4,
+        lora_alpha=8,
+        lora_targets="q,v",
+        batch_size=8,
+        max_iters=15,
+        eval_interval=15,
+        eval_batches=3,
+        learning_rate=3e-3,
+        num_samples=2,
+        max_new_tokens=24,
+        answer_limit=24,
+        progress=False,
+        device="cpu",
+    )
     settings.update(overrides)
     return resolve_defaults(TrainConfig(**settings))
 
@@ -113,8 +157,19 @@ def finetune_config(base, out_dir, **overrides):
 def test_lora_finetuning_lowers_loss_saves_only_the_adapter_and_reloads(small_base, tmp_path, capsys):
     summary = train.train(finetune_config(small_base, tmp_path))
     assert summary["finetune"] == "lora" and summary["val_loss_after"] < summary["val_loss_before"]
-    for key in ("init_from", "lora_rank", "lora_alpha", "lora_targets", "trainable_params", "total_params", "train_examples",
-                "val_loss_before", "val_loss_after", "seconds", "peak_memory_bytes"):
+    for key in (
+        "init_from",
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+        "trainable_params",
+        "total_params",
+        "train_examples",
+        "val_loss_before",
+        "val_loss_after",
+        "seconds",
+        "peak_memory_bytes",
+    ):
         assert summary[key] is not None, key
     # rank 4 on q and v of 2 layers, 48 wide: 2 layers x 2 targets x (4x48 + 48x4)
     assert summary["trainable_params"] == 2 * 2 * (4 * 48 + 48 * 4)
@@ -124,10 +179,14 @@ def test_lora_finetuning_lowers_loss_saves_only_the_adapter_and_reloads(small_ba
     assert "model" not in ckpt and all("lora_" in k for k in ckpt["trainable"])
     assert (tmp_path / "adapter_model.safetensors").stat().st_size < 20_000
 
-    assert reloaded_val_loss(tmp_path, finetune_config(small_base, tmp_path)) == pytest.approx(summary["val_loss_after"], abs=1e-6)
+    assert reloaded_val_loss(tmp_path, finetune_config(small_base, tmp_path)) == pytest.approx(
+        summary["val_loss_after"], abs=1e-6
+    )
     samples = json.load(open(tmp_path / "samples.json"))
     capsys.readouterr()
-    chat.answer_prompt(ChatConfig(adapter=str(tmp_path), prompt=samples[0]["instruction"], max_new_tokens=24, device="cpu"))
+    chat.answer_prompt(
+        ChatConfig(adapter=str(tmp_path), prompt=samples[0]["instruction"], max_new_tokens=24, device="cpu")
+    )
     assert capsys.readouterr().out.strip() == samples[0]["after"]
 
 
@@ -137,7 +196,13 @@ def test_answers_are_scored_before_and_after_and_a_file_is_answered_the_same_way
     run = tmp_path / "run"
     summary = train.train(finetune_config(small_base, run, max_iters=4, eval_interval=4))
     assert summary["prompt_template"] == "bare"  # the byte-level base gets the shortest template
-    for key in ("test_accuracy_before", "test_accuracy_after", "test_exact_match_before", "test_exact_match_after", "test_f1_after"):
+    for key in (
+        "test_accuracy_before",
+        "test_accuracy_after",
+        "test_exact_match_before",
+        "test_exact_match_after",
+        "test_f1_after",
+    ):
         assert 0.0 <= summary[key] <= 1.0, key
     records = json.load(open(run / "samples.json"))
     assert all(r["correct_after"] == contains_answer(r["after"], r["answer"]) for r in records)
@@ -146,16 +211,30 @@ def test_answers_are_scored_before_and_after_and_a_file_is_answered_the_same_way
         part = [r["correct_after"] for r in records if (r["phrasing"] == "held_out") == held_out]
         assert len(records) == 24 and 0 < len(part) < 24 and sum(part) / len(part) == summary[key], key
     kinds = {row["kind"]: row for row in summary["test_by_kind"]}
-    assert sum(row["examples"] or 0 for row in kinds.values()) + sum(row["examples_new_phrasings"] or 0 for row in kinds.values()) == 24
+    assert (
+        sum(row["examples"] or 0 for row in kinds.values())
+        + sum(row["examples_new_phrasings"] or 0 for row in kinds.values())
+        == 24
+    )
     assert (run / "answers.csv").exists()
 
     # --answer_file: the same 24 test examples in a file of our own, plus an extra key and one without an output
-    questions = [{k: r[k] for k in ("instruction", "input", "output", "answer", "kind")} | {"note": i} for i, r in enumerate(records)]
+    questions = [
+        {k: r[k] for k in ("instruction", "input", "output", "answer", "kind")} | {"note": i}
+        for i, r in enumerate(records)
+    ]
     questions.append({"instruction": "Name a colour."})
     (tmp_path / "in.json").write_text(json.dumps(questions))
     capsys.readouterr()
-    chat.answer_file(ChatConfig(adapter=str(run), answer_file=str(tmp_path / "in.json"), answers_out=str(tmp_path / "out.json"),
-                                  max_new_tokens=24, device="cpu"))
+    chat.answer_file(
+        ChatConfig(
+            adapter=str(run),
+            answer_file=str(tmp_path / "in.json"),
+            answers_out=str(tmp_path / "out.json"),
+            max_new_tokens=24,
+            device="cpu",
+        )
+    )
     answered = json.load(open(tmp_path / "out.json"))
     assert [{k: v for k, v in a.items() if k != "response"} for a in answered] == questions  # every other key kept
     assert [a["response"] for a in answered[:24]] == [r["after"] for r in records]  # the run's own greedy answers
@@ -172,17 +251,26 @@ def test_batched_answers_equal_one_at_a_time(small_base):
     lengths = [len(tokenizer.encode(format_prompt(ex, "compact"))) for ex in examples]
     assert 5 < len(set(lengths)) < len(lengths) - 5  # shared lengths, and many: one batch, mostly left-padded rows
     batched = answers.answer_examples(model, tokenizer, examples, "cpu", max_new_tokens=16, template="compact")
-    alone = [answers.answer(model, tokenizer, ex["instruction"], "cpu", 16, ex["input"], template="compact") for ex in examples]
+    alone = [
+        answers.answer(model, tokenizer, ex["instruction"], "cpu", 16, ex["input"], template="compact")
+        for ex in examples
+    ]
     assert batched == alone
     # the trained base answers alike with or without the filler in view; a random one (weights of std 0.2) does not
     import torch
     from conftest import randomize_weights
 
     from model import GPT, GPTConfig
+
     torch.manual_seed(0)
-    model = randomize_weights(GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval(), seed=3)
+    model = randomize_weights(
+        GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval(), seed=3
+    )
     batched = answers.answer_examples(model, tokenizer, examples, "cpu", max_new_tokens=8, template="compact")
-    alone = [answers.answer(model, tokenizer, ex["instruction"], "cpu", 8, ex["input"], template="compact") for ex in examples]
+    alone = [
+        answers.answer(model, tokenizer, ex["instruction"], "cpu", 8, ex["input"], template="compact")
+        for ex in examples
+    ]
     assert batched == alone and len(set(alone)) > 20
 
 
@@ -190,9 +278,13 @@ def reloaded_val_loss(adapter_dir, cfg, model=None):
     """Validation loss of base + the saved adapter, loaded afresh (or of `model`), on the batches training evaluated on."""
     from support.tokenizer import get_tokenizer
 
-    model, tokenizer_name = (model, "bytes") if model is not None else checkpoints.load_finetuned(str(adapter_dir), "tiny", "cpu")
+    model, tokenizer_name = (
+        (model, "bytes") if model is not None else checkpoints.load_finetuned(str(adapter_dir), "tiny", "cpu")
+    )
     template = instructions.resolve_template(cfg.prompt_template, tokenizer_name)
-    data = instructions.InstructionData(cfg.dataset, get_tokenizer(tokenizer_name), model.config.block_size, cfg.seed, cfg.mask_prompt, template)
+    data = instructions.InstructionData(
+        cfg.dataset, get_tokenizer(tokenizer_name), model.config.block_size, cfg.seed, cfg.mask_prompt, template
+    )
     return mean_token_loss(model, data.val_batches(cfg.batch_size)[: cfg.eval_batches], "cpu")
 
 
@@ -208,7 +300,9 @@ def test_answer_is_greedy_in_eval_mode_whatever_mode_the_model_is_in():
     apply_lora(model, rank=4, alpha=8, targets=("q", "v"), dropout=0.5)
     for name, p in model.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(p, std=5.0)  # large: with B = 0 (or small) dropout on the adapter could not change a greedy answer
+            torch.nn.init.normal_(
+                p, std=5.0
+            )  # large: with B = 0 (or small) dropout on the adapter could not change a greedy answer
     tokenizer = ByteTokenizer()
     in_train_mode = answers.answer(model.train(), tokenizer, "Name a colour.", "cpu", max_new_tokens=16)
     assert model.training  # the caller's mode is restored
@@ -222,32 +316,44 @@ def test_qlora_trains_only_adapters(small_base, tmp_path):
     cfg = finetune_config(small_base, tmp_path, quantize="nf4", max_iters=12, eval_interval=12, mask_prompt=True)
     model, _, mode, base_sha256 = train.prepare_model(cfg, "cpu")
     assert mode == "qlora" and any(isinstance(m, Linear4bit) for m in model.modules())
-    assert base_sha256 == checkpoints.weights_sha256(checkpoints.load_base_model(small_base)[0])  # the base before 4 bits
+    assert base_sha256 == checkpoints.weights_sha256(
+        checkpoints.load_base_model(small_base)[0]
+    )  # the base before 4 bits
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     summary = train.train(cfg)
-    assert (summary["finetune"], summary["quantize"]) == ("lora", "nf4") and summary["trainable_params"] == 2 * 2 * (4 * 48 + 48 * 4)
+    assert (summary["finetune"], summary["quantize"]) == ("lora", "nf4") and summary["trainable_params"] == 2 * 2 * (
+        4 * 48 + 48 * 4
+    )
     assert summary["val_loss_after"] < summary["val_loss_before"]
     # reloading re-quantizes the base; the adapter must meet the same 4-bit weights it was trained on
     assert reloaded_val_loss(tmp_path, cfg) == pytest.approx(summary["val_loss_after"], abs=1e-6)
 
 
 def test_full_finetuning_trains_every_weight_and_saves_them(small_base, tmp_path):
-    summary = train.train(finetune_config(small_base, tmp_path, finetune="full", max_iters=4, eval_interval=4, learning_rate=3e-4))
+    summary = train.train(
+        finetune_config(small_base, tmp_path, finetune="full", max_iters=4, eval_interval=4, learning_rate=3e-4)
+    )
     assert summary["finetune"] == "full" and summary["trainable_params"] == summary["total_params"]
     assert summary["val_loss_after"] < summary["val_loss_before"]
     base, tuned = checkpoints.load_checkpoint_model(small_base)[0], checkpoints.load_checkpoint_model(str(tmp_path))[0]
     before, after = base.state_dict(), tuned.state_dict()
     assert after.keys() == before.keys()
     unchanged = [name for name in after if torch.equal(after[name], before[name])]
-    assert unchanged == [], f"full fine-tuning left {unchanged} as they were"  # embeddings, norms, biases: everything moved
-    assert reloaded_val_loss(tmp_path, finetune_config(small_base, tmp_path), model=tuned) == pytest.approx(summary["val_loss_after"], abs=1e-6)
+    assert unchanged == [], (
+        f"full fine-tuning left {unchanged} as they were"
+    )  # embeddings, norms, biases: everything moved
+    assert reloaded_val_loss(tmp_path, finetune_config(small_base, tmp_path), model=tuned) == pytest.approx(
+        summary["val_loss_after"], abs=1e-6
+    )
 
 
 def test_dora_rslora_and_loraplus_from_the_command_line(small_base, tmp_path):
     """--use_dora, --use_rslora and --loraplus_ratio reach the model and the optimizer, and what a run saves reloads
     as the model it trained: DoRA's magnitudes in the adapter file, rsLoRA's alpha / sqrt(r) in its config, B's rate at
     16 x A's in the optimizer state."""
-    cfg = finetune_config(small_base, tmp_path, use_dora=True, use_rslora=True, loraplus_ratio=16.0, max_iters=3, eval_interval=3)
+    cfg = finetune_config(
+        small_base, tmp_path, use_dora=True, use_rslora=True, loraplus_ratio=16.0, max_iters=3, eval_interval=3
+    )
     summary = train.train(cfg)
     config = json.load(open(tmp_path / "adapter_config.json"))
     assert (config["use_dora"], config["use_rslora"], config["rank"], config["alpha"]) == (True, True, 4, 8)
@@ -265,7 +371,11 @@ def test_dora_rslora_and_loraplus_from_the_command_line(small_base, tmp_path):
 
 
 def test_packing_and_gradient_checkpointing_train(small_base, tmp_path, capsys):
-    summary = train.train(finetune_config(small_base, tmp_path, pack=True, grad_checkpointing=True, mask_prompt=True, max_iters=6, eval_interval=6))
+    summary = train.train(
+        finetune_config(
+            small_base, tmp_path, pack=True, grad_checkpointing=True, mask_prompt=True, max_iters=6, eval_interval=6
+        )
+    )
     assert summary["val_loss_after"] < summary["val_loss_before"]
     assert "packed into" in capsys.readouterr().out
 
@@ -286,26 +396,48 @@ def test_packed_rows_hold_every_training_example_once():
 def plain_run(tmp_path_factory):
     """A base pretrained without smeared keys (HF's GPT-2 has none: only such a base exports) and a LoRA run on it."""
     root = tmp_path_factory.mktemp("plain")
-    train.train(tiny_pretrain_config(root / "base", n_embd=48, block_size=384, max_iters=3, eval_interval=3, smear_keys=False))
+    train.train(
+        tiny_pretrain_config(root / "base", n_embd=48, block_size=384, max_iters=3, eval_interval=3, smear_keys=False)
+    )
     train.train(finetune_config(str(root / "base"), root / "run", max_iters=3, eval_interval=3, lora_targets="q,k,o"))
     return root / "base", root / "run"
 
 
 def test_chat_dataset_trains_on_assistant_turns_and_answers(small_base, tmp_path):
-    conversations = [{"messages": [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": f"What is {i} plus {i}?"},
-                                   {"role": "assistant", "content": str(2 * i)}, {"role": "user", "content": "And doubled?"},
-                                   {"role": "assistant", "content": str(4 * i)}]} for i in range(40)]
+    conversations = [
+        {
+            "messages": [
+                {"role": "system", "content": "Answer with a number."},
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": str(2 * i)},
+                {"role": "user", "content": "And doubled?"},
+                {"role": "assistant", "content": str(4 * i)},
+            ]
+        }
+        for i in range(40)
+    ]
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps(c) for c in conversations))
-    summary = train.train(finetune_config(small_base, tmp_path / "run", dataset=str(path), mask_prompt=True, pack=True, max_iters=4, eval_interval=4))
+    summary = train.train(
+        finetune_config(
+            small_base, tmp_path / "run", dataset=str(path), mask_prompt=True, pack=True, max_iters=4, eval_interval=4
+        )
+    )
     assert summary["val_loss_after"] < summary["val_loss_before"] and summary["train_examples"] == 34
     samples = json.load(open(tmp_path / "run" / "samples.json"))
     assert samples[0]["messages"] == conversations[36]["messages"] and isinstance(samples[0]["after"], str)
     # every test conversation is answered at its last assistant turn and scored against it (no key answers: no accuracy)
     assert [s["messages"] for s in samples] == [c["messages"] for c in conversations[36:]]
-    assert summary["test_by_kind"] == [{"kind": "all", "examples": 4, "exact_match_before": summary["test_exact_match_before"],
-                                        "exact_match_after": summary["test_exact_match_after"], "f1_before": summary["test_f1_before"],
-                                        "f1_after": summary["test_f1_after"]}]
+    assert summary["test_by_kind"] == [
+        {
+            "kind": "all",
+            "examples": 4,
+            "exact_match_before": summary["test_exact_match_before"],
+            "exact_match_after": summary["test_exact_match_after"],
+            "f1_before": summary["test_f1_before"],
+            "f1_after": summary["test_f1_after"],
+        }
+    ]
     assert "test_accuracy_after" not in summary and (tmp_path / "run" / "answers.csv").exists()
 
 
@@ -323,8 +455,22 @@ def run_main(script, *args, monkeypatch):
 
 
 def booby_trapped_checkpoint(path, marker):
-    torch.save({"iter": 1, "train_config": {"max_iters": 5}, "model_config": {}, "tokenizer": "bytes", "model": {},
-                "trainable": {}, "optimizer": {}, "rng": torch.get_rng_state(), "log": [], "before": {}, "trap": WritesMarker(marker)}, path)
+    torch.save(
+        {
+            "iter": 1,
+            "train_config": {"max_iters": 5},
+            "model_config": {},
+            "tokenizer": "bytes",
+            "model": {},
+            "trainable": {},
+            "optimizer": {},
+            "rng": torch.get_rng_state(),
+            "log": [],
+            "before": {},
+            "trap": WritesMarker(marker),
+        },
+        path,
+    )
 
 
 def test_no_loading_path_unpickles_objects_from_a_checkpoint(small_base, tmp_path, monkeypatch):
@@ -347,7 +493,9 @@ def test_no_loading_path_unpickles_objects_from_a_checkpoint(small_base, tmp_pat
         "--resume": lambda: train.train(finetune_config(small_base, resume_dir, resume=True)),
         "the tiny-base check of a default run": lambda: checkpoints.ensure_tiny_base(),
         "--prompt": lambda: chat.answer_prompt(ChatConfig(adapter="none", prompt="Hi", device="cpu")),
-        "--adapter --prompt": lambda: chat.answer_prompt(ChatConfig(adapter=str(adapter_dir), prompt="Hi", device="cpu")),
+        "--adapter --prompt": lambda: chat.answer_prompt(
+            ChatConfig(adapter=str(adapter_dir), prompt="Hi", device="cpu")
+        ),
         "--init_from a checkpoint": lambda: checkpoints.load_checkpoint_model(str(resume_dir)),
     }
     for name, load in paths.items():
@@ -356,8 +504,11 @@ def test_no_loading_path_unpickles_objects_from_a_checkpoint(small_base, tmp_pat
         assert not marker.exists(), f"{name} ran code from a checkpoint"
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", bytes(range(256)) * 8, "héllo wörld".encode("latin-1")],
-                         ids=["zero bytes", "truncated zip", "random bytes", "latin-1 text"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"PK\x03\x04 truncated", bytes(range(256)) * 8, "héllo wörld".encode("latin-1")],
+    ids=["zero bytes", "truncated zip", "random bytes", "latin-1 text"],
+)
 def test_unreadable_checkpoints_are_named(tmp_path, content):
     path = tmp_path / "ckpt.pt"
     path.write_bytes(content)
@@ -375,8 +526,11 @@ def test_truncated_checkpoint_is_named_on_resume(tmp_path):
 
 
 def test_a_huge_learning_rate_stops_the_run_without_saving_nan(tmp_path):
-    with pytest.raises(UserError, match=r"^step 1: the validation loss is (nan|inf): training diverged, so it stops here and "
-                                        r"nothing of this run was saved; try a lower --learning_rate \(this run: 1e\+06\)"):
+    with pytest.raises(
+        UserError,
+        match=r"^step 1: the validation loss is (nan|inf): training diverged, so it stops here and "
+        r"nothing of this run was saved; try a lower --learning_rate \(this run: 1e\+06\)",
+    ):
         train.train(tiny_pretrain_config(tmp_path, learning_rate=1e6, max_iters=6, eval_interval=1, eval_batches=1))
     assert sorted(os.listdir(tmp_path)) == []  # no checkpoint, log or summary (and the lock is released)
 
@@ -393,8 +547,11 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
 
     common = dict(max_iters=6, eval_interval=1, eval_batches=1)
     monkeypatch.setattr(GPT, "forward", nan_at_step_3)
-    with pytest.raises(UserError, match=r"^step 3: the training loss is nan and the gradient norm nan: training diverged, so it "
-                                        r"stops here and .* keeps the checkpoint of step 2"):
+    with pytest.raises(
+        UserError,
+        match=r"^step 3: the training loss is nan and the gradient norm nan: training diverged, so it "
+        r"stops here and .* keeps the checkpoint of step 2",
+    ):
         train.train(tiny_pretrain_config(tmp_path, **common))
     monkeypatch.setattr(GPT, "forward", real_forward)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -403,7 +560,9 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     log = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert len(log) == 2 and all(math.isfinite(float(r["train_loss"])) for r in log)
     summary = train.train(tiny_pretrain_config(tmp_path, resume=True, **common))  # the last good checkpoint goes on
-    assert math.isfinite(summary["val_loss_after"]) and json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
+    assert (
+        math.isfinite(summary["val_loss_after"]) and json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
+    )
 
 
 def test_summary_json_never_holds_nan(tmp_path):
@@ -415,15 +574,29 @@ def test_summary_json_never_holds_nan(tmp_path):
 def test_defaults_give_the_tiny_base_many_small_steps_and_others_sixteen_a_batch():
     tiny = resolve_defaults(TrainConfig())
     assert (tiny.batch_size, tiny.max_iters, tiny.group_by_length) == (8, 4200, True)
-    assert (resolve_defaults(TrainConfig(init_from="gpt2")).batch_size, resolve_defaults(TrainConfig(init_from="scratch", dataset="stdlib")).batch_size) == (16, 16)
+    assert (
+        resolve_defaults(TrainConfig(init_from="gpt2")).batch_size,
+        resolve_defaults(TrainConfig(init_from="scratch", dataset="stdlib")).batch_size,
+    ) == (16, 16)
     assert resolve_defaults(TrainConfig(batch_size=4)).batch_size == 4  # a value given is kept
 
 
 def test_train_fills_in_the_defaults_of_a_config_given_straight(small_base, tmp_path):
     """A program may hand train() a TrainConfig without resolve_defaults: batch_size 0 must not reach the data."""
-    cfg = TrainConfig(init_from=small_base, out_dir=str(tmp_path), lora_rank=4, lora_targets="q,v", max_iters=2,
-                      eval_interval=2, eval_batches=1, num_samples=0, answer_limit=4, max_new_tokens=8, progress=False,
-                      device="cpu")
+    cfg = TrainConfig(
+        init_from=small_base,
+        out_dir=str(tmp_path),
+        lora_rank=4,
+        lora_targets="q,v",
+        max_iters=2,
+        eval_interval=2,
+        eval_batches=1,
+        num_samples=0,
+        answer_limit=4,
+        max_new_tokens=8,
+        progress=False,
+        device="cpu",
+    )
     summary = train.train(cfg)
     assert (summary["config"]["batch_size"], summary["lora_alpha"], summary["steps"]) == (8, 8.0, 2)
 
@@ -452,7 +625,9 @@ BAD_FLAGS = [  # (flags, what the one-line error must say)
 @pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
 def test_bad_flags_are_one_line_errors(flags, message, monkeypatch):
     # --init_from a missing path: had the flag been accepted, the run would stop at loading the base instead
-    exit_message = run_main("train.py", "--init_from", "/nonexistent/base", "--no-progress", *flags, monkeypatch=monkeypatch)
+    exit_message = run_main(
+        "train.py", "--init_from", "/nonexistent/base", "--no-progress", *flags, monkeypatch=monkeypatch
+    )
     assert exit_message.startswith("error: ") and "\n" not in exit_message
     assert message in exit_message
 
@@ -469,12 +644,21 @@ def write_examples(path, examples):
 
 
 def test_datasets_that_leave_a_split_empty_are_clear_errors(small_base, tmp_path):
-    few = write_examples(tmp_path / "few.json", [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(12)])
-    with pytest.raises(UserError, match=r"has 12 examples, which the 85/5/10 split cuts into 10 train / 0 validation / 2 test.*at least 20"):
+    few = write_examples(
+        tmp_path / "few.json", [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(12)]
+    )
+    with pytest.raises(
+        UserError,
+        match=r"has 12 examples, which the 85/5/10 split cuts into 10 train / 0 validation / 2 test.*at least 20",
+    ):
         train.train(finetune_config(small_base, tmp_path / "out", dataset=few))
-    long_test = [{"instruction": f"Say {i}.", "input": "", "output": str(i) if i < 18 else "x" * 500} for i in range(20)]
+    long_test = [
+        {"instruction": f"Say {i}.", "input": "", "output": str(i) if i < 18 else "x" * 500} for i in range(20)
+    ]
     with pytest.raises(UserError, match=r"all 2 test examples are longer than the model's context of 384 tokens"):
-        train.train(finetune_config(small_base, tmp_path / "out", dataset=write_examples(tmp_path / "long.json", long_test)))
+        train.train(
+            finetune_config(small_base, tmp_path / "out", dataset=write_examples(tmp_path / "long.json", long_test))
+        )
     latin1 = tmp_path / "latin1.json"
     latin1.write_bytes('[{"instruction": "Café?", "output": "oui"}]'.encode("latin-1"))
     with pytest.raises(ValueError, match=f"{latin1} is not valid UTF-8"):
@@ -488,8 +672,14 @@ def test_resume_refuses_other_model_or_optimizer_settings(small_base, tmp_path):
         train.train(finetune_config(small_base, tmp_path, max_iters=4, eval_interval=2, resume=True, **changed))
     message = refused.value.args[0]
     assert message.startswith("--resume: ") and "--lora_targets q,v (now k,o)" in message
-    assert "--lora_alpha 8 (now 4.0)" in message and "--quantize none (now nf4)" in message and "--lora_rank" not in message
-    assert "--pack False (now True)" in message and "--prompt_template auto (now alpaca)" in message  # other batches, other prompts
+    assert (
+        "--lora_alpha 8 (now 4.0)" in message
+        and "--quantize none (now nf4)" in message
+        and "--lora_rank" not in message
+    )
+    assert (
+        "--pack False (now True)" in message and "--prompt_template auto (now alpaca)" in message
+    )  # other batches, other prompts
     with pytest.raises(UserError, match="--init_from"):
         train.train(finetune_config(small_base + "/ckpt.pt", tmp_path, max_iters=4, eval_interval=2, resume=True))
 
@@ -525,17 +715,23 @@ def test_one_run_owns_an_out_dir_until_its_process_ends_however_it_ends(tmp_path
     SIGKILL leaves nothing that stops the next one, which removes the half-written files of dead writers."""
     holder = hold_lock(tmp_path)
     try:
-        with pytest.raises(UserError, match=f"in use by another run or export \\(process {holder.pid}, see .*run.lock\\)"):
+        with pytest.raises(
+            UserError, match=f"in use by another run or export \\(process {holder.pid}, see .*run.lock\\)"
+        ):
             train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1))
     finally:
-        os.kill(holder.pid, signal.SIGKILL)  # no finally in the holder, no cleanup: its lock file stays, but not its lock
+        os.kill(
+            holder.pid, signal.SIGKILL
+        )  # no finally in the holder, no cleanup: its lock file stays, but not its lock
         holder.join()
     alive, dead = os.getppid(), dead_pid()
     (tmp_path / f"ckpt.pt.{dead}.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / f"notes.txt.{alive}.tmp").write_text("a live process's temporary file")
     train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1))
     assert f"ckpt.pt.{dead}.tmp" in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", "log.csv", "loss.png", "summary.json", f"notes.txt.{alive}.tmp"])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["ckpt.pt", "log.csv", "loss.png", "summary.json", f"notes.txt.{alive}.tmp"]
+    )
 
 
 def test_a_lock_file_naming_a_live_process_that_holds_no_lock_does_not_block(tmp_path):
@@ -589,7 +785,9 @@ def dead_pid():
     return child.pid
 
 
-def test_a_fresh_run_replaces_the_earlier_runs_files_and_the_adapter_names_its_own_base(small_base, tmp_path, crash_after_checkpoint):
+def test_a_fresh_run_replaces_the_earlier_runs_files_and_the_adapter_names_its_own_base(
+    small_base, tmp_path, crash_after_checkpoint
+):
     """A LoRA run finishes; a QLoRA run in the same folder is killed after its first checkpoint. --adapter must load
     the QLoRA adapter onto a 4-bit base: the earlier run's summary.json (which says 'lora') is gone."""
     from quantize import Linear4bit
@@ -643,7 +841,10 @@ def test_killed_at_random_points_and_resumed_a_run_ends_as_if_never_killed(small
     for seed in range(3):
         rng, out = random.Random(seed), tmp_path / f"killed-{seed}"
         for _ in range(2):
-            child = fork.Process(target=train.train, args=(finetune_config(small_base, out, resume=(out / "ckpt.pt").exists(), **settings),))
+            child = fork.Process(
+                target=train.train,
+                args=(finetune_config(small_base, out, resume=(out / "ckpt.pt").exists(), **settings),),
+            )
             child.start()
             time.sleep(rng.uniform(0, duration))
             os.kill(child.pid, signal.SIGKILL)  # a no-op if it already finished
@@ -653,7 +854,9 @@ def test_killed_at_random_points_and_resumed_a_run_ends_as_if_never_killed(small
         assert leftovers == [], f"seed {seed}"
         for name in ("adapter_model.safetensors", "samples.json"):
             assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), f"seed {seed}: {name}"
-        log = lambda d: [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(d / "log.csv"))]
+        log = lambda d: [
+            {k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(d / "log.csv"))
+        ]
         assert log(out) == log(tmp_path / "straight"), f"seed {seed}"
 
 
@@ -674,8 +877,15 @@ def test_bad_data_is_refused_before_training_and_the_earlier_run_stays(small_bas
         with pytest.raises(ValueError, match=f"entry 39 has '{key}'"):
             train.train(finetune_config(small_base, run, dataset=path, max_iters=2, eval_interval=2, answer_limit=4))
         with pytest.raises(ValueError, match=f"entry 39 has '{key}'"):
-            chat.answer_file(ChatConfig(adapter=str(run), answer_file=path, answers_out=str(tmp_path / "a.json"),
-                                                max_new_tokens=4, device="cpu"))
+            chat.answer_file(
+                ChatConfig(
+                    adapter=str(run),
+                    answer_file=path,
+                    answers_out=str(tmp_path / "a.json"),
+                    max_new_tokens=4,
+                    device="cpu",
+                )
+            )
         assert {p.name: p.read_bytes() for p in run.iterdir()} == kept and not (tmp_path / "a.json").exists()
 
 
@@ -690,11 +900,17 @@ def test_an_adapter_is_refused_on_another_base_at_its_path(small_base, tmp_path,
     ckpt = torch.load(base / "ckpt.pt", weights_only=True)
     ckpt["model"]["transformer.h.0.mlp.fc_in.weight"][0, 0] += 0.01
     torch.save(ckpt, base / "ckpt.pt")
-    with pytest.raises(UserError, match=f"the adapter in {run} was trained on a base whose weights have fingerprint [0-9a-f]{{16}}, "
-                                        f"but {base} now holds weights [0-9a-f]{{16}}"):
+    with pytest.raises(
+        UserError,
+        match=f"the adapter in {run} was trained on a base whose weights have fingerprint [0-9a-f]{{16}}, "
+        f"but {base} now holds weights [0-9a-f]{{16}}",
+    ):
         checkpoints.load_finetuned(str(run), "tiny", "cpu")
     exit_message = run_main("chat.py", "--adapter", str(run), "--prompt", "Hi", monkeypatch=monkeypatch)
-    assert exit_message.startswith(f"error: the adapter in {run} was trained on a base whose weights") and "\n" not in exit_message
+    assert (
+        exit_message.startswith(f"error: the adapter in {run} was trained on a base whose weights")
+        and "\n" not in exit_message
+    )
 
 
 def test_a_missing_base_is_an_error_never_a_pretraining(small_base, tmp_path, monkeypatch):
@@ -706,10 +922,14 @@ def test_a_missing_base_is_an_error_never_a_pretraining(small_base, tmp_path, mo
     (run / "summary.json").unlink()
     monkeypatch.setattr(checkpoints, "TINY_BASE_DIR", str(tmp_path / "no-tiny-base"))
     monkeypatch.setattr(checkpoints, "run_script", lambda *args: pytest.fail(f"a pretraining started: {args}"))
-    for name, call in {"--adapter --prompt": lambda: chat.answer_prompt(ChatConfig(adapter=str(run), prompt="Hi", device="cpu")),
-                       "--prompt": lambda: chat.answer_prompt(ChatConfig(adapter="none", prompt="Hi", device="cpu")),
-                       "--hf": lambda: export.export_run(export.parse_args(["--adapter", str(run), "--hf", str(tmp_path / "hf")]))}.items():
-        with pytest.raises((UserError, FileNotFoundError), match="no tiny base model at .*no-tiny-base/ckpt.pt: pretrain it first"):
+    for name, call in {
+        "--adapter --prompt": lambda: chat.answer_prompt(ChatConfig(adapter=str(run), prompt="Hi", device="cpu")),
+        "--prompt": lambda: chat.answer_prompt(ChatConfig(adapter="none", prompt="Hi", device="cpu")),
+        "--hf": lambda: export.export_run(export.parse_args(["--adapter", str(run), "--hf", str(tmp_path / "hf")])),
+    }.items():
+        with pytest.raises(
+            (UserError, FileNotFoundError), match="no tiny base model at .*no-tiny-base/ckpt.pt: pretrain it first"
+        ):
             call()
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
@@ -740,7 +960,9 @@ def test_a_full_disk_leaves_the_last_steps_files_whole(small_base, tmp_path, mon
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full_at_step_4)
-    with pytest.raises(UserError, match=r"^cannot write .*ckpt.pt: No space left on device \(the disk is full: free some space"):
+    with pytest.raises(
+        UserError, match=r"^cannot write .*ckpt.pt: No space left on device \(the disk is full: free some space"
+    ):
         train.train(finetune_config(small_base, tmp_path, max_iters=4, eval_interval=2, num_samples=0, answer_limit=4))
     monkeypatch.setattr(torch, "save", real_save)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -748,7 +970,9 @@ def test_a_full_disk_leaves_the_last_steps_files_whole(small_base, tmp_path, mon
     assert ckpt["iter"] == adapter_step == 2 and len(list(csv.DictReader(open(tmp_path / "log.csv")))) == 2
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp") or name == "run.lock"]
     checkpoints.load_finetuned(str(tmp_path), "tiny", "cpu")  # a pair of one save
-    summary = train.train(finetune_config(small_base, tmp_path, max_iters=4, eval_interval=2, num_samples=0, answer_limit=4, resume=True))
+    summary = train.train(
+        finetune_config(small_base, tmp_path, max_iters=4, eval_interval=2, num_samples=0, answer_limit=4, resume=True)
+    )
     assert summary["steps"] == 4
 
 
@@ -775,16 +999,30 @@ def test_a_read_only_out_dir_is_one_line(small_base, tmp_path, monkeypatch):
         return real_makedirs(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "makedirs", read_only)
-    exit_message = run_main("train.py", "--init_from", small_base, "--out_dir", str(out_dir), "--no-progress", "--device", "cpu",
-                            monkeypatch=monkeypatch)
-    assert exit_message == (f"error: cannot write {out_dir}: Read-only file system (the file system is read-only: choose a folder "
-                            f"you can write to); the files there before are as they were")
+    exit_message = run_main(
+        "train.py",
+        "--init_from",
+        small_base,
+        "--out_dir",
+        str(out_dir),
+        "--no-progress",
+        "--device",
+        "cpu",
+        monkeypatch=monkeypatch,
+    )
+    assert exit_message == (
+        f"error: cannot write {out_dir}: Read-only file system (the file system is read-only: choose a folder "
+        f"you can write to); the files there before are as they were"
+    )
 
 
 def test_resume_that_would_train_nothing_is_refused(tmp_path):
     train.train(tiny_pretrain_config(tmp_path, max_iters=4, eval_interval=2, eval_batches=1))
-    with pytest.raises(UserError, match=r"--resume: .*ckpt.pt is at step 4, past --max_iters 2, so there is nothing to train; "
-                                        r"give a --max_iters above 4"):
+    with pytest.raises(
+        UserError,
+        match=r"--resume: .*ckpt.pt is at step 4, past --max_iters 2, so there is nothing to train; "
+        r"give a --max_iters above 4",
+    ):
         train.train(tiny_pretrain_config(tmp_path, max_iters=2, eval_interval=2, eval_batches=1, resume=True))
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4  # the finished run's summary stays
 
@@ -807,5 +1045,7 @@ def test_a_run_killed_between_its_last_checkpoint_and_its_log_is_completed_by_re
     monkeypatch.setattr(reports, "write_train_log", real_log)
     assert len(list(csv.DictReader(open(tmp_path / "killed" / "log.csv")))) == 2
     train.train(tiny_pretrain_config(tmp_path / "killed", resume=True, **cfg))
-    rows = lambda d: [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(tmp_path / d / "log.csv"))]
+    rows = lambda d: [
+        {k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(tmp_path / d / "log.csv"))
+    ]
     assert rows("killed") == rows("straight")
