@@ -239,23 +239,7 @@ def run_training(cfg, device, rank=0, world_size=1):
         after["answers"] = shared_answers(model, tokenizer, answered, device, cfg, template, rank, world_size)
     if not master:
         return None
-    return report_run(
-        cfg,
-        model,
-        optimizer,
-        mode,
-        data,
-        template,
-        answered,
-        before,
-        after,
-        rows,
-        device,
-        trainable,
-        total,
-        tokens_seen,
-        run_id,
-    )
+    return report_run(cfg, model, optimizer, mode, data, template, answered, before, after, rows, device, run_id)
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ fine-tuning, and summary.json at the end, which records every setting as the fla
 import os
 from dataclasses import asdict
 
+from model import count_parameters
 from support import files, runs
 from support.answers import contains_answer, score_responses
 from support.instructions import chat_prompt
@@ -128,25 +129,10 @@ def print_answer_table(by_kind, fields):
         print(line)
 
 
-def report_run(
-    cfg,
-    model,
-    optimizer,
-    mode,
-    data,
-    template,
-    answered,
-    before,
-    after,
-    rows,
-    device,
-    trainable,
-    total,
-    tokens_seen,
-    run_id,
-):
+def report_run(cfg, model, optimizer, mode, data, template, answered, before, after, rows, device, run_id):
     """The end of a train.py run (rank 0): the test loss and the answers after training scored against those before,
     printed and written to summary.json (with samples.json and answers.csv), all renamed into place together."""
+    trainable, total = count_parameters(model)
     # every setting as the flag that gives it: --init_from, --finetune (None when pretraining), --quantize
     summary = {
         "init_from": cfg.init_from,
@@ -161,7 +147,8 @@ def report_run(
     }
     summary["train_examples"] = len(data.train) if not cfg.pretraining else None
     summary |= {"val_loss_before": before["val_loss"], "val_loss_after": (rows[-1] if rows else before)["val_loss"]}
-    summary |= {"steps": cfg.max_iters, "tokens": tokens_seen, "seconds": rows[-1]["seconds"] if rows else 0.0}
+    tokens_seen, seconds = (rows[-1]["tokens"], rows[-1]["seconds"]) if rows else (0, 0.0)
+    summary |= {"steps": cfg.max_iters, "tokens": tokens_seen, "seconds": seconds}
     summary["seconds_per_step"] = rows[-1]["seconds"] / len(rows) if rows else None
     summary |= {"peak_memory_bytes": runs.peak_memory_bytes(device), "device": device, "run_id": run_id}
     summary |= {"training_state_bytes": runs.training_state_bytes(model, optimizer), "config": asdict(cfg)}
