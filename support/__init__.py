@@ -17,7 +17,6 @@ Support code: what the programs need and the lessons do not teach (the lesson is
     reports.py           logs, plots, answers scored before and after, summary.json
     export.py            python -m support.export: a run in Hugging Face's formats (PEFT, transformers' GPT-2)
     adapters.py          named adapters of every method: switching, saving and loading one
-    classifier_files.py  what finetune_classifier.py saves and --classify loads
     peft_format.py       LoRA adapters to and from PEFT's format
     hf_format.py         models in transformers' GPT-2 format; the export folder that never overwrites its source
     fast_dequantize.py   opt-in faster 4-bit dequantize paths (a PyTorch byte-pair table, dequantize_kernel.c)

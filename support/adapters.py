@@ -25,6 +25,7 @@ from support.files import (
     check_tensors_match,
     first_line,
     read_saved_pair,
+    read_weights_checked,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -37,9 +38,8 @@ METHODS = {  # a wrapper's `method` -> the apply_* function that builds adapters
     "prefix": ("other_methods.prefix_tuning", "apply_prefix_tuning"),
     "llama_adapter": ("other_methods.llama_adapter", "apply_llama_adapter"),
 }
-# The largest alpha / r (rsLoRA: alpha / sqrt(r)) a LoRA adapter may have: the usual 2 x rank gives 2, rsLoRA at rank
-# 256 about 32. A scaling beyond this is a damaged or hand-edited file (alpha 1e30 makes every answer blank), or a
-# setting that could not train (support.cli refuses it before a run starts).
+# The largest alpha / r (rsLoRA: alpha / sqrt(r)) of a LoRA adapter: 2 x rank gives 2, rsLoRA at rank 256 about 32.
+# Beyond it a file is damaged or hand-edited (alpha 1e30 makes every answer blank); support.cli refuses it at the start.
 MAX_LORA_SCALING = 1000.0
 
 
@@ -54,8 +54,8 @@ def adapter_layers(model):
 
 
 def registry(model):
-    """{"active": its name or None, "adapters": {name: [(layer name, wrapper), ...]}}, kept on the model. Adapters put
-    into the model by a direct apply_* call are registered here as "default"."""
+    """{"active": its name or None, "adapters": {name: [(layer name, wrapper), ...]}}, kept on the model; an adapter a
+    direct apply_* call put in is registered as "default"."""
     reg = model.__dict__.setdefault("adapter_registry", {"active": None, "adapters": {}})
     in_model = adapter_layers(model)
     if reg["active"] is not None and not in_model:  # its wrappers were taken out behind our back (merge_lora unload)
@@ -63,10 +63,7 @@ def registry(model):
         reg["active"] = None
     active_layers = {id(m) for _, m in reg["adapters"].get(reg["active"], [])}
     if reg["active"] is not None and {id(m) for _, m in in_model} != active_layers:
-        raise RuntimeError(
-            f"the adapter layers in the model are not those of its active adapter {reg['active']!r}: "
-            f"they were switched through a submodule (e.g. a classifier's .gpt); use one model for all"
-        )
+        raise RuntimeError(f"the model's adapter layers are not {reg['active']!r}'s: switch through one model for all")
     if reg["active"] is None and in_model:
         reg["active"] = "default" if "default" not in reg["adapters"] else f"default{len(reg['adapters'])}"
         reg["adapters"][reg["active"]] = in_model
@@ -98,10 +95,7 @@ def put_aside(model):
     layers = adapter_named(model, reg["active"])
     merged = [n for n, layer in layers if getattr(layer, "merged", False)]
     if merged:
-        raise RuntimeError(
-            f"{merged[0]} has its adapter merged into the base weight, so the base is no longer the "
-            f"original: call lora.unmerge_lora(model) first"
-        )
+        raise RuntimeError(f"{merged[0]}'s update is merged into its base weight: call lora.unmerge_lora(model) first")
     for layer_name, wrapper in layers:
         replace_module(model, layer_name, wrapper.base)
     reg["active"] = None
@@ -139,13 +133,12 @@ def delete_adapter(model, name):
 
 
 def add_adapter(model, name, method="lora", **settings):
-    """Put the active adapter aside, apply a new adapter of `method` with `settings` (the apply_* function's
-    arguments, e.g. rank=8 for LoRA), name it, and make it the active one. The adapters aside are frozen: training the
-    new task cannot change another."""
+    """Put the active adapter aside and apply a new one of `method` with `settings` (its apply_*'s arguments, e.g.
+    rank=8) as the active adapter `name`. The adapters aside are frozen: training one task cannot change another."""
     if not isinstance(name, str) or not name or "." in name or name in adapter_names(model):
+        names = ", ".join(map(repr, adapter_names(model))) or "none"
         raise ValueError(
-            f"adapter name must be a new, non-empty string without '.', got {name!r}; the model has "
-            f"{', '.join(map(repr, adapter_names(model))) or 'none'}"
+            f"adapter name must be a new, non-empty string without '.', got {name!r}; the model has {names}"
         )
     previous = active_adapter(model)
     put_aside(model)
@@ -195,14 +188,12 @@ def adapter_size_report(model, adapter_name=None):
     return dict(adapter_bytes=adapter_bytes, model_bytes=model_bytes, ratio=model_bytes / max(adapter_bytes, 1))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One adapter on disk
+# ---------------------------------------------------------------------------------------------- one adapter on disk
 
 
 def save_adapter(model, directory, adapter_name=None, metadata=None):
-    """Write one adapter (default: the active one) and the kept-trainable parameters, everything fine-tuning changed
-    and nothing of the frozen base, with the settings that rebuild it and `metadata` (a JSON-able dict, e.g. the run
-    and base a training run saved it from). Returns the weights file's path."""
+    """Write one adapter (default: the active one) and the kept-trainable parameters, nothing of the frozen base, with
+    the settings that rebuild it and `metadata` (JSON-able, e.g. the run and base). Returns the weights file's path."""
     from safetensors.torch import save
 
     name = adapter_name or active_adapter(model)
@@ -215,14 +206,8 @@ def save_adapter(model, directory, adapter_name=None, metadata=None):
     os.makedirs(directory, exist_ok=True)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
     write_bytes_atomic(weights, weights_path)
-    config = dict(
-        method=wrapper.method,
-        adapter_name=name,
-        **wrapper.settings,
-        trainable=sorted(kept),
-        weights_sha256=hashlib.sha256(weights).hexdigest(),
-        metadata=metadata or {},
-    )
+    config = dict(method=wrapper.method, adapter_name=name, **wrapper.settings, trainable=sorted(kept))
+    config |= dict(weights_sha256=hashlib.sha256(weights).hexdigest(), metadata=metadata or {})
     write_json_atomic(config, os.path.join(directory, ADAPTER_CONFIG))
     return weights_path
 
@@ -249,27 +234,17 @@ def read_adapter_config(directory):
     config, _ = read_saved_pair(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, "save_adapter")
     path = os.path.join(directory, ADAPTER_CONFIG)
     if "peft_type" in config:  # peft_format.export_peft's output, or any adapter saved by PEFT
-        raise UserError(
-            f"{path} is a PEFT adapter (peft_type {config['peft_type']!r}), not one written by save_adapter: "
-            f"put it onto a model with peft_format.import_peft"
-        )
+        raise UserError(f"{path} is a PEFT adapter, not one save_adapter wrote: load it with peft_format.import_peft")
     missing = [k for k in FIELDS if k not in config]
     if missing:
-        raise UserError(
-            f"{path} lacks {', '.join(map(repr, missing))}: it is not an adapter config written by "
-            f"save_adapter; save the adapter again"
-        )
+        raise UserError(f"{path} lacks {', '.join(map(repr, missing))}: not written by save_adapter; save it again")
     settings = {k: v for k, v in config.items() if k not in FIELDS}
     parameters = inspect.signature(apply_function(config["method"])).parameters if config["method"] in METHODS else {}
     for key, value in config.items():
-        valid, description = FIELDS.get(key) or KINDS.get(
-            type(getattr(parameters.get(key), "default", None)), (lambda v: True, "")
-        )
+        default = getattr(parameters.get(key), "default", None)
+        valid, description = FIELDS.get(key) or KINDS.get(type(default), (lambda v: True, ""))
         if key not in FIELDS and (key not in parameters or key in ("model", "trainable")):
-            raise UserError(
-                f"{path} has setting {key!r}, which {config['method']} adapters do not take; the file was "
-                f"not written by save_adapter, or was edited"
-            )
+            raise UserError(f"{path} has setting {key!r}, which {config['method']} adapters do not take (edited?)")
         if not valid(value):
             raise UserError(f"{path}: {key!r} is {json.dumps(value)}, but must be {description}")
     if config["method"] == "lora" and settings["rank"] > 0:  # a rank out of range is apply_lora's to name
@@ -283,38 +258,6 @@ def read_adapter_config(directory):
     return config
 
 
-def read_adapter_weights(weights_path, sha256, manifest, fix="save or train the adapter again"):
-    """The tensors of an adapter's safetensors file, checked: its SHA-256 is `sha256`, the one its manifest (the config
-    file written after it) recorded (None: the format has no manifest, e.g. an adapter PEFT saved); it reads; every
-    tensor is floating point and finite. Every adapter loads through this, PEFT's too (peft_format.import_peft)."""
-    from safetensors.torch import load
-
-    if not os.path.isfile(weights_path):
-        raise FileNotFoundError(
-            f"{weights_path} not found; an adapter directory holds {manifest} and {os.path.basename(weights_path)}"
-        )
-    with open(weights_path, "rb") as f:
-        weights = f.read()
-    if sha256 is not None and hashlib.sha256(weights).hexdigest() != sha256:
-        raise UserError(
-            f"{weights_path} is not the file {manifest} beside it was saved with (its checksum differs: "
-            f"the two come from different saves, e.g. a run killed between writing them); {fix}"
-        )
-    try:
-        stored = load(weights)
-    except Exception as e:  # safetensors raises its own error type for a corrupt header or data
-        raise UserError(f"{weights_path} is not a readable safetensors file ({first_line(e)}); {fix}") from None
-    for k, v in stored.items():
-        if not v.is_floating_point():
-            raise UserError(f"{weights_path}: tensor {k!r} is {v.dtype}, but adapter weights are floating point; {fix}")
-        if not torch.isfinite(v).all():
-            raise UserError(
-                f"{weights_path}: tensor {k!r} holds NaN or infinite values; the training that saved it "
-                f"diverged: train again (e.g. with a lower learning rate)"
-            )
-    return stored
-
-
 def load_adapter(model, directory, adapter_name=None):
     """Load an adapter written by save_adapter and make it active. A model without it (e.g. a fresh base) first
     gets it applied as adapter_config.json says; a model that has it gets its weights replaced. The config, the
@@ -322,23 +265,22 @@ def load_adapter(model, directory, adapter_name=None):
     config = read_adapter_config(directory)
     settings = {k: v for k, v in config.items() if k not in FIELDS}
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    stored = read_adapter_weights(weights_path, config["weights_sha256"], ADAPTER_CONFIG)
+    stored = read_weights_checked(weights_path, config["weights_sha256"], ADAPTER_CONFIG)
     name, previous = adapter_name or config["adapter_name"], active_adapter(model)
     created = name not in adapter_names(model)
     if created:
         try:
             add_adapter(model, name, config["method"], **settings, trainable=config["trainable"])
         except (TypeError, ValueError) as e:  # a setting out of range, e.g. a rank the layers cannot hold
+            path = os.path.join(directory, ADAPTER_CONFIG)
             raise UserError(
-                f"{os.path.join(directory, ADAPTER_CONFIG)}: its settings do not build a {config['method']}"
-                f" adapter on this model ({first_line(e)}); save the adapter again"
+                f"{path}: its settings do not build a {config['method']} adapter ({first_line(e)})"
             ) from None
     try:
         wrapper = adapter_named(model, name)[0][1]
         if (wrapper.method, wrapper.settings) != (config["method"], settings):
             raise ValueError(
-                f"the model's adapter {name!r} is a {wrapper.method} adapter with {wrapper.settings}, but "
-                f"{directory} holds {config['method']} with {settings}; load it under another adapter_name"
+                f"the model's adapter {name!r} differs from {directory}'s: load it under another adapter_name"
             )
         all_parameters = dict(model.named_parameters(remove_duplicate=False))
         missing = [n for n in config["trainable"] if n not in all_parameters]

@@ -254,3 +254,35 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_weights_checked(weights_path, sha256, manifest, fix="save or train the adapter again"):
+    """The tensors of an adapter's safetensors file, checked: its SHA-256 is `sha256`, the one its manifest (the config
+    file written after it) recorded (None: the format has no manifest, e.g. an adapter PEFT saved); it reads; every
+    tensor is floating point and finite. Every adapter loads through this (support.adapters, peft_format)."""
+    from safetensors.torch import load
+
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(
+            f"{weights_path} not found; an adapter directory holds {manifest} and {os.path.basename(weights_path)}"
+        )
+    with open(weights_path, "rb") as f:
+        weights = f.read()
+    if sha256 is not None and hashlib.sha256(weights).hexdigest() != sha256:
+        raise UserError(
+            f"{weights_path} is not the file {manifest} beside it was saved with (its checksum differs: "
+            f"the two come from different saves, e.g. a run killed between writing them); {fix}"
+        )
+    try:
+        stored = load(weights)
+    except Exception as e:  # safetensors raises its own error type for a corrupt header or data
+        raise UserError(f"{weights_path} is not a readable safetensors file ({first_line(e)}); {fix}") from None
+    for k, v in stored.items():
+        if not v.is_floating_point():
+            raise UserError(f"{weights_path}: tensor {k!r} is {v.dtype}, but adapter weights are floating point; {fix}")
+        if not torch.isfinite(v).all():
+            raise UserError(
+                f"{weights_path}: tensor {k!r} holds NaN or infinite values; the training that saved it "
+                f"diverged: train again (e.g. with a lower learning rate)"
+            )
+    return stored

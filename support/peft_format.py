@@ -13,7 +13,14 @@ import torch
 
 from lora import TARGETS, DoRALinear, LoRALinear, dense_weight, lora_scaling
 from support import adapters
-from support.files import UserError, file_sha256, read_saved_pair, save_safetensors_atomic, write_bytes_atomic
+from support.files import (
+    UserError,
+    file_sha256,
+    read_saved_pair,
+    read_weights_checked,
+    save_safetensors_atomic,
+    write_bytes_atomic,
+)
 from support.hf_format import HF_MODULE, WRITTEN_BY, export_folder, safetensors_header, write_hf_checkpoint
 
 PEFT_PREFIX = "base_model.model.transformer.h."
@@ -182,7 +189,7 @@ def read_peft_adapter(directory):
             f"{config_path} is not the config {weights_path} was exported with (files of two exports); export again"
         )
     fix = "export or save the adapter again"
-    return config, adapters.read_adapter_weights(weights_path, None, adapters.ADAPTER_CONFIG, fix=fix)
+    return config, read_weights_checked(weights_path, None, adapters.ADAPTER_CONFIG, fix=fix)
 
 
 def pattern_value(patterns, module_name, default):

@@ -262,7 +262,7 @@ def test_switching_through_a_submodule_is_refused():
     classifier = Classifier(tiny_gpt())
     add_adapter(classifier, "spam", "bottleneck", bottleneck=4)
     add_adapter(classifier.gpt, "instruct", "bottleneck", bottleneck=4, placement="pfeiffer")
-    with pytest.raises(RuntimeError, match="switched through a submodule"):
+    with pytest.raises(RuntimeError, match="switch through one model for all"):
         set_adapter(classifier, "spam")
 
 

@@ -48,7 +48,7 @@ def test_export_peft_and_hf_from_the_command_line(plain_run, tmp_path):
     adapter_metadata = json.load(open(run / "adapter_config.json"))["metadata"]
     assert header == adapter_metadata and header["prompt_template"] == "bare" and header["finetune"] == "lora"
     assert "metadata" not in json.load(open(tmp_path / "peft" / "adapter_config.json"))
-    with pytest.raises(UserError, match="is a PEFT adapter .*peft_format.import_peft"):  # not loadable as one of ours
+    with pytest.raises(UserError, match="is a PEFT adapter, .*peft_format.import_peft"):  # not loadable as one of ours
         checkpoints.load_finetuned(str(tmp_path / "peft"), "tiny", "cpu")
 
 

@@ -127,7 +127,7 @@ def test_merge_matches_unmerged_and_blocks_switching():
     merge_ia3(model)
     torch.testing.assert_close(model(idx)[0], expected, rtol=1e-5, atol=1e-5)
     for switch in (disable_adapters, lambda m: add_adapter(m, "b", "ia3"), lambda m: delete_adapter(m, "default")):
-        with pytest.raises(RuntimeError, match="merged into the base weight"):
+        with pytest.raises(RuntimeError, match="merged into its base weight"):
             switch(model)
     assert adapter_names(model) == ["default"] and all(m.merged for m in model.modules() if isinstance(m, IA3Linear))
     with pytest.raises(ValueError, match="no unmerged"):
