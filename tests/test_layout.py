@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LESSONS = {"model": set(), "lora": {"model"}, "quantize": {"model", "lora"}}  # what each may import at module level
 PROGRAMS = ("train", "finetune_classifier")
-LINE_LIMITS = {"model.py": 450, "lora.py": 450, "quantize.py": 500, "train.py": 350, "finetune_classifier.py": 400}
+LINE_LIMITS = {"model.py": 450, "lora.py": 260, "quantize.py": 500, "train.py": 350, "finetune_classifier.py": 460}
 ROOT_PROGRAMS = {"chat.py": 170}  # the one program at the root besides the lesson: answering with a trained run
 
 
@@ -112,3 +112,13 @@ def test_the_lessons_know_nothing_of_what_comes_after_them():
     ]:
         assert word not in model_source, word
     assert "os.environ" not in open(os.path.join(ROOT, "quantize.py"), encoding="utf-8").read()
+
+
+def test_support_modules_are_short():
+    """support/ is split by topic, and no module grows past what one sitting reads (issue 37: 300 lines)."""
+    sizes = {
+        name: len(open(os.path.join(ROOT, "support", name), encoding="utf-8").read().splitlines())
+        for name in os.listdir(os.path.join(ROOT, "support"))
+        if name.endswith(".py")
+    }
+    assert max(sizes.values()) <= 300, sorted(sizes.items(), key=lambda item: -item[1])[:3]
