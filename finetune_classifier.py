@@ -167,9 +167,9 @@ class GPTClassifier(nn.Module):
         return self.head_on_last_token(self.gpt.transformer.ln_f(x), lengths)
 
     def frozen_blocks(self):
-        """How many blocks, counted from the input, compute the same function in every epoch: nothing in them or
-        below them trains (a prefix-tuning wrapper trains), and no dropout makes them random. Their outputs can be computed once per
-        message (cache_trunk): 0 for lora, qlora and full; n_layer - 1 for last_block; n_layer for head."""
+        """How many blocks, counted from the input, compute the same function in every epoch: nothing in them or below
+        them trains (a prefix-tuning wrapper trains), and no dropout makes them random. Their outputs can be computed
+        once per message (cache_trunk): 0 for lora, qlora and full; n_layer - 1 for last_block; n_layer for head."""
         gpt = self.gpt
         if gpt.config.dropout > 0:
             return 0
